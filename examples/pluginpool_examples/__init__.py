@@ -1,0 +1,1 @@
+"""Example plugins for pluginpool: well-behaved and misbehaving ones, used by the demo."""

@@ -1,0 +1,1 @@
+"""Decisions and shared state, no Celery: limits, isolation, errors, keys, restart policy."""

@@ -1,0 +1,188 @@
+"""The one exception tree of pluginpool.
+
+Every error carries data (type, plugin, limit, observed value), never just a string, so
+that producers, the breaker and the health aggregator can act on it without parsing text.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+
+class ErrorType(StrEnum):
+    """The kinds of failure a plugin run can end with."""
+
+    RUNTIME = "runtime"
+    """The plugin raised, or its process died and restarts are exhausted."""
+    RESOURCE = "resource"
+    """A resource limit (memory, network, storage, result size) was crossed."""
+    TIMEOUT = "timeout"
+    """The run exceeded its wall-clock limit (`timeout_ms`)."""
+    SECURITY = "security"
+    """The plugin attempted something its permissions forbid. Never retried."""
+    DEPENDENCY = "dependency"
+    """An unmet `requires` or an import error in the plugin module. Never retried."""
+
+
+class ErrorInfo(BaseModel):
+    """The structured, JSON-serialisable description of one failed run."""
+
+    type: ErrorType
+    message: str
+    plugin_id: str | None = None
+    instance_id: str | None = None
+    job_id: str | None = None
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
+class PluginPoolError(Exception):
+    """Root of every error pluginpool raises on purpose."""
+
+
+class SettingsError(PluginPoolError):
+    """A setting is invalid; the message names the environment variable."""
+
+
+class PluginExecutionError(PluginPoolError):
+    """A plugin run ended in failure.
+
+    Built from one `ErrorInfo` (or its dict form) so that it survives Celery's JSON
+    result backend: the backend stores `args` and rebuilds the exception with them.
+    """
+
+    def __init__(self, info: ErrorInfo | dict[str, Any]) -> None:
+        self.info = info if isinstance(info, ErrorInfo) else ErrorInfo.model_validate(info)
+        super().__init__(self.info.model_dump(mode="json"))
+
+    @classmethod
+    def of(
+        cls,
+        type_: ErrorType,
+        message: str,
+        *,
+        plugin_id: str | None = None,
+        instance_id: str | None = None,
+        job_id: str | None = None,
+        **details: Any,
+    ) -> PluginExecutionError:
+        """Shorthand that builds the `ErrorInfo` from keywords."""
+        return cls(
+            ErrorInfo(
+                type=type_,
+                message=message,
+                plugin_id=plugin_id,
+                instance_id=instance_id,
+                job_id=job_id,
+                details=details,
+            )
+        )
+
+    @property
+    def type(self) -> ErrorType:
+        return self.info.type
+
+    @property
+    def plugin_id(self) -> str | None:
+        return self.info.plugin_id
+
+    @property
+    def instance_id(self) -> str | None:
+        return self.info.instance_id
+
+    @property
+    def job_id(self) -> str | None:
+        return self.info.job_id
+
+    @property
+    def message(self) -> str:
+        return self.info.message
+
+    @property
+    def details(self) -> dict[str, Any]:
+        return self.info.details
+
+    def __str__(self) -> str:
+        return f"[{self.info.type}] {self.info.plugin_id}: {self.info.message}"
+
+
+class SubmitError(PluginPoolError):
+    """A job was refused at submit; nothing was enqueued."""
+
+
+class UnknownPluginError(SubmitError, LookupError):
+    """No plugin with this id is registered."""
+
+    def __init__(self, plugin_id: str) -> None:
+        self.plugin_id = plugin_id
+        super().__init__(f"unknown plugin {plugin_id!r}: register it first")
+
+
+class UnknownInstanceError(SubmitError, LookupError):
+    """No loaded plugin instance has this id (never loaded, or unloaded)."""
+
+    def __init__(self, instance_id: str) -> None:
+        self.instance_id = instance_id
+        super().__init__(f"unknown plugin instance {instance_id!r}")
+
+
+class InvalidPayloadError(SubmitError, ValueError):
+    """The payload is not JSON-serialisable (JSON only on the wire)."""
+
+    def __init__(self, plugin_id: str, reason: str) -> None:
+        self.plugin_id = plugin_id
+        self.reason = reason
+        super().__init__(f"payload for {plugin_id!r} is not JSON: {reason}")
+
+
+class PayloadTooLargeError(SubmitError, ValueError):
+    """The encoded payload is larger than `max_payload_bytes`."""
+
+    def __init__(self, plugin_id: str, *, size_bytes: int, limit_bytes: int) -> None:
+        self.plugin_id = plugin_id
+        self.size_bytes = size_bytes
+        self.limit_bytes = limit_bytes
+        super().__init__(
+            f"payload for {plugin_id!r} is {size_bytes} bytes, over the {limit_bytes}-byte limit"
+        )
+
+
+class BrokerUnavailableError(SubmitError, ConnectionError):
+    """Redis (broker or registry) could not be reached; nothing was enqueued."""
+
+
+class ManifestIssue(BaseModel):
+    """One problem found in a manifest: where it is and what is wrong."""
+
+    file: str
+    plugin_id: str | None
+    field: str
+    problem: str
+
+    def __str__(self) -> str:
+        plugin = self.plugin_id or "?"
+        return f"{self.file}: plugin {plugin}: {self.field}: {self.problem}"
+
+
+class ManifestError(PluginPoolError, ValueError):
+    """A manifest is malformed. Lists every issue; nothing was registered."""
+
+    def __init__(self, issues: list[ManifestIssue]) -> None:
+        self.issues = issues
+        lines = "\n  ".join(str(issue) for issue in issues)
+        super().__init__(f"{len(issues)} problem(s) in manifest:\n  {lines}")
+
+
+class InvalidJobError(PluginPoolError, ValueError):
+    """A message on a plugin queue that pluginpool cannot parse (e.g. a foreign producer)."""
+
+
+class JobWaitTimeoutError(PluginPoolError, TimeoutError):
+    """Waiting for a job's outcome took longer than the caller allowed; the job goes on."""
+
+    def __init__(self, job_id: str, *, timeout_s: float) -> None:
+        self.job_id = job_id
+        self.timeout_s = timeout_s
+        super().__init__(f"job {job_id} has no outcome after {timeout_s} s (it may still run)")

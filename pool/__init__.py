@@ -1,0 +1,1 @@
+"""The worker side of pluginpool: worker launcher, process management, demo, CLI."""

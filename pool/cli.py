@@ -1,0 +1,190 @@
+"""The `pluginpool` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from pluginpool.policy.errors import PluginExecutionError, PluginPoolError
+from pluginpool.tasks.client import Job, PluginClient
+from pluginpool.tasks.settings import Settings
+
+
+def _client() -> PluginClient:
+    return PluginClient(Settings.from_env())
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from pluginpool.pool.worker import plan_worker, run_worker
+
+    settings = Settings.from_env()
+    plan = plan_worker(settings, plugins=args.plugins, concurrency=args.concurrency,
+                       name=args.name, max_memory_per_child_mb=args.max_memory_per_child)
+    print(f"pluginpool worker {plan.nodename}: queues {', '.join(plan.queues)}", file=sys.stderr)
+    run_worker(settings, plan, loglevel=args.loglevel)
+    return 0
+
+
+def cmd_flower(args: argparse.Namespace) -> int:
+    from pluginpool.pool.flower import run_flower
+
+    run_flower(Settings.from_env(), port=args.port, address=args.address)
+    return 0
+
+
+def cmd_register(args: argparse.Namespace) -> int:
+    with _client() as client:
+        published = client.register(Path(args.file))
+    for spec in published:
+        print(f"registered {spec.id} {spec.version} (revision {spec.revision})")
+    return 0
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    with _client() as client:
+        specs = client.plugins()
+    if args.json:
+        print(json.dumps([spec.model_dump(mode="json") for spec in specs], indent=2))
+        return 0
+    table = Table("id", "version", "rev", "entrypoint", "timeout_ms", "memory_mb", "sandboxed")
+    for spec in specs:
+        limits = spec.resource_limits
+        table.add_row(spec.id, spec.version, str(spec.revision), spec.entrypoint,
+                      str(limits.timeout_ms), str(limits.max_memory_mb),
+                      str(spec.isolation.sandboxed))
+    Console().print(table)
+    return 0
+
+
+def _outcome(job: Job, timeout: float) -> dict[str, Any]:
+    try:
+        value = job.result(timeout=timeout)
+        return {"job_id": job.id, "ok": True, "value": value, "meta": job.meta}
+    except PluginExecutionError as exc:
+        return {"job_id": job.id, "ok": False, "error": exc.info.model_dump(mode="json")}
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    try:
+        payload = json.loads(args.payload) if args.payload is not None else None
+    except json.JSONDecodeError as exc:
+        print(json.dumps({"error": "invalid_payload", "message": f"--payload is not JSON: {exc}"}))
+        return 2
+    with _client() as client:
+        if args.count == 1:
+            job = client.submit(args.plugin, payload, instance_id=args.instance)
+            out = _outcome(job, args.timeout) if args.wait else {"job_id": job.id}
+            print(json.dumps(out))
+            return 0 if out.get("ok", True) else 1
+        return _submit_many(client, args, payload)
+
+
+def _submit_many(client: PluginClient, args: argparse.Namespace, payload: Any) -> int:
+    jobs: list[Job] = []
+    outcomes: list[dict[str, Any]] = []
+    started = time.monotonic()
+    with Progress(console=Console(stderr=True), transient=True) as progress:
+        sent = progress.add_task("enqueue", total=args.count)
+        for _ in range(args.count):
+            jobs.append(client.submit(args.plugin, payload, instance_id=args.instance))
+            progress.advance(sent)
+        if args.wait:
+            done = progress.add_task("wait", total=args.count)
+            for job in jobs:
+                outcomes.append(_outcome(job, args.timeout))
+                progress.advance(done)
+    elapsed = time.monotonic() - started
+    summary: dict[str, Any] = {"count": args.count, "job_ids": [job.id for job in jobs]}
+    if args.wait:
+        errors: dict[str, int] = {}
+        for out in outcomes:
+            if not out["ok"]:
+                errors[out["error"]["type"]] = errors.get(out["error"]["type"], 0) + 1
+        summary = {"count": args.count, "succeeded": sum(o["ok"] for o in outcomes),
+                   "failed": errors, "elapsed_s": round(elapsed, 3)}
+    print(json.dumps(summary))
+    return 0 if not summary.get("failed") else 1
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from pluginpool.pool.demo import run_demo
+
+    return run_demo(duration_s=args.duration, as_json=args.json,
+                    examples=Path(args.examples) if args.examples else None)
+
+
+def cmd_ensure_redis(args: argparse.Namespace) -> int:
+    from pluginpool.pool.redis_bootstrap import ensure_redis
+
+    settings = Settings.from_env()
+    reachable = ensure_redis(settings.redis_url, run_dir=Path(args.run_dir))
+    print(f"Redis: {reachable.url} ({reachable.how})", file=sys.stderr)
+    print(reachable.url)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pluginpool", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("worker", help="run a prefork worker for some or all plugins")
+    p.add_argument("--plugins", default="all", help="comma-separated plugin ids, or 'all'")
+    p.add_argument("--concurrency", type=int, default=None)
+    p.add_argument("--name", default=None, help="node name, e.g. heavy@host1")
+    p.add_argument("--max-memory-per-child", type=int, default=None, metavar="MB")
+    p.add_argument("--loglevel", default="INFO")
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("flower", help="run Flower against pluginpool's app")
+    p.add_argument("--port", type=int, default=5555)
+    p.add_argument("--address", default="127.0.0.1")
+    p.set_defaults(func=cmd_flower)
+
+    p = sub.add_parser("register", help="publish the plugins of a TOML manifest")
+    p.add_argument("file")
+    p.set_defaults(func=cmd_register)
+
+    p = sub.add_parser("plugins", help="list registered plugins")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_plugins)
+
+    p = sub.add_parser("submit", help="enqueue jobs for a plugin")
+    p.add_argument("plugin")
+    p.add_argument("--payload", default=None, help="JSON payload")
+    p.add_argument("--instance", default=None)
+    p.add_argument("--wait", action="store_true")
+    p.add_argument("--timeout", type=float, default=30.0)
+    p.add_argument("--count", type=int, default=1)
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("demo", help="run the example plugins on this machine")
+    p.add_argument("--duration", type=float, default=None, metavar="S")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--examples", default=None, help="examples directory")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("ensure-redis", help="print a reachable Redis URL, starting one if needed")
+    p.add_argument("--run-dir", default=".run")
+    p.set_defaults(func=cmd_ensure_redis)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except PluginPoolError as exc:
+        print(json.dumps({"error": type(exc).__name__, "message": str(exc)}), file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

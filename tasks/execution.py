@@ -1,0 +1,187 @@
+"""The execution task: one Celery task per plugin (`plugin.<id>`), on its own queue.
+
+The task parses the message, resolves the plugin's spec and instance, hands the run to
+the worker's runner and returns a JSON envelope `{"value": ..., "meta": {...}}`. Failures
+are raised as `PluginExecutionError` so Celery records them (and Flower shows them) as
+failures. A pool child that dies mid-run is retried by Celery itself
+(`retry_on_worker_lost`), at most `max_restarts` times, `restart_cooldown_ms` apart.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+from celery import Celery, Task
+
+from pluginpool.policy.errors import (
+    ErrorType,
+    InvalidJobError,
+    PluginExecutionError,
+    UnknownInstanceError,
+    UnknownPluginError,
+)
+from pluginpool.tasks.context import PluginContext
+from pluginpool.tasks.instances import InstanceStore
+from pluginpool.tasks.job_request import parse_job
+from pluginpool.tasks.loader import PluginLoader, add_plugin_paths
+from pluginpool.tasks.redis_conn import redis_client
+from pluginpool.tasks.registry import Registry, SpecCache
+from pluginpool.tasks.routing import REVISION_HEADER
+from pluginpool.tasks.runner import InProcessRunner, Runner
+from pluginpool.tasks.settings import Settings
+from pluginpool.tasks.spec import PluginSpec
+
+logger = logging.getLogger("pluginpool.execution")
+
+RunnerFactory = Callable[["WorkerServices"], Runner]
+
+
+@dataclass
+class WorkerServices:
+    """What the task needs in a worker process, built once per process from settings."""
+
+    settings: Settings
+    redis: redis.Redis
+    registry: Registry
+    specs: SpecCache
+    instances: InstanceStore
+    loader: PluginLoader
+    runners: dict[bool, Runner] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, settings: Settings,
+              sandbox_runner: RunnerFactory | None = None) -> WorkerServices:
+        add_plugin_paths(settings.plugin_paths)
+        client = redis_client(settings)
+        registry = Registry(client, settings.keys,
+                            visibility_timeout_s=settings.visibility_timeout_s)
+        loader = PluginLoader(registered=lambda pid: client.hexists(settings.keys.specs, pid))
+        services = cls(settings=settings, redis=client, registry=registry,
+                       specs=SpecCache(registry, ttl_s=settings.spec_cache_ttl_s),
+                       instances=InstanceStore(client, settings.keys), loader=loader)
+        in_process = InProcessRunner(loader, max_result_bytes=settings.max_result_bytes)
+        services.runners[False] = in_process
+        services.runners[True] = sandbox_runner(services) if sandbox_runner else in_process
+        return services
+
+    def runner_for(self, spec: PluginSpec) -> Runner:
+        return self.runners[spec.isolation.sandboxed]
+
+
+def services_of(app: Celery) -> WorkerServices:
+    """The services attached to this app by `attach_services`."""
+    services: WorkerServices | None = getattr(app, "pluginpool_services", None)
+    if services is None:
+        raise RuntimeError("pluginpool services are not attached to this Celery app")
+    return services
+
+
+def attach_services(app: Celery, services: WorkerServices) -> None:
+    app.pluginpool_services = services  # type: ignore[attr-defined]
+
+
+class PluginTask(Task):  # type: ignore[misc]
+    """Base of every `plugin.<id>` task; per-plugin options are class attributes."""
+
+    plugin_id: str = ""
+    typing = False  # arguments are validated by parse_job, with a clear error
+    # Expected failures: logged without a traceback, recorded as failures all the same.
+    throws = (PluginExecutionError, InvalidJobError)
+
+
+def _header(task: Task, name: str) -> Any:
+    request = task.request
+    value = getattr(request, name, None)
+    if value is None and isinstance(getattr(request, "headers", None), dict):
+        value = request.headers.get(name)
+    return value
+
+
+def run_plugin_job(task: PluginTask, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """The body of every plugin task."""
+    services = services_of(task.app)
+    job_id = task.request.id
+    plugin_id = task.plugin_id
+    try:
+        job = parse_job(args, kwargs)
+    except InvalidJobError as exc:
+        logger.warning("rejecting job %s on plugin %s: %s", job_id, plugin_id, exc)
+        raise
+    revision = _header(task, REVISION_HEADER)
+    try:
+        spec = services.specs.get(plugin_id, min_revision=int(revision or 0))
+    except UnknownPluginError:
+        raise PluginExecutionError.of(
+            ErrorType.DEPENDENCY, "plugin is not registered (any more)",
+            plugin_id=plugin_id, job_id=job_id) from None
+    initial_data: dict[str, Any] = {}
+    if job.instance_id is not None:
+        try:
+            instance = services.instances.get(job.instance_id)
+        except UnknownInstanceError:
+            raise PluginExecutionError.of(
+                ErrorType.RUNTIME, "plugin instance was unloaded before the job ran",
+                plugin_id=plugin_id, instance_id=job.instance_id, job_id=job_id) from None
+        if instance.plugin_id != plugin_id:
+            raise InvalidJobError(
+                f"instance {job.instance_id} belongs to {instance.plugin_id}, not {plugin_id}")
+        initial_data = instance.initial_data
+    attempt = int(task.request.retries or 0) + 1
+    ctx = PluginContext(plugin_id=plugin_id, job_id=job_id, instance_id=job.instance_id,
+                        attempt=attempt, limits=spec.resource_limits,
+                        permissions=spec.permissions, initial_data=initial_data)
+    started = time.perf_counter()
+    try:
+        value = services.runner_for(spec).run(spec, ctx, job.payload)
+    except PluginExecutionError as exc:
+        exc.info.plugin_id = plugin_id
+        exc.info.instance_id = job.instance_id
+        exc.info.job_id = job_id
+        exc.info.details.setdefault("attempt", attempt)
+        raise PluginExecutionError(exc.info) from None
+    return {
+        "value": value,
+        "meta": {
+            "plugin_id": plugin_id,
+            "instance_id": job.instance_id,
+            "revision": spec.revision,
+            "attempt": attempt,
+            "duration_ms": round((time.perf_counter() - started) * 1000, 3),
+            "sandboxed": spec.isolation.sandboxed and services.runners[True]
+            is not services.runners[False],
+        },
+    }
+
+
+def register_plugin_task(app: Celery, spec: PluginSpec) -> PluginTask:
+    """Register `plugin.<id>` with the plugin's restart policy and default time limits."""
+    isolation = spec.isolation
+    limits = spec.resource_limits
+
+    def run(self: PluginTask, *args: Any, **kwargs: Any) -> Any:
+        return run_plugin_job(self, args, kwargs)
+
+    task: PluginTask = app.task(
+        run,
+        base=PluginTask,
+        bind=True,
+        name=spec.task_name,
+        plugin_id=spec.id,
+        acks_late=True,
+        reject_on_worker_lost=True,
+        retry_on_worker_lost=True,
+        max_retries=isolation.max_restarts if isolation.auto_restart else 0,
+        default_retry_delay=isolation.restart_cooldown_ms / 1000,
+        soft_time_limit=limits.soft_time_limit_s,
+        time_limit=limits.hard_time_limit_s,
+    )
+    return task
+
+
+def register_plugin_tasks(app: Celery, specs: Iterable[PluginSpec]) -> list[str]:
+    return [register_plugin_task(app, spec).name for spec in specs]

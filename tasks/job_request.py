@@ -1,0 +1,43 @@
+"""Parsing what arrives on a plugin queue, whoever sent it.
+
+pluginpool's client sends `kwargs={"payload": ..., "instance_id": ...}`; a plain Celery
+producer may send `args=[payload]` or `args=[payload, instance_id]`. Anything else is
+refused with an `InvalidJobError` naming what is wrong.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from pluginpool.policy.errors import InvalidJobError
+
+JSONValue = Any
+
+
+class JobRequest(BaseModel):
+    """The validated inputs of one plugin run."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    payload: JSONValue = None
+    instance_id: str | None = None
+
+
+def parse_job(args: tuple[Any, ...], kwargs: dict[str, Any]) -> JobRequest:
+    """Build a JobRequest from a task's positional and keyword arguments."""
+    if len(args) > 2:
+        raise InvalidJobError(f"expected at most 2 positional arguments, got {len(args)}")
+    fields: dict[str, Any] = dict(zip(("payload", "instance_id"), args, strict=False))
+    for key, value in kwargs.items():
+        if key in fields:
+            raise InvalidJobError(f"argument {key!r} given twice")
+        fields[key] = value
+    unknown = sorted(set(fields) - {"payload", "instance_id"})
+    if unknown:
+        raise InvalidJobError(f"unknown arguments {unknown}; expected payload, instance_id")
+    instance_id = fields.get("instance_id")
+    if instance_id is not None and not isinstance(instance_id, str):
+        raise InvalidJobError("instance_id must be a string")
+    return JobRequest(payload=fields.get("payload"), instance_id=instance_id)

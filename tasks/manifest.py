@@ -1,0 +1,67 @@
+"""Reading a TOML manifest of plugin specs, all-or-nothing, with every problem listed."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from pluginpool.policy.errors import ManifestError, ManifestIssue
+from pluginpool.tasks.spec import PluginSpec
+
+
+def load_manifest(path: str | Path) -> list[PluginSpec]:
+    """Parse `path` (`[plugins.<id>]` tables). Raises ManifestError listing every issue."""
+    file = str(path)
+    try:
+        raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ManifestError([ManifestIssue(file=file, plugin_id=None, field="<file>",
+                                           problem=str(exc))]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ManifestError([ManifestIssue(file=file, plugin_id=None, field="<toml>",
+                                           problem=str(exc))]) from None
+    return parse_manifest(raw, file=file)
+
+
+def parse_manifest(raw: dict[str, Any], *, file: str = "<manifest>") -> list[PluginSpec]:
+    """Validate an already-decoded manifest."""
+    issues: list[ManifestIssue] = []
+    unknown = sorted(set(raw) - {"plugins"})
+    for key in unknown:
+        issues.append(ManifestIssue(file=file, plugin_id=None, field=key,
+                                    problem="unknown top-level key (expected [plugins.<id>])"))
+    tables = raw.get("plugins")
+    if not isinstance(tables, dict) or not tables:
+        issues.append(ManifestIssue(file=file, plugin_id=None, field="plugins",
+                                    problem="no [plugins.<id>] table"))
+        raise ManifestError(issues)
+
+    specs: list[PluginSpec] = []
+    for plugin_id, table in tables.items():
+        if not isinstance(table, dict):
+            issues.append(ManifestIssue(file=file, plugin_id=plugin_id, field="<table>",
+                                        problem="must be a table"))
+            continue
+        declared = table.get("id", plugin_id)
+        if declared != plugin_id:
+            issues.append(ManifestIssue(file=file, plugin_id=plugin_id, field="id",
+                                        problem=f"{declared!r} differs from the table name"))
+            continue
+        try:
+            specs.append(PluginSpec.model_validate({**table, "id": plugin_id}))
+        except ValidationError as exc:
+            for err in exc.errors():
+                field = ".".join(str(part) for part in err["loc"]) or "<table>"
+                issues.append(ManifestIssue(file=file, plugin_id=plugin_id, field=field,
+                                            problem=err["msg"]))
+
+    for spec in specs:
+        if spec.fallback and spec.fallback.plugin == spec.id:
+            issues.append(ManifestIssue(file=file, plugin_id=spec.id, field="fallback.plugin",
+                                        problem="a plugin cannot fall back to itself"))
+    if issues:
+        raise ManifestError(issues)
+    return specs

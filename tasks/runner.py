@@ -1,0 +1,87 @@
+"""Running a loaded plugin function and turning whatever happens into a typed outcome.
+
+This is the in-process runner: the plugin runs in the Celery pool child itself, under
+Celery's soft and hard time limits. Sandboxed runners (pluginpool.pool) implement the
+same `Runner` protocol.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import traceback
+from typing import Any, Protocol
+
+from celery.exceptions import SoftTimeLimitExceeded
+
+from pluginpool.policy.errors import ErrorType, PluginExecutionError
+from pluginpool.tasks.context import PluginContext
+from pluginpool.tasks.loader import PluginLoader
+from pluginpool.tasks.spec import PluginSpec
+
+TRACEBACK_LIMIT_CHARS = 8_000
+
+
+class Runner(Protocol):
+    """Runs one job of a plugin; returns the JSON value or raises PluginExecutionError."""
+
+    def run(self, spec: PluginSpec, ctx: PluginContext, payload: Any) -> Any: ...
+
+
+def check_result(spec: PluginSpec, value: Any, *, max_result_bytes: int) -> None:
+    """A result must be JSON and no larger than the result limit."""
+    try:
+        encoded = json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise PluginExecutionError.of(
+            ErrorType.RUNTIME, f"result is not JSON-serialisable: {exc}",
+            plugin_id=spec.id, result_type=type(value).__name__,
+        ) from None
+    size = len(encoded.encode())
+    if size > max_result_bytes:
+        raise PluginExecutionError.of(
+            ErrorType.RESOURCE, "result is larger than the result limit",
+            plugin_id=spec.id, limit="max_result_bytes", limit_value=max_result_bytes,
+            observed=size,
+        )
+
+
+def error_from_exception(spec: PluginSpec, exc: BaseException) -> PluginExecutionError:
+    """Classify an exception raised by plugin code."""
+    if isinstance(exc, SoftTimeLimitExceeded):
+        return PluginExecutionError.of(
+            ErrorType.TIMEOUT, "run exceeded its time limit",
+            plugin_id=spec.id, limit="timeout_ms", limit_value=spec.resource_limits.timeout_ms,
+        )
+    if isinstance(exc, MemoryError):
+        return PluginExecutionError.of(
+            ErrorType.RESOURCE, "run ran out of memory",
+            plugin_id=spec.id, limit="max_memory_mb",
+            limit_value=spec.resource_limits.max_memory_mb,
+        )
+    text = "".join(traceback.format_exception(exc))[-TRACEBACK_LIMIT_CHARS:]
+    return PluginExecutionError.of(
+        ErrorType.RUNTIME, f"{type(exc).__name__}: {exc}",
+        plugin_id=spec.id, exception_type=type(exc).__name__, traceback=text,
+    )
+
+
+class InProcessRunner:
+    """Runs the plugin in the calling process: trusted plugins, fastest path."""
+
+    def __init__(self, loader: PluginLoader, *, max_result_bytes: int) -> None:
+        self._loader = loader
+        self._max_result_bytes = max_result_bytes
+
+    def run(self, spec: PluginSpec, ctx: PluginContext, payload: Any) -> Any:
+        function = self._loader.load(spec)
+        started = time.perf_counter()
+        try:
+            value = function(ctx, payload)
+        except (Exception, SystemExit, GeneratorExit) as exc:
+            raise error_from_exception(spec, exc) from None
+        finally:
+            elapsed_ms = (time.perf_counter() - started) * 1000
+            ctx.logger.debug("run %s took %.1f ms", ctx.job_id, elapsed_ms)
+        check_result(spec, value, max_result_bytes=self._max_result_bytes)
+        return value

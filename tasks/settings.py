@@ -1,0 +1,83 @@
+"""All of pluginpool's settings, in one typed object read from `PLUGINPOOL_*` and `.env`.
+
+No other module reads the environment: the settings object is passed around.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from pluginpool.policy.errors import SettingsError
+from pluginpool.policy.keys import RedisKeys
+from pluginpool.policy.limits import IsolationConfig, ResourceLimits
+
+ENV_PREFIX = "PLUGINPOOL_"
+
+
+class Settings(BaseSettings):
+    """One deployment's settings. Units are in the names."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_file=".env",
+        env_file_encoding="utf-8",
+        env_nested_delimiter="__",
+        extra="ignore",
+        frozen=True,
+    )
+
+    redis_url: str = Field(
+        default="redis://127.0.0.1:6379/0",
+        description="Redis for the registry, instances, breaker and health state.",
+    )
+    broker_url: str | None = Field(default=None, description="Celery broker; default redis_url.")
+    result_backend: str | None = Field(
+        default=None, description="Celery result backend; default redis_url."
+    )
+    key_prefix: str = Field(default="pluginpool:", min_length=1)
+    default_limits: ResourceLimits = Field(default_factory=ResourceLimits)
+    default_isolation: IsolationConfig = Field(default_factory=IsolationConfig)
+    result_expires_s: int = Field(default=86_400, ge=60)
+    max_payload_bytes: int = Field(default=1_048_576, ge=64)
+    max_result_bytes: int = Field(default=1_048_576, ge=64)
+    visibility_timeout_s: int = Field(default=3_600, ge=10)
+    spec_cache_ttl_s: float = Field(default=5.0, ge=0)
+    plugin_paths: list[str] = Field(
+        default_factory=list,
+        description="Directories added to sys.path in workers, where plugin modules live.",
+    )
+    redis_socket_timeout_s: float = Field(default=5.0, gt=0)
+
+    @field_validator("redis_url", "broker_url", "result_backend")
+    @classmethod
+    def _redis_scheme(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        return value
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> Settings:
+        """Read the environment; an invalid value raises SettingsError naming the variable."""
+        try:
+            return cls(**overrides)
+        except ValidationError as exc:
+            problems = []
+            for err in exc.errors():
+                field = "__".join(str(part) for part in err["loc"])
+                problems.append(f"{ENV_PREFIX}{field.upper()}: {err['msg']}")
+            raise SettingsError("invalid settings: " + "; ".join(problems)) from None
+
+    @property
+    def effective_broker_url(self) -> str:
+        return self.broker_url or self.redis_url
+
+    @property
+    def effective_result_backend(self) -> str:
+        return self.result_backend or self.redis_url
+
+    @property
+    def keys(self) -> RedisKeys:
+        return RedisKeys(self.key_prefix)

@@ -1,0 +1,97 @@
+"""Plugin specs: what a plugin is, what it may use, how it is isolated, what it falls back to."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from packaging.requirements import InvalidRequirement, Requirement
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from pluginpool.policy.limits import IsolationConfig, Permissions, ResourceLimits
+
+PLUGIN_ID_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,62}$"
+ENTRYPOINT_PATTERN = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+class Requires(BaseModel):
+    """What a plugin needs: Python distributions (PEP 508) and other registered plugins."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    packages: list[str] = Field(default_factory=list)
+    plugins: list[str] = Field(default_factory=list)
+
+    @field_validator("packages")
+    @classmethod
+    def _pep508(cls, values: list[str]) -> list[str]:
+        for value in values:
+            try:
+                Requirement(value)
+            except InvalidRequirement as exc:
+                raise ValueError(f"{value!r} is not a PEP 508 requirement: {exc}") from None
+        return values
+
+
+class Fallback(BaseModel):
+    """What a refused dispatch returns instead: a fixed value, or another plugin's result."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["value", "plugin"]
+    value: Any = None
+    plugin: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _infer_kind(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "kind" not in data:
+            if "plugin" in data:
+                return {"kind": "plugin", **data}
+            if "value" in data:
+                return {"kind": "value", **data}
+        return data
+
+    @model_validator(mode="after")
+    def _plugin_named(self) -> Fallback:
+        if self.kind == "plugin" and not self.plugin:
+            raise ValueError("a plugin fallback needs `plugin`")
+        return self
+
+
+class PluginSpec(BaseModel):
+    """Everything a producer and a worker need to know about one plugin."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str = Field(pattern=PLUGIN_ID_PATTERN)
+    name: str = Field(min_length=1, max_length=200)
+    version: str = Field(default="0.0.0", min_length=1, max_length=64)
+    entrypoint: str
+    resource_limits: ResourceLimits = Field(default_factory=ResourceLimits)
+    isolation: IsolationConfig = Field(default_factory=IsolationConfig)
+    permissions: Permissions = Field(default_factory=Permissions)
+    requires: Requires = Field(default_factory=Requires)
+    fallback: Fallback | None = None
+    revision: int = Field(default=0, ge=0, description="Set by the registry on publish.")
+
+    @field_validator("entrypoint")
+    @classmethod
+    def _entrypoint_shape(cls, value: str) -> str:
+        if not ENTRYPOINT_PATTERN.match(value):
+            raise ValueError("must be 'package.module:function'")
+        return value
+
+    @property
+    def queue(self) -> str:
+        """The plugin's own queue."""
+        return f"plugins.{self.id}"
+
+    @property
+    def task_name(self) -> str:
+        """The plugin's own task name, so Flower shows each plugin as its own task."""
+        return f"plugin.{self.id}"
+
+    def content_equals(self, other: PluginSpec) -> bool:
+        """Same spec, ignoring the registry revision."""
+        return self.model_dump(exclude={"revision"}) == other.model_dump(exclude={"revision"})
