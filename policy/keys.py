@@ -31,6 +31,7 @@ class RedisKeys:
         """Set: ids of the loaded instances of one plugin."""
         return f"{self.prefix}instances:{plugin_id}"
 
-    def restarts(self, job_id: str) -> str:
-        """Counter: how often the process running this job died; expires."""
-        return f"{self.prefix}restarts:{job_id}"
+    @property
+    def dead_letter(self) -> str:
+        """List: broker messages that could not be parsed, with the reason; bounded."""
+        return f"{self.prefix}deadletter"

@@ -6,6 +6,7 @@ from celery import Celery
 
 from pluginpool.tasks.routing import route_plugin_task
 from pluginpool.tasks.settings import Settings
+from pluginpool.tasks.transport import DEAD_LETTER_OPTION, TRANSPORT_PATH
 
 
 def create_app(settings: Settings, *, name: str = "pluginpool") -> Celery:
@@ -13,6 +14,10 @@ def create_app(settings: Settings, *, name: str = "pluginpool") -> Celery:
     app = Celery(name, broker=settings.effective_broker_url,
                  backend=settings.effective_result_backend, set_as_current=False)
     transport_options = {"visibility_timeout": settings.visibility_timeout_s}
+    broker_options = {**transport_options, DEAD_LETTER_OPTION: settings.keys.dead_letter}
+    if settings.effective_broker_url.startswith(("redis://", "rediss://")):
+        # Guards the worker against items on a queue that are not kombu messages.
+        app.conf.broker_transport = TRANSPORT_PATH
     app.conf.update(
         task_serializer="json",
         result_serializer="json",
@@ -25,7 +30,7 @@ def create_app(settings: Settings, *, name: str = "pluginpool") -> Celery:
         task_reject_on_worker_lost=True,
         task_acks_on_failure_or_timeout=True,
         worker_prefetch_multiplier=1,
-        broker_transport_options=transport_options,
+        broker_transport_options=broker_options,
         result_backend_transport_options=transport_options,
         visibility_timeout=settings.visibility_timeout_s,
         result_expires=settings.result_expires_s,

@@ -151,6 +151,7 @@ def run_plugin_job(task: PluginTask, args: tuple[Any, ...], kwargs: dict[str, An
             "instance_id": job.instance_id,
             "revision": spec.revision,
             "attempt": attempt,
+            "worker": task.request.hostname,
             "duration_ms": round((time.perf_counter() - started) * 1000, 3),
             "sandboxed": spec.isolation.sandboxed and services.runners[True]
             is not services.runners[False],

@@ -8,6 +8,7 @@ same `Runner` protocol.
 from __future__ import annotations
 
 import json
+import signal
 import time
 import traceback
 from typing import Any, Protocol
@@ -20,6 +21,8 @@ from pluginpool.tasks.loader import PluginLoader
 from pluginpool.tasks.spec import PluginSpec
 
 TRACEBACK_LIMIT_CHARS = 8_000
+BILLIARD_SIGTERM_EXIT = -(256 - signal.SIGTERM)
+"""The SystemExit code billiard raises in a pool child it is killing (hard time limit)."""
 
 
 class Runner(Protocol):
@@ -78,7 +81,11 @@ class InProcessRunner:
         started = time.perf_counter()
         try:
             value = function(ctx, payload)
-        except (Exception, SystemExit, GeneratorExit) as exc:
+        except SystemExit as exc:
+            if exc.code == BILLIARD_SIGTERM_EXIT:
+                raise  # the pool is killing this child; Celery records the timeout
+            raise error_from_exception(spec, exc) from None
+        except (Exception, GeneratorExit) as exc:
             raise error_from_exception(spec, exc) from None
         finally:
             elapsed_ms = (time.perf_counter() - started) * 1000

@@ -1,0 +1,108 @@
+"""Shared fixtures: a real Redis (dedicated, flushed database) and real prefork workers.
+
+Workers are started as subprocesses in their own session and stopped by PID.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from pluginpool.pool.processes import ManagedProcess, wait_until
+from pluginpool.pool.redis_bootstrap import ensure_redis, with_db
+from pluginpool.tasks.client import PluginClient
+from pluginpool.tasks.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+TEST_PLUGINS = ROOT / "tests" / "plugins"
+EXAMPLES = ROOT / "examples"
+TEST_DB = int(os.environ.get("PLUGINPOOL_TEST_REDIS_DB", "9"))
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A dedicated database on a reachable Redis, flushed once per run. Fails if none."""
+    reachable = ensure_redis(os.environ.get("PLUGINPOOL_REDIS_URL"),
+                             run_dir=tmp_path_factory.mktemp("redis"))
+    url = with_db(reachable.url, TEST_DB)
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    client.close()
+    return url
+
+
+def make_settings(redis_url: str, **overrides: object) -> Settings:
+    return Settings(_env_file=None, redis_url=redis_url,  # type: ignore[call-arg]
+                    plugin_paths=[str(TEST_PLUGINS), str(EXAMPLES)], **overrides)
+
+
+@pytest.fixture
+def settings(redis_url: str) -> Settings:
+    """Settings with a key prefix of its own, so registry state never leaks between tests."""
+    return make_settings(redis_url, key_prefix=f"pptest:{uuid.uuid4().hex[:8]}:")
+
+
+@pytest.fixture
+def client(settings: Settings) -> Iterator[PluginClient]:
+    with PluginClient(settings) as plugin_client:
+        yield plugin_client
+
+
+def worker_env(settings: Settings) -> dict[str, str]:
+    return {**os.environ, "PLUGINPOOL_REDIS_URL": settings.redis_url,
+            "PLUGINPOOL_KEY_PREFIX": settings.key_prefix,
+            "PLUGINPOOL_PLUGIN_PATHS": json.dumps(settings.plugin_paths)}
+
+
+WorkerStarter = Callable[..., ManagedProcess]
+
+
+def spawn_worker(client: PluginClient, log_dir: Path, *, plugins: str = "all",
+                 concurrency: int = 2, name: str | None = None,
+                 extra_env: dict[str, str] | None = None) -> ManagedProcess:
+    """Start `pluginpool worker` and wait until it answers a ping; fail with its log if not."""
+    nodename = name or f"test-{uuid.uuid4().hex[:6]}@localhost"
+    proc = ManagedProcess(
+        [sys.executable, "-m", "pluginpool.pool.cli", "worker", "--plugins", plugins,
+         "--concurrency", str(concurrency), "--name", nodename, "--loglevel", "INFO"],
+        env={**worker_env(client.settings), **(extra_env or {})},
+        log_path=log_dir / f"{nodename}.log",
+    )
+    proc.nodename = nodename  # type: ignore[attr-defined]
+    ready = wait_until(
+        lambda: not proc.alive() or bool(
+            client.app.control.ping(destination=[nodename], timeout=0.5)),
+        timeout_s=60)
+    if not ready or not proc.alive():
+        proc.stop()
+        pytest.fail(f"worker {nodename} did not start:\n{proc.log_text()[-4000:]}")
+    return proc
+
+
+@pytest.fixture
+def start_worker(tmp_path: Path) -> Iterator[WorkerStarter]:
+    """Start workers for one test; all are stopped by PID at the end."""
+    started: list[ManagedProcess] = []
+
+    def _start(client: PluginClient, **options: object) -> ManagedProcess:
+        proc = spawn_worker(client, tmp_path, **options)  # type: ignore[arg-type]
+        started.append(proc)
+        return proc
+
+    yield _start
+    for proc in started:
+        proc.stop()
+
+
+@pytest.fixture
+def test_plugins(client: PluginClient) -> PluginClient:
+    """The client with the test manifest registered."""
+    client.register(TEST_PLUGINS / "test_plugins.toml")
+    return client

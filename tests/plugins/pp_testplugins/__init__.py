@@ -1,0 +1,1 @@
+"""Plugins used by the test suite, well-behaved and misbehaving."""

@@ -1,0 +1,56 @@
+"""Test plugins for the foundation: success, errors, timeouts, crashes, bad results."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from celery.exceptions import SoftTimeLimitExceeded
+
+
+def echo(ctx: Any, payload: Any) -> Any:
+    return {"payload": payload, "initial_data": ctx.initial_data, "attempt": ctx.attempt,
+            "pid": os.getpid()}
+
+
+def raises(ctx: Any, payload: Any) -> Any:
+    raise KeyError(f"missing field {payload!r}")
+
+
+def sleeps(ctx: Any, payload: Any) -> Any:
+    time.sleep(float(payload["seconds"]))
+    return "woke up"
+
+
+def swallows_soft_limit(ctx: Any, payload: Any) -> Any:
+    deadline = time.monotonic() + float(payload["seconds"])
+    while time.monotonic() < deadline:
+        try:
+            time.sleep(0.05)
+        except SoftTimeLimitExceeded:
+            continue
+    return "survived"
+
+
+def crashes(ctx: Any, payload: Any) -> Any:
+    os._exit(7)
+
+
+def crashes_once(ctx: Any, payload: Any) -> Any:
+    """Dies on its first attempt only: a restart recovers the job."""
+    if ctx.attempt == 1:
+        os._exit(9)
+    return {"attempt": ctx.attempt}
+
+
+def not_json(ctx: Any, payload: Any) -> Any:
+    return {"when": object()}
+
+
+def too_large(ctx: Any, payload: Any) -> Any:
+    return "x" * int(payload["bytes"])
+
+
+def calls_exit(ctx: Any, payload: Any) -> Any:
+    raise SystemExit(3)
