@@ -49,11 +49,14 @@ def default_examples_dir() -> Path:
 
 def job_stream(word_count_instance: str) -> itertools.cycle[tuple[str, Any, str | None]]:
     """A repeating mix: mostly healthy work, some failures of every kind."""
-    healthy = [("word-count", {"text": "the quick brown fox jumps over the lazy dog The"},
-                word_count_instance), ("noop", {"n": 1}, None)]
-    mix = healthy * 6 + [("flaky", {"failure_rate": 0.4}, None)] * 4 + [
+    text = "the quick brown fox jumps over the lazy dog The"
+    healthy: list[tuple[str, Any, str | None]] = [
+        ("word-count", {"text": text}, word_count_instance), ("noop", {"n": 1}, None)]
+    flaky: tuple[str, Any, str | None] = ("flaky", {"failure_rate": 0.4}, None)
+    failing: list[tuple[str, Any, str | None]] = [flaky] * 4 + [
         ("sleepy", {"seconds": 3}, None), ("needs-missing", {}, None)]
-    rare = [("crasher", {}, None)]
+    mix = healthy * 6 + failing
+    rare: list[tuple[str, Any, str | None]] = [("crasher", {}, None)]
     return itertools.cycle(mix * 3 + rare)
 
 

@@ -52,7 +52,8 @@ def _install_redis_server() -> None:
     print("installing Debian's redis-server package", file=sys.stderr)
     subprocess.run(["apt-get", "update", "-q"], check=True, stdout=subprocess.DEVNULL)
     subprocess.run(["apt-get", "install", "-y", "-q", "redis-server"], check=True,
-                   stdout=subprocess.DEVNULL, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+                   stdout=subprocess.DEVNULL,
+                   env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
 
 
 def start_local_redis(run_dir: Path) -> ReachableRedis:

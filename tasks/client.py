@@ -34,7 +34,7 @@ from pluginpool.tasks.spec import PluginSpec
 class Job:
     """A submitted job: its id now, its outcome later."""
 
-    def __init__(self, async_result: AsyncResult, *, plugin_id: str,
+    def __init__(self, async_result: AsyncResult[Any], *, plugin_id: str,
                  instance_id: str | None, max_restarts: int | None = None) -> None:
         self.async_result = async_result
         self.max_restarts = max_restarts
@@ -145,14 +145,15 @@ class PluginClient:
         self._encode(plugin_id, payload)
         limits = spec.resource_limits
         with self._unavailable_as_error():
+            options: dict[str, Any] = {
+                "queue": spec.queue,
+                "soft_time_limit": limits.soft_time_limit_s,
+                "time_limit": limits.hard_time_limit_s,
+                "headers": {REVISION_HEADER: spec.revision},
+            }
             result = self.app.send_task(
-                spec.task_name,
-                kwargs={"payload": payload, "instance_id": instance_id},
-                queue=spec.queue,
-                soft_time_limit=limits.soft_time_limit_s,
-                time_limit=limits.hard_time_limit_s,
-                headers={REVISION_HEADER: spec.revision},
-            )
+                spec.task_name, kwargs={"payload": payload, "instance_id": instance_id},
+                **options)
         isolation = spec.isolation
         return Job(result, plugin_id=plugin_id, instance_id=instance_id,
                    max_restarts=isolation.max_restarts if isolation.auto_restart else 0)

@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import redis
 from celery import Celery, Task
@@ -85,7 +85,7 @@ def attach_services(app: Celery, services: WorkerServices) -> None:
     app.pluginpool_services = services  # type: ignore[attr-defined]
 
 
-class PluginTask(Task):  # type: ignore[misc]
+class PluginTask(Task[Any, Any]):
     """Base of every `plugin.<id>` task; per-plugin options are class attributes."""
 
     plugin_id: str = ""
@@ -94,18 +94,19 @@ class PluginTask(Task):  # type: ignore[misc]
     throws = (PluginExecutionError, InvalidJobError)
 
 
-def _header(task: Task, name: str) -> Any:
+def _header(task: Task[Any, Any], name: str) -> Any:
     request = task.request
     value = getattr(request, name, None)
-    if value is None and isinstance(getattr(request, "headers", None), dict):
-        value = request.headers.get(name)
+    headers = getattr(request, "headers", None)
+    if value is None and isinstance(headers, dict):
+        value = headers.get(name)
     return value
 
 
 def run_plugin_job(task: PluginTask, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """The body of every plugin task."""
     services = services_of(task.app)
-    job_id = task.request.id
+    job_id = str(task.request.id)
     plugin_id = task.plugin_id
     try:
         job = parse_job(args, kwargs)
@@ -167,21 +168,22 @@ def register_plugin_task(app: Celery, spec: PluginSpec) -> PluginTask:
     def run(self: PluginTask, *args: Any, **kwargs: Any) -> Any:
         return run_plugin_job(self, args, kwargs)
 
-    task: PluginTask = app.task(
-        run,
-        base=PluginTask,
-        bind=True,
-        name=spec.task_name,
-        plugin_id=spec.id,
-        acks_late=True,
-        reject_on_worker_lost=True,
-        retry_on_worker_lost=True,
-        max_retries=isolation.max_restarts if isolation.auto_restart else 0,
-        default_retry_delay=isolation.restart_cooldown_ms / 1000,
-        soft_time_limit=limits.soft_time_limit_s,
-        time_limit=limits.hard_time_limit_s,
-    )
-    return task
+    options: dict[str, Any] = {
+        "base": PluginTask,
+        "bind": True,
+        "name": spec.task_name,
+        "plugin_id": spec.id,
+        "acks_late": True,
+        "reject_on_worker_lost": True,
+        # Celery retries a job whose pool child died, bounded by max_retries, with
+        # default_retry_delay between attempts; then it records WorkerLostError.
+        "retry_on_worker_lost": True,
+        "max_retries": isolation.max_restarts if isolation.auto_restart else 0,
+        "default_retry_delay": isolation.restart_cooldown_ms / 1000,
+        "soft_time_limit": limits.soft_time_limit_s,
+        "time_limit": limits.hard_time_limit_s,
+    }
+    return cast(PluginTask, app.task(**options)(run))
 
 
 def register_plugin_tasks(app: Celery, specs: Iterable[PluginSpec]) -> list[str]:

@@ -60,4 +60,5 @@ class InstanceStore:
         return True
 
     def of_plugin(self, plugin_id: str) -> list[str]:
-        return sorted(self._redis.smembers(self._keys.instances_of(plugin_id)))
+        members = self._redis.smembers(self._keys.instances_of(plugin_id))
+        return sorted(str(member) for member in members)

@@ -7,6 +7,7 @@ of a spec bumps its `revision` and keeps the previous specs in a bounded history
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import redis
 
@@ -30,7 +31,7 @@ class Registry:
         with self._redis.pipeline() as pipe:
             while True:
                 try:
-                    pipe.watch(self._keys.specs)
+                    pipe.watch(self._keys.specs)  # type: ignore[no-untyped-call]
                     current = {s.id: s for s in self._decode_all(pipe.hgetall(self._keys.specs))}
                     self._check(specs, current, source)
                     published = []
@@ -85,7 +86,7 @@ class Registry:
         return [PluginSpec.model_validate_json(item) for item in raw]
 
     @staticmethod
-    def _decode_all(raw: dict[str, str]) -> list[PluginSpec]:
+    def _decode_all(raw: Any) -> list[PluginSpec]:
         return [PluginSpec.model_validate_json(value) for value in raw.values()]
 
 

@@ -48,25 +48,27 @@ def malformed_reason(message: Any) -> str | None:
     return None
 
 
-class GuardedChannel(kombu_redis.Channel):  # type: ignore[misc]
+class GuardedChannel(kombu_redis.Channel):  # type: ignore[misc,unused-ignore]
     """Catches items that are not JSON at all (the transport checks the rest)."""
 
     def _brpop_read(self, **options: Any) -> Any:
         try:
-            return super()._brpop_read(**options)
+            return super()._brpop_read(**options)  # type: ignore[misc]
         except json.JSONDecodeError as exc:
-            self.connection.dead_letter(self, exc.doc, reason=f"not JSON: {exc}")
+            transport: Any = self.connection
+            transport.dead_letter(self, exc.doc, reason=f"not JSON: {exc}")
         except UnicodeDecodeError as exc:
-            self.connection.dead_letter(self, repr(exc.object[:200]), reason="not UTF-8")
+            transport = self.connection
+            transport.dead_letter(self, repr(exc.object[:200]), reason="not UTF-8")
         return True
 
 
-class GuardedRedisTransport(kombu_redis.Transport):  # type: ignore[misc]
+class GuardedRedisTransport(kombu_redis.Transport):  # type: ignore[misc,unused-ignore]
     """kombu's Redis transport with malformed messages dead-lettered instead of fatal."""
 
     Channel = GuardedChannel
 
-    def _deliver(self, message: Any, queue: str) -> None:
+    def _deliver(self, message: Any, queue: str | None) -> None:
         reason = malformed_reason(message)
         if reason is not None:
             channel = self.channels[0] if self.channels else None
@@ -77,7 +79,8 @@ class GuardedRedisTransport(kombu_redis.Transport):  # type: ignore[misc]
 
     def dead_letter(self, channel: Any, raw: str, *, reason: str, queue: str | None = None) -> None:
         logger.error("dropping malformed message from queue %s: %s", queue or "?", reason)
-        key = self.client.transport_options.get(DEAD_LETTER_OPTION)
+        options: dict[str, Any] = getattr(self.client, "transport_options", None) or {}
+        key = options.get(DEAD_LETTER_OPTION)
         if not key or channel is None:
             return
         entry = json.dumps({"reason": reason, "queue": queue, "at": time.time(),

@@ -1,0 +1,36 @@
+# pluginpool: the two commands a newcomer needs are `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: install demo test lint typecheck bench chaos clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+# Redis: PLUGINPOOL_REDIS_URL if it answers, else 127.0.0.1:6379, else a redis-server we start.
+demo: install
+	$(BIN)/pluginpool demo
+
+test: install
+	PLUGINPOOL_REDIS_URL=$$($(BIN)/pluginpool ensure-redis) $(BIN)/python -m pytest
+
+lint: install typecheck
+	$(BIN)/ruff check tasks pool policy tests bench examples
+
+typecheck: install
+	mkdir -p .typecheck/pluginpool
+	for pkg in tasks pool policy; do ln -sfn ../../$$pkg .typecheck/pluginpool/$$pkg; done
+	MYPYPATH=.typecheck $(BIN)/mypy -p pluginpool.tasks -p pluginpool.pool -p pluginpool.policy
+
+bench: install
+	PLUGINPOOL_REDIS_URL=$$($(BIN)/pluginpool ensure-redis) $(BIN)/python bench/throughput.py
+
+clean:
+	rm -rf $(VENV) .typecheck .run .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -1,0 +1,35 @@
+"""Settings come from PLUGINPOOL_* variables; invalid values name the variable."""
+
+from __future__ import annotations
+
+import pytest
+
+from pluginpool.policy.errors import SettingsError
+from pluginpool.tasks.settings import Settings
+
+
+def test_defaults_follow_the_redis_url(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PLUGINPOOL_REDIS_URL", "redis://example:6380/3")
+    settings = Settings.from_env(_env_file=None)
+    assert settings.effective_broker_url == "redis://example:6380/3"
+    assert settings.effective_result_backend == "redis://example:6380/3"
+    assert settings.max_payload_bytes == 1_048_576
+    assert settings.keys.specs == "pluginpool:registry:specs"
+
+
+def test_nested_limits_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PLUGINPOOL_DEFAULT_LIMITS__TIMEOUT_MS", "1500")
+    assert Settings.from_env(_env_file=None).default_limits.timeout_ms == 1500
+
+
+@pytest.mark.parametrize(("variable", "value"), [
+    ("PLUGINPOOL_MAX_PAYLOAD_BYTES", "lots"),
+    ("PLUGINPOOL_REDIS_URL", "http://nope"),
+    ("PLUGINPOOL_VISIBILITY_TIMEOUT_S", "1"),
+])
+def test_invalid_values_name_the_variable(monkeypatch: pytest.MonkeyPatch, variable: str,
+                                          value: str) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env(_env_file=None)
+    assert variable in str(info.value)
