@@ -30,7 +30,7 @@ typecheck: install
 	MYPYPATH=.typecheck $(BIN)/mypy -p pluginpool.tasks -p pluginpool.pool -p pluginpool.policy
 
 bench: install
-	PLUGINPOOL_REDIS_URL=$$($(BIN)/pluginpool ensure-redis) $(BIN)/python bench/throughput.py
+	PLUGINPOOL_REDIS_URL=$$($(BIN)/pluginpool ensure-redis) $(BIN)/python -m bench.throughput
 
 clean:
 	rm -rf $(VENV) .typecheck .run .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -37,19 +37,30 @@ class Settings(BaseSettings):
     result_backend: str | None = Field(
         default=None, description="Celery result backend; default redis_url."
     )
-    key_prefix: str = Field(default="pluginpool:", min_length=1)
-    default_limits: ResourceLimits = Field(default_factory=ResourceLimits)
-    default_isolation: IsolationConfig = Field(default_factory=IsolationConfig)
-    result_expires_s: int = Field(default=86_400, ge=60)
-    max_payload_bytes: int = Field(default=1_048_576, ge=64)
-    max_result_bytes: int = Field(default=1_048_576, ge=64)
-    visibility_timeout_s: int = Field(default=3_600, ge=10)
-    spec_cache_ttl_s: float = Field(default=5.0, ge=0)
+    key_prefix: str = Field(default="pluginpool:", min_length=1,
+                            description="Prefix of every Redis key pluginpool writes.")
+    default_limits: ResourceLimits = Field(
+        default_factory=ResourceLimits,
+        description="Limits for fields a spec leaves out (e.g. ..._DEFAULT_LIMITS__TIMEOUT_MS).")
+    default_isolation: IsolationConfig = Field(
+        default_factory=IsolationConfig, description="Isolation for fields a spec leaves out.")
+    result_expires_s: int = Field(default=86_400, ge=60,
+                                  description="How long job results stay in the backend.")
+    max_payload_bytes: int = Field(default=1_048_576, ge=64,
+                                   description="Largest JSON payload (and initial_data) accepted.")
+    max_result_bytes: int = Field(default=1_048_576, ge=64,
+                                  description="Largest JSON result a plugin may return.")
+    visibility_timeout_s: int = Field(
+        default=3_600, ge=10,
+        description="Redis broker visibility timeout; every hard time limit must be below it.")
+    spec_cache_ttl_s: float = Field(
+        default=5.0, ge=0, description="How long producers and workers cache a spec.")
     plugin_paths: list[str] = Field(
         default_factory=list,
         description="Directories added to sys.path in workers, where plugin modules live.",
     )
-    redis_socket_timeout_s: float = Field(default=5.0, gt=0)
+    redis_socket_timeout_s: float = Field(
+        default=5.0, gt=0, description="Connect/read timeout for Redis, so outages fail fast.")
 
     @field_validator("redis_url", "broker_url", "result_backend")
     @classmethod

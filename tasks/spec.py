@@ -92,6 +92,16 @@ class PluginSpec(BaseModel):
         """The plugin's own task name, so Flower shows each plugin as its own task."""
         return f"plugin.{self.id}"
 
+    def with_defaults(self, *, limits: ResourceLimits, isolation: IsolationConfig) -> PluginSpec:
+        """Fill every limit and isolation field the spec did not set from the deployment's."""
+        def merged(own: BaseModel, default: BaseModel) -> dict[str, Any]:
+            return {**default.model_dump(), **own.model_dump(include=own.model_fields_set)}
+
+        return self.model_copy(update={
+            "resource_limits": ResourceLimits(**merged(self.resource_limits, limits)),
+            "isolation": IsolationConfig(**merged(self.isolation, isolation)),
+        })
+
     def content_equals(self, other: PluginSpec) -> bool:
         """Same spec, ignoring the registry revision."""
         return self.model_dump(exclude={"revision"}) == other.model_dump(exclude={"revision"})

@@ -60,3 +60,17 @@ def test_timeout_must_stay_below_the_visibility_timeout(redis_url: str) -> None:
 def test_queue_and_task_names() -> None:
     assert spec("word-count").queue == "plugins.word-count"
     assert spec("word-count").task_name == "plugin.word-count"
+
+
+def test_deployment_defaults_fill_what_a_spec_leaves_out(redis_url: str) -> None:
+    from tests.conftest import make_settings
+
+    settings = make_settings(redis_url, key_prefix="pptest:defaults:",
+                             default_limits={"timeout_ms": 1234, "max_memory_mb": 64},
+                             default_isolation={"max_restarts": 7})
+    with PluginClient(settings) as client:
+        client.redis.delete(settings.keys.specs)
+        [published] = client.register(spec(resource_limits={"max_memory_mb": 512}))
+    assert published.resource_limits.timeout_ms == 1234
+    assert published.resource_limits.max_memory_mb == 512
+    assert published.isolation.max_restarts == 7
