@@ -9,13 +9,19 @@ from pluginpool.tasks.settings import Settings
 from pluginpool.tasks.transport import DEAD_LETTER_OPTION, TRANSPORT_PATH
 
 
-def create_app(settings: Settings, *, name: str = "pluginpool") -> Celery:
-    """A Celery app for producers, workers and monitors alike."""
+def create_app(settings: Settings, *, name: str = "pluginpool",
+               guarded_transport: bool = True) -> Celery:
+    """A Celery app for producers, workers and monitors alike.
+
+    Monitors that never consume plugin queues (Flower) pass `guarded_transport=False`:
+    Flower picks its broker client from the URL scheme of the connection, which a custom
+    transport class would hide.
+    """
     app = Celery(name, broker=settings.effective_broker_url,
                  backend=settings.effective_result_backend, set_as_current=False)
     transport_options = {"visibility_timeout": settings.visibility_timeout_s}
     broker_options = {**transport_options, DEAD_LETTER_OPTION: settings.keys.dead_letter}
-    if settings.effective_broker_url.startswith(("redis://", "rediss://")):
+    if guarded_transport and settings.effective_broker_url.startswith(("redis://", "rediss://")):
         # Guards the worker against items on a queue that are not kombu messages.
         app.conf.broker_transport = TRANSPORT_PATH
     app.conf.update(

@@ -1,0 +1,58 @@
+"""Flower, run by `pluginpool flower`, shows each plugin as its own task and queue."""
+
+from __future__ import annotations
+
+import json
+import sys
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from pluginpool.pool.processes import ManagedProcess, wait_until
+from pluginpool.pool.redis_bootstrap import free_port
+from pluginpool.tasks.client import PluginClient
+from tests.conftest import WorkerStarter, worker_env
+
+
+def get_json(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return json.loads(response.read())
+
+
+def reachable(url: str) -> bool:
+    try:
+        get_json(url)
+        return True
+    except OSError:
+        return False
+
+
+def test_flower_api_lists_plugin_tasks_and_queues(test_plugins: PluginClient,
+                                                  start_worker: WorkerStarter,
+                                                  tmp_path: Path) -> None:
+    worker = start_worker(test_plugins, plugins="echo,raises")
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    flower = ManagedProcess([sys.executable, "-m", "pluginpool.pool.cli", "flower", "--port",
+                             str(port)], env=worker_env(test_plugins.settings),
+                            log_path=tmp_path / "flower.log")
+    try:
+        assert wait_until(lambda: reachable(f"{base}/api/workers"), timeout_s=30), \
+            flower.log_text()
+        test_plugins.submit("echo", 1).result(timeout=20)
+        ok = test_plugins.submit("echo", 2)
+        ok.result(timeout=20)
+
+        def seen() -> bool:
+            return ok.id in get_json(f"{base}/api/tasks?taskname=plugin.echo")
+
+        assert wait_until(seen, timeout_s=20), flower.log_text()[-2000:]
+        task = get_json(f"{base}/api/task/info/{ok.id}")
+        assert task["name"] == "plugin.echo" and task["state"] == "SUCCESS"
+        workers = get_json(f"{base}/api/workers?refresh=1")
+        queues = {q["name"] for q in workers[worker.nodename]["active_queues"]}  # type: ignore[attr-defined]
+        assert queues == {"plugins.echo", "plugins.raises"}
+        lengths = get_json(f"{base}/api/queues/length")
+        assert {"plugins.echo", "plugins.raises"} <= {q["name"] for q in lengths["active_queues"]}
+    finally:
+        flower.stop()
