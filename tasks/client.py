@@ -101,9 +101,9 @@ class PluginClient:
             specs, origin = [source], "<python>"
         else:
             specs, origin = list(source), "<python>"
-        defaults = {"limits": self.settings.default_limits,
-                    "isolation": self.settings.default_isolation}
-        specs = [spec.with_defaults(**defaults) for spec in specs]
+        specs = [spec.with_defaults(limits=self.settings.default_limits,
+                                    isolation=self.settings.default_isolation)
+                 for spec in specs]
         with self._unavailable_as_error():
             published = self.registry.publish(specs, source=origin)
         self._specs.invalidate()
