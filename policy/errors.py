@@ -186,3 +186,54 @@ class JobWaitTimeoutError(PluginPoolError, TimeoutError):
         self.job_id = job_id
         self.timeout_s = timeout_s
         super().__init__(f"job {job_id} has no outcome after {timeout_s} s (it may still run)")
+
+
+class CircuitOpenError(PluginPoolError):
+    """Dispatch to a plugin was refused by its circuit breaker; nothing ran.
+
+    Built from one dict so that it survives Celery's JSON result backend (a job that was
+    queued before the breaker opened fails with it at the worker).
+    """
+
+    def __init__(self, info: dict[str, Any]) -> None:
+        self.info = dict(info)
+        super().__init__(self.info)
+
+    @classmethod
+    def of(cls, plugin_id: str, *, state: str, retry_after_ms: int,
+           job_id: str | None = None) -> CircuitOpenError:
+        return cls({"plugin_id": plugin_id, "state": state, "retry_after_ms": retry_after_ms,
+                    "job_id": job_id})
+
+    @property
+    def plugin_id(self) -> str:
+        return str(self.info["plugin_id"])
+
+    @property
+    def state(self) -> str:
+        return str(self.info["state"])
+
+    @property
+    def retry_after_ms(self) -> int:
+        """Milliseconds until the next trial; 0 while trials run; -1 when forced open."""
+        return int(self.info["retry_after_ms"])
+
+    def __str__(self) -> str:
+        wait = self.retry_after_ms
+        when = ("until an operator resets it" if wait < 0 else
+                "while trial runs are in progress" if wait == 0 else f"for another {wait} ms")
+        return f"circuit for plugin {self.plugin_id!r} is {self.state}: dispatch refused {when}"
+
+
+class BreakerUnavailableError(SubmitError, ConnectionError):
+    """The breaker's Redis is unreachable and breaker_fail_mode is "closed"."""
+
+
+class InstanceFailedError(SubmitError):
+    """The instance failed a run and its plugin has `error_recovery = false`: load it anew."""
+
+    def __init__(self, instance_id: str, last_error: dict[str, Any] | None) -> None:
+        self.instance_id = instance_id
+        self.last_error = last_error
+        super().__init__(f"plugin instance {instance_id!r} failed and does not recover: "
+                         f"{(last_error or {}).get('message', 'unknown error')}")

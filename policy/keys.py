@@ -35,3 +35,31 @@ class RedisKeys:
     def dead_letter(self) -> str:
         """List: broker messages that could not be parsed, with the reason; bounded."""
         return f"{self.prefix}deadletter"
+
+    def breaker(self, plugin_id: str) -> str:
+        """Hash: one plugin's breaker state, window counters and trial permits."""
+        return f"{self.prefix}breaker:{plugin_id}"
+
+    def breaker_window(self, plugin_id: str) -> str:
+        """List (count window) or sorted set (time window) of recent outcomes."""
+        return f"{self.prefix}breaker:{plugin_id}:window"
+
+    def breaker_window_failed(self, plugin_id: str) -> str:
+        return f"{self.prefix}breaker:{plugin_id}:window:failed"
+
+    def breaker_window_slow(self, plugin_id: str) -> str:
+        return f"{self.prefix}breaker:{plugin_id}:window:slow"
+
+    def breaker_history(self, plugin_id: str) -> str:
+        """List: the last 50 transitions of one plugin's breaker, newest first."""
+        return f"{self.prefix}breaker:{plugin_id}:history"
+
+    @property
+    def breaker_channel(self) -> str:
+        """Pub/sub channel: every breaker transition, as JSON."""
+        return f"{self.prefix}events:breaker"
+
+    @property
+    def error_channel(self) -> str:
+        """Pub/sub channel: every failed run, as a JSON error event."""
+        return f"{self.prefix}events:errors"

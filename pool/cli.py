@@ -14,7 +14,8 @@ from rich.progress import Progress
 from rich.table import Table
 
 from pluginpool.policy.errors import PluginExecutionError, PluginPoolError
-from pluginpool.tasks.client import Job, PluginClient
+from pluginpool.tasks.client import PluginClient
+from pluginpool.tasks.jobs import FallbackJob, Job
 from pluginpool.tasks.settings import Settings
 
 
@@ -64,7 +65,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
-def _outcome(job: Job, timeout: float) -> dict[str, Any]:
+def _outcome(job: Job | FallbackJob, timeout: float) -> dict[str, Any]:
     try:
         value = job.result(timeout=timeout)
         return {"job_id": job.id, "ok": True, "value": value, "meta": job.meta}
@@ -88,7 +89,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def _submit_many(client: PluginClient, args: argparse.Namespace, payload: Any) -> int:
-    jobs: list[Job] = []
+    jobs: list[Job | FallbackJob] = []
     outcomes: list[dict[str, Any]] = []
     started = time.monotonic()
     with Progress(console=Console(stderr=True), transient=True) as progress:

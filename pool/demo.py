@@ -23,10 +23,11 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from pluginpool.policy.errors import PluginExecutionError
+from pluginpool.policy.errors import CircuitOpenError, PluginExecutionError
 from pluginpool.pool.processes import ManagedProcess, wait_until
 from pluginpool.pool.redis_bootstrap import ReachableRedis, ensure_redis, free_port
-from pluginpool.tasks.client import Job, PluginClient
+from pluginpool.tasks.client import PluginClient
+from pluginpool.tasks.jobs import FallbackJob, Job
 from pluginpool.tasks.settings import Settings
 
 MAX_IN_FLIGHT = 40
@@ -37,9 +38,15 @@ class Tally:
     runs: int = 0
     succeeded: int = 0
     failed: Counter[str] = field(default_factory=Counter)
+    refused: int = 0
+    """Refused by the plugin's circuit breaker (at submit or at the worker), no fallback."""
+    fallback: int = 0
+    """Refused by the breaker and answered by the plugin's fallback."""
+    breaker: str = "closed"
 
     def as_dict(self) -> dict[str, Any]:
-        return {"runs": self.runs, "succeeded": self.succeeded, "failed": dict(self.failed)}
+        return {"runs": self.runs, "succeeded": self.succeeded, "failed": dict(self.failed),
+                "refused": self.refused, "fallback": self.fallback, "breaker": self.breaker}
 
 
 def default_examples_dir() -> Path:
@@ -63,30 +70,53 @@ def job_stream(word_count_instance: str) -> itertools.cycle[tuple[str, Any, str 
 def render(tallies: dict[str, Tally], elapsed_s: float, flower_url: str) -> Table:
     table = Table(title=f"pluginpool demo: {elapsed_s:5.1f} s   (Flower: {flower_url})")
     for column in ("plugin", "runs", "ok", "runtime", "timeout", "dependency", "resource",
-                   "security"):
+                   "security", "refused", "fallback", "breaker"):
         table.add_column(column, justify="left" if column == "plugin" else "right")
     for plugin_id in sorted(tallies):
         tally = tallies[plugin_id]
         table.add_row(plugin_id, str(tally.runs), f"[green]{tally.succeeded}[/]",
                       *(f"[red]{tally.failed[kind]}[/]" if tally.failed[kind] else "0"
                         for kind in ("runtime", "timeout", "dependency", "resource",
-                                     "security")))
+                                     "security")),
+                      str(tally.refused), str(tally.fallback), _breaker_cell(tally.breaker))
     return table
 
 
-def _collect(in_flight: list[Job], tallies: dict[str, Tally]) -> list[Job]:
+def _breaker_cell(state: str) -> str:
+    colour = {"closed": "green", "half_open": "yellow"}.get(state, "red")
+    return f"[{colour}]{state}[/]"
+
+
+def _submit(client: PluginClient, tallies: dict[str, Tally], plugin_id: str, payload: Any,
+            instance_id: str | None) -> Job | FallbackJob | None:
+    try:
+        job = client.submit(plugin_id, payload, instance_id=instance_id)
+    except CircuitOpenError:
+        tallies[plugin_id].refused += 1
+        return None
+    if isinstance(job, FallbackJob):
+        tallies[plugin_id].fallback += 1
+        return None
+    return job
+
+
+def _collect(in_flight: list[Job | FallbackJob],
+             tallies: dict[str, Tally]) -> list[Job | FallbackJob]:
     still = []
     for job in in_flight:
         if not job.ready():
             still.append(job)
             continue
         tally = tallies[job.plugin_id]
-        tally.runs += 1
         try:
             job.result(timeout=1)
+            tally.runs += 1
             tally.succeeded += 1
         except PluginExecutionError as exc:
+            tally.runs += 1
             tally.failed[str(exc.type)] += 1
+        except CircuitOpenError:
+            tally.refused += 1
         job.forget()
     return still
 
@@ -131,17 +161,21 @@ def run_demo(*, duration_s: float | None, as_json: bool, examples: Path | None =
         console.print(f"worker {nodename} ready; Flower on {flower_url}; logs in {run_dir}")
         instance = client.load("word-count", initial_data={"lowercase": True})
         stream = job_stream(instance)
-        in_flight: list[Job] = []
+        in_flight: list[Job | FallbackJob] = []
         with Live(render(tallies, 0, flower_url), console=console, refresh_per_second=4,
                   transient=as_json) as live:
             while not stop:
                 elapsed = time.monotonic() - started
                 if duration_s is not None and elapsed >= duration_s:
                     break
-                while len(in_flight) < MAX_IN_FLIGHT:
+                for _ in range(MAX_IN_FLIGHT - len(in_flight)):
                     plugin_id, payload, iid = next(stream)
-                    in_flight.append(client.submit(plugin_id, payload, instance_id=iid))
+                    job = _submit(client, tallies, plugin_id, payload, iid)
+                    if job is not None:
+                        in_flight.append(job)
                 in_flight = _collect(in_flight, tallies)
+                for plugin_id, tally in tallies.items():
+                    tally.breaker = str(client.breaker(plugin_id).state)
                 live.update(render(tallies, elapsed, flower_url))
                 time.sleep(0.2)
     except KeyboardInterrupt:

@@ -1,7 +1,8 @@
 """The Celery side of pluginpool: settings, app, specs, registry, routing, task, client."""
 
-from pluginpool.tasks.client import Job, PluginClient
+from pluginpool.tasks.client import PluginClient
+from pluginpool.tasks.jobs import FallbackJob, Job
 from pluginpool.tasks.settings import Settings
 from pluginpool.tasks.spec import PluginSpec
 
-__all__ = ["Job", "PluginClient", "PluginSpec", "Settings"]
+__all__ = ["FallbackJob", "Job", "PluginClient", "PluginSpec", "Settings"]

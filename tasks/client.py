@@ -8,70 +8,33 @@ from pathlib import Path
 from typing import Any
 
 import redis
+from typing import Literal
+
 from celery import Celery
-from celery.exceptions import TimeoutError as CeleryTimeoutError
-from celery.result import AsyncResult
 from kombu.exceptions import OperationalError
 
+from pluginpool.policy.breaker import BreakerState, BreakerStatus, BreakerUnavailable, CircuitBreaker
 from pluginpool.policy.errors import (
+    BreakerUnavailableError,
     BrokerUnavailableError,
+    CircuitOpenError,
+    InstanceFailedError,
     InvalidPayloadError,
-    JobWaitTimeoutError,
     PayloadTooLargeError,
     UnknownInstanceError,
 )
 from pluginpool.tasks.app import create_app
 from pluginpool.tasks.instances import Instance, InstanceStore
+from pluginpool.tasks.jobs import FallbackJob, Job
 from pluginpool.tasks.manifest import load_manifest
-from pluginpool.tasks.outcome import error_for_failure, unwrap_value
 from pluginpool.tasks.redis_conn import redis_client
 from pluginpool.tasks.registry import Registry, SpecCache
-from pluginpool.tasks.routing import REVISION_HEADER
+from pluginpool.tasks.routing import REVISION_HEADER, TRIAL_HEADER
 from pluginpool.tasks.settings import Settings
 from pluginpool.tasks.spec import PluginSpec
+from pluginpool.tasks.subscriptions import Handler, Subscriptions
 
-
-class Job:
-    """A submitted job: its id now, its outcome later."""
-
-    def __init__(self, async_result: AsyncResult[Any], *, plugin_id: str,
-                 instance_id: str | None, max_restarts: int | None = None) -> None:
-        self.async_result = async_result
-        self.max_restarts = max_restarts
-        self.id: str = async_result.id
-        self.plugin_id = plugin_id
-        self.instance_id = instance_id
-        self.meta: dict[str, Any] = {}
-
-    def __repr__(self) -> str:
-        return f"<Job {self.id} plugin={self.plugin_id}>"
-
-    @property
-    def state(self) -> str:
-        return str(self.async_result.state)
-
-    def ready(self) -> bool:
-        return bool(self.async_result.ready())
-
-    def result(self, timeout: float | None = None) -> Any:
-        """The plugin's value; raises PluginExecutionError, or JobWaitTimeoutError."""
-        try:
-            raw = self.async_result.get(timeout=timeout, propagate=False,
-                                        disable_sync_subtasks=False)
-        except CeleryTimeoutError:
-            raise JobWaitTimeoutError(self.id, timeout_s=timeout or 0.0) from None
-        if self.async_result.failed():
-            error = error_for_failure(raw, plugin_id=self.plugin_id, job_id=self.id,
-                                      instance_id=self.instance_id)
-            if error.details.get("restarts_exhausted") and self.max_restarts is not None:
-                error.info.details["max_restarts"] = self.max_restarts
-            raise error
-        value, self.meta = unwrap_value(raw)
-        return value
-
-    def forget(self) -> None:
-        """Drop the stored result once read (results otherwise expire after result_expires_s)."""
-        self.async_result.forget()
+MAX_FALLBACK_DEPTH = 3
 
 
 class PluginClient:
@@ -86,6 +49,10 @@ class PluginClient:
                                  visibility_timeout_s=settings.visibility_timeout_s)
         self._specs = SpecCache(self.registry, ttl_s=settings.spec_cache_ttl_s)
         self.instances = InstanceStore(self.redis, settings.keys)
+        self.breakers = CircuitBreaker(self.redis, settings.keys,
+                                       fail_mode=settings.breaker_fail_mode)
+        self._subscriptions = Subscriptions(
+            self.redis, [settings.keys.error_channel, settings.keys.breaker_channel])
 
     @classmethod
     def from_env(cls, **overrides: Any) -> PluginClient:
@@ -102,7 +69,8 @@ class PluginClient:
         else:
             specs, origin = list(source), "<python>"
         specs = [spec.with_defaults(limits=self.settings.default_limits,
-                                    isolation=self.settings.default_isolation)
+                                    isolation=self.settings.default_isolation,
+                                    breaker=self.settings.default_breaker)
                  for spec in specs]
         with self._unavailable_as_error():
             published = self.registry.publish(specs, source=origin)
@@ -138,21 +106,45 @@ class PluginClient:
     # -- jobs ---------------------------------------------------------------------------
 
     def submit(self, plugin_id: str, payload: Any = None, *,
-               instance_id: str | None = None) -> Job:
-        """Enqueue one job and return at once. Bad input raises; nothing is enqueued then."""
+               instance_id: str | None = None) -> Job | FallbackJob:
+        """Enqueue one job and return at once. Bad input raises; nothing is enqueued then.
+
+        The plugin's breaker is asked first (one Redis round trip). Refused: the plugin's
+        fallback applies (a `FallbackJob` with a fixed value, or a `Job` of the fallback
+        plugin, both with `is_fallback = True`); with no fallback, CircuitOpenError.
+        """
+        return self._submit(plugin_id, payload, instance_id=instance_id, depth=0)
+
+    def _submit(self, plugin_id: str, payload: Any, *, instance_id: str | None,
+                depth: int) -> Job | FallbackJob:
         spec = self.spec(plugin_id)
         if instance_id is not None:
             instance = self.instance(instance_id)
             if instance.plugin_id != plugin_id:
                 raise UnknownInstanceError(instance_id)
+            if instance.status == "failed":
+                raise InstanceFailedError(instance_id, instance.last_error)
         self._encode(plugin_id, payload)
+        try:
+            permit = self.breakers.acquire(plugin_id, spec.breaker,
+                                           default_open_ms=spec.default_open_ms)
+        except BreakerUnavailable as exc:
+            raise BreakerUnavailableError(
+                f"breaker for {plugin_id!r} unreachable (fail mode closed): {exc}") from exc
+        if not permit.allowed:
+            refusal = CircuitOpenError.of(plugin_id, state=permit.state,
+                                          retry_after_ms=permit.retry_after_ms)
+            return self._fallback(spec, payload, refusal, depth=depth)
         limits = spec.resource_limits
+        headers: dict[str, Any] = {REVISION_HEADER: spec.revision}
+        if permit.state is BreakerState.HALF_OPEN:
+            headers[TRIAL_HEADER] = permit.generation
         with self._unavailable_as_error():
             options: dict[str, Any] = {
                 "queue": spec.queue,
                 "soft_time_limit": limits.soft_time_limit_s,
                 "time_limit": limits.hard_time_limit_s,
-                "headers": {REVISION_HEADER: spec.revision},
+                "headers": headers,
             }
             result = self.app.send_task(
                 spec.task_name, kwargs={"payload": payload, "instance_id": instance_id},
@@ -161,9 +153,50 @@ class PluginClient:
         return Job(result, plugin_id=plugin_id, instance_id=instance_id,
                    max_restarts=isolation.max_restarts if isolation.auto_restart else 0)
 
+    def _fallback(self, spec: PluginSpec, payload: Any, refusal: CircuitOpenError, *,
+                  depth: int) -> Job | FallbackJob:
+        fallback = spec.fallback
+        if fallback is None or depth >= MAX_FALLBACK_DEPTH:
+            raise refusal
+        if fallback.kind == "value":
+            return FallbackJob(fallback.value, plugin_id=spec.id, refusal=refusal)
+        assert fallback.plugin is not None
+        job = self._submit(fallback.plugin, payload, instance_id=None, depth=depth + 1)
+        if isinstance(job, Job):
+            job.fallback_for = spec.id
+            job.is_fallback = True
+        return job
+
+    # -- breaker and events ---------------------------------------------------------------
+
+    def breaker(self, plugin_id: str) -> BreakerStatus:
+        """State, window counts, failure rate, time to next trial and transition history."""
+        spec = self.spec(plugin_id)
+        with self._unavailable_as_error():
+            return self.breakers.status(plugin_id, spec.breaker,
+                                        default_open_ms=spec.default_open_ms)
+
+    def override_breaker(self, plugin_id: str,
+                         action: Literal["reset", "force_open"]) -> BreakerState:
+        """Operator override, recorded in the breaker's history as such."""
+        spec = self.spec(plugin_id)
+        with self._unavailable_as_error():
+            return self.breakers.override(plugin_id, spec.breaker,
+                                          default_open_ms=spec.default_open_ms, action=action)
+
+    def on_error(self, plugin_id: str, handler: Handler) -> None:
+        """Call `handler(event)` for every failed run of the plugin (`"*"`: of every plugin),
+        whichever producer sent it; the event has type, plugin_id, instance_id, job_id,
+        message, details and at."""
+        self._subscriptions.add(self.settings.keys.error_channel, plugin_id, handler)
+
+    def on_breaker_change(self, plugin_id: str, handler: Handler) -> None:
+        """Call `handler(event)` for every breaker transition (plugin, from, to, reason)."""
+        self._subscriptions.add(self.settings.keys.breaker_channel, plugin_id, handler)
+
     def execute(self, instance_id: str, payload: Any = None, *,
                 timeout: float | None = None) -> Any:
-        """Run a job on a loaded instance and wait for its value."""
+        """Run a job on a loaded instance and wait for its value (or its fallback's)."""
         instance = self.instance(instance_id)
         return self.submit(instance.plugin_id, payload, instance_id=instance_id).result(timeout)
 
@@ -172,6 +205,7 @@ class PluginClient:
         return Job(self.app.AsyncResult(job_id), plugin_id=plugin_id or "", instance_id=None)
 
     def close(self) -> None:
+        self._subscriptions.close()
         self.redis.close()
         self.app.close()
 

@@ -16,9 +16,15 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 import redis
+from billiard.exceptions import WorkerLostError
 from celery import Celery, Task
+from celery.exceptions import TimeLimitExceeded
+from celery.signals import task_failure
 
+from pluginpool.policy.breaker import CircuitBreaker, Permit
 from pluginpool.policy.errors import (
+    CircuitOpenError,
+    ErrorInfo,
     ErrorType,
     InvalidJobError,
     PluginExecutionError,
@@ -31,7 +37,8 @@ from pluginpool.tasks.job_request import parse_job
 from pluginpool.tasks.loader import PluginLoader, add_plugin_paths
 from pluginpool.tasks.redis_conn import redis_client
 from pluginpool.tasks.registry import Registry, SpecCache
-from pluginpool.tasks.routing import REVISION_HEADER
+from pluginpool.tasks.outcome import error_for_failure
+from pluginpool.tasks.routing import REVISION_HEADER, TRIAL_HEADER
 from pluginpool.tasks.runner import InProcessRunner, Runner
 from pluginpool.tasks.settings import Settings
 from pluginpool.tasks.spec import PluginSpec
@@ -51,6 +58,7 @@ class WorkerServices:
     specs: SpecCache
     instances: InstanceStore
     loader: PluginLoader
+    breakers: CircuitBreaker
     runners: dict[bool, Runner] = field(default_factory=dict)
 
     @classmethod
@@ -63,7 +71,10 @@ class WorkerServices:
         loader = PluginLoader(registered=lambda pid: client.hexists(settings.keys.specs, pid))
         services = cls(settings=settings, redis=client, registry=registry,
                        specs=SpecCache(registry, ttl_s=settings.spec_cache_ttl_s),
-                       instances=InstanceStore(client, settings.keys), loader=loader)
+                       instances=InstanceStore(client, settings.keys), loader=loader,
+                       # A job reaching a worker was admitted by its producer: if the
+                       # breaker's Redis is unreachable here, run it (fail open).
+                       breakers=CircuitBreaker(client, settings.keys, fail_mode="open"))
         in_process = InProcessRunner(loader, max_result_bytes=settings.max_result_bytes)
         services.runners[False] = in_process
         services.runners[True] = sandbox_runner(services) if sandbox_runner else in_process
@@ -91,7 +102,7 @@ class PluginTask(Task[Any, Any]):
     plugin_id: str = ""
     typing = False  # arguments are validated by parse_job, with a clear error
     # Expected failures: logged without a traceback, recorded as failures all the same.
-    throws = (PluginExecutionError, InvalidJobError)
+    throws = (PluginExecutionError, InvalidJobError, CircuitOpenError)
 
 
 def _header(task: Task[Any, Any], name: str) -> Any:
@@ -132,6 +143,7 @@ def run_plugin_job(task: PluginTask, args: tuple[Any, ...], kwargs: dict[str, An
             raise InvalidJobError(
                 f"instance {job.instance_id} belongs to {instance.plugin_id}, not {plugin_id}")
         initial_data = instance.initial_data
+    permit = _admit(services, spec, token=int(_header(task, TRIAL_HEADER) or 0), job_id=job_id)
     attempt = int(task.request.retries or 0) + 1
     ctx = PluginContext(plugin_id=plugin_id, job_id=job_id, instance_id=job.instance_id,
                         attempt=attempt, limits=spec.resource_limits,
@@ -144,7 +156,14 @@ def run_plugin_job(task: PluginTask, args: tuple[Any, ...], kwargs: dict[str, An
         exc.info.instance_id = job.instance_id
         exc.info.job_id = job_id
         exc.info.details.setdefault("attempt", attempt)
+        elapsed_ms = (time.perf_counter() - started) * 1000
+        record_outcome(services, spec, exc.info, duration_ms=elapsed_ms,
+                       generation=permit.generation)
+        if job.instance_id is not None and not spec.isolation.error_recovery:
+            services.instances.mark_failed(job.instance_id, exc.info.model_dump(mode="json"))
         raise PluginExecutionError(exc.info) from None
+    record_outcome(services, spec, None, duration_ms=(time.perf_counter() - started) * 1000,
+                   generation=permit.generation)
     return {
         "value": value,
         "meta": {
@@ -158,6 +177,52 @@ def run_plugin_job(task: PluginTask, args: tuple[Any, ...], kwargs: dict[str, An
             is not services.runners[False],
         },
     }
+
+
+def _admit(services: WorkerServices, spec: PluginSpec, *, token: int, job_id: str) -> Permit:
+    """The breaker's second look: a backlog queued before it opened fails fast here."""
+    permit = services.breakers.acquire(spec.id, spec.breaker,
+                                       default_open_ms=spec.default_open_ms, token=token)
+    if not permit.allowed:
+        raise CircuitOpenError.of(spec.id, state=permit.state,
+                                  retry_after_ms=permit.retry_after_ms, job_id=job_id)
+    return permit
+
+
+def record_outcome(services: WorkerServices, spec: PluginSpec, error: ErrorInfo | None, *,
+                   duration_ms: float, generation: int) -> None:
+    """One round trip: the breaker's window, and the error event for on_error handlers."""
+    event = None
+    if error is not None:
+        event = {**error.model_dump(mode="json"), "at": time.time()}
+    services.breakers.record(spec.id, spec.breaker, default_open_ms=spec.default_open_ms,
+                             error_type=error.type if error else None, duration_ms=duration_ms,
+                             generation=generation, error_event=event)
+
+
+def _record_failure_seen_by_main_process(sender: Any = None, task_id: str | None = None,
+                                         exception: BaseException | None = None,
+                                         **_: Any) -> None:
+    """Hard time limits and exhausted restarts are recorded by Celery's main process, not by
+    the task body (its process is gone): record those outcomes from here."""
+    if not isinstance(sender, PluginTask) or not isinstance(
+            exception, TimeLimitExceeded | WorkerLostError):
+        return
+    services: WorkerServices | None = getattr(sender.app, "pluginpool_services", None)
+    if services is None:
+        return
+    try:
+        spec = services.specs.get(sender.plugin_id)
+    except (UnknownPluginError, redis.RedisError) as exc:
+        logger.error("cannot record the failure of %s[%s]: %s", sender.name, task_id, exc)
+        return
+    error = error_for_failure(exception, plugin_id=spec.id, job_id=str(task_id))
+    limit_s = spec.resource_limits.hard_time_limit_s
+    duration_ms = limit_s * 1000 if isinstance(exception, TimeLimitExceeded) else 0.0
+    record_outcome(services, spec, error.info, duration_ms=duration_ms, generation=0)
+
+
+task_failure.connect(_record_failure_seen_by_main_process, weak=False)
 
 
 def register_plugin_task(app: Celery, spec: PluginSpec) -> PluginTask:

@@ -21,6 +21,8 @@ class Instance(BaseModel):
     plugin_id: str
     initial_data: dict[str, Any]
     created_at: float
+    status: str = "ready"
+    last_error: dict[str, Any] | None = None
 
 
 class InstanceStore:
@@ -47,9 +49,17 @@ class InstanceStore:
         raw = self._redis.hgetall(self._keys.instance(instance_id))
         if not raw:
             raise UnknownInstanceError(instance_id)
+        last_error = raw.get("last_error")
         return Instance(id=instance_id, plugin_id=raw["plugin_id"],
                         initial_data=json.loads(raw["initial_data"]),
-                        created_at=float(raw["created_at"]))
+                        created_at=float(raw["created_at"]), status=raw.get("status", "ready"),
+                        last_error=json.loads(last_error) if last_error else None)
+
+    def mark_failed(self, instance_id: str, error: dict[str, Any]) -> None:
+        """An instance of a plugin without error_recovery stops taking jobs after a failure."""
+        key = self._keys.instance(instance_id)
+        if self._redis.exists(key):
+            self._redis.hset(key, mapping={"status": "failed", "last_error": json.dumps(error)})
 
     def delete(self, instance_id: str) -> bool:
         instance = self.get(instance_id)

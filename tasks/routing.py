@@ -7,6 +7,7 @@ from typing import Any
 PLUGIN_TASK_PREFIX = "plugin."
 PLUGIN_QUEUE_PREFIX = "plugins."
 REVISION_HEADER = "pluginpool_revision"
+TRIAL_HEADER = "pluginpool_trial"
 
 
 def task_name(plugin_id: str) -> str:

@@ -5,11 +5,12 @@ No other module reads the environment: the settings object is passed around.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from pluginpool.policy.breaker import BreakerConfig
 from pluginpool.policy.errors import SettingsError
 from pluginpool.policy.keys import RedisKeys
 from pluginpool.policy.limits import IsolationConfig, ResourceLimits
@@ -44,6 +45,11 @@ class Settings(BaseSettings):
         description="Limits for fields a spec leaves out (e.g. ..._DEFAULT_LIMITS__TIMEOUT_MS).")
     default_isolation: IsolationConfig = Field(
         default_factory=IsolationConfig, description="Isolation for fields a spec leaves out.")
+    default_breaker: BreakerConfig = Field(
+        default_factory=BreakerConfig, description="Breaker settings a spec leaves out.")
+    breaker_fail_mode: Literal["closed", "open"] = Field(
+        default="closed",
+        description="When the breaker's Redis is unreachable: refuse dispatch, or allow it.")
     result_expires_s: int = Field(default=86_400, ge=60,
                                   description="How long job results stay in the backend.")
     max_payload_bytes: int = Field(default=1_048_576, ge=64,

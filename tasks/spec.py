@@ -8,6 +8,7 @@ from typing import Any, Literal
 from packaging.requirements import InvalidRequirement, Requirement
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from pluginpool.policy.breaker import BreakerConfig
 from pluginpool.policy.limits import IsolationConfig, Permissions, ResourceLimits
 
 PLUGIN_ID_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,62}$"
@@ -73,6 +74,7 @@ class PluginSpec(BaseModel):
     permissions: Permissions = Field(default_factory=Permissions)
     requires: Requires = Field(default_factory=Requires)
     fallback: Fallback | None = None
+    breaker: BreakerConfig = Field(default_factory=BreakerConfig)
     revision: int = Field(default=0, ge=0, description="Set by the registry on publish.")
 
     @field_validator("entrypoint")
@@ -81,6 +83,11 @@ class PluginSpec(BaseModel):
         if not ENTRYPOINT_PATTERN.match(value):
             raise ValueError("must be 'package.module:function'")
         return value
+
+    @property
+    def default_open_ms(self) -> int:
+        """The breaker's first wait when the spec sets none: the restart cooldown."""
+        return max(self.isolation.restart_cooldown_ms, 1)
 
     @property
     def queue(self) -> str:
@@ -92,7 +99,8 @@ class PluginSpec(BaseModel):
         """The plugin's own task name, so Flower shows each plugin as its own task."""
         return f"plugin.{self.id}"
 
-    def with_defaults(self, *, limits: ResourceLimits, isolation: IsolationConfig) -> PluginSpec:
+    def with_defaults(self, *, limits: ResourceLimits, isolation: IsolationConfig,
+                      breaker: BreakerConfig | None = None) -> PluginSpec:
         """Fill every limit and isolation field the spec did not set from the deployment's."""
         def merged(own: BaseModel, default: BaseModel) -> dict[str, Any]:
             return {**default.model_dump(), **own.model_dump(include=own.model_fields_set)}
@@ -100,6 +108,7 @@ class PluginSpec(BaseModel):
         return self.model_copy(update={
             "resource_limits": ResourceLimits(**merged(self.resource_limits, limits)),
             "isolation": IsolationConfig(**merged(self.isolation, isolation)),
+            "breaker": BreakerConfig(**merged(self.breaker, breaker or BreakerConfig())),
         })
 
     def content_equals(self, other: PluginSpec) -> bool:

@@ -23,3 +23,4 @@ def test_demo_runs_and_reports_every_kind_of_outcome(client: PluginClient) -> No
     assert plugins["sleepy"]["failed"].get("timeout", 0) > 0
     assert plugins["needs-missing"]["failed"].get("dependency", 0) > 0
     assert summary["totals"]["runs"] == sum(p["runs"] for p in plugins.values())
+    assert plugins["needs-missing"]["refused"] > 0  # a dependency error opens its breaker

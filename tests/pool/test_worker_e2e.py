@@ -21,8 +21,13 @@ from tests.conftest import TEST_PLUGINS, make_settings, spawn_worker
 @pytest.fixture(scope="module")
 def env(redis_url: str, tmp_path_factory: pytest.TempPathFactory
         ) -> Iterator[tuple[PluginClient, ManagedProcess]]:
-    """One worker for the module, serving every test plugin."""
-    settings = make_settings(redis_url, key_prefix=f"ppe2e:{uuid.uuid4().hex[:8]}:")
+    """One worker for the module, serving every test plugin.
+
+    The breaker is set never to open here: these tests pin down the job path itself, and
+    repeat failures on purpose; tests/pool/test_breaker_e2e.py covers the breaker.
+    """
+    settings = make_settings(redis_url, key_prefix=f"ppe2e:{uuid.uuid4().hex[:8]}:",
+                             default_breaker={"minimum_calls": 10_000, "open_at_once_types": []})
     client = PluginClient(settings)
     client.register(TEST_PLUGINS / "test_plugins.toml")
     worker = spawn_worker(client, tmp_path_factory.mktemp("e2e"), concurrency=2)

@@ -1,0 +1,87 @@
+"""Delivering error events and breaker transitions from Redis pub/sub to handlers.
+
+One subscriber thread per client, started on the first `on_error`/`on_breaker_change` and
+stopped by `close()`. A handler that raises is logged and never stops the others.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import redis
+
+logger = logging.getLogger("pluginpool.subscriptions")
+
+Handler = Callable[[dict[str, Any]], None]
+ALL_PLUGINS = "*"
+
+
+class Subscriptions:
+    """Handlers per (channel, plugin id or "*")."""
+
+    def __init__(self, client: redis.Redis, channels: list[str]) -> None:
+        self._client = client
+        self._channels = channels
+        self._handlers: dict[str, list[tuple[str, Handler]]] = {ch: [] for ch in channels}
+        self._lock = threading.Lock()
+        self._thread: Any = None
+        self._pubsub: Any = None
+
+    def add(self, channel: str, plugin_id: str, handler: Handler) -> None:
+        with self._lock:
+            self._handlers[channel].append((plugin_id, handler))
+            if self._thread is None:
+                self._start()
+
+    def _start(self) -> None:
+        pubsub = self._client.pubsub()  # type: ignore[no-untyped-call]
+        pubsub.subscribe(**{ch: self._dispatch for ch in self._channels})
+        confirmed: set[str] = set()
+        deadline = time.monotonic() + 10
+        while confirmed != set(self._channels) and time.monotonic() < deadline:
+            message = pubsub.get_message(timeout=0.5)
+            if message and message["type"] == "subscribe":
+                confirmed.add(_text(message["channel"]))
+        self._pubsub = pubsub
+        self._thread = pubsub.run_in_thread(sleep_time=0.5, daemon=True,
+                                            exception_handler=self._on_thread_error)
+
+    def _on_thread_error(self, exc: BaseException, pubsub: Any, thread: Any) -> None:
+        logger.warning("event subscription error, reconnecting: %r", exc)
+        time.sleep(0.5)
+
+    def _dispatch(self, message: dict[str, Any]) -> None:
+        channel = _text(message["channel"])
+        try:
+            event = json.loads(_text(message["data"]))
+        except ValueError:
+            logger.warning("ignoring a non-JSON event on %s", channel)
+            return
+        with self._lock:
+            handlers = list(self._handlers.get(channel, []))
+        for plugin_id, handler in handlers:
+            if plugin_id not in (ALL_PLUGINS, event.get("plugin_id", event.get("plugin"))):
+                continue
+            try:
+                handler(event)
+            except Exception:
+                logger.exception("event handler %r failed", handler)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._thread is not None:
+                self._thread.stop()
+                self._thread.join(timeout=5)
+                self._thread = None
+            if self._pubsub is not None:
+                self._pubsub.close()
+                self._pubsub = None
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
