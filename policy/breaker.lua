@@ -114,42 +114,42 @@ if op == 'record' then
   if ARGV[9] ~= '' then redis.call('PUBLISH', ARGV[8], ARGV[9]) end
   local code, slow = ARGV[6], ARGV[7] == '1'
   local state = current_state()
-  if code == 'i' or get('forced', '0') == '1' then return {state} end
+  if code == 'i' or get('forced', '0') == '1' then return {state, retry_after(state)} end
   local failed = code == 'f' or code == 'x'
   if state == 'closed' then
     if code == 'x' then
       open('error that retrying cannot fix', cfg.open_ms)
-      return {'open'}
+      return {'open', retry_after('open')}
     end
     push(failed, slow)
     local total, failures, slows = window_counts()
     if total >= cfg.minimum_calls then
       if failures >= cfg.failure_rate_threshold * total then
         open(string.format('failure rate %d/%d', failures, total), cfg.open_ms)
-        return {'open'}
+        return {'open', retry_after('open')}
       end
       if slows >= cfg.slow_call_rate_threshold * total then
         open(string.format('slow-call rate %d/%d', slows, total), cfg.open_ms)
-        return {'open'}
+        return {'open', retry_after('open')}
       end
     end
-    return {state}
+    return {state, retry_after(state)}
   end
   if state == 'half_open' and (tonumber(ARGV[5]) or 0) == num('generation') then
     if failed or slow then
       local wait = math.min(math.floor(math.max(num('open_ms'), cfg.open_ms) * cfg.backoff_factor),
                             cfg.max_open_ms)
       open('trial run failed', wait)
-      return {'open'}
+      return {'open', retry_after('open')}
     end
     if redis.call('HINCRBY', S, 'trial_ok', 1) >= cfg.half_open_calls then
       reset_window()
       redis.call('HSET', S, 'open_ms', 0)
       transition('closed', 'trial runs succeeded')
-      return {'closed'}
+      return {'closed', 0}
     end
   end
-  return {state}
+  return {state, retry_after(state)}
 end
 
 if op == 'override' then

@@ -11,6 +11,7 @@ When Redis is unreachable, `fail_mode` decides: "closed" (the default) refuses d
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from dataclasses import dataclass, field
@@ -53,10 +54,9 @@ class BreakerConfig(BaseModel):
     failure_rate_threshold: float = Field(default=0.5, gt=0, le=1)
     slow_call_rate_threshold: float = Field(default=1.0, gt=0, le=1)
     slow_call_ms: int = Field(default=60_000, ge=1)
-    failure_types: list[ErrorType] = Field(
-        default_factory=lambda: [ErrorType.RUNTIME, ErrorType.RESOURCE, ErrorType.TIMEOUT])
-    open_at_once_types: list[ErrorType] = Field(
-        default_factory=lambda: [ErrorType.SECURITY, ErrorType.DEPENDENCY])
+    failure_types: tuple[ErrorType, ...] = (ErrorType.RUNTIME, ErrorType.RESOURCE,
+                                            ErrorType.TIMEOUT)
+    open_at_once_types: tuple[ErrorType, ...] = (ErrorType.SECURITY, ErrorType.DEPENDENCY)
     open_ms: int | None = Field(default=None, ge=1,
                                 description="first wait when open; default restart_cooldown_ms")
     backoff_factor: float = Field(default=2.0, ge=1)
@@ -66,6 +66,10 @@ class BreakerConfig(BaseModel):
                                   description="re-issue trial permits not reported by then")
 
     def lua_json(self, *, default_open_ms: int) -> str:
+        """The config as the Lua script reads it; cached, since it is sent on every call."""
+        return _lua_json(self, default_open_ms)
+
+    def _lua_json_uncached(self, default_open_ms: int) -> str:
         return json.dumps({
             "window_type": self.window_type, "window_size": self.window_size,
             "minimum_calls": self.minimum_calls,
@@ -85,6 +89,11 @@ class BreakerConfig(BaseModel):
         return "f" if error_type in self.failure_types else "i"
 
 
+@functools.lru_cache(maxsize=1024)
+def _lua_json(config: BreakerConfig, default_open_ms: int) -> str:
+    return config._lua_json_uncached(default_open_ms)
+
+
 @dataclass(frozen=True)
 class Permit:
     """The answer of `acquire`: admitted or not, and for a trial, its generation."""
@@ -95,6 +104,10 @@ class Permit:
     generation: int = 0
     unguarded: bool = False
     """True when Redis was unreachable and fail_mode="open" let the call through."""
+
+
+UNGUARDED = Permit(True, BreakerState.CLOSED, unguarded=True)
+"""The permit used when the breaker is switched off."""
 
 
 @dataclass(frozen=True)
@@ -162,18 +175,22 @@ class CircuitBreaker:
 
     def record(self, plugin_id: str, config: BreakerConfig, *, default_open_ms: int,
                error_type: ErrorType | None, duration_ms: float, generation: int = 0,
-               error_event: dict[str, Any] | None = None) -> BreakerState | None:
-        """One round trip: the outcome, and the error event for `on_error` subscribers."""
+               error_event: dict[str, Any] | None = None) -> Permit | None:
+        """One round trip: the outcome, and the error event for `on_error` subscribers.
+
+        Returns the breaker's state afterwards (as a Permit without a trial generation),
+        so a worker learns of a transition without asking again; None if Redis failed."""
         slow = "1" if duration_ms >= config.slow_call_ms else "0"
         event = json.dumps(error_event) if error_event is not None else ""
         try:
-            [state] = self._call("record", plugin_id, config, default_open_ms, generation,
-                                 config.outcome_code(error_type), slow,
-                                 self._keys.error_channel, event)
+            state, retry_after = self._call("record", plugin_id, config, default_open_ms,
+                                            generation, config.outcome_code(error_type), slow,
+                                            self._keys.error_channel, event)
         except redis.RedisError as exc:
             logger.error("could not record outcome of %s in its breaker: %s", plugin_id, exc)
             return None
-        return BreakerState(_text(state))
+        state = BreakerState(_text(state))
+        return Permit(state is not BreakerState.OPEN, state, int(retry_after))
 
     def override(self, plugin_id: str, config: BreakerConfig, *, default_open_ms: int,
                  action: Literal["reset", "force_open"]) -> BreakerState:

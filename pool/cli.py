@@ -115,6 +115,35 @@ def _submit_many(client: PluginClient, args: argparse.Namespace, payload: Any) -
     return 0 if not summary.get("failed") else 1
 
 
+def cmd_breaker(args: argparse.Namespace) -> int:
+    with _client() as client:
+        if args.reset:
+            client.override_breaker(args.plugin, "reset")
+        elif args.force_open:
+            client.override_breaker(args.plugin, "force_open")
+        status = client.breaker(args.plugin)
+    if args.json:
+        print(json.dumps(status.as_dict(), indent=2))
+        return 0
+    console = Console()
+    wait = status.retry_after_ms
+    console.print(f"[bold]{status.plugin_id}[/]: {status.state}"
+                  f"{' (forced)' if status.forced else ''} - {status.reason or 'no transitions'}")
+    console.print(f"window: {status.window_total} runs, {status.window_failed} failed "
+                  f"({status.failure_rate:.0%}), {status.window_slow} slow")
+    if status.state == "open":
+        console.print("next trial: " + ("after a reset" if wait < 0 else f"in {wait} ms"))
+    if status.state == "half_open":
+        console.print(f"trials: {status.permits_left} permits left, "
+                      f"{status.trial_successes} succeeded")
+    table = Table("at", "from", "to", "reason")
+    for event in status.history[:10]:
+        at = time.strftime("%H:%M:%S", time.localtime(event["at_ms"] / 1000))
+        table.add_row(at, event["from"], event["to"], event["reason"])
+    console.print(table)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from pluginpool.pool.demo import run_demo
 
@@ -165,6 +194,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=30.0)
     p.add_argument("--count", type=int, default=1)
     p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("breaker", help="show (or override) a plugin's circuit breaker")
+    p.add_argument("plugin")
+    p.add_argument("--json", action="store_true")
+    override = p.add_mutually_exclusive_group()
+    override.add_argument("--reset", action="store_true", help="close it and clear its window")
+    override.add_argument("--force-open", action="store_true", help="open it until a reset")
+    p.set_defaults(func=cmd_breaker)
 
     p = sub.add_parser("demo", help="run the example plugins on this machine")
     p.add_argument("--duration", type=float, default=None, metavar="S")

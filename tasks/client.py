@@ -13,7 +13,13 @@ from typing import Literal
 from celery import Celery
 from kombu.exceptions import OperationalError
 
-from pluginpool.policy.breaker import BreakerState, BreakerStatus, BreakerUnavailable, CircuitBreaker
+from pluginpool.policy.breaker import (
+    UNGUARDED,
+    BreakerState,
+    BreakerStatus,
+    BreakerUnavailable,
+    CircuitBreaker,
+)
 from pluginpool.policy.errors import (
     BreakerUnavailableError,
     BrokerUnavailableError,
@@ -127,7 +133,8 @@ class PluginClient:
         self._encode(plugin_id, payload)
         try:
             permit = self.breakers.acquire(plugin_id, spec.breaker,
-                                           default_open_ms=spec.default_open_ms)
+                                           default_open_ms=spec.default_open_ms
+                                           ) if self.settings.breaker_enabled else UNGUARDED
         except BreakerUnavailable as exc:
             raise BreakerUnavailableError(
                 f"breaker for {plugin_id!r} unreachable (fail mode closed): {exc}") from exc

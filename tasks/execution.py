@@ -9,6 +9,7 @@ failures. A pool child that dies mid-run is retried by Celery itself
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -21,7 +22,7 @@ from celery import Celery, Task
 from celery.exceptions import TimeLimitExceeded
 from celery.signals import task_failure
 
-from pluginpool.policy.breaker import CircuitBreaker, Permit
+from pluginpool.policy.breaker import UNGUARDED, CircuitBreaker, Permit
 from pluginpool.policy.errors import (
     CircuitOpenError,
     ErrorInfo,
@@ -32,6 +33,7 @@ from pluginpool.policy.errors import (
     UnknownPluginError,
 )
 from pluginpool.tasks.context import PluginContext
+from pluginpool.tasks.gate import BreakerGate
 from pluginpool.tasks.instances import InstanceStore
 from pluginpool.tasks.job_request import parse_job
 from pluginpool.tasks.loader import PluginLoader, add_plugin_paths
@@ -59,6 +61,7 @@ class WorkerServices:
     instances: InstanceStore
     loader: PluginLoader
     breakers: CircuitBreaker
+    gate: BreakerGate
     runners: dict[bool, Runner] = field(default_factory=dict)
 
     @classmethod
@@ -69,12 +72,14 @@ class WorkerServices:
         registry = Registry(client, settings.keys,
                             visibility_timeout_s=settings.visibility_timeout_s)
         loader = PluginLoader(registered=lambda pid: client.hexists(settings.keys.specs, pid))
+        # A job reaching a worker was admitted by its producer: if the breaker's Redis is
+        # unreachable here, run it (fail open).
+        breakers = CircuitBreaker(client, settings.keys, fail_mode="open")
         services = cls(settings=settings, redis=client, registry=registry,
                        specs=SpecCache(registry, ttl_s=settings.spec_cache_ttl_s),
                        instances=InstanceStore(client, settings.keys), loader=loader,
-                       # A job reaching a worker was admitted by its producer: if the
-                       # breaker's Redis is unreachable here, run it (fail open).
-                       breakers=CircuitBreaker(client, settings.keys, fail_mode="open"))
+                       breakers=breakers,
+                       gate=BreakerGate(breakers, cache_ms=settings.breaker_gate_cache_ms))
         in_process = InProcessRunner(loader, max_result_bytes=settings.max_result_bytes)
         services.runners[False] = in_process
         services.runners[True] = sandbox_runner(services) if sandbox_runner else in_process
@@ -181,8 +186,9 @@ def run_plugin_job(task: PluginTask, args: tuple[Any, ...], kwargs: dict[str, An
 
 def _admit(services: WorkerServices, spec: PluginSpec, *, token: int, job_id: str) -> Permit:
     """The breaker's second look: a backlog queued before it opened fails fast here."""
-    permit = services.breakers.acquire(spec.id, spec.breaker,
-                                       default_open_ms=spec.default_open_ms, token=token)
+    if not services.settings.breaker_enabled:
+        return UNGUARDED
+    permit = services.gate.admit(spec, token=token)
     if not permit.allowed:
         raise CircuitOpenError.of(spec.id, state=permit.state,
                                   retry_after_ms=permit.retry_after_ms, job_id=job_id)
@@ -195,9 +201,15 @@ def record_outcome(services: WorkerServices, spec: PluginSpec, error: ErrorInfo 
     event = None
     if error is not None:
         event = {**error.model_dump(mode="json"), "at": time.time()}
-    services.breakers.record(spec.id, spec.breaker, default_open_ms=spec.default_open_ms,
-                             error_type=error.type if error else None, duration_ms=duration_ms,
-                             generation=generation, error_event=event)
+    if not services.settings.breaker_enabled:
+        if event is not None:
+            services.redis.publish(services.settings.keys.error_channel, json.dumps(event))
+        return
+    after = services.breakers.record(
+        spec.id, spec.breaker, default_open_ms=spec.default_open_ms,
+        error_type=error.type if error else None, duration_ms=duration_ms,
+        generation=generation, error_event=event)
+    services.gate.learn(spec.id, after)
 
 
 def _record_failure_seen_by_main_process(sender: Any = None, task_id: str | None = None,

@@ -47,6 +47,11 @@ class Settings(BaseSettings):
         default_factory=IsolationConfig, description="Isolation for fields a spec leaves out.")
     default_breaker: BreakerConfig = Field(
         default_factory=BreakerConfig, description="Breaker settings a spec leaves out.")
+    breaker_enabled: bool = Field(
+        default=True, description="Off: no breaker checks at all (benchmarks, trusted plugins).")
+    breaker_gate_cache_ms: int = Field(
+        default=1000, ge=0,
+        description="How long a worker trusts the breaker state it last learned (not trials).")
     breaker_fail_mode: Literal["closed", "open"] = Field(
         default="closed",
         description="When the breaker's Redis is unreachable: refuse dispatch, or allow it.")

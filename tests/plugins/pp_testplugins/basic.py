@@ -54,3 +54,15 @@ def too_large(ctx: Any, payload: Any) -> Any:
 
 def calls_exit(ctx: Any, payload: Any) -> Any:
     raise SystemExit(3)
+
+
+def fails_slowly(ctx: Any, payload: Any) -> Any:
+    time.sleep(0.2)
+    raise RuntimeError("downstream is down")
+
+
+def fails_while_flag(ctx: Any, payload: Any) -> Any:
+    """Fails while the file named in the payload exists: a plugin that can recover."""
+    if os.path.exists(payload["flag"]):
+        raise RuntimeError("still broken")
+    return "recovered"
