@@ -136,7 +136,7 @@ class BreakerListener(Protocol):
     def __call__(self, event: dict[str, Any]) -> None: ...
 
 
-class BreakerUnavailable(Exception):  # noqa: N818 - internal signal, not user-facing
+class BreakerUnavailable(Exception):
     """Redis could not be reached and fail_mode is "closed"."""
 
 

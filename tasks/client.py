@@ -5,11 +5,9 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import redis
-from typing import Literal
-
 from celery import Celery
 from kombu.exceptions import OperationalError
 

@@ -37,9 +37,9 @@ from pluginpool.tasks.gate import BreakerGate
 from pluginpool.tasks.instances import InstanceStore
 from pluginpool.tasks.job_request import parse_job
 from pluginpool.tasks.loader import PluginLoader, add_plugin_paths
+from pluginpool.tasks.outcome import error_for_failure
 from pluginpool.tasks.redis_conn import redis_client
 from pluginpool.tasks.registry import Registry, SpecCache
-from pluginpool.tasks.outcome import error_for_failure
 from pluginpool.tasks.routing import REVISION_HEADER, TRIAL_HEADER
 from pluginpool.tasks.runner import InProcessRunner, Runner
 from pluginpool.tasks.settings import Settings
