@@ -50,7 +50,7 @@ def producer_script(client: PluginClient, code: str, tmp_path: Path) -> subproce
 
 def test_backlog_fails_fast_once_open_and_a_second_producer_sees_it(
         env: tuple[PluginClient, ManagedProcess], tmp_path: Path) -> None:
-    client, worker = env
+    client, _ = env
     started = time.monotonic()
     jobs = [client.submit("brk-fails", i) for i in range(40)]
     outcomes: dict[str, int] = {"ran": 0, "refused": 0}
