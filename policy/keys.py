@@ -63,3 +63,19 @@ class RedisKeys:
     def error_channel(self) -> str:
         """Pub/sub channel: every failed run, as a JSON error event."""
         return f"{self.prefix}events:errors"
+
+    def storage(self, scope: str) -> str:
+        """Hash: one instance's (or plugin's) persistent key-value store."""
+        return f"{self.prefix}storage:{scope}"
+
+    def storage_used(self, scope: str) -> str:
+        """Counter: bytes used by that store, held under max_storage_kb."""
+        return f"{self.prefix}storage:{scope}:used"
+
+    def instance_usage(self, instance_id: str) -> str:
+        """Hash: an instance's resource usage totals and its last run."""
+        return f"{self.prefix}instance:{instance_id}:usage"
+
+    def instance_errors(self, instance_id: str) -> str:
+        """List: an instance's recent errors, newest first, bounded."""
+        return f"{self.prefix}instance:{instance_id}:errors"

@@ -3,15 +3,27 @@
 from __future__ import annotations
 
 import logging
+import shutil
+import tempfile
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
 from pluginpool.policy.limits import Permissions, ResourceLimits
 
 
-@dataclass(frozen=True)
+class Storage(Protocol):
+    """`ctx.storage`: a small persistent key-value store of the instance, JSON values."""
+
+    def get(self, key: str, default: Any = None) -> Any: ...
+    def set(self, key: str, value: Any) -> int: ...
+    def delete(self, key: str) -> bool: ...
+    def keys(self) -> list[str]: ...
+
+
+@dataclass
 class PluginContext:
-    """The run's identity, its instance data and its limits. Read-only for the plugin."""
+    """The run's identity, its instance data, its limits, its workspace and storage."""
 
     plugin_id: str
     job_id: str
@@ -20,6 +32,22 @@ class PluginContext:
     limits: ResourceLimits
     permissions: Permissions
     initial_data: dict[str, Any] = field(default_factory=dict)
+    storage: Storage | None = None
+    workspace_root: str | None = None
+    _workspace: Path | None = None
+
+    @property
+    def workspace(self) -> Path:
+        """A private scratch directory for this run, removed when the run ends."""
+        if self._workspace is None:
+            self._workspace = Path(tempfile.mkdtemp(prefix=f"pp-{self.plugin_id}-",
+                                                    dir=self.workspace_root))
+        return self._workspace
+
+    def remove_workspace(self) -> None:
+        if self._workspace is not None:
+            shutil.rmtree(self._workspace, ignore_errors=True)
+            self._workspace = None
 
     @property
     def logger(self) -> logging.Logger:

@@ -9,7 +9,6 @@ failures. A pool child that dies mid-run is retried by Celery itself
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -17,10 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 import redis
-from billiard.exceptions import WorkerLostError
 from celery import Celery, Task
-from celery.exceptions import TimeLimitExceeded
-from celery.signals import task_failure
 
 from pluginpool.policy.breaker import UNGUARDED, CircuitBreaker, Permit
 from pluginpool.policy.errors import (
@@ -32,12 +28,13 @@ from pluginpool.policy.errors import (
     UnknownInstanceError,
     UnknownPluginError,
 )
+from pluginpool.policy.storage import InstanceStorage
 from pluginpool.tasks.context import PluginContext
 from pluginpool.tasks.gate import BreakerGate
 from pluginpool.tasks.instances import InstanceStore
 from pluginpool.tasks.job_request import parse_job
 from pluginpool.tasks.loader import PluginLoader, add_plugin_paths
-from pluginpool.tasks.outcome import error_for_failure
+from pluginpool.tasks.recording import record_run
 from pluginpool.tasks.redis_conn import redis_client
 from pluginpool.tasks.registry import Registry, SpecCache
 from pluginpool.tasks.routing import REVISION_HEADER, TRIAL_HEADER
@@ -152,36 +149,56 @@ def run_plugin_job(task: PluginTask, args: tuple[Any, ...], kwargs: dict[str, An
     attempt = int(task.request.retries or 0) + 1
     ctx = PluginContext(plugin_id=plugin_id, job_id=job_id, instance_id=job.instance_id,
                         attempt=attempt, limits=spec.resource_limits,
-                        permissions=spec.permissions, initial_data=initial_data)
+                        permissions=spec.permissions, initial_data=initial_data,
+                        workspace_root=services.settings.workspace_root,
+                        storage=InstanceStorage(
+                            services.redis, services.settings.keys,
+                            job.instance_id or f"plugin:{plugin_id}",
+                            quota_bytes=spec.resource_limits.max_storage_kb * 1024))
     started = time.perf_counter()
     try:
-        value = services.runner_for(spec).run(spec, ctx, job.payload)
+        report = services.runner_for(spec).run(spec, ctx, job.payload)
     except PluginExecutionError as exc:
-        exc.info.plugin_id = plugin_id
-        exc.info.instance_id = job.instance_id
-        exc.info.job_id = job_id
-        exc.info.details.setdefault("attempt", attempt)
-        elapsed_ms = (time.perf_counter() - started) * 1000
-        record_outcome(services, spec, exc.info, duration_ms=elapsed_ms,
-                       generation=permit.generation)
+        info = exc.info
+        info.plugin_id, info.instance_id, info.job_id = plugin_id, job.instance_id, job_id
+        info.details.setdefault("attempt", attempt)
+        if info.details.pop("restartable", False):
+            _restart_or_give_up(task, spec, info)
+        record_run(task, services, spec, info, usage=info.details.get("usage", {}),
+                   duration_ms=(time.perf_counter() - started) * 1000,
+                   generation=permit.generation, instance_id=job.instance_id)
         if job.instance_id is not None and not spec.isolation.error_recovery:
-            services.instances.mark_failed(job.instance_id, exc.info.model_dump(mode="json"))
-        raise PluginExecutionError(exc.info) from None
-    record_outcome(services, spec, None, duration_ms=(time.perf_counter() - started) * 1000,
-                   generation=permit.generation)
+            services.instances.mark_failed(job.instance_id, info.model_dump(mode="json"))
+        raise PluginExecutionError(info) from None
+    duration_ms = (time.perf_counter() - started) * 1000
+    record_run(task, services, spec, None, usage=report.usage, duration_ms=duration_ms,
+               generation=permit.generation, instance_id=job.instance_id)
     return {
-        "value": value,
+        "value": report.value,
         "meta": {
             "plugin_id": plugin_id,
             "instance_id": job.instance_id,
             "revision": spec.revision,
             "attempt": attempt,
             "worker": task.request.hostname,
-            "duration_ms": round((time.perf_counter() - started) * 1000, 3),
-            "sandboxed": spec.isolation.sandboxed and services.runners[True]
-            is not services.runners[False],
+            "duration_ms": round(duration_ms, 3),
+            "usage": report.usage,
         },
     }
+
+
+def _restart_or_give_up(task: PluginTask, spec: PluginSpec, info: ErrorInfo) -> None:
+    """A run whose process died (or was killed for memory or storage) is run again after the
+    cooldown, as a Celery retry of the same job, until max_restarts; then it fails."""
+    isolation = spec.isolation
+    restarts = int(task.request.retries or 0)
+    if isolation.auto_restart and restarts < isolation.max_restarts:
+        logger.warning("restarting %s[%s] in %d ms: %s", task.name, task.request.id,
+                       isolation.restart_cooldown_ms, info.message)
+        raise task.retry(countdown=isolation.restart_cooldown_ms / 1000,
+                         max_retries=isolation.max_restarts)
+    info.details["restarts_exhausted"] = True
+    info.details["max_restarts"] = isolation.max_restarts if isolation.auto_restart else 0
 
 
 def _admit(services: WorkerServices, spec: PluginSpec, *, token: int, job_id: str) -> Permit:
@@ -193,48 +210,6 @@ def _admit(services: WorkerServices, spec: PluginSpec, *, token: int, job_id: st
         raise CircuitOpenError.of(spec.id, state=permit.state,
                                   retry_after_ms=permit.retry_after_ms, job_id=job_id)
     return permit
-
-
-def record_outcome(services: WorkerServices, spec: PluginSpec, error: ErrorInfo | None, *,
-                   duration_ms: float, generation: int) -> None:
-    """One round trip: the breaker's window, and the error event for on_error handlers."""
-    event = None
-    if error is not None:
-        event = {**error.model_dump(mode="json"), "at": time.time()}
-    if not services.settings.breaker_enabled:
-        if event is not None:
-            services.redis.publish(services.settings.keys.error_channel, json.dumps(event))
-        return
-    after = services.breakers.record(
-        spec.id, spec.breaker, default_open_ms=spec.default_open_ms,
-        error_type=error.type if error else None, duration_ms=duration_ms,
-        generation=generation, error_event=event)
-    services.gate.learn(spec.id, after)
-
-
-def _record_failure_seen_by_main_process(sender: Any = None, task_id: str | None = None,
-                                         exception: BaseException | None = None,
-                                         **_: Any) -> None:
-    """Hard time limits and exhausted restarts are recorded by Celery's main process, not by
-    the task body (its process is gone): record those outcomes from here."""
-    if not isinstance(sender, PluginTask) or not isinstance(
-            exception, TimeLimitExceeded | WorkerLostError):
-        return
-    services: WorkerServices | None = getattr(sender.app, "pluginpool_services", None)
-    if services is None:
-        return
-    try:
-        spec = services.specs.get(sender.plugin_id)
-    except (UnknownPluginError, redis.RedisError) as exc:
-        logger.error("cannot record the failure of %s[%s]: %s", sender.name, task_id, exc)
-        return
-    error = error_for_failure(exception, plugin_id=spec.id, job_id=str(task_id))
-    limit_s = spec.resource_limits.hard_time_limit_s
-    duration_ms = limit_s * 1000 if isinstance(exception, TimeLimitExceeded) else 0.0
-    record_outcome(services, spec, error.info, duration_ms=duration_ms, generation=0)
-
-
-task_failure.connect(_record_failure_seen_by_main_process, weak=False)
 
 
 def register_plugin_task(app: Celery, spec: PluginSpec) -> PluginTask:

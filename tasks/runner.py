@@ -8,9 +8,11 @@ same `Runner` protocol.
 from __future__ import annotations
 
 import json
+import resource
 import signal
 import time
 import traceback
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from celery.exceptions import SoftTimeLimitExceeded
@@ -25,10 +27,19 @@ BILLIARD_SIGTERM_EXIT = -(256 - signal.SIGTERM)
 """The SystemExit code billiard raises in a pool child it is killing (hard time limit)."""
 
 
-class Runner(Protocol):
-    """Runs one job of a plugin; returns the JSON value or raises PluginExecutionError."""
+@dataclass(frozen=True)
+class RunReport:
+    """A successful run's value and its resource usage."""
 
-    def run(self, spec: PluginSpec, ctx: PluginContext, payload: Any) -> Any: ...
+    value: Any
+    usage: dict[str, Any] = field(default_factory=dict)
+
+
+class Runner(Protocol):
+    """Runs one job of a plugin; returns a RunReport or raises PluginExecutionError (with
+    the run's usage in `details["usage"]` when it is known)."""
+
+    def run(self, spec: PluginSpec, ctx: PluginContext, payload: Any) -> RunReport: ...
 
 
 def check_result(spec: PluginSpec, value: Any, *, max_result_bytes: int) -> None:
@@ -76,19 +87,35 @@ class InProcessRunner:
         self._loader = loader
         self._max_result_bytes = max_result_bytes
 
-    def run(self, spec: PluginSpec, ctx: PluginContext, payload: Any) -> Any:
+    def run(self, spec: PluginSpec, ctx: PluginContext, payload: Any) -> RunReport:
         function = self._loader.load(spec)
         started = time.perf_counter()
+        cpu_before = resource.getrusage(resource.RUSAGE_SELF)
+        usage: dict[str, Any] = {}
         try:
             value = function(ctx, payload)
+            check_result(spec, value, max_result_bytes=self._max_result_bytes)
         except SystemExit as exc:
             if exc.code == BILLIARD_SIGTERM_EXIT:
                 raise  # the pool is killing this child; Celery records the timeout
-            raise error_from_exception(spec, exc) from None
+            raise self._with_usage(error_from_exception(spec, exc), usage) from None
+        except PluginExecutionError as exc:
+            raise self._with_usage(exc, usage) from None
         except (Exception, GeneratorExit) as exc:
-            raise error_from_exception(spec, exc) from None
+            raise self._with_usage(error_from_exception(spec, exc), usage) from None
         finally:
-            elapsed_ms = (time.perf_counter() - started) * 1000
-            ctx.logger.debug("run %s took %.1f ms", ctx.job_id, elapsed_ms)
-        check_result(spec, value, max_result_bytes=self._max_result_bytes)
-        return value
+            ctx.remove_workspace()
+            wall_s = time.perf_counter() - started
+            cpu_after = resource.getrusage(resource.RUSAGE_SELF)
+            cpu_s = (cpu_after.ru_utime - cpu_before.ru_utime
+                     + cpu_after.ru_stime - cpu_before.ru_stime)
+            usage.update({"wall_ms": round(wall_s * 1000, 3), "cpu_ms": round(cpu_s * 1000, 3),
+                          "cpu_percent": round(100 * cpu_s / wall_s, 1) if wall_s else 0.0,
+                          "max_rss_mb": round(cpu_after.ru_maxrss / 1024, 3),
+                          "sandboxed": False, "layers": {"process": "pool child"}})
+        return RunReport(value=value, usage=usage)
+
+    @staticmethod
+    def _with_usage(error: PluginExecutionError, usage: dict[str, Any]) -> PluginExecutionError:
+        error.info.details["usage"] = usage  # filled in by the finally clause above
+        return error

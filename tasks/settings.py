@@ -55,6 +55,10 @@ class Settings(BaseSettings):
     breaker_fail_mode: Literal["closed", "open"] = Field(
         default="closed",
         description="When the breaker's Redis is unreachable: refuse dispatch, or allow it.")
+    usage_events: bool = Field(
+        default=True, description="Send a task-plugin-usage Celery event after every run.")
+    workspace_root: str | None = Field(
+        default=None, description="Where run workspaces are made (default: the system temp).")
     result_expires_s: int = Field(default=86_400, ge=60,
                                   description="How long job results stay in the backend.")
     max_payload_bytes: int = Field(default=1_048_576, ge=64,

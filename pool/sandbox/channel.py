@@ -1,0 +1,55 @@
+"""Length-prefixed JSON frames over the socket between a run's process and its supervisor.
+
+Raw file descriptors, no socket objects: the run's process must never close the channel
+by garbage collection (seccomp refuses it anyway).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from typing import Any
+
+HEADER = struct.Struct(">I")
+
+
+class ChannelClosed(EOFError):
+    """The other end is gone."""
+
+
+class FrameTooLarge(ValueError):
+    def __init__(self, size: int, limit: int) -> None:
+        self.size = size
+        self.limit = limit
+        super().__init__(f"frame of {size} bytes over the {limit}-byte limit")
+
+
+def send(fd: int, message: dict[str, Any]) -> None:
+    data = json.dumps(message, allow_nan=False).encode()
+    view = memoryview(HEADER.pack(len(data)) + data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def _read_exactly(fd: int, size: int) -> bytes:
+    chunks = []
+    while size:
+        chunk = os.read(fd, min(size, 1 << 20))
+        if not chunk:
+            raise ChannelClosed
+        chunks.append(chunk)
+        size -= len(chunk)
+    return b"".join(chunks)
+
+
+def receive(fd: int, *, max_bytes: int) -> dict[str, Any]:
+    """One frame. A frame over `max_bytes` is refused before it is read."""
+    (size,) = HEADER.unpack(_read_exactly(fd, HEADER.size))
+    if size > max_bytes:
+        raise FrameTooLarge(size, max_bytes)
+    message = json.loads(_read_exactly(fd, size))
+    if not isinstance(message, dict):
+        raise ValueError("frame is not a JSON object")
+    return message

@@ -1,0 +1,114 @@
+"""What happens after a run: its outcome recorded where producers, operators and the
+health aggregator read it.
+
+- the breaker's window and the `on_error` event: one Redis round trip (breaker.lua);
+- a custom Celery event `task-plugin-usage` with the run's usage, for the aggregator;
+- for runs of an instance, its usage totals, last run and recent errors (`sandbox_info`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import redis
+from billiard.exceptions import WorkerLostError
+from celery import Task
+from celery.exceptions import TimeLimitExceeded
+from celery.signals import task_failure
+
+from pluginpool.policy.errors import ErrorInfo, UnknownPluginError
+from pluginpool.tasks.outcome import error_for_failure
+from pluginpool.tasks.spec import PluginSpec
+
+if TYPE_CHECKING:
+    from pluginpool.tasks.execution import WorkerServices
+
+logger = logging.getLogger("pluginpool.recording")
+
+USAGE_EVENT = "task-plugin-usage"
+RECENT_ERRORS = 20
+SUMMED_USAGE = ("cpu_ms", "wall_ms", "network_requests")
+
+
+def record_run(task: Task[Any, Any] | None, services: WorkerServices, spec: PluginSpec,
+               error: ErrorInfo | None, *, usage: dict[str, Any], duration_ms: float,
+               generation: int, instance_id: str | None) -> None:
+    """Record one finished run (success or final failure) everywhere it is read."""
+    _record_breaker(services, spec, error, duration_ms=duration_ms, generation=generation)
+    if task is not None and services.settings.usage_events and task.request.hostname:
+        try:
+            task.send_event(USAGE_EVENT, plugin_id=spec.id, instance_id=instance_id,
+                            error_type=str(error.type) if error else None, usage=usage,
+                            retry=False)
+        except Exception as exc:  # an event is best effort; the durable record is above
+            logger.warning("could not send the usage event of %s: %r", spec.id, exc)
+    if instance_id is not None:
+        _record_instance(services, instance_id, error, usage)
+
+
+def _record_breaker(services: WorkerServices, spec: PluginSpec, error: ErrorInfo | None, *,
+                    duration_ms: float, generation: int) -> None:
+    event = None
+    if error is not None:
+        event = {**error.model_dump(mode="json"), "at": time.time()}
+    if not services.settings.breaker_enabled:
+        if event is not None:
+            services.redis.publish(services.settings.keys.error_channel, json.dumps(event))
+        return
+    after = services.breakers.record(
+        spec.id, spec.breaker, default_open_ms=spec.default_open_ms,
+        error_type=error.type if error else None, duration_ms=duration_ms,
+        generation=generation, error_event=event)
+    services.gate.learn(spec.id, after)
+
+
+def _record_instance(services: WorkerServices, instance_id: str, error: ErrorInfo | None,
+                     usage: dict[str, Any]) -> None:
+    keys = services.settings.keys
+    last = {"at": time.time(), "ok": error is None, "usage": usage,
+            "error": error.model_dump(mode="json") if error else None}
+    try:
+        with services.redis.pipeline(transaction=False) as pipe:
+            usage_key = keys.instance_usage(instance_id)
+            pipe.hincrby(usage_key, "runs", 1)
+            pipe.hincrby(usage_key, "failures", 1 if error else 0)
+            for name in SUMMED_USAGE:
+                pipe.hincrbyfloat(usage_key, name, float(usage.get(name) or 0))
+            pipe.hset(usage_key, "last_run", json.dumps(last))
+            if error is not None:
+                pipe.lpush(keys.instance_errors(instance_id), json.dumps(last))
+                pipe.ltrim(keys.instance_errors(instance_id), 0, RECENT_ERRORS - 1)
+            pipe.execute()
+    except redis.RedisError as exc:
+        logger.error("could not record the usage of instance %s: %s", instance_id, exc)
+
+
+def _record_failure_seen_by_main_process(sender: Any = None, task_id: str | None = None,
+                                         exception: BaseException | None = None,
+                                         **_: Any) -> None:
+    """Hard time limits and exhausted restarts are recorded by Celery's main process, not by
+    the task body (its process is gone): record those outcomes from here."""
+    from pluginpool.tasks.execution import PluginTask
+
+    if not isinstance(sender, PluginTask) or not isinstance(
+            exception, TimeLimitExceeded | WorkerLostError):
+        return
+    services: WorkerServices | None = getattr(sender.app, "pluginpool_services", None)
+    if services is None:
+        return
+    try:
+        spec = services.specs.get(sender.plugin_id)
+    except (UnknownPluginError, redis.RedisError) as exc:
+        logger.error("cannot record the failure of %s[%s]: %s", sender.name, task_id, exc)
+        return
+    error = error_for_failure(exception, plugin_id=spec.id, job_id=str(task_id))
+    limit_s = spec.resource_limits.hard_time_limit_s
+    duration_ms = limit_s * 1000 if isinstance(exception, TimeLimitExceeded) else 0.0
+    record_run(None, services, spec, error.info, usage={}, duration_ms=duration_ms,
+               generation=0, instance_id=None)
+
+
+task_failure.connect(_record_failure_seen_by_main_process, weak=False)
