@@ -6,9 +6,10 @@ by garbage collection (seccomp refuses it anyway).
 
 from __future__ import annotations
 
-import json
 import os
 import struct
+from json import dumps as _dumps
+from json import loads as _loads
 from typing import Any
 
 HEADER = struct.Struct(">I")
@@ -26,7 +27,9 @@ class FrameTooLarge(ValueError):
 
 
 def send(fd: int, message: dict[str, Any]) -> None:
-    data = json.dumps(message, allow_nan=False).encode()
+    # json's functions are bound at import: a plugin that patches the json module in its
+    # own process cannot change what the channel sends.
+    data = _dumps(message, allow_nan=False).encode()
     view = memoryview(HEADER.pack(len(data)) + data)
     while view:
         written = os.write(fd, view)
@@ -49,7 +52,7 @@ def receive(fd: int, *, max_bytes: int) -> dict[str, Any]:
     (size,) = HEADER.unpack(_read_exactly(fd, HEADER.size))
     if size > max_bytes:
         raise FrameTooLarge(size, max_bytes)
-    message = json.loads(_read_exactly(fd, size))
+    message = _loads(_read_exactly(fd, size))
     if not isinstance(message, dict):
         raise ValueError("frame is not a JSON object")
     return message

@@ -11,6 +11,7 @@ import ctypes.util
 import errno
 import os
 import signal
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NoReturn
@@ -78,8 +79,13 @@ class ChannelStorage:
         return list(self._call("keys"))
 
 
-def _isolate_process(channel_fd: int) -> None:
+def _isolate_process(channel_fd: int, workspace: str) -> None:
     os.setsid()
+    # The worker's environment holds its secrets (broker URL, passwords): none of it stays.
+    os.environ.clear()
+    os.environ.update({"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": workspace,
+                       "TMPDIR": workspace, "LANG": "C.UTF-8"})
+    tempfile.tempdir = workspace
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # the supervisor died: so do we
     for signum in RESET_SIGNALS:
@@ -147,7 +153,7 @@ def run_child(plan: ChildPlan, ctx: PluginContext, payload: Any,
     policy: audit.AuditPolicy | None = None
     reply: dict[str, Any]
     try:
-        _isolate_process(plan.channel_fd)
+        _isolate_process(plan.channel_fd, plan.workspace)
         layers, policy = _lock_down(plan)
         channel.send(plan.channel_fd, {"op": "started", "layers": layers})
         function = load(plan.spec)

@@ -10,6 +10,8 @@ survives its run.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import gc
 import os
 import shutil
@@ -42,6 +44,21 @@ SYSTEM_READ_PATHS = (
     "/dev/urandom", "/dev/random", "/dev/null",
 )
 FRAME_OVERHEAD_BYTES = 64 * 1024
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def kill_leftover_children() -> None:
+    """Kill and reap every process still below this pool child after a run."""
+    for proc in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
 
 
 def interpreter_read_paths(extra: list[str]) -> tuple[str, ...]:
@@ -64,6 +81,15 @@ class SandboxRunner:
         self._settings = services.settings
         self._landlock_abi = landlock.abi_version()
         self._seccomp = seccomp_filter.available()
+        self._subreaper_of = 0
+
+    def _become_subreaper(self) -> None:
+        """Orphans of a run (a plugin allowed to start processes may detach them) are
+        re-parented to this pool child, which then finds and kills them. Not inherited
+        across fork, so each pool child sets it for itself."""
+        if self._subreaper_of != os.getpid():
+            ctypes.CDLL(None).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+            self._subreaper_of = os.getpid()
 
     @classmethod
     def factory(cls, services: WorkerServices) -> SandboxRunner:
@@ -77,6 +103,7 @@ class SandboxRunner:
         registry = self._services.redis
         check_requires(spec, registered=lambda pid: bool(
             registry.hexists(self._settings.keys.specs, pid)))
+        self._become_subreaper()
         workspace = tempfile.mkdtemp(prefix=f"pp-{spec.id}-", dir=self._settings.workspace_root)
         parent_end, child_end = socket.socketpair()
         try:
@@ -84,6 +111,7 @@ class SandboxRunner:
                                                    parent_end.fileno(), child_end)
         finally:
             parent_end.close()
+            kill_leftover_children()
             shutil.rmtree(workspace, ignore_errors=True)
         return self._outcome(spec, supervision)
 

@@ -44,6 +44,8 @@ def apply(*, allow_processes: bool, allow_network: bool, channel_fd: int) -> dic
             rules.add_rule(sc.ERRNO(errno.EACCES), "socket", sc.Arg(0, sc.EQ, family))
     # The channel that carries the result back cannot be closed or replaced.
     rules.add_rule(deny, "close", sc.Arg(0, sc.EQ, channel_fd))
+    # close_range would take the channel with it; ENOSYS makes Python fall back to close().
+    rules.add_rule(sc.ERRNO(errno.ENOSYS), "close_range")
     rules.add_rule(deny, "dup2", sc.Arg(1, sc.EQ, channel_fd))
     rules.add_rule(deny, "dup3", sc.Arg(1, sc.EQ, channel_fd))
     rules.load()
