@@ -28,7 +28,7 @@ from pluginpool.policy.errors import (
     UnknownInstanceError,
 )
 from pluginpool.tasks.app import create_app
-from pluginpool.tasks.instances import Instance, InstanceStore
+from pluginpool.tasks.instances import Instance, InstanceStore, SandboxInfo
 from pluginpool.tasks.jobs import FallbackJob, Job
 from pluginpool.tasks.manifest import load_manifest
 from pluginpool.tasks.redis_conn import redis_client
@@ -102,6 +102,13 @@ class PluginClient:
     def instance(self, instance_id: str) -> Instance:
         with self._unavailable_as_error():
             return self.instances.get(instance_id)
+
+    def sandbox_info(self, instance_id: str) -> SandboxInfo:
+        """The instance's status, resource usage (totals and last run) and recent errors."""
+        with self._unavailable_as_error():
+            instance = self.instances.get(instance_id)
+            sandboxed = self.spec(instance.plugin_id).isolation.sandboxed
+            return self.instances.sandbox_info(instance_id, sandboxed=sandboxed)
 
     def unload(self, instance_id: str) -> None:
         with self._unavailable_as_error():

@@ -25,6 +25,21 @@ class Instance(BaseModel):
     last_error: dict[str, Any] | None = None
 
 
+class SandboxInfo(BaseModel):
+    """An instance's status, resource usage (totals and last run) and recent errors."""
+
+    instance_id: str
+    plugin_id: str
+    status: str
+    created_at: float
+    sandboxed: bool
+    runs: int = 0
+    failures: int = 0
+    totals: dict[str, float] = {}
+    last_run: dict[str, Any] | None = None
+    recent_errors: list[dict[str, Any]] = []
+
+
 class InstanceStore:
     """Creates, reads and removes instances in Redis."""
 
@@ -64,10 +79,27 @@ class InstanceStore:
     def delete(self, instance_id: str) -> bool:
         instance = self.get(instance_id)
         with self._redis.pipeline(transaction=True) as pipe:
-            pipe.delete(self._keys.instance(instance_id))
+            pipe.delete(self._keys.instance(instance_id), self._keys.instance_usage(instance_id),
+                        self._keys.instance_errors(instance_id))
             pipe.srem(self._keys.instances_of(instance.plugin_id), instance_id)
             pipe.execute()
         return True
+
+    def sandbox_info(self, instance_id: str, *, sandboxed: bool) -> SandboxInfo:
+        instance = self.get(instance_id)
+        with self._redis.pipeline(transaction=False) as pipe:
+            pipe.hgetall(self._keys.instance_usage(instance_id))
+            pipe.lrange(self._keys.instance_errors(instance_id), 0, -1)
+            usage, errors = pipe.execute()
+        last = usage.pop("last_run", None)
+        runs = int(usage.pop("runs", 0))
+        failures = int(usage.pop("failures", 0))
+        return SandboxInfo(
+            instance_id=instance_id, plugin_id=instance.plugin_id, status=instance.status,
+            created_at=instance.created_at, sandboxed=sandboxed, runs=runs, failures=failures,
+            totals={name: round(float(value), 3) for name, value in usage.items()},
+            last_run=json.loads(last) if last else None,
+            recent_errors=[json.loads(item) for item in errors])
 
     def of_plugin(self, plugin_id: str) -> list[str]:
         members = self._redis.smembers(self._keys.instances_of(plugin_id))

@@ -325,3 +325,17 @@ def test_native_code_bypassing_the_audit_hook_meets_the_kernel_layers(env: Any) 
 def test_no_stray_file_was_left_in_tmp() -> None:
     assert not Path("/tmp/pluginpool-os-system-was-here").exists()
     assert os.path.exists("/tmp")
+
+
+def test_sandbox_info_reports_status_usage_and_recent_errors(env: Any) -> None:
+    client = env[0]
+    iid = client.load("read-secret")
+    with pytest.raises(PluginExecutionError):
+        client.execute(iid, {"path": "/etc/shadow"}, timeout=30)
+    info = client.sandbox_info(iid)
+    assert info.plugin_id == "read-secret" and info.sandboxed and info.status == "ready"
+    assert info.runs == 1 and info.failures == 1
+    assert info.totals["wall_ms"] > 0
+    assert info.last_run is not None and info.last_run["ok"] is False
+    assert info.recent_errors[0]["error"]["type"] == "security"
+    client.unload(iid)

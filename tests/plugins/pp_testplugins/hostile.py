@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
@@ -136,16 +137,14 @@ def not_json(ctx: Any, payload: Any) -> Any:
 def close_all_fds(ctx: Any, payload: Any) -> Any:
     os.closerange(0, 65536)
     for fd in range(0, 1024):
-        try:
+        with contextlib.suppress(OSError):
             os.close(fd)
-        except OSError:
-            pass
     return "still answering"
 
 
 def monkeypatch_stdlib(ctx: Any, payload: Any) -> Any:
-    json.dumps = lambda *args, **kwargs: '"hacked"'  # noqa: ARG005
-    json.loads = lambda *args, **kwargs: "hacked"  # noqa: ARG005
+    json.dumps = lambda *args, **kwargs: '"hacked"'
+    json.loads = lambda *args, **kwargs: "hacked"
     os.getcwd = lambda: "/hacked"
     time.time = lambda: 0.0
     return "patched"
