@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -32,9 +33,19 @@ class PluginContext:
     limits: ResourceLimits
     permissions: Permissions
     initial_data: dict[str, Any] = field(default_factory=dict)
-    storage: Storage | None = None
+    storage_factory: Callable[[], Storage] | None = None
     workspace_root: str | None = None
     _workspace: Path | None = None
+    _storage: Storage | None = None
+
+    @property
+    def storage(self) -> Storage:
+        """The instance's persistent key-value store (the plugin's, without an instance)."""
+        if self._storage is None:
+            if self.storage_factory is None:
+                raise RuntimeError("this run has no storage")
+            self._storage = self.storage_factory()
+        return self._storage
 
     @property
     def workspace(self) -> Path:

@@ -34,7 +34,7 @@ from pluginpool.tasks.gate import BreakerGate
 from pluginpool.tasks.instances import InstanceStore
 from pluginpool.tasks.job_request import parse_job
 from pluginpool.tasks.loader import PluginLoader, add_plugin_paths
-from pluginpool.tasks.recording import record_run
+from pluginpool.tasks.recording import UsageEvents, record_run
 from pluginpool.tasks.redis_conn import redis_client
 from pluginpool.tasks.registry import Registry, SpecCache
 from pluginpool.tasks.routing import REVISION_HEADER, TRIAL_HEADER
@@ -59,6 +59,7 @@ class WorkerServices:
     loader: PluginLoader
     breakers: CircuitBreaker
     gate: BreakerGate
+    usage_events: UsageEvents = field(default_factory=UsageEvents)
     runners: dict[bool, Runner] = field(default_factory=dict)
 
     @classmethod
@@ -151,7 +152,7 @@ def run_plugin_job(task: PluginTask, args: tuple[Any, ...], kwargs: dict[str, An
                         attempt=attempt, limits=spec.resource_limits,
                         permissions=spec.permissions, initial_data=initial_data,
                         workspace_root=services.settings.workspace_root,
-                        storage=InstanceStorage(
+                        storage_factory=lambda: InstanceStorage(
                             services.redis, services.settings.keys,
                             job.instance_id or f"plugin:{plugin_id}",
                             quota_bytes=spec.resource_limits.max_storage_kb * 1024))

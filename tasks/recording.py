@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -39,14 +40,33 @@ def record_run(task: Task[Any, Any] | None, services: WorkerServices, spec: Plug
     """Record one finished run (success or final failure) everywhere it is read."""
     _record_breaker(services, spec, error, duration_ms=duration_ms, generation=generation)
     if task is not None and services.settings.usage_events and task.request.hostname:
-        try:
-            task.send_event(USAGE_EVENT, plugin_id=spec.id, instance_id=instance_id,
-                            error_type=str(error.type) if error else None, usage=usage,
-                            retry=False)
-        except Exception as exc:  # an event is best effort; the durable record is above
-            logger.warning("could not send the usage event of %s: %r", spec.id, exc)
+        services.usage_events.send(task, plugin_id=spec.id, instance_id=instance_id,
+                                   job_id=task.request.id,
+                                   error_type=str(error.type) if error else None, usage=usage)
     if instance_id is not None:
         _record_instance(services, instance_id, error, usage)
+
+
+class UsageEvents:
+    """Sends `task-plugin-usage` through one event dispatcher per process (Task.send_event
+    would build a dispatcher, and take a connection from the pool, for every event)."""
+
+    def __init__(self) -> None:
+        self._dispatcher: Any = None
+        self._pid = 0
+
+    def send(self, task: Task[Any, Any], **fields: Any) -> None:
+        try:
+            if self._dispatcher is None or self._pid != os.getpid():
+                connection = task.app.connection_for_write()
+                self._dispatcher = task.app.events.Dispatcher(
+                    connection, hostname=task.request.hostname, enabled=True,
+                    buffer_while_offline=False)
+                self._pid = os.getpid()
+            self._dispatcher.send(USAGE_EVENT, **fields)
+        except Exception as exc:  # an event is best effort; the durable record is not
+            logger.warning("could not send a usage event: %r", exc)
+            self._dispatcher = None
 
 
 def _record_breaker(services: WorkerServices, spec: PluginSpec, error: ErrorInfo | None, *,

@@ -6,8 +6,10 @@ Celery or worker code ever runs again in it.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
+import dataclasses
 import errno
 import os
 import signal
@@ -25,6 +27,10 @@ from pluginpool.tasks.runner import check_result, error_from_exception
 from pluginpool.tasks.spec import PluginSpec
 
 PR_SET_PDEATHSIG = 1
+CHANNEL_FD = 3
+"""The run's end of the channel is moved here, so the seccomp filter (which names it) can
+be compiled once per permission set."""
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 RESET_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2,
                  signal.SIGALRM, signal.SIGCHLD)
 
@@ -39,7 +45,7 @@ class ChildPlan:
     channel_fd: int
     vms_at_fork: int
     landlock_abi: int
-    seccomp: bool
+    seccomp_program: bytes | None
     max_result_bytes: int
 
 
@@ -80,21 +86,27 @@ class ChannelStorage:
 
 
 def _isolate_process(channel_fd: int, workspace: str) -> None:
+    """Own session, dies with its supervisor, default signals, no inherited descriptor but
+    the channel (moved to CHANNEL_FD), no inherited environment."""
     os.setsid()
     # The worker's environment holds its secrets (broker URL, passwords): none of it stays.
     os.environ.clear()
     os.environ.update({"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": workspace,
                        "TMPDIR": workspace, "LANG": "C.UTF-8"})
     tempfile.tempdir = workspace
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # the supervisor died: so do we
+    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # the supervisor died: so do we
     for signum in RESET_SIGNALS:
         signal.signal(signum, signal.SIG_DFL)
+    if channel_fd != CHANNEL_FD:
+        os.dup2(channel_fd, CHANNEL_FD, inheritable=False)
     null = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(null, fd)
-    os.closerange(3, channel_fd)
-    os.closerange(channel_fd + 1, 1 << 16)
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd > CHANNEL_FD:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 def _lock_down(plan: ChildPlan) -> tuple[dict[str, Any], audit.AuditPolicy]:
@@ -112,10 +124,10 @@ def _lock_down(plan: ChildPlan) -> tuple[dict[str, Any], audit.AuditPolicy]:
             tcp_ports=None if any_port else ports, abi=plan.landlock_abi)
     else:
         layers["landlock"] = False
-    if plan.seccomp:
-        layers["seccomp"] = seccomp_filter.apply(
-            allow_processes=permissions.allow_processes, allow_network=bool(hosts),
-            channel_fd=plan.channel_fd)
+    if plan.seccomp_program is not None:
+        seccomp_filter.load(plan.seccomp_program)
+        layers["seccomp"] = {"processes": not permissions.allow_processes,
+                             "network": not hosts}
     else:
         layers["seccomp"] = False
     policy = audit.AuditPolicy(
@@ -154,10 +166,11 @@ def run_child(plan: ChildPlan, ctx: PluginContext, payload: Any,
     reply: dict[str, Any]
     try:
         _isolate_process(plan.channel_fd, plan.workspace)
+        plan = dataclasses.replace(plan, channel_fd=CHANNEL_FD)
         layers, policy = _lock_down(plan)
         channel.send(plan.channel_fd, {"op": "started", "layers": layers})
         function = load(plan.spec)
-        ctx.storage = ChannelStorage(plan.channel_fd, policy)
+        ctx._storage = ChannelStorage(plan.channel_fd, policy)
         value = function(ctx, payload)
         if policy.violations:
             reply = {"ok": False, "error": policy.violations[0]}

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import gc
+import glob
 import os
 import shutil
 import signal
@@ -29,7 +31,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from pluginpool.policy.errors import ErrorInfo, ErrorType, PluginExecutionError
 from pluginpool.policy.storage import InstanceStorage
 from pluginpool.pool.sandbox import landlock, seccomp_filter
-from pluginpool.pool.sandbox.child import ChildPlan, run_child
+from pluginpool.pool.sandbox.child import CHANNEL_FD, ChildPlan, run_child
 from pluginpool.pool.sandbox.supervisor import MB, Supervision, Supervisor
 from pluginpool.tasks.context import PluginContext
 from pluginpool.tasks.execution import WorkerServices
@@ -47,11 +49,26 @@ FRAME_OVERHEAD_BYTES = 64 * 1024
 PR_SET_CHILD_SUBREAPER = 36
 
 
+def _child_pids() -> list[int]:
+    """This process's children, from /proc (cheap), or from psutil (a /proc scan)."""
+    try:
+        pids: list[int] = []
+        for path in glob.glob(f"/proc/{os.getpid()}/task/*/children"):
+            with open(path) as listing:
+                pids.extend(int(pid) for pid in listing.read().split())
+        return pids
+    except OSError:
+        return [proc.pid for proc in psutil.Process().children()]
+
+
 def kill_leftover_children() -> None:
-    """Kill and reap every process still below this pool child after a run."""
-    for proc in psutil.Process().children(recursive=True):
+    """Kill and reap every process still below this pool child after a run (orphans of a
+    run are re-parented here, see _become_subreaper)."""
+    for pid in _child_pids():
         with contextlib.suppress(psutil.Error):
-            proc.kill()
+            for proc in [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]:
+                with contextlib.suppress(psutil.Error):
+                    proc.kill()
     while True:
         try:
             pid, _ = os.waitpid(-1, os.WNOHANG)
@@ -61,7 +78,8 @@ def kill_leftover_children() -> None:
             return
 
 
-def interpreter_read_paths(extra: list[str]) -> tuple[str, ...]:
+@functools.lru_cache(maxsize=256)
+def interpreter_read_paths(extra: tuple[str, ...]) -> tuple[str, ...]:
     """The interpreter, its libraries, installed packages, plugin paths, plus `extra`."""
     paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, *SYSTEM_READ_PATHS}
     paths.update(p for p in sys.path if p and os.path.isdir(p))
@@ -90,6 +108,13 @@ class SandboxRunner:
         if self._subreaper_of != os.getpid():
             ctypes.CDLL(None).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
             self._subreaper_of = os.getpid()
+
+    def _seccomp_program(self, spec: PluginSpec) -> bytes | None:
+        if not self._seccomp:
+            return None
+        return seccomp_filter.compile_filter(
+            allow_processes=spec.permissions.allow_processes,
+            allow_network=bool(spec.permissions.network_hosts), channel_fd=CHANNEL_FD)
 
     @classmethod
     def factory(cls, services: WorkerServices) -> SandboxRunner:
@@ -122,10 +147,10 @@ class SandboxRunner:
         memory = me.memory_info()
         plan = ChildPlan(
             spec=spec, workspace=os.path.realpath(workspace),
-            read_paths=interpreter_read_paths([*self._settings.plugin_paths,
-                                               *spec.permissions.read_paths]),
+            read_paths=interpreter_read_paths((*self._settings.plugin_paths,
+                                               *spec.permissions.read_paths)),
             channel_fd=child_end.fileno(), vms_at_fork=memory.vms,
-            landlock_abi=self._landlock_abi, seccomp=self._seccomp,
+            landlock_abi=self._landlock_abi, seccomp_program=self._seccomp_program(spec),
             max_result_bytes=self._settings.max_result_bytes)
         ctx.workspace_root = None
         ctx._workspace = Path(plan.workspace)
@@ -168,6 +193,7 @@ class SandboxRunner:
         }
         if out.limit_crossed_at is not None and out.stopped_at is not None:
             usage["stop_latency_ms"] = round((out.stopped_at - out.limit_crossed_at) * 1000, 3)
+            usage["stopped_at_unix"] = out.stopped_at_unix
         return usage
 
     def _outcome(self, spec: PluginSpec, out: Supervision) -> RunReport:

@@ -46,6 +46,7 @@ class Supervision:
     wall_s: float = 0.0
     limit_crossed_at: float | None = None
     stopped_at: float | None = None
+    stopped_at_unix: float | None = None
     descendants: set[int] = field(default_factory=set)
 
 
@@ -113,6 +114,7 @@ class Supervisor:
         self.out.limit_crossed_at = self.clock()
         self.kill()
         self.out.stopped_at = self.clock()
+        self.out.stopped_at_unix = time.time()
 
     def _throttle(self, now: float, started: float) -> float:
         """SIGSTOP/SIGCONT the group so it gets max_cpu_percent of one core; returns the

@@ -44,7 +44,8 @@ def test_flower_api_lists_plugin_tasks_and_queues(test_plugins: PluginClient,
         ok.result(timeout=20)
 
         def seen() -> bool:
-            return ok.id in get_json(f"{base}/api/tasks?taskname=plugin.echo")
+            tasks = get_json(f"{base}/api/tasks?taskname=plugin.echo")
+            return tasks.get(ok.id, {}).get("state") == "SUCCESS"
 
         assert wait_until(seen, timeout_s=20), flower.log_text()[-2000:]
         task = get_json(f"{base}/api/task/info/{ok.id}")
