@@ -10,13 +10,20 @@ def noop(ctx: Any, payload: Any) -> Any:
     return payload
 
 
-def cross_memory_limit(ctx: Any, payload: Any) -> Any:
-    """Allocate past the memory limit in one step, note the time, then wait to be stopped."""
-    block = bytearray(int(payload["mb"]) * 1024 * 1024)
+def _touch(mb: int) -> bytearray:
+    block = bytearray(mb * 1024 * 1024)
     block[::4096] = b"x" * len(block[::4096])
-    ctx.storage.set("crossed_at", time.time())
+    return block
+
+
+def cross_memory_limit(ctx: Any, payload: Any) -> Any:
+    """Fill memory to just under the limit, note the time, cross it in one small step (a
+    few milliseconds of page faults), then wait to be stopped."""
+    below = _touch(int(payload["below_mb"]))
+    ctx.storage.set("crossing_at", time.time())
+    above = _touch(int(payload["step_mb"]))
     time.sleep(60)
-    return len(block)
+    return len(below) + len(above)
 
 
 def busy(ctx: Any, payload: Any) -> Any:

@@ -63,9 +63,9 @@ def limits(client: PluginClient, samples: int) -> dict[str, Any]:
     for _ in range(samples):
         iid = client.load("memory-crosser")
         try:
-            client.execute(iid, {"mb": 128}, timeout=60)
+            client.execute(iid, {"below_mb": 40, "step_mb": 32}, timeout=60)
         except PluginExecutionError as exc:
-            crossed = client.redis.hget(client.settings.keys.storage(iid), "crossed_at")
+            crossed = client.redis.hget(client.settings.keys.storage(iid), "crossing_at")
             stopped = exc.details["usage"].get("stopped_at_unix")
             if crossed and stopped:
                 memory.append((stopped - float(crossed)) * 1000)
