@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install demo test lint typecheck bench chaos clean
+.PHONY: install demo test browser lint typecheck bench chaos clean
 
 install: $(STAMP)
 
@@ -18,8 +18,16 @@ $(STAMP): pyproject.toml
 demo: install
 	$(BIN)/pluginpool demo
 
-test: install
+test: install browser
 	PLUGINPOOL_REDIS_URL=$$($(BIN)/pluginpool ensure-redis) $(BIN)/python -m pytest
+
+# The dashboard is tested in a real headless Chromium (Debian's package).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing Debian's chromium for the dashboard test"; \
+	    apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; \
+	  else echo "chromium is missing: install Debian's chromium package" >&2; exit 1; fi; }
 
 lint: install typecheck
 	$(BIN)/ruff check tasks pool policy tests bench examples

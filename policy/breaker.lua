@@ -1,9 +1,12 @@
 -- pluginpool circuit breaker: every transition of one plugin's breaker, atomically.
 -- KEYS: 1 state hash, 2 window (list for count windows, zset for time windows),
---       3 failed zset (time windows), 4 slow zset (time windows), 5 history list
+--       3 failed zset (time windows), 4 slow zset (time windows), 5 history list,
+--       6 health hash, 7 recent errors list (record only)
 -- ARGV: 1 op, 2 config JSON, 3 breaker channel, 4 plugin id, 5 token (half-open generation),
 --       op "record": 6 outcome code (s = success, f = failure, x = opens at once, i = ignored),
---                    7 slow ("1"/"0"), 8 error channel, 9 error event JSON or ""
+--                    7 slow ("1"/"0"), 8 error channel, 9 error event JSON or "",
+--                    10 health figures JSON, 11 per-minute health key prefix,
+--                    12 "1" when the breaker is switched off (figures only)
 --       op "override": 6 action (reset | force_open)
 local op, cfg, channel, plugin = ARGV[1], cjson.decode(ARGV[2]), ARGV[3], ARGV[4]
 local S, W, WF, WS, H = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
@@ -112,6 +115,8 @@ end
 
 if op == 'record' then
   if ARGV[9] ~= '' then redis.call('PUBLISH', ARGV[8], ARGV[9]) end
+  record_health(KEYS[6], ARGV[11], KEYS[7], cjson.decode(ARGV[10]), ARGV[9], now)
+  if ARGV[12] == '1' then return {'closed', 0} end
   local code, slow = ARGV[6], ARGV[7] == '1'
   local state = current_state()
   if code == 'i' or get('forced', '0') == '1' then return {state, retry_after(state)} end

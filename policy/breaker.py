@@ -27,7 +27,8 @@ from pluginpool.policy.keys import RedisKeys
 
 logger = logging.getLogger("pluginpool.breaker")
 
-LUA_SOURCE = resources.files("pluginpool.policy").joinpath("breaker.lua").read_text()
+LUA_SOURCE = "\n".join(resources.files("pluginpool.policy").joinpath(name).read_text()
+                       for name in ("outcome.lua", "breaker.lua"))
 
 
 class BreakerState(StrEnum):
@@ -156,7 +157,8 @@ class CircuitBreaker:
         return self._script(
             keys=[keys.breaker(plugin_id), keys.breaker_window(plugin_id),
                   keys.breaker_window_failed(plugin_id), keys.breaker_window_slow(plugin_id),
-                  keys.breaker_history(plugin_id)],
+                  keys.breaker_history(plugin_id), keys.health(plugin_id),
+                  keys.recent_errors(plugin_id)],
             args=[op, config.lua_json(default_open_ms=default_open_ms), keys.breaker_channel,
                   plugin_id, *extra])
 
@@ -175,17 +177,24 @@ class CircuitBreaker:
 
     def record(self, plugin_id: str, config: BreakerConfig, *, default_open_ms: int,
                error_type: ErrorType | None, duration_ms: float, generation: int = 0,
-               error_event: dict[str, Any] | None = None) -> Permit | None:
-        """One round trip: the outcome, and the error event for `on_error` subscribers.
+               error_event: dict[str, Any] | None = None,
+               figures: dict[str, Any] | None = None,
+               breaker_enabled: bool = True) -> Permit | None:
+        """One round trip: the outcome in the breaker's window, the plugin's durable health
+        figures (runs, outcomes, latency, usage), and the error event for `on_error`.
 
         Returns the breaker's state afterwards (as a Permit without a trial generation),
         so a worker learns of a transition without asking again; None if Redis failed."""
         slow = "1" if duration_ms >= config.slow_call_ms else "0"
         event = json.dumps(error_event) if error_event is not None else ""
+        health = json.dumps({**(figures or {}), "wall_ms": duration_ms,
+                             "error_type": str(error_type) if error_type else None})
         try:
             state, retry_after = self._call("record", plugin_id, config, default_open_ms,
                                             generation, config.outcome_code(error_type), slow,
-                                            self._keys.error_channel, event)
+                                            self._keys.error_channel, event, health,
+                                            self._keys.health_minute_prefix(plugin_id),
+                                            "0" if breaker_enabled else "1")
         except redis.RedisError as exc:
             logger.error("could not record outcome of %s in its breaker: %s", plugin_id, exc)
             return None

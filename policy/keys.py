@@ -79,3 +79,20 @@ class RedisKeys:
     def instance_errors(self, instance_id: str) -> str:
         """List: an instance's recent errors, newest first, bounded."""
         return f"{self.prefix}instance:{instance_id}:errors"
+
+    def health(self, plugin_id: str) -> str:
+        """Hash: a plugin's durable health figures (runs, outcomes, latency, usage)."""
+        return f"{self.prefix}health:{plugin_id}"
+
+    def health_minute_prefix(self, plugin_id: str) -> str:
+        """Prefix of per-minute hashes (runs, failures, restarts, latency); expire in 1 h."""
+        return f"{self.prefix}health:{plugin_id}:m:"
+
+    def recent_errors(self, plugin_id: str) -> str:
+        """List: a plugin's last 20 error events, newest first."""
+        return f"{self.prefix}health:{plugin_id}:errors"
+
+    @property
+    def workers(self) -> str:
+        """Hash: worker node → its queues and last heartbeat (written by each worker)."""
+        return f"{self.prefix}workers"

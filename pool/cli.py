@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 import time
@@ -161,6 +162,13 @@ def cmd_ensure_redis(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lazy(module: str, name: str) -> Any:
+    """A command whose module is imported only when it runs (keeps start-up fast)."""
+    def run(args: argparse.Namespace) -> int:
+        return int(getattr(importlib.import_module(module), name)(args))
+    return run
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pluginpool", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -202,6 +210,23 @@ def build_parser() -> argparse.ArgumentParser:
     override.add_argument("--reset", action="store_true", help="close it and clear its window")
     override.add_argument("--force-open", action="store_true", help="open it until a reset")
     p.set_defaults(func=cmd_breaker)
+
+    p = sub.add_parser("health", help="per-plugin health (table, JSON, or watch)")
+    p.add_argument("plugin", nargs="?", default=None)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--watch", action="store_true")
+    p.add_argument("--interval", type=float, default=2.0)
+    p.set_defaults(func=_lazy("pluginpool.pool.health_cli", "cmd_health"))
+
+    p = sub.add_parser("check-health", help="exit 0 or 1, for liveness and readiness probes")
+    p.add_argument("--worker", default=None, help="also require this worker's heartbeat")
+    p.add_argument("--plugin", default=None, help="also require this plugin not unhealthy")
+    p.set_defaults(func=_lazy("pluginpool.pool.health_cli", "cmd_check_health"))
+
+    p = sub.add_parser("aggregator", help="run the health aggregator and its HTTP API")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8008)
+    p.set_defaults(func=_lazy("pluginpool.pool.aggregator.service", "cmd_aggregator"))
 
     p = sub.add_parser("demo", help="run the example plugins on this machine")
     p.add_argument("--duration", type=float, default=None, metavar="S")

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from celery import Celery
 
 from pluginpool.policy.errors import PluginPoolError, UnknownPluginError
+from pluginpool.pool.liveness import WorkerLiveness
 from pluginpool.pool.sandbox.runner import SandboxRunner
 from pluginpool.tasks.app import create_app
 from pluginpool.tasks.execution import WorkerServices, attach_services, register_plugin_tasks
@@ -75,6 +76,7 @@ def build_worker_app(settings: Settings, specs: list[PluginSpec]) -> Celery:
     app = create_app(settings)
     register_plugin_tasks(app, specs)
     attach_services(app, WorkerServices.build(settings, sandbox_runner=SandboxRunner.factory))
+    app.steps["worker"].add(WorkerLiveness)
     return app
 
 

@@ -27,7 +27,9 @@ from pluginpool.policy.errors import (
     PayloadTooLargeError,
     UnknownInstanceError,
 )
+from pluginpool.policy.health import PluginHealth
 from pluginpool.tasks.app import create_app
+from pluginpool.tasks.health import HealthReader
 from pluginpool.tasks.instances import Instance, InstanceStore, SandboxInfo
 from pluginpool.tasks.jobs import FallbackJob, Job
 from pluginpool.tasks.manifest import load_manifest
@@ -55,6 +57,9 @@ class PluginClient:
         self.instances = InstanceStore(self.redis, settings.keys)
         self.breakers = CircuitBreaker(self.redis, settings.keys,
                                        fail_mode=settings.breaker_fail_mode)
+        self.health_reader = HealthReader(self.redis, settings.keys,
+                                          thresholds=settings.health,
+                                          heartbeat_s=settings.worker_heartbeat_s)
         self._subscriptions = Subscriptions(
             self.redis, [settings.keys.error_channel, settings.keys.breaker_channel])
 
@@ -195,6 +200,13 @@ class PluginClient:
         with self._unavailable_as_error():
             return self.breakers.override(plugin_id, spec.breaker,
                                           default_open_ms=spec.default_open_ms, action=action)
+
+    def health(self, plugin_id: str | None = None) -> PluginHealth | list[PluginHealth]:
+        """One plugin's health, or every registered plugin's (the aggregator's figures)."""
+        with self._unavailable_as_error():
+            if plugin_id is not None:
+                return self.health_reader.read(self.spec(plugin_id))
+            return self.health_reader.read_all(self.registry.all())
 
     def on_error(self, plugin_id: str, handler: Handler) -> None:
         """Call `handler(event)` for every failed run of the plugin (`"*"`: of every plugin),

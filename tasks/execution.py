@@ -34,7 +34,7 @@ from pluginpool.tasks.gate import BreakerGate
 from pluginpool.tasks.instances import InstanceStore
 from pluginpool.tasks.job_request import parse_job
 from pluginpool.tasks.loader import PluginLoader, add_plugin_paths
-from pluginpool.tasks.recording import UsageEvents, record_run
+from pluginpool.tasks.recording import UsageEvents, record_restart, record_run
 from pluginpool.tasks.redis_conn import redis_client
 from pluginpool.tasks.registry import Registry, SpecCache
 from pluginpool.tasks.routing import REVISION_HEADER, TRIAL_HEADER
@@ -194,6 +194,7 @@ def _restart_or_give_up(task: PluginTask, spec: PluginSpec, info: ErrorInfo) -> 
     isolation = spec.isolation
     restarts = int(task.request.retries or 0)
     if isolation.auto_restart and restarts < isolation.max_restarts:
+        record_restart(services_of(task.app), spec.id)
         logger.warning("restarting %s[%s] in %d ms: %s", task.name, task.request.id,
                        isolation.restart_cooldown_ms, info.message)
         raise task.retry(countdown=isolation.restart_cooldown_ms / 1000,

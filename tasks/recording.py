@@ -18,7 +18,7 @@ import redis
 from billiard.exceptions import WorkerLostError
 from celery import Task
 from celery.exceptions import TimeLimitExceeded
-from celery.signals import task_failure
+from celery.signals import task_failure, task_retry
 
 from pluginpool.policy.errors import ErrorInfo, UnknownPluginError
 from pluginpool.tasks.outcome import error_for_failure
@@ -32,13 +32,18 @@ logger = logging.getLogger("pluginpool.recording")
 USAGE_EVENT = "task-plugin-usage"
 RECENT_ERRORS = 20
 SUMMED_USAGE = ("cpu_ms", "wall_ms", "network_requests")
+HEALTH_FIGURES = {"cpu_ms": "cpu_ms", "cpu_percent": "cpu_percent",
+                  "memory_mb": "peak_memory_mb", "network_requests": "network_requests",
+                  "storage_kb": "storage_kb"}
+"""Health figure → the usage field it comes from."""
 
 
 def record_run(task: Task[Any, Any] | None, services: WorkerServices, spec: PluginSpec,
                error: ErrorInfo | None, *, usage: dict[str, Any], duration_ms: float,
                generation: int, instance_id: str | None) -> None:
     """Record one finished run (success or final failure) everywhere it is read."""
-    _record_breaker(services, spec, error, duration_ms=duration_ms, generation=generation)
+    _record_outcome(services, spec, error, duration_ms=duration_ms, generation=generation,
+                    usage=usage)
     if task is not None and services.settings.usage_events and task.request.hostname:
         services.usage_events.send(task, plugin_id=spec.id, instance_id=instance_id,
                                    job_id=task.request.id,
@@ -69,20 +74,33 @@ class UsageEvents:
             self._dispatcher = None
 
 
-def _record_breaker(services: WorkerServices, spec: PluginSpec, error: ErrorInfo | None, *,
-                    duration_ms: float, generation: int) -> None:
+def record_restart(services: WorkerServices, plugin_id: str) -> None:
+    """A job's process died (or was killed for a limit) and the job is run again."""
+    keys = services.settings.keys
+    minute = int(time.time() // 60)
+    try:
+        with services.redis.pipeline(transaction=False) as pipe:
+            pipe.hincrby(keys.health(plugin_id), "restarts", 1)
+            pipe.hincrby(f"{keys.health_minute_prefix(plugin_id)}{minute}", "restarts", 1)
+            pipe.expire(f"{keys.health_minute_prefix(plugin_id)}{minute}", 3600)
+            pipe.execute()
+    except redis.RedisError as exc:
+        logger.error("could not count a restart of %s: %s", plugin_id, exc)
+
+
+def _record_outcome(services: WorkerServices, spec: PluginSpec, error: ErrorInfo | None, *,
+                    duration_ms: float, generation: int, usage: dict[str, Any]) -> None:
     event = None
     if error is not None:
         event = {**error.model_dump(mode="json"), "at": time.time()}
-    if not services.settings.breaker_enabled:
-        if event is not None:
-            services.redis.publish(services.settings.keys.error_channel, json.dumps(event))
-        return
+    figures = {name: usage.get(source) for name, source in HEALTH_FIGURES.items()}
+    enabled = services.settings.breaker_enabled
     after = services.breakers.record(
         spec.id, spec.breaker, default_open_ms=spec.default_open_ms,
         error_type=error.type if error else None, duration_ms=duration_ms,
-        generation=generation, error_event=event)
-    services.gate.learn(spec.id, after)
+        generation=generation, error_event=event, figures=figures, breaker_enabled=enabled)
+    if enabled:
+        services.gate.learn(spec.id, after)
 
 
 def _record_instance(services: WorkerServices, instance_id: str, error: ErrorInfo | None,
@@ -131,4 +149,17 @@ def _record_failure_seen_by_main_process(sender: Any = None, task_id: str | None
                generation=0, instance_id=None)
 
 
+def _count_worker_lost_restart(sender: Any = None, reason: Any = None, **_: Any) -> None:
+    """Celery's own retry of a job whose pool child died (retry_on_worker_lost)."""
+    from pluginpool.tasks.execution import PluginTask
+
+    if not isinstance(sender, PluginTask) or not isinstance(getattr(reason, "exc", None),
+                                                            WorkerLostError):
+        return
+    services: WorkerServices | None = getattr(sender.app, "pluginpool_services", None)
+    if services is not None:
+        record_restart(services, sender.plugin_id)
+
+
 task_failure.connect(_record_failure_seen_by_main_process, weak=False)
+task_retry.connect(_count_worker_lost_restart, weak=False)

@@ -12,6 +12,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from pluginpool.policy.breaker import BreakerConfig
 from pluginpool.policy.errors import SettingsError
+from pluginpool.policy.health import HealthThresholds
 from pluginpool.policy.keys import RedisKeys
 from pluginpool.policy.limits import IsolationConfig, ResourceLimits
 
@@ -59,6 +60,10 @@ class Settings(BaseSettings):
         default=True, description="Send a task-plugin-usage Celery event after every run.")
     workspace_root: str | None = Field(
         default=None, description="Where run workspaces are made (default: the system temp).")
+    health: HealthThresholds = Field(
+        default_factory=HealthThresholds, description="When a plugin counts as degraded.")
+    worker_heartbeat_s: float = Field(
+        default=5.0, gt=0, description="How often a worker records that it is alive.")
     result_expires_s: int = Field(default=86_400, ge=60,
                                   description="How long job results stay in the backend.")
     max_payload_bytes: int = Field(default=1_048_576, ge=64,

@@ -1,0 +1,113 @@
+"""Per-plugin health: the model operators read, and the pure rules that classify it.
+
+unhealthy: the breaker is open, no live worker consumes the plugin's queue, or a
+           dependency error stands (no success since it);
+degraded:  the breaker is half-open, the recent error rate or restart count is above its
+           threshold, or the queue is deeper than it should be;
+healthy:   none of these. Every status carries the reasons that decided it.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class HealthStatus(StrEnum):
+    HEALTHY = "healthy"
+    DEGRADED = "degraded"
+    UNHEALTHY = "unhealthy"
+
+
+class HealthThresholds(BaseModel):
+    """When a plugin counts as degraded (settings: PLUGINPOOL_HEALTH__<FIELD>)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    window_minutes: int = Field(default=5, ge=1, le=60)
+    degraded_error_rate: float = Field(default=0.2, gt=0, le=1)
+    minimum_runs: int = Field(default=5, ge=1, description="runs in the window before judging")
+    degraded_restarts: int = Field(default=3, ge=1, description="restarts in the window")
+    degraded_queue_depth: int = Field(default=1000, ge=1)
+
+
+class Recent(BaseModel):
+    """The last `window_minutes`, from per-minute figures."""
+
+    runs: int = 0
+    failed: int = 0
+    restarts: int = 0
+    error_rate: float = 0.0
+    latency_ms: dict[str, float | None] = Field(default_factory=dict)
+    history: list[dict[str, Any]] = Field(default_factory=list)
+    """Per minute, oldest first: minute (unix s), runs, failed, restarts."""
+
+
+class PluginHealth(BaseModel):
+    plugin_id: str
+    status: HealthStatus
+    reasons: list[str]
+    runs: int = 0
+    succeeded: int = 0
+    failures: dict[str, int] = Field(default_factory=dict)
+    restarts: int = 0
+    active_instances: int = 0
+    queue_depth: int = 0
+    workers: list[str] = Field(default_factory=list)
+    breaker_state: str = "closed"
+    recent: Recent = Field(default_factory=Recent)
+    usage: dict[str, float | None] = Field(default_factory=dict)
+    limits: dict[str, Any] = Field(default_factory=dict)
+    last_errors: list[dict[str, Any]] = Field(default_factory=list)
+    running: int | None = None
+    """Runs in progress now, as the aggregator sees them in Celery's events (live only)."""
+    latency_buckets: dict[str, int] = Field(default_factory=dict)
+    """Cumulative count of runs per latency bucket (`le` in ms), for histograms."""
+    updated_at: float = 0.0
+
+
+def classify(*, breaker_state: str, live_workers: int, dependency_error_stands: bool,
+             recent: Recent, queue_depth: int, thresholds: HealthThresholds
+             ) -> tuple[HealthStatus, list[str]]:
+    """The status and every reason for it, most serious first."""
+    unhealthy = []
+    if breaker_state == "open":
+        unhealthy.append("circuit breaker is open")
+    if live_workers == 0:
+        unhealthy.append("no live worker consumes the plugin's queue")
+    if dependency_error_stands:
+        unhealthy.append("a dependency error stands (no success since)")
+    if unhealthy:
+        return HealthStatus.UNHEALTHY, unhealthy
+    degraded = []
+    if breaker_state == "half_open":
+        degraded.append("circuit breaker is half-open (trial runs)")
+    if recent.runs >= thresholds.minimum_runs and \
+            recent.error_rate >= thresholds.degraded_error_rate:
+        degraded.append(f"error rate {recent.error_rate:.0%} over the last "
+                        f"{thresholds.window_minutes} min")
+    if recent.restarts >= thresholds.degraded_restarts:
+        degraded.append(f"{recent.restarts} restarts over the last "
+                        f"{thresholds.window_minutes} min")
+    if queue_depth > thresholds.degraded_queue_depth:
+        degraded.append(f"queue depth {queue_depth} above {thresholds.degraded_queue_depth}")
+    if degraded:
+        return HealthStatus.DEGRADED, degraded
+    return HealthStatus.HEALTHY, []
+
+
+def percentile_from_buckets(buckets: dict[str, int], q: float) -> float | None:
+    """The upper bound (ms) of the latency bucket holding the q-th quantile."""
+    total = sum(buckets.values())
+    if total == 0:
+        return None
+    ordered = sorted(buckets.items(), key=lambda kv: float("inf") if kv[0] == "inf"
+                     else float(kv[0]))
+    seen = 0
+    for bound, count in ordered:
+        seen += count
+        if seen >= q * total:
+            return float("inf") if bound == "inf" else float(bound)
+    return None

@@ -1,0 +1,138 @@
+"""Reading a plugin's health from Redis: durable figures written with every outcome, the
+breaker, the queue, instances and the workers' own heartbeats.
+
+Used alike by `PluginClient.health`, the CLI and the aggregator's HTTP API, so they agree;
+none of them needs the aggregator to be up to count runs and outcomes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import redis
+
+from pluginpool.policy.health import (
+    HealthThresholds,
+    PluginHealth,
+    Recent,
+    classify,
+    percentile_from_buckets,
+)
+from pluginpool.policy.keys import RedisKeys
+from pluginpool.tasks.spec import PluginSpec
+
+HISTORY_MINUTES = 15
+LIVE_AFTER_MISSED_BEATS = 3
+
+
+def live_workers(client: redis.Redis, keys: RedisKeys, *, heartbeat_s: float,
+                 now: float | None = None) -> dict[str, list[str]]:
+    """Worker node → the queues it consumes, for workers whose heartbeat is recent."""
+    now = time.time() if now is None else now
+    live = {}
+    for node, raw in client.hgetall(keys.workers).items():
+        try:
+            entry = json.loads(raw)
+        except ValueError:
+            continue
+        if now - float(entry.get("at", 0)) <= heartbeat_s * LIVE_AFTER_MISSED_BEATS:
+            live[str(node)] = list(entry.get("queues", []))
+    return live
+
+
+class HealthReader:
+    def __init__(self, client: redis.Redis, keys: RedisKeys, *, thresholds: HealthThresholds,
+                 heartbeat_s: float) -> None:
+        self._redis = client
+        self._keys = keys
+        self._thresholds = thresholds
+        self._heartbeat_s = heartbeat_s
+
+    def read_all(self, specs: list[PluginSpec]) -> list[PluginHealth]:
+        workers = live_workers(self._redis, self._keys, heartbeat_s=self._heartbeat_s)
+        return [self.read(spec, workers=workers) for spec in specs]
+
+    def read(self, spec: PluginSpec, *, workers: dict[str, list[str]] | None = None
+             ) -> PluginHealth:
+        if workers is None:
+            workers = live_workers(self._redis, self._keys, heartbeat_s=self._heartbeat_s)
+        now = time.time()
+        minute_now = int(now // 60)
+        minutes = [minute_now - offset for offset in range(HISTORY_MINUTES - 1, -1, -1)]
+        keys = self._keys
+        with self._redis.pipeline(transaction=False) as pipe:
+            pipe.hgetall(keys.health(spec.id))
+            pipe.hmget(keys.breaker(spec.id), "state", "open_until_ms", "forced")
+            pipe.llen(spec.queue)
+            pipe.scard(keys.instances_of(spec.id))
+            pipe.lrange(keys.recent_errors(spec.id), 0, 9)
+            for minute in minutes:
+                pipe.hgetall(f"{keys.health_minute_prefix(spec.id)}{minute}")
+            figures, breaker, depth, instances, errors, *per_minute = pipe.execute()
+        breaker_state = _breaker_state(breaker, now)
+        recent = self._recent(minutes, per_minute)
+        consuming = sorted(node for node, queues in workers.items() if spec.queue in queues)
+        dependency_stands = figures.get("last_error_type") == "dependency" and int(
+            figures.get("last_error_ms", 0)) > int(figures.get("last_success_ms", 0))
+        status, reasons = classify(
+            breaker_state=breaker_state, live_workers=len(consuming),
+            dependency_error_stands=dependency_stands, recent=recent, queue_depth=int(depth),
+            thresholds=self._thresholds)
+        runs = int(figures.get("runs", 0))
+        return PluginHealth(
+            plugin_id=spec.id, status=status, reasons=reasons, runs=runs,
+            succeeded=int(figures.get("succeeded", 0)),
+            failures={k.split(":", 1)[1]: int(v) for k, v in figures.items()
+                      if k.startswith("failed:")},
+            restarts=int(figures.get("restarts", 0)), active_instances=int(instances),
+            queue_depth=int(depth), workers=consuming, breaker_state=breaker_state,
+            recent=recent, usage=_usage(figures, runs),
+            limits=spec.resource_limits.model_dump(),
+            last_errors=[json.loads(item) for item in errors],
+            latency_buckets={k.split(":", 1)[1]: int(v) for k, v in figures.items()
+                             if k.startswith("lat:")},
+            updated_at=now)
+
+    def _recent(self, minutes: list[int], per_minute: list[dict[str, str]]) -> Recent:
+        window = self._thresholds.window_minutes
+        history = [{"minute": minute * 60, "runs": int(fig.get("runs", 0)),
+                    "failed": int(fig.get("failed", 0)),
+                    "restarts": int(fig.get("restarts", 0))}
+                   for minute, fig in zip(minutes, per_minute, strict=True)]
+        last = history[-window:]
+        runs = sum(item["runs"] for item in last)
+        failed = sum(item["failed"] for item in last)
+        buckets: dict[str, int] = {}
+        for fig in per_minute[-window:]:
+            for key, value in fig.items():
+                if key.startswith("lat:"):
+                    bound = key.split(":", 1)[1]
+                    buckets[bound] = buckets.get(bound, 0) + int(value)
+        return Recent(runs=runs, failed=failed,
+                      restarts=sum(item["restarts"] for item in last),
+                      error_rate=round(failed / runs, 4) if runs else 0.0,
+                      latency_ms={f"p{int(q * 100)}": percentile_from_buckets(buckets, q)
+                                  for q in (0.5, 0.95, 0.99)},
+                      history=history)
+
+
+def _breaker_state(raw: list[Any], now: float) -> str:
+    state, open_until, forced = raw
+    if state == "open" and forced != "1" and open_until and float(open_until) <= now * 1000:
+        return "half_open"  # the wait is over: the next dispatch becomes a trial
+    return str(state or "closed")
+
+
+def _usage(figures: dict[str, str], runs: int) -> dict[str, float | None]:
+    def avg(name: str) -> float | None:
+        return round(float(figures[name]) / runs, 3) if runs and name in figures else None
+
+    def num(name: str) -> float | None:
+        return round(float(figures[name]), 3) if name in figures else None
+
+    return {"peak_memory_mb": num("memory_mb_max"), "avg_memory_mb": avg("memory_mb_sum"),
+            "avg_cpu_percent": avg("cpu_percent_sum"), "avg_cpu_ms": avg("cpu_ms_sum"),
+            "avg_wall_ms": avg("wall_ms_sum"), "network_requests": num("network_requests_sum"),
+            "peak_storage_kb": num("storage_kb_max")}

@@ -1,0 +1,253 @@
+"""The health aggregator with real Redis, workers, Celery events and HTTP."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from pluginpool.policy.errors import PluginExecutionError
+from pluginpool.pool.processes import ManagedProcess, wait_until
+from pluginpool.pool.redis_bootstrap import free_port
+from pluginpool.tasks.client import PluginClient
+from tests.conftest import TEST_PLUGINS, make_settings, spawn_worker, worker_env
+
+
+class Aggregator:
+    def __init__(self, client: PluginClient, log_dir: Path) -> None:
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.proc = ManagedProcess(
+            [sys.executable, "-m", "pluginpool.pool.cli", "aggregator", "--port", str(self.port)],
+            env=worker_env(client.settings), log_path=log_dir / f"aggregator-{self.port}.log")
+        assert wait_until(self.ready, timeout_s=30), self.proc.log_text()
+
+    def ready(self) -> bool:
+        try:
+            return bool(self.get("/livez")["events_connected"])
+        except (OSError, ValueError):
+            return False
+
+    def get(self, path: str) -> Any:
+        with urllib.request.urlopen(self.base + path, timeout=10) as response:
+            body = response.read()
+        return json.loads(body) if not path.startswith("/metrics") else body.decode()
+
+    def text(self, path: str) -> str:
+        with urllib.request.urlopen(self.base + path, timeout=10) as response:
+            return str(response.read().decode())
+
+
+@pytest.fixture(scope="module")
+def env(redis_url: str, tmp_path_factory: pytest.TempPathFactory
+        ) -> Iterator[tuple[PluginClient, ManagedProcess, Path]]:
+    settings = make_settings(redis_url, key_prefix=f"pphealth:{uuid.uuid4().hex[:8]}:",
+                             default_breaker={"minimum_calls": 10_000,
+                                              "open_at_once_types": []},
+                             health={"minimum_runs": 5, "degraded_error_rate": 0.2},
+                             worker_heartbeat_s=1.0)
+    client = PluginClient(settings)
+    client.register(TEST_PLUGINS / "health_plugins.toml")
+    logs = tmp_path_factory.mktemp("health")
+    worker = spawn_worker(client, logs, plugins="hl-good,hl-flaky,hl-missing", concurrency=2)
+    yield client, worker, logs
+    worker.stop()
+    client.close()
+
+
+@pytest.fixture
+def aggregator(env: tuple[PluginClient, ManagedProcess, Path]) -> Iterator[Aggregator]:
+    agg = Aggregator(env[0], env[2])
+    yield agg
+    agg.proc.stop()
+
+
+def health_of(agg: Aggregator, plugin: str) -> dict[str, Any]:
+    return dict(agg.get(f"/health/{plugin}"))
+
+
+def eventually(check: Callable[[], bool], timeout_s: float = 20) -> None:
+    assert wait_until(check, timeout_s=timeout_s, interval_s=0.2)
+
+
+def test_status_transitions_with_reasons(env: Any, aggregator: Aggregator,
+                                         tmp_path: Path) -> None:
+    client = env[0]
+    for i in range(5):
+        client.submit("hl-good", i).result(timeout=20)
+    good = health_of(aggregator, "hl-good")
+    assert good["status"] == "healthy" and good["reasons"] == []
+    assert good["runs"] == 5 and good["workers"] == [env[1].nodename]
+
+    orphan = health_of(aggregator, "hl-orphan")
+    assert orphan["status"] == "unhealthy"
+    assert "no live worker consumes the plugin's queue" in orphan["reasons"]
+
+    with pytest.raises(PluginExecutionError):
+        client.submit("hl-missing", {}).result(timeout=20)
+    missing = health_of(aggregator, "hl-missing")
+    assert missing["status"] == "unhealthy"
+    assert missing["reasons"] == ["a dependency error stands (no success since)"]
+
+    flag = tmp_path / "broken"
+    flag.write_text("1")
+    for _ in range(6):
+        with pytest.raises(PluginExecutionError):
+            client.submit("hl-flaky", {"flag": str(flag)}).result(timeout=20)
+    flaky = health_of(aggregator, "hl-flaky")
+    assert flaky["status"] == "degraded"
+    assert flaky["reasons"][0].startswith("error rate 100%")
+    assert flaky["failures"] == {"runtime": 6}
+    assert flaky["last_errors"][0]["type"] == "runtime"
+
+    client.override_breaker("hl-good", "force_open")
+    forced = health_of(aggregator, "hl-good")
+    assert forced["status"] == "unhealthy"
+    assert forced["reasons"] == ["circuit breaker is open"]
+    client.override_breaker("hl-good", "reset")
+    assert health_of(aggregator, "hl-good")["status"] == "healthy"
+
+
+def test_counts_are_exact_across_an_aggregator_kill_and_two_replicas(
+        env: Any, aggregator: Aggregator) -> None:
+    client = env[0]
+    before = health_of(aggregator, "hl-good")["runs"]
+    jobs = [client.submit("hl-good", i) for i in range(150)]
+    aggregator.proc.signal(9)  # killed mid-stream: no chance to flush anything
+    jobs += [client.submit("hl-good", i) for i in range(150)]
+    for job in jobs:
+        job.result(timeout=60)
+    restarted = Aggregator(client, env[2])
+    second = Aggregator(client, env[2])
+    try:
+        first_view = health_of(restarted, "hl-good")
+        second_view = health_of(second, "hl-good")
+        assert first_view["runs"] == before + 300
+        assert first_view["succeeded"] == second_view["succeeded"] == first_view["runs"]
+        for field in ("runs", "failures", "restarts", "latency_buckets", "usage"):
+            assert first_view[field] == second_view[field], field
+    finally:
+        restarted.proc.stop()
+        second.proc.stop()
+
+
+def test_metrics_parse_with_prometheus_clients_own_parser(env: Any,
+                                                          aggregator: Aggregator) -> None:
+    env[0].submit("hl-good", 1).result(timeout=20)
+    families = {f.name: f for f in text_string_to_metric_families(aggregator.text("/metrics"))}
+    runs = {s.labels["plugin"]: s.value for s in families["pluginpool_plugin_runs"].samples
+            if s.name.endswith("_total")}
+    assert runs["hl-good"] >= 1
+    histogram = families["pluginpool_plugin_run_duration_ms"]
+    buckets = [s for s in histogram.samples
+               if s.name.endswith("_bucket") and s.labels["plugin"] == "hl-good"]
+    assert buckets[-1].labels["le"] == "+Inf" and buckets[-1].value == runs["hl-good"]
+    status = {(s.labels["plugin"], s.labels["status"]): s.value
+              for s in families["pluginpool_plugin_status"].samples}
+    assert status[("hl-orphan", "unhealthy")] == 1.0
+    breaker = families["pluginpool_breaker_state"].samples
+    assert {s.labels["state"] for s in breaker} == {"closed", "open", "half_open"}
+
+
+def test_a_stopped_worker_makes_its_plugin_unhealthy(env: Any, aggregator: Aggregator) -> None:
+    client, _, logs = env
+    client.register(client.spec("hl-good").model_copy(update={"id": "hl-solo"}))
+    solo = spawn_worker(client, logs, plugins="hl-solo", concurrency=1)
+    client.submit("hl-solo", 1).result(timeout=20)
+    assert health_of(aggregator, "hl-solo")["status"] == "healthy"
+    solo.stop()
+    eventually(lambda: health_of(aggregator, "hl-solo")["status"] == "unhealthy", 10)
+    assert "no live worker" in health_of(aggregator, "hl-solo")["reasons"][0]
+
+
+def test_unknown_plugin_is_a_404(aggregator: Aggregator) -> None:
+    with pytest.raises(urllib.error.HTTPError) as info:
+        aggregator.get("/health/ghost")
+    assert info.value.code == 404
+
+
+def test_client_health_and_cli_agree_with_the_api(env: Any, aggregator: Aggregator) -> None:
+    client = env[0]
+    from_client = client.health("hl-good")
+    cli = subprocess.run([sys.executable, "-m", "pluginpool.pool.cli", "health", "hl-good",
+                          "--json"], env=worker_env(client.settings), capture_output=True,
+                         text=True, timeout=30, check=False)
+    from_cli = json.loads(cli.stdout)
+    from_api = health_of(aggregator, "hl-good")
+    assert from_client.runs == from_cli["runs"] == from_api["runs"]  # type: ignore[union-attr]
+    table = subprocess.run([sys.executable, "-m", "pluginpool.pool.cli", "health"],
+                           env=worker_env(client.settings), capture_output=True, text=True,
+                           timeout=30, check=False)
+    assert table.returncode == 0 and "hl-good" in table.stdout
+
+
+def test_check_health_exit_codes(env: Any) -> None:
+    client, worker, _ = env
+
+    def check(*args: str) -> int:
+        return subprocess.run([sys.executable, "-m", "pluginpool.pool.cli", "check-health",
+                               *args], env=worker_env(client.settings), capture_output=True,
+                              timeout=30, check=False).returncode
+
+    assert check() == 0
+    assert check("--worker", worker.nodename) == 0
+    assert check("--worker", "nobody@nowhere") == 1
+    assert check("--plugin", "hl-orphan") == 1
+    dead = {**worker_env(client.settings), "PLUGINPOOL_REDIS_URL": "redis://127.0.0.1:1/0",
+            "PLUGINPOOL_REDIS_SOCKET_TIMEOUT_S": "1"}
+    assert subprocess.run([sys.executable, "-m", "pluginpool.pool.cli", "check-health"],
+                          env=dead, capture_output=True, timeout=30,
+                          check=False).returncode == 1
+
+
+def chromium() -> str:
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        pytest.fail("chromium is not installed: `make test` installs Debian's chromium")
+    return path
+
+
+def dump_dom(url: str, *, virtual_ms: int) -> str:
+    done = subprocess.run(
+        [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+         "--no-first-run", "--disable-background-networking", "--disable-component-update",
+         "--disable-sync", f"--user-data-dir=/tmp/pp-chromium-{uuid.uuid4().hex[:8]}",
+         f"--virtual-time-budget={virtual_ms}", "--dump-dom", url],
+        capture_output=True, text=True, timeout=90, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def test_dashboard_in_headless_chromium(env: Any, aggregator: Aggregator,
+                                        tmp_path: Path) -> None:
+    client = env[0]
+    client.register(client.spec("hl-flaky").model_copy(update={"id": "hl-dash"}))
+    dash_worker = spawn_worker(client, env[2], plugins="hl-dash", concurrency=1)
+    try:
+        flag = tmp_path / "dash-broken"
+        for i in range(5):
+            client.submit("hl-dash", {"flag": str(flag), "i": i}).result(timeout=20)
+        dom = dump_dom(aggregator.base + "/", virtual_ms=5000)
+        assert 'data-plugin="hl-dash" data-status="healthy"' in dom
+        assert 'data-plugin="hl-good"' in dom and 'data-plugin="hl-orphan"' in dom
+        refreshes = int(dom.split('data-refreshes="', 1)[1].split('"', 1)[0])
+        assert refreshes >= 2, "the page refreshes itself"
+        flag.write_text("1")
+        for i in range(6):
+            with pytest.raises(PluginExecutionError):
+                client.submit("hl-dash", {"flag": str(flag), "i": i}).result(timeout=20)
+        dom = dump_dom(aggregator.base + "/", virtual_ms=3000)
+        assert 'data-plugin="hl-dash" data-status="degraded"' in dom
+        assert "error rate" in dom
+    finally:
+        dash_worker.stop()
