@@ -118,7 +118,8 @@ def main() -> None:
         after = {"aggregator": rss_mb(aggregator), "flower": rss_mb(flower)}
         result: dict[str, Any] = {
             "benchmark": "Celery events of synthetic runs, published as fast as possible",
-            "runs": share * args.publishers, "publishers": args.publishers, "events_published": total,
+            "runs": share * args.publishers, "publishers": args.publishers,
+            "events_published": total,
             "publish_rate_events_per_s": round(total / publish_s),
             "consumers": {name: {
                 "events_received": received[name],
