@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install demo test browser lint typecheck bench chaos clean
+.PHONY: install demo test browser lint typecheck bench clean
 
 install: $(STAMP)
 
@@ -42,6 +42,7 @@ bench: install
 	PLUGINPOOL_REDIS_URL=$$($(BIN)/pluginpool ensure-redis) $(BIN)/python -m bench.breaker
 	PLUGINPOOL_REDIS_URL=$$($(BIN)/pluginpool ensure-redis) $(BIN)/python -m bench.sandbox
 	PLUGINPOOL_REDIS_URL=$$($(BIN)/pluginpool ensure-redis) $(BIN)/python -m bench.aggregator
+	PLUGINPOOL_REDIS_URL=$$($(BIN)/pluginpool ensure-redis) $(BIN)/python -m bench.scaling
 
 clean:
 	rm -rf $(VENV) .typecheck .run .pytest_cache .mypy_cache .ruff_cache *.egg-info

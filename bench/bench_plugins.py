@@ -32,3 +32,8 @@ def busy(ctx: Any, payload: Any) -> Any:
     while time.monotonic() < deadline:
         spins += 1
     return spins
+
+
+def sleep(ctx: Any, payload: Any) -> Any:
+    time.sleep(float(payload["seconds"]))
+    return None

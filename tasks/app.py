@@ -2,11 +2,26 @@
 
 from __future__ import annotations
 
+import ssl
+from typing import Any
+
 from celery import Celery
 
 from pluginpool.tasks.routing import route_plugin_task
 from pluginpool.tasks.settings import Settings
-from pluginpool.tasks.transport import DEAD_LETTER_OPTION, TRANSPORT_PATH
+from pluginpool.tasks.transport import (
+    DEAD_LETTER_OPTION,
+    SENTINEL_TRANSPORT_PATH,
+    TRANSPORT_PATH,
+)
+
+
+def tls_options(settings: Settings) -> dict[str, Any]:
+    """Certificate checks for rediss:// brokers and backends (Celery requires them)."""
+    options: dict[str, Any] = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+    if settings.redis_tls_ca_file:
+        options["ssl_ca_certs"] = settings.redis_tls_ca_file
+    return options
 
 
 def create_app(settings: Settings, *, name: str = "pluginpool",
@@ -19,11 +34,24 @@ def create_app(settings: Settings, *, name: str = "pluginpool",
     """
     app = Celery(name, broker=settings.effective_broker_url,
                  backend=settings.effective_result_backend, set_as_current=False)
-    transport_options = {"visibility_timeout": settings.visibility_timeout_s}
-    broker_options = {**transport_options, DEAD_LETTER_OPTION: settings.keys.dead_letter}
-    if guarded_transport and settings.effective_broker_url.startswith(("redis://", "rediss://")):
+    transport_options: dict[str, Any] = {"visibility_timeout": settings.visibility_timeout_s}
+    if settings.redis_sentinel_master:
+        transport_options["master_name"] = settings.redis_sentinel_master
+    # kombu sweeps for messages whose worker died unacknowledged every 10 s x 10 by
+    # default; sweep every restore_sweep_s so they return soon after the visibility timeout.
+    broker_options = {**transport_options, DEAD_LETTER_OPTION: settings.keys.dead_letter,
+                      "unacked_restore_interval": settings.restore_sweep_s,
+                      "unacked_restore_throttle": 1}
+    broker = settings.effective_broker_url
+    if guarded_transport and broker.startswith(("redis://", "rediss://", "sentinel://")):
         # Guards the worker against items on a queue that are not kombu messages.
-        app.conf.broker_transport = TRANSPORT_PATH
+        app.conf.broker_transport = (SENTINEL_TRANSPORT_PATH if broker.startswith("sentinel://")
+                                     else TRANSPORT_PATH)
+    tls = tls_options(settings)
+    if tls and broker.startswith("rediss://"):
+        app.conf.broker_use_ssl = tls
+    if tls and settings.effective_result_backend.startswith("rediss://"):
+        app.conf.redis_backend_use_ssl = tls
     app.conf.update(
         task_serializer="json",
         result_serializer="json",
@@ -40,6 +68,12 @@ def create_app(settings: Settings, *, name: str = "pluginpool",
         result_backend_transport_options=transport_options,
         visibility_timeout=settings.visibility_timeout_s,
         result_expires=settings.result_expires_s,
+        # A result that cannot be stored because Redis is restarting is stored once it is
+        # back (instead of the job being recorded as failed with a ConnectionError).
+        result_backend_always_retry=True,
+        result_backend_max_retries=40,
+        result_backend_base_sleep_between_retries_ms=50,
+        result_backend_max_sleep_between_retries_ms=2000,
         task_routes=(route_plugin_task,),
         task_send_sent_event=True,
         worker_send_task_events=True,

@@ -17,6 +17,7 @@ from typing import Any, cast
 
 import redis
 from celery import Celery, Task
+from celery.exceptions import Reject
 
 from pluginpool.policy.breaker import UNGUARDED, CircuitBreaker, Permit
 from pluginpool.policy.errors import (
@@ -118,7 +119,20 @@ def _header(task: Task[Any, Any], name: str) -> Any:
 
 
 def run_plugin_job(task: PluginTask, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """The body of every plugin task."""
+    """The body of every plugin task.
+
+    If pluginpool's own Redis fails while the job is being prepared (Redis restarting, a
+    failover), the job is not failed: it goes back to its queue (Reject with requeue) and
+    runs when Redis is back. Redis failures after the run only cost its bookkeeping."""
+    try:
+        return _run_plugin_job(task, args, kwargs)
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        logger.warning("Redis unavailable while preparing %s[%s]; requeued: %s", task.name,
+                       task.request.id, exc)
+        raise Reject(f"Redis unavailable: {exc}", requeue=True) from exc
+
+
+def _run_plugin_job(task: PluginTask, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     services = services_of(task.app)
     job_id = str(task.request.id)
     plugin_id = task.plugin_id

@@ -45,8 +45,8 @@ def record_run(task: Task[Any, Any] | None, services: WorkerServices, spec: Plug
     _record_outcome(services, spec, error, duration_ms=duration_ms, generation=generation,
                     usage=usage)
     if task is not None and services.settings.usage_events and task.request.hostname:
-        services.usage_events.send(task, plugin_id=spec.id, instance_id=instance_id,
-                                   job_id=task.request.id,
+        services.usage_events.send(task, uuid=task.request.id, plugin_id=spec.id,
+                                   instance_id=instance_id, job_id=task.request.id,
                                    error_type=str(error.type) if error else None, usage=usage)
     if instance_id is not None:
         _record_instance(services, instance_id, error, usage)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from pluginpool.policy.breaker import BreakerConfig
@@ -73,20 +73,29 @@ class Settings(BaseSettings):
     visibility_timeout_s: int = Field(
         default=3_600, ge=10,
         description="Redis broker visibility timeout; every hard time limit must be below it.")
+    restore_sweep_s: float = Field(
+        default=5.0, gt=0,
+        description="How often workers return messages of dead workers past the visibility "
+                    "timeout to their queues.")
     spec_cache_ttl_s: float = Field(
         default=5.0, ge=0, description="How long producers and workers cache a spec.")
     plugin_paths: list[str] = Field(
         default_factory=list,
         description="Directories added to sys.path in workers, where plugin modules live.",
     )
+    redis_sentinel_master: str | None = Field(
+        default=None, description="Sentinel master name, for sentinel://host:port;... URLs.")
+    redis_tls_ca_file: str | None = Field(
+        default=None, description="CA bundle that verifies a rediss:// server's certificate.")
     redis_socket_timeout_s: float = Field(
         default=5.0, gt=0, description="Connect/read timeout for Redis, so outages fail fast.")
 
     @field_validator("redis_url", "broker_url", "result_backend")
     @classmethod
     def _redis_scheme(cls, value: str | None) -> str | None:
-        if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        if value is not None and not value.startswith(
+                ("redis://", "rediss://", "unix://", "sentinel://")):
+            raise ValueError("must be a redis://, rediss://, unix:// or sentinel:// URL")
         return value
 
     @classmethod
@@ -100,6 +109,13 @@ class Settings(BaseSettings):
                 field = "__".join(str(part) for part in err["loc"])
                 problems.append(f"{ENV_PREFIX}{field.upper()}: {err['msg']}")
             raise SettingsError("invalid settings: " + "; ".join(problems)) from None
+
+    @model_validator(mode="after")
+    def _sentinel_needs_master(self) -> Settings:
+        urls = (self.redis_url, self.broker_url or "", self.result_backend or "")
+        if any(u.startswith("sentinel://") for u in urls) and not self.redis_sentinel_master:
+            raise ValueError("sentinel:// URLs need PLUGINPOOL_REDIS_SENTINEL_MASTER")
+        return self
 
     @property
     def effective_broker_url(self) -> str:

@@ -48,8 +48,34 @@ def malformed_reason(message: Any) -> str | None:
     return None
 
 
-class GuardedChannel(kombu_redis.Channel):  # type: ignore[misc,unused-ignore]
-    """Catches items that are not JSON at all (the transport checks the rest)."""
+class _GuardedRead:
+    """Catches items that are not JSON at all (the transport checks the rest), and
+    acknowledgements that arrive after the broker connection was lost.
+
+    kombu acknowledges through the channel's transport; when Redis restarts, a late ack
+    can reach a channel whose transport is already torn down and raise AttributeError in
+    the worker's event loop ("Unrecoverable error": the worker dies). Such a message is
+    still recorded as unacknowledged in Redis and comes back after the visibility timeout.
+    """
+
+    connection: Any
+
+    def _transport_gone(self) -> bool:
+        return getattr(self.connection, "client", None) is None
+
+    def basic_ack(self, delivery_tag: Any, multiple: bool = False) -> Any:
+        if self._transport_gone():
+            logger.warning("ack of %s after the broker connection was lost: it will be "
+                           "redelivered after the visibility timeout", delivery_tag)
+            return None
+        return super().basic_ack(delivery_tag, multiple=multiple)  # type: ignore[misc]
+
+    def basic_reject(self, delivery_tag: Any, requeue: bool = False) -> Any:
+        if self._transport_gone():
+            logger.warning("reject of %s after the broker connection was lost: it will be "
+                           "redelivered after the visibility timeout", delivery_tag)
+            return None
+        return super().basic_reject(delivery_tag, requeue=requeue)  # type: ignore[misc]
 
     def _brpop_read(self, **options: Any) -> Any:
         try:
@@ -63,10 +89,11 @@ class GuardedChannel(kombu_redis.Channel):  # type: ignore[misc,unused-ignore]
         return True
 
 
-class GuardedRedisTransport(kombu_redis.Transport):  # type: ignore[misc,unused-ignore]
-    """kombu's Redis transport with malformed messages dead-lettered instead of fatal."""
+class _GuardedDelivery:
+    """Malformed messages are dead-lettered instead of fatal."""
 
-    Channel = GuardedChannel
+    channels: list[Any]
+    client: Any
 
     def _deliver(self, message: Any, queue: str | None) -> None:
         reason = malformed_reason(message)
@@ -75,7 +102,7 @@ class GuardedRedisTransport(kombu_redis.Transport):  # type: ignore[misc,unused-
             self.dead_letter(channel, json.dumps(message)[:RAW_PREVIEW_CHARS], reason=reason,
                              queue=queue)
             return
-        super()._deliver(message, queue)
+        super()._deliver(message, queue)  # type: ignore[misc]
 
     def dead_letter(self, channel: Any, raw: str, *, reason: str, queue: str | None = None) -> None:
         logger.error("dropping malformed message from queue %s: %s", queue or "?", reason)
@@ -93,4 +120,25 @@ class GuardedRedisTransport(kombu_redis.Transport):  # type: ignore[misc,unused-
             logger.warning("could not store dead letter: %r", exc)
 
 
+class GuardedChannel(_GuardedRead, kombu_redis.Channel):  # type: ignore[misc,unused-ignore]
+    pass
+
+
+class GuardedRedisTransport(_GuardedDelivery, kombu_redis.Transport):  # type: ignore[misc,unused-ignore]
+    """kombu's Redis transport with malformed messages dead-lettered instead of fatal."""
+
+    Channel = GuardedChannel
+
+
+class GuardedSentinelChannel(_GuardedRead, kombu_redis.SentinelChannel):  # type: ignore[misc,unused-ignore]
+    pass
+
+
+class GuardedSentinelTransport(_GuardedDelivery, kombu_redis.SentinelTransport):  # type: ignore[misc,unused-ignore]
+    """The same guard for a Sentinel-managed broker."""
+
+    Channel = GuardedSentinelChannel
+
+
 TRANSPORT_PATH = f"{__name__}:GuardedRedisTransport"
+SENTINEL_TRANSPORT_PATH = f"{__name__}:GuardedSentinelTransport"

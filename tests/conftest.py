@@ -56,9 +56,15 @@ def client(settings: Settings) -> Iterator[PluginClient]:
 
 
 def worker_env(settings: Settings) -> dict[str, str]:
-    return {**os.environ, "PLUGINPOOL_REDIS_URL": settings.redis_url,
-            "PLUGINPOOL_KEY_PREFIX": settings.key_prefix,
-            "PLUGINPOOL_PLUGIN_PATHS": json.dumps(settings.plugin_paths)}
+    """The environment that gives a subprocess (worker, CLI, aggregator) these settings:
+    every field the test set, as PLUGINPOOL_* variables."""
+    env = {key: value for key, value in os.environ.items()
+           if not key.startswith("PLUGINPOOL_")}
+    for name in settings.model_fields_set:
+        value = settings.model_dump(mode="json")[name]
+        env[f"PLUGINPOOL_{name.upper()}"] = (value if isinstance(value, str)
+                                             else json.dumps(value))
+    return env
 
 
 WorkerStarter = Callable[..., ManagedProcess]

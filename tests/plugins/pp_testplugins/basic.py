@@ -66,3 +66,19 @@ def fails_while_flag(ctx: Any, payload: Any) -> Any:
     if os.path.exists(payload["flag"]):
         raise RuntimeError("still broken")
     return "recovered"
+
+
+def count_and_sleep(ctx: Any, payload: Any) -> Any:
+    """Counts every execution of a job in Redis (trusted, unsandboxed): duplicates show."""
+    import redis
+
+    client = redis.Redis.from_url(payload["redis_url"], socket_connect_timeout=1)
+    for attempt in range(60):  # the test may be restarting this Redis right now
+        try:
+            client.hincrby(payload["key"], ctx.job_id, 1)
+            break
+        except redis.ConnectionError:
+            time.sleep(0.25)
+    client.close()
+    time.sleep(float(payload.get("seconds", 0.01)))
+    return payload.get("n")

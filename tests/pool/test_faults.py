@@ -1,0 +1,262 @@
+"""Fault tolerance with real processes on loopback, each bounded in time: workers killed,
+Redis restarted, a rolling restart, a breaker draining a backlog, Redis through Sentinel."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import redis
+
+from pluginpool.policy.errors import CircuitOpenError, PluginExecutionError
+from pluginpool.pool.processes import ManagedProcess, wait_until
+from pluginpool.pool.redis_bootstrap import free_port, ping
+from pluginpool.tasks.client import PluginClient
+from pluginpool.tasks.jobs import Job
+from pluginpool.tasks.spec import PluginSpec
+from tests.conftest import make_settings, spawn_worker
+
+
+def counter(plugin_id: str) -> PluginSpec:
+    """A plugin of the test's own (its own queue: nothing left by another test reaches it)."""
+    return COUNTER.model_copy(update={"id": plugin_id})
+
+
+COUNTER = PluginSpec.model_validate({
+    "id": "counter", "name": "Counts executions", "entrypoint":
+    "pp_testplugins.basic:count_and_sleep", "isolation": {"sandboxed": False,
+                                                         "max_restarts": 5,
+                                                         "restart_cooldown_ms": 50},
+    "resource_limits": {"timeout_ms": 5000},
+    "breaker": {"minimum_calls": 100_000, "open_at_once_types": []}})
+
+
+class LocalRedis:
+    """A redis-server of the test's own, on a free loopback port, stopped by PID."""
+
+    def __init__(self, directory: Path, *extra: str) -> None:
+        self.port = free_port()
+        self.directory = directory
+        self.extra = extra
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc = self._start()
+
+    def _start(self) -> ManagedProcess:
+        proc = ManagedProcess(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+                               "--dir", str(self.directory), "--save", "", *self.extra],
+                              log_path=self.directory / "redis.log")
+        assert wait_until(lambda: ping(self.url), timeout_s=20), proc.log_text()
+        return proc
+
+    def restart(self) -> None:
+        self.proc.signal(signal.SIGKILL)
+        self.proc.stop()
+        self.proc = self._start()
+
+    def stop(self) -> None:
+        self.proc.stop()
+
+
+def outcomes(jobs: list[Job], *, timeout_s: float, may_lose: int = 0) -> dict[str, Any]:
+    """Wait for every job by polling its state (survives broker restarts)."""
+    pending = {job.id: job for job in jobs}
+    results: dict[str, Any] = {}
+    deadline = time.monotonic() + timeout_s
+    while pending and time.monotonic() < deadline:
+        for job_id, job in list(pending.items()):
+            try:
+                if not job.ready():
+                    continue
+                try:
+                    results[job_id] = ("ok", job.result(timeout=5))
+                except (PluginExecutionError, CircuitOpenError) as exc:
+                    results[job_id] = ("error", exc)
+                del pending[job_id]
+            except (redis.RedisError, OSError, ConnectionError):
+                time.sleep(0.2)
+        time.sleep(0.1)
+    states: dict[str, int] = {}
+    for job in pending.values():
+        states[job.state] = states.get(job.state, 0) + 1
+    assert len(pending) <= may_lose, f"{len(pending)} jobs never got an outcome: {states}"
+    return results
+
+
+@pytest.mark.timeout(300)
+def test_workers_killed_mid_stream_lose_no_job(redis_url: str, tmp_path: Path) -> None:
+    """3 workers share a queue; one main process is SIGKILLed, another's pool children are
+    killed repeatedly. Every job ends with one outcome; duplicates are counted.
+
+    Known limit, asserted as such: kombu's Redis transport pops a message (BRPOP) before
+    it records it as unacknowledged, so a SIGKILL of a worker's main process in that
+    instant loses that one message, which no worker ever received (seen in about 1 run in
+    3 here). Every other message of the killed worker comes back after the visibility
+    timeout."""
+    settings = make_settings(redis_url, key_prefix=f"ppchaos:{uuid.uuid4().hex[:8]}:",
+                             visibility_timeout_s=10)
+    with PluginClient(settings) as client:
+        client.register(counter("counter-chaos"))
+        workers = [spawn_worker(client, tmp_path, plugins="counter-chaos", concurrency=2)
+                   for _ in range(3)]
+        key = f"{settings.key_prefix}executions"
+        try:
+            jobs = [client.submit("counter-chaos", {"redis_url": redis_url, "key": key, "n": i,
+                                              "seconds": 0.01}) for i in range(2000)]
+            time.sleep(2)
+            workers[0].signal(signal.SIGKILL)  # its reserved jobs return after the timeout
+            for _ in range(5):
+                for child in psutil.Process(workers[1].pid).children():
+                    child.kill()
+                time.sleep(0.5)
+            results = outcomes(jobs, timeout_s=100, may_lose=1)
+            logs = "".join(worker.log_text() for worker in workers)
+        finally:
+            for worker in workers:
+                worker.stop()
+        lost = [job.id for job in jobs if job.id not in results]
+        executions = {k: int(v) for k, v in client.redis.hgetall(key).items()}
+        for job_id in lost:  # lost in the transport's window: never received, never ran
+            assert job_id not in logs and job_id not in executions
+        print(f"2000 jobs, {len(lost)} lost in the BRPOP window")
+        assert len(results) + len(lost) == 2000
+        assert all(kind == "ok" for kind, _ in results.values())
+        assert len({value for _, value in results.values()}) == len(results)
+        assert set(executions) == set(results)
+        duplicates = sum(count - 1 for count in executions.values())
+        print(f"2000 jobs, {duplicates} duplicate executions (at-least-once)")
+        assert duplicates < 200
+
+
+@pytest.mark.timeout(300)
+def test_redis_restarted_with_aof_mid_stream(redis_url: str, tmp_path: Path) -> None:
+    """Workers, aggregator-free producers and results reconnect; no accepted job is lost."""
+    local = LocalRedis(tmp_path, "--appendonly", "yes", "--appendfsync", "always")
+    settings = make_settings(local.url, key_prefix="ppaof:", visibility_timeout_s=15,
+                             redis_socket_timeout_s=2)
+    try:
+        with PluginClient(settings) as client:
+            client.register(counter("counter-aof"))
+            worker = spawn_worker(client, tmp_path, plugins="counter-aof", concurrency=2)
+            key = "ppaof:executions"
+            try:
+                jobs = [client.submit("counter-aof", {"redis_url": local.url, "key": key,
+                                                  "n": i, "seconds": 0.02})
+                        for i in range(300)]
+                time.sleep(1.0)
+                local.restart()
+                more = []
+                deadline = time.monotonic() + 30
+                while len(more) < 50 and time.monotonic() < deadline:
+                    try:
+                        more.append(client.submit("counter-aof", {"redis_url": local.url,
+                                                              "key": key, "n": 1000 + len(more),
+                                                              "seconds": 0.0}))
+                    except Exception:
+                        time.sleep(0.5)
+                results = outcomes(jobs + more, timeout_s=120)
+                assert worker.alive()
+            finally:
+                worker.stop()
+        failed = {str(v) for kind, v in results.values() if kind != "ok"}
+        assert len(results) == 350 and not failed, failed
+    finally:
+        local.stop()
+
+
+def test_rolling_restart_loses_no_job(redis_url: str, tmp_path: Path) -> None:
+    """SIGTERM: the worker stops consuming, finishes what runs, and returns what it had
+    reserved; a replacement picks up the rest."""
+    settings = make_settings(redis_url, key_prefix=f"pproll:{uuid.uuid4().hex[:8]}:")
+    with PluginClient(settings) as client:
+        client.register(counter("counter-roll"))
+        key = f"{settings.key_prefix}executions"
+        first = spawn_worker(client, tmp_path, plugins="counter-roll", concurrency=2)
+        jobs = [client.submit("counter-roll", {"redis_url": redis_url, "key": key, "n": i,
+                                          "seconds": 0.05}) for i in range(200)]
+        time.sleep(1)
+        first.signal(signal.SIGTERM)
+        second = spawn_worker(client, tmp_path, plugins="counter-roll", concurrency=2)
+        try:
+            assert first.process.wait(timeout=30) == 0  # a warm shutdown, not a kill
+            results = outcomes(jobs, timeout_s=90)
+        finally:
+            second.stop()
+        assert len(results) == 200 and all(kind == "ok" for kind, _ in results.values())
+        executions = [int(v) for v in client.redis.hgetall(key).values()]
+        assert len(executions) == 200 and max(executions) == 1  # nothing ran twice
+
+
+@pytest.mark.timeout(300)
+def test_a_backlog_drains_fast_once_the_breaker_is_open(redis_url: str,
+                                                        tmp_path: Path) -> None:
+    settings = make_settings(redis_url, key_prefix=f"ppdrain:{uuid.uuid4().hex[:8]}:")
+    with PluginClient(settings) as client:
+        client.register(counter("counter-drain"))
+        key = f"{settings.key_prefix}executions"
+        payload = {"redis_url": redis_url, "key": key, "seconds": 0.5}
+        jobs = [client.submit("counter-drain", payload) for _ in range(10_000)]
+        client.override_breaker("counter-drain", "force_open")
+        started = time.monotonic()
+        worker = spawn_worker(client, tmp_path, plugins="counter-drain", concurrency=2)
+        try:
+            assert wait_until(lambda: client.redis.llen("plugins.counter-drain") == 0,
+                              timeout_s=120)
+            drained_s = time.monotonic() - started
+            results = outcomes(jobs[-20:], timeout_s=30)
+        finally:
+            worker.stop()
+        assert all(isinstance(value, CircuitOpenError) for _, value in results.values())
+        assert client.redis.hlen(key) == 0  # the plugin never ran
+        print(f"10,000 queued jobs refused in {drained_s:.1f} s")
+        assert drained_s < 100  # at 0.5 s a run, 2 processes would need 2,500 s
+
+
+def test_redis_through_sentinel(tmp_path: Path) -> None:
+    master = LocalRedis(tmp_path)
+    sentinel_port = free_port()
+    conf = tmp_path / "sentinel.conf"
+    conf.write_text(f"port {sentinel_port}\nbind 127.0.0.1\ndir {tmp_path}\n"
+                    f"sentinel monitor pp-master 127.0.0.1 {master.port} 1\n")
+    sentinel = ManagedProcess(["redis-server", str(conf), "--sentinel"],
+                              log_path=tmp_path / "sentinel.log")
+    try:
+        assert wait_until(lambda: ping(f"redis://127.0.0.1:{sentinel_port}/0"), timeout_s=20)
+        url = f"sentinel://127.0.0.1:{sentinel_port}/0"
+        settings = make_settings(url, key_prefix="ppsentinel:", redis_sentinel_master="pp-master")
+        with PluginClient(settings) as client:
+            client.register(counter("counter-sentinel"))
+            assert redis.Redis.from_url(master.url).hexists("ppsentinel:registry:specs",
+                                                            "counter-sentinel")
+            worker = spawn_worker(client, tmp_path, plugins="counter-sentinel", concurrency=1,
+                                  extra_env={"PLUGINPOOL_REDIS_SENTINEL_MASTER": "pp-master"})
+            try:
+                job = client.submit("counter-sentinel", {"redis_url": master.url, "key": "k", "n": 7})
+                assert job.result(timeout=30) == 7
+            finally:
+                worker.stop()
+    finally:
+        sentinel.stop()
+        master.stop()
+
+
+def test_sentinel_urls_need_a_master_name() -> None:
+    from pluginpool.policy.errors import SettingsError
+    from pluginpool.tasks.settings import Settings
+
+    with pytest.raises(SettingsError, match="SENTINEL_MASTER"):
+        Settings.from_env(_env_file=None, redis_url="sentinel://127.0.0.1:26379")
+    tls = Settings.from_env(_env_file=None, redis_url="rediss://:secret@redis:6380/0",
+                            redis_tls_ca_file="/etc/ssl/ca.pem")
+    from pluginpool.tasks.app import create_app
+
+    app = create_app(tls)
+    assert app.conf.broker_use_ssl["ssl_ca_certs"] == "/etc/ssl/ca.pem"
+    assert app.conf.redis_backend_use_ssl["ssl_cert_reqs"] is not None
+    assert subprocess.run([sys.executable, "-c", "print(1)"], check=True).returncode == 0
