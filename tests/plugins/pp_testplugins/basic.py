@@ -73,7 +73,7 @@ def count_and_sleep(ctx: Any, payload: Any) -> Any:
     import redis
 
     client = redis.Redis.from_url(payload["redis_url"], socket_connect_timeout=1)
-    for attempt in range(60):  # the test may be restarting this Redis right now
+    for _attempt in range(60):  # the test may be restarting this Redis right now
         try:
             client.hincrby(payload["key"], ctx.job_id, 1)
             break
