@@ -237,7 +237,8 @@ def test_redis_through_sentinel(tmp_path: Path) -> None:
             worker = spawn_worker(client, tmp_path, plugins="counter-sentinel", concurrency=1,
                                   extra_env={"PLUGINPOOL_REDIS_SENTINEL_MASTER": "pp-master"})
             try:
-                job = client.submit("counter-sentinel", {"redis_url": master.url, "key": "k", "n": 7})
+                job = client.submit("counter-sentinel",
+                                    {"redis_url": master.url, "key": "k", "n": 7})
                 assert job.result(timeout=30) == 7
             finally:
                 worker.stop()
