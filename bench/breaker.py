@@ -9,15 +9,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import redis
 
-from bench.common import ROOT, bench_redis_url, median, start, timed, write_result
+from bench.common import (
+    ROOT,
+    bench_redis_url,
+    median,
+    pluginpool_worker,
+    timed,
+    write_result,
+)
 from pluginpool.policy.breaker import BreakerConfig, CircuitBreaker
 from pluginpool.policy.keys import RedisKeys
 from pluginpool.tasks.client import PluginClient
@@ -89,14 +94,8 @@ def main() -> None:
             env = {**os.environ, "PLUGINPOOL_REDIS_URL": url,
                    "PLUGINPOOL_BREAKER_ENABLED": str(enabled).lower(),
                    "PLUGINPOOL_PLUGIN_PATHS": json.dumps(settings.plugin_paths)}
-            node = f"bench-{mode}@localhost"
-            argv = [sys.executable, "-m", "pluginpool.pool.cli", "worker", "--plugins", NOOP.id,
-                    "--concurrency", "2", "--name", node, "--loglevel", "WARNING"]
-
-            def ping(node: str = node, client: Any = client) -> bool:
-                return bool(client.app.control.ping(destination=[node], timeout=0.5))
-
-            proc = start(argv, env, run_dir / f"{mode}.log", ping)
+            proc = pluginpool_worker(client, env, run_dir, plugins=NOOP.id, concurrency=2,
+                                     node=f"bench-{mode}@localhost")
             raw.config_resetstat()
 
             def run(client: PluginClient = client) -> None:

@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -33,6 +34,41 @@ def start(argv: list[str], env: dict[str, str], log: Path,
         proc.stop()
         sys.exit(f"process did not start: {argv}\n{proc.log_text()[-3000:]}")
     return proc
+
+
+def pluginpool_worker(client: Any, env: dict[str, str], run_dir: Path, *, plugins: str,
+                      concurrency: int, node: str) -> ManagedProcess:
+    """A `pluginpool worker` for the given plugins, started and answering pings."""
+    argv = [sys.executable, "-m", "pluginpool.pool.cli", "worker", "--plugins", plugins,
+            "--concurrency", str(concurrency), "--name", node, "--loglevel", "WARNING"]
+    return start(argv, env, run_dir / f"{node}.log", lambda: bool(
+        client.app.control.ping(destination=[node], timeout=0.5)))
+
+
+def plain_celery_worker(client: Any, env: dict[str, str], run_dir: Path, *,
+                        concurrency: int, node: str) -> ManagedProcess:
+    """A plain `celery worker` for bench/plain_app.py's no-op task."""
+    argv = [sys.executable, "-m", "celery", "-A", "plain_app", "worker", "-c", str(concurrency),
+            "-Q", "bench.plain", "-n", node, "--without-mingle", "--without-gossip",
+            "--loglevel=WARNING"]
+    return start(argv, env, run_dir / f"{node}.log", lambda: bool(
+        client.app.control.ping(destination=[node], timeout=0.5)))
+
+
+def plain_round(app: Any, jobs: int) -> None:
+    """Enqueue N plain Celery no-op jobs, then wait for each result."""
+    results = [app.send_task("bench.noop", args=[{"i": i}], queue="bench.plain")
+               for i in range(jobs)]
+    for result in results:
+        result.get(timeout=120)
+
+
+def pluginpool_round(client: Any, plugin_id: str, jobs: int,
+                     payload: Callable[[int], Any] = lambda i: {"i": i}) -> None:
+    """Submit N jobs through PluginClient, then wait for each result."""
+    submitted = [client.submit(plugin_id, payload(i)) for i in range(jobs)]
+    for job in submitted:
+        job.result(timeout=120)
 
 
 def timed(run: Callable[[], None]) -> float:

@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,7 +21,17 @@ from typing import Any
 
 from celery import Celery
 
-from bench.common import ROOT, bench_redis_url, median, start, timed, write_result
+from bench.common import (
+    ROOT,
+    bench_redis_url,
+    median,
+    plain_celery_worker,
+    plain_round,
+    pluginpool_round,
+    pluginpool_worker,
+    timed,
+    write_result,
+)
 from pluginpool.policy.errors import PluginExecutionError
 from pluginpool.tasks.client import PluginClient
 from pluginpool.tasks.settings import Settings
@@ -43,19 +52,6 @@ SPECS = [
     spec("wall-clock", "busy", resource_limits={"timeout_ms": 500}),
     spec("cpu-25", "busy", resource_limits={"max_cpu_percent": 25, "timeout_ms": 30_000}),
 ]
-
-
-def plain_round(app: Celery, jobs: int) -> None:
-    results = [app.send_task("bench.noop", args=[{"i": i}], queue="bench.plain")
-               for i in range(jobs)]
-    for result in results:
-        result.get(timeout=120)
-
-
-def pluginpool_round(client: PluginClient, plugin_id: str, jobs: int) -> None:
-    submitted = [client.submit(plugin_id, {"i": i}) for i in range(jobs)]
-    for job in submitted:
-        job.result(timeout=120)
 
 
 def limits(client: PluginClient, samples: int) -> dict[str, Any]:
@@ -108,35 +104,25 @@ def main() -> None:
     plain_app = Celery("plain-producer", broker=url, backend=url, set_as_current=False)
     plain_app.conf.update(task_serializer="json", accept_content=["json"])
 
-    def ping(node: str) -> bool:
-        return bool(client.app.control.ping(destination=[node], timeout=0.5))
-
     figures: dict[str, list[float]] = {"plain_celery": [], "pluginpool_in_pool": [],
                                        "pluginpool_sandboxed": []}
     for _ in range(args.rounds):
         for system in figures:
             node = f"bench-{system}@localhost"
             if system == "plain_celery":
-                argv = [sys.executable, "-m", "celery", "-A", "plain_app", "worker", "-c", "2",
-                        "-Q", "bench.plain", "-n", node, "--without-mingle", "--without-gossip",
-                        "--loglevel=WARNING"]
-                proc = start(argv, env, run_dir / f"{system}.log", lambda n=node: ping(n))
+                proc = plain_celery_worker(client, env, run_dir, concurrency=2, node=node)
                 elapsed = timed(lambda: plain_round(plain_app, args.jobs))
             else:
                 plugin = "noop-sandboxed" if system.endswith("sandboxed") else "noop-in-pool"
-                argv = [sys.executable, "-m", "pluginpool.pool.cli", "worker", "--plugins",
-                        plugin, "--concurrency", "2", "--name", node, "--loglevel", "WARNING"]
-                proc = start(argv, env, run_dir / f"{system}.log", lambda n=node: ping(n))
+                proc = pluginpool_worker(client, env, run_dir, plugins=plugin, concurrency=2,
+                                         node=node)
                 elapsed = timed(lambda p=plugin: pluginpool_round(client, p, args.jobs))
             proc.stop()
             figures[system].append(args.jobs / elapsed)
     rates = {system: round(median(values), 1) for system, values in figures.items()}
 
-    node = "bench-limits@localhost"
-    argv = [sys.executable, "-m", "pluginpool.pool.cli", "worker", "--plugins",
-            "memory-crosser,wall-clock,cpu-25", "--concurrency", "1", "--name", node,
-            "--loglevel", "WARNING"]
-    proc = start(argv, env, run_dir / "limits.log", lambda: ping(node))
+    proc = pluginpool_worker(client, env, run_dir, plugins="memory-crosser,wall-clock,cpu-25",
+                             concurrency=1, node="bench-limits@localhost")
     try:
         limit_figures = limits(client, args.limit_samples)
     finally:

@@ -8,11 +8,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 from pathlib import Path
 
-from bench.common import ROOT, bench_redis_url, start, timed, write_result
+from bench.common import (
+    ROOT,
+    bench_redis_url,
+    pluginpool_round,
+    pluginpool_worker,
+    timed,
+    write_result,
+)
 from pluginpool.tasks.client import PluginClient
 from pluginpool.tasks.settings import Settings
 from pluginpool.tasks.spec import PluginSpec
@@ -45,19 +51,10 @@ def main() -> None:
     for mode, plugin in specs.items():
         for processes in (int(p) for p in args.processes.split(",")):
             node = f"bench-scale-{mode}-{processes}@localhost"
-            argv = [sys.executable, "-m", "pluginpool.pool.cli", "worker", "--plugins",
-                    plugin.id, "--concurrency", str(processes), "--name", node,
-                    "--loglevel", "WARNING"]
-            proc = start(argv, env, run_dir / f"{node}.log", lambda n=node: bool(
-                client.app.control.ping(destination=[n], timeout=0.5)))
-
-            def run(plugin_id: str = plugin.id) -> None:
-                jobs = [client.submit(plugin_id, {"seconds": SLEEP_S})
-                        for _ in range(args.jobs)]
-                for job in jobs:
-                    job.result(timeout=120)
-
-            elapsed = timed(run)
+            proc = pluginpool_worker(client, env, run_dir, plugins=plugin.id,
+                                     concurrency=processes, node=node)
+            elapsed = timed(lambda p=plugin.id: pluginpool_round(
+                client, p, args.jobs, payload=lambda _: {"seconds": SLEEP_S}))
             proc.stop()
             figures[mode][str(processes)] = round(args.jobs / elapsed, 1)
     ideal = {str(p): round(int(p) / SLEEP_S, 1) for p in args.processes.split(",")}

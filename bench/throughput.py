@@ -10,14 +10,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 from pathlib import Path
-from typing import Any
 
 from celery import Celery
 
-from bench.common import ROOT, bench_redis_url, median, start, timed, write_result
+from bench.common import (
+    ROOT,
+    bench_redis_url,
+    median,
+    plain_celery_worker,
+    plain_round,
+    pluginpool_round,
+    pluginpool_worker,
+    timed,
+    write_result,
+)
 from pluginpool.tasks.client import PluginClient
 from pluginpool.tasks.settings import Settings
 from pluginpool.tasks.spec import PluginSpec
@@ -25,19 +33,6 @@ from pluginpool.tasks.spec import PluginSpec
 NOOP = PluginSpec.model_validate({
     "id": "bench-noop", "name": "Bench no-op", "entrypoint": "pluginpool_examples.text:noop",
     "isolation": {"sandboxed": False}, "resource_limits": {"timeout_ms": 10_000}})
-
-
-def plain_round(app: Celery, jobs: int) -> None:
-    results = [app.send_task("bench.noop", args=[{"i": i}], queue="bench.plain")
-               for i in range(jobs)]
-    for result in results:
-        result.get(timeout=60)
-
-
-def pluginpool_round(client: PluginClient, plugin_id: str, jobs: int) -> None:
-    submitted = [client.submit(plugin_id, {"i": i}) for i in range(jobs)]
-    for job in submitted:
-        job.result(timeout=60)
 
 
 def main() -> None:
@@ -58,12 +53,6 @@ def main() -> None:
            "PYTHONPATH": str(ROOT / "bench")}
     plain_app = Celery("plain-producer", broker=url, backend=url, set_as_current=False)
     plain_app.conf.update(task_serializer="json", accept_content=["json"])
-    concurrency = str(args.concurrency)
-
-    def ping(node: str) -> bool:
-        return bool(client.app.control.ping(destination=[node], timeout=0.5))
-
-    systems: dict[str, Any] = {}
     figures: dict[str, list[float]] = {"plain_celery": [], "plain_celery_reliable": [],
                                        "pluginpool": []}
     for _ in range(args.rounds):
@@ -71,20 +60,15 @@ def main() -> None:
             node = f"bench-{system}@localhost"
             if system.startswith("plain"):
                 worker_env = {**env, "BENCH_PLAIN_RELIABLE": "1" if "reliable" in system else "0"}
-                argv = [sys.executable, "-m", "celery", "-A", "plain_app", "worker",
-                        "-c", concurrency, "-Q", "bench.plain", "-n", node, "--without-mingle",
-                        "--without-gossip", "--loglevel=WARNING"]
-                proc = start(argv, worker_env, run_dir / f"{system}.log", lambda n=node: ping(n))
+                proc = plain_celery_worker(client, worker_env, run_dir,
+                                           concurrency=args.concurrency, node=node)
                 elapsed = timed(lambda: plain_round(plain_app, args.jobs))
             else:
-                argv = [sys.executable, "-m", "pluginpool.pool.cli", "worker", "--plugins",
-                        NOOP.id, "--concurrency", concurrency, "--name", node,
-                        "--loglevel", "WARNING"]
-                proc = start(argv, env, run_dir / f"{system}.log", lambda n=node: ping(n))
+                proc = pluginpool_worker(client, env, run_dir, plugins=NOOP.id,
+                                         concurrency=args.concurrency, node=node)
                 elapsed = timed(lambda: pluginpool_round(client, NOOP.id, args.jobs))
             proc.stop()
             figures[system].append(args.jobs / elapsed)
-            systems[system] = argv
     rates = {system: round(median(values), 1) for system, values in figures.items()}
     write_result("throughput", {
         "benchmark": "no-op job, enqueue N then wait for each result",
