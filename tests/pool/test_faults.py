@@ -4,8 +4,6 @@ Redis restarted, a rolling restart, a breaker draining a backlog, Redis through 
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -260,4 +258,3 @@ def test_sentinel_urls_need_a_master_name() -> None:
     app = create_app(tls)
     assert app.conf.broker_use_ssl["ssl_ca_certs"] == "/etc/ssl/ca.pem"
     assert app.conf.redis_backend_use_ssl["ssl_cert_reqs"] is not None
-    assert subprocess.run([sys.executable, "-c", "print(1)"], check=True).returncode == 0

@@ -13,7 +13,7 @@ import pytest
 from celery import Celery
 
 from pluginpool.policy.errors import ErrorType, PluginExecutionError
-from pluginpool.pool.processes import ManagedProcess
+from pluginpool.pool.processes import ManagedProcess, wait_until
 from pluginpool.tasks.client import PluginClient
 from tests.conftest import TEST_PLUGINS, make_settings, spawn_worker
 
@@ -204,6 +204,26 @@ def test_unparsable_messages_are_rejected_and_the_worker_lives_on(
             client.redis.lrange(client.settings.keys.dead_letter, 0, -1)]
     assert {entry["reason"].split(":")[0] for entry in dead} >= {
         "not JSON", "message is a JSON list, not an object"}
+
+
+def test_a_duplicated_message_runs_again_under_the_same_job_id(
+        env: tuple[PluginClient, ManagedProcess]) -> None:
+    """At-least-once: a message delivered twice is run twice, one job id, one outcome."""
+    client, worker = env
+    url = client.settings.redis_url
+    plain = Celery("dup", broker=url, backend=url, set_as_current=False)
+    plain.conf.update(task_serializer="json", accept_content=["json"],
+                      result_accept_content=["json"])
+    holding = f"pp-holding-{uuid.uuid4().hex[:6]}"
+    result = plain.send_task("plugin.echo", args=[{"dup": 1}], queue=holding)
+    raw = client.redis.rpop(holding)
+    assert raw is not None
+    client.redis.lpush("plugins.echo", raw, raw)
+    assert result.get(timeout=20)["value"]["payload"] == {"dup": 1}
+    assert wait_until(lambda: worker.log_text().count(f"plugin.echo[{result.id}] succeeded")
+                      == 2, timeout_s=20)
+    assert worker.alive()
+    plain.close()
 
 
 def test_two_workers_share_a_queue(env: tuple[PluginClient, ManagedProcess],
