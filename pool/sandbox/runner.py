@@ -120,10 +120,6 @@ class SandboxRunner:
     def factory(cls, services: WorkerServices) -> SandboxRunner:
         return cls(services)
 
-    def layers_available(self) -> dict[str, Any]:
-        return {"landlock_abi": self._landlock_abi, "seccomp": self._seccomp,
-                "audit_hook": True, "rlimits": True}
-
     def run(self, spec: PluginSpec, ctx: PluginContext, payload: Any) -> RunReport:
         registry = self._services.redis
         check_requires(spec, registered=lambda pid: bool(
