@@ -50,9 +50,15 @@ def test_flower_api_lists_plugin_tasks_and_queues(test_plugins: PluginClient,
         assert wait_until(seen, timeout_s=20), flower.log_text()[-2000:]
         task = get_json(f"{base}/api/task/info/{ok.id}")
         assert task["name"] == "plugin.echo" and task["state"] == "SUCCESS"
-        workers = get_json(f"{base}/api/workers?refresh=1")
-        queues = {q["name"] for q in workers[worker.nodename]["active_queues"]}  # type: ignore[attr-defined]
-        assert queues == {"plugins.echo", "plugins.raises"}
+        def queues_of_worker() -> set[str]:
+            # Flower asks the workers (inspect, 1 s timeout); on a busy machine an answer
+            # can miss a round, so ask again until this worker's queues are in.
+            workers = get_json(f"{base}/api/workers?refresh=1")
+            entry = workers.get(worker.nodename, {})  # type: ignore[attr-defined]
+            return {q["name"] for q in entry.get("active_queues") or []}
+
+        assert wait_until(lambda: bool(queues_of_worker()), timeout_s=30)
+        assert queues_of_worker() == {"plugins.echo", "plugins.raises"}
         lengths = get_json(f"{base}/api/queues/length")
         assert {"plugins.echo", "plugins.raises"} <= {q["name"] for q in lengths["active_queues"]}
     finally:
