@@ -144,11 +144,15 @@ def test_endless_loops_stop_at_the_wall_clock(env: Any, plugin: str) -> None:
 
 
 def test_memory_bomb_is_stopped_at_its_limit_restarted_then_a_resource_error(env: Any) -> None:
+    """The sampler stops it soon after it crosses 64 MB (bench/sandbox.py measures how
+    soon); what it can never pass is the address-space cap set before it started."""
+    from pluginpool.pool.sandbox.rlimits import ADDRESS_SPACE_HEADROOM_MB
+
     error, _ = failure(env, "memory-bomb")
     assert error.type is ErrorType.RESOURCE
     assert error.details["limit"] == "max_memory_mb"
     assert error.details["restarts_exhausted"] and error.details["max_restarts"] == 1
-    assert error.details["usage"]["peak_memory_mb"] < 64 + 64  # limit + one sample of growth
+    assert error.details["usage"]["peak_memory_mb"] < 64 + ADDRESS_SPACE_HEADROOM_MB
     assert_unharmed(env)
 
 
