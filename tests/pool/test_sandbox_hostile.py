@@ -139,7 +139,7 @@ def test_endless_loops_stop_at_the_wall_clock(env: Any, plugin: str) -> None:
     error, elapsed = failure(env, plugin)
     assert error.type is ErrorType.TIMEOUT
     assert elapsed < 1.0 + MARGIN_S
-    assert error.details["usage"]["wall_ms"] < 1000 + 200
+    assert error.details["usage"]["wall_ms"] < 1000 + MARGIN_S * 1000
     assert_unharmed(env)
 
 
