@@ -36,6 +36,11 @@ class RedisKeys:
         """List: broker messages that could not be parsed, with the reason; bounded."""
         return f"{self.prefix}deadletter"
 
+    @property
+    def bell_prefix(self) -> str:
+        """Prefix of the per-queue bell lists: wake-up tokens for idle workers, bounded."""
+        return f"{self.prefix}bell:"
+
     def breaker(self, plugin_id: str) -> str:
         """Hash: one plugin's breaker state, window counters and trial permits."""
         return f"{self.prefix}breaker:{plugin_id}"

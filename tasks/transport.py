@@ -17,6 +17,8 @@ from typing import Any
 
 from kombu.transport import redis as kombu_redis
 
+from pluginpool.tasks.reliable_fetch import ReliableFetchChannel
+
 logger = logging.getLogger("pluginpool.transport")
 
 DEAD_LETTER_OPTION = "pluginpool_dead_letter_key"
@@ -120,17 +122,18 @@ class _GuardedDelivery:
             logger.warning("could not store dead letter: %r", exc)
 
 
-class GuardedChannel(_GuardedRead, kombu_redis.Channel):  # type: ignore[misc,unused-ignore]
+class GuardedChannel(_GuardedRead, ReliableFetchChannel, kombu_redis.Channel):  # type: ignore[misc,unused-ignore]
     pass
 
 
 class GuardedRedisTransport(_GuardedDelivery, kombu_redis.Transport):  # type: ignore[misc,unused-ignore]
-    """kombu's Redis transport with malformed messages dead-lettered instead of fatal."""
+    """kombu's Redis transport with reliable fetch (see `reliable_fetch`) and malformed
+    messages dead-lettered instead of fatal."""
 
     Channel = GuardedChannel
 
 
-class GuardedSentinelChannel(_GuardedRead, kombu_redis.SentinelChannel):  # type: ignore[misc,unused-ignore]
+class GuardedSentinelChannel(_GuardedRead, ReliableFetchChannel, kombu_redis.SentinelChannel):  # type: ignore[misc,unused-ignore]
     pass
 
 

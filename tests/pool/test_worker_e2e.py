@@ -190,20 +190,27 @@ def test_unparsable_messages_are_rejected_and_the_worker_lives_on(
         _kombu_message("x", "application/x-python-serialize", {"task": "plugin.echo"}),
         _kombu_message("[[], {}, {}]", "application/json",
                        {"task": "plugin.not-registered", "id": uuid.uuid4().hex}),
+        # Indexable as unacked (it has a tag) but its body is not base64: dead-lettered,
+        # and its unacked record dropped so the restore sweep never brings it back.
+        json.dumps({"body": "%%% not base64", "headers": {},
+                    "properties": {"delivery_tag": "bad-body-tag", "body_encoding": "base64",
+                                   "delivery_info": {"exchange": "", "routing_key": "x"}}}),
     ]
     for item in foreign:
         client.redis.lpush("plugins.echo", item)
     assert client.submit("echo", "still here").result(timeout=20)["payload"] == "still here"
     assert worker.alive()
     log = worker.log_text()
-    assert "dropping malformed message from queue ?: not JSON" in log
+    assert "dropping malformed message from queue plugins.echo: not JSON" in log
     assert "message is a JSON list, not an object" in log
+    assert "body is not valid base64" in log
+    assert not client.redis.hexists("unacked", "bad-body-tag")
     assert "Refusing to deserialize untrusted content of type pickle" in log
     assert "Received unregistered task of type 'plugin.not-registered'" in log
     dead = [json.loads(item) for item in
             client.redis.lrange(client.settings.keys.dead_letter, 0, -1)]
     assert {entry["reason"].split(":")[0] for entry in dead} >= {
-        "not JSON", "message is a JSON list, not an object"}
+        "not JSON", "message is a JSON list, not an object", "body is not valid base64"}
 
 
 def test_a_duplicated_message_runs_again_under_the_same_job_id(
