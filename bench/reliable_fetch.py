@@ -56,7 +56,8 @@ def kill_round(url: str, run_dir: Path, *, plain: bool, messages: int, kills: in
     for _ in range(kills):
         proc = consumer(url, queue, done_key, run_dir, plain=plain)
         before = store.scard(done_key)
-        wait_until(lambda: store.scard(done_key) > before, timeout_s=10, interval_s=0.01)
+        wait_until(lambda before=before: store.scard(done_key) > before, timeout_s=10,
+                   interval_s=0.01)
         time.sleep(rng.uniform(0.0, 0.3))
         proc.signal(signal.SIGKILL)
         proc.stop()

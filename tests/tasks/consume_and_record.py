@@ -4,6 +4,7 @@ in a Redis set, then acks it. Run as a script; the test SIGKILLs it at random in
 from __future__ import annotations
 
 import argparse
+import contextlib
 import socket
 
 import redis
@@ -38,10 +39,8 @@ def main() -> None:
             Consumer(conn, [queue], callbacks=[record], accept=["json"]) as consumer:
         consumer.qos(prefetch_count=4)
         while True:
-            try:
+            with contextlib.suppress(socket.timeout):
                 conn.drain_events(timeout=1)
-            except socket.timeout:
-                pass
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ def test_consumers_killed_at_random_instants_lose_no_message(redis_url: str,
             proc = consumer(redis_url, queue, done_key, tmp_path)
             processes.append(proc)
             before = store.scard(done_key)
-            assert wait_until(lambda: store.scard(done_key) > before, timeout_s=20,
+            assert wait_until(lambda n=before: store.scard(done_key) > n, timeout_s=20,
                               interval_s=0.01), proc.log_text()
             time.sleep(rng.uniform(0.0, 0.3))
             proc.signal(signal.SIGKILL)
