@@ -6,11 +6,16 @@ pluginpool's. For each round: publish N messages, start a consumer and SIGKILL i
 random instant, K times, then let one consumer drain the rest (the restore sweep returns
 what the killed ones held) and count the messages never processed.
 Speed: one consumer drains N messages with no kills, timed from its first message.
+Idle latency: a `pluginpool worker` that has been idle gets one no-op job at a time, from
+pluginpool's client (rings the queue's bell) and from a plain Celery producer (rings none:
+the worker sees it when its idle wait, `PLUGINPOOL_BROKER_IDLE_WAIT_S`, ends).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import random
 import signal
 import sys
@@ -20,10 +25,14 @@ import uuid
 from pathlib import Path
 
 import redis
+from celery import Celery
 from kombu import Connection, Exchange, Queue
 
-from bench.common import ROOT, bench_redis_url, median, write_result
+from bench.common import ROOT, bench_redis_url, median, pluginpool_worker, write_result
+from bench.throughput import NOOP
 from pluginpool.pool.processes import ManagedProcess, wait_until
+from pluginpool.tasks.client import PluginClient
+from pluginpool.tasks.settings import Settings
 from pluginpool.tasks.transport import TRANSPORT_PATH
 
 CONSUMER = ROOT / "tests" / "tasks" / "consume_and_record.py"
@@ -88,11 +97,45 @@ def drain_rate(url: str, run_dir: Path, *, plain: bool, messages: int) -> float:
         proc.stop()
 
 
+def idle_latency(url: str, run_dir: Path, samples: int) -> dict[str, dict[str, float]]:
+    """Milliseconds from submit to result for a job reaching an idle worker."""
+    settings = Settings(_env_file=None, redis_url=url,  # type: ignore[call-arg]
+                        plugin_paths=[str(ROOT / "examples")])
+    client = PluginClient(settings)
+    client.register(NOOP)
+    env = {**os.environ, "PLUGINPOOL_REDIS_URL": url,
+           "PLUGINPOOL_PLUGIN_PATHS": json.dumps(settings.plugin_paths)}
+    plain = Celery("plain-producer", broker=url, backend=url, set_as_current=False)
+    plain.conf.update(task_serializer="json", accept_content=["json"],
+                      result_accept_content=["json"])
+    worker = pluginpool_worker(client, env, run_dir, plugins=NOOP.id, concurrency=2,
+                               node="bench-idle@localhost")
+    latencies: dict[str, list[float]] = {"pluginpool_client": [], "plain_celery_producer": []}
+    try:
+        for i in range(samples):
+            for name, values in latencies.items():
+                time.sleep(0.3)  # idle: the worker is waiting on its bells
+                started = time.perf_counter()
+                if name == "pluginpool_client":
+                    client.submit(NOOP.id, {"i": i}).result(timeout=30)
+                else:
+                    plain.send_task(f"plugin.{NOOP.id}", args=[{"i": i}],
+                                    queue=f"plugins.{NOOP.id}").get(timeout=30)
+                values.append((time.perf_counter() - started) * 1000)
+    finally:
+        worker.stop()
+        client.close()
+        plain.close()
+    return {name: {"p50_ms": round(median(values), 1), "max_ms": round(max(values), 1)}
+            for name, values in latencies.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--messages", type=int, default=8000)
     parser.add_argument("--kills", type=int, default=20)
+    parser.add_argument("--latency-samples", type=int, default=40)
     args = parser.parse_args()
     run_dir = Path(tempfile.mkdtemp(prefix="pluginpool-bench-"))
     url = bench_redis_url(run_dir)
@@ -106,6 +149,7 @@ def main() -> None:
                                          kills=args.kills, rng=rng))
             rates[name].append(drain_rate(url, run_dir, plain=plain, messages=args.messages))
             print(name, "lost", lost[name][-1], "drain/s", round(rates[name][-1]), flush=True)
+    latency = idle_latency(url, run_dir, args.latency_samples)
     write_result("reliable_fetch", {
         "benchmark": "messages lost to consumer SIGKILLs, and drain rate, kombu BRPOP vs "
                      "pluginpool reliable fetch (same consumer, prefetch 4)",
@@ -115,6 +159,8 @@ def main() -> None:
         "lost_total": {name: sum(values) for name, values in lost.items()},
         "drain_msgs_per_s_median": {name: round(median(v), 1) for name, v in rates.items()},
         "drain_msgs_per_s_all": {name: [round(x, 1) for x in v] for name, v in rates.items()},
+        "idle_worker_latency_ms": latency,
+        "idle_wait_s": Settings(_env_file=None).broker_idle_wait_s,  # type: ignore[call-arg]
     })
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from celery import Celery
 
-from pluginpool.tasks.reliable_fetch import BELL_PREFIX_OPTION
+from pluginpool.tasks.reliable_fetch import BELL_PREFIX_OPTION, IDLE_WAIT_OPTION
 from pluginpool.tasks.routing import route_plugin_task
 from pluginpool.tasks.settings import Settings
 from pluginpool.tasks.transport import (
@@ -42,6 +42,7 @@ def create_app(settings: Settings, *, name: str = "pluginpool",
     # default; sweep every restore_sweep_s so they return soon after the visibility timeout.
     broker_options = {**transport_options, DEAD_LETTER_OPTION: settings.keys.dead_letter,
                       BELL_PREFIX_OPTION: settings.keys.bell_prefix,
+                      IDLE_WAIT_OPTION: settings.broker_idle_wait_s,
                       "unacked_restore_interval": settings.restore_sweep_s,
                       "unacked_restore_throttle": 1}
     broker = settings.effective_broker_url

@@ -12,9 +12,9 @@ message somewhere, so this channel splits consuming in two:
 - **wait**: when every queue is empty, the worker blocks on `BLPOP` over one small *bell*
   list per queue. Every publish through this transport pushes a token on the bell in the
   same round trip as the message. A bell token carries no job, so losing one loses
-  nothing; the wait also ends after `brpop_timeout` (1 s), so messages published by a
-  producer that rings no bell (plain kombu) still start within about a second on an idle
-  worker.
+  nothing; the wait also ends after the idle wait (`pluginpool_idle_wait_s`, else kombu's
+  `brpop_timeout`), so messages published by a producer that rings no bell (plain kombu
+  or Celery) still start within that time on an idle worker.
 
 This is the "reliable queue" pattern (Redis `LMOVE` docs; Sidekiq Pro's super_fetch),
 written here because kombu has no such mode and `BLMOVE` takes a single source list.
@@ -38,6 +38,7 @@ from redis.exceptions import NoScriptError
 logger = logging.getLogger("pluginpool.transport")
 
 BELL_PREFIX_OPTION = "pluginpool_bell_prefix"
+IDLE_WAIT_OPTION = "pluginpool_idle_wait_s"
 DEFAULT_BELL_PREFIX = "pluginpool:bell:"
 BELL_DEPTH = 64
 """Tokens kept on a bell nobody waits on: enough to wake every idle worker of a queue
@@ -91,9 +92,12 @@ class ReliableFetchChannel:
 
     # --- publishing: ring the queue's bell in the message's round trip -------------------
 
-    def bell_key(self, queue: str) -> str:
+    def _option(self, name: str, default: Any) -> Any:
         options = getattr(self.connection.client, "transport_options", None) or {}
-        return f"{options.get(BELL_PREFIX_OPTION, DEFAULT_BELL_PREFIX)}{queue}"
+        return options.get(name, default)
+
+    def bell_key(self, queue: str) -> str:
+        return f"{self._option(BELL_PREFIX_OPTION, DEFAULT_BELL_PREFIX)}{queue}"
 
     def _put(self, queue: str, message: Any, **kwargs: Any) -> None:
         pri = self._get_message_priority(message, reverse=False)  # type: ignore[attr-defined]
@@ -140,7 +144,7 @@ class ReliableFetchChannel:
             super()._brpop_start(timeout)  # type: ignore[misc]
             return
         if timeout is None:
-            timeout = self.brpop_timeout
+            timeout = self._option(IDLE_WAIT_OPTION, self.brpop_timeout)
         queues = self._queue_cycle.consume(len(self.active_queues))
         if not queues:
             return

@@ -77,6 +77,11 @@ class Settings(BaseSettings):
         default=5.0, gt=0,
         description="How often workers return messages of dead workers past the visibility "
                     "timeout to their queues.")
+    broker_idle_wait_s: float = Field(
+        default=0.2, ge=0.01, le=10,
+        description="How long an idle worker blocks on its queues' bells before looking at "
+                    "the queues again: the most a job from a producer that rings no bell "
+                    "(plain Celery or kombu) waits on an idle worker.")
     spec_cache_ttl_s: float = Field(
         default=5.0, ge=0, description="How long producers and workers cache a spec.")
     plugin_paths: list[str] = Field(

@@ -33,3 +33,14 @@ def test_invalid_values_name_the_variable(monkeypatch: pytest.MonkeyPatch, varia
     with pytest.raises(SettingsError) as info:
         Settings.from_env(_env_file=None)
     assert variable in str(info.value)
+
+
+def test_the_readme_documents_every_setting() -> None:
+    """The README's settings table stays true: every PLUGINPOOL_* variable is in it."""
+    from tests.conftest import ROOT
+
+    readme = (ROOT / "README.md").read_text()
+    missing = [name for name in Settings.model_fields  # nested ones as PLUGINPOOL_X__<FIELD>
+               if f"`PLUGINPOOL_{name.upper()}`" not in readme
+               and f"`PLUGINPOOL_{name.upper()}__<FIELD>`" not in readme]
+    assert not missing, missing
