@@ -57,30 +57,39 @@ def consumer(url: str, queue: str, done_key: str, run_dir: Path, *,
 
 
 def kill_round(url: str, run_dir: Path, *, plain: bool, messages: int, kills: int,
-               rng: random.Random) -> int:
-    """Messages never processed after `kills` random SIGKILLs and a final drain."""
+               rng: random.Random) -> tuple[int, int]:
+    """(messages processed while killing, messages never processed) after `kills` random
+    SIGKILLs and a final drain."""
     store = redis.Redis.from_url(url)
     queue, done_key = f"rfb-{uuid.uuid4().hex[:8]}", f"rfb-done-{uuid.uuid4().hex[:8]}"
     publish(url, queue, messages, plain=plain)
-    for _ in range(kills):
-        proc = consumer(url, queue, done_key, run_dir, plain=plain)
-        before = store.scard(done_key)
-        wait_until(lambda before=before: store.scard(done_key) > before, timeout_s=10,
-                   interval_s=0.01)
-        time.sleep(rng.uniform(0.0, 0.3))
-        proc.signal(signal.SIGKILL)
-        proc.stop()
-    final = consumer(url, queue, done_key, run_dir, plain=plain)
-    # Done when everything is processed, or nothing moved for 5 s after the restore sweep
-    # (visibility timeout 1 s) had every chance to bring back what the killed ones held.
-    last, still_since = -1, time.monotonic()
-    while store.scard(done_key) < messages and time.monotonic() - still_since < 5:
-        count = store.scard(done_key)
-        if count != last:
-            last, still_since = count, time.monotonic()
-        time.sleep(0.2)
-    final.stop()
-    return messages - int(store.scard(done_key))
+    processes: list[ManagedProcess] = []
+    try:
+        for _ in range(kills):
+            proc = consumer(url, queue, done_key, run_dir, plain=plain)
+            processes.append(proc)
+            before = store.scard(done_key)
+            if not wait_until(lambda before=before: store.scard(done_key) > before,
+                              timeout_s=20, interval_s=0.01):
+                raise RuntimeError(f"consumer processed nothing:\n{proc.log_text()}")
+            time.sleep(rng.uniform(0.0, 0.3))
+            proc.signal(signal.SIGKILL)
+            proc.stop()
+        while_killing = int(store.scard(done_key))
+        processes.append(consumer(url, queue, done_key, run_dir, plain=plain))
+        # Done when everything is processed, or nothing moved for 5 s after the restore
+        # sweep (visibility timeout 1 s) had every chance to bring back what the killed
+        # ones held.
+        last, still_since = -1, time.monotonic()
+        while store.scard(done_key) < messages and time.monotonic() - still_since < 5:
+            count = store.scard(done_key)
+            if count != last:
+                last, still_since = count, time.monotonic()
+            time.sleep(0.2)
+    finally:
+        for proc in processes:
+            proc.stop()
+    return while_killing, messages - int(store.scard(done_key))
 
 
 def drain_rate(url: str, run_dir: Path, *, plain: bool, messages: int) -> float:
@@ -145,8 +154,9 @@ def main() -> None:
     for _ in range(args.rounds):
         for name in lost:
             plain = name == "kombu_brpop"
-            lost[name].append(kill_round(url, run_dir, plain=plain, messages=args.messages,
-                                         kills=args.kills, rng=rng))
+            _, lost_now = kill_round(url, run_dir, plain=plain, messages=args.messages,
+                                     kills=args.kills, rng=rng)
+            lost[name].append(lost_now)
             rates[name].append(drain_rate(url, run_dir, plain=plain, messages=args.messages))
             print(name, "lost", lost[name][-1], "drain/s", round(rates[name][-1]), flush=True)
     latency = idle_latency(url, run_dir, args.latency_samples)
