@@ -224,9 +224,13 @@ class ReliableFetchChannel:
         claimed.add(tag)
         try:
             transport._deliver(message, queue)
-        finally:
-            if tag in claimed:
-                # Not taken into QoS (dead-lettered as malformed): drop the unacked record
-                # claim.lua wrote, or the restore sweep would bring it back forever.
-                claimed.discard(tag)
-                self.qos._remove_from_indices(tag).execute()  # type: ignore[attr-defined]
+        except BaseException:
+            # Delivery broke off: keep the unacked record, so the restore sweep returns
+            # the message after the visibility timeout instead of it being lost.
+            claimed.discard(tag)
+            raise
+        if tag in claimed:
+            # Not taken into QoS (dead-lettered as malformed): drop the unacked record
+            # claim.lua wrote, or the restore sweep would bring it back forever.
+            claimed.discard(tag)
+            self.qos._remove_from_indices(tag).execute()  # type: ignore[attr-defined]
