@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install demo test browser lint typecheck bench clean
+.PHONY: install demo test chaos browser lint typecheck bench clean
 
 install: $(STAMP)
 
@@ -20,6 +20,12 @@ demo: install
 
 test: install browser
 	PLUGINPOOL_REDIS_URL=$$($(BIN)/pluginpool ensure-redis) $(BIN)/python -m pytest
+
+# Only the fault tests (they also run in `make test`): workers, consumers and Redis killed
+# or restarted mid-stream, Sentinel, backlogs behind an open breaker.
+chaos: install
+	PLUGINPOOL_REDIS_URL=$$($(BIN)/pluginpool ensure-redis) $(BIN)/python -m pytest -s \
+	  tests/pool/test_faults.py tests/tasks/test_reliable_fetch.py
 
 # The dashboard is tested in a real headless Chromium (Debian's package).
 browser:
