@@ -6,10 +6,36 @@ that producers, the breaker and the health aggregator can act on it without pars
 
 from __future__ import annotations
 
+import json
 from enum import StrEnum
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
+
+MAX_ERROR_MESSAGE_CHARS = 4_096
+"""Longest error message kept (stored in Redis, sent in events, served by /health)."""
+MAX_TRACEBACK_CHARS = 16_384
+"""Longest `details["traceback"]` kept; its head and its tail (where the exception is)."""
+MAX_DETAIL_CHARS = 4_096
+"""Longest other string in `details` (e.g. `attempted`, `reason`)."""
+MAX_DETAIL_VALUE_CHARS = 8_192
+"""Largest JSON encoding of a list or object in `details` (e.g. `usage`); a larger one is
+replaced by a note saying what was dropped."""
+TRUNCATION_MARKER = "...[truncated {} chars]..."
+"""Put where text was cut, with the number of characters cut."""
+
+
+def truncate_text(text: str, limit: int, *, keep_tail: bool = False) -> str:
+    """`text` cut to at most `limit` characters, marker included; unchanged if it fits.
+
+    Plugin-supplied text is stored and shown in many places: one 1 MB exception message
+    must not become megabytes in Redis, in events and in every /health poll."""
+    if len(text) <= limit:
+        return text
+    room = max(limit - len(TRUNCATION_MARKER.format(len(text))), 0)
+    head = room // 2 if keep_tail else room
+    return (text[:head] + TRUNCATION_MARKER.format(len(text) - room)
+            + text[len(text) - (room - head):])
 
 
 class ErrorType(StrEnum):
@@ -36,6 +62,33 @@ class ErrorInfo(BaseModel):
     instance_id: str | None = None
     job_id: str | None = None
     details: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("message")
+    @classmethod
+    def _bounded_message(cls, value: str) -> str:
+        return truncate_text(value, MAX_ERROR_MESSAGE_CHARS)
+
+    @field_validator("details")
+    @classmethod
+    def _bounded_details(cls, value: dict[str, Any]) -> dict[str, Any]:
+        """Plugin-supplied strings are cut; a list or object too large (or too deep) to
+        encode within MAX_DETAIL_VALUE_CHARS is replaced by a note saying so."""
+        bounded: dict[str, Any] = {}
+        for key, item in value.items():
+            if isinstance(item, str):
+                limit = MAX_TRACEBACK_CHARS if key == "traceback" else MAX_DETAIL_CHARS
+                bounded[key] = truncate_text(item, limit, keep_tail=key == "traceback")
+            elif isinstance(item, dict | list | tuple):
+                try:
+                    size = len(json.dumps(item, default=str))
+                except (ValueError, TypeError, RecursionError):
+                    size = -1
+                bounded[key] = item if 0 <= size <= MAX_DETAIL_VALUE_CHARS else (
+                    f"[dropped: {'not encodable' if size < 0 else f'{size} chars'}, over the "
+                    f"{MAX_DETAIL_VALUE_CHARS}-char limit]")
+            else:
+                bounded[key] = item
+        return bounded
 
 
 class PluginPoolError(Exception):
@@ -129,12 +182,26 @@ class UnknownInstanceError(SubmitError, LookupError):
 
 
 class InvalidPayloadError(SubmitError, ValueError):
-    """The payload is not JSON-serialisable (JSON only on the wire)."""
+    """The payload (or initial_data) is not acceptable JSON: not serialisable, NaN, too deeply
+    nested, or an initial_data that is not an object."""
 
-    def __init__(self, plugin_id: str, reason: str) -> None:
+    def __init__(self, plugin_id: str, reason: str, *, field: str = "payload") -> None:
         self.plugin_id = plugin_id
         self.reason = reason
-        super().__init__(f"payload for {plugin_id!r} is not JSON: {reason}")
+        self.field = field
+        super().__init__(f"{field} for {plugin_id!r} is refused: {reason}")
+
+
+class PayloadTooDeepError(InvalidPayloadError):
+    """The payload nests lists/objects deeper than `max_payload_depth`.
+
+    Refused before any encoder runs: encoders, decoders and pickle recurse per level and a
+    deep enough value makes them raise RecursionError (in a worker: in its main process)."""
+
+    def __init__(self, plugin_id: str, *, depth_limit: int, field: str = "payload") -> None:
+        self.depth_limit = depth_limit
+        super().__init__(plugin_id, f"nested deeper than the {depth_limit}-level limit "
+                                    "(PLUGINPOOL_MAX_PAYLOAD_DEPTH)", field=field)
 
 
 class PayloadTooLargeError(SubmitError, ValueError):

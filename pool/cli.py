@@ -80,6 +80,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
     except json.JSONDecodeError as exc:
         print(json.dumps({"error": "invalid_payload", "message": f"--payload is not JSON: {exc}"}))
         return 2
+    except RecursionError:  # the decoder recurses per level; the client bounds the depth
+        print(json.dumps({"error": "PayloadTooDeepError",
+                          "message": "--payload is nested deeper than the decoder can read"}))
+        return 2
     with _client() as client:
         if args.count == 1:
             job = client.submit(args.plugin, payload, instance_id=args.instance)

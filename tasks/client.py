@@ -24,6 +24,7 @@ from pluginpool.policy.errors import (
     CircuitOpenError,
     InstanceFailedError,
     InvalidPayloadError,
+    PayloadTooDeepError,
     PayloadTooLargeError,
     UnknownInstanceError,
 )
@@ -33,6 +34,7 @@ from pluginpool.tasks.health import HealthReader
 from pluginpool.tasks.instances import Instance, InstanceStore, SandboxInfo
 from pluginpool.tasks.jobs import FallbackJob, Job
 from pluginpool.tasks.manifest import load_manifest
+from pluginpool.tasks.payload import nesting_depth
 from pluginpool.tasks.redis_conn import redis_client
 from pluginpool.tasks.registry import Registry, SpecCache
 from pluginpool.tasks.routing import REVISION_HEADER, TRIAL_HEADER
@@ -99,8 +101,12 @@ class PluginClient:
     def load(self, plugin_id: str, initial_data: dict[str, Any] | None = None) -> str:
         """Create a plugin instance; its `initial_data` reaches every run as ctx.initial_data."""
         self.spec(plugin_id)
-        data = initial_data or {}
-        self._encode(plugin_id, data)
+        data: Any = {} if initial_data is None else initial_data
+        if not isinstance(data, dict):
+            raise InvalidPayloadError(
+                plugin_id, f"must be a JSON object, not {type(data).__name__}",
+                field="initial_data")
+        self._encode(plugin_id, data, field="initial_data")
         with self._unavailable_as_error():
             return self.instances.create(plugin_id, data).id
 
@@ -241,11 +247,16 @@ class PluginClient:
 
     # -- helpers ------------------------------------------------------------------------
 
-    def _encode(self, plugin_id: str, payload: Any) -> None:
+    def _encode(self, plugin_id: str, payload: Any, *, field: str = "payload") -> None:
+        """Refuse what the wire or a worker cannot take: too deep (checked first, without
+        recursion, since the encoder recurses per level), not JSON, too large."""
+        limit = self.settings.max_payload_depth
+        if nesting_depth(payload, limit=limit) > limit:
+            raise PayloadTooDeepError(plugin_id, depth_limit=limit, field=field)
         try:
             encoded = json.dumps(payload, allow_nan=False)
         except (TypeError, ValueError) as exc:
-            raise InvalidPayloadError(plugin_id, str(exc)) from None
+            raise InvalidPayloadError(plugin_id, str(exc), field=field) from None
         size = len(encoded.encode())
         if size > self.settings.max_payload_bytes:
             raise PayloadTooLargeError(plugin_id, size_bytes=size,

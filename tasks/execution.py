@@ -137,7 +137,7 @@ def _run_plugin_job(task: PluginTask, args: tuple[Any, ...], kwargs: dict[str, A
     job_id = str(task.request.id)
     plugin_id = task.plugin_id
     try:
-        job = parse_job(args, kwargs)
+        job = parse_job(args, kwargs, max_depth=services.settings.max_payload_depth)
     except InvalidJobError as exc:
         logger.warning("rejecting job %s on plugin %s: %s", job_id, plugin_id, exc)
         raise

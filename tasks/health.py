@@ -90,7 +90,7 @@ class HealthReader:
             queue_depth=int(depth), workers=consuming, breaker_state=breaker_state,
             recent=recent, usage=_usage(figures, runs),
             limits=spec.resource_limits.model_dump(),
-            last_errors=[json.loads(item) for item in errors],
+            last_errors=[_without_traceback(json.loads(item)) for item in errors],
             latency_buckets={k.split(":", 1)[1]: int(v) for k, v in figures.items()
                              if k.startswith("lat:")},
             updated_at=now)
@@ -116,6 +116,16 @@ class HealthReader:
                       latency_ms={f"p{int(q * 100)}": percentile_from_buckets(buckets, q)
                                   for q in (0.5, 0.95, 0.99)},
                       history=history)
+
+
+def _without_traceback(event: dict[str, Any]) -> dict[str, Any]:
+    """Health is polled (the dashboard: every 2 s) and lists ten errors per plugin: it shows
+    their (bounded) messages; the tracebacks stay in job results, `sandbox_info` and the
+    `on_error` events."""
+    details = event.get("details")
+    if isinstance(details, dict) and "traceback" in details:
+        event["details"] = {k: v for k, v in details.items() if k != "traceback"}
+    return event
 
 
 def _breaker_state(raw: list[Any], now: float) -> str:

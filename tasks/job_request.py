@@ -2,7 +2,9 @@
 
 pluginpool's client sends `kwargs={"payload": ..., "instance_id": ...}`; a plain Celery
 producer may send `args=[payload]` or `args=[payload, instance_id]`. Anything else is
-refused with an `InvalidJobError` naming what is wrong.
+refused with an `InvalidJobError` naming what is wrong, before anything that recurses over
+the payload (pydantic, the sandbox's encoders) sees it: a payload nested deeper than
+`max_payload_depth` included, whoever sent it.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from pluginpool.policy.errors import InvalidJobError
+from pluginpool.tasks.payload import DEFAULT_MAX_PAYLOAD_DEPTH, nesting_depth
 
 JSONValue = Any
 
@@ -25,7 +28,8 @@ class JobRequest(BaseModel):
     instance_id: str | None = None
 
 
-def parse_job(args: tuple[Any, ...], kwargs: dict[str, Any]) -> JobRequest:
+def parse_job(args: tuple[Any, ...], kwargs: dict[str, Any], *,
+              max_depth: int = DEFAULT_MAX_PAYLOAD_DEPTH) -> JobRequest:
     """Build a JobRequest from a task's positional and keyword arguments."""
     if len(args) > 2:
         raise InvalidJobError(f"expected at most 2 positional arguments, got {len(args)}")
@@ -40,4 +44,8 @@ def parse_job(args: tuple[Any, ...], kwargs: dict[str, Any]) -> JobRequest:
     instance_id = fields.get("instance_id")
     if instance_id is not None and not isinstance(instance_id, str):
         raise InvalidJobError("instance_id must be a string")
-    return JobRequest(payload=fields.get("payload"), instance_id=instance_id)
+    payload = fields.get("payload")
+    if nesting_depth(payload, limit=max_depth) > max_depth:
+        raise InvalidJobError(f"payload is nested deeper than the {max_depth}-level limit "
+                              "(PLUGINPOOL_MAX_PAYLOAD_DEPTH)")
+    return JobRequest(payload=payload, instance_id=instance_id)

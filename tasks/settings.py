@@ -15,6 +15,7 @@ from pluginpool.policy.errors import SettingsError
 from pluginpool.policy.health import HealthThresholds
 from pluginpool.policy.keys import RedisKeys
 from pluginpool.policy.limits import IsolationConfig, ResourceLimits
+from pluginpool.tasks.payload import DEFAULT_MAX_PAYLOAD_DEPTH
 
 ENV_PREFIX = "PLUGINPOOL_"
 
@@ -68,6 +69,12 @@ class Settings(BaseSettings):
                                   description="How long job results stay in the backend.")
     max_payload_bytes: int = Field(default=1_048_576, ge=64,
                                    description="Largest JSON payload (and initial_data) accepted.")
+    max_payload_depth: int = Field(
+        default=DEFAULT_MAX_PAYLOAD_DEPTH, ge=1, le=512,
+        description="Deepest nesting of lists and objects accepted in a payload (and "
+                    "initial_data), at submit and again in the worker. Encoders, decoders and "
+                    "pickle recurse per level; at most 512 keeps them far from Python's "
+                    "recursion limit.")
     max_result_bytes: int = Field(default=1_048_576, ge=64,
                                   description="Largest JSON result a plugin may return.")
     visibility_timeout_s: int = Field(
