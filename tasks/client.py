@@ -24,6 +24,7 @@ from pluginpool.policy.errors import (
     CircuitOpenError,
     InstanceFailedError,
     InvalidPayloadError,
+    ManifestError,
     PayloadTooDeepError,
     PayloadTooLargeError,
     UnknownInstanceError,
@@ -36,7 +37,7 @@ from pluginpool.tasks.jobs import FallbackJob, Job
 from pluginpool.tasks.manifest import load_manifest
 from pluginpool.tasks.payload import nesting_depth
 from pluginpool.tasks.redis_conn import redis_client
-from pluginpool.tasks.registry import Registry, SpecCache
+from pluginpool.tasks.registry import Registry, SpecCache, spec_issues
 from pluginpool.tasks.routing import REVISION_HEADER, TRIAL_HEADER
 from pluginpool.tasks.settings import Settings
 from pluginpool.tasks.spec import PluginSpec
@@ -79,6 +80,9 @@ class PluginClient:
             specs, origin = [source], "<python>"
         else:
             specs, origin = list(source), "<python>"
+        issues = [issue for spec in specs for issue in spec_issues(spec, origin)]
+        if issues:  # e.g. a spec built with model_copy(update=...), which skips validation
+            raise ManifestError(issues)
         specs = [spec.with_defaults(limits=self.settings.default_limits,
                                     isolation=self.settings.default_isolation,
                                     breaker=self.settings.default_breaker)

@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 import redis
+from pydantic import ValidationError
 
 from pluginpool.policy.errors import ManifestError, ManifestIssue, UnknownPluginError
 from pluginpool.policy.keys import RedisKeys
@@ -57,6 +58,7 @@ class Registry:
         known = set(current) | {spec.id for spec in specs}
         issues = []
         for spec in specs:
+            issues.extend(spec_issues(spec, source))
             if spec.fallback and spec.fallback.plugin and spec.fallback.plugin not in known:
                 issues.append(ManifestIssue(
                     file=source, plugin_id=spec.id, field="fallback.plugin",
@@ -68,6 +70,13 @@ class Registry:
                     problem=(f"hard time limit {hard_s:.0f} s is not below the broker visibility"
                              f" timeout {self._visibility_timeout_s} s: the job would be"
                              " delivered twice; raise PLUGINPOOL_VISIBILITY_TIMEOUT_S")))
+            cooldown_s = spec.isolation.restart_cooldown_ms / 1000
+            if spec.isolation.auto_restart and cooldown_s >= self._visibility_timeout_s:
+                issues.append(ManifestIssue(
+                    file=source, plugin_id=spec.id, field="isolation.restart_cooldown_ms",
+                    problem=(f"restart cooldown {cooldown_s:.0f} s is not below the broker"
+                             f" visibility timeout {self._visibility_timeout_s} s: a waiting"
+                             " restart would be delivered twice")))
         if issues:
             raise ManifestError(issues)
 
@@ -88,6 +97,18 @@ class Registry:
     @staticmethod
     def _decode_all(raw: Any) -> list[PluginSpec]:
         return [PluginSpec.model_validate_json(value) for value in raw.values()]
+
+
+def spec_issues(spec: PluginSpec, source: str) -> list[ManifestIssue]:
+    """A spec built without validation (model_construct, model_copy(update=...)) is checked
+    like a manifest's: a limit the kernel or Redis cannot honour never reaches a worker."""
+    try:
+        PluginSpec.model_validate(spec.model_dump())
+    except ValidationError as exc:
+        return [ManifestIssue(file=source, plugin_id=spec.id,
+                              field=".".join(str(part) for part in err["loc"]) or "<spec>",
+                              problem=err["msg"]) for err in exc.errors()]
+    return []
 
 
 class SpecCache:
