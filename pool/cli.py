@@ -13,6 +13,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
+from rich.text import Text
 
 from pluginpool.policy.errors import PluginExecutionError, PluginPoolError
 from pluginpool.tasks.client import PluginClient
@@ -22,6 +23,12 @@ from pluginpool.tasks.settings import Settings
 
 def _client() -> PluginClient:
     return PluginClient(Settings.from_env())
+
+
+def plain(*values: object) -> tuple[Text, ...]:
+    """Table cells shown literally: plugin-supplied text (a version "[/x]", ":emoji:") is
+    never interpreted as rich markup, which would garble it or crash the command."""
+    return tuple(Text(str(value)) for value in values)
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -59,9 +66,8 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     table = Table("id", "version", "rev", "entrypoint", "timeout_ms", "memory_mb", "sandboxed")
     for spec in specs:
         limits = spec.resource_limits
-        table.add_row(spec.id, spec.version, str(spec.revision), spec.entrypoint,
-                      str(limits.timeout_ms), str(limits.max_memory_mb),
-                      str(spec.isolation.sandboxed))
+        table.add_row(*plain(spec.id, spec.version, spec.revision, spec.entrypoint,
+                             limits.timeout_ms, limits.max_memory_mb, spec.isolation.sandboxed))
     Console().print(table)
     return 0
 
@@ -132,8 +138,9 @@ def cmd_breaker(args: argparse.Namespace) -> int:
         return 0
     console = Console()
     wait = status.retry_after_ms
-    console.print(f"[bold]{status.plugin_id}[/]: {status.state}"
-                  f"{' (forced)' if status.forced else ''} - {status.reason or 'no transitions'}")
+    console.print(Text.assemble((status.plugin_id, "bold"), f": {status.state}"
+                                f"{' (forced)' if status.forced else ''} - "
+                                f"{status.reason or 'no transitions'}"))
     console.print(f"window: {status.window_total} runs, {status.window_failed} failed "
                   f"({status.failure_rate:.0%}), {status.window_slow} slow")
     if status.state == "open":
@@ -144,7 +151,7 @@ def cmd_breaker(args: argparse.Namespace) -> int:
     table = Table("at", "from", "to", "reason")
     for event in status.history[:10]:
         at = time.strftime("%H:%M:%S", time.localtime(event["at_ms"] / 1000))
-        table.add_row(at, event["from"], event["to"], event["reason"])
+        table.add_row(*plain(at, event["from"], event["to"], event["reason"]))
     console.print(table)
     return 0
 

@@ -10,6 +10,7 @@ import time
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
+from rich.text import Text
 
 from pluginpool.policy.errors import PluginPoolError
 from pluginpool.policy.health import HealthStatus, PluginHealth
@@ -28,11 +29,14 @@ def health_table(items: list[PluginHealth]) -> Table:
         colour = COLOURS[item.status]
         failures = ", ".join(f"{k} {v}" for k, v in sorted(item.failures.items())) or "-"
         p95 = item.recent.latency_ms.get("p95")
-        table.add_row(item.plugin_id, f"[{colour}]{item.status}[/]", str(item.runs),
-                      str(item.succeeded), failures, str(item.restarts),
-                      f"{item.recent.error_rate:.0%}", "-" if p95 is None else f"{p95:g}",
-                      str(item.queue_depth), str(len(item.workers)), item.breaker_state,
-                      "; ".join(item.reasons))
+        cells = (item.plugin_id, item.status, item.runs, item.succeeded, failures,
+                 item.restarts, f"{item.recent.error_rate:.0%}",
+                 "-" if p95 is None else f"{p95:g}", item.queue_depth, len(item.workers),
+                 item.breaker_state, "; ".join(item.reasons))
+        # Literal text, never rich markup: ids, reasons and worker names come from outside.
+        row = [Text(str(cell)) for cell in cells]
+        row[1].stylize(colour)
+        table.add_row(*row)
     return table
 
 
