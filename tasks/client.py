@@ -34,10 +34,10 @@ from pluginpool.tasks.app import create_app
 from pluginpool.tasks.health import HealthReader
 from pluginpool.tasks.instances import Instance, InstanceStore, SandboxInfo
 from pluginpool.tasks.jobs import FallbackJob, Job
-from pluginpool.tasks.manifest import load_manifest
+from pluginpool.tasks.manifest import load_manifest, spec_issues
 from pluginpool.tasks.payload import nesting_depth
 from pluginpool.tasks.redis_conn import redis_client
-from pluginpool.tasks.registry import Registry, SpecCache, spec_issues
+from pluginpool.tasks.registry import Registry, SpecCache
 from pluginpool.tasks.routing import REVISION_HEADER, TRIAL_HEADER
 from pluginpool.tasks.settings import Settings
 from pluginpool.tasks.spec import PluginSpec

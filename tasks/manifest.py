@@ -65,3 +65,16 @@ def parse_manifest(raw: dict[str, Any], *, file: str = "<manifest>") -> list[Plu
     if issues:
         raise ManifestError(issues)
     return specs
+
+
+def spec_issues(spec: PluginSpec, source: str) -> list[ManifestIssue]:
+    """A spec built without validation (model_construct, model_copy(update=...)) checked as
+    a manifest's is, so a limit the kernel or Redis cannot honour is refused at register,
+    with its field named, and never reaches a worker."""
+    try:
+        PluginSpec.model_validate(spec.model_dump())
+    except ValidationError as exc:
+        return [ManifestIssue(file=source, plugin_id=spec.id,
+                              field=".".join(str(part) for part in err["loc"]) or "<spec>",
+                              problem=err["msg"]) for err in exc.errors()]
+    return []

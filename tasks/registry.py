@@ -10,10 +10,10 @@ import time
 from typing import Any
 
 import redis
-from pydantic import ValidationError
 
 from pluginpool.policy.errors import ManifestError, ManifestIssue, UnknownPluginError
 from pluginpool.policy.keys import RedisKeys
+from pluginpool.tasks.manifest import spec_issues
 from pluginpool.tasks.spec import PluginSpec
 
 HISTORY_LENGTH = 20
@@ -97,18 +97,6 @@ class Registry:
     @staticmethod
     def _decode_all(raw: Any) -> list[PluginSpec]:
         return [PluginSpec.model_validate_json(value) for value in raw.values()]
-
-
-def spec_issues(spec: PluginSpec, source: str) -> list[ManifestIssue]:
-    """A spec built without validation (model_construct, model_copy(update=...)) is checked
-    like a manifest's: a limit the kernel or Redis cannot honour never reaches a worker."""
-    try:
-        PluginSpec.model_validate(spec.model_dump())
-    except ValidationError as exc:
-        return [ManifestIssue(file=source, plugin_id=spec.id,
-                              field=".".join(str(part) for part in err["loc"]) or "<spec>",
-                              problem=err["msg"]) for err in exc.errors()]
-    return []
 
 
 class SpecCache:

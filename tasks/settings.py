@@ -101,6 +101,11 @@ class Settings(BaseSettings):
         default=None, description="CA bundle that verifies a rediss:// server's certificate.")
     redis_socket_timeout_s: float = Field(
         default=5.0, gt=0, description="Connect/read timeout for Redis, so outages fail fast.")
+    http_idle_timeout_s: float = Field(
+        default=30.0, gt=0, le=3600,
+        description="The aggregator's HTTP server closes a connection that sends nothing (or "
+                    "stops reading) for this long, so a slow or idle client cannot pin one of "
+                    "its threads for good.")
 
     @field_validator("redis_url", "broker_url", "result_backend")
     @classmethod

@@ -2,7 +2,8 @@
 
 GET /health (every plugin), /health/<id>, /metrics (Prometheus text), / (the dashboard),
 /livez. The health figures are read from Redis on each request (they are written there
-by the workers), so every aggregator replica answers the same.
+by the workers), so every aggregator replica answers the same. A connection idle for
+`http_idle_timeout_s` is closed.
 """
 
 from __future__ import annotations
@@ -61,6 +62,10 @@ class Aggregator:
 
 def make_handler(aggregator: Aggregator) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
+        # A socket timeout on every connection: an idle client (or one that stops reading)
+        # is dropped after http_idle_timeout_s instead of holding its thread for good.
+        timeout = aggregator.client.settings.http_idle_timeout_s
+
         def log_message(self, format: str, *args: Any) -> None:
             logger.debug("%s - %s", self.address_string(), format % args)
 
