@@ -77,9 +77,12 @@ class InstanceStore:
             self._redis.hset(key, mapping={"status": "failed", "last_error": json.dumps(error)})
 
     def delete(self, instance_id: str) -> bool:
+        """Remove the instance with everything kept for it: its storage (`ctx.storage`
+        and its byte counter), usage totals and recent errors; nothing stays behind."""
         instance = self.get(instance_id)
         with self._redis.pipeline(transaction=True) as pipe:
             pipe.delete(self._keys.instance(instance_id), self._keys.instance_usage(instance_id),
+                        self._keys.storage(instance_id), self._keys.storage_used(instance_id),
                         self._keys.instance_errors(instance_id))
             pipe.srem(self._keys.instances_of(instance.plugin_id), instance_id)
             pipe.execute()

@@ -1,6 +1,7 @@
 """Bad input on a real worker and aggregator: a too-deep payload from a plain Celery
 producer is refused by the worker, which lives on; huge error messages stay bounded in
-every place they are stored and served; an idle HTTP client does not pin the aggregator."""
+every place they are stored and served; an idle HTTP client does not pin the aggregator;
+unloading an instance leaves nothing of it in Redis."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from pluginpool.policy.errors import (
 )
 from pluginpool.pool.processes import ManagedProcess, wait_until
 from pluginpool.tasks.client import PluginClient
+from pluginpool.tasks.spec import PluginSpec
 from tests.conftest import TEST_PLUGINS, make_settings, spawn_worker
 from tests.pool.test_aggregator import Aggregator
 from tests.tasks.test_payload_bounds import nested
@@ -39,8 +41,10 @@ def env(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[En
                              http_idle_timeout_s=1.0)
     client = PluginClient(settings)
     client.register(TEST_PLUGINS / "test_plugins.toml")
+    client.register(PluginSpec(id="stores", name="Stores",
+                               entrypoint="pp_testplugins.hostile:storage"))
     logs = tmp_path_factory.mktemp("bad-input")
-    worker = spawn_worker(client, logs, plugins="echo,raises", concurrency=2)
+    worker = spawn_worker(client, logs, plugins="echo,raises,stores", concurrency=2)
     yield client, worker, logs
     worker.stop()
     client.close()
@@ -112,3 +116,16 @@ def test_an_idle_http_connection_is_closed_while_others_are_served(env: Env) -> 
         assert aggregator.get("/livez")["ok"] is True
     finally:
         aggregator.proc.stop()
+
+
+def test_unload_removes_the_instances_storage_usage_and_errors(env: Env) -> None:
+    client = env[0]
+    keys = client.settings.keys
+    iid = client.load("stores")
+    assert client.execute(iid, {"action": "add"}, timeout=30)["count"] == 1
+    with pytest.raises(PluginExecutionError):
+        client.execute(iid, None, timeout=30)  # the plugin fails on a None payload
+    assert client.redis.exists(keys.storage(iid), keys.storage_used(iid),
+                               keys.instance_usage(iid), keys.instance_errors(iid)) == 4
+    client.unload(iid)
+    assert [key for key in client.redis.scan_iter(match=f"{keys.prefix}*") if iid in key] == []
