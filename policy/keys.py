@@ -33,8 +33,40 @@ class RedisKeys:
 
     @property
     def dead_letter(self) -> str:
-        """List: broker messages that could not be parsed, with the reason; bounded."""
+        """Hash: dead-letter id → entry JSON (reason, queue, raw message, delivery history)."""
         return f"{self.prefix}deadletter"
+
+    @property
+    def dead_letter_index(self) -> str:
+        """Sorted set: dead-letter id → when it was set aside; bounds the list (oldest go)."""
+        return f"{self.prefix}deadletter:index"
+
+    @property
+    def deliveries(self) -> str:
+        """Hash: delivery tag → deliveries without an outcome (and `<tag>|t`: first one).
+
+        Part of the unacknowledged record: the poison rule reads it at every claim."""
+        return f"{self.prefix}delivery:count"
+
+    @property
+    def delivery_owner(self) -> str:
+        """Hash: delivery tag → the consumer (worker process) holding it now."""
+        return f"{self.prefix}delivery:owner"
+
+    @property
+    def held_prefix(self) -> str:
+        """Prefix of per-consumer sets: the delivery tags one consumer holds unacknowledged."""
+        return f"{self.prefix}delivery:held:"
+
+    @property
+    def consumers(self) -> str:
+        """Sorted set: consumer id → its last heartbeat (seconds since the epoch)."""
+        return f"{self.prefix}delivery:consumers"
+
+    @property
+    def delivery_stats(self) -> str:
+        """Hash: counters of the delivery path (dead letters, late acknowledgements...)."""
+        return f"{self.prefix}delivery:stats"
 
     @property
     def bell_prefix(self) -> str:

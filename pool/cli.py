@@ -16,6 +16,7 @@ from rich.table import Table
 from rich.text import Text
 
 from pluginpool.policy.errors import PluginExecutionError, PluginPoolError
+from pluginpool.pool.deadletter_cli import add_parser as add_deadletter_parser
 from pluginpool.tasks.client import PluginClient
 from pluginpool.tasks.jobs import FallbackJob, Job
 from pluginpool.tasks.settings import Settings
@@ -244,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--examples", default=None, help="examples directory")
     p.set_defaults(func=cmd_demo)
+
+    add_deadletter_parser(sub)
 
     p = sub.add_parser("ensure-redis", help="print a reachable Redis URL, starting one if needed")
     p.add_argument("--run-dir", default=".run")

@@ -7,14 +7,30 @@ from typing import Any
 
 from celery import Celery
 
+from pluginpool.tasks.delivery_record import DELIVERY_OPTION, DeliveryConfig
 from pluginpool.tasks.reliable_fetch import BELL_PREFIX_OPTION, IDLE_WAIT_OPTION
 from pluginpool.tasks.routing import route_plugin_task
 from pluginpool.tasks.settings import Settings
-from pluginpool.tasks.transport import (
-    DEAD_LETTER_OPTION,
-    SENTINEL_TRANSPORT_PATH,
-    TRANSPORT_PATH,
-)
+from pluginpool.tasks.transport import SENTINEL_TRANSPORT_PATH, TRANSPORT_PATH
+
+ENVELOPE_DEPTH = 8
+"""Nesting levels a task message adds around a payload (envelope, body, kwargs)."""
+ENVELOPE_BYTES = 65_536
+"""Room for a message's headers and properties beside its payload."""
+
+
+def delivery_config(settings: Settings) -> DeliveryConfig:
+    """What the worker's decode boundary and poison rule accept, from the settings: a
+    payload within the producer's limits always fits (base64 adds a third)."""
+    keys = settings.keys
+    return DeliveryConfig(
+        deliveries_key=keys.deliveries, owner_key=keys.delivery_owner,
+        held_prefix=keys.held_prefix, consumers_key=keys.consumers,
+        stats_key=keys.delivery_stats, dead_letter_key=keys.dead_letter,
+        dead_letter_index_key=keys.dead_letter_index,
+        max_deliveries=settings.max_deliveries, dead_letter_max=settings.dead_letter_max,
+        max_message_bytes=2 * settings.max_payload_bytes + ENVELOPE_BYTES,
+        max_depth=settings.max_payload_depth + ENVELOPE_DEPTH)
 
 
 def tls_options(settings: Settings) -> dict[str, Any]:
@@ -40,7 +56,8 @@ def create_app(settings: Settings, *, name: str = "pluginpool",
         transport_options["master_name"] = settings.redis_sentinel_master
     # kombu sweeps for messages whose worker died unacknowledged every 10 s x 10 by
     # default; sweep every restore_sweep_s so they return soon after the visibility timeout.
-    broker_options = {**transport_options, DEAD_LETTER_OPTION: settings.keys.dead_letter,
+    broker_options = {**transport_options,
+                      DELIVERY_OPTION: delivery_config(settings).as_option(),
                       BELL_PREFIX_OPTION: settings.keys.bell_prefix,
                       IDLE_WAIT_OPTION: settings.broker_idle_wait_s,
                       "unacked_restore_interval": settings.restore_sweep_s,

@@ -1,20 +1,37 @@
 -- Reliable fetch: pop the next message of a worker's queues and record it as
--- unacknowledged in the same atomic step.
+-- unacknowledged in the same atomic step, applying the poison rule.
 --
 -- kombu's Redis transport BRPOPs a message and only then records it in the unacked hash
 -- from the worker; a worker killed between the two loses the message. Here no instant
--- exists where the message is in neither place: if the worker dies after this script ran,
--- kombu's restore sweep (on any other worker) puts it back after the visibility timeout.
+-- exists where the message is in neither place.
+--
+-- The unacknowledged record of one delivery (shared by poison detection, dead-worker
+-- rescue and ack) is, keyed by the message's delivery tag:
+--   kombu's unacked hash entry and index score (so kombu's restore sweep still works),
+--   the delivery count and first delivery time (deliveries hash: <tag>, <tag>|t),
+--   the consumer holding it (owner hash) and the consumer's held set.
 --
 -- KEYS[1]   unacked hash (delivery tag -> [message, exchange, routing key], kombu's format)
 -- KEYS[2]   unacked index (sorted set: delivery tag -> time it was delivered)
--- KEYS[3..] the queue lists, in the order they should be served (kombu's priority steps
+-- KEYS[3]   deliveries hash      KEYS[4] owner hash        KEYS[5] this consumer's held set
+-- KEYS[6]   dead-letter hash     KEYS[7] dead-letter index
+-- KEYS[8..] the queue lists, in the order they should be served (kombu's priority steps
 --           and round-robin order)
 -- ARGV[1]   now, in seconds since the epoch (the worker's clock, as kombu uses)
+-- ARGV[2]   this consumer's id
+-- ARGV[3]   max deliveries without an outcome (0: no limit); one more is quarantined
+-- ARGV[4]   dead-letter store bound
+-- ARGV[5]   '1' to record the delivery, '0' for a consumer that does not acknowledge
 --
--- Returns false when every queue is empty, else {queue key, raw item, registered}:
--- registered is 0 when the item is not a kombu message this script can index (the worker
--- then dead-letters it, or indexes it itself if its stricter parser accepts it).
+-- Returns {queue key, raw item, status, tag, quarantined ids...}; status 1: recorded, 0: handed
+-- over unrecorded (not a kombu message this script can index, or not acknowledged; the
+-- worker dead-letters or delivers it), -1: every queue is empty.
+
+local now = tonumber(ARGV[1])
+local consumer = ARGV[2]
+local max_deliveries = tonumber(ARGV[3])
+local dead_letter_max = tonumber(ARGV[4])
+local record = ARGV[5] ~= '0'
 
 local function index_fields(item)
     local ok, message = pcall(cjson.decode, item)
@@ -26,7 +43,7 @@ local function index_fields(item)
         return nil
     end
     local tag = properties['delivery_tag']
-    if type(tag) ~= 'string' or tag == '' then
+    if type(tag) ~= 'string' or tag == '' or string.find(tag, '|', 1, true) then
         return nil
     end
     local info = properties['delivery_info']
@@ -40,17 +57,52 @@ local function index_fields(item)
     return tag, cjson.encode(exchange), cjson.encode(routing_key)
 end
 
-for i = 3, #KEYS do
-    local item = redis.call('RPOP', KEYS[i])
-    if item then
-        local tag, exchange, routing_key = index_fields(item)
-        if tag == nil then
-            return {KEYS[i], item, 0}
+local quarantined = {}
+
+for i = 8, #KEYS do
+    while true do
+        local item = redis.call('RPOP', KEYS[i])
+        if not item then
+            break
         end
-        -- The stored entry embeds the raw item verbatim: no re-encoding can alter it.
-        redis.call('HSET', KEYS[1], tag, '[' .. item .. ',' .. exchange .. ',' .. routing_key .. ']')
-        redis.call('ZADD', KEYS[2], ARGV[1], tag)
-        return {KEYS[i], item, 1}
+        local tag, exchange, routing_key = nil, nil, nil
+        if record then
+            tag, exchange, routing_key = index_fields(item)
+        end
+        if tag == nil then
+            local reply = {KEYS[i], item, 0, ''}
+            for _, id in ipairs(quarantined) do table.insert(reply, id) end
+            return reply
+        end
+        local count = redis.call('HINCRBY', KEYS[3], tag, 1)
+        if count == 1 then
+            redis.call('HSET', KEYS[3], tag .. '|t', ARGV[1])
+        end
+        if max_deliveries > 0 and count > max_deliveries then
+            -- Poison: every earlier delivery ended without an outcome (its consumer died).
+            local first = tonumber(redis.call('HGET', KEYS[3], tag .. '|t')) or now
+            local entry = cjson.encode({
+                id = tag, queue = KEYS[i], raw = item, requeueable = true,
+                reason = 'delivered ' .. (count - 1) .. ' times without an outcome '
+                    .. '(its consumer died each time); quarantined by the poison rule',
+                first_seen = first, at = now, deliveries = count - 1,
+                last_consumer = redis.call('HGET', KEYS[4], tag) or cjson.null})
+            add_dead_letter(KEYS[6], KEYS[7], tag, entry, now, dead_letter_max)
+            redis.call('HDEL', KEYS[3], tag, tag .. '|t')
+            redis.call('HDEL', KEYS[4], tag)
+            table.insert(quarantined, tag)
+        else
+            -- The stored entry embeds the raw item verbatim: no re-encoding can alter it.
+            redis.call('HSET', KEYS[1], tag, '[' .. item .. ',' .. exchange .. ',' .. routing_key .. ']')
+            redis.call('ZADD', KEYS[2], now, tag)
+            redis.call('HSET', KEYS[4], tag, consumer)
+            redis.call('SADD', KEYS[5], tag)
+            local reply = {KEYS[i], item, 1, tag}
+            for _, id in ipairs(quarantined) do table.insert(reply, id) end
+            return reply
+        end
     end
 end
-return false
+local reply = {'', '', -1, ''}
+for _, id in ipairs(quarantined) do table.insert(reply, id) end
+return reply

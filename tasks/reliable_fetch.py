@@ -22,18 +22,31 @@ written here because kombu has no such mode and `BLMOVE` takes a single source l
 
 from __future__ import annotations
 
-import hashlib
+import json
 import logging
-from importlib import resources
+from functools import cached_property
 from queue import Empty
 from time import monotonic, time
 from typing import Any
 
+import redis
 from kombu.transport import virtual
 from kombu.transport.redis import QoS as RedisQoS
 from kombu.utils.encoding import bytes_to_str
-from kombu.utils.json import dumps, loads
+from kombu.utils.json import dumps
 from redis.exceptions import NoScriptError
+
+from pluginpool.policy.errors import MalformedMessageError
+from pluginpool.tasks.delivery import DeliveryLimits, inspect_delivery
+from pluginpool.tasks.delivery_record import (
+    ACK,
+    CLAIM,
+    DEAD_LETTER,
+    DELIVERY_OPTION,
+    DeliveryConfig,
+    LuaScript,
+    consumer_id,
+)
 
 logger = logging.getLogger("pluginpool.transport")
 
@@ -44,12 +57,34 @@ BELL_DEPTH = 64
 """Tokens kept on a bell nobody waits on: enough to wake every idle worker of a queue
 after a burst; extra tokens only cost an empty claim each."""
 
-CLAIM_SOURCE = resources.files("pluginpool.tasks").joinpath("claim.lua").read_text()
-CLAIM_SHA = hashlib.sha1(CLAIM_SOURCE.encode()).hexdigest()
+CLAIM_SOURCE = CLAIM.source
+CLAIM_SHA = CLAIM.sha
+RAW_PREVIEW_CHARS = 2_000
+"""How much of an item that is not even a kombu message the dead-letter entry keeps."""
+
+
+_unprefixed: Any = redis.Redis.execute_command
+_unprefixed_in_pipe: Any = redis.client.Pipeline.execute_command
+
+
+def run_script(client: Any, script: LuaScript, keys: list[str], args: list[Any]) -> Any:
+    """EVALSHA, loading the script on NOSCRIPT. Keys are passed already prefixed: kombu's
+    key-prefixing client would prefix only the first key of an EVALSHA."""
+    try:
+        return _unprefixed(client, "EVALSHA", script.sha, len(keys), *keys, *args)
+    except NoScriptError:
+        return _unprefixed(client, "EVAL", script.source, len(keys), *keys, *args)
 
 
 class ClaimAwareQoS(RedisQoS):
-    """kombu's QoS, minus the Redis write for messages `claim.lua` already recorded."""
+    """kombu's QoS over the whole unacknowledged record (see `delivery_record`).
+
+    Messages `claim.lua` already recorded are not written again; an ack drops the whole
+    record in one script (or counts a late ack); a message the worker hands back itself
+    (a reject with requeue, a warm shutdown) does not count as a delivery without outcome.
+    """
+
+    channel: Any
 
     def append(self, message: Any, delivery_tag: Any) -> None:
         claimed: set[str] = self.channel.connection.__dict__.setdefault("claimed_tags", set())
@@ -58,6 +93,45 @@ class ClaimAwareQoS(RedisQoS):
             virtual.QoS.append(self, message, delivery_tag)
             return
         super().append(message, delivery_tag)
+
+    def ack(self, delivery_tag: Any) -> None:
+        self.forget(delivery_tag)
+        virtual.QoS.ack(self, delivery_tag)
+
+    def reject(self, delivery_tag: Any, requeue: bool = False) -> None:
+        if requeue:
+            self.hand_back(delivery_tag)
+        else:
+            self.forget(delivery_tag)
+        virtual.QoS.ack(self, delivery_tag)
+
+    def restore_unacked(self, client: Any = None) -> None:
+        with self.channel.conn_or_acquire(client) as client:
+            delivered: dict[str, Any] = self._delivered or {}
+            for tag in delivered:
+                self.hand_back(tag, client=client, leftmost=False)
+            delivered.clear()
+
+    def forget(self, delivery_tag: Any, client: Any = None) -> None:
+        """Drop the delivery's record: it has its outcome."""
+        keys = self.channel.record_keys()
+        with self.channel.conn_or_acquire(client) as client:
+            run_script(client, ACK, keys, [delivery_tag, consumer_id()])
+
+    def hand_back(self, delivery_tag: Any, *, client: Any = None, leftmost: bool = True) -> None:
+        """Return a message to its queue from a live worker: not a delivery without outcome."""
+        config = self.channel.delivery_config
+        prefix = self.channel.global_keyprefix or ""
+        with self.channel.conn_or_acquire(client) as client:
+            with client.pipeline() as pipe:
+                _unprefixed_in_pipe(
+                    pipe, "HINCRBY", prefix + config.deliveries_key, delivery_tag, -1)
+                _unprefixed_in_pipe(
+                    pipe, "HDEL", prefix + config.owner_key, delivery_tag)
+                _unprefixed_in_pipe(
+                    pipe, "SREM", prefix + config.held_key(consumer_id()), delivery_tag)
+                pipe.execute()
+            self.restore_by_tag(delivery_tag, client=client, leftmost=leftmost)
 
 
 class ReliableFetchChannel:
@@ -150,10 +224,15 @@ class ReliableFetchChannel:
             return
         prefix = self.global_keyprefix or ""
         if self._claim_next:
-            keys = [prefix + self.unacked_key, prefix + self.unacked_index_key]
+            config = self.delivery_config
+            keys = [*self.record_keys()[:5], prefix + config.dead_letter_key,
+                    prefix + config.dead_letter_index_key]
             keys += [prefix + self._q_for_pri(queue, pri)  # type: ignore[attr-defined]
                      for pri in self.priority_steps for queue in queues]
-            command: list[Any] = ["EVALSHA", CLAIM_SHA, len(keys), *keys, repr(time())]
+            record = "0" if self._all_without_ack(queues) else "1"
+            command: list[Any] = ["EVALSHA", CLAIM.sha, len(keys), *keys, repr(time()),
+                                  consumer_id(), config.max_deliveries,
+                                  config.dead_letter_max, record]
         else:
             command = ["BLPOP", *[prefix + self.bell_key(queue) for queue in queues],
                        timeout or 0]
@@ -179,11 +258,15 @@ class ReliableFetchChannel:
             if not claiming:
                 self._claim_next = True  # a bell rang, or the wait timed out: look again
                 raise Empty()
-            if not reply:
+            key, item, status, tag, *quarantined = reply
+            for poisoned in quarantined:
+                logger.error("quarantined message %s in the dead-letter list: delivered %d "
+                             "times without an outcome (poison rule)",
+                             bytes_to_str(poisoned), self.delivery_config.max_deliveries)
+            if int(status) < 0:
                 self._claim_next = False  # every queue is empty: wait on the bells
                 raise Empty()
-            key, item, registered = reply
-            self._deliver_claimed(bytes_to_str(key), item, bool(int(registered)))
+            self._deliver_claimed(bytes_to_str(key), item, bytes_to_str(tag) or None)
             return True
         finally:
             self._in_poll = None
@@ -192,7 +275,7 @@ class ReliableFetchChannel:
     def _claim_failed(self, exc: Exception) -> None:
         if isinstance(exc, NoScriptError) or "NOSCRIPT" in str(exc):
             # Redis restarted or its script cache was flushed: load and claim again.
-            self.client.script_load(CLAIM_SOURCE)
+            self.client.script_load(CLAIM.source)
             self._claim_next = True
             return
         # E.g. WRONGTYPE: someone replaced a queue with a non-list. Keep the worker alive,
@@ -200,37 +283,108 @@ class ReliableFetchChannel:
         logger.error("claiming from the broker failed: %s", exc)
         self._claim_next = False
 
-    def _deliver_claimed(self, key: str, item: bytes, registered: bool) -> None:
+    def _deliver_claimed(self, key: str, item: bytes, tag: str | None) -> None:
+        """Hand a claimed item to kombu and Celery, through the one decode boundary.
+
+        `tag` is set when claim.lua recorded the delivery. Anything the boundary refuses,
+        and any exception while kombu and Celery take the message in, sets the item aside
+        in the dead-letter list with the reason and drops its record: the worker goes on,
+        and nothing comes back from the restore sweep to fail again."""
         prefix = self.global_keyprefix or ""
         queue = key[len(prefix):] if prefix and key.startswith(prefix) else key
         queue = queue.rsplit(self.sep, 1)[0]
         self._queue_cycle.rotate(queue)
+        config = self.delivery_config
+        try:
+            message = inspect_delivery(item, queue, DeliveryLimits(
+                max_bytes=config.max_message_bytes, max_depth=config.max_depth))
+        except MalformedMessageError as exc:
+            self.set_aside(item, reason=exc.reason, queue=queue, tag=tag)
+            return
         transport: Any = self.connection
-        try:
-            text = bytes_to_str(item)
-        except UnicodeDecodeError as exc:
-            transport.dead_letter(self, repr(exc.object[:200]), reason="not UTF-8", queue=queue)
+        if tag is None:
+            self._deliver_guarded(message, queue, item, tag=None)
             return
-        try:
-            message = loads(text)
-        except ValueError as exc:
-            transport.dead_letter(self, text, reason=f"not JSON: {exc}", queue=queue)
-            return
-        if not registered:
-            transport._deliver(message, queue)
-            return
-        tag = message["properties"]["delivery_tag"]
         claimed: set[str] = transport.__dict__.setdefault("claimed_tags", set())
         claimed.add(tag)
         try:
-            transport._deliver(message, queue)
-        except BaseException:
-            # Delivery broke off: keep the unacked record, so the restore sweep returns
-            # the message after the visibility timeout instead of it being lost.
+            delivered = self._deliver_guarded(message, queue, item, tag=tag)
+        finally:
+            taken = tag not in claimed
             claimed.discard(tag)
-            raise
-        if tag in claimed:
-            # Not taken into QoS (dead-lettered as malformed): drop the unacked record
-            # claim.lua wrote, or the restore sweep would bring it back forever.
-            claimed.discard(tag)
-            self.qos._remove_from_indices(tag).execute()  # type: ignore[attr-defined]
+        if delivered and not taken:
+            # Consumed without acknowledgement: the message has had its outcome.
+            self.qos.forget(tag)  # type: ignore[attr-defined]
+
+    def _deliver_guarded(self, message: dict[str, Any], queue: str, item: bytes,
+                         *, tag: str | None) -> bool:
+        """Deliver; False when the message was set aside instead."""
+        transport: Any = self.connection
+        try:
+            transport.deliver_checked(message, queue)
+            return True
+        except self.connection_errors:
+            raise  # the record stays; the message returns once the connection is back
+        except Exception as exc:
+            logger.exception("taking in a message from %s failed", queue)
+            self.set_aside(item, reason=f"delivery failed: {type(exc).__name__}: {exc}",
+                           queue=queue, tag=tag)
+            if tag is not None and tag in self.qos._delivered:  # type: ignore[attr-defined]
+                virtual.QoS.ack(self.qos, tag)  # type: ignore[attr-defined]
+            return False
+
+    def set_aside(self, item: bytes | str, *, reason: str, queue: str | None,
+                  tag: str | None = None) -> None:
+        """Dead-letter one item with the reason (and drop its record, if it has one).
+
+        The whole item is kept when it is a message that could be requeued (under the size
+        bound); only a preview otherwise. If Redis is unreachable the item is logged and
+        its record (if any) stays, so the restore sweep brings it back to be judged again.
+        """
+        config = self.delivery_config
+        raw = bytes_to_str(item) if isinstance(item, bytes) else item
+        if not isinstance(raw, str):
+            raw = repr(item)
+        keep = len(raw) <= config.max_message_bytes
+        logger.error("dead-lettered a message from queue %s: %s", queue or "?", reason)
+        now = time()
+        entry_id = tag or f"x-{now:.6f}-{id(item):x}"
+        entry = json.dumps({
+            "id": entry_id, "queue": queue, "reason": reason[:2_000],
+            "raw": raw if keep else raw[:RAW_PREVIEW_CHARS],
+            "requeueable": keep and tag is not None,
+            "first_seen": now, "at": now, "deliveries": 1 if tag else 0, "last_consumer": None,
+        })
+        prefix = self.global_keyprefix or ""
+        keys = [prefix + config.dead_letter_key, prefix + config.dead_letter_index_key,
+                *self.record_keys()[:5]]
+        try:
+            with self.conn_or_acquire() as client:  # type: ignore[attr-defined]
+                run_script(client, DEAD_LETTER, keys,
+                           [entry_id, entry, repr(now), config.dead_letter_max, tag or ""])
+        except redis.RedisError as exc:
+            logger.warning("could not store the dead letter (it returns with the restore "
+                           "sweep if it was recorded): %r", exc)
+
+    # --- the unacknowledged record ---------------------------------------------------------
+
+    @cached_property
+    def delivery_config(self) -> DeliveryConfig:
+        return DeliveryConfig.from_option(self._option(DELIVERY_OPTION, None))
+
+    def record_keys(self) -> list[str]:
+        """The record's keys, as claim.lua and ack.lua take them (prefixed)."""
+        prefix = self.global_keyprefix or ""
+        config = self.delivery_config
+        return [prefix + self.unacked_key, prefix + self.unacked_index_key,
+                prefix + config.deliveries_key, prefix + config.owner_key,
+                prefix + config.held_key(consumer_id()), prefix + config.stats_key]
+
+    def _all_without_ack(self, queues: list[str]) -> bool:
+        """True when every queue is consumed without acknowledgements (nothing to record)."""
+        tags: set[str] = getattr(self, "no_ack_consumers", None) or set()
+        if not tags:
+            return False
+        by_queue: dict[str, str] = getattr(self, "_tag_to_queue", {})
+        no_ack = {by_queue.get(tag) for tag in tags}
+        return all(queue in no_ack for queue in queues)

@@ -84,6 +84,16 @@ class Settings(BaseSettings):
         default=5.0, gt=0,
         description="How often workers return messages of dead workers past the visibility "
                     "timeout to their queues.")
+    max_deliveries: int = Field(
+        default=3, ge=1, le=100,
+        description="The poison rule: a message delivered this many times without an outcome "
+                    "(each time its worker died, or was declared dead, before finishing it) is "
+                    "moved to the dead-letter list at its next claim instead of being "
+                    "delivered again. A worker that hands a message back itself (a warm "
+                    "shutdown, a requeue while Redis is away) does not count.")
+    dead_letter_max: int = Field(
+        default=10_000, ge=10,
+        description="Most dead letters kept; beyond it the oldest are dropped.")
     broker_idle_wait_s: float = Field(
         default=0.2, ge=0.01, le=10,
         description="How long an idle worker blocks on its queues' bells before looking at "

@@ -1,58 +1,33 @@
-"""A Redis broker transport that survives messages no producer of ours sent.
+"""A Redis broker transport that survives anything a queue item carries.
 
-kombu's Redis transport decodes each popped item with `json.loads` inside its event
-loop: one non-JSON item on a queue (anyone can LPUSH to a Redis list) raises there and
-the worker dies with "Unrecoverable error". This transport sets such items aside in a
-bounded dead-letter list with the reason, logs it, and goes on consuming.
+kombu's Redis transport decodes each popped item inside the worker's event loop, and
+Celery takes it in there too: one item no producer of ours would send (not JSON, a type
+marker that does not decode, JSON nested 100,000 deep, a body that is not a task call)
+raises there and the worker dies with "Unrecoverable error". This transport passes every
+item through one decode boundary (`delivery.inspect_delivery`), sets refused items aside
+in a bounded dead-letter store with the reason, and goes on consuming. Reliable fetch
+(`reliable_fetch`) adds the poison rule for whatever still kills a worker.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
 import logging
-import time
+from queue import Empty
 from typing import Any
 
 from kombu.transport import redis as kombu_redis
+from kombu.utils.json import dumps
 
+from pluginpool.policy.errors import MalformedMessageError
+from pluginpool.tasks.delivery import DeliveryLimits, check_message
 from pluginpool.tasks.reliable_fetch import ReliableFetchChannel
 
 logger = logging.getLogger("pluginpool.transport")
 
-DEAD_LETTER_OPTION = "pluginpool_dead_letter_key"
-DEAD_LETTER_LENGTH = 1_000
-RAW_PREVIEW_CHARS = 2_000
-
-
-def malformed_reason(message: Any) -> str | None:
-    """Why a decoded item cannot be a kombu message, or None if it has the right shape."""
-    if not isinstance(message, dict):
-        return f"message is a JSON {type(message).__name__}, not an object"
-    properties = message.get("properties")
-    if not isinstance(properties, dict):
-        return "message has no 'properties' object"
-    if not isinstance(properties.get("delivery_tag"), str | int):
-        return "message has no delivery_tag"
-    if not isinstance(properties.get("delivery_info", {}), dict):
-        return "delivery_info is not an object"
-    if not isinstance(message.get("headers") or {}, dict):
-        return "headers is not an object"
-    body = message.get("body")
-    if properties.get("body_encoding") == "base64":
-        if not isinstance(body, str):
-            return "base64 body is not a string"
-        try:
-            base64.b64decode(body, validate=True)
-        except (binascii.Error, ValueError):
-            return "body is not valid base64"
-    return None
-
 
 class _GuardedRead:
-    """Catches items that are not JSON at all (the transport checks the rest), and
-    acknowledgements that arrive after the broker connection was lost.
+    """Guards the paths that do not go through the claim: items read by kombu's own BRPOP
+    (consumers without ack emulation) and acknowledgements after the connection was lost.
 
     kombu acknowledges through the channel's transport; when Redis restarts, a late ack
     can reach a channel whose transport is already torn down and raise AttributeError in
@@ -80,46 +55,60 @@ class _GuardedRead:
         return super().basic_reject(delivery_tag, requeue=requeue)  # type: ignore[misc]
 
     def _brpop_read(self, **options: Any) -> Any:
+        if getattr(self, "ack_emulation", True):
+            # Claimed items pass the decode boundary in reliable_fetch instead.
+            return super()._brpop_read(**options)  # type: ignore[misc]
         try:
             return super()._brpop_read(**options)  # type: ignore[misc]
-        except json.JSONDecodeError as exc:
-            transport: Any = self.connection
-            transport.dead_letter(self, exc.doc, reason=f"not JSON: {exc}")
+        except ValueError as exc:  # JSONDecodeError included
+            self.set_aside(getattr(exc, "doc", "") or repr(exc),  # type: ignore[attr-defined]
+                           reason=f"not JSON: {exc}", queue=None)
         except UnicodeDecodeError as exc:
-            transport = self.connection
-            transport.dead_letter(self, repr(exc.object[:200]), reason="not UTF-8")
+            self.set_aside(repr(exc.object[:200]),  # type: ignore[attr-defined]
+                           reason="not UTF-8", queue=None)
         return True
+
+    def _receive_one(self, c: Any) -> Any:
+        """Fanout (broadcast) messages: kombu catches only TypeError and ValueError from
+        decoding them; a type marker that does not decode raises anything else."""
+        try:
+            return super()._receive_one(c)  # type: ignore[misc]
+        except self.connection_errors:  # type: ignore[attr-defined]
+            raise
+        except Exception as exc:
+            logger.error("dropped a broadcast message that does not decode: %s: %s",
+                         type(exc).__name__, exc)
+            raise Empty() from None
 
 
 class _GuardedDelivery:
-    """Malformed messages are dead-lettered instead of fatal."""
+    """Messages decoded by kombu itself (fanout, plain BRPOP) are checked at the same
+    boundary as claimed ones; `deliver_checked` is the way in for claimed messages, which
+    the boundary has already checked."""
 
     channels: list[Any]
-    client: Any
 
     def _deliver(self, message: Any, queue: str | None) -> None:
-        reason = malformed_reason(message)
-        if reason is not None:
-            channel = self.channels[0] if self.channels else None
-            self.dead_letter(channel, json.dumps(message)[:RAW_PREVIEW_CHARS], reason=reason,
-                             queue=queue)
-            return
+        channel = self.channels[0] if self.channels else None
+        if channel is not None and queue is not None:
+            config = channel.delivery_config
+            try:
+                check_message(message, queue, DeliveryLimits(
+                    max_bytes=config.max_message_bytes, max_depth=config.max_depth))
+            except MalformedMessageError as exc:
+                channel.set_aside(_preview(message), reason=exc.reason, queue=queue)
+                return
         super()._deliver(message, queue)  # type: ignore[misc]
 
-    def dead_letter(self, channel: Any, raw: str, *, reason: str, queue: str | None = None) -> None:
-        logger.error("dropping malformed message from queue %s: %s", queue or "?", reason)
-        options: dict[str, Any] = getattr(self.client, "transport_options", None) or {}
-        key = options.get(DEAD_LETTER_OPTION)
-        if not key or channel is None:
-            return
-        entry = json.dumps({"reason": reason, "queue": queue, "at": time.time(),
-                            "raw": raw[:RAW_PREVIEW_CHARS]})
-        try:
-            with channel.conn_or_acquire() as client:
-                client.lpush(key, entry)
-                client.ltrim(key, 0, DEAD_LETTER_LENGTH - 1)
-        except Exception as exc:  # the dead-letter list is best effort; consuming goes on
-            logger.warning("could not store dead letter: %r", exc)
+    def deliver_checked(self, message: Any, queue: str) -> None:
+        super()._deliver(message, queue)  # type: ignore[misc]
+
+
+def _preview(message: Any) -> str:
+    try:
+        return str(dumps(message))
+    except Exception as exc:  # whatever it holds, the dead letter must be written
+        return f"<not re-encodable: {type(exc).__name__}>"
 
 
 class GuardedChannel(_GuardedRead, ReliableFetchChannel, kombu_redis.Channel):  # type: ignore[misc,unused-ignore]
@@ -127,8 +116,8 @@ class GuardedChannel(_GuardedRead, ReliableFetchChannel, kombu_redis.Channel):  
 
 
 class GuardedRedisTransport(_GuardedDelivery, kombu_redis.Transport):  # type: ignore[misc,unused-ignore]
-    """kombu's Redis transport with reliable fetch (see `reliable_fetch`) and malformed
-    messages dead-lettered instead of fatal."""
+    """kombu's Redis transport with reliable fetch (see `reliable_fetch`), the poison rule
+    and one decode boundary (see `delivery`)."""
 
     Channel = GuardedChannel
 

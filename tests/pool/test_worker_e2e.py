@@ -15,6 +15,7 @@ from celery import Celery
 from pluginpool.policy.errors import ErrorType, PluginExecutionError
 from pluginpool.pool.processes import ManagedProcess, wait_until
 from pluginpool.tasks.client import PluginClient
+from pluginpool.tasks.deadletter import DeadLetterStore
 from tests.conftest import TEST_PLUGINS, make_settings, spawn_worker
 
 
@@ -187,7 +188,8 @@ def test_unparsable_messages_are_rejected_and_the_worker_lives_on(
     foreign = [
         "this is not a kombu message {",                       # not JSON at all
         "[1, 2, 3]",                                             # JSON, not a message
-        _kombu_message("x", "application/x-python-serialize", {"task": "plugin.echo"}),
+        _kombu_message("x", "application/x-python-serialize",
+                       {"task": "plugin.echo", "id": uuid.uuid4().hex}),
         _kombu_message("[[], {}, {}]", "application/json",
                        {"task": "plugin.not-registered", "id": uuid.uuid4().hex}),
         # Indexable as unacked (it has a tag) but its body is not base64: dead-lettered,
@@ -201,16 +203,16 @@ def test_unparsable_messages_are_rejected_and_the_worker_lives_on(
     assert client.submit("echo", "still here").result(timeout=20)["payload"] == "still here"
     assert worker.alive()
     log = worker.log_text()
-    assert "dropping malformed message from queue plugins.echo: not JSON" in log
+    assert "dead-lettered a message from queue plugins.echo: message is not JSON" in log
     assert "message is a JSON list, not an object" in log
     assert "body is not valid base64" in log
     assert not client.redis.hexists("unacked", "bad-body-tag")
-    assert "Refusing to deserialize untrusted content of type pickle" in log
+    assert "content type 'application/x-python-serialize' is not application/json" in log
     assert "Received unregistered task of type 'plugin.not-registered'" in log
-    dead = [json.loads(item) for item in
-            client.redis.lrange(client.settings.keys.dead_letter, 0, -1)]
-    assert {entry["reason"].split(":")[0] for entry in dead} >= {
-        "not JSON", "message is a JSON list, not an object", "body is not valid base64"}
+    dead = DeadLetterStore(client.redis, client.settings.keys).list(limit=1000)
+    assert {entry.reason.split(":")[0] for entry in dead} >= {
+        "message is not JSON", "message is a JSON list, not an object",
+        "body is not valid base64"}
 
 
 def test_a_duplicated_message_runs_again_under_the_same_job_id(

@@ -7,6 +7,7 @@ killed ones held). Every published message must have been processed at least onc
 
 from __future__ import annotations
 
+import json
 import random
 import uuid
 from pathlib import Path
@@ -33,22 +34,53 @@ def test_consumers_killed_at_random_instants_lose_no_message(redis_url: str,
 
 
 def test_claim_records_the_message_before_it_leaves_redis(redis_url: str) -> None:
-    """The script itself: a message is never in neither place, and an item that is not a
-    kombu message is handed back unrecorded (the worker dead-letters it)."""
+    """The script itself: a message is never in neither place, its record names its
+    consumer, and an item that is not a kombu message is handed back unrecorded (the
+    worker dead-letters it)."""
     store = redis.Redis.from_url(redis_url)
     claim = store.register_script(CLAIM_SOURCE)
     prefix = f"rfunit-{uuid.uuid4().hex[:8]}"
-    unacked, index, first, second = (f"{prefix}:{name}" for name in
-                                     ("unacked", "index", "q1", "q2"))
+    names = ("unacked", "index", "count", "owner", "held", "dl", "dlindex", "q1", "q2")
+    keys = [f"{prefix}:{name}" for name in names]
+    unacked, index, count, owner, held, _, _, _, second = keys
     raw = ('{"body": "e30=", "properties": {"delivery_tag": "tag-1", '
            '"delivery_info": {"exchange": "ex", "routing_key": "rk"}}}')
     store.lpush(second, raw)
     store.lpush(second, "not json")
-    assert claim(keys=[unacked, index, first, second], args=["100.5"]) == [
-        second.encode(), raw.encode(), 1]
+    args = ["100.5", "me", 3, 100, "1"]
+    assert claim(keys=keys, args=args) == [second.encode(), raw.encode(), 1, b"tag-1"]
     assert store.hget(unacked, "tag-1") == f'[{raw},"ex","rk"]'.encode()
     assert store.zscore(index, "tag-1") == 100.5
-    assert claim(keys=[unacked, index, first, second], args=["101"]) == [
-        second.encode(), b"not json", 0]
+    assert store.hget(count, "tag-1") == b"1"
+    assert store.hget(owner, "tag-1") == b"me"
+    assert store.smembers(held) == {b"tag-1"}
+    assert claim(keys=keys, args=["101", "me", 3, 100, "1"]) == [
+        second.encode(), b"not json", 0, b""]
     assert store.hlen(unacked) == 1
-    assert claim(keys=[unacked, index, first, second], args=["102"]) is None
+    assert claim(keys=keys, args=["102", "me", 3, 100, "1"]) == [b"", b"", -1, b""]
+
+
+def test_claim_quarantines_a_message_delivered_too_often(redis_url: str) -> None:
+    """The poison rule: the (max + 1)th claim of one delivery tag sets it aside with its
+    history instead of delivering it, and claims the next message in the same call."""
+    store = redis.Redis.from_url(redis_url)
+    claim = store.register_script(CLAIM_SOURCE)
+    prefix = f"rfpoison-{uuid.uuid4().hex[:8]}"
+    names = ("unacked", "index", "count", "owner", "held", "dl", "dlindex", "q")
+    keys = [f"{prefix}:{name}" for name in names]
+    unacked, _, count, _, _, dl, dlindex, queue = keys
+    poison = ('{"body": "", "properties": {"delivery_tag": "p", '
+              '"delivery_info": {"exchange": "", "routing_key": "q"}}}')
+    good = poison.replace('"p"', '"g"')
+    for attempt in range(2):
+        store.rpush(queue, poison)  # its consumer died: the sweep put it back
+        assert claim(keys=keys, args=[str(attempt), f"c{attempt}", 2, 100, "1"])[3] == b"p"
+    store.rpush(queue, poison)
+    store.lpush(queue, good)
+    reply = claim(keys=keys, args=["5", "c2", 2, 100, "1"])
+    assert reply[3:] == [b"g", b"p"]  # delivered the good one, quarantined the poison
+    entry = json.loads(store.hget(dl, "p"))
+    assert entry["deliveries"] == 2 and entry["last_consumer"] == "c1"
+    assert entry["first_seen"] == 0 and entry["raw"] == poison
+    assert store.zscore(dlindex, "p") == 5
+    assert not store.hexists(count, "p") and store.hexists(unacked, "g")

@@ -1,0 +1,92 @@
+"""The unacknowledged record of a delivery, and the scripts that keep it.
+
+One record serves poison detection (issue: poison-proof delivery), dead-worker rescue
+and acknowledgement. For one delivery tag it is:
+
+- kombu's own unacked hash entry and index score, so kombu's restore sweep still
+  returns a message whose holder vanished once the visibility timeout has passed;
+- the delivery count without an outcome and the first delivery's time (`deliveries`);
+- the consumer (worker process) holding it (`owner`) and that consumer's `held` set.
+
+`claim.lua` writes the whole record atomically with the pop; `ack.lua` drops it (or
+counts a late acknowledgement from a consumer that was declared dead); `deadletter.lua`
+sets a message aside and drops its record in one step.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import socket
+import uuid
+from dataclasses import asdict, dataclass
+from importlib import resources
+from typing import Any
+
+_LUA = resources.files("pluginpool.tasks")
+_LIB = _LUA.joinpath("deadletter_lib.lua").read_text()
+
+
+@dataclass(frozen=True)
+class LuaScript:
+    """A script's source (with the shared library prepended) and its SHA for EVALSHA."""
+
+    source: str
+    sha: str
+
+    @classmethod
+    def load(cls, name: str) -> LuaScript:
+        source = _LIB + "\n" + _LUA.joinpath(name).read_text()
+        return cls(source, hashlib.sha1(source.encode()).hexdigest())
+
+
+CLAIM = LuaScript.load("claim.lua")
+ACK = LuaScript.load("ack.lua")
+DEAD_LETTER = LuaScript.load("deadletter.lua")
+
+DELIVERY_OPTION = "pluginpool_delivery"
+"""kombu transport option carrying a `DeliveryConfig` as a dict."""
+
+
+@dataclass(frozen=True)
+class DeliveryConfig:
+    """Key names and bounds of the delivery path, passed to the transport as an option.
+
+    The defaults are pluginpool's default key prefix and settings, so the transport also
+    works where no pluginpool settings are given (kombu's own test suite, plain kombu)."""
+
+    deliveries_key: str = "pluginpool:delivery:count"
+    owner_key: str = "pluginpool:delivery:owner"
+    held_prefix: str = "pluginpool:delivery:held:"
+    consumers_key: str = "pluginpool:delivery:consumers"
+    stats_key: str = "pluginpool:delivery:stats"
+    dead_letter_key: str = "pluginpool:deadletter"
+    dead_letter_index_key: str = "pluginpool:deadletter:index"
+    max_deliveries: int = 3
+    dead_letter_max: int = 10_000
+    max_message_bytes: int = 4 * 1_048_576
+    max_depth: int = 80
+
+    @classmethod
+    def from_option(cls, value: Any) -> DeliveryConfig:
+        if isinstance(value, DeliveryConfig):
+            return value
+        return cls(**value) if isinstance(value, dict) else cls()
+
+    def as_option(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def held_key(self, consumer: str) -> str:
+        return f"{self.held_prefix}{consumer}"
+
+
+def consumer_id() -> str:
+    """This process's consumer id (`host:pid:random`): new after a fork or a restart, so a
+    restarted worker never mistakes a dead predecessor's record for its own."""
+    return _consumer_of(os.getpid())
+
+
+@functools.cache
+def _consumer_of(pid: int) -> str:
+    return f"{socket.gethostname()}:{pid}:{uuid.uuid4().hex[:8]}"
