@@ -70,11 +70,12 @@ class Settings(BaseSettings):
     max_payload_bytes: int = Field(default=1_048_576, ge=64,
                                    description="Largest JSON payload (and initial_data) accepted.")
     max_payload_depth: int = Field(
-        default=DEFAULT_MAX_PAYLOAD_DEPTH, ge=1, le=256,
+        default=DEFAULT_MAX_PAYLOAD_DEPTH, ge=1, le=DEFAULT_MAX_PAYLOAD_DEPTH,
         description="Deepest nesting of lists and objects accepted in a payload (and "
                     "initial_data), at submit and again in the worker. Encoders, decoders and "
-                    "pickle recurse per level (pickle, which hands a job to a pool child, "
-                    "already fails near 500 levels inside a worker's call stack): at most 256.")
+                    "pickle recurse per level; it can be lowered, not raised: the broker's "
+                    "decode boundary refuses messages nested deeper than 80 levels, and the "
+                    "message around a payload takes two.")
     max_result_bytes: int = Field(default=1_048_576, ge=64,
                                   description="Largest JSON result a plugin may return.")
     visibility_timeout_s: int = Field(
