@@ -34,13 +34,16 @@ class WorkerLiveness(bootsteps.StartStopStep):  # type: ignore[misc]
         self._key = services.settings.keys.workers
         self._redis: redis.Redis = services.redis
         self._node = worker.hostname
-        self._queues = sorted(worker.app.amqp.queues.consume_from or worker.app.amqp.queues)
+        self._app = worker.app
         self._beat()
         self._timer_entry = worker.timer.call_repeatedly(
             services.settings.worker_heartbeat_s, self._beat)
 
     def _beat(self) -> None:
-        entry = {"queues": self._queues, "at": time.time(), "pid": os.getpid(),
+        # Read at every beat: the registry follower adds and cancels queues (fleet.py).
+        queues = self._app.amqp.queues
+        entry = {"queues": sorted(queues.consume_from or queues), "at": time.time(),
+                 "pid": os.getpid(),
                  "host": socket.gethostname()}
         try:
             self._redis.hset(self._key, self._node, json.dumps(entry))

@@ -1,19 +1,23 @@
-"""Starting a prefork Celery worker that consumes the queues of some (or all) plugins."""
+"""Starting a prefork Celery worker that consumes the queues of some (or all) plugins, and
+follows the registry from then on (pool/fleet.py)."""
 
 from __future__ import annotations
 
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from celery import Celery
 
-from pluginpool.policy.errors import PluginPoolError, UnknownPluginError
+from pluginpool.policy.errors import UnknownPluginError
+from pluginpool.pool.fleet import IDLE_QUEUE, PluginSelector, RegistryFollower, SharedGeneration
 from pluginpool.pool.liveness import WorkerLiveness
+from pluginpool.pool.plugin_tasks import install_task_registry
 from pluginpool.pool.sandbox.runner import SandboxRunner
 from pluginpool.tasks.app import create_app
+from pluginpool.tasks.artifact_cache import ArtifactCache, ArtifactRunner
 from pluginpool.tasks.execution import WorkerServices, attach_services, register_plugin_tasks
 from pluginpool.tasks.redis_conn import redis_client
-from pluginpool.tasks.registry import Registry
+from pluginpool.tasks.registry import Registry, SpecCache
 from pluginpool.tasks.settings import Settings
 from pluginpool.tasks.spec import PluginSpec
 
@@ -30,6 +34,7 @@ class WorkerPlan:
     concurrency: int
     nodename: str
     max_memory_per_child_kib: int
+    selector: PluginSelector = field(default_factory=lambda: PluginSelector(("*",)))
 
     def argv(self, *, loglevel: str) -> list[str]:
         return [
@@ -42,17 +47,15 @@ class WorkerPlan:
 
 
 def select_specs(registry: Registry, plugins: str) -> list[PluginSpec]:
-    """`all`, or a comma-separated list of registered plugin ids."""
+    """The registered plugins `plugins` selects now: `all`, ids, fnmatch globs (`acme-*`).
+    None may match (the worker waits for them); an id that is not registered is refused,
+    as a likely typo."""
+    selector = PluginSelector.parse(plugins)
     registered = {spec.id: spec for spec in registry.all()}
-    if plugins.strip() == "all":
-        if not registered:
-            raise PluginPoolError("no plugins are registered: run `pluginpool register FILE`")
-        return list(registered.values())
-    wanted = [pid.strip() for pid in plugins.split(",") if pid.strip()]
-    missing = [pid for pid in wanted if pid not in registered]
+    missing = [pid for pid in selector.exact_ids if pid not in registered]
     if missing:
         raise UnknownPluginError(", ".join(missing))
-    return [registered[pid] for pid in wanted]
+    return [spec for pid, spec in registered.items() if selector.matches(pid)]
 
 
 def plan_worker(settings: Settings, *, plugins: str = "all", concurrency: int | None = None,
@@ -61,26 +64,51 @@ def plan_worker(settings: Settings, *, plugins: str = "all", concurrency: int | 
                         visibility_timeout_s=settings.visibility_timeout_s)
     specs = select_specs(registry, plugins)
     memory_mb = max_memory_per_child_mb or (
-        max(spec.resource_limits.max_memory_mb for spec in specs) + WORKER_BASELINE_MB)
+        max([spec.resource_limits.max_memory_mb for spec in specs]
+            or [settings.default_limits.max_memory_mb]) + WORKER_BASELINE_MB)
     return WorkerPlan(
         specs=specs,
-        queues=[spec.queue for spec in specs],
+        queues=[spec.queue for spec in specs] or [IDLE_QUEUE],
         concurrency=concurrency or 2,
         nodename=name or f"pluginpool@{socket.gethostname()}",
         max_memory_per_child_kib=memory_mb * 1024,
+        selector=PluginSelector.parse(plugins),
     )
 
 
-def build_worker_app(settings: Settings, specs: list[PluginSpec]) -> Celery:
-    """The app with one task per plugin and the worker services attached."""
+@dataclass(frozen=True)
+class FleetConfig:
+    """What the registry follower of a worker app needs (see pool/fleet.py)."""
+
+    selector: PluginSelector
+    generation: SharedGeneration
+
+
+def build_worker_app(settings: Settings, specs: list[PluginSpec], *,
+                     selector: PluginSelector | None = None,
+                     nodename: str = "pluginpool@localhost") -> Celery:
+    """The app with one task per plugin, the worker services attached, and the steps that
+    keep its heartbeat and follow the registry."""
     app = create_app(settings)
+    install_task_registry(app, nodename)
     register_plugin_tasks(app, specs)
-    attach_services(app, WorkerServices.build(settings, sandbox_runner=SandboxRunner.factory))
+    services = WorkerServices.build(settings, sandbox_runner=SandboxRunner.factory)
+    generation = SharedGeneration()
+    services.specs = SpecCache(services.registry, ttl_s=settings.spec_cache_ttl_s,
+                               generation=generation)
+    artifacts = ArtifactCache.from_settings(settings)
+    for sandboxed, runner in list(services.runners.items()):
+        services.runners[sandboxed] = ArtifactRunner(runner, artifacts)
+    attach_services(app, services)
+    app.pluginpool_fleet = FleetConfig(  # type: ignore[attr-defined]
+        selector=selector or PluginSelector(("*",)), generation=generation)
     app.steps["worker"].add(WorkerLiveness)
+    app.steps["worker"].add(RegistryFollower)
     return app
 
 
 def run_worker(settings: Settings, plan: WorkerPlan, *, loglevel: str = "INFO") -> None:
     """Run the worker in this process until it is stopped (SIGTERM: warm shutdown)."""
-    app = build_worker_app(settings, plan.specs)
+    app = build_worker_app(settings, plan.specs, selector=plan.selector,
+                           nodename=plan.nodename)
     app.worker_main(argv=plan.argv(loglevel=loglevel))

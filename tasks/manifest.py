@@ -23,11 +23,12 @@ def load_manifest(path: str | Path) -> list[PluginSpec]:
     except tomllib.TOMLDecodeError as exc:
         raise ManifestError([ManifestIssue(file=file, plugin_id=None, field="<toml>",
                                            problem=str(exc))]) from None
-    return parse_manifest(raw, file=file)
+    return parse_manifest(raw, file=file, base_dir=Path(path).resolve().parent)
 
 
-def parse_manifest(raw: dict[str, Any], *, file: str = "<manifest>") -> list[PluginSpec]:
-    """Validate an already-decoded manifest."""
+def parse_manifest(raw: dict[str, Any], *, file: str = "<manifest>",
+                   base_dir: Path | None = None) -> list[PluginSpec]:
+    """Validate an already-decoded manifest; a relative `source` is taken from `base_dir`."""
     issues: list[ManifestIssue] = []
     unknown = sorted(set(raw) - {"plugins"})
     for key in unknown:
@@ -50,6 +51,9 @@ def parse_manifest(raw: dict[str, Any], *, file: str = "<manifest>") -> list[Plu
             issues.append(ManifestIssue(file=file, plugin_id=plugin_id, field="id",
                                         problem=f"{declared!r} differs from the table name"))
             continue
+        source = table.get("source")
+        if isinstance(source, str) and base_dir is not None:
+            table = {**table, "source": str((base_dir / source).resolve())}
         try:
             specs.append(PluginSpec.model_validate({**table, "id": plugin_id}))
         except ValidationError as exc:

@@ -38,9 +38,10 @@ def client_options(settings: Settings) -> dict[str, Any]:
     return options
 
 
-def redis_client(settings: Settings) -> redis.Redis:
-    """A client with bounded timeouts, so an unreachable Redis fails fast instead of hanging."""
-    options = client_options(settings)
+def redis_client(settings: Settings, *, decode_responses: bool = True) -> redis.Redis:
+    """A client with bounded timeouts, so an unreachable Redis fails fast instead of hanging.
+    `decode_responses=False` for binary values (plugin artifacts)."""
+    options = {**client_options(settings), "decode_responses": decode_responses}
     url = settings.redis_url
     if url.startswith("sentinel://"):
         parsed = urlparse(url.split(";")[0])

@@ -1,22 +1,64 @@
 """The plugin registry in Redis: every producer, worker and aggregator sees the same specs.
 
 Publishing is all-or-nothing (one MULTI/EXEC guarded by WATCH) and versioned: each change
-of a spec bumps its `revision` and keeps the previous specs in a bounded history.
+of a spec bumps its `revision`, keeps the previous specs in a bounded history, appends a
+record (version, source hash, when, by whom) to the plugin's revision log, and publishes a
+change event on `keys.registry_channel` in the same transaction, so an event never
+arrives before the change it announces. History is append-only: a rollback publishes the
+old content as a new revision; unregistering leaves the history and a tombstone.
 """
 
 from __future__ import annotations
 
+import getpass
+import json
+import socket
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Literal
 
 import redis
+from pydantic import BaseModel
 
-from pluginpool.policy.errors import ManifestError, ManifestIssue, UnknownPluginError
+from pluginpool.policy.errors import (
+    ManifestError,
+    ManifestIssue,
+    PluginUnregisteredError,
+    RevisionNotFoundError,
+    UnknownPluginError,
+)
 from pluginpool.policy.keys import RedisKeys
 from pluginpool.tasks.manifest import spec_issues
 from pluginpool.tasks.spec import PluginSpec
 
 HISTORY_LENGTH = 20
+"""Earlier spec contents kept per plugin: the revisions a rollback can reach."""
+REVISION_LOG_LENGTH = 200
+"""Revision records kept per plugin (records are small; contents are in the history)."""
+
+Action = Literal["register", "rollback", "unregister"]
+
+
+class RevisionRecord(BaseModel):
+    """One line of a plugin's revision log."""
+
+    revision: int
+    version: str
+    action: Action = "register"
+    source_sha256: str | None = None
+    at: float | None = None
+    by: str | None = None
+    restored_revision: int | None = None
+    """For a rollback: the revision whose content became current again."""
+
+
+class RegistryEvent(BaseModel):
+    """What `keys.registry_channel` carries (JSON)."""
+
+    action: Action
+    plugin_id: str
+    revision: int
+    at: float
 
 
 class Registry:
@@ -27,7 +69,9 @@ class Registry:
         self._keys = keys
         self._visibility_timeout_s = visibility_timeout_s
 
-    def publish(self, specs: list[PluginSpec], *, source: str = "<python>") -> list[PluginSpec]:
+    def publish(self, specs: list[PluginSpec], *, source: str = "<python>", by: str | None = None,
+                action: Action = "register", restored_revision: int | None = None
+                ) -> list[PluginSpec]:
         """Publish specs atomically; unchanged specs keep their revision."""
         with self._redis.pipeline() as pipe:
             while True:
@@ -44,15 +88,71 @@ class Registry:
                             continue
                         new = spec.model_copy(update={"revision": (old.revision if old else 0) + 1})
                         pipe.hset(self._keys.specs, spec.id, new.model_dump_json())
+                        pipe.hdel(self._keys.unregistered, spec.id)
                         if old is not None:
-                            history = self._keys.spec_history(spec.id)
-                            pipe.lpush(history, old.model_dump_json())
-                            pipe.ltrim(history, 0, HISTORY_LENGTH - 1)
+                            self._push_history(pipe, old)
+                        self._record(pipe, new, action=action, by=by,
+                                     restored_revision=restored_revision)
                         published.append(new)
                     pipe.execute()
                     return published
                 except redis.WatchError:
                     time.sleep(0.01)
+
+    def unregister(self, plugin_id: str, *, by: str | None = None) -> PluginSpec:
+        """Remove a plugin: new jobs are refused (PluginUnregisteredError); its history stays."""
+        with self._redis.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(self._keys.specs)  # type: ignore[no-untyped-call]
+                    raw = pipe.hget(self._keys.specs, plugin_id)
+                    if raw is None:
+                        raise UnknownPluginError(plugin_id)
+                    old = PluginSpec.model_validate_json(raw)
+                    pipe.multi()
+                    pipe.hdel(self._keys.specs, plugin_id)
+                    pipe.hset(self._keys.unregistered, plugin_id, old.revision)
+                    self._push_history(pipe, old)
+                    self._record(pipe, old, action="unregister", by=by)
+                    pipe.execute()
+                    return old
+                except redis.WatchError:
+                    time.sleep(0.01)
+
+    def rollback(self, plugin_id: str, *, to: int | None = None,
+                 by: str | None = None) -> PluginSpec:
+        """Make an earlier revision's content current again, as a new revision (the
+        previous one by default). Returns the spec now current."""
+        current = self.get(plugin_id)
+        history = self.history(plugin_id)
+        candidates = [old for old in history if not old.content_equals(current)]
+        if to is not None:
+            candidates = [old for old in history if old.revision == to]
+        if not candidates:
+            raise RevisionNotFoundError(plugin_id, to, available=[h.revision for h in history])
+        target = candidates[0]
+        [published] = self.publish([target.model_copy(update={"revision": 0})],
+                                   source=f"rollback of {plugin_id}", by=by, action="rollback",
+                                   restored_revision=target.revision)
+        return published
+
+    def _push_history(self, pipe: Any, old: PluginSpec) -> None:
+        history = self._keys.spec_history(old.id)
+        pipe.lpush(history, old.model_dump_json())
+        pipe.ltrim(history, 0, HISTORY_LENGTH - 1)
+
+    def _record(self, pipe: Any, spec: PluginSpec, *, action: Action, by: str | None,
+                restored_revision: int | None = None) -> None:
+        now = time.time()
+        record = RevisionRecord(
+            revision=spec.revision, version=spec.version, action=action, at=now, by=by,
+            source_sha256=spec.artifact.sha256 if spec.artifact else None,
+            restored_revision=restored_revision)
+        log = self._keys.spec_revisions(spec.id)
+        pipe.rpush(log, record.model_dump_json())
+        pipe.ltrim(log, -REVISION_LOG_LENGTH, -1)
+        event = RegistryEvent(action=action, plugin_id=spec.id, revision=spec.revision, at=now)
+        pipe.publish(self._keys.registry_channel, event.model_dump_json())
 
     def _check(self, specs: list[PluginSpec], current: dict[str, PluginSpec], source: str) -> None:
         known = set(current) | {spec.id for spec in specs}
@@ -83,40 +183,86 @@ class Registry:
     def get(self, plugin_id: str) -> PluginSpec:
         raw = self._redis.hget(self._keys.specs, plugin_id)
         if raw is None:
+            last = self._redis.hget(self._keys.unregistered, plugin_id)
+            if last is not None:
+                raise PluginUnregisteredError(plugin_id, last_revision=int(last))
             raise UnknownPluginError(plugin_id)
         return PluginSpec.model_validate_json(raw)
 
     def all(self) -> list[PluginSpec]:
         return sorted(self._decode_all(self._redis.hgetall(self._keys.specs)), key=lambda s: s.id)
 
+    def unregistered(self) -> dict[str, int]:
+        """Unregistered plugins (not registered again since) and their last revision."""
+        raw = self._redis.hgetall(self._keys.unregistered)
+        return {_text(key): int(value) for key, value in raw.items()}
+
     def history(self, plugin_id: str) -> list[PluginSpec]:
         """Earlier revisions, newest first."""
         raw = self._redis.lrange(self._keys.spec_history(plugin_id), 0, -1)
         return [PluginSpec.model_validate_json(item) for item in raw]
+
+    def revisions(self, plugin_id: str) -> list[RevisionRecord]:
+        """The plugin's revision log, oldest first (for plugins registered before the log
+        existed: rebuilt from the history, without when and by whom)."""
+        raw = self._redis.lrange(self._keys.spec_revisions(plugin_id), 0, -1)
+        if raw:
+            return [RevisionRecord.model_validate_json(item) for item in raw]
+        specs = list(reversed(self.history(plugin_id)))
+        current = self._redis.hget(self._keys.specs, plugin_id)
+        if current is not None:
+            specs.append(PluginSpec.model_validate_json(current))
+        if not specs:
+            raise UnknownPluginError(plugin_id)
+        return [RevisionRecord(revision=spec.revision, version=spec.version,
+                               source_sha256=spec.artifact.sha256 if spec.artifact else None)
+                for spec in specs]
 
     @staticmethod
     def _decode_all(raw: Any) -> list[PluginSpec]:
         return [PluginSpec.model_validate_json(value) for value in raw.values()]
 
 
-class SpecCache:
-    """A per-process cache of specs for the hot path, refreshed after `ttl_s` or on demand."""
+def operator_name() -> str:
+    """Who is changing the registry, for the revision log: user@host as far as known."""
+    try:
+        return f"{getpass.getuser()}@{socket.gethostname()}"
+    except (OSError, KeyError):  # no login name and no passwd entry (some containers)
+        return f"?@{socket.gethostname()}"
 
-    def __init__(self, registry: Registry, *, ttl_s: float) -> None:
+
+def parse_event(data: bytes | str) -> RegistryEvent | None:
+    """A registry event from the channel, or None for something else on it."""
+    try:
+        return RegistryEvent.model_validate(json.loads(data))
+    except ValueError:
+        return None
+
+
+class SpecCache:
+    """A per-process cache of specs for the hot path, refreshed after `ttl_s`, when a newer
+    revision is asked for, or when `generation()` changes (a worker bumps it, in memory
+    shared with its pool children, on every registry change it hears of)."""
+
+    def __init__(self, registry: Registry, *, ttl_s: float,
+                 generation: Callable[[], int] | None = None) -> None:
         self._registry = registry
         self._ttl_s = ttl_s
-        self._entries: dict[str, tuple[float, PluginSpec]] = {}
+        self._generation = generation or (lambda: 0)
+        self._entries: dict[str, tuple[float, int, PluginSpec]] = {}
 
     def get(self, plugin_id: str, *, min_revision: int = 0) -> PluginSpec:
-        """The spec, fetched again if older than `ttl_s` or than `min_revision`."""
+        """The spec, fetched again if stale (see the class) or older than `min_revision`."""
         entry = self._entries.get(plugin_id)
         now = time.monotonic()
+        generation = self._generation()
         if entry is not None:
-            fetched_at, spec = entry
-            if now - fetched_at < self._ttl_s and spec.revision >= min_revision:
+            fetched_at, seen, spec = entry
+            if (now - fetched_at < self._ttl_s and seen == generation
+                    and spec.revision >= min_revision):
                 return spec
         spec = self._registry.get(plugin_id)
-        self._entries[plugin_id] = (now, spec)
+        self._entries[plugin_id] = (now, generation, spec)
         return spec
 
     def invalidate(self, plugin_id: str | None = None) -> None:
@@ -124,3 +270,7 @@ class SpecCache:
             self._entries.clear()
         else:
             self._entries.pop(plugin_id, None)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

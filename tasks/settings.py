@@ -5,6 +5,7 @@ No other module reads the environment: the settings object is passed around.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
@@ -70,12 +71,11 @@ class Settings(BaseSettings):
     max_payload_bytes: int = Field(default=1_048_576, ge=64,
                                    description="Largest JSON payload (and initial_data) accepted.")
     max_payload_depth: int = Field(
-        default=DEFAULT_MAX_PAYLOAD_DEPTH, ge=1, le=DEFAULT_MAX_PAYLOAD_DEPTH,
+        default=DEFAULT_MAX_PAYLOAD_DEPTH, ge=1, le=256,
         description="Deepest nesting of lists and objects accepted in a payload (and "
                     "initial_data), at submit and again in the worker. Encoders, decoders and "
-                    "pickle recurse per level; it can be lowered, not raised: the broker's "
-                    "decode boundary refuses messages nested deeper than 80 levels, and the "
-                    "message around a payload takes two.")
+                    "pickle recurse per level (pickle, which hands a job to a pool child, "
+                    "already fails near 500 levels inside a worker's call stack): at most 256.")
     max_result_bytes: int = Field(default=1_048_576, ge=64,
                                   description="Largest JSON result a plugin may return.")
     visibility_timeout_s: int = Field(
@@ -112,6 +112,17 @@ class Settings(BaseSettings):
         default=None, description="CA bundle that verifies a rediss:// server's certificate.")
     redis_socket_timeout_s: float = Field(
         default=5.0, gt=0, description="Connect/read timeout for Redis, so outages fail fast.")
+    max_artifact_bytes: int = Field(
+        default=20 * 1024 * 1024, ge=1024,
+        description="Largest plugin code artifact (wheel) `register` publishes into Redis.")
+    artifact_cache_dir: str | None = Field(
+        default=None,
+        description="Where workers unpack artifacts, one directory per sha256 (default: "
+                    "<system temp>/pluginpool-cache); later also per-revision environments.")
+    fleet_reconcile_s: float = Field(
+        default=5.0, gt=0,
+        description="How often a worker compares its queues with the registry, so one that "
+                    "missed a registry event catches up on its own.")
     http_idle_timeout_s: float = Field(
         default=30.0, gt=0, le=3600,
         description="The aggregator's HTTP server closes a connection that sends nothing (or "
@@ -156,3 +167,9 @@ class Settings(BaseSettings):
     @property
     def keys(self) -> RedisKeys:
         return RedisKeys(self.key_prefix)
+
+
+def child_process_env(**extra: str) -> dict[str, str]:
+    """The environment for a helper process pluginpool starts (e.g. `pip wheel`): this
+    process's own, plus `extra`. Here so that no other module reads os.environ."""
+    return {**os.environ, **extra}

@@ -1,0 +1,170 @@
+"""Workers follow the registry: they consume the queues of the plugins they are meant to,
+as plugins are registered, changed and unregistered, without a restart.
+
+A Celery bootstep in the worker's main process runs one thread that listens to the
+registry's change events (`keys.registry_channel`) and, on each event and every
+`fleet_reconcile_s` anyway, reads the registry and works out which plugins this worker
+should serve (its `--plugins` selector: `all`, ids, or fnmatch globs such as `acme-*`).
+Pub/sub is fire-and-forget, so the periodic read is what makes a worker that missed an
+event (a reconnect, a restart of Redis) catch up on its own.
+
+The thread changes nothing in the consumer itself: it hands the wanted set to the event
+loop with `consumer.call_soon` (thread-safe, wakes the loop), where Celery's own consumer
+control does the work, as the `add_consumer`/`cancel_consumer` control commands do:
+register the plugin's task and update the consumer's strategies, `add_task_queue`,
+`cancel_task_queue`. A registry change also bumps a counter in memory shared with the
+pool children, so their spec caches fetch the new revision on their next job.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from celery import bootsteps
+
+from pluginpool.pool.plugin_tasks import ensure_plugin_task
+from pluginpool.tasks.registry import Registry, parse_event
+from pluginpool.tasks.retire import fail_queued_jobs
+from pluginpool.tasks.routing import PLUGIN_QUEUE_PREFIX, queue_name
+from pluginpool.tasks.spec import PluginSpec
+
+logger = logging.getLogger("pluginpool.fleet")
+
+IDLE_QUEUE = "pluginpool.idle"
+"""The queue a worker consumes when no registered plugin matches it (Celery needs one);
+nothing is ever sent to it."""
+
+
+@dataclass(frozen=True)
+class PluginSelector:
+    """Which plugins a worker serves: `all`, or comma-separated ids and fnmatch globs."""
+
+    patterns: tuple[str, ...]
+
+    @classmethod
+    def parse(cls, text: str) -> PluginSelector:
+        items = tuple(p.strip() for p in text.split(",") if p.strip())
+        return cls(("*",) if items in ((), ("all",)) else items)
+
+    @property
+    def exact_ids(self) -> list[str]:
+        return [p for p in self.patterns if not any(ch in p for ch in "*?[")]
+
+    def matches(self, plugin_id: str) -> bool:
+        return any(fnmatch.fnmatchcase(plugin_id, pattern) for pattern in self.patterns)
+
+
+class SharedGeneration:
+    """A counter in shared memory, bumped by the main process, read by pool children."""
+
+    def __init__(self) -> None:
+        from multiprocessing.sharedctypes import RawValue  # an anonymous shared mapping
+
+        self._value: Any = RawValue("q", 0)
+
+    def bump(self) -> None:
+        self._value.value += 1
+
+    def __call__(self) -> int:
+        return int(self._value.value)
+
+
+class RegistryFollower(bootsteps.StartStopStep):  # type: ignore[misc]
+    """Keeps this worker's plugin queues and tasks in step with the registry."""
+
+    requires = ("celery.worker.components:Timer",)
+
+    def __init__(self, worker: Any, **kwargs: Any) -> None:
+        super().__init__(worker, **kwargs)
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    def start(self, worker: Any) -> None:
+        app = worker.app
+        fleet = app.pluginpool_fleet
+        services = app.pluginpool_services
+        self._worker = worker
+        self._selector: PluginSelector = fleet.selector
+        self._generation: SharedGeneration = fleet.generation
+        self._registry: Registry = services.registry
+        self._redis: redis.Redis = services.redis
+        self._channel = services.settings.keys.registry_channel
+        self._every_s: float = services.settings.fleet_reconcile_s
+        self._revisions: dict[str, int] = {}
+        self._thread = threading.Thread(target=self._follow, name="pluginpool-fleet",
+                                        daemon=True)
+        self._thread.start()
+
+    def stop(self, worker: Any) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    # -- the follower thread ------------------------------------------------------------
+
+    def _follow(self) -> None:
+        pubsub: Any = None
+        next_reconcile = 0.0
+        while not self._stop.is_set():
+            try:
+                if pubsub is None:
+                    pubsub = self._redis.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+                    pubsub.subscribe(self._channel)
+                    next_reconcile = 0.0  # caught up from scratch after (re)subscribing
+                wait_s = max(0.0, min(1.0, next_reconcile - time.monotonic()))
+                message = pubsub.get_message(timeout=wait_s)
+                event = parse_event(message["data"]) if message else None
+                if event is not None:
+                    logger.info("registry: %s %s revision %d", event.action, event.plugin_id,
+                                event.revision)
+                if event is not None or time.monotonic() >= next_reconcile:
+                    self.reconcile()
+                    next_reconcile = time.monotonic() + self._every_s
+            except redis.RedisError as exc:
+                logger.warning("registry follower: Redis unavailable, retrying: %s", exc)
+                if pubsub is not None:
+                    pubsub.close()
+                pubsub = None
+                self._stop.wait(1.0)
+        if pubsub is not None:
+            pubsub.close()
+
+    def reconcile(self) -> None:
+        """Read the registry; hand the plugins to serve to the event loop."""
+        wanted = {spec.id: spec for spec in self._registry.all()
+                  if self._selector.matches(spec.id)}
+        revisions = {pid: spec.revision for pid, spec in wanted.items()}
+        if revisions != self._revisions:
+            self._generation.bump()
+            self._revisions = revisions
+        self._worker.consumer.call_soon(self._apply, wanted)
+        for plugin_id, revision in self._registry.unregistered().items():
+            if self._selector.matches(plugin_id):
+                fail_queued_jobs(self._worker.app, plugin_id=plugin_id,
+                                 queue=queue_name(plugin_id), revision=revision)
+
+    # -- in the event loop ----------------------------------------------------------------
+
+    def _apply(self, wanted: dict[str, PluginSpec]) -> None:
+        consumer = self._worker.consumer
+        if consumer.task_consumer is None:
+            return  # the consumer is (re)connecting; the next reconciliation applies it
+        app = self._worker.app
+        new_tasks = [ensure_plugin_task(app, spec) for spec in wanted.values()]
+        if any(new_tasks):
+            consumer.update_strategies()
+        consuming = {q for q in app.amqp.queues.consume_from
+                     if q.startswith(PLUGIN_QUEUE_PREFIX)}
+        wanted_queues = {spec.queue for spec in wanted.values()}
+        for queue in sorted(wanted_queues - consuming):
+            consumer.add_task_queue(queue)
+            logger.info("now consuming %s", queue)
+        for queue in sorted(consuming - wanted_queues):
+            consumer.cancel_task_queue(queue)
+            logger.info("stopped consuming %s", queue)

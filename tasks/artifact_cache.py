@@ -1,0 +1,145 @@
+"""The worker's side of artifacts: fetch, verify, unpack once per host, put on the path.
+
+Layout of the cache directory (`PLUGINPOOL_ARTIFACT_CACHE_DIR`), one entry per content
+hash so that any number of revisions, plugins and worker processes share it:
+
+    <cache>/artifacts/<sha256>/   an artifact's wheel, unpacked (a site directory)
+    <cache>/envs/<hash>/          reserved: per-revision environments (requires.packages)
+
+An entry appears by an atomic rename of a fully unpacked scratch directory, so a process
+either sees a complete entry or none, and two processes unpacking the same artifact at once
+both end up using the one that won. The bytes are verified against the spec's sha256
+before anything is unpacked. A pure wheel unpacked into a directory is what pip installs
+for it (purelib at the root); data files and scripts of a wheel are not installed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import io
+import os
+import shutil
+import sys
+import tempfile
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from pluginpool.policy.errors import ArtifactError, ErrorType, PluginExecutionError
+from pluginpool.tasks.artifacts import ArtifactStore
+from pluginpool.tasks.context import PluginContext
+from pluginpool.tasks.runner import Runner, RunReport
+from pluginpool.tasks.settings import Settings
+from pluginpool.tasks.spec import ArtifactRef, PluginSpec
+
+
+def default_cache_dir(settings: Settings) -> Path:
+    return Path(settings.artifact_cache_dir or Path(tempfile.gettempdir()) / "pluginpool-cache")
+
+
+class ArtifactCache:
+    """Unpacked artifacts on this host, keyed by sha256."""
+
+    def __init__(self, store: ArtifactStore, root: Path) -> None:
+        self._store = store
+        self.root = root
+        self._known: set[str] = set()
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ArtifactCache:
+        return cls(ArtifactStore.from_settings(settings), default_cache_dir(settings))
+
+    def path_for(self, ref: ArtifactRef, *, plugin_id: str) -> Path:
+        """The unpacked artifact's directory, fetched and verified first if it is new here."""
+        target = self.root / "artifacts" / ref.sha256
+        if ref.sha256 in self._known or target.is_dir():
+            self._known.add(ref.sha256)
+            return target
+        data = self._store.fetch(ref, plugin_id=plugin_id)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix=f".{ref.sha256[:16]}-", dir=target.parent))
+        try:
+            with zipfile.ZipFile(io.BytesIO(data)) as archive:
+                archive.extractall(scratch)  # zipfile drops absolute and ".." parts
+            os.rename(scratch, target)
+        except zipfile.BadZipFile:
+            raise ArtifactError("invalid", f"artifact {ref.sha256} of {plugin_id!r} is not a"
+                                " zip", plugin_id=plugin_id, sha256=ref.sha256) from None
+        except OSError:
+            if not target.is_dir():  # not "another process unpacked it first"
+                raise
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        self._known.add(ref.sha256)
+        return target
+
+
+def artifact_code_paths(spec: PluginSpec, cache: ArtifactCache) -> list[str]:
+    """The directories to put first on `sys.path` to import this plugin revision's code
+    (empty for a plugin without an artifact). For runtimes that start an interpreter with
+    explicit code paths (warm sandboxes); raises ArtifactError (see as_dependency_error)."""
+    if spec.artifact is None:
+        return []
+    return [str(cache.path_for(spec.artifact, plugin_id=spec.id))]
+
+
+def as_dependency_error(spec: PluginSpec, exc: ArtifactError) -> PluginExecutionError:
+    """An artifact that cannot be had is a `dependency` error: never retried."""
+    return PluginExecutionError.of(
+        ErrorType.DEPENDENCY, str(exc), plugin_id=spec.id, artifact_error=exc.reason,
+        artifact_sha256=exc.sha256, **exc.details)
+
+
+def forget_other_code(spec: PluginSpec, paths: list[str]) -> None:
+    """Drop this plugin's top-level package from sys.modules when it was imported from
+    somewhere else (an earlier revision's artifact), so the next import reads `paths`.
+    Matters only where plugin code runs in a long-lived process (unsandboxed)."""
+    top = spec.entrypoint.partition(":")[0].split(".")[0]
+    module = sys.modules.get(top)
+    if module is None or not paths:
+        return
+    locations = [getattr(module, "__file__", None) or "",
+                 *list(getattr(module, "__path__", []) or [])]
+    if any(loc.startswith(paths[0] + os.sep) for loc in locations if loc):
+        return
+    for name in [n for n in sys.modules if n == top or n.startswith(top + ".")]:
+        del sys.modules[name]
+    importlib.invalidate_caches()
+
+
+@contextlib.contextmanager
+def on_sys_path(paths: list[str]) -> Iterator[None]:
+    """`paths` first on sys.path for the duration (a forked run inherits them)."""
+    added = [p for p in paths if p not in sys.path]
+    sys.path[:0] = added
+    try:
+        yield
+    finally:
+        for path in added:
+            with contextlib.suppress(ValueError):
+                sys.path.remove(path)
+
+
+class ArtifactRunner:
+    """Wraps a Runner: a plugin revision with an artifact runs with the artifact's unpacked
+    directory first on sys.path and readable in the sandbox (added to its read_paths)."""
+
+    def __init__(self, inner: Runner, cache: ArtifactCache) -> None:
+        self.inner = inner
+        self.cache = cache
+
+    def run(self, spec: PluginSpec, ctx: PluginContext, payload: Any) -> RunReport:
+        if spec.artifact is None:
+            return self.inner.run(spec, ctx, payload)
+        try:
+            paths = artifact_code_paths(spec, self.cache)
+        except ArtifactError as exc:
+            raise as_dependency_error(spec, exc) from None
+        forget_other_code(spec, paths)
+        permissions = spec.permissions.model_copy(
+            update={"read_paths": [*spec.permissions.read_paths, *paths]})
+        with on_sys_path(paths):
+            return self.inner.run(spec.model_copy(update={"permissions": permissions}),
+                                  ctx, payload)
