@@ -28,19 +28,17 @@ from pluginpool.policy.errors import (
     PayloadTooDeepError,
     PayloadTooLargeError,
     UnknownInstanceError,
+    UnknownOperationError,
 )
 from pluginpool.policy.health import PluginHealth
 from pluginpool.tasks.app import create_app
-from pluginpool.tasks.artifacts import ArtifactStore, publish_sources
-from pluginpool.tasks.discovery import DiscoveredPlugin, discover, select
 from pluginpool.tasks.health import HealthReader
 from pluginpool.tasks.instances import Instance, InstanceStore, SandboxInfo
 from pluginpool.tasks.jobs import FallbackJob, Job
 from pluginpool.tasks.manifest import load_manifest, spec_issues
 from pluginpool.tasks.payload import nesting_depth
 from pluginpool.tasks.redis_conn import redis_client
-from pluginpool.tasks.registry import Registry, RevisionRecord, SpecCache, operator_name
-from pluginpool.tasks.retire import fail_queued_jobs
+from pluginpool.tasks.registry import Registry, SpecCache
 from pluginpool.tasks.routing import REVISION_HEADER, TRIAL_HEADER
 from pluginpool.tasks.settings import Settings
 from pluginpool.tasks.spec import PluginSpec
@@ -60,8 +58,6 @@ class PluginClient:
         self.registry = Registry(self.redis, settings.keys,
                                  visibility_timeout_s=settings.visibility_timeout_s)
         self._specs = SpecCache(self.registry, ttl_s=settings.spec_cache_ttl_s)
-        self.artifacts = ArtifactStore.from_settings(settings)
-        self._following_registry = False
         self.instances = InstanceStore(self.redis, settings.keys)
         self.breakers = CircuitBreaker(self.redis, settings.keys,
                                        fail_mode=settings.breaker_fail_mode)
@@ -69,8 +65,7 @@ class PluginClient:
                                           thresholds=settings.health,
                                           heartbeat_s=settings.worker_heartbeat_s)
         self._subscriptions = Subscriptions(
-            self.redis, [settings.keys.error_channel, settings.keys.breaker_channel,
-                         settings.keys.registry_channel])
+            self.redis, [settings.keys.error_channel, settings.keys.breaker_channel])
 
     @classmethod
     def from_env(cls, **overrides: Any) -> PluginClient:
@@ -78,11 +73,8 @@ class PluginClient:
 
     # -- registry -----------------------------------------------------------------------
 
-    def register(self, source: str | Path | PluginSpec | Iterable[PluginSpec], *,
-                 by: str | None = None) -> list[PluginSpec]:
-        """Publish specs from a TOML manifest path, one spec, or several; all or nothing.
-        A spec with a `source` has its code built and published first (tasks/artifacts.py);
-        `by` (default: user@host) goes into the revision log."""
+    def register(self, source: str | Path | PluginSpec | Iterable[PluginSpec]) -> list[PluginSpec]:
+        """Publish specs from a TOML manifest path, one spec, or several; all or nothing."""
         if isinstance(source, str | Path):
             specs, origin = load_manifest(source), str(source)
         elif isinstance(source, PluginSpec):
@@ -97,57 +89,15 @@ class PluginClient:
                                     breaker=self.settings.default_breaker)
                  for spec in specs]
         with self._unavailable_as_error():
-            specs = publish_sources(specs, self.artifacts)
-            published = self.registry.publish(specs, source=origin, by=by or operator_name())
+            published = self.registry.publish(specs, source=origin)
         self._specs.invalidate()
         return published
-
-    def unregister(self, plugin_id: str, *, by: str | None = None) -> int:
-        """Remove a plugin: new submits raise PluginUnregisteredError, workers stop
-        consuming its queue, and each job still queued fails with a `dependency` error
-        (jobs already running finish). Returns how many queued jobs were failed."""
-        with self._unavailable_as_error():
-            old = self.registry.unregister(plugin_id, by=by or operator_name())
-            self._specs.invalidate(plugin_id)
-            return fail_queued_jobs(self.app, plugin_id=plugin_id, queue=old.queue,
-                                    revision=old.revision)
-
-    def revisions(self, plugin_id: str) -> list[RevisionRecord]:
-        """The plugin's revisions, oldest first: version, source hash, when, by whom."""
-        with self._unavailable_as_error():
-            return self.registry.revisions(plugin_id)
-
-    def rollback(self, plugin_id: str, *, to: int | None = None,
-                 by: str | None = None) -> PluginSpec:
-        """Make an earlier revision's content current again (the previous one by default),
-        as a new revision: history stays append-only. Returns the new current spec."""
-        with self._unavailable_as_error():
-            spec = self.registry.rollback(plugin_id, to=to, by=by or operator_name())
-        self._specs.invalidate(plugin_id)
-        return spec
-
-    def discover(self, paths: list[str] | None = None) -> list[DiscoveredPlugin]:
-        """Plugins declared by installed distributions (entry points `pluginpool.plugins`)."""
-        return discover(paths)
-
-    def register_entry_points(self, names: list[str] | None = None, *,
-                              paths: list[str] | None = None) -> list[PluginSpec]:
-        """Register the discovered plugins (all, or those named); all or nothing."""
-        return self.register(select(discover(paths), names))
-
 
     def plugins(self) -> list[PluginSpec]:
         with self._unavailable_as_error():
             return self.registry.all()
 
     def spec(self, plugin_id: str) -> PluginSpec:
-        if not self._following_registry:
-            # Registry events drop cached specs at once, so a new revision (or an
-            # unregister) reaches this producer's next submit, not one spec_cache_ttl_s later.
-            self._following_registry = True
-            with self._unavailable_as_error():
-                self._subscriptions.add(self.settings.keys.registry_channel, "*",
-                                        lambda event: self._specs.invalidate(event["plugin_id"]))
         with self._unavailable_as_error():
             return self._specs.get(plugin_id)
 
@@ -182,19 +132,23 @@ class PluginClient:
 
     # -- jobs ---------------------------------------------------------------------------
 
-    def submit(self, plugin_id: str, payload: Any = None, *,
-               instance_id: str | None = None) -> Job | FallbackJob:
+    def submit(self, plugin_id: str, payload: Any = None, *, instance_id: str | None = None,
+               operation: str = "run") -> Job | FallbackJob:
         """Enqueue one job and return at once. Bad input raises; nothing is enqueued then.
 
         The plugin's breaker is asked first (one Redis round trip). Refused: the plugin's
         fallback applies (a `FallbackJob` with a fixed value, or a `Job` of the fallback
         plugin, both with `is_fallback = True`); with no fallback, CircuitOpenError.
+        `operation` names one of the manifest's `operations` (UnknownOperationError if not).
         """
-        return self._submit(plugin_id, payload, instance_id=instance_id, depth=0)
+        return self._submit(plugin_id, payload, instance_id=instance_id, depth=0,
+                            operation=operation)
 
     def _submit(self, plugin_id: str, payload: Any, *, instance_id: str | None,
-                depth: int) -> Job | FallbackJob:
+                depth: int, operation: str = "run") -> Job | FallbackJob:
         spec = self.spec(plugin_id)
+        if operation not in spec.operations:
+            raise UnknownOperationError(plugin_id, str(operation), operations=spec.operations)
         if instance_id is not None:
             instance = self.instance(instance_id)
             if instance.plugin_id != plugin_id:
@@ -213,20 +167,21 @@ class PluginClient:
             refusal = CircuitOpenError.of(plugin_id, state=permit.state,
                                           retry_after_ms=permit.retry_after_ms)
             return self._fallback(spec, payload, refusal, depth=depth)
-        limits = spec.resource_limits
+        deadlines = spec.deadlines
         headers: dict[str, Any] = {REVISION_HEADER: spec.revision}
         if permit.state is BreakerState.HALF_OPEN:
             headers[TRIAL_HEADER] = permit.generation
         with self._unavailable_as_error():
             options: dict[str, Any] = {
                 "queue": spec.queue,
-                "soft_time_limit": limits.soft_time_limit_s,
-                "time_limit": limits.hard_time_limit_s,
+                "soft_time_limit": deadlines.celery_soft_s,
+                "time_limit": deadlines.celery_hard_s,
                 "headers": headers,
             }
-            result = self.app.send_task(
-                spec.task_name, kwargs={"payload": payload, "instance_id": instance_id},
-                **options)
+            kwargs: dict[str, Any] = {"payload": payload, "instance_id": instance_id}
+            if operation != "run":
+                kwargs["operation"] = operation
+            result = self.app.send_task(spec.task_name, kwargs=kwargs, **options)
         isolation = spec.isolation
         return Job(result, plugin_id=plugin_id, instance_id=instance_id,
                    max_restarts=isolation.max_restarts if isolation.auto_restart else 0)
@@ -279,11 +234,12 @@ class PluginClient:
         """Call `handler(event)` for every breaker transition (plugin, from, to, reason)."""
         self._subscriptions.add(self.settings.keys.breaker_channel, plugin_id, handler)
 
-    def execute(self, instance_id: str, payload: Any = None, *,
+    def execute(self, instance_id: str, payload: Any = None, *, operation: str = "run",
                 timeout: float | None = None) -> Any:
-        """Run a job on a loaded instance and wait for its value (or its fallback's)."""
+        """Run an operation on a loaded instance and wait for its value (or its fallback's)."""
         instance = self.instance(instance_id)
-        return self.submit(instance.plugin_id, payload, instance_id=instance_id).result(timeout)
+        return self.submit(instance.plugin_id, payload, instance_id=instance_id,
+                           operation=operation).result(timeout)
 
     def job(self, job_id: str, *, plugin_id: str | None = None) -> Job:
         """A handle on an earlier job by its id."""

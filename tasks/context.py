@@ -1,4 +1,8 @@
-"""What a plugin's `run(ctx, payload)` receives besides its payload."""
+"""What a plugin's operation `method(ctx, payload)` (or `run(ctx, payload)`) and its setup
+`__init__(self, ctx)` receive besides the payload.
+
+This is the in-process runner's context; a sandbox builds the same attributes from plain
+data inside the zygote (pool/sandbox/runtime/context.py)."""
 
 from __future__ import annotations
 
@@ -33,6 +37,12 @@ class PluginContext:
     limits: ResourceLimits
     permissions: Permissions
     initial_data: dict[str, Any] = field(default_factory=dict)
+    operation: str = "run"
+    """The operation this job calls (one of the spec's `operations`)."""
+    worker: str | None = None
+    """The worker node running the job (warm sandboxes are published under it)."""
+    code_paths: tuple[str, ...] = ()
+    """Directories, beyond the deployment's plugin paths, that hold this plugin's code."""
     storage_factory: Callable[[], Storage] | None = None
     workspace_root: str | None = None
     _workspace: Path | None = None

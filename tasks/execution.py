@@ -148,6 +148,9 @@ def _run_plugin_job(task: PluginTask, args: tuple[Any, ...], kwargs: dict[str, A
         raise PluginExecutionError.of(
             ErrorType.DEPENDENCY, "plugin is not registered (any more)",
             plugin_id=plugin_id, job_id=job_id) from None
+    if job.operation not in spec.operations:
+        raise InvalidJobError(f"plugin {plugin_id} has no operation {job.operation[:100]!r}; "
+                              f"it has {', '.join(spec.operations)}")
     initial_data: dict[str, Any] = {}
     if job.instance_id is not None:
         try:
@@ -165,6 +168,7 @@ def _run_plugin_job(task: PluginTask, args: tuple[Any, ...], kwargs: dict[str, A
     ctx = PluginContext(plugin_id=plugin_id, job_id=job_id, instance_id=job.instance_id,
                         attempt=attempt, limits=spec.resource_limits,
                         permissions=spec.permissions, initial_data=initial_data,
+                        operation=job.operation, worker=task.request.hostname,
                         workspace_root=services.settings.workspace_root,
                         storage_factory=lambda: InstanceStorage(
                             services.redis, services.settings.keys,
@@ -193,6 +197,7 @@ def _run_plugin_job(task: PluginTask, args: tuple[Any, ...], kwargs: dict[str, A
         "meta": {
             "plugin_id": plugin_id,
             "instance_id": job.instance_id,
+            "operation": job.operation,
             "revision": spec.revision,
             "attempt": attempt,
             "worker": task.request.hostname,
@@ -231,7 +236,7 @@ def _admit(services: WorkerServices, spec: PluginSpec, *, token: int, job_id: st
 def register_plugin_task(app: Celery, spec: PluginSpec) -> PluginTask:
     """Register `plugin.<id>` with the plugin's restart policy and default time limits."""
     isolation = spec.isolation
-    limits = spec.resource_limits
+    deadlines = spec.deadlines
 
     def run(self: PluginTask, *args: Any, **kwargs: Any) -> Any:
         return run_plugin_job(self, args, kwargs)
@@ -248,8 +253,8 @@ def register_plugin_task(app: Celery, spec: PluginSpec) -> PluginTask:
         "retry_on_worker_lost": True,
         "max_retries": isolation.max_restarts if isolation.auto_restart else 0,
         "default_retry_delay": isolation.restart_cooldown_ms / 1000,
-        "soft_time_limit": limits.soft_time_limit_s,
-        "time_limit": limits.hard_time_limit_s,
+        "soft_time_limit": deadlines.celery_soft_s,
+        "time_limit": deadlines.celery_hard_s,
     }
     return cast(PluginTask, app.task(**options)(run))
 

@@ -25,8 +25,24 @@ class Instance(BaseModel):
     last_error: dict[str, Any] | None = None
 
 
+class WarmSandboxInfo(BaseModel):
+    """One warm sandbox of an instance, as the pool process holding it last published it."""
+
+    worker: str
+    pool_pid: int
+    pid: int
+    """The zygote's pid."""
+    since: float
+    setup_ms: float
+    runs: int
+    rss_mb: float
+    uss_mb: float | None = None
+    published_at: float
+
+
 class SandboxInfo(BaseModel):
-    """An instance's status, resource usage (totals and last run) and recent errors."""
+    """An instance's status, resource usage (totals and last run), recent errors and its
+    warm sandboxes on every worker."""
 
     instance_id: str
     plugin_id: str
@@ -38,6 +54,7 @@ class SandboxInfo(BaseModel):
     totals: dict[str, float] = {}
     last_run: dict[str, Any] | None = None
     recent_errors: list[dict[str, Any]] = []
+    warm_sandboxes: list[WarmSandboxInfo] = []
 
 
 class InstanceStore:
@@ -83,8 +100,11 @@ class InstanceStore:
         with self._redis.pipeline(transaction=True) as pipe:
             pipe.delete(self._keys.instance(instance_id), self._keys.instance_usage(instance_id),
                         self._keys.storage(instance_id), self._keys.storage_used(instance_id),
-                        self._keys.instance_errors(instance_id))
+                        self._keys.instance_errors(instance_id),
+                        self._keys.warm_sandboxes(instance_id))
             pipe.srem(self._keys.instances_of(instance.plugin_id), instance_id)
+            # Every worker retires the instance's warm sandboxes (running their teardown).
+            pipe.publish(self._keys.unload_channel, instance_id)
             pipe.execute()
         return True
 
@@ -93,7 +113,8 @@ class InstanceStore:
         with self._redis.pipeline(transaction=False) as pipe:
             pipe.hgetall(self._keys.instance_usage(instance_id))
             pipe.lrange(self._keys.instance_errors(instance_id), 0, -1)
-            usage, errors = pipe.execute()
+            pipe.hvals(self._keys.warm_sandboxes(instance_id))
+            usage, errors, warm = pipe.execute()
         last = usage.pop("last_run", None)
         runs = int(usage.pop("runs", 0))
         failures = int(usage.pop("failures", 0))
@@ -102,7 +123,9 @@ class InstanceStore:
             created_at=instance.created_at, sandboxed=sandboxed, runs=runs, failures=failures,
             totals={name: round(float(value), 3) for name, value in usage.items()},
             last_run=json.loads(last) if last else None,
-            recent_errors=[json.loads(item) for item in errors])
+            recent_errors=[json.loads(item) for item in errors],
+            warm_sandboxes=sorted((WarmSandboxInfo.model_validate_json(item) for item in warm),
+                                  key=lambda info: (info.worker, info.pid)))
 
     def of_plugin(self, plugin_id: str) -> list[str]:
         members = self._redis.smembers(self._keys.instances_of(plugin_id))

@@ -1,7 +1,8 @@
 """Parsing what arrives on a plugin queue, whoever sent it.
 
 pluginpool's client sends `kwargs={"payload": ..., "instance_id": ...}`; a plain Celery
-producer may send `args=[payload]` or `args=[payload, instance_id]`. Anything else is
+producer may send `args=[payload]` or `args=[payload, instance_id]`, and names an
+operation other than `run` with `kwargs={"operation": ...}`. Anything else is
 refused with an `InvalidJobError` naming what is wrong, before anything that recurses over
 the payload (pydantic, the sandbox's encoders) sees it: a payload nested deeper than
 `max_payload_depth` included, whoever sent it.
@@ -26,6 +27,7 @@ class JobRequest(BaseModel):
 
     payload: JSONValue = None
     instance_id: str | None = None
+    operation: str = "run"
 
 
 def parse_job(args: tuple[Any, ...], kwargs: dict[str, Any], *,
@@ -38,14 +40,18 @@ def parse_job(args: tuple[Any, ...], kwargs: dict[str, Any], *,
         if key in fields:
             raise InvalidJobError(f"argument {key!r} given twice")
         fields[key] = value
-    unknown = sorted(set(fields) - {"payload", "instance_id"})
+    unknown = sorted(set(fields) - {"payload", "instance_id", "operation"})
     if unknown:
-        raise InvalidJobError(f"unknown arguments {unknown}; expected payload, instance_id")
+        raise InvalidJobError(f"unknown arguments {unknown}; expected payload, instance_id, "
+                              "operation")
     instance_id = fields.get("instance_id")
     if instance_id is not None and not isinstance(instance_id, str):
         raise InvalidJobError("instance_id must be a string")
+    operation = fields.get("operation") or "run"
+    if not isinstance(operation, str):
+        raise InvalidJobError("operation must be a string")
     payload = fields.get("payload")
     if nesting_depth(payload, limit=max_depth) > max_depth:
         raise InvalidJobError(f"payload is nested deeper than the {max_depth}-level limit "
                               "(PLUGINPOOL_MAX_PAYLOAD_DEPTH)")
-    return JobRequest(payload=payload, instance_id=instance_id)
+    return JobRequest(payload=payload, instance_id=instance_id, operation=operation)

@@ -1,18 +1,20 @@
-"""Running a loaded plugin function and turning whatever happens into a typed outcome.
+"""Running a plugin's operation and turning whatever happens into a typed outcome.
 
 This is the in-process runner: the plugin runs in the Celery pool child itself, under
 Celery's soft and hard time limits. Sandboxed runners (pluginpool.pool) implement the
-same `Runner` protocol.
+same `Runner` protocol and report the same `Usage`.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import resource
 import signal
 import time
 import traceback
-from dataclasses import dataclass, field
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 from celery.exceptions import SoftTimeLimitExceeded
@@ -25,6 +27,34 @@ from pluginpool.tasks.spec import PluginSpec
 TRACEBACK_LIMIT_CHARS = 8_000
 BILLIARD_SIGTERM_EXIT = -(256 - signal.SIGTERM)
 """The SystemExit code billiard raises in a pool child it is killing (hard time limit)."""
+IN_PROCESS_INSTANCES = 16
+
+
+@dataclass
+class Usage:
+    """What one run used: the same fields from every runner (the run alone: a sandbox's
+    fork and lock-down, or a warm sandbox's setup, are not the plugin's CPU)."""
+
+    wall_ms: float
+    cpu_ms: float
+    cpu_percent: float
+    peak_memory_mb: float
+    """Resident memory the run added: above the zygote it was forked from (kernel high-water
+    mark at exit, or the 50 ms sampler, whichever is higher); in process, how much the run
+    raised the pool child's high-water mark."""
+    max_rss_mb: float | None
+    network_requests: int
+    storage_kb: float
+    sandboxed: bool
+    layers: dict[str, Any]
+    warm: dict[str, Any] | None = None
+    """The warm sandbox that ran it: zygote pid, run pid, runs served, setup_ms if this job
+    set it up."""
+    stop_latency_ms: float | None = None
+    stopped_at_unix: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None or k == "max_rss_mb"}
 
 
 @dataclass(frozen=True)
@@ -36,8 +66,8 @@ class RunReport:
 
 
 class Runner(Protocol):
-    """Runs one job of a plugin; returns a RunReport or raises PluginExecutionError (with
-    the run's usage in `details["usage"]` when it is known)."""
+    """Runs one job of a plugin (the operation is `ctx.operation`); returns a RunReport or
+    raises PluginExecutionError (with the run's usage in `details["usage"]` when known)."""
 
     def run(self, spec: PluginSpec, ctx: PluginContext, payload: Any) -> RunReport: ...
 
@@ -80,20 +110,55 @@ def error_from_exception(spec: PluginSpec, exc: BaseException) -> PluginExecutio
     )
 
 
+class _Loaded:
+    """A plugin set up in this process: its operations by name and its teardown."""
+
+    def __init__(self, spec: PluginSpec, target: Any, ctx: PluginContext) -> None:
+        factory: Any = target
+        self.instance: Any = factory(ctx) if inspect.isclass(target) else None
+        self.operations: dict[str, Any] = (
+            {name: getattr(self.instance, name) for name in spec.operations
+             if callable(getattr(self.instance, name, None))}
+            if self.instance is not None else {"run": target})
+
+    def close(self) -> None:
+        close = getattr(self.instance, "close", None)
+        if callable(close):
+            close()
+
+
 class InProcessRunner:
-    """Runs the plugin in the calling process: trusted plugins, fastest path."""
+    """Runs the plugin in the calling process: trusted plugins, fastest path. A class
+    plugin is set up once per (plugin, revision, instance) in each pool process and kept
+    for the last IN_PROCESS_INSTANCES of them; its runs share its state (no fork here)."""
 
     def __init__(self, loader: PluginLoader, *, max_result_bytes: int) -> None:
         self._loader = loader
         self._max_result_bytes = max_result_bytes
+        self._loaded: OrderedDict[tuple[str, int, str | None], _Loaded] = OrderedDict()
+
+    def _operation(self, spec: PluginSpec, ctx: PluginContext) -> Any:
+        key = (spec.id, spec.revision, ctx.instance_id)
+        loaded = self._loaded.get(key)
+        if loaded is None:
+            loaded = _Loaded(spec, self._loader.load(spec), ctx)
+            self._loaded[key] = loaded
+            while len(self._loaded) > IN_PROCESS_INSTANCES:
+                self._loaded.popitem(last=False)[1].close()
+        self._loaded.move_to_end(key)
+        operation = loaded.operations.get(ctx.operation)
+        if operation is None:
+            raise PluginExecutionError.of(
+                ErrorType.DEPENDENCY, f"operation {ctx.operation!r} is not a method of the "
+                "plugin", plugin_id=spec.id, operation=ctx.operation)
+        return operation
 
     def run(self, spec: PluginSpec, ctx: PluginContext, payload: Any) -> RunReport:
-        function = self._loader.load(spec)
         started = time.perf_counter()
         cpu_before = resource.getrusage(resource.RUSAGE_SELF)
         usage: dict[str, Any] = {}
         try:
-            value = function(ctx, payload)
+            value = self._operation(spec, ctx)(ctx, payload)
             check_result(spec, value, max_result_bytes=self._max_result_bytes)
         except SystemExit as exc:
             if exc.code == BILLIARD_SIGTERM_EXIT:
@@ -104,18 +169,31 @@ class InProcessRunner:
         except (Exception, GeneratorExit) as exc:
             raise self._with_usage(error_from_exception(spec, exc), usage) from None
         finally:
+            storage_kb = _directory_kb(ctx)
             ctx.remove_workspace()
             wall_s = time.perf_counter() - started
             cpu_after = resource.getrusage(resource.RUSAGE_SELF)
             cpu_s = (cpu_after.ru_utime - cpu_before.ru_utime
                      + cpu_after.ru_stime - cpu_before.ru_stime)
-            usage.update({"wall_ms": round(wall_s * 1000, 3), "cpu_ms": round(cpu_s * 1000, 3),
-                          "cpu_percent": round(100 * cpu_s / wall_s, 1) if wall_s else 0.0,
-                          "max_rss_mb": round(cpu_after.ru_maxrss / 1024, 3),
-                          "sandboxed": False, "layers": {"process": "pool child"}})
+            usage.update(Usage(
+                wall_ms=round(wall_s * 1000, 3), cpu_ms=round(cpu_s * 1000, 3),
+                cpu_percent=round(100 * cpu_s / wall_s, 1) if wall_s else 0.0,
+                peak_memory_mb=round(max(cpu_after.ru_maxrss - cpu_before.ru_maxrss, 0)
+                                     / 1024, 3),
+                max_rss_mb=round(cpu_after.ru_maxrss / 1024, 3), network_requests=0,
+                storage_kb=storage_kb, sandboxed=False,
+                layers={"process": "pool child"}).as_dict())
         return RunReport(value=value, usage=usage)
 
     @staticmethod
     def _with_usage(error: PluginExecutionError, usage: dict[str, Any]) -> PluginExecutionError:
         error.info.details["usage"] = usage  # filled in by the finally clause above
         return error
+
+
+def _directory_kb(ctx: PluginContext) -> float:
+    """The run's workspace size, if it made one."""
+    if ctx._workspace is None:
+        return 0.0
+    total = sum(path.stat().st_size for path in ctx._workspace.rglob("*") if path.is_file())
+    return round(total / 1024, 1)

@@ -5,7 +5,6 @@ No other module reads the environment: the settings object is passed around.
 
 from __future__ import annotations
 
-import os
 from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
@@ -62,6 +61,16 @@ class Settings(BaseSettings):
         default=True, description="Send a task-plugin-usage Celery event after every run.")
     workspace_root: str | None = Field(
         default=None, description="Where run workspaces are made (default: the system temp).")
+    warm_sandboxes: int = Field(
+        default=4, ge=1, le=256,
+        description="Warm sandboxes (set-up zygotes) each pool process keeps; the least "
+                    "recently used is retired beyond it.")
+    warm_idle_s: float = Field(
+        default=300.0, gt=0, description="A warm sandbox unused this long is retired.")
+    warm_root: str | None = Field(
+        default=None,
+        description="Where warm sandboxes keep their homes; sandboxed runs' workspaces are "
+                    "made inside (default: pluginpool-warm in the system temp).")
     health: HealthThresholds = Field(
         default_factory=HealthThresholds, description="When a plugin counts as degraded.")
     worker_heartbeat_s: float = Field(
@@ -71,11 +80,12 @@ class Settings(BaseSettings):
     max_payload_bytes: int = Field(default=1_048_576, ge=64,
                                    description="Largest JSON payload (and initial_data) accepted.")
     max_payload_depth: int = Field(
-        default=DEFAULT_MAX_PAYLOAD_DEPTH, ge=1, le=256,
+        default=DEFAULT_MAX_PAYLOAD_DEPTH, ge=1, le=DEFAULT_MAX_PAYLOAD_DEPTH,
         description="Deepest nesting of lists and objects accepted in a payload (and "
                     "initial_data), at submit and again in the worker. Encoders, decoders and "
-                    "pickle recurse per level (pickle, which hands a job to a pool child, "
-                    "already fails near 500 levels inside a worker's call stack): at most 256.")
+                    "pickle recurse per level; it can be lowered, not raised: the broker's "
+                    "decode boundary refuses messages nested deeper than 80 levels, and the "
+                    "message around a payload takes two.")
     max_result_bytes: int = Field(default=1_048_576, ge=64,
                                   description="Largest JSON result a plugin may return.")
     visibility_timeout_s: int = Field(
@@ -112,17 +122,6 @@ class Settings(BaseSettings):
         default=None, description="CA bundle that verifies a rediss:// server's certificate.")
     redis_socket_timeout_s: float = Field(
         default=5.0, gt=0, description="Connect/read timeout for Redis, so outages fail fast.")
-    max_artifact_bytes: int = Field(
-        default=20 * 1024 * 1024, ge=1024,
-        description="Largest plugin code artifact (wheel) `register` publishes into Redis.")
-    artifact_cache_dir: str | None = Field(
-        default=None,
-        description="Where workers unpack artifacts, one directory per sha256 (default: "
-                    "<system temp>/pluginpool-cache); later also per-revision environments.")
-    fleet_reconcile_s: float = Field(
-        default=5.0, gt=0,
-        description="How often a worker compares its queues with the registry, so one that "
-                    "missed a registry event catches up on its own.")
     http_idle_timeout_s: float = Field(
         default=30.0, gt=0, le=3600,
         description="The aggregator's HTTP server closes a connection that sends nothing (or "
@@ -167,9 +166,3 @@ class Settings(BaseSettings):
     @property
     def keys(self) -> RedisKeys:
         return RedisKeys(self.key_prefix)
-
-
-def child_process_env(**extra: str) -> dict[str, str]:
-    """The environment for a helper process pluginpool starts (e.g. `pip wheel`): this
-    process's own, plus `extra`. Here so that no other module reads os.environ."""
-    return {**os.environ, **extra}

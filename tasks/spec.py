@@ -9,10 +9,12 @@ from packaging.requirements import InvalidRequirement, Requirement
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pluginpool.policy.breaker import BreakerConfig
+from pluginpool.policy.deadlines import Deadlines
 from pluginpool.policy.limits import IsolationConfig, Permissions, ResourceLimits
 
 PLUGIN_ID_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,62}$"
 ENTRYPOINT_PATTERN = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+OPERATION_PATTERN = re.compile(r"^[A-Za-z]\w{0,63}$")
 
 
 class Requires(BaseModel):
@@ -60,16 +62,6 @@ class Fallback(BaseModel):
         return self
 
 
-class ArtifactRef(BaseModel):
-    """A plugin's code published beside its spec: a wheel in Redis, named by its sha256."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    size_bytes: int = Field(ge=0)
-    filename: str = Field(min_length=1, max_length=255, description="The wheel's file name.")
-
-
 class PluginSpec(BaseModel):
     """Everything a producer and a worker need to know about one plugin."""
 
@@ -85,18 +77,36 @@ class PluginSpec(BaseModel):
     requires: Requires = Field(default_factory=Requires)
     fallback: Fallback | None = None
     breaker: BreakerConfig = Field(default_factory=BreakerConfig)
-    source: str | None = Field(
-        default=None, description="Where `register` took the code from: a package directory"
-        " or a .whl (absolute once the manifest is read); built and published as `artifact`.")
-    artifact: ArtifactRef | None = None
+    operations: list[str] = Field(
+        default_factory=lambda: ["run"], min_length=1, max_length=64,
+        description="The methods of a class entrypoint a job may call by name; a function "
+                    "entrypoint has the one operation `run`.")
     revision: int = Field(default=0, ge=0, description="Set by the registry on publish.")
 
     @field_validator("entrypoint")
     @classmethod
     def _entrypoint_shape(cls, value: str) -> str:
         if not ENTRYPOINT_PATTERN.match(value):
-            raise ValueError("must be 'package.module:function'")
+            raise ValueError("must be 'package.module:function' or 'package.module:Class'")
         return value
+
+    @field_validator("operations")
+    @classmethod
+    def _operation_names(cls, values: list[str]) -> list[str]:
+        for value in values:
+            if not OPERATION_PATTERN.match(value):
+                raise ValueError(f"{value!r} is not an operation name (a public method name)")
+        if len(set(values)) != len(values):
+            raise ValueError("operations are listed more than once")
+        return values
+
+    @property
+    def deadlines(self) -> Deadlines:
+        """Every clock of one job of this plugin (policy/deadlines.py)."""
+        limits = self.resource_limits
+        return Deadlines.of(timeout_ms=limits.timeout_ms,
+                            setup_timeout_ms=limits.setup_timeout_ms,
+                            sandboxed=self.isolation.sandboxed)
 
     @property
     def default_open_ms(self) -> int:

@@ -1,38 +1,37 @@
-"""The sandboxed runner: one fresh process per run, forked from the pool child.
+"""The sandboxed runner: every run is a fresh process forked from a warm sandbox.
 
-Path of one run: check `requires` here (metadata only, no plugin code) → make the
-workspace → socketpair → fork → the child locks itself down (child.py) and runs the
-plugin → the supervisor watches it (supervisor.py) → the outcome becomes a value or a
-typed PluginExecutionError, with the run's usage either way → process group killed,
-workspace removed. The pool child never runs plugin code, so nothing a plugin changes
-survives its run.
+Path of one run: check `requires` here (metadata only, no plugin code) → take the warm
+sandbox of (plugin, revision, instance), or start one (a fresh interpreter that locks
+itself down, imports the plugin and runs its setup, supervised like a run) → a workspace
+inside the sandbox's home → socketpair → the zygote forks the run, which narrows its
+limits further and runs the operation → the supervisor watches it (supervisor.py) → the
+outcome becomes a value or a typed PluginExecutionError, with the run's usage either way
+(outcome.py) → run killed and reaped, workspace removed. The pool child never runs plugin
+code; a run sees the set-up state and nothing any earlier run did.
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import functools
-import gc
-import glob
 import os
 import shutil
-import signal
 import socket
 import sys
 import tempfile
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-import psutil
 from celery.exceptions import SoftTimeLimitExceeded
 
-from pluginpool.policy.errors import ErrorInfo, ErrorType, PluginExecutionError
+from pluginpool.policy.errors import ErrorType, PluginExecutionError
 from pluginpool.policy.storage import InstanceStorage
-from pluginpool.pool.sandbox import landlock, seccomp_filter
-from pluginpool.pool.sandbox.child import CHANNEL_FD, ChildPlan, run_child
-from pluginpool.pool.sandbox.supervisor import MB, Supervision, Supervisor
+from pluginpool.pool.sandbox import outcome, seccomp_filter, warm
+from pluginpool.pool.sandbox.housekeeping import Housekeeper
+from pluginpool.pool.sandbox.launcher import ZygoteLauncher, ZygoteStartError
+from pluginpool.pool.sandbox.runtime import channel, landlock
+from pluginpool.pool.sandbox.runtime.messages import Spawn
+from pluginpool.pool.sandbox.runtime.run import CHANNEL_FD
+from pluginpool.pool.sandbox.supervisor import MB, Bounds, Supervision, Supervisor
+from pluginpool.pool.sandbox.warm_pool import WarmPool
 from pluginpool.tasks.context import PluginContext
 from pluginpool.tasks.execution import WorkerServices
 from pluginpool.tasks.loader import check_requires
@@ -46,208 +45,152 @@ SYSTEM_READ_PATHS = (
     "/dev/urandom", "/dev/random", "/dev/null",
 )
 FRAME_OVERHEAD_BYTES = 64 * 1024
-PR_SET_CHILD_SUBREAPER = 36
 
 
-def _child_pids() -> list[int]:
-    """This process's children, from /proc (cheap), or from psutil (a /proc scan)."""
-    try:
-        pids: list[int] = []
-        for path in glob.glob(f"/proc/{os.getpid()}/task/*/children"):
-            with open(path) as listing:
-                pids.extend(int(pid) for pid in listing.read().split())
-        return pids
-    except OSError:
-        return [proc.pid for proc in psutil.Process().children()]
-
-
-def kill_leftover_children() -> None:
-    """Kill and reap every process still below this pool child after a run (orphans of a
-    run are re-parented here, see _become_subreaper)."""
-    for pid in _child_pids():
-        with contextlib.suppress(psutil.Error):
-            for proc in [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]:
-                with contextlib.suppress(psutil.Error):
-                    proc.kill()
-    while True:
-        try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
+class SandboxGone(Exception):
+    """The warm sandbox was dead before the run started: start a new one."""
 
 
 @functools.lru_cache(maxsize=256)
-def interpreter_read_paths(extra: tuple[str, ...]) -> tuple[str, ...]:
-    """The interpreter, its libraries, installed packages, plugin paths, plus `extra`."""
-    paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, *SYSTEM_READ_PATHS}
-    paths.update(p for p in sys.path if p and os.path.isdir(p))
-    for module in ("pluginpool.policy", "pluginpool.tasks", "pluginpool.pool"):
-        package = sys.modules.get(module)
-        if package is not None and getattr(package, "__path__", None):
-            paths.update(os.path.realpath(p) for p in package.__path__)
-    paths.update(extra)
-    return tuple(sorted(os.path.realpath(p) for p in paths))
+def read_paths(extra: tuple[str, ...]) -> tuple[str, ...]:
+    """System files every run may read, plus `extra`; the zygote adds its own interpreter's
+    paths (it may be another environment)."""
+    return tuple(sorted({os.path.realpath(p) for p in (*SYSTEM_READ_PATHS, *extra)}))
 
 
 class SandboxRunner:
-    """Implements the Runner protocol of pluginpool.tasks.runner with a process per run."""
+    """Implements the Runner protocol of pluginpool.tasks.runner with warm sandboxes."""
 
-    def __init__(self, services: WorkerServices) -> None:
+    def __init__(self, services: WorkerServices, *, interpreter: str = sys.executable) -> None:
         self._services = services
         self._settings = services.settings
+        self._interpreter = interpreter
         self._landlock_abi = landlock.abi_version()
         self._seccomp = seccomp_filter.available()
-        self._subreaper_of = 0
-
-    def _become_subreaper(self) -> None:
-        """Orphans of a run (a plugin allowed to start processes may detach them) are
-        re-parented to this pool child, which then finds and kills them. Not inherited
-        across fork, so each pool child sets it for itself."""
-        if self._subreaper_of != os.getpid():
-            ctypes.CDLL(None).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-            self._subreaper_of = os.getpid()
-
-    def _seccomp_program(self, spec: PluginSpec) -> bytes | None:
-        if not self._seccomp:
-            return None
-        return seccomp_filter.compile_filter(
-            allow_processes=spec.permissions.allow_processes,
-            allow_network=bool(spec.permissions.network_hosts), channel_fd=CHANNEL_FD)
+        self._pool = WarmPool(capacity=self._settings.warm_sandboxes,
+                              idle_s=self._settings.warm_idle_s)
+        self._housekeeper_of = 0
+        self._warm_root = self._settings.warm_root or os.path.join(
+            tempfile.gettempdir(), f"pluginpool-warm-{os.getuid()}")
 
     @classmethod
     def factory(cls, services: WorkerServices) -> SandboxRunner:
         return cls(services)
 
+    def launcher_for(self, spec: PluginSpec, ctx: PluginContext) -> ZygoteLauncher:
+        """The interpreter and code paths of this plugin revision's zygote."""
+        return ZygoteLauncher(interpreter=self._interpreter,
+                              code_paths=(*ctx.code_paths, *self._settings.plugin_paths))
+
+    def _ensure_housekeeper(self, worker: str) -> None:
+        if self._housekeeper_of != os.getpid():  # one per pool process, started in it
+            self._pool = WarmPool(capacity=self._settings.warm_sandboxes,
+                                  idle_s=self._settings.warm_idle_s)
+            Housekeeper(self._pool, self._services.redis, self._settings.keys,
+                        worker=worker).start()
+            self._housekeeper_of = os.getpid()
+
+    def _seccomp_programs(self, spec: PluginSpec) -> tuple[bytes | None, bytes | None]:
+        if not self._seccomp:
+            return None, None
+        permissions = spec.permissions
+        network = bool(permissions.network_hosts)
+        zygote = seccomp_filter.compile_filter(
+            allow_processes=permissions.allow_processes, allow_network=network,
+            channel_fd=None, allow_fork=True)
+        run = seccomp_filter.compile_filter(
+            allow_processes=permissions.allow_processes, allow_network=network,
+            channel_fd=CHANNEL_FD)
+        return zygote, run
+
     def run(self, spec: PluginSpec, ctx: PluginContext, payload: Any) -> RunReport:
-        registry = self._services.redis
+        client = self._services.redis
         check_requires(spec, registered=lambda pid: bool(
-            registry.hexists(self._settings.keys.specs, pid)))
-        self._become_subreaper()
-        workspace = tempfile.mkdtemp(prefix=f"pp-{spec.id}-", dir=self._settings.workspace_root)
-        parent_end, child_end = socket.socketpair()
-        try:
-            supervision = self._fork_and_supervise(spec, ctx, payload, workspace,
-                                                   parent_end.fileno(), child_end)
-        finally:
-            parent_end.close()
-            kill_leftover_children()
-            shutil.rmtree(workspace, ignore_errors=True)
-        return self._outcome(spec, supervision)
-
-    def _fork_and_supervise(self, spec: PluginSpec, ctx: PluginContext, payload: Any,
-                            workspace: str, parent_fd: int,
-                            child_end: socket.socket) -> Supervision:
-        me = psutil.Process()
-        memory = me.memory_info()
-        plan = ChildPlan(
-            spec=spec, workspace=os.path.realpath(workspace),
-            read_paths=interpreter_read_paths((*self._settings.plugin_paths,
-                                               *spec.permissions.read_paths)),
-            channel_fd=child_end.fileno(), vms_at_fork=memory.vms,
-            landlock_abi=self._landlock_abi, seccomp_program=self._seccomp_program(spec),
-            max_result_bytes=self._settings.max_result_bytes)
-        ctx.workspace_root = None
-        ctx._workspace = Path(plan.workspace)
-        scope = ctx.instance_id or f"plugin:{spec.id}"
-        storage = InstanceStorage(self._services.redis, self._settings.keys, scope,
+            client.hexists(self._settings.keys.specs, pid)))
+        self._ensure_housekeeper(ctx.worker or socket.gethostname())
+        storage = InstanceStorage(client, self._settings.keys,
+                                  ctx.instance_id or f"plugin:{spec.id}",
                                   quota_bytes=spec.resource_limits.max_storage_kb * 1024)
-        gc.freeze()  # keep the child from touching (copying) the parent's pages in GC
-        pid = os.fork()
-        if pid == 0:
-            run_child(plan, ctx, payload)  # never returns
-        child_end.close()
-        supervisor = Supervisor(pid, parent_fd, limits=spec.resource_limits, workspace=workspace,
-                                baseline_rss=memory.rss, storage=storage.handle,
-                                max_frame_bytes=self._settings.max_result_bytes
-                                + FRAME_OVERHEAD_BYTES)
+        key = (spec.id, spec.revision, ctx.instance_id)
+        setup: Supervision | None = None
+        sandbox = self._pool.take(key)
+        if sandbox is None:
+            sandbox, setup = self._set_up(spec, ctx, storage)
         try:
-            return supervisor.run()
+            out, pid, baseline = self._run_once(sandbox, spec, ctx, payload, storage)
+        except SandboxGone:  # it died since its last run: replaced, and the run goes on
+            self._pool.give_back(sandbox, dead=True)
+            sandbox, setup = self._set_up(spec, ctx, storage)
+            out, pid, baseline = self._run_once(sandbox, spec, ctx, payload, storage)
+        dead = out.exit is not None and out.exit.sandbox_died
+        usage = outcome.usage_of(out, baseline_rss=baseline, sandbox=sandbox,
+                                 run_pid=pid, setup=setup)
+        sandbox.runs += 1
+        self._pool.give_back(sandbox, dead=dead)
+        return outcome.run_report(spec, out, usage,
+                                  max_result_bytes=self._settings.max_result_bytes)
+
+    def _set_up(self, spec: PluginSpec, ctx: PluginContext,
+                storage: InstanceStorage) -> tuple[warm.WarmSandbox, Supervision]:
+        zygote_filter, run_filter = self._seccomp_programs(spec)
+        plan = warm.SetupPlan(
+            spec=spec, instance_id=ctx.instance_id, initial_data=ctx.initial_data,
+            warm_root=self._warm_root,
+            read_paths=read_paths((*self._settings.plugin_paths, *ctx.code_paths,
+                                   *spec.permissions.read_paths)),
+            landlock_abi=self._landlock_abi, zygote_seccomp=zygote_filter,
+            run_seccomp=run_filter, max_result_bytes=self._settings.max_result_bytes)
+        try:
+            sandbox, out = warm.start(self.launcher_for(spec, ctx), plan, storage=storage.handle)
+        except ZygoteStartError as exc:
+            raise PluginExecutionError.of(
+                ErrorType.RUNTIME, "the warm sandbox could not start", plugin_id=spec.id,
+                phase="setup", reason=str(exc)) from None
         except SoftTimeLimitExceeded:
-            # Celery's soft limit reached the pool child first: same meaning as our clock.
-            supervisor.kill()
-            supervisor._reap(block=True)
-            supervisor.out.killed_for = "timeout"
-            supervisor.out.observed = spec.resource_limits.timeout_ms
-            return supervisor.out
+            raise PluginExecutionError.of(
+                ErrorType.TIMEOUT, "setup exceeded the job's time limit", plugin_id=spec.id,
+                phase="setup", limit="setup_timeout_ms",
+                limit_value=spec.resource_limits.setup_timeout_ms) from None
+        if sandbox is None:
+            raise outcome.setup_error(spec, out)
+        self._pool.add(sandbox)
+        return sandbox, out
 
-    # -- outcome --------------------------------------------------------------------------
-
-    def _usage(self, spec: PluginSpec, out: Supervision) -> dict[str, Any]:
-        cpu_s = (out.rusage.ru_utime + out.rusage.ru_stime) if out.rusage else 0.0
-        usage = {
-            "wall_ms": round(out.wall_s * 1000, 3),
-            "cpu_ms": round(cpu_s * 1000, 3),
-            "cpu_percent": round(100 * cpu_s / out.wall_s, 1) if out.wall_s > 0 else 0.0,
-            "peak_memory_mb": round(out.peak_memory_bytes / MB, 3),
-            "max_rss_mb": round(out.rusage.ru_maxrss / 1024, 3) if out.rusage else None,
-            "network_requests": int((out.result or {}).get("network_requests", 0)),
-            "storage_kb": round(out.storage_bytes / 1024, 1),
-            "sandboxed": True,
-            "layers": out.layers or {"process": "fork", "setup": "did not complete"},
-        }
-        if out.limit_crossed_at is not None and out.stopped_at is not None:
-            usage["stop_latency_ms"] = round((out.stopped_at - out.limit_crossed_at) * 1000, 3)
-            usage["stopped_at_unix"] = out.stopped_at_unix
-        return usage
-
-    def _outcome(self, spec: PluginSpec, out: Supervision) -> RunReport:
-        usage = self._usage(spec, out)
+    def _run_once(self, sandbox: warm.WarmSandbox, spec: PluginSpec, ctx: PluginContext,
+                  payload: Any, storage: InstanceStorage) -> tuple[Supervision, int, int]:
+        """One run forked from the sandbox: its supervision, pid and the zygote's size."""
         limits = spec.resource_limits
-
-        def fail(type_: ErrorType, message: str, **details: Any) -> PluginExecutionError:
-            return PluginExecutionError(ErrorInfo(type=type_, message=message, plugin_id=spec.id,
-                                                  details={**details, "usage": usage}))
-
-        if out.killed_for == "timeout":
-            raise fail(ErrorType.TIMEOUT, "run exceeded its time limit and was killed",
-                       limit="timeout_ms", limit_value=limits.timeout_ms, observed=out.observed)
-        if out.killed_for in ("memory", "storage"):
-            limit = "max_memory_mb" if out.killed_for == "memory" else "max_storage_kb"
-            value = limits.max_memory_mb if out.killed_for == "memory" else limits.max_storage_kb
-            raise fail(ErrorType.RESOURCE, f"run crossed its {out.killed_for} limit and was killed",
-                       limit=limit, limit_value=value, observed=round(out.observed or 0, 1),
-                       restartable=True)
-        if out.killed_for == "result_size":
-            raise fail(ErrorType.RESOURCE, "result is larger than the result limit",
-                       limit="max_result_bytes", limit_value=self._settings.max_result_bytes,
-                       observed=out.observed)
-        result = out.result
-        if result is None:
-            raise self._died(spec, out, fail)
-        if not result.get("ok"):
-            error = dict(result.get("error") or {})
-            details = {**error.get("details", {}), "usage": usage}
-            if error.get("type") == str(ErrorType.RESOURCE) and details.get("limit") == \
-                    "max_memory_mb":
-                details["restartable"] = True
-            raise PluginExecutionError(ErrorInfo(
-                type=ErrorType(error.get("type", "runtime")),
-                message=str(error.get("message", "plugin failed")), plugin_id=spec.id,
-                details=details))
-        if out.storage_bytes > limits.max_storage_kb * 1024:
-            raise fail(ErrorType.RESOURCE, "workspace outgrew the storage quota",
-                       limit="max_storage_kb", limit_value=limits.max_storage_kb,
-                       observed=round(out.storage_bytes / 1024, 1))
-        return RunReport(value=result.get("value"), usage=usage)
-
-    @staticmethod
-    def _died(spec: PluginSpec, out: Supervision,
-              fail: Callable[..., PluginExecutionError]) -> PluginExecutionError:
-        status = out.wait_status or 0
-        if os.WIFSIGNALED(status):
-            signum = os.WTERMSIG(status)
-            name = signal.Signals(signum).name if signum in signal.Signals._value2member_map_ \
-                else str(signum)
-            if signum == signal.SIGXCPU:
-                return fail(ErrorType.TIMEOUT, "run used up its CPU-time backstop",
-                            limit="timeout_ms", limit_value=spec.resource_limits.timeout_ms)
-            return fail(ErrorType.RUNTIME, f"the run's process was killed by {name}",
-                        signal=name, restartable=True, process_died=True)
-        code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
-        if code == 0:
-            return fail(ErrorType.RUNTIME, "the plugin closed its result channel",
-                        exit_code=0)
-        return fail(ErrorType.RUNTIME, f"the run's process exited with code {code}",
-                    exit_code=code, restartable=True, process_died=True)
+        deadlines = spec.deadlines
+        workspace = tempfile.mkdtemp(prefix="run-", dir=sandbox.home)
+        ours, theirs = socket.socketpair()
+        try:
+            try:
+                forked = sandbox.spawn(Spawn(
+                    job_id=ctx.job_id, operation=ctx.operation, payload=payload,
+                    attempt=ctx.attempt, workspace=workspace,
+                    cpu_backstop_s=deadlines.cpu_backstop_s, max_memory_mb=limits.max_memory_mb,
+                    max_storage_kb=limits.max_storage_kb), theirs)
+            except (channel.ChannelClosed, OSError, ValueError) as exc:
+                raise SandboxGone from exc
+            finally:
+                theirs.close()
+            supervisor = Supervisor(
+                forked.pid, ours.fileno(),
+                bounds=Bounds(timeout_s=deadlines.run_kill_s,
+                              max_memory_bytes=limits.max_memory_mb * MB,
+                              max_storage_bytes=limits.max_storage_kb * 1024,
+                              cpu_percent=limits.max_cpu_percent),
+                workspace=workspace, baseline_rss=forked.zygote_rss_bytes,
+                storage=storage.handle,
+                max_frame_bytes=self._settings.max_result_bytes + FRAME_OVERHEAD_BYTES,
+                reaper=sandbox.run_reaper(forked.pid))
+            try:
+                out = supervisor.run()
+            except SoftTimeLimitExceeded:
+                # Celery's soft limit reached the pool child: same meaning as our clock.
+                out = supervisor.out
+                out.killed_for, out.observed = "timeout", float(limits.timeout_ms)
+            return out, forked.pid, forked.zygote_rss_bytes
+        finally:
+            ours.close()
+            shutil.rmtree(workspace, ignore_errors=True)

@@ -6,12 +6,12 @@ CLONE_THREAD (a new process) is refused, and `clone3`, whose flags a filter cann
 returns ENOSYS so that the C library falls back to `clone`.
 
 Compiling a filter with libseccomp costs about a millisecond, so the pool child compiles
-each variant once, to BPF, and the run's process only loads the bytes (one prctl).
+each variant once, to BPF, and the zygote and the run only load the bytes (one prctl,
+runtime/seccomp.py).
 """
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import functools
 import os
@@ -19,15 +19,6 @@ import socket
 from typing import Any
 
 CLONE_THREAD = 0x00010000
-PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 38, 22, 2
-BPF_INSTRUCTION_BYTES = 8
-
-
-class _SockFprog(ctypes.Structure):
-    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def _load() -> Any:
@@ -42,28 +33,38 @@ def available() -> bool:
     return _load() is not None
 
 
-@functools.lru_cache(maxsize=16)
-def compile_filter(*, allow_processes: bool, allow_network: bool, channel_fd: int) -> bytes:
-    """The BPF program for one combination of permissions (compiled in the pool child)."""
+@functools.lru_cache(maxsize=32)
+def compile_filter(*, allow_processes: bool, allow_network: bool, channel_fd: int | None,
+                   allow_fork: bool | None = None) -> bytes:
+    """The BPF program for one combination of permissions (compiled in the pool child).
+
+    A zygote's filter (`channel_fd=None`, `allow_fork=True`) denies exec and sockets but
+    lets it fork its runs; a run's filter stacks on it and also denies forking (unless
+    `allow_processes`) and closing its channel."""
     sc = _load()
     if sc is None:
         raise OSError(errno.ENOSYS, "libseccomp is not available")
     deny = sc.ERRNO(errno.EPERM)
     rules = sc.SyscallFilter(defaction=sc.ALLOW)
+    fork_allowed = allow_processes if allow_fork is None else allow_fork
     if not allow_processes:
-        for name in ("execve", "execveat", "fork", "vfork"):
+        for name in ("execve", "execveat"):
+            rules.add_rule(deny, name)
+    if not fork_allowed:
+        for name in ("fork", "vfork"):
             rules.add_rule(deny, name)
         rules.add_rule(deny, "clone", sc.Arg(0, sc.MASKED_EQ, CLONE_THREAD, 0))
         rules.add_rule(sc.ERRNO(errno.ENOSYS), "clone3")
     if not allow_network:
         for family in (socket.AF_INET, socket.AF_INET6):
             rules.add_rule(sc.ERRNO(errno.EACCES), "socket", sc.Arg(0, sc.EQ, family))
-    # The channel that carries the result back cannot be closed or replaced.
-    rules.add_rule(deny, "close", sc.Arg(0, sc.EQ, channel_fd))
-    # close_range would take the channel with it; ENOSYS makes Python fall back to close().
-    rules.add_rule(sc.ERRNO(errno.ENOSYS), "close_range")
-    rules.add_rule(deny, "dup2", sc.Arg(1, sc.EQ, channel_fd))
-    rules.add_rule(deny, "dup3", sc.Arg(1, sc.EQ, channel_fd))
+    if channel_fd is not None:
+        # The channel that carries the result back cannot be closed or replaced.
+        rules.add_rule(deny, "close", sc.Arg(0, sc.EQ, channel_fd))
+        # close_range would take the channel with it; ENOSYS makes Python fall back to close().
+        rules.add_rule(sc.ERRNO(errno.ENOSYS), "close_range")
+        rules.add_rule(deny, "dup2", sc.Arg(1, sc.EQ, channel_fd))
+        rules.add_rule(deny, "dup3", sc.Arg(1, sc.EQ, channel_fd))
     read_end, write_end = os.pipe()
     try:
         with os.fdopen(write_end, "wb", closefd=True) as sink:
@@ -74,13 +75,3 @@ def compile_filter(*, allow_processes: bool, allow_network: bool, channel_fd: in
     finally:
         os.close(read_end)
     return b"".join(chunks)
-
-
-def load(program: bytes) -> None:
-    """Install a compiled filter on this process (irrevocable)."""
-    buffer = ctypes.create_string_buffer(program, len(program))
-    prog = _SockFprog(len(program) // BPF_INSTRUCTION_BYTES, ctypes.addressof(buffer))
-    if _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 or _libc.prctl(
-            PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(prog), 0, 0) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"seccomp: {os.strerror(err)}")

@@ -1,10 +1,11 @@
-"""The pool child's side of a run: wall clock, memory, storage, CPU share, exact accounting.
+"""The pool child's side of a setup or a run: wall clock, memory, storage, CPU share.
 
-It blocks on the run's channel between samples, so a fast run costs no sampling at all;
-every `SAMPLE_S` it measures the run's process tree (psutil) and its workspace, and it
-duty-cycles the process group with SIGSTOP/SIGCONT when `max_cpu_percent` is below 100
-(no writable cgroup v2 here). Whatever happens, the whole process group is killed and
-reaped before it returns.
+It blocks on the sandbox's channel between samples, so a fast run costs no sampling at all;
+every `SAMPLE_S` it measures the process tree (psutil) and the workspace, and it
+duty-cycles the process group with SIGSTOP/SIGCONT when the CPU share is below 100 %
+(no writable cgroup v2 here). The process it watches is not its child (a run is the
+zygote's child, a zygote is detached), so its exit and the kernel's accounting come
+through a Reaper.
 """
 
 from __future__ import annotations
@@ -16,12 +17,20 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import psutil
 
-from pluginpool.policy.limits import ResourceLimits
-from pluginpool.pool.sandbox import channel
+from pluginpool.pool.sandbox.runtime import channel
+from pluginpool.pool.sandbox.runtime.messages import (
+    Message,
+    Ready,
+    Result,
+    SetupFailed,
+    Started,
+    StorageReply,
+    StorageRequest,
+)
 
 SAMPLE_S = 0.05
 THROTTLE_PERIOD_S = 0.1
@@ -30,17 +39,47 @@ MB = 1024 * 1024
 StorageHandler = Callable[[dict[str, Any]], dict[str, Any]]
 
 
+@dataclass(frozen=True)
+class Exit:
+    """How the watched process ended: wait status and kernel accounting, when known."""
+
+    status: int | None = None
+    cpu_s: float | None = None
+    maxrss_kb: int | None = None
+    sandbox_died: bool = False
+    """The zygote itself is gone (its run died with it)."""
+
+
+class Reaper(Protocol):
+    def reap(self, *, block: bool) -> Exit | None:
+        """The process's Exit once it has ended; None while it runs (only if not block)."""
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """What the supervisor enforces on one setup or run."""
+
+    timeout_s: float
+    max_memory_bytes: int
+    max_storage_bytes: int
+    cpu_percent: int
+    clock_name: str = "timeout_ms"
+    """The limit a wall-clock kill is reported against."""
+
+
 @dataclass
 class Supervision:
-    """What happened to one run's process."""
+    """What happened to one setup or run."""
 
-    result: dict[str, Any] | None = None
-    layers: dict[str, Any] | None = None
+    result: Message | None = None
+    """Result for a run; Ready or SetupFailed for a setup."""
+    started: Started | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
     killed_for: str | None = None
-    """timeout, memory, storage or result_size, when the supervisor stopped the run."""
+    """timeout, memory, storage or result_size, when the supervisor stopped it."""
     observed: float | None = None
-    wait_status: int | None = None
-    rusage: Any = None
+    exit: Exit | None = None
     peak_memory_bytes: int = 0
     storage_bytes: int = 0
     wall_s: float = 0.0
@@ -69,17 +108,23 @@ def directory_bytes(path: str) -> int:
     return total
 
 
+FINAL = (Result, Ready, SetupFailed)
+
+
 class Supervisor:
-    def __init__(self, pid: int, fd: int, *, limits: ResourceLimits, workspace: str,
+    def __init__(self, pid: int, fd: int, *, bounds: Bounds, workspace: str,
                  baseline_rss: int, storage: StorageHandler | None, max_frame_bytes: int,
+                 reaper: Reaper, kill_after: bool = True,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.pid = pid
         self.fd = fd
-        self.limits = limits
+        self.bounds = bounds
         self.workspace = workspace
         self.baseline_rss = baseline_rss
         self.storage = storage
         self.max_frame_bytes = max_frame_bytes
+        self.reaper = reaper
+        self.kill_after = kill_after
         self.clock = clock
         self.out = Supervision()
         self._processes: dict[int, psutil.Process] = {}
@@ -100,12 +145,12 @@ class Supervisor:
                 rss += proc.memory_info().rss
         used = max(rss - self.baseline_rss, 0)
         self.out.peak_memory_bytes = max(self.out.peak_memory_bytes, used)
-        if used > self.limits.max_memory_mb * MB:
+        if used > self.bounds.max_memory_bytes:
             self._stop("memory", used / MB)
             return
         stored = directory_bytes(self.workspace)
         self.out.storage_bytes = max(self.out.storage_bytes, stored)
-        if stored > self.limits.max_storage_kb * 1024:
+        if stored > self.bounds.max_storage_bytes:
             self._stop("storage", stored / 1024)
 
     def _stop(self, reason: str, observed: float) -> None:
@@ -117,9 +162,9 @@ class Supervisor:
         self.out.stopped_at_unix = time.time()
 
     def _throttle(self, now: float, started: float) -> float:
-        """SIGSTOP/SIGCONT the group so it gets max_cpu_percent of one core; returns the
-        time of the next switch."""
-        share = self.limits.max_cpu_percent / 100
+        """SIGSTOP/SIGCONT the group so it gets its share of one core; returns the time of
+        the next switch."""
+        share = self.bounds.cpu_percent / 100
         phase = (now - started) % THROTTLE_PERIOD_S
         run_s = THROTTLE_PERIOD_S * share
         should_run = phase < run_s
@@ -133,30 +178,37 @@ class Supervisor:
             os.killpg(self.pid, signum)
 
     def kill(self) -> None:
-        """Kill the run's process group and any descendant seen escaping it."""
+        """Kill the process group, the process (it may not lead a group yet) and any
+        descendant seen escaping it."""
         self._signal_group(signal.SIGKILL)
-        for pid in self.out.descendants - {self.pid}:
+        for pid in self.out.descendants | {self.pid}:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
 
     # -- the loop -------------------------------------------------------------------------
 
-    def _handle(self, message: dict[str, Any]) -> None:
-        op = message.get("op")
-        if op == "started":
-            self.out.layers = message.get("layers")
-        elif op == "storage":
-            reply = (self.storage(message) if self.storage is not None else
-                     {"ok": False, "quota": False, "message": "no storage for this run"})
-            channel.send(self.fd, reply)
-        elif op == "result":
+    def _handle(self, message: Message) -> None:
+        if isinstance(message, Started):
+            self.out.started = message
+            self.out.started_at = self.clock()
+        elif isinstance(message, StorageRequest):
+            raw: dict[str, Any] = (self.storage({"action": message.action, "key": message.key,
+                                 "value": message.value}) if self.storage is not None else
+                   {"ok": False, "message": "no storage here"})
+            channel.send_message(self.fd, StorageReply(
+                ok=bool(raw.get("ok")), value=raw.get("value"), quota=bool(raw.get("quota")),
+                limit_bytes=int(raw.get("limit_bytes", 0)),
+                observed_bytes=int(raw.get("observed_bytes", 0)),
+                message=str(raw.get("message", ""))))
+        elif isinstance(message, FINAL):
             self.out.result = message
+            self.out.finished_at = self.clock()
 
     def run(self) -> Supervision:
         started = self.clock()
-        deadline = started + self.limits.timeout_ms / 1000
+        deadline = started + self.bounds.timeout_s
         next_sample = started + SAMPLE_S
-        throttle = self.limits.max_cpu_percent < 100
+        throttle = self.bounds.cpu_percent < 100
         poller = select.poll()
         poller.register(self.fd, select.POLLIN | select.POLLHUP | select.POLLERR)
         channel_open = True
@@ -174,14 +226,16 @@ class Supervisor:
                 if throttle:
                     wake = min(wake, self._throttle(now, started))
                 if not channel_open:
-                    if self._reap(block=False):
+                    self.out.exit = self.reaper.reap(block=False)
+                    if self.out.exit is not None:
                         break
                     time.sleep(min(max(wake - now, 0), 0.01))
                     continue
                 if not poller.poll(max(wake - now, 0) * 1000):
                     continue
                 try:
-                    self._handle(channel.receive(self.fd, max_bytes=self.max_frame_bytes))
+                    self._handle(channel.receive_message(self.fd,
+                                                         max_bytes=self.max_frame_bytes))
                 except channel.ChannelClosed:
                     channel_open = False
                 except channel.FrameTooLarge as exc:
@@ -193,19 +247,10 @@ class Supervisor:
             if self.out.result is not None:
                 self.out.storage_bytes = max(self.out.storage_bytes,
                                              directory_bytes(self.workspace))
-            self.kill()
-            self._reap(block=True)
+            if self._stopped:
+                self._signal_group(signal.SIGCONT)
+            if self.kill_after:
+                self.kill()
+            if self.kill_after or self.out.result is None:
+                self.out.exit = self.out.exit or self.reaper.reap(block=True)
         return self.out
-
-    def _reap(self, *, block: bool) -> bool:
-        if self.out.wait_status is not None:
-            return True
-        try:
-            pid, status, rusage = os.wait4(self.pid, 0 if block else os.WNOHANG)
-        except ChildProcessError:
-            return True
-        if pid == 0:
-            return False
-        self.out.wait_status = status
-        self.out.rusage = rusage
-        return True

@@ -1,8 +1,9 @@
 """A PEP 578 audit hook: counts network requests and checks files, hosts and processes.
 
-It is the only layer that sees host names, and it reports what a plugin attempted in its
-own words. It is detection, not enforcement (ctypes calls into libc bypass it): Landlock
-and seccomp are the enforcement where the kernel has them.
+Standard library only (it runs in the zygote). It is the only layer that sees host names,
+and it reports what a plugin attempted in its own words. It is detection, not enforcement
+(ctypes calls into libc bypass it): Landlock and seccomp are the enforcement where the
+kernel has them.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from pluginpool.policy.errors import ErrorType
+from .messages import RESOURCE, SECURITY
 
 PROCESS_EVENTS = frozenset({
     "subprocess.Popen", "os.system", "os.exec", "os.fork", "os.forkpty", "os.posix_spawn",
@@ -39,9 +40,19 @@ class AuditPolicy:
     network_requests: int = 0
     resolved_allowed: bool = False
 
-    def violate(self, type_: ErrorType, message: str, **details: Any) -> None:
-        self.violations.append({"type": str(type_), "message": message, "details": details})
+    enforcing: bool = False
+    """Off while the sandbox's own code runs (it forks, sets limits); on for plugin code."""
+
+    def violate(self, type_: str, message: str, **details: Any) -> None:
+        self.violations.append({"type": type_, "message": message, "details": details})
         raise SandboxViolation(message)
+
+    def narrow(self, *, workspace: str) -> None:
+        """A run's own policy, in the run's process: its workspace, fresh counters."""
+        self.workspace = workspace
+        self.violations = []
+        self.network_requests = 0
+        self.resolved_allowed = False
 
     def readable(self, path: str) -> bool:
         return self.writable(path) or any(
@@ -57,16 +68,16 @@ class AuditPolicy:
         writing = (isinstance(flags, int) and flags & WRITE_FLAGS) or (
             isinstance(mode, str) and any(c in mode for c in "wax+"))
         if writing and not self.writable(path):
-            self.violate(ErrorType.SECURITY, f"write outside the workspace: {path}",
+            self.violate(SECURITY, f"write outside the workspace: {path}",
                          attempted="write", path=path)
         if not writing and not self.readable(path):
-            self.violate(ErrorType.SECURITY, f"read of a path not allowed: {path}",
+            self.violate(SECURITY, f"read of a path not allowed: {path}",
                          attempted="read", path=path)
 
     def on_getaddrinfo(self, host: Any, port: Any) -> None:
         name = os.fsdecode(host) if isinstance(host, str | bytes) else str(host)
         if name not in self.hosts:
-            self.violate(ErrorType.SECURITY, f"host not allowed: {name}", attempted="resolve",
+            self.violate(SECURITY, f"host not allowed: {name}", attempted="resolve",
                          host=name)
         self.resolved_allowed = True
 
@@ -74,7 +85,7 @@ class AuditPolicy:
         if isinstance(address, str | bytes):
             path = os.path.abspath(os.fsdecode(address))
             if not self.writable(path):
-                self.violate(ErrorType.SECURITY, f"unix socket not allowed: {path}",
+                self.violate(SECURITY, f"unix socket not allowed: {path}",
                              attempted="connect", path=path)
             return
         if not isinstance(address, tuple) or len(address) < 2:
@@ -85,19 +96,21 @@ class AuditPolicy:
         elif self.resolved_allowed:
             ports = set().union(*(p for p in self.hosts.values() if p is not None)) or None
         else:
-            self.violate(ErrorType.SECURITY, f"connection to a host not allowed: {host}:{port}",
+            self.violate(SECURITY, f"connection to a host not allowed: {host}:{port}",
                          attempted="connect", host=host, port=port)
             return
         if ports is not None and port not in ports:
-            self.violate(ErrorType.SECURITY, f"port not allowed: {host}:{port}",
+            self.violate(SECURITY, f"port not allowed: {host}:{port}",
                          attempted="connect", host=host, port=port)
         self.network_requests += 1
         if self.network_requests > self.max_network_requests:
-            self.violate(ErrorType.RESOURCE, "too many network requests",
+            self.violate(RESOURCE, "too many network requests",
                          limit="max_network_requests", limit_value=self.max_network_requests,
                          observed=self.network_requests)
 
     def hook(self, event: str, args: tuple[Any, ...]) -> None:
+        if not self.enforcing:
+            return
         if event == "open":
             self.on_open(*args[:3])
         elif event == "socket.getaddrinfo":
@@ -105,13 +118,16 @@ class AuditPolicy:
         elif event == "socket.connect":
             self.on_connect(*args[:2])
         elif event == "socket.__new__" and not self.hosts and args[1] in (2, 10):
-            self.violate(ErrorType.SECURITY, "network access not allowed",
+            self.violate(SECURITY, "network access not allowed",
                          attempted="socket")
+        elif event == "resource.setrlimit":
+            self.violate(SECURITY, "changing resource limits is not allowed",
+                         attempted=event)
         elif event in PROCESS_EVENTS:
             if event in ("os.kill", "os.killpg") and args and args[0] in (0, os.getpid()):
                 return
             if not self.allow_processes or event in ("os.kill", "os.killpg"):
-                self.violate(ErrorType.SECURITY, f"process control not allowed: {event}",
+                self.violate(SECURITY, f"process control not allowed: {event}",
                              attempted=event)
 
 

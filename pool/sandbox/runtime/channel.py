@@ -1,4 +1,4 @@
-"""Length-prefixed JSON frames over the socket between a run's process and its supervisor.
+"""Length-prefixed JSON frames over the sockets that cross the sandbox boundary.
 
 Raw file descriptors, no socket objects: the run's process must never close the channel
 by garbage collection (seccomp refuses it anyway).
@@ -7,10 +7,13 @@ by garbage collection (seccomp refuses it anyway).
 from __future__ import annotations
 
 import os
+import socket as _socket
 import struct
 from json import dumps as _dumps
 from json import loads as _loads
 from typing import Any
+
+from .messages import Message, decode, encode
 
 HEADER = struct.Struct(">I")
 
@@ -56,3 +59,28 @@ def receive(fd: int, *, max_bytes: int) -> dict[str, Any]:
     if not isinstance(message, dict):
         raise ValueError("frame is not a JSON object")
     return message
+
+
+def send_message(fd: int, message: Message) -> None:
+    send(fd, encode(message))
+
+
+def receive_message(fd: int, *, max_bytes: int) -> Message:
+    return decode(receive(fd, max_bytes=max_bytes))
+
+
+def send_fd(fd: int, passed: int) -> None:
+    """Pass a descriptor over a Unix socket (SCM_RIGHTS), with one marker byte."""
+    _socket.send_fds(_socket.socket(fileno=os.dup(fd)), [b"F"], [passed])
+
+
+def receive_fd(fd: int) -> int:
+    """The descriptor sent by send_fd."""
+    sock = _socket.socket(fileno=os.dup(fd))
+    try:
+        data, fds, _flags, _addr = _socket.recv_fds(sock, 1, 1)
+    finally:
+        sock.close()
+    if not data or not fds:
+        raise ChannelClosed
+    return fds[0]

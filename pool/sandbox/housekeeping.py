@@ -1,0 +1,108 @@
+"""The housekeeper of one pool process's warm sandboxes: a daemon thread that retires
+the sandboxes of unloaded instances (told by pub/sub), retires idle ones, sees retired
+ones to their end, and publishes what each sandbox is doing for `sandbox_info`.
+
+The pool process never forks once sandboxes are warm (zygotes start through
+posix_spawn/exec), so a thread here is safe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import threading
+import time
+
+import psutil
+import redis
+
+from pluginpool.policy.keys import RedisKeys
+from pluginpool.pool.sandbox.warm import WarmSandbox
+from pluginpool.pool.sandbox.warm_pool import WarmPool
+
+logger = logging.getLogger("pluginpool.sandbox.housekeeping")
+
+TICK_S = 1.0
+PUBLISH_EVERY_S = 2.0
+PUBLISHED_TTL_S = 15
+MB = 1024 * 1024
+
+
+class Housekeeper(threading.Thread):
+    def __init__(self, pool: WarmPool, client: redis.Redis, keys: RedisKeys, *,
+                 worker: str) -> None:
+        super().__init__(name="pluginpool-warm-housekeeper", daemon=True)
+        self.pool = pool
+        self.redis = client
+        self.keys = keys
+        self.worker = worker
+        self._published: dict[tuple[str, int], float] = {}
+        self._last_publish = 0.0
+
+    def run(self) -> None:
+        pubsub: redis.client.PubSub | None = None
+        while True:
+            try:
+                if pubsub is None:
+                    pubsub = self.redis.pubsub(  # type: ignore[no-untyped-call]
+                        ignore_subscribe_messages=True)
+                    pubsub.subscribe(self.keys.unload_channel)
+                message = pubsub.get_message(timeout=TICK_S)
+                if message is not None:
+                    self.pool.retire_instance(str(message["data"]))
+            except redis.RedisError as exc:
+                logger.warning("warm sandboxes: unload channel unavailable: %r", exc)
+                pubsub = None
+                time.sleep(TICK_S)
+            self.tick()
+
+    def tick(self) -> None:
+        self.pool.retire_idle()
+        for sandbox in self.pool.take_retiring():
+            closed = sandbox.finish()
+            if closed is not None and closed.error is not None:
+                logger.warning("teardown of %s failed: %s", sandbox.key, closed.error.message)
+            self._unpublish(sandbox)
+        if time.monotonic() - self._last_publish >= PUBLISH_EVERY_S:
+            self._last_publish = time.monotonic()
+            with contextlib.suppress(redis.RedisError):
+                self._publish(self.pool.snapshot())
+
+    def _field(self, sandbox: WarmSandbox) -> str:
+        return f"{self.worker}/{sandbox.pid}"
+
+    def _publish(self, sandboxes: list[WarmSandbox]) -> None:
+        with self.redis.pipeline(transaction=False) as pipe:
+            for sandbox in sandboxes:
+                if sandbox.instance_id is None:
+                    continue
+                rss, uss = memory_of(sandbox.pid)
+                key = self.keys.warm_sandboxes(sandbox.instance_id)
+                pipe.hset(key, self._field(sandbox), json.dumps({
+                    "worker": self.worker, "pool_pid": os.getpid(), "pid": sandbox.pid,
+                    "since": sandbox.since, "setup_ms": round(sandbox.setup_ms, 3),
+                    "runs": sandbox.runs, "rss_mb": rss, "uss_mb": uss,
+                    "published_at": time.time()}))
+                pipe.expire(key, PUBLISHED_TTL_S)
+            pipe.execute()
+
+    def _unpublish(self, sandbox: WarmSandbox) -> None:
+        if sandbox.instance_id is not None:
+            with contextlib.suppress(redis.RedisError):
+                self.redis.hdel(self.keys.warm_sandboxes(sandbox.instance_id),
+                                self._field(sandbox))
+
+
+def memory_of(pid: int) -> tuple[float, float | None]:
+    """Resident and unique memory of a process, MB (unique needs smaps: None if unreadable)."""
+    try:
+        proc = psutil.Process(pid)
+        try:
+            full = proc.memory_full_info()
+            return round(full.rss / MB, 3), round(full.uss / MB, 3)
+        except psutil.AccessDenied:
+            return round(proc.memory_info().rss / MB, 3), None
+    except psutil.Error:
+        return 0.0, None

@@ -1,0 +1,77 @@
+"""Starting a zygote: a fresh interpreter running the stdlib-only sandbox runtime.
+
+The caller names the interpreter and the code paths, so a plugin revision can bring its
+own environment (another virtualenv, another version of any library): the zygote loads
+the runtime package by path, not from the interpreter's site-packages, and pluginpool
+itself need not be installed there. It starts with an empty environment (`-I`: no
+PYTHON* variables, no user site, no current directory on sys.path) and holds nothing of
+the worker's: no settings, no Redis connection, no Celery.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass, field
+
+from pluginpool.pool.sandbox.runtime import channel
+from pluginpool.pool.sandbox.runtime.messages import Hello
+
+RUNTIME_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "runtime")
+RUNTIME_MODULE = "pluginpool_sandbox_runtime"
+BOOTSTRAP = (
+    "import importlib.util as u, sys\n"
+    "d = sys.argv[1]\n"
+    f"s = u.spec_from_file_location({RUNTIME_MODULE!r}, d + '/__init__.py',"
+    " submodule_search_locations=[d])\n"
+    "m = u.module_from_spec(s); sys.modules[s.name] = m; s.loader.exec_module(m)\n"
+    f"from {RUNTIME_MODULE}.zygote import main\n"
+    "sys.argv = sys.argv[1:]\n"
+    "main()\n"
+)
+ZYGOTE_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
+HELLO_TIMEOUT_S = 30.0
+HELLO_MAX_BYTES = 4096
+
+
+class ZygoteStartError(RuntimeError):
+    """The interpreter did not come up as a zygote (bad interpreter path, crash)."""
+
+
+@dataclass(frozen=True)
+class ZygoteLauncher:
+    """Which interpreter a zygote runs and which code paths go on its sys.path."""
+
+    interpreter: str = sys.executable
+    code_paths: tuple[str, ...] = field(default_factory=tuple)
+
+    def start(self) -> tuple[Hello, socket.socket]:
+        """Start a zygote; returns its Hello (pid, bare size) and the control socket."""
+        ours, theirs = socket.socketpair()
+        try:
+            proc = subprocess.Popen(
+                [self.interpreter, "-I", "-c", BOOTSTRAP, RUNTIME_DIR, str(theirs.fileno())],
+                pass_fds=[theirs.fileno()], env=ZYGOTE_ENV, stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL, close_fds=True, start_new_session=True)
+        except OSError as exc:
+            ours.close()
+            raise ZygoteStartError(f"cannot start {self.interpreter}: {exc}") from exc
+        finally:
+            theirs.close()
+        try:
+            # The first process forks the zygote and exits, so the zygote is nobody's
+            # child in the worker: reap the intermediate here.
+            proc.wait(timeout=HELLO_TIMEOUT_S)
+            if not select.select([ours], [], [], HELLO_TIMEOUT_S)[0]:
+                raise ZygoteStartError("the zygote did not say hello in time")
+            hello = channel.receive_message(ours.fileno(), max_bytes=HELLO_MAX_BYTES)
+        except (subprocess.TimeoutExpired, channel.ChannelClosed, OSError, ValueError) as exc:
+            ours.close()
+            raise ZygoteStartError(f"the zygote did not start: {exc!r}") from exc
+        if not isinstance(hello, Hello):
+            ours.close()
+            raise ZygoteStartError(f"the zygote said {hello.op!r} first")
+        return hello, ours

@@ -1,0 +1,208 @@
+"""Every message that crosses the sandbox boundary, defined once, encoded and decoded here.
+
+Two channels carry them, both as length-prefixed JSON frames (channel.py):
+
+- the *control* channel between the pool child and a warm sandbox's zygote:
+  Hello, ZygoteConfig → (StorageRequest ↔ StorageReply)* → Ready | SetupFailed; then per run
+  Spawn (+ the run's channel descriptor) → Forked → Exited; finally Close → Closed;
+- the *run* channel between the pool child's supervisor and one run's process:
+  Started → (StorageRequest ↔ StorageReply)* → Result.
+
+Standard library only: this module is imported inside the zygote, which holds nothing of
+the worker's. The worker side imports the same module as pluginpool.pool.sandbox.runtime.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar
+
+RUNTIME = "runtime"
+RESOURCE = "resource"
+TIMEOUT = "timeout"
+SECURITY = "security"
+DEPENDENCY = "dependency"
+"""Error types, spelled as pluginpool.policy.errors.ErrorType spells them."""
+
+
+@dataclass
+class RunError:
+    """A failure seen inside the sandbox: during setup, a run or the teardown."""
+
+    type: str
+    message: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Message:
+    """Base of every frame; `op` names the concrete class on the wire."""
+
+    op: ClassVar[str] = ""
+
+
+@dataclass
+class Hello(Message):
+    """The zygote's first frame, once it has detached: who it is, its bare size."""
+
+    op: ClassVar[str] = "hello"
+    pid: int
+    rss_bytes: int
+
+
+@dataclass
+class ZygoteConfig(Message):
+    """Everything a zygote needs, passed explicitly: it reads no environment, no settings."""
+
+    op: ClassVar[str] = "config"
+    plugin_id: str
+    entrypoint: str
+    operations: list[str]
+    instance_id: str | None
+    initial_data: dict[str, Any]
+    code_paths: list[str]
+    read_paths: list[str]
+    home: str
+    setup_workspace: str
+    landlock_abi: int
+    zygote_seccomp_b64: str | None
+    run_seccomp_b64: str | None
+    max_memory_mb: int
+    max_storage_kb: int
+    setup_cpu_s: int
+    network_hosts: list[str]
+    max_network_requests: int
+    allow_processes: bool
+    max_result_bytes: int
+    limits: dict[str, Any]
+    permissions: dict[str, Any]
+
+
+@dataclass
+class Ready(Message):
+    op: ClassVar[str] = "ready"
+    pid: int
+    setup_ms: float
+    setup_cpu_ms: float
+    rss_bytes: int
+    layers: dict[str, Any]
+
+
+@dataclass
+class SetupFailed(Message):
+    op: ClassVar[str] = "setup_failed"
+    error: RunError
+
+
+@dataclass
+class Spawn(Message):
+    """Fork one run. Its channel descriptor travels right before this frame (SCM_RIGHTS)."""
+
+    op: ClassVar[str] = "spawn"
+    job_id: str
+    operation: str
+    payload: Any
+    attempt: int
+    workspace: str
+    cpu_backstop_s: int
+    max_memory_mb: int
+    max_storage_kb: int
+
+
+@dataclass
+class Forked(Message):
+    op: ClassVar[str] = "forked"
+    pid: int
+    zygote_rss_bytes: int
+
+
+@dataclass
+class Exited(Message):
+    """The run's process was reaped by the zygote (its parent): exact kernel accounting."""
+
+    op: ClassVar[str] = "exited"
+    pid: int
+    status: int
+    cpu_s: float
+    maxrss_kb: int
+
+
+@dataclass
+class Close(Message):
+    op: ClassVar[str] = "close"
+    reason: str
+
+
+@dataclass
+class Closed(Message):
+    op: ClassVar[str] = "closed"
+    error: RunError | None = None
+
+
+@dataclass
+class Started(Message):
+    """The run is locked down; plugin code starts now. CPU so far is the sandbox's own."""
+
+    op: ClassVar[str] = "started"
+    layers: dict[str, Any]
+    cpu_s: float
+
+
+@dataclass
+class StorageRequest(Message):
+    op: ClassVar[str] = "storage"
+    action: str
+    key: str | None = None
+    value: Any = None
+
+
+@dataclass
+class StorageReply(Message):
+    op: ClassVar[str] = "storage_reply"
+    ok: bool
+    value: Any = None
+    quota: bool = False
+    limit_bytes: int = 0
+    observed_bytes: int = 0
+    message: str = ""
+
+
+@dataclass
+class Result(Message):
+    op: ClassVar[str] = "result"
+    ok: bool
+    value: Any = None
+    error: RunError | None = None
+    network_requests: int = 0
+
+
+_TYPES: dict[str, type[Message]] = {cls.op: cls for cls in (
+    Hello, ZygoteConfig, Ready, SetupFailed, Spawn, Forked, Exited, Close, Closed, Started,
+    StorageRequest, StorageReply, Result)}
+_NESTED_ERRORS = ("error",)
+
+
+class ProtocolError(ValueError):
+    """A frame that is not one of the messages above."""
+
+
+def encode(message: Message) -> dict[str, Any]:
+    """The JSON object for a message (channel.py turns it into bytes)."""
+    return {"op": message.op, **asdict(message)}
+
+
+def decode(frame: dict[str, Any]) -> Message:
+    """A typed message from a frame; anything else is a ProtocolError."""
+    cls = _TYPES.get(str(frame.get("op")))
+    if cls is None:
+        raise ProtocolError(f"unknown message {frame.get('op')!r}")
+    fields = {f.name for f in dataclasses.fields(cls)}
+    values = {k: v for k, v in frame.items() if k in fields}
+    for name in _NESTED_ERRORS:
+        if isinstance(values.get(name), dict):
+            values[name] = RunError(**values[name])
+    try:
+        return cls(**values)
+    except TypeError as exc:
+        raise ProtocolError(f"bad {cls.op} message: {exc}") from None

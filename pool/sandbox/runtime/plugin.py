@@ -1,0 +1,71 @@
+"""Loading a plugin inside the zygote: its entrypoint, its setup and its operations.
+
+`module:function` is a plugin with one operation, `run`. `module:Class` is set up once per
+warm sandbox (`Class(ctx)`); the methods named in the manifest's `operations` are its
+operations, each called as `method(ctx, payload)`; `close()`, if defined, is its teardown.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+from .messages import DEPENDENCY, RunError
+
+Operation = Callable[[Any, Any], Any]
+
+
+class LoadError(Exception):
+    """The plugin cannot be loaded (import, shape): a `dependency` error."""
+
+    def __init__(self, error: RunError) -> None:
+        self.error = error
+        super().__init__(error.message)
+
+
+def import_target(entrypoint: str) -> Any:
+    module_name, _, attr = entrypoint.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except BaseException as exc:  # a plugin module may raise anything, even SystemExit
+        raise LoadError(RunError(DEPENDENCY, f"cannot import {module_name!r}: "
+                                 f"{type(exc).__name__}: {exc}",
+                                 {"entrypoint": entrypoint,
+                                  "exception_type": type(exc).__name__})) from None
+    target = getattr(module, attr, None)
+    if not callable(target):
+        raise LoadError(RunError(DEPENDENCY, f"{entrypoint!r} is not a callable in the module",
+                                 {"entrypoint": entrypoint}))
+    return target
+
+
+class LoadedPlugin:
+    """The set-up plugin: its operations by name and its teardown."""
+
+    def __init__(self, target: Any, operations: list[str], setup_ctx: Any) -> None:
+        self.instance: Any = None
+        self.operations: dict[str, Operation] = {}
+        if inspect.isclass(target):
+            factory: Any = target
+            self.instance = factory(setup_ctx)  # the setup; raises are setup failures
+            for name in operations:
+                method = getattr(self.instance, name, None)
+                if name.startswith("_") or not callable(method):
+                    raise LoadError(RunError(
+                        DEPENDENCY, f"operation {name!r} is not a method of the plugin class",
+                        {"operation": name}))
+                self.operations[name] = method
+        else:
+            if operations != ["run"]:
+                raise LoadError(RunError(
+                    DEPENDENCY, "a function entrypoint has the one operation 'run'",
+                    {"operations": operations}))
+            self.operations["run"] = target
+
+    def close(self) -> None:
+        """The teardown, when the class defines one."""
+        close = getattr(self.instance, "close", None) if self.instance is not None else None
+        if callable(close):
+            close()

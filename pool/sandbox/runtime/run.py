@@ -1,0 +1,132 @@
+"""One run's process: forked from the zygote, narrowed further, the operation, one result.
+
+Nothing here returns: the process ends with os._exit, whatever the plugin does.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import resource
+import signal
+import tempfile
+from json import dumps as _dumps
+from typing import Any, NoReturn
+
+from . import channel, landlock, limits, seccomp
+from .audit import AuditPolicy
+from .classify import error_of
+from .context import ChannelStorage, SandboxContext
+from .messages import RESOURCE, RUNTIME, Result, RunError, Spawn, Started, ZygoteConfig
+from .plugin import LoadedPlugin
+
+CHANNEL_FD = 3
+"""The run's channel is moved here (over the zygote's control socket, which the run must
+not keep), so the seccomp filter that protects it can be compiled once."""
+PR_SET_PDEATHSIG = 1
+RESET_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2,
+                 signal.SIGALRM, signal.SIGCHLD)
+_libc = ctypes.CDLL(None, use_errno=True)
+_getrusage = resource.getrusage
+
+
+def _cpu_s() -> float:
+    usage = _getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _isolate(run_fd: int, workspace: str) -> None:
+    """Own session, dies with its zygote, default signals, only its channel open."""
+    os.setsid()
+    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    for signum in RESET_SIGNALS:
+        signal.signal(signum, signal.SIG_DFL)
+    os.dup2(run_fd, CHANNEL_FD, inheritable=False)
+    # /proc is not readable here (Landlock); the zygote's RLIMIT_NOFILE bounds the fds.
+    os.closerange(CHANNEL_FD + 1, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
+    os.chdir(workspace)
+    os.environ.update({"HOME": workspace, "TMPDIR": workspace})
+    tempfile.tempdir = workspace
+
+
+def _lock_down(config: ZygoteConfig, spawn: Spawn, vms_bytes: int,
+               seccomp_program: bytes | None) -> dict[str, Any]:
+    """The run's own layer on top of the zygote's: its workspace, no forking unless
+    allowed, its CPU backstop and memory."""
+    layers: dict[str, Any] = {"process": "fork", "zygote": True, "rlimits": limits.apply_run(
+        vms_bytes=vms_bytes, max_memory_mb=spawn.max_memory_mb,
+        max_storage_kb=spawn.max_storage_kb, cpu_backstop_s=spawn.cpu_backstop_s)}
+    if config.landlock_abi:
+        layers["landlock"] = landlock.restrict_self(
+            read_paths=None, write_paths=(spawn.workspace, os.devnull),
+            tcp_ports=landlock_ports(config.network_hosts), abi=config.landlock_abi)
+    else:
+        layers["landlock"] = False
+    if seccomp_program is not None:
+        seccomp.load(seccomp_program)
+        layers["seccomp"] = {"processes": not config.allow_processes,
+                             "network": not config.network_hosts}
+    else:
+        layers["seccomp"] = False
+    layers["audit_hook"] = True
+    return layers
+
+
+def landlock_ports(entries: list[str]) -> list[int] | None:
+    """TCP ports a Landlock layer allows: None (unrestricted) when a host has any port."""
+    from .audit import parse_hosts
+    hosts = parse_hosts(entries)
+    if any(ports is None for ports in hosts.values()):
+        return None
+    return sorted({port for ports in hosts.values() if ports for port in ports})
+
+
+def _check_result(value: Any, max_bytes: int) -> RunError | None:
+    try:
+        size = len(_dumps(value, allow_nan=False).encode())
+    except (TypeError, ValueError) as exc:
+        return RunError(RUNTIME, f"result is not JSON-serialisable: {exc}",
+                        {"result_type": type(value).__name__})
+    if size > max_bytes:
+        return RunError(RESOURCE, "result is larger than the result limit",
+                        {"limit": "max_result_bytes", "limit_value": max_bytes,
+                         "observed": size})
+    return None
+
+
+def run_child(config: ZygoteConfig, spawn: Spawn, run_fd: int, plugin: LoadedPlugin,
+              policy: AuditPolicy, *, vms_bytes: int,
+              seccomp_program: bytes | None) -> NoReturn:
+    """Narrow, call the operation, send one Result frame, exit."""
+    result: Result
+    try:
+        _isolate(run_fd, spawn.workspace)
+        layers = _lock_down(config, spawn, vms_bytes, seccomp_program)
+        policy.narrow(workspace=spawn.workspace)
+        policy.allow_processes = config.allow_processes
+        channel.send_message(CHANNEL_FD, Started(layers=layers, cpu_s=_cpu_s()))
+        ctx = SandboxContext(
+            plugin_id=config.plugin_id, job_id=spawn.job_id, instance_id=config.instance_id,
+            attempt=spawn.attempt, operation=spawn.operation, limits=config.limits,
+            permissions=config.permissions, initial_data=config.initial_data,
+            workspace=spawn.workspace, storage=ChannelStorage(CHANNEL_FD, policy))
+        operation = plugin.operations[spawn.operation]
+        policy.enforcing = True
+        value = operation(ctx, spawn.payload)
+        policy.enforcing = False
+        if policy.violations:
+            raise PermissionError("the run attempted what its permissions forbid")
+        problem = _check_result(value, config.max_result_bytes)
+        result = (Result(ok=True, value=value) if problem is None
+                  else Result(ok=False, error=problem))
+    except BaseException as exc:  # everything the plugin raises ends as a typed error
+        policy.enforcing = False
+        result = Result(ok=False, error=error_of(
+            exc, policy=policy, max_memory_mb=spawn.max_memory_mb,
+            max_storage_kb=spawn.max_storage_kb, timeout_ms=int(config.limits["timeout_ms"])))
+    result.network_requests = policy.network_requests
+    try:
+        channel.send_message(CHANNEL_FD, result)
+    except BaseException:  # the channel is gone or the value cannot be sent: just exit
+        os._exit(3)
+    os._exit(0)

@@ -1,0 +1,30 @@
+"""Loading a seccomp filter compiled by the worker (seccomp_filter.py): one prctl.
+
+Standard library only: the zygote and its runs load BPF bytes they were handed; they
+never need libseccomp. Filters stack: a run's filter adds to its zygote's.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 38, 22, 2
+BPF_INSTRUCTION_BYTES = 8
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def load(program: bytes) -> None:
+    """Install a compiled filter on this process (irrevocable)."""
+    buffer = ctypes.create_string_buffer(program, len(program))
+    prog = _SockFprog(len(program) // BPF_INSTRUCTION_BYTES, ctypes.addressof(buffer))
+    if _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 or _libc.prctl(
+            PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(prog), 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"seccomp: {os.strerror(err)}")

@@ -1,0 +1,243 @@
+"""A warm sandbox's zygote: a fresh interpreter that locks itself down, imports the plugin,
+runs its setup once, then only forks one process per run.
+
+Started by the pool child (launcher.py) with its control socket's descriptor number as
+the only argument. It detaches (so it is not a process of the worker's), reads its
+ZygoteConfig, and from then on answers Spawn and Close. Control-socket EOF means its pool
+child is gone: it tears the plugin down and exits.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import ctypes
+import gc
+import os
+import select
+import signal
+import sys
+import time
+from typing import Any, NoReturn
+
+from . import channel, landlock, limits, seccomp
+from .audit import AuditPolicy, install, parse_hosts
+from .classify import error_of
+from .context import ChannelStorage, SandboxContext
+from .messages import (
+    RUNTIME,
+    Close,
+    Closed,
+    Exited,
+    Forked,
+    Hello,
+    Ready,
+    RunError,
+    SetupFailed,
+    Spawn,
+    ZygoteConfig,
+)
+from .plugin import LoadedPlugin, LoadError, import_target
+from .run import landlock_ports, run_child
+
+CONTROL_FD = 3
+CONFIG_MAX_BYTES = 64 << 20
+PR_SET_CHILD_SUBREAPER = 36
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _detach(control_fd: int) -> None:
+    """Leave the worker's process tree (the pool child reaps the intermediate process), keep
+    only the control socket, as fd 3, and become the reaper of whatever a run leaves."""
+    if os.fork() > 0:
+        os._exit(0)
+    os.setsid()
+    if control_fd != CONTROL_FD:
+        os.dup2(control_fd, CONTROL_FD, inheritable=False)
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd > CONTROL_FD:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+    _libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+
+
+def _lock_down(config: ZygoteConfig, policy: AuditPolicy) -> dict[str, Any]:
+    """The zygote's layers, before any plugin code: they bound the setup and every run."""
+    os.chdir(config.setup_workspace)
+    os.environ.update({"HOME": config.setup_workspace, "TMPDIR": config.setup_workspace})
+    layers: dict[str, Any] = {"rlimits": limits.apply_zygote(
+        max_memory_mb=config.max_memory_mb, max_storage_kb=config.max_storage_kb,
+        setup_cpu_s=config.setup_cpu_s)}
+    if config.landlock_abi:
+        # Its own /proc entry stays readable (sizes, threads, children); not its runs'.
+        own_proc = os.path.realpath("/proc/self")
+        layers["landlock"] = landlock.restrict_self(
+            read_paths=(*config.read_paths, own_proc), write_paths=(config.home, os.devnull),
+            tcp_ports=landlock_ports(config.network_hosts), abi=config.landlock_abi)
+    if config.zygote_seccomp_b64 is not None:
+        seccomp.load(base64.b64decode(config.zygote_seccomp_b64))
+        layers["seccomp"] = True
+    install(policy)
+    return layers
+
+
+def _kill_leftovers() -> None:
+    """Kill and reap every process left below the zygote (a run's orphans come here)."""
+    for _round in range(8):
+        pids: list[int] = []
+        with contextlib.suppress(OSError):
+            for task in os.listdir("/proc/self/task"):
+                with open(f"/proc/self/task/{task}/children") as listing:
+                    pids.extend(int(pid) for pid in listing.read().split())
+        if not pids:
+            return
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                os.killpg(pid, signal.SIGKILL)
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        for pid in pids:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+
+
+def _teardown(plugin: LoadedPlugin | None, policy: AuditPolicy, reason: str) -> NoReturn:
+    error: RunError | None = None
+    if plugin is not None:
+        policy.enforcing = True
+        try:
+            plugin.close()
+        except BaseException as exc:  # the teardown's failure is reported, then we exit
+            error = RunError(RUNTIME, f"teardown failed: {type(exc).__name__}: {exc}")
+        policy.enforcing = False
+    with contextlib.suppress(OSError):
+        channel.send_message(CONTROL_FD, Closed(error=error))
+    _kill_leftovers()
+    os._exit(0)
+
+
+def _serve_run(config: ZygoteConfig, spawn: Spawn, plugin: LoadedPlugin,
+               policy: AuditPolicy, run_filter: bytes | None) -> bool:
+    """Fork one run, wait for it, report its exit. False: the pool child is gone."""
+    run_fd = channel.receive_fd(CONTROL_FD)
+    rss, vms = _rss_bytes(), limits.vms_bytes()
+    pid = os.fork()
+    if pid == 0:
+        run_child(config, spawn, run_fd, plugin, policy, vms_bytes=vms,
+                  seccomp_program=run_filter)
+    os.close(run_fd)
+    channel.send_message(CONTROL_FD, Forked(pid=pid, zygote_rss_bytes=rss))
+    pidfd = os.pidfd_open(pid)
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    poller.register(CONTROL_FD, select.POLLIN | select.POLLHUP)
+    alive = True
+    try:
+        while True:
+            ready = dict(poller.poll())
+            if pidfd in ready:
+                break
+            if CONTROL_FD in ready:
+                alive = False  # the pool child died mid-run: so does the run
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+                break
+    finally:
+        os.close(pidfd)
+    _pid, status, usage = os.wait4(pid, 0)
+    _kill_leftovers()
+    if alive:
+        channel.send_message(CONTROL_FD, Exited(
+            pid=pid, status=status, cpu_s=usage.ru_utime + usage.ru_stime,
+            maxrss_kb=usage.ru_maxrss))
+    return alive
+
+
+def own_read_paths(extra: list[str]) -> list[str]:
+    """This interpreter's prefixes and import paths (it may be another environment than
+    the worker's), plus what the worker passed (system files, plugin paths, read_paths)."""
+    paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, *extra}
+    paths.update(p for p in sys.path if p and os.path.isdir(p))
+    paths.add(os.path.dirname(os.path.abspath(__file__)))
+    return sorted(os.path.realpath(p) for p in paths)
+
+
+def _threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+def main() -> NoReturn:
+    _detach(int(sys.argv[1]))
+    channel.send_message(CONTROL_FD, Hello(pid=os.getpid(), rss_bytes=_rss_bytes()))
+    config = channel.receive_message(CONTROL_FD, max_bytes=CONFIG_MAX_BYTES)
+    if not isinstance(config, ZygoteConfig):
+        os._exit(2)
+    policy = AuditPolicy(workspace=config.setup_workspace, read_paths=tuple(config.read_paths),
+                         hosts=parse_hosts(config.network_hosts),
+                         max_network_requests=config.max_network_requests,
+                         allow_processes=config.allow_processes)
+    started, cpu_started = time.perf_counter(), time.process_time()
+    plugin: LoadedPlugin | None = None
+    sys.dont_write_bytecode = True  # the code paths are read-only inside the sandbox
+    for path in reversed(config.code_paths):
+        if path not in sys.path:
+            sys.path.insert(0, path)
+    config.read_paths = own_read_paths(config.read_paths)
+    policy.read_paths = tuple(config.read_paths)
+    try:
+        layers = _lock_down(config, policy)
+        ctx = SandboxContext(
+            plugin_id=config.plugin_id, job_id=None, instance_id=config.instance_id,
+            attempt=0, operation=None, limits=config.limits, permissions=config.permissions,
+            initial_data=config.initial_data, workspace=config.setup_workspace,
+            storage=ChannelStorage(CONTROL_FD, policy))
+        policy.enforcing = True
+        plugin = LoadedPlugin(import_target(config.entrypoint), config.operations, ctx)
+        policy.enforcing = False
+        if policy.violations:
+            raise PermissionError("the setup attempted what its permissions forbid")
+        if _threads() > 1:
+            raise LoadError(RunError(
+                RUNTIME, f"setup left {_threads() - 1} thread(s) running; a warm sandbox "
+                "forks its runs and must be single-threaded when set up",
+                {"phase": "setup", "threads": _threads()}))
+    except LoadError as exc:
+        policy.enforcing = False
+        channel.send_message(CONTROL_FD, SetupFailed(error=exc.error))
+        os._exit(0)
+    except BaseException as exc:  # the setup's failure is typed like a run's
+        policy.enforcing = False
+        error = error_of(exc, policy=policy, max_memory_mb=config.max_memory_mb,
+                         max_storage_kb=config.max_storage_kb,
+                         timeout_ms=int(config.limits["setup_timeout_ms"]))
+        channel.send_message(CONTROL_FD, SetupFailed(error=error))
+        os._exit(0)
+    limits.after_setup()
+    program = config.run_seccomp_b64
+    run_filter = base64.b64decode(program) if program is not None else None
+    gc.collect()
+    gc.freeze()  # runs then never dirty (copy) the set-up heap's pages in their GC
+    channel.send_message(CONTROL_FD, Ready(
+        pid=os.getpid(), setup_ms=(time.perf_counter() - started) * 1000,
+        setup_cpu_ms=(time.process_time() - cpu_started) * 1000, rss_bytes=_rss_bytes(),
+        layers=layers))
+    while True:
+        try:
+            message = channel.receive_message(CONTROL_FD, max_bytes=CONFIG_MAX_BYTES)
+        except (channel.ChannelClosed, OSError, ValueError):
+            _teardown(plugin, policy, "pool child gone")
+        if isinstance(message, Close):
+            _teardown(plugin, policy, message.reason)
+        if isinstance(message, Spawn) and not _serve_run(config, message, plugin, policy,
+                                                         run_filter):
+            _teardown(plugin, policy, "pool child gone")

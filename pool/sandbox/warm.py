@@ -1,0 +1,238 @@
+"""One warm sandbox, seen from the pool child: its zygote, set up once, forking each run.
+
+`WarmSandbox.start` launches the zygote and supervises its setup exactly like a run (wall
+clock `setup_timeout_ms`, memory, storage, CPU share); `spawn` hands it one run;
+`retire` asks it to tear the plugin down and exit.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import os
+import select
+import shutil
+import signal
+import socket
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from pluginpool.pool.sandbox.launcher import ZygoteLauncher
+from pluginpool.pool.sandbox.runtime import channel
+from pluginpool.pool.sandbox.runtime.messages import (
+    Close,
+    Closed,
+    Exited,
+    Forked,
+    Hello,
+    Ready,
+    Spawn,
+    ZygoteConfig,
+)
+from pluginpool.pool.sandbox.supervisor import (
+    MB,
+    Bounds,
+    Exit,
+    StorageHandler,
+    Supervision,
+    Supervisor,
+)
+from pluginpool.tasks.spec import PluginSpec
+
+WarmKey = tuple[str, int, str | None]
+"""(plugin id, revision, instance id): what a warm sandbox was set up for."""
+CONTROL_MAX_BYTES = 1 << 20
+EXIT_WAIT_S = 10.0
+CLOSE_WAIT_S = 5.0
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+class ProcessGone:
+    """Reaper for a process that is not our child (a detached zygote): it ended when the
+    kernel no longer has it; its accounting went to its real parent."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+
+    def reap(self, *, block: bool) -> Exit | None:
+        deadline = time.monotonic() + (EXIT_WAIT_S if block else 0)
+        while True:
+            if _gone(self.pid):
+                return Exit(sandbox_died=True)
+            if time.monotonic() >= deadline:
+                return Exit(sandbox_died=True) if block else None
+            time.sleep(0.005)
+
+
+class RunExitFromZygote:
+    """Reaper for a run: its parent, the zygote, reaps it and sends Exited."""
+
+    def __init__(self, control: socket.socket, run_pid: int) -> None:
+        self.control = control
+        self.run_pid = run_pid
+
+    def reap(self, *, block: bool) -> Exit | None:
+        ready = select.select([self.control], [], [], EXIT_WAIT_S if block else 0)[0]
+        if not ready:
+            return Exit(sandbox_died=True) if block else None
+        try:
+            message = channel.receive_message(self.control.fileno(),
+                                              max_bytes=CONTROL_MAX_BYTES)
+        except (channel.ChannelClosed, OSError, ValueError):
+            return Exit(sandbox_died=True)
+        if not isinstance(message, Exited) or message.pid != self.run_pid:
+            return Exit(sandbox_died=True)
+        return Exit(status=message.status, cpu_s=message.cpu_s, maxrss_kb=message.maxrss_kb)
+
+
+@dataclass
+class WarmSandbox:
+    key: WarmKey
+    pid: int
+    control: socket.socket
+    home: str
+    setup_ms: float
+    rss_bytes: int
+    layers: dict[str, Any]
+    since: float = field(default_factory=time.time)
+    last_used: float = field(default_factory=time.monotonic)
+    runs: int = 0
+    busy: bool = False
+    setup_supervision: Supervision | None = None
+
+    @property
+    def instance_id(self) -> str | None:
+        return self.key[2]
+
+    def alive(self) -> bool:
+        if _gone(self.pid):
+            return False
+        try:
+            return not select.select([self.control], [], [], 0)[0]  # readable idle: EOF
+        except (OSError, ValueError):
+            return False
+
+    def spawn(self, spawn: Spawn, run_end: socket.socket) -> Forked:
+        """Hand the zygote one run and its channel; it answers with the run's pid."""
+        channel.send_message(self.control.fileno(), spawn)
+        channel.send_fd(self.control.fileno(), run_end.fileno())
+        if not select.select([self.control], [], [], EXIT_WAIT_S)[0]:
+            raise channel.ChannelClosed
+        forked = channel.receive_message(self.control.fileno(), max_bytes=CONTROL_MAX_BYTES)
+        if not isinstance(forked, Forked):
+            raise channel.ChannelClosed
+        return forked
+
+    def run_reaper(self, run_pid: int) -> RunExitFromZygote:
+        return RunExitFromZygote(self.control, run_pid)
+
+    def retire(self, reason: str) -> None:
+        """Ask for the teardown (close()); the zygote exits after it."""
+        with contextlib.suppress(OSError):
+            channel.send_message(self.control.fileno(), Close(reason=reason))
+
+    def finish(self, *, wait_s: float = CLOSE_WAIT_S) -> Closed | None:
+        """Wait for the teardown's end (bounded), then make sure the zygote is gone and
+        remove its home."""
+        closed: Closed | None = None
+        with contextlib.suppress(OSError, ValueError, channel.ChannelClosed):
+            if select.select([self.control], [], [], wait_s)[0]:
+                message = channel.receive_message(self.control.fileno(),
+                                                  max_bytes=CONTROL_MAX_BYTES)
+                closed = message if isinstance(message, Closed) else None
+        self.kill()
+        return closed
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(self.pid, signal.SIGKILL)
+        with contextlib.suppress(OSError):
+            self.control.close()
+        shutil.rmtree(self.home, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class SetupPlan:
+    """What the pool child decided for one zygote before starting it."""
+
+    spec: PluginSpec
+    instance_id: str | None
+    initial_data: dict[str, Any]
+    warm_root: str
+    read_paths: tuple[str, ...]
+    landlock_abi: int
+    zygote_seccomp: bytes | None
+    run_seccomp: bytes | None
+    max_result_bytes: int
+
+
+def _b64(program: bytes | None) -> str | None:
+    return base64.b64encode(program).decode() if program is not None else None
+
+
+def start(launcher: ZygoteLauncher, plan: SetupPlan, *,
+          storage: StorageHandler) -> tuple[WarmSandbox | None, Supervision]:
+    """Launch a zygote and supervise its setup; the sandbox, or None and what went wrong."""
+    spec = plan.spec
+    limits = spec.resource_limits
+    os.makedirs(plan.warm_root, mode=0o700, exist_ok=True)
+    home = os.path.realpath(tempfile.mkdtemp(prefix=f"{spec.id}-", dir=plan.warm_root))
+    setup_workspace = os.path.join(home, "setup")
+    os.mkdir(setup_workspace, 0o700)
+    hello: Hello
+    hello, control = launcher.start()
+    config = ZygoteConfig(
+        plugin_id=spec.id, entrypoint=spec.entrypoint, operations=list(spec.operations),
+        instance_id=plan.instance_id, initial_data=plan.initial_data,
+        code_paths=list(launcher.code_paths), read_paths=list(plan.read_paths), home=home,
+        setup_workspace=setup_workspace, landlock_abi=plan.landlock_abi,
+        zygote_seccomp_b64=_b64(plan.zygote_seccomp), run_seccomp_b64=_b64(plan.run_seccomp),
+        max_memory_mb=limits.max_memory_mb, max_storage_kb=limits.max_storage_kb,
+        setup_cpu_s=spec.deadlines.setup_cpu_backstop_s,
+        network_hosts=list(spec.permissions.network_hosts),
+        max_network_requests=limits.max_network_requests,
+        allow_processes=spec.permissions.allow_processes,
+        max_result_bytes=plan.max_result_bytes, limits=limits.model_dump(mode="json"),
+        permissions=spec.permissions.model_dump(mode="json"))
+    sandbox = WarmSandbox(key=(spec.id, spec.revision, plan.instance_id), pid=hello.pid,
+                          control=control, home=home, setup_ms=0.0, rss_bytes=hello.rss_bytes,
+                          layers={})
+    try:
+        channel.send_message(control.fileno(), config)
+    except OSError:
+        sandbox.kill()
+        return None, Supervision()
+    supervisor = Supervisor(
+        hello.pid, control.fileno(),
+        bounds=Bounds(timeout_s=spec.deadlines.setup_kill_s,
+                      max_memory_bytes=limits.max_memory_mb * MB,
+                      max_storage_bytes=limits.max_storage_kb * 1024,
+                      cpu_percent=limits.max_cpu_percent, clock_name="setup_timeout_ms"),
+        workspace=setup_workspace, baseline_rss=hello.rss_bytes, storage=storage,
+        max_frame_bytes=CONTROL_MAX_BYTES, reaper=ProcessGone(hello.pid), kill_after=False)
+    out = supervisor.run()
+    if not isinstance(out.result, Ready):
+        sandbox.kill()
+        return None, out
+    sandbox.setup_ms = out.result.setup_ms
+    sandbox.rss_bytes = out.result.rss_bytes
+    sandbox.layers = out.result.layers
+    sandbox.setup_supervision = out
+    return sandbox, out
