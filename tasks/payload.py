@@ -11,10 +11,12 @@ from __future__ import annotations
 from typing import Any
 
 DEFAULT_MAX_PAYLOAD_DEPTH = 64
-"""Default, and most, of `PLUGINPOOL_MAX_PAYLOAD_DEPTH`: far above what real payloads use,
-far below the interpreter's recursion limit (1000) that encoders and pickle run into (pickle
-already fails near 500 levels inside a worker's call stack), and below the broker's decode
-boundary (tasks/delivery.py: 80 levels for the whole message, two of them the envelope's)."""
+"""Default of `PLUGINPOOL_MAX_PAYLOAD_DEPTH`: far above what real payloads use, far below
+the interpreter's recursion limit (1000) that encoders and pickle run into."""
+MAX_PAYLOAD_DEPTH_CAP = 256
+"""Most `PLUGINPOOL_MAX_PAYLOAD_DEPTH` may be: pickle, which hands a job to a pool child,
+already fails near 500 levels inside a worker's call stack. The broker's decode boundary
+allows this depth plus the message's envelope."""
 
 
 def nesting_depth(value: Any, *, limit: int) -> int:

@@ -15,7 +15,7 @@ from pluginpool.policy.errors import SettingsError
 from pluginpool.policy.health import HealthThresholds
 from pluginpool.policy.keys import RedisKeys
 from pluginpool.policy.limits import IsolationConfig, ResourceLimits
-from pluginpool.tasks.payload import DEFAULT_MAX_PAYLOAD_DEPTH
+from pluginpool.tasks.payload import DEFAULT_MAX_PAYLOAD_DEPTH, MAX_PAYLOAD_DEPTH_CAP
 
 ENV_PREFIX = "PLUGINPOOL_"
 
@@ -80,12 +80,11 @@ class Settings(BaseSettings):
     max_payload_bytes: int = Field(default=1_048_576, ge=64,
                                    description="Largest JSON payload (and initial_data) accepted.")
     max_payload_depth: int = Field(
-        default=DEFAULT_MAX_PAYLOAD_DEPTH, ge=1, le=DEFAULT_MAX_PAYLOAD_DEPTH,
+        default=DEFAULT_MAX_PAYLOAD_DEPTH, ge=1, le=MAX_PAYLOAD_DEPTH_CAP,
         description="Deepest nesting of lists and objects accepted in a payload (and "
                     "initial_data), at submit and again in the worker. Encoders, decoders and "
-                    "pickle recurse per level; it can be lowered, not raised: the broker's "
-                    "decode boundary refuses messages nested deeper than 80 levels, and the "
-                    "message around a payload takes two.")
+                    "pickle recurse per level (pickle, which hands a job to a pool child, "
+                    "fails near 500 levels inside a worker's call stack): at most 256.")
     max_result_bytes: int = Field(default=1_048_576, ge=64,
                                   description="Largest JSON result a plugin may return.")
     visibility_timeout_s: int = Field(

@@ -57,8 +57,8 @@ def test_a_too_deep_payload_from_a_plain_producer_fails_and_the_worker_lives(env
     plain.conf.update(task_serializer="json", accept_content=["json"],
                       result_accept_content=["json"])
     try:
-        # 70 levels: over the payload limit (64), under the broker's decode boundary (80
-        # for the whole message), so it is parse_job in the pool child that refuses it.
+        # 70 levels: over the payload limit (64), within what the broker's decode boundary
+        # lets through, so it is parse_job in the pool child that refuses it.
         bad = plain.send_task("plugin.echo", args=[nested(70, as_dict=True)],
                               queue="plugins.echo")
         with pytest.raises(Exception) as info:

@@ -79,10 +79,10 @@ def test_parse_job_refuses_a_too_deep_payload_from_any_producer() -> None:
         parse_job((), {"payload": nested(100_000)})
 
 
-def test_the_depth_setting_can_be_lowered_not_raised(redis_url: str) -> None:
+def test_the_depth_setting_is_capped_below_what_pickle_survives(redis_url: str) -> None:
     from pluginpool.policy.errors import SettingsError
     from pluginpool.tasks.settings import Settings
 
     assert Settings.from_env(_env_file=None, max_payload_depth=8).max_payload_depth == 8
     with pytest.raises(SettingsError, match="PLUGINPOOL_MAX_PAYLOAD_DEPTH"):
-        Settings.from_env(_env_file=None, max_payload_depth=65)
+        Settings.from_env(_env_file=None, max_payload_depth=257)
