@@ -317,6 +317,54 @@ class InstanceFailedError(SubmitError):
                          f"{(last_error or {}).get('message', 'unknown error')}")
 
 
+class PluginUnregisteredError(UnknownPluginError):
+    """The plugin was registered once and has been unregistered; new jobs are refused."""
+
+    def __init__(self, plugin_id: str, *, last_revision: int) -> None:
+        self.last_revision = last_revision
+        super().__init__(plugin_id)
+        self.args = (f"plugin {plugin_id!r} was unregistered (last revision {last_revision});"
+                     " register it again to serve it",)
+
+
+class RevisionNotFoundError(PluginPoolError, LookupError):
+    """A rollback named a revision the registry's bounded history no longer holds."""
+
+    def __init__(self, plugin_id: str, revision: int | None, *, available: list[int]) -> None:
+        self.plugin_id = plugin_id
+        self.revision = revision
+        self.available = available
+        wanted = "an earlier revision" if revision is None else f"revision {revision}"
+        super().__init__(f"plugin {plugin_id!r} has no {wanted} to roll back to"
+                         f" (history holds {available or 'none'})")
+
+
+class ArtifactError(PluginPoolError):
+    """A plugin's code artifact could not be built, published, fetched or verified.
+
+    `reason` is one of: build, too_large, missing, hash_mismatch, invalid. A worker turns
+    it into a `dependency` error (never retried) and goes on serving."""
+
+    def __init__(self, reason: str, message: str, *, plugin_id: str | None = None,
+                 sha256: str | None = None, **details: Any) -> None:
+        self.reason = reason
+        self.plugin_id = plugin_id
+        self.sha256 = sha256
+        self.details = details
+        super().__init__(message)
+
+
+class ArtifactTooLargeError(ArtifactError, ValueError):
+    """An artifact is larger than PLUGINPOOL_MAX_ARTIFACT_BYTES; nothing was published."""
+
+    def __init__(self, *, plugin_id: str | None, size_bytes: int, limit_bytes: int) -> None:
+        self.size_bytes = size_bytes
+        self.limit_bytes = limit_bytes
+        super().__init__("too_large", f"artifact of {plugin_id!r} is {size_bytes} bytes, over"
+                         f" the {limit_bytes}-byte limit (PLUGINPOOL_MAX_ARTIFACT_BYTES)",
+                         plugin_id=plugin_id, size_bytes=size_bytes, limit_bytes=limit_bytes)
+
+
 class MalformedMessageError(PluginPoolError, ValueError):
     """A broker message that cannot be a job: it is dead-lettered, never delivered.
 

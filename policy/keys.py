@@ -144,3 +144,23 @@ class RedisKeys:
     def workers(self) -> str:
         """Hash: worker node → its queues and last heartbeat (written by each worker)."""
         return f"{self.prefix}workers"
+
+    def spec_revisions(self, plugin_id: str) -> str:
+        """List: one record per revision of a plugin (revision, version, source hash, when,
+        by whom, action), oldest first, bounded; the spec contents live in spec_history."""
+        return f"{self.prefix}registry:revisions:{plugin_id}"
+
+    @property
+    def unregistered(self) -> str:
+        """Hash: plugin id → the last revision it had when it was unregistered."""
+        return f"{self.prefix}registry:unregistered"
+
+    @property
+    def registry_channel(self) -> str:
+        """Pub/sub channel: every registry change (register, unregister, rollback), as JSON;
+        workers follow it to start and stop consuming queues."""
+        return f"{self.prefix}events:registry"
+
+    def artifact(self, sha256: str) -> str:
+        """String: a plugin's code artifact (a wheel), content-addressed by its sha256."""
+        return f"{self.prefix}artifact:{sha256}"

@@ -16,6 +16,7 @@ from rich.table import Table
 from rich.text import Text
 
 from pluginpool.policy.errors import PluginExecutionError, PluginPoolError
+from pluginpool.pool import fleet_cli
 from pluginpool.pool.deadletter_cli import add_parser as add_deadletter_parser
 from pluginpool.tasks.client import PluginClient
 from pluginpool.tasks.jobs import FallbackJob, Job
@@ -47,14 +48,6 @@ def cmd_flower(args: argparse.Namespace) -> int:
     from pluginpool.pool.flower import run_flower
 
     run_flower(Settings.from_env(), port=args.port, address=args.address)
-    return 0
-
-
-def cmd_register(args: argparse.Namespace) -> int:
-    with _client() as client:
-        published = client.register(Path(args.file))
-    for spec in published:
-        print(f"registered {spec.id} {spec.version} (revision {spec.revision})")
     return 0
 
 
@@ -188,7 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("worker", help="run a prefork worker for some or all plugins")
-    p.add_argument("--plugins", default="all", help="comma-separated plugin ids, or 'all'")
+    p.add_argument("--plugins", default="all",
+                   help="'all', or comma-separated plugin ids and fnmatch globs ('acme-*');"
+                        " the worker follows the registry for them")
     p.add_argument("--concurrency", type=int, default=None)
     p.add_argument("--name", default=None, help="node name, e.g. heavy@host1")
     p.add_argument("--max-memory-per-child", type=int, default=None, metavar="MB")
@@ -200,9 +195,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default="127.0.0.1")
     p.set_defaults(func=cmd_flower)
 
-    p = sub.add_parser("register", help="publish the plugins of a TOML manifest")
-    p.add_argument("file")
-    p.set_defaults(func=cmd_register)
+    p = sub.add_parser("register", help="publish the plugins of a TOML manifest (with their"
+                       " code when they name a `source`), or of installed entry points")
+    p.add_argument("file", nargs="?", default=None)
+    p.add_argument("--entry-points", nargs="*", default=None, metavar="NAME",
+                   help="register plugins of installed distributions (all, or those named)")
+    p.set_defaults(func=fleet_cli.cmd_register)
+    fleet_cli.add_parsers(sub)
 
     p = sub.add_parser("plugins", help="list registered plugins")
     p.add_argument("--json", action="store_true")

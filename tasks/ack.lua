@@ -14,6 +14,6 @@ if owner == ARGV[2] or (not owner and redis.call('HEXISTS', KEYS[1], tag) == 1) 
     forget_delivery(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], tag)
     return 1
 end
-redis.call('SREM', KEYS[5], tag)
+redis.call('HDEL', KEYS[5], tag)
 redis.call('HINCRBY', KEYS[6], 'late_acks', 1)
 return 0

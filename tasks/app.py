@@ -30,7 +30,8 @@ def delivery_config(settings: Settings) -> DeliveryConfig:
         dead_letter_index_key=keys.dead_letter_index,
         max_deliveries=settings.max_deliveries, dead_letter_max=settings.dead_letter_max,
         max_message_bytes=2 * settings.max_payload_bytes + ENVELOPE_BYTES,
-        max_depth=settings.max_payload_depth + ENVELOPE_DEPTH)
+        max_depth=settings.max_payload_depth + ENVELOPE_DEPTH,
+        dead_after_s=settings.consumer_dead_after_s)
 
 
 def tls_options(settings: Settings) -> dict[str, Any]:

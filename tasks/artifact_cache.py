@@ -124,7 +124,9 @@ def on_sys_path(paths: list[str]) -> Iterator[None]:
 
 class ArtifactRunner:
     """Wraps a Runner: a plugin revision with an artifact runs with the artifact's unpacked
-    directory first on sys.path and readable in the sandbox (added to its read_paths)."""
+    directory in `ctx.code_paths` (a warm sandbox's zygote puts them on its sys.path and
+    may read them), first on sys.path for the in-process runner, and readable by the
+    sandbox's Landlock and audit layers (added to the run's read_paths)."""
 
     def __init__(self, inner: Runner, cache: ArtifactCache) -> None:
         self.inner = inner
@@ -138,6 +140,7 @@ class ArtifactRunner:
         except ArtifactError as exc:
             raise as_dependency_error(spec, exc) from None
         forget_other_code(spec, paths)
+        ctx.code_paths = (*paths, *[p for p in ctx.code_paths if p not in paths])
         permissions = spec.permissions.model_copy(
             update={"read_paths": [*spec.permissions.read_paths, *paths]})
         with on_sys_path(paths):

@@ -9,13 +9,14 @@
 -- rescue and ack) is, keyed by the message's delivery tag:
 --   kombu's unacked hash entry and index score (so kombu's restore sweep still works),
 --   the delivery count and first delivery time (deliveries hash: <tag>, <tag>|t),
---   the consumer holding it (owner hash) and the consumer's held set.
+--   the consumer holding it (owner hash) and the consumer's held hash (tag -> queue key),
+--   from which a live worker returns it at once when the consumer's heartbeat stops.
 --
 -- KEYS[1]   unacked hash (delivery tag -> [message, exchange, routing key], kombu's format)
 -- KEYS[2]   unacked index (sorted set: delivery tag -> time it was delivered)
 -- KEYS[3]   deliveries hash      KEYS[4] owner hash        KEYS[5] this consumer's held set
--- KEYS[6]   dead-letter hash     KEYS[7] dead-letter index
--- KEYS[8..] the queue lists, in the order they should be served (kombu's priority steps
+-- KEYS[6]   dead-letter hash     KEYS[7] dead-letter index   KEYS[8] consumer heartbeats
+-- KEYS[9..] the queue lists, in the order they should be served (kombu's priority steps
 --           and round-robin order)
 -- ARGV[1]   now, in seconds since the epoch (the worker's clock, as kombu uses)
 -- ARGV[2]   this consumer's id
@@ -59,7 +60,7 @@ end
 
 local quarantined = {}
 
-for i = 8, #KEYS do
+for i = 9, #KEYS do
     while true do
         local item = redis.call('RPOP', KEYS[i])
         if not item then
@@ -96,7 +97,9 @@ for i = 8, #KEYS do
             redis.call('HSET', KEYS[1], tag, '[' .. item .. ',' .. exchange .. ',' .. routing_key .. ']')
             redis.call('ZADD', KEYS[2], now, tag)
             redis.call('HSET', KEYS[4], tag, consumer)
-            redis.call('SADD', KEYS[5], tag)
+            redis.call('HSET', KEYS[5], tag, KEYS[i])
+            -- A consumer holds nothing before it is known (its heartbeat may not have run).
+            redis.call('ZADD', KEYS[8], 'NX', now, consumer)
             local reply = {KEYS[i], item, 1, tag}
             for _, id in ipairs(quarantined) do table.insert(reply, id) end
             return reply

@@ -32,13 +32,16 @@ from pluginpool.policy.errors import (
 )
 from pluginpool.policy.health import PluginHealth
 from pluginpool.tasks.app import create_app
+from pluginpool.tasks.artifacts import ArtifactStore, publish_sources
+from pluginpool.tasks.discovery import DiscoveredPlugin, discover, select
 from pluginpool.tasks.health import HealthReader
 from pluginpool.tasks.instances import Instance, InstanceStore, SandboxInfo
 from pluginpool.tasks.jobs import FallbackJob, Job
 from pluginpool.tasks.manifest import load_manifest, spec_issues
 from pluginpool.tasks.payload import nesting_depth
 from pluginpool.tasks.redis_conn import redis_client
-from pluginpool.tasks.registry import Registry, SpecCache
+from pluginpool.tasks.registry import Registry, RevisionRecord, SpecCache, operator_name
+from pluginpool.tasks.retire import fail_queued_jobs
 from pluginpool.tasks.routing import REVISION_HEADER, TRIAL_HEADER
 from pluginpool.tasks.settings import Settings
 from pluginpool.tasks.spec import PluginSpec
@@ -58,6 +61,8 @@ class PluginClient:
         self.registry = Registry(self.redis, settings.keys,
                                  visibility_timeout_s=settings.visibility_timeout_s)
         self._specs = SpecCache(self.registry, ttl_s=settings.spec_cache_ttl_s)
+        self.artifacts = ArtifactStore.from_settings(settings)
+        self._following_registry = False
         self.instances = InstanceStore(self.redis, settings.keys)
         self.breakers = CircuitBreaker(self.redis, settings.keys,
                                        fail_mode=settings.breaker_fail_mode)
@@ -65,7 +70,8 @@ class PluginClient:
                                           thresholds=settings.health,
                                           heartbeat_s=settings.worker_heartbeat_s)
         self._subscriptions = Subscriptions(
-            self.redis, [settings.keys.error_channel, settings.keys.breaker_channel])
+            self.redis, [settings.keys.error_channel, settings.keys.breaker_channel,
+                         settings.keys.registry_channel])
 
     @classmethod
     def from_env(cls, **overrides: Any) -> PluginClient:
@@ -73,8 +79,11 @@ class PluginClient:
 
     # -- registry -----------------------------------------------------------------------
 
-    def register(self, source: str | Path | PluginSpec | Iterable[PluginSpec]) -> list[PluginSpec]:
-        """Publish specs from a TOML manifest path, one spec, or several; all or nothing."""
+    def register(self, source: str | Path | PluginSpec | Iterable[PluginSpec], *,
+                 by: str | None = None) -> list[PluginSpec]:
+        """Publish specs from a TOML manifest path, one spec, or several; all or nothing.
+        A spec with a `source` has its code built and published first (tasks/artifacts.py);
+        `by` (default: user@host) goes into the revision log."""
         if isinstance(source, str | Path):
             specs, origin = load_manifest(source), str(source)
         elif isinstance(source, PluginSpec):
@@ -89,15 +98,56 @@ class PluginClient:
                                     breaker=self.settings.default_breaker)
                  for spec in specs]
         with self._unavailable_as_error():
-            published = self.registry.publish(specs, source=origin)
+            specs = publish_sources(specs, self.artifacts)
+            published = self.registry.publish(specs, source=origin, by=by or operator_name())
         self._specs.invalidate()
         return published
+
+    def unregister(self, plugin_id: str, *, by: str | None = None) -> int:
+        """Remove a plugin: new submits raise PluginUnregisteredError, workers stop
+        consuming its queue, and each job still queued fails with a `dependency` error
+        (jobs already running finish). Returns how many queued jobs were failed."""
+        with self._unavailable_as_error():
+            old = self.registry.unregister(plugin_id, by=by or operator_name())
+            self._specs.invalidate(plugin_id)
+            return fail_queued_jobs(self.app, plugin_id=plugin_id, queue=old.queue,
+                                    revision=old.revision)
+
+    def revisions(self, plugin_id: str) -> list[RevisionRecord]:
+        """The plugin's revisions, oldest first: version, source hash, when, by whom."""
+        with self._unavailable_as_error():
+            return self.registry.revisions(plugin_id)
+
+    def rollback(self, plugin_id: str, *, to: int | None = None,
+                 by: str | None = None) -> PluginSpec:
+        """Make an earlier revision's content current again (the previous one by default),
+        as a new revision: history stays append-only. Returns the new current spec."""
+        with self._unavailable_as_error():
+            spec = self.registry.rollback(plugin_id, to=to, by=by or operator_name())
+        self._specs.invalidate(plugin_id)
+        return spec
+
+    def discover(self, paths: list[str] | None = None) -> list[DiscoveredPlugin]:
+        """Plugins declared by installed distributions (entry points `pluginpool.plugins`)."""
+        return discover(paths)
+
+    def register_entry_points(self, names: list[str] | None = None, *,
+                              paths: list[str] | None = None) -> list[PluginSpec]:
+        """Register the discovered plugins (all, or those named); all or nothing."""
+        return self.register(select(discover(paths), names))
 
     def plugins(self) -> list[PluginSpec]:
         with self._unavailable_as_error():
             return self.registry.all()
 
     def spec(self, plugin_id: str) -> PluginSpec:
+        if not self._following_registry:
+            # Registry events drop cached specs at once, so a new revision (or an
+            # unregister) reaches this producer's next submit, not one spec_cache_ttl_s later.
+            self._following_registry = True
+            with self._unavailable_as_error():
+                self._subscriptions.add(self.settings.keys.registry_channel, "*",
+                                        lambda event: self._specs.invalidate(event["plugin_id"]))
         with self._unavailable_as_error():
             return self._specs.get(plugin_id)
 

@@ -104,3 +104,22 @@ def _parse(raw: bytes | str) -> DeadLetter:
 def _queue_name(key: str) -> str:
     """kombu's priority queues are `<queue>\\x06\\x16<priority>`; bells are per queue."""
     return key.split(PRIORITY_SEPARATOR, 1)[0]
+
+
+class DeliveryStats(BaseModel):
+    """The delivery path's counters, for /metrics and operators."""
+
+    dead_letters: int
+    rescued: int
+    late_acks: int
+
+
+def delivery_stats(client: redis.Redis, keys: RedisKeys) -> DeliveryStats:
+    """Dead letters waiting; messages returned from dead consumers; late acknowledgements
+    (each one a job that ran twice because its first worker was declared dead)."""
+    with client.pipeline(transaction=False) as pipe:
+        pipe.zcard(keys.dead_letter_index)
+        pipe.hmget(keys.delivery_stats, ["rescued", "late_acks"])
+        count, (rescued, late) = pipe.execute()
+    return DeliveryStats(dead_letters=int(count), rescued=int(rescued or 0),
+                         late_acks=int(late or 0))

@@ -19,5 +19,5 @@ local function forget_delivery(unacked, index, deliveries, owner, held, tag)
     redis.call('ZREM', index, tag)
     redis.call('HDEL', deliveries, tag, tag .. '|t')
     redis.call('HDEL', owner, tag)
-    redis.call('SREM', held, tag)
+    redis.call('HDEL', held, tag)
 end

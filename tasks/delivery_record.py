@@ -6,16 +6,18 @@ and acknowledgement. For one delivery tag it is:
 - kombu's own unacked hash entry and index score, so kombu's restore sweep still
   returns a message whose holder vanished once the visibility timeout has passed;
 - the delivery count without an outcome and the first delivery's time (`deliveries`);
-- the consumer (worker process) holding it (`owner`) and that consumer's `held` set.
+- the consumer (worker process) holding it (`owner`) and that consumer's `held` hash
+  (tag → queue), from which any live worker returns it once the consumer's heartbeat
+  (`consumers`, written at every restore sweep) is older than `dead_after_s`.
 
 `claim.lua` writes the whole record atomically with the pop; `ack.lua` drops it (or
 counts a late acknowledgement from a consumer that was declared dead); `deadletter.lua`
-sets a message aside and drops its record in one step.
+sets a message aside and drops its record in one step; `rescue.lua` returns all that a
+dead consumer held to the front of its queues, once.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import os
 import socket
@@ -44,6 +46,7 @@ class LuaScript:
 CLAIM = LuaScript.load("claim.lua")
 ACK = LuaScript.load("ack.lua")
 DEAD_LETTER = LuaScript.load("deadletter.lua")
+RESCUE = LuaScript.load("rescue.lua")
 
 DELIVERY_OPTION = "pluginpool_delivery"
 """kombu transport option carrying a `DeliveryConfig` as a dict."""
@@ -67,6 +70,7 @@ class DeliveryConfig:
     dead_letter_max: int = 10_000
     max_message_bytes: int = 4 * 1_048_576
     max_depth: int = 80
+    dead_after_s: float = 10.0
 
     @classmethod
     def from_option(cls, value: Any) -> DeliveryConfig:
@@ -81,12 +85,8 @@ class DeliveryConfig:
         return f"{self.held_prefix}{consumer}"
 
 
-def consumer_id() -> str:
-    """This process's consumer id (`host:pid:random`): new after a fork or a restart, so a
-    restarted worker never mistakes a dead predecessor's record for its own."""
-    return _consumer_of(os.getpid())
-
-
-@functools.cache
-def _consumer_of(pid: int) -> str:
-    return f"{socket.gethostname()}:{pid}:{uuid.uuid4().hex[:8]}"
+def new_consumer_id() -> str:
+    """A consumer id (`host:pid:random`) for one consuming channel: a reconnected channel
+    or a restarted worker is a new consumer, so what the old one held is rescued once its
+    heartbeat stops, never mistaken for the new one's."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"

@@ -43,9 +43,10 @@ from pluginpool.tasks.delivery_record import (
     CLAIM,
     DEAD_LETTER,
     DELIVERY_OPTION,
+    RESCUE,
     DeliveryConfig,
     LuaScript,
-    consumer_id,
+    new_consumer_id,
 )
 
 logger = logging.getLogger("pluginpool.transport")
@@ -106,17 +107,58 @@ class ClaimAwareQoS(RedisQoS):
         virtual.QoS.ack(self, delivery_tag)
 
     def restore_unacked(self, client: Any = None) -> None:
+        """Warm shutdown: hand every reserved message back. If the connection is already
+        gone the records stay, and the next sweep of another worker returns them once this
+        channel's heartbeat has stopped."""
+        if getattr(self.channel.connection, "client", None) is None:
+            logger.warning("connection lost before %d reserved messages could be handed "
+                           "back: they return once this consumer's heartbeat stops",
+                           len(self._delivered or {}))
+            return
         with self.channel.conn_or_acquire(client) as client:
             delivered: dict[str, Any] = self._delivered or {}
             for tag in delivered:
                 self.hand_back(tag, client=client, leftmost=False)
             delivered.clear()
+        # The heartbeat entry is left to age: a sweep then finds nothing held and drops it,
+        # or returns whatever a failed hand-back left behind.
+
+    def restore_visible(self, start: int = 0, num: int = 10, interval: int = 10) -> None:
+        """The periodic sweep: beat this consumer's heartbeat, return what dead consumers
+        held (in seconds, judged by heartbeat), then kombu's own sweep (the last resort,
+        for a holder that is alive but stuck past the visibility timeout)."""
+        self.rescue_dead_consumers()
+        super().restore_visible(start, num, interval)
+
+    def rescue_dead_consumers(self) -> int:
+        config = self.channel.delivery_config
+        prefix = self.channel.global_keyprefix or ""
+        consumers = prefix + config.consumers_key
+        now = time()
+        bound = now - config.dead_after_s
+        returned = 0
+        with self.channel.conn_or_acquire() as client:
+            _unprefixed(client, "ZADD", consumers, now, self.channel.consumer_id)
+            dead = _unprefixed(client, "ZRANGEBYSCORE", consumers, "-inf", f"({bound}",
+                               "LIMIT", 0, 20)
+            for raw in dead or []:
+                victim = bytes_to_str(raw)
+                keys = [prefix + self.unacked_key, prefix + self.unacked_index_key,
+                        prefix + config.owner_key, prefix + config.held_key(victim),
+                        consumers, prefix + config.stats_key]
+                count = int(run_script(client, RESCUE, keys, [victim, repr(bound)]))
+                if count > 0:
+                    returned += count
+                    logger.warning("consumer %s missed its heartbeat for over %.0f s: "
+                                   "returned the %d messages it held to their queues",
+                                   victim, config.dead_after_s, count)
+        return returned
 
     def forget(self, delivery_tag: Any, client: Any = None) -> None:
         """Drop the delivery's record: it has its outcome."""
         keys = self.channel.record_keys()
         with self.channel.conn_or_acquire(client) as client:
-            run_script(client, ACK, keys, [delivery_tag, consumer_id()])
+            run_script(client, ACK, keys, [delivery_tag, self.channel.consumer_id])
 
     def hand_back(self, delivery_tag: Any, *, client: Any = None, leftmost: bool = True) -> None:
         """Return a message to its queue from a live worker: not a delivery without outcome."""
@@ -129,7 +171,8 @@ class ClaimAwareQoS(RedisQoS):
                 _unprefixed_in_pipe(
                     pipe, "HDEL", prefix + config.owner_key, delivery_tag)
                 _unprefixed_in_pipe(
-                    pipe, "SREM", prefix + config.held_key(consumer_id()), delivery_tag)
+                    pipe, "HDEL", prefix + config.held_key(self.channel.consumer_id),
+                    delivery_tag)
                 pipe.execute()
             self.restore_by_tag(delivery_tag, client=client, leftmost=leftmost)
 
@@ -226,12 +269,12 @@ class ReliableFetchChannel:
         if self._claim_next:
             config = self.delivery_config
             keys = [*self.record_keys()[:5], prefix + config.dead_letter_key,
-                    prefix + config.dead_letter_index_key]
+                    prefix + config.dead_letter_index_key, prefix + config.consumers_key]
             keys += [prefix + self._q_for_pri(queue, pri)  # type: ignore[attr-defined]
                      for pri in self.priority_steps for queue in queues]
             record = "0" if self._all_without_ack(queues) else "1"
             command: list[Any] = ["EVALSHA", CLAIM.sha, len(keys), *keys, repr(time()),
-                                  consumer_id(), config.max_deliveries,
+                                  self.consumer_id, config.max_deliveries,
                                   config.dead_letter_max, record]
         else:
             command = ["BLPOP", *[prefix + self.bell_key(queue) for queue in queues],
@@ -369,6 +412,10 @@ class ReliableFetchChannel:
     # --- the unacknowledged record ---------------------------------------------------------
 
     @cached_property
+    def consumer_id(self) -> str:
+        return new_consumer_id()
+
+    @cached_property
     def delivery_config(self) -> DeliveryConfig:
         return DeliveryConfig.from_option(self._option(DELIVERY_OPTION, None))
 
@@ -378,7 +425,7 @@ class ReliableFetchChannel:
         config = self.delivery_config
         return [prefix + self.unacked_key, prefix + self.unacked_index_key,
                 prefix + config.deliveries_key, prefix + config.owner_key,
-                prefix + config.held_key(consumer_id()), prefix + config.stats_key]
+                prefix + config.held_key(self.consumer_id), prefix + config.stats_key]
 
     def _all_without_ack(self, queues: list[str]) -> bool:
         """True when every queue is consumed without acknowledgements (nothing to record)."""

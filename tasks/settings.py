@@ -5,6 +5,7 @@ No other module reads the environment: the settings object is passed around.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
@@ -91,9 +92,16 @@ class Settings(BaseSettings):
         default=3_600, ge=10,
         description="Redis broker visibility timeout; every hard time limit must be below it.")
     restore_sweep_s: float = Field(
-        default=5.0, gt=0,
-        description="How often workers return messages of dead workers past the visibility "
-                    "timeout to their queues.")
+        default=2.0, gt=0, le=60,
+        description="How often each worker beats its consumer heartbeat and returns to their "
+                    "queues the messages of consumers found dead (and of any holder past the "
+                    "visibility timeout).")
+    consumer_dead_after_s: float = Field(
+        default=10.0, gt=0,
+        description="A worker whose consumer heartbeat is older than this is dead: any live "
+                    "worker returns the messages it held to the front of their queues. At "
+                    "least 3 x restore_sweep_s. A worker paused longer than this (SIGSTOP, a "
+                    "partition) finds its jobs run elsewhere: see the README on duplicates.")
     max_deliveries: int = Field(
         default=3, ge=1, le=100,
         description="The poison rule: a message delivered this many times without an outcome "
@@ -126,6 +134,17 @@ class Settings(BaseSettings):
         description="The aggregator's HTTP server closes a connection that sends nothing (or "
                     "stops reading) for this long, so a slow or idle client cannot pin one of "
                     "its threads for good.")
+    max_artifact_bytes: int = Field(
+        default=20 * 1024 * 1024, ge=1024,
+        description="Largest plugin code artifact (wheel) `register` publishes into Redis.")
+    artifact_cache_dir: str | None = Field(
+        default=None,
+        description="Where workers unpack artifacts, one directory per sha256 (default: "
+                    "<system temp>/pluginpool-cache); later also per-revision environments.")
+    fleet_reconcile_s: float = Field(
+        default=5.0, gt=0,
+        description="How often a worker compares its queues with the registry, so one that "
+                    "missed a registry event catches up on its own.")
 
     @field_validator("redis_url", "broker_url", "result_backend")
     @classmethod
@@ -154,6 +173,13 @@ class Settings(BaseSettings):
             raise ValueError("sentinel:// URLs need PLUGINPOOL_REDIS_SENTINEL_MASTER")
         return self
 
+    @model_validator(mode="after")
+    def _heartbeat_fits(self) -> Settings:
+        if self.consumer_dead_after_s < 3 * self.restore_sweep_s:
+            raise ValueError("consumer_dead_after_s must be at least 3 x restore_sweep_s, or "
+                             "one late sweep would declare a live worker dead")
+        return self
+
     @property
     def effective_broker_url(self) -> str:
         return self.broker_url or self.redis_url
@@ -165,3 +191,9 @@ class Settings(BaseSettings):
     @property
     def keys(self) -> RedisKeys:
         return RedisKeys(self.key_prefix)
+
+
+def child_process_env(**extra: str) -> dict[str, str]:
+    """The environment for a helper process pluginpool starts (e.g. `pip wheel`): this
+    process's own, plus `extra`. Here so that no other module reads os.environ."""
+    return {**os.environ, **extra}

@@ -62,6 +62,16 @@ class Fallback(BaseModel):
         return self
 
 
+class ArtifactRef(BaseModel):
+    """A plugin's code published beside its spec: a wheel in Redis, named by its sha256."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    size_bytes: int = Field(ge=0)
+    filename: str = Field(min_length=1, max_length=255, description="The wheel's file name.")
+
+
 class PluginSpec(BaseModel):
     """Everything a producer and a worker need to know about one plugin."""
 
@@ -81,6 +91,10 @@ class PluginSpec(BaseModel):
         default_factory=lambda: ["run"], min_length=1, max_length=64,
         description="The methods of a class entrypoint a job may call by name; a function "
                     "entrypoint has the one operation `run`.")
+    source: str | None = Field(
+        default=None, description="Where `register` took the code from: a package directory"
+        " or a .whl (absolute once the manifest is read); built and published as `artifact`.")
+    artifact: ArtifactRef | None = None
     revision: int = Field(default=0, ge=0, description="Set by the registry on publish.")
 
     @field_validator("entrypoint")

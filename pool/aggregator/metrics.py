@@ -13,6 +13,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from pluginpool.policy.health import HealthStatus, PluginHealth
+from pluginpool.tasks.deadletter import DeliveryStats
 
 BREAKER_STATES = ("closed", "open", "half_open")
 
@@ -77,3 +78,22 @@ class PluginCollector(Collector):
             latency.add_metric([pid], cumulative, sum_value=wall_sum)
         yield from (runs, ok, failures, restarts, queue, workers, instances, status, breaker,
                     memory, cpu, latency)
+
+
+class DeliveryCollector(Collector):
+    """The delivery path: dead letters waiting, rescues from dead workers, duplicates."""
+
+    def __init__(self, read: Callable[[], DeliveryStats]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._read()
+        yield GaugeMetricFamily("pluginpool_dead_letters",
+                                "Messages set aside in the dead-letter store",
+                                value=stats.dead_letters)
+        yield CounterMetricFamily("pluginpool_delivery_rescued",
+                                  "Messages returned to their queues from a worker found dead",
+                                  value=stats.rescued)
+        yield CounterMetricFamily("pluginpool_delivery_late_acks",
+                                  "Acknowledgements from a worker declared dead: each is a job "
+                                  "that ran twice", value=stats.late_acks)

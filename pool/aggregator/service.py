@@ -23,9 +23,10 @@ from prometheus_client.registry import CollectorRegistry
 
 from pluginpool.policy.errors import UnknownPluginError
 from pluginpool.policy.health import PluginHealth
-from pluginpool.pool.aggregator.metrics import PluginCollector
+from pluginpool.pool.aggregator.metrics import DeliveryCollector, PluginCollector
 from pluginpool.pool.aggregator.monitor import EventMonitor
 from pluginpool.tasks.client import PluginClient
+from pluginpool.tasks.deadletter import delivery_stats
 from pluginpool.tasks.settings import Settings
 
 logger = logging.getLogger("pluginpool.aggregator")
@@ -39,6 +40,8 @@ class Aggregator:
         self.started_at = time.time()
         self.registry = CollectorRegistry()
         self.registry.register(PluginCollector(self.all_health))
+        self.registry.register(DeliveryCollector(
+            lambda: delivery_stats(self.client.redis, settings.keys)))
 
     def all_health(self) -> list[PluginHealth]:
         items = self.client.health()

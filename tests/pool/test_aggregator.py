@@ -157,6 +157,19 @@ def test_metrics_parse_with_prometheus_clients_own_parser(env: Any,
     assert status[("hl-orphan", "unhealthy")] == 1.0
     breaker = families["pluginpool_breaker_state"].samples
     assert {s.labels["state"] for s in breaker} == {"closed", "open", "half_open"}
+    client = env[0]
+    client.redis.lpush("plugins.hl-good", "not a message")  # dead-lettered by the worker
+    eventually(lambda: _sample(aggregator, "pluginpool_dead_letters") >= 1, 10)
+    assert _sample(aggregator, "pluginpool_delivery_late_acks_total") >= 0
+    assert _sample(aggregator, "pluginpool_delivery_rescued_total") >= 0
+
+
+def _sample(aggregator: Aggregator, name: str) -> float:
+    for family in text_string_to_metric_families(aggregator.text("/metrics")):
+        for sample in family.samples:
+            if sample.name == name:
+                return float(sample.value)
+    raise AssertionError(f"{name} not in /metrics")
 
 
 def test_a_stopped_worker_makes_its_plugin_unhealthy(env: Any, aggregator: Aggregator) -> None:

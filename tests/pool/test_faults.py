@@ -3,6 +3,7 @@ Redis restarted, a rolling restart, a breaker draining a backlog, Redis through 
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 import uuid
@@ -93,10 +94,11 @@ def test_workers_killed_mid_stream_lose_no_job(redis_url: str, tmp_path: Path) -
     killed repeatedly. Every job ends with one outcome; duplicates are counted.
 
     No job may be lost: the transport claims a message and records it as unacknowledged
-    in one atomic step (tasks/reliable_fetch.py), so what the killed worker held comes
-    back after the visibility timeout."""
-    settings = make_settings(redis_url, key_prefix=f"ppchaos:{uuid.uuid4().hex[:8]}:",
-                             visibility_timeout_s=10)
+    in one atomic step (tasks/reliable_fetch.py), with the consumer holding it. With the
+    default (one hour) visibility timeout, what the killed worker held comes back once its
+    heartbeat is missing (consumer_dead_after_s, 10 s by default), not after the hour."""
+    settings = make_settings(redis_url, key_prefix=f"ppchaos:{uuid.uuid4().hex[:8]}:")
+    assert settings.visibility_timeout_s == 3600
     with PluginClient(settings) as client:
         client.register(counter("counter-chaos"))
         workers = [spawn_worker(client, tmp_path, plugins="counter-chaos", concurrency=2)
@@ -123,6 +125,49 @@ def test_workers_killed_mid_stream_lose_no_job(redis_url: str, tmp_path: Path) -
         duplicates = sum(count - 1 for count in executions.values())
         print(f"2000 jobs, {duplicates} duplicate executions (at-least-once)")
         assert duplicates < 200
+
+
+@pytest.mark.timeout(300)
+def test_a_paused_worker_declared_dead_loses_nothing_and_its_duplicates_are_counted(
+        redis_url: str, tmp_path: Path) -> None:
+    """A worker paused (SIGSTOP: a partition, a stalled VM) past its heartbeat bound is
+    declared dead and its jobs run elsewhere; resumed, it finishes them too and its late
+    acknowledgements are counted as duplicates, in Redis and in /metrics. No job is lost
+    and the other worker's records are not erased by the late acks."""
+    settings = make_settings(redis_url, key_prefix=f"ppstop:{uuid.uuid4().hex[:8]}:",
+                             restore_sweep_s=0.5, consumer_dead_after_s=3)
+    with PluginClient(settings) as client:
+        client.register(counter("counter-stop"))
+        paused = spawn_worker(client, tmp_path, plugins="counter-stop", concurrency=2)
+        key = f"{settings.key_prefix}executions"
+        jobs = [client.submit("counter-stop", {"redis_url": redis_url, "key": key, "n": i,
+                                               "seconds": 0.3}) for i in range(40)]
+        other = None
+        try:
+            assert wait_until(lambda: client.redis.hlen(key) >= 4, timeout_s=30)
+            os.killpg(paused.pid, signal.SIGSTOP)
+            held = client.redis.hlen(f"{settings.key_prefix}delivery:owner")
+            other = spawn_worker(client, tmp_path, plugins="counter-stop", concurrency=2)
+            time.sleep(6)  # past the bound: the other worker returns what the paused one held
+            os.killpg(paused.pid, signal.SIGCONT)
+            results = outcomes(jobs, timeout_s=90)
+            assert wait_until(lambda: int(client.redis.hget(
+                settings.keys.delivery_stats, "late_acks") or 0) >= 1, timeout_s=20)
+        finally:
+            os.killpg(paused.pid, signal.SIGCONT)
+            paused.stop()
+            if other is not None:
+                other.stop()
+        executions = {k: int(v) for k, v in client.redis.hgetall(key).items()}
+        duplicates = sum(count - 1 for count in executions.values())
+        late = int(client.redis.hget(settings.keys.delivery_stats, "late_acks") or 0)
+        rescued = int(client.redis.hget(settings.keys.delivery_stats, "rescued") or 0)
+        print(f"paused worker held {held}; rescued {rescued}, {duplicates} duplicate runs, "
+              f"{late} late acks counted")
+        assert all(kind == "ok" for kind, _ in results.values()) and len(results) == 40
+        assert rescued >= 1 and late >= 1
+        assert duplicates <= rescued
+        assert client.redis.hlen("unacked") == 0
 
 
 @pytest.mark.timeout(300)

@@ -159,11 +159,12 @@ def _cli(client: PluginClient, *args: str) -> str:
 
 def test_a_message_that_kills_its_worker_is_quarantined_after_bounded_deliveries(
         redis_url: str, tmp_path: Path) -> None:
-    """The crash loop: a job whose run SIGKILLs the worker's main process comes back (the
-    restore sweep) and kills each restarted worker, until the poison rule quarantines it
-    at its (max_deliveries + 1)th claim; the queue's other jobs all complete."""
+    """The crash loop: a job whose run SIGKILLs the worker's main process comes back (its
+    consumer's heartbeat stops, the next worker returns it) and kills each restarted
+    worker, until the poison rule quarantines it at its (max_deliveries + 1)th claim; the
+    queue's other jobs all complete."""
     settings = make_settings(redis_url, key_prefix=f"ppcrash:{uuid.uuid4().hex[:8]}:",
-                             visibility_timeout_s=10, restore_sweep_s=0.5, max_deliveries=2)
+                             restore_sweep_s=0.5, consumer_dead_after_s=2, max_deliveries=2)
     client = PluginClient(settings)
     client.register(TEST_PLUGINS / "poison_plugins.toml")
     store = DeadLetterStore(client.redis, settings.keys)

@@ -15,6 +15,7 @@ from pathlib import Path
 import redis
 
 from bench.reliable_fetch import kill_round
+from pluginpool.tasks.delivery_record import RESCUE
 from pluginpool.tasks.reliable_fetch import CLAIM_SOURCE
 
 
@@ -40,9 +41,10 @@ def test_claim_records_the_message_before_it_leaves_redis(redis_url: str) -> Non
     store = redis.Redis.from_url(redis_url)
     claim = store.register_script(CLAIM_SOURCE)
     prefix = f"rfunit-{uuid.uuid4().hex[:8]}"
-    names = ("unacked", "index", "count", "owner", "held", "dl", "dlindex", "q1", "q2")
+    names = ("unacked", "index", "count", "owner", "held", "dl", "dlindex", "beats", "q1",
+             "q2")
     keys = [f"{prefix}:{name}" for name in names]
-    unacked, index, count, owner, held, _, _, _, second = keys
+    unacked, index, count, owner, held, _, _, beats, _, second = keys
     raw = ('{"body": "e30=", "properties": {"delivery_tag": "tag-1", '
            '"delivery_info": {"exchange": "ex", "routing_key": "rk"}}}')
     store.lpush(second, raw)
@@ -53,7 +55,8 @@ def test_claim_records_the_message_before_it_leaves_redis(redis_url: str) -> Non
     assert store.zscore(index, "tag-1") == 100.5
     assert store.hget(count, "tag-1") == b"1"
     assert store.hget(owner, "tag-1") == b"me"
-    assert store.smembers(held) == {b"tag-1"}
+    assert store.hgetall(held) == {b"tag-1": second.encode()}
+    assert store.zscore(beats, "me") == 100.5
     assert claim(keys=keys, args=["101", "me", 3, 100, "1"]) == [
         second.encode(), b"not json", 0, b""]
     assert store.hlen(unacked) == 1
@@ -66,9 +69,9 @@ def test_claim_quarantines_a_message_delivered_too_often(redis_url: str) -> None
     store = redis.Redis.from_url(redis_url)
     claim = store.register_script(CLAIM_SOURCE)
     prefix = f"rfpoison-{uuid.uuid4().hex[:8]}"
-    names = ("unacked", "index", "count", "owner", "held", "dl", "dlindex", "q")
+    names = ("unacked", "index", "count", "owner", "held", "dl", "dlindex", "beats", "q")
     keys = [f"{prefix}:{name}" for name in names]
-    unacked, _, count, _, _, dl, dlindex, queue = keys
+    unacked, _, count, _, _, dl, dlindex, _, queue = keys
     poison = ('{"body": "", "properties": {"delivery_tag": "p", '
               '"delivery_info": {"exchange": "", "routing_key": "q"}}}')
     good = poison.replace('"p"', '"g"')
@@ -84,3 +87,33 @@ def test_claim_quarantines_a_message_delivered_too_often(redis_url: str) -> None
     assert entry["first_seen"] == 0 and entry["raw"] == poison
     assert store.zscore(dlindex, "p") == 5
     assert not store.hexists(count, "p") and store.hexists(unacked, "g")
+
+
+def test_a_dead_consumers_messages_are_returned_once_by_concurrent_rescuers(
+        redis_url: str) -> None:
+    """rescue.lua: what a consumer past its heartbeat bound held goes back to the front of
+    its queue, verbatim, exactly once however many workers rescue at the same time; a
+    consumer that beat again meanwhile is left alone."""
+    store = redis.Redis.from_url(redis_url)
+    claim = store.register_script(CLAIM_SOURCE)
+    rescue = store.register_script(RESCUE.source)
+    prefix = f"rfrescue-{uuid.uuid4().hex[:8]}"
+    names = ("unacked", "index", "count", "owner", "held", "dl", "dlindex", "beats", "stats",
+             "q")
+    unacked, index, count, owner, held, dl, dlindex, beats, stats, queue = (
+        f"{prefix}:{name}" for name in names)
+    raws = ['{"body": "", "properties": {"delivery_tag": "t' + str(i) + '", '
+            '"delivery_info": {"exchange": "", "routing_key": "a/b"}}}' for i in range(3)]
+    store.lpush(queue, *raws)
+    for _ in raws:
+        claim(keys=[unacked, index, count, owner, held, dl, dlindex, beats, queue],
+              args=["10", "dead", 3, 100, "1"])
+    assert store.llen(queue) == 0 and store.hlen(unacked) == 3
+    keys = [unacked, index, owner, held, beats, stats]
+    assert rescue(keys=keys, args=["dead", "5"]) == -1  # beat at 10: alive at bound 5
+    returned = [rescue(keys=keys, args=["dead", "50"]) for _ in range(3)]
+    assert returned == [3, 0, 0]
+    assert sorted(store.lrange(queue, 0, -1)) == sorted(raw.encode() for raw in raws)
+    assert store.hlen(unacked) == 0 and not store.exists(held)
+    assert store.hget(count, "t0") == b"1", "the delivery count survives for the poison rule"
+    assert store.hget(stats, "rescued") == b"3"
