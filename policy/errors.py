@@ -317,6 +317,40 @@ class InstanceFailedError(SubmitError):
                          f"{(last_error or {}).get('message', 'unknown error')}")
 
 
+class MalformedMessageError(PluginPoolError, ValueError):
+    """A broker message that cannot be a job: it is dead-lettered, never delivered.
+
+    Raised at the one decode boundary of the worker's transport (`tasks/delivery.py`), for
+    anything on a queue that no producer of ours would send: not JSON, too large, nested
+    too deep, an undecodable type marker, a body that is not a task call."""
+
+    def __init__(self, reason: str, *, queue: str | None = None) -> None:
+        self.reason = reason
+        self.queue = queue
+        super().__init__(reason)
+
+
+class DeadLetterUsageError(PluginPoolError, ValueError):
+    """The command was asked for something it cannot do as given."""
+
+
+class DeadLetterNotFoundError(PluginPoolError, LookupError):
+    """No dead letter has this id (it was requeued, discarded or evicted)."""
+
+    def __init__(self, entry_id: str) -> None:
+        self.entry_id = entry_id
+        super().__init__(f"no dead letter {entry_id!r}")
+
+
+class DeadLetterNotRequeueableError(PluginPoolError, ValueError):
+    """Only whole messages within the size bound can go back to a queue."""
+
+    def __init__(self, entry_id: str) -> None:
+        self.entry_id = entry_id
+        super().__init__(f"dead letter {entry_id!r} cannot be requeued: only a preview of it "
+                         "was kept, or it is not a message with a delivery tag")
+
+
 class PluginUnregisteredError(UnknownPluginError):
     """The plugin was registered once and has been unregistered; new jobs are refused."""
 
@@ -363,37 +397,3 @@ class ArtifactTooLargeError(ArtifactError, ValueError):
         super().__init__("too_large", f"artifact of {plugin_id!r} is {size_bytes} bytes, over"
                          f" the {limit_bytes}-byte limit (PLUGINPOOL_MAX_ARTIFACT_BYTES)",
                          plugin_id=plugin_id, size_bytes=size_bytes, limit_bytes=limit_bytes)
-
-
-class MalformedMessageError(PluginPoolError, ValueError):
-    """A broker message that cannot be a job: it is dead-lettered, never delivered.
-
-    Raised at the one decode boundary of the worker's transport (`tasks/delivery.py`), for
-    anything on a queue that no producer of ours would send: not JSON, too large, nested
-    too deep, an undecodable type marker, a body that is not a task call."""
-
-    def __init__(self, reason: str, *, queue: str | None = None) -> None:
-        self.reason = reason
-        self.queue = queue
-        super().__init__(reason)
-
-
-class DeadLetterUsageError(PluginPoolError, ValueError):
-    """The command was asked for something it cannot do as given."""
-
-
-class DeadLetterNotFoundError(PluginPoolError, LookupError):
-    """No dead letter has this id (it was requeued, discarded or evicted)."""
-
-    def __init__(self, entry_id: str) -> None:
-        self.entry_id = entry_id
-        super().__init__(f"no dead letter {entry_id!r}")
-
-
-class DeadLetterNotRequeueableError(PluginPoolError, ValueError):
-    """Only whole messages within the size bound can go back to a queue."""
-
-    def __init__(self, entry_id: str) -> None:
-        self.entry_id = entry_id
-        super().__init__(f"dead letter {entry_id!r} cannot be requeued: only a preview of it "
-                         "was kept, or it is not a message with a delivery tag")

@@ -136,6 +136,7 @@ class PluginClient:
         """Register the discovered plugins (all, or those named); all or nothing."""
         return self.register(select(discover(paths), names))
 
+
     def plugins(self) -> list[PluginSpec]:
         with self._unavailable_as_error():
             return self.registry.all()
