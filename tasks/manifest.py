@@ -54,9 +54,6 @@ def parse_manifest(raw: dict[str, Any], *, file: str = "<manifest>",
         source = table.get("source")
         if isinstance(source, str) and base_dir is not None:
             table = {**table, "source": str((base_dir / source).resolve())}
-        source = table.get("source")
-        if isinstance(source, str) and base_dir is not None:
-            table = {**table, "source": str((base_dir / source).resolve())}
         try:
             specs.append(PluginSpec.model_validate({**table, "id": plugin_id}))
         except ValidationError as exc:
