@@ -253,6 +253,15 @@ class ManifestError(PluginPoolError, ValueError):
         super().__init__(f"{len(issues)} problem(s) in manifest:\n  {lines}")
 
 
+class InstanceUnloadedError(PluginPoolError, ValueError):
+    """A run wrote to `ctx.storage` of an instance unloaded meanwhile: refused, so that
+    nothing of an instance stays in Redis once `unload` has run."""
+
+    def __init__(self, instance_id: str) -> None:
+        self.instance_id = instance_id
+        super().__init__(f"plugin instance {instance_id!r} was unloaded: its storage is gone")
+
+
 class InvalidJobError(PluginPoolError, ValueError):
     """A message on a plugin queue that pluginpool cannot parse (e.g. a foreign producer)."""
 

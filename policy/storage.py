@@ -1,7 +1,9 @@
 """A small persistent key-value store per plugin instance, in Redis, with a byte quota.
 
 Shared by every worker; the quota (`max_storage_kb`) is enforced atomically in one Lua
-script, so two runs writing at once cannot both slip under it.
+script, so two runs writing at once cannot both slip under it. A write to the storage of an
+instance that has been unloaded is refused in the same script, so a run still in flight
+during `unload` cannot leave the instance's storage behind for good.
 """
 
 from __future__ import annotations
@@ -11,9 +13,14 @@ from typing import Any
 
 import redis
 
+from pluginpool.policy.errors import InstanceUnloadedError
 from pluginpool.policy.keys import RedisKeys
 
+PLUGIN_SCOPE_PREFIX = "plugin:"
+"""Scope of the storage of runs without an instance (one store per plugin)."""
+
 _SET = """
+if ARGV[4] == '1' and redis.call('EXISTS', KEYS[3]) == 0 then return {-1, 0} end
 local used = tonumber(redis.call('GET', KEYS[2]) or '0')
 local old = redis.call('HGET', KEYS[1], ARGV[1])
 local old_size = 0
@@ -50,8 +57,10 @@ class InstanceStorage:
     def __init__(self, client: redis.Redis, keys: RedisKeys, scope: str, *,
                  quota_bytes: int) -> None:
         self._redis = client
+        self._scope = scope
         self._data = keys.storage(scope)
         self._used = keys.storage_used(scope)
+        self._owner = None if scope.startswith(PLUGIN_SCOPE_PREFIX) else keys.instance(scope)
         self._quota = quota_bytes
         self._set = client.register_script(_SET)
         self._delete = client.register_script(_DELETE)
@@ -61,9 +70,13 @@ class InstanceStorage:
         return default if raw is None else json.loads(raw)
 
     def set(self, key: str, value: Any) -> int:
-        """Store `value`; returns the bytes now used. Raises StorageQuotaExceeded."""
-        ok, used = self._set(keys=[self._data, self._used],
-                             args=[key, json.dumps(value, allow_nan=False), self._quota])
+        """Store `value`; returns the bytes now used. Raises StorageQuotaExceeded, or
+        InstanceUnloadedError once the instance is gone."""
+        ok, used = self._set(keys=[self._data, self._used, self._owner or self._data],
+                             args=[key, json.dumps(value, allow_nan=False), self._quota,
+                                   "1" if self._owner else "0"])
+        if ok < 0:
+            raise InstanceUnloadedError(self._scope)
         if not ok:
             raise StorageQuotaExceeded(limit_bytes=self._quota, observed_bytes=int(used))
         return int(used)
