@@ -20,7 +20,7 @@ MAX_DETAIL_CHARS = 4_096
 """Longest other string in `details` (e.g. `attempted`, `reason`)."""
 MAX_DETAIL_VALUE_CHARS = 8_192
 """Largest JSON encoding of a list or object in `details` (e.g. `usage`); a larger one is
-replaced by a note saying what was dropped."""
+emptied, with a note beside it saying what was dropped."""
 TRUNCATION_MARKER = "...[truncated {} chars]..."
 """Put where text was cut, with the number of characters cut."""
 
@@ -72,7 +72,8 @@ class ErrorInfo(BaseModel):
     @classmethod
     def _bounded_details(cls, value: dict[str, Any]) -> dict[str, Any]:
         """Plugin-supplied strings are cut; a list or object too large (or too deep) to
-        encode within MAX_DETAIL_VALUE_CHARS is replaced by a note saying so."""
+        encode within MAX_DETAIL_VALUE_CHARS is emptied (its type kept, for readers such as
+        `details.get("usage", {})`) and `<key>_dropped` says what was dropped."""
         bounded: dict[str, Any] = {}
         for key, item in value.items():
             if isinstance(item, str):
@@ -83,9 +84,13 @@ class ErrorInfo(BaseModel):
                     size = len(json.dumps(item, default=str))
                 except (ValueError, TypeError, RecursionError):
                     size = -1
-                bounded[key] = item if 0 <= size <= MAX_DETAIL_VALUE_CHARS else (
-                    f"[dropped: {'not encodable' if size < 0 else f'{size} chars'}, over the "
-                    f"{MAX_DETAIL_VALUE_CHARS}-char limit]")
+                if 0 <= size <= MAX_DETAIL_VALUE_CHARS:
+                    bounded[key] = item
+                else:
+                    bounded[key] = {} if isinstance(item, dict) else []
+                    bounded[f"{key}_dropped"] = (
+                        f"[dropped: {'not encodable' if size < 0 else f'{size} chars'}, over"
+                        f" the {MAX_DETAIL_VALUE_CHARS}-char limit]")
             else:
                 bounded[key] = item
         return bounded

@@ -31,7 +31,7 @@ def test_error_info_bounds_message_traceback_and_details() -> None:
     assert info.details["traceback"].endswith("KeyError: x")
     assert len(info.details["attempted"]) <= MAX_DETAIL_CHARS
     assert info.details["usage"] == {"wall_ms": 1.0} and info.details["limit_value"] == 5
-    assert info.details["blob"].startswith("[dropped:")
+    assert info.details["blob"] == [] and info.details["blob_dropped"].startswith("[dropped:")
     # The bounded form survives the result backend's round trip unchanged.
     rebuilt = PluginExecutionError(info.model_dump(mode="json")).info
     assert rebuilt == info
