@@ -17,9 +17,12 @@ from pathlib import Path
 import pytest
 
 from pluginpool.policy.errors import ErrorType, PluginExecutionError, PluginUnregisteredError
+from pluginpool.pool.fleet import PluginSelector
 from pluginpool.pool.processes import ManagedProcess, wait_until
+from pluginpool.pool.worker import select_specs
 from pluginpool.tasks.client import PluginClient
 from pluginpool.tasks.settings import Settings
+from pluginpool.tasks.spec import PluginSpec
 from tests.conftest import worker_env
 from tests.fleet_packages import manifest, variant, wheel_of, write_package
 
@@ -207,3 +210,14 @@ def test_glob_worker_follows_only_its_plugins_and_catches_up_without_events(
                           timeout_s=15)
     finally:
         worker.stop()
+
+
+def test_selectors_all_ids_and_globs(client: PluginClient) -> None:
+    """Which registered plugins a worker's `--plugins` selects (run without a worker)."""
+    assert select_specs(client.registry, "all") == []  # a worker may start with none
+    client.register([PluginSpec(id=pid, name=pid, entrypoint="pkg.mod:run")
+                     for pid in ("acme-a", "acme-b", "other")])
+    assert [s.id for s in select_specs(client.registry, "acme-*")] == ["acme-a", "acme-b"]
+    assert [s.id for s in select_specs(client.registry, "other,acme-b")] == ["acme-b", "other"]
+    assert PluginSelector.parse("all").matches("anything")
+    assert not PluginSelector.parse("acme-*").matches("other")
