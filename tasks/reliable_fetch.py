@@ -188,6 +188,8 @@ class ReliableFetchChannel:
 
     _claim_next = True
     _claim_in_flight = False
+    _claim_command: list[Any] | None = None
+    no_ack_consumers: set[str] | None = None
 
     # Attributes of kombu's Redis Channel this mixin builds on.
     client: Any
@@ -280,9 +282,41 @@ class ReliableFetchChannel:
             command = ["BLPOP", *[prefix + self.bell_key(queue) for queue in queues],
                        timeout or 0]
         self._claim_in_flight = self._claim_next
+        self._claim_command = command if self._claim_next else None
         self._in_poll = self.client.connection
-        self._brpop_sent_at = monotonic()
+        self._brpop_sent_at = self._health_clock(0 if self._claim_next else timeout or 0)
         self.client.connection.send_command(*command)
+
+    def _health_clock(self, wait_s: float) -> float:
+        """The send time kombu's half-open check (`maybe_check_brpop_health`) counts from.
+
+        kombu drops a connection whose reply is `brpop_timeout + health_check_interval`
+        overdue; a bell wait longer than `brpop_timeout` would be dropped while alive, so
+        its clock starts that much later."""
+        return monotonic() + max(0.0, wait_s - (self.brpop_timeout or 0))
+
+    def _on_connection_disconnect(self, connection: Any) -> None:
+        """A dropped consuming connection (half-open, reconnect): look at the queues
+        first once it is back, messages may have come while it was away."""
+        if connection is self._in_poll:
+            self._claim_next = True
+        super()._on_connection_disconnect(connection)  # type: ignore[misc]
+
+    def basic_consume(self, queue: str, no_ack: bool, *args: Any, **kwargs: Any) -> Any:
+        """Remember consumers that do not acknowledge: their claims record nothing, so
+        no second write (which a dead connection can break) follows the claim."""
+        tag = super().basic_consume(queue, no_ack, *args, **kwargs)  # type: ignore[misc]
+        consumer_tag = args[1] if len(args) > 1 else kwargs.get("consumer_tag")
+        if no_ack and consumer_tag is not None:
+            if self.no_ack_consumers is None:
+                self.no_ack_consumers = set()
+            self.no_ack_consumers.add(consumer_tag)
+        return tag
+
+    def basic_cancel(self, consumer_tag: str) -> Any:
+        if self.no_ack_consumers:
+            self.no_ack_consumers.discard(consumer_tag)
+        return super().basic_cancel(consumer_tag)  # type: ignore[misc]
 
     def _brpop_read(self, **options: Any) -> Any:
         if not self.ack_emulation:
@@ -296,8 +330,7 @@ class ReliableFetchChannel:
                 self.client.connection.disconnect()
                 raise
             except self.ResponseError as exc:
-                self._claim_failed(exc)
-                raise Empty() from None
+                reply = self._claim_failed(exc)
             if not claiming:
                 self._claim_next = True  # a bell rang, or the wait timed out: look again
                 raise Empty()
@@ -315,16 +348,24 @@ class ReliableFetchChannel:
             self._in_poll = None
             self._flush_brpop_reauth()  # type: ignore[attr-defined]
 
-    def _claim_failed(self, exc: Exception) -> None:
-        if isinstance(exc, NoScriptError) or "NOSCRIPT" in str(exc):
-            # Redis restarted or its script cache was flushed: load and claim again.
-            self.client.script_load(CLAIM.source)
-            self._claim_next = True
-            return
+    def _claim_failed(self, exc: Exception) -> Any:
+        """The claim's reply after an error reply, or Empty.
+
+        NOSCRIPT (a fresh or restarted Redis, a flushed script cache): claim again at once
+        with EVAL, which also loads the script, so no reply is wasted on "try again"."""
+        command = self._claim_command
+        if command and (isinstance(exc, NoScriptError) or "NOSCRIPT" in str(exc)):
+            try:
+                # Keys are prefixed already; kombu's prefixing client would prefix again.
+                return redis.Redis.execute_command(  # type: ignore[no-untyped-call]
+                    self.client, "EVAL", CLAIM.source, *command[2:])
+            except self.ResponseError as again:
+                exc = again
         # E.g. WRONGTYPE: someone replaced a queue with a non-list. Keep the worker alive,
         # say why, and try again after a wait.
         logger.error("claiming from the broker failed: %s", exc)
         self._claim_next = False
+        raise Empty() from None
 
     def _deliver_claimed(self, key: str, item: bytes, tag: str | None) -> None:
         """Hand a claimed item to kombu and Celery, through the one decode boundary.
@@ -356,8 +397,9 @@ class ReliableFetchChannel:
             taken = tag not in claimed
             claimed.discard(tag)
         if delivered and not taken:
-            # Consumed without acknowledgement: the message has had its outcome.
-            self.qos.forget(tag)  # type: ignore[attr-defined]
+            # Consumed without acknowledgement: the message has had its outcome. Over the
+            # connection that just answered the claim: a pooled one may be half-open.
+            self.qos.forget(tag, client=self.client)  # type: ignore[attr-defined]
 
     def _deliver_guarded(self, message: dict[str, Any], queue: str, item: bytes,
                          *, tag: str | None) -> bool:
@@ -429,9 +471,9 @@ class ReliableFetchChannel:
 
     def _all_without_ack(self, queues: list[str]) -> bool:
         """True when every queue is consumed without acknowledgements (nothing to record)."""
-        tags: set[str] = getattr(self, "no_ack_consumers", None) or set()
-        if not tags:
+        no_ack = self.no_ack_consumers or set()
+        if not no_ack:
             return False
-        by_queue: dict[str, str] = getattr(self, "_tag_to_queue", {})
-        no_ack = {by_queue.get(tag) for tag in tags}
-        return all(queue in no_ack for queue in queues)
+        by_tag: dict[str, str] = getattr(self, "_tag_to_queue", {})
+        acked = {queue for tag, queue in by_tag.items() if tag not in no_ack}
+        return not any(queue in acked for queue in queues)
