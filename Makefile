@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install demo test chaos browser lint typecheck bench clean
+.PHONY: install demo test chaos compat browser lint typecheck bench clean
 
 install: $(STAMP)
 
@@ -26,6 +26,12 @@ test: install browser
 chaos: install
 	PLUGINPOOL_REDIS_URL=$$($(BIN)/pluginpool ensure-redis) $(BIN)/python -m pytest -s \
 	  tests/pool/test_faults.py tests/tasks/test_reliable_fetch.py
+
+# kombu's own Redis integration tests, from the sdist of the installed kombu (pip, cached in
+# .compat/), run unchanged against pluginpool's transport on a redis-server of their own.
+# Needs the package index the first time; not part of `make test`. ARGS go to pytest.
+compat: install
+	$(BIN)/python tests/compat/run.py $(ARGS)
 
 # The dashboard is tested in a real headless Chromium (Debian's package).
 browser:
