@@ -56,6 +56,7 @@ bench: install
 	PLUGINPOOL_REDIS_URL=$$($(BIN)/pluginpool ensure-redis) $(BIN)/python -m bench.aggregator
 	PLUGINPOOL_REDIS_URL=$$($(BIN)/pluginpool ensure-redis) $(BIN)/python -m bench.scaling
 	PLUGINPOOL_REDIS_URL=$$($(BIN)/pluginpool ensure-redis) $(BIN)/python -m bench.reliable_fetch
+	PLUGINPOOL_REDIS_URL=$$($(BIN)/pluginpool ensure-redis) $(BIN)/python -m bench.fleet
 
 clean:
 	rm -rf $(VENV) .typecheck .run .pytest_cache .mypy_cache .ruff_cache *.egg-info
