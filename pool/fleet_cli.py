@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ def cmd_register(args: argparse.Namespace) -> int:
     """`register FILE`, or `register --entry-points [NAME...]`."""
     if (args.file is None) == (args.entry_points is None):
         print(json.dumps({"error": "usage", "message": "give a manifest FILE or"
-                          " --entry-points [NAME...], not both"}))
+                          " --entry-points [NAME...], not both"}), file=sys.stderr)
         return 2
     with _client() as client:
         if args.entry_points is not None:
