@@ -30,7 +30,7 @@ from celery import bootsteps
 
 from pluginpool.pool.plugin_tasks import ensure_plugin_task
 from pluginpool.tasks.registry import Registry, parse_event
-from pluginpool.tasks.retire import fail_queued_jobs
+from pluginpool.tasks.retire import sweep_unregistered
 from pluginpool.tasks.routing import PLUGIN_QUEUE_PREFIX, queue_name
 from pluginpool.tasks.spec import PluginSpec
 
@@ -144,10 +144,10 @@ class RegistryFollower(bootsteps.StartStopStep):  # type: ignore[misc]
             self._generation.bump()
             self._revisions = revisions
         self._worker.consumer.call_soon(self._apply, wanted)
-        for plugin_id, revision in self._registry.unregistered().items():
-            if self._selector.matches(plugin_id):
-                fail_queued_jobs(self._worker.app, plugin_id=plugin_id,
-                                 queue=queue_name(plugin_id), revision=revision)
+        gone = {plugin_id: (queue_name(plugin_id), revision)
+                for plugin_id, revision in self._registry.unregistered().items()
+                if self._selector.matches(plugin_id)}
+        sweep_unregistered(self._worker.app, gone)
 
     # -- in the event loop ----------------------------------------------------------------
 

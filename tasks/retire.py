@@ -47,19 +47,28 @@ def job_id_of(raw: bytes) -> str | None:
 
 def fail_queued_jobs(app: Celery, *, plugin_id: str, queue: str, revision: int) -> int:
     """Fail every job waiting on `queue` with a `dependency` error; returns how many."""
+    return sweep_unregistered(app, {plugin_id: (queue, revision)})
+
+
+def sweep_unregistered(app: Celery, plugins: dict[str, tuple[str, int]]) -> int:
+    """`fail_queued_jobs` for several plugins (id → queue, last revision) over one broker
+    connection; queues found empty cost one LLEN each."""
+    if not plugins:
+        return 0
     failed = 0
     with app.connection_for_write() as connection:
         channel: Any = connection.default_channel  # kombu's Redis channel
         client = channel.client
-        for name in queue_lists(queue):
-            while True:
-                batch = client.rpop(name, BATCH)
-                if not batch:
-                    break
-                for raw in batch:
-                    failed += _fail_one(app, raw, plugin_id=plugin_id, revision=revision)
-    if failed:
-        logger.info("failed %d queued job(s) of unregistered plugin %s", failed, plugin_id)
+        for plugin_id, (queue, revision) in plugins.items():
+            count = 0
+            for name in queue_lists(queue):
+                while client.llen(name):
+                    for raw in client.rpop(name, BATCH) or []:
+                        count += _fail_one(app, raw, plugin_id=plugin_id, revision=revision)
+            if count:
+                logger.info("failed %d queued job(s) of unregistered plugin %s", count,
+                            plugin_id)
+            failed += count
     return failed
 
 
