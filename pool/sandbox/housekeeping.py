@@ -63,7 +63,12 @@ class Housekeeper(threading.Thread):
         for sandbox in self.pool.take_retiring():
             closed = sandbox.finish()
             if closed is not None and closed.error is not None:
-                logger.warning("teardown of %s failed: %s", sandbox.key, closed.error.message)
+                logger.warning("warm sandbox %s (pid %d) retired; teardown failed: %s",
+                               sandbox.key, sandbox.pid, closed.error.message)
+            else:
+                logger.info("warm sandbox %s (pid %d) retired (%s); teardown %s", sandbox.key,
+                            sandbox.pid, sandbox.retired_for or "died",
+                            "ran" if closed is not None and closed.teardown else "none")
             self._unpublish(sandbox)
         if time.monotonic() - self._last_publish >= PUBLISH_EVERY_S:
             self._last_publish = time.monotonic()

@@ -24,17 +24,22 @@ def usage_of(out: Supervision, *, baseline_rss: int, sandbox: WarmSandbox, run_p
     which carries the CPU the run's own lock-down took) to its result; memory above the
     zygote from the kernel's high-water mark (wait4) or the sampler."""
     exit_ = out.exit
+    result = out.result if isinstance(out.result, Result) else None
     wall_s = out.wall_s
     if out.started_at is not None:
         wall_s = (out.finished_at or out.started_at + out.wall_s) - out.started_at
     cpu_s = exit_.cpu_s if exit_ is not None and exit_.cpu_s is not None else 0.0
+    if result is not None and out.started is not None and result.wall_s > 0:
+        # Measured in the run, around the plugin's code alone (the kernel's total, which
+        # also has the process's exit, bounds what the run may claim).
+        cpu_s = min(result.cpu_s, cpu_s or result.cpu_s)
+        wall_s = min(result.wall_s, wall_s + 0.005)
     if out.started is not None:
         cpu_s = max(cpu_s - out.started.cpu_s, 0.0)
     maxrss_kb = exit_.maxrss_kb if exit_ is not None else None
     peak = out.peak_memory_bytes
     if maxrss_kb is not None:
         peak = max(peak, maxrss_kb * 1024 - baseline_rss)
-    result = out.result if isinstance(out.result, Result) else None
     warm: dict[str, Any] = {"zygote_pid": sandbox.pid, "run_pid": run_pid,
                             "runs_served": sandbox.runs + 1}
     if setup is not None:

@@ -111,6 +111,14 @@ def directory_bytes(path: str) -> int:
 FINAL = (Result, Ready, SetupFailed)
 
 
+def storage_reply(raw: dict[str, Any]) -> StorageReply:
+    """InstanceStorage.handle's answer as the typed reply."""
+    return StorageReply(ok=bool(raw.get("ok")), value=raw.get("value"),
+                        quota=bool(raw.get("quota")), limit_bytes=int(raw.get("limit_bytes", 0)),
+                        observed_bytes=int(raw.get("observed_bytes", 0)),
+                        message=str(raw.get("message", "")))
+
+
 class Supervisor:
     def __init__(self, pid: int, fd: int, *, bounds: Bounds, workspace: str,
                  baseline_rss: int, storage: StorageHandler | None, max_frame_bytes: int,
@@ -193,13 +201,10 @@ class Supervisor:
             self.out.started_at = self.clock()
         elif isinstance(message, StorageRequest):
             raw: dict[str, Any] = (self.storage({"action": message.action, "key": message.key,
-                                 "value": message.value}) if self.storage is not None else
-                   {"ok": False, "message": "no storage here"})
-            channel.send_message(self.fd, StorageReply(
-                ok=bool(raw.get("ok")), value=raw.get("value"), quota=bool(raw.get("quota")),
-                limit_bytes=int(raw.get("limit_bytes", 0)),
-                observed_bytes=int(raw.get("observed_bytes", 0)),
-                message=str(raw.get("message", ""))))
+                                                 "value": message.value})
+                                   if self.storage is not None else
+                                   {"ok": False, "message": "no storage here"})
+            channel.send_message(self.fd, storage_reply(raw))
         elif isinstance(message, FINAL):
             self.out.result = message
             self.out.finished_at = self.clock()

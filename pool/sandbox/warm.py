@@ -29,6 +29,7 @@ from pluginpool.pool.sandbox.runtime.messages import (
     Hello,
     Ready,
     Spawn,
+    StorageRequest,
     ZygoteConfig,
 )
 from pluginpool.pool.sandbox.supervisor import (
@@ -38,6 +39,7 @@ from pluginpool.pool.sandbox.supervisor import (
     StorageHandler,
     Supervision,
     Supervisor,
+    storage_reply,
 )
 from pluginpool.tasks.spec import PluginSpec
 
@@ -114,6 +116,9 @@ class WarmSandbox:
     runs: int = 0
     busy: bool = False
     setup_supervision: Supervision | None = None
+    storage: StorageHandler | None = None
+    """Serves `ctx.storage` for the teardown (close() may persist state)."""
+    retired_for: str | None = None
 
     @property
     def instance_id(self) -> str | None:
@@ -143,18 +148,30 @@ class WarmSandbox:
 
     def retire(self, reason: str) -> None:
         """Ask for the teardown (close()); the zygote exits after it."""
+        self.retired_for = reason
         with contextlib.suppress(OSError):
             channel.send_message(self.control.fileno(), Close(reason=reason))
 
     def finish(self, *, wait_s: float = CLOSE_WAIT_S) -> Closed | None:
-        """Wait for the teardown's end (bounded), then make sure the zygote is gone and
-        remove its home."""
+        """Wait for the teardown's end (bounded; its storage calls are served), then make
+        sure the zygote is gone and remove its home."""
+        deadline = time.monotonic() + wait_s
         closed: Closed | None = None
         with contextlib.suppress(OSError, ValueError, channel.ChannelClosed):
-            if select.select([self.control], [], [], wait_s)[0]:
+            while closed is None:
+                left = deadline - time.monotonic()
+                if left <= 0 or not select.select([self.control], [], [], left)[0]:
+                    break
                 message = channel.receive_message(self.control.fileno(),
                                                   max_bytes=CONTROL_MAX_BYTES)
-                closed = message if isinstance(message, Closed) else None
+                if isinstance(message, Closed):
+                    closed = message
+                elif isinstance(message, StorageRequest) and self.storage is not None:
+                    raw = self.storage({"action": message.action, "key": message.key,
+                                        "value": message.value})
+                    channel.send_message(self.control.fileno(), storage_reply(raw))
+                else:
+                    break
         self.kill()
         return closed
 
@@ -235,4 +252,5 @@ def start(launcher: ZygoteLauncher, plan: SetupPlan, *,
     sandbox.rss_bytes = out.result.rss_bytes
     sandbox.layers = out.result.layers
     sandbox.setup_supervision = out
+    sandbox.storage = storage
     return sandbox, out

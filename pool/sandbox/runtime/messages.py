@@ -138,6 +138,8 @@ class Close(Message):
 class Closed(Message):
     op: ClassVar[str] = "closed"
     error: RunError | None = None
+    teardown: bool = False
+    """The plugin defines close() and it was called."""
 
 
 @dataclass
@@ -175,6 +177,10 @@ class Result(Message):
     value: Any = None
     error: RunError | None = None
     network_requests: int = 0
+    cpu_s: float = 0.0
+    """The run's CPU time when it sent this (the kernel's figure at exit bounds it)."""
+    wall_s: float = 0.0
+    """Wall time from Started to this frame, measured in the run itself."""
 
 
 _TYPES: dict[str, type[Message]] = {cls.op: cls for cls in (

@@ -64,8 +64,10 @@ class LoadedPlugin:
                     {"operations": operations}))
             self.operations["run"] = target
 
-    def close(self) -> None:
-        """The teardown, when the class defines one."""
+    def close(self) -> bool:
+        """The teardown, when the class defines one; whether there was one."""
         close = getattr(self.instance, "close", None) if self.instance is not None else None
         if callable(close):
             close()
+            return True
+        return False

@@ -9,7 +9,8 @@ import ctypes
 import os
 import resource
 import signal
-import tempfile
+import sys
+import time
 from json import dumps as _dumps
 from typing import Any, NoReturn
 
@@ -28,6 +29,7 @@ RESET_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, s
                  signal.SIGALRM, signal.SIGCHLD)
 _libc = ctypes.CDLL(None, use_errno=True)
 _getrusage = resource.getrusage
+_perf = time.perf_counter
 
 
 def _cpu_s() -> float:
@@ -46,7 +48,9 @@ def _isolate(run_fd: int, workspace: str) -> None:
     os.closerange(CHANNEL_FD + 1, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
     os.chdir(workspace)
     os.environ.update({"HOME": workspace, "TMPDIR": workspace})
-    tempfile.tempdir = workspace
+    tempfile = sys.modules.get("tempfile")  # not imported here: it seeds random at each fork
+    if tempfile is not None:
+        tempfile.tempdir = workspace  # type: ignore[attr-defined]
 
 
 def _lock_down(config: ZygoteConfig, spawn: Spawn, vms_bytes: int,
@@ -99,11 +103,13 @@ def run_child(config: ZygoteConfig, spawn: Spawn, run_fd: int, plugin: LoadedPlu
               seccomp_program: bytes | None) -> NoReturn:
     """Narrow, call the operation, send one Result frame, exit."""
     result: Result
+    started = _perf()
     try:
         _isolate(run_fd, spawn.workspace)
         layers = _lock_down(config, spawn, vms_bytes, seccomp_program)
         policy.narrow(workspace=spawn.workspace)
         policy.allow_processes = config.allow_processes
+        started = _perf()
         channel.send_message(CHANNEL_FD, Started(layers=layers, cpu_s=_cpu_s()))
         ctx = SandboxContext(
             plugin_id=config.plugin_id, job_id=spawn.job_id, instance_id=config.instance_id,
@@ -125,6 +131,7 @@ def run_child(config: ZygoteConfig, spawn: Spawn, run_fd: int, plugin: LoadedPlu
             exc, policy=policy, max_memory_mb=spawn.max_memory_mb,
             max_storage_kb=spawn.max_storage_kb, timeout_ms=int(config.limits["timeout_ms"])))
     result.network_requests = policy.network_requests
+    result.cpu_s, result.wall_s = _cpu_s(), _perf() - started
     try:
         channel.send_message(CHANNEL_FD, result)
     except BaseException:  # the channel is gone or the value cannot be sent: just exit

@@ -113,15 +113,17 @@ def _kill_leftovers() -> None:
 
 def _teardown(plugin: LoadedPlugin | None, policy: AuditPolicy, reason: str) -> NoReturn:
     error: RunError | None = None
+    teardown = False
     if plugin is not None:
         policy.enforcing = True
         try:
-            plugin.close()
+            teardown = plugin.close()
         except BaseException as exc:  # the teardown's failure is reported, then we exit
+            teardown = True
             error = RunError(RUNTIME, f"teardown failed: {type(exc).__name__}: {exc}")
         policy.enforcing = False
     with contextlib.suppress(OSError):
-        channel.send_message(CONTROL_FD, Closed(error=error))
+        channel.send_message(CONTROL_FD, Closed(error=error, teardown=teardown))
     _kill_leftovers()
     os._exit(0)
 

@@ -1,0 +1,65 @@
+"""Class plugins whose setup misbehaves; `initial_data["action"]` picks how."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import threading
+import time
+from typing import Any
+
+
+class Raises:
+    def __init__(self, ctx: Any) -> None:
+        raise ValueError("setup cannot find its model")
+
+    def run(self, ctx: Any, payload: Any) -> Any:
+        return "never"
+
+
+class Hangs:
+    def __init__(self, ctx: Any) -> None:
+        time.sleep(3600)
+
+    def run(self, ctx: Any, payload: Any) -> Any:
+        return "never"
+
+
+class Allocates:
+    def __init__(self, ctx: Any) -> None:
+        self.hoard = []
+        while True:
+            self.hoard.append(bytearray(8 * 1024 * 1024))
+            self.hoard[-1][::4096] = b"x" * len(self.hoard[-1][::4096])
+
+    def run(self, ctx: Any, payload: Any) -> Any:
+        return "never"
+
+
+class StartsThread:
+    def __init__(self, ctx: Any) -> None:
+        threading.Thread(target=time.sleep, args=(3600,), daemon=True).start()
+
+    def run(self, ctx: Any, payload: Any) -> Any:
+        return "never"
+
+
+class Forbidden:
+    def __init__(self, ctx: Any) -> None:
+        action = ctx.initial_data["action"]
+        if action == "read":
+            with open("/etc/passwd") as handle:
+                handle.read()
+        elif action == "write":
+            with open(ctx.initial_data["path"], "w") as handle:
+                handle.write("escaped")
+        elif action == "connect":
+            socket.create_connection(("127.0.0.1", int(ctx.initial_data["port"])), timeout=2)
+        elif action == "spawn":
+            subprocess.run(["sh", "-c", "echo pwned"], check=False)
+        elif action == "fork" and os.fork() == 0:
+            os._exit(0)
+
+    def run(self, ctx: Any, payload: Any) -> Any:
+        return "never"

@@ -1,0 +1,53 @@
+"""Class plugins with a lifecycle: set up once per warm sandbox, operations by name,
+teardown on unload. Setup and teardown leave traces in the instance's storage."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+
+class Stateful:
+    """Counts its setups, keeps a list that every run mutates, records its teardown."""
+
+    def __init__(self, ctx: Any) -> None:
+        self.storage = ctx.storage
+        self.setups = int(ctx.storage.get("setups") or 0) + 1
+        ctx.storage.set("setups", self.setups)
+        self.items = list(ctx.initial_data.get("items", []))
+        self.zygote_pid = os.getpid()
+
+    def run(self, ctx: Any, payload: Any) -> Any:
+        self.items.append(payload.get("add"))
+        return {"items": self.items, "pid": os.getpid(), "zygote": self.zygote_pid,
+                "parent": os.getppid(), "setups": self.setups, "operation": ctx.operation}
+
+    def summarize(self, ctx: Any, payload: Any) -> Any:
+        return {"count": len(self.items), "job_id": ctx.job_id}
+
+    def allocate(self, ctx: Any, payload: Any) -> Any:
+        block = bytearray(int(payload["mb"]) * 1024 * 1024)
+        block[::4096] = b"x" * len(block[::4096])
+        return len(block)
+
+    def open_files(self, ctx: Any, payload: Any) -> Any:
+        return [open(ctx.workspace / f"f{i}", "w") for i in range(int(payload["n"]))] and "open"
+
+    def sleep(self, ctx: Any, payload: Any) -> Any:
+        import time
+        time.sleep(float(payload["seconds"]))
+        return "slept"
+
+    def kill_zygote(self, ctx: Any, payload: Any) -> Any:
+        import signal
+        if payload.get("native"):
+            import ctypes
+            libc = ctypes.CDLL(None, use_errno=True)
+            return {"result": libc.kill(os.getppid(), signal.SIGKILL), "errno": ctypes.get_errno()}
+        os.kill(os.getppid(), signal.SIGKILL)
+        return "killed"
+
+    def close(self) -> None:
+        """The teardown: the worker logs that it ran (the instance's storage is already
+        gone when it was unloaded)."""
+        self.items.clear()

@@ -1,0 +1,242 @@
+"""Warm sandboxes in a real prefork worker: class plugins set up once per sandbox, each
+run a fresh fork of it, operations by name, teardown on unload; and setups that misbehave,
+each typed, the worker alive, the next run clean. One worker serves the whole module."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from pluginpool.policy.errors import (
+    CircuitOpenError,
+    ErrorType,
+    PluginExecutionError,
+    UnknownOperationError,
+)
+from pluginpool.pool.processes import ManagedProcess, wait_until
+from pluginpool.tasks.client import PluginClient
+from pluginpool.tasks.spec import PluginSpec
+from tests.conftest import make_settings, spawn_worker
+
+Env = tuple[PluginClient, ManagedProcess, Path]
+OPERATIONS = ["run", "summarize", "allocate", "open_files", "sleep", "kill_zygote"]
+
+
+def spec(plugin_id: str, entrypoint: str, **fields: Any) -> PluginSpec:
+    return PluginSpec.model_validate({"id": plugin_id, "name": plugin_id,
+                                      "entrypoint": f"pp_testplugins.{entrypoint}", **fields})
+
+
+@pytest.fixture(scope="module")
+def env(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    warm_root = tmp_path_factory.mktemp("warm")
+    settings = make_settings(redis_url, key_prefix=f"ppwarm:{uuid.uuid4().hex[:8]}:",
+                             warm_root=str(warm_root),
+                             default_breaker={"minimum_calls": 10_000, "open_at_once_types": []},
+                             default_isolation={"max_restarts": 0})
+    client = PluginClient(settings)
+    client.register([
+        spec("good", "basic:echo"),
+        spec("stateful", "lifecycle:Stateful", operations=OPERATIONS,
+             resource_limits={"max_memory_mb": 128}),
+        spec("setup-raises", "hostile_setup:Raises",
+             breaker={"minimum_calls": 2, "window_size": 2, "failure_rate_threshold": 0.5,
+                      "open_ms": 60_000}),
+        spec("setup-hangs", "hostile_setup:Hangs", resource_limits={"setup_timeout_ms": 1000}),
+        spec("setup-allocates", "hostile_setup:Allocates",
+             resource_limits={"max_memory_mb": 64, "setup_timeout_ms": 20_000}),
+        spec("setup-thread", "hostile_setup:StartsThread"),
+        spec("setup-forbidden", "hostile_setup:Forbidden"),
+    ])
+    worker = spawn_worker(client, tmp_path_factory.mktemp("warm-worker"), concurrency=1)
+    yield client, worker, warm_root
+    worker.stop()
+    client.close()
+
+
+def assert_unharmed(env: Env) -> None:
+    client, worker, _ = env
+    assert worker.alive()
+    assert client.submit("good", {"after": True}).result(timeout=30)["payload"] == {"after": True}
+
+
+def failure(env: Env, plugin: str, *, instance_id: str | None = None,
+            operation: str = "run", payload: Any = None) -> PluginExecutionError:
+    with pytest.raises(PluginExecutionError) as info:
+        env[0].submit(plugin, payload or {}, instance_id=instance_id,
+                      operation=operation).result(timeout=60)
+    return info.value
+
+
+def storage(client: PluginClient, instance_id: str, key: str) -> Any:
+    raw = client.redis.hget(client.settings.keys.storage(instance_id), key)
+    return None if raw is None else int(raw)
+
+
+def test_setup_once_each_run_a_fresh_fork_that_sees_the_setup_state(env: Env) -> None:
+    client = env[0]
+    iid = client.load("stateful", {"items": ["a"]})
+    runs = [client.execute(iid, {"add": f"x{n}"}, timeout=60) for n in range(4)]
+    assert [run["items"] for run in runs] == [["a", f"x{n}"] for n in range(4)]
+    assert {run["setups"] for run in runs} == {1}
+    assert storage(client, iid, "setups") == 1
+    assert len({run["pid"] for run in runs}) == 4
+    assert {run["zygote"] for run in runs} == {runs[0]["parent"]}
+    assert runs[0]["zygote"] not in {run["pid"] for run in runs}
+    client.unload(iid)
+
+
+def test_operations_are_dispatched_by_name_and_unknown_ones_refused_at_submit(
+        env: Env) -> None:
+    client = env[0]
+    iid = client.load("stateful", {"items": ["a", "b"]})
+    job = client.submit("stateful", {}, instance_id=iid, operation="summarize")
+    assert job.result(timeout=60) == {"count": 2, "job_id": job.id}
+    assert job.meta["operation"] == "summarize"
+    queue_before = client.redis.llen("plugins.stateful")
+    with pytest.raises(UnknownOperationError) as info:
+        client.execute(iid, {}, operation="delete_everything")
+    assert info.value.operations == OPERATIONS
+    with pytest.raises(UnknownOperationError):
+        client.submit("good", {}, operation="summarize")
+    assert client.redis.llen("plugins.stateful") == queue_before
+    plain = client.app.send_task("plugin.stateful", queue="plugins.stateful", kwargs={
+        "payload": {}, "instance_id": iid, "operation": "summarize"})
+    assert plain.get(timeout=60)["value"]["count"] == 2
+    client.unload(iid)
+
+
+def test_unload_runs_the_teardown_and_retires_the_sandbox(env: Env) -> None:
+    client = env[0]
+    iid = client.load("stateful", {})
+    zygote = client.execute(iid, {"add": 1}, timeout=60)["zygote"]
+    assert wait_until(lambda: bool(client.sandbox_info(iid).warm_sandboxes), timeout_s=10)
+    info = client.sandbox_info(iid).warm_sandboxes[0]
+    assert info.pid == zygote and info.runs >= 1 and info.setup_ms > 0 and info.rss_mb > 0
+    client.unload(iid)
+    retired = f"(pid {zygote}) retired (instance unloaded); teardown ran"
+    assert wait_until(lambda: retired in env[1].log_text(), timeout_s=15)
+    assert wait_until(lambda: not psutil.pid_exists(zygote), timeout_s=10)
+    assert_unharmed(env)
+
+
+def test_usage_counts_the_run_alone(env: Env) -> None:
+    client = env[0]
+    iid = client.load("stateful", {})
+    quick = client.submit("stateful", {"add": 1}, instance_id=iid)
+    quick.result(timeout=60)
+    assert quick.meta["usage"]["cpu_percent"] <= 110  # one thread: the fork is not counted
+    big = client.submit("stateful", {"mb": 40}, instance_id=iid, operation="allocate")
+    big.result(timeout=60)
+    assert big.meta["usage"]["peak_memory_mb"] >= 35  # a short run still reports its peak
+    client.unload(iid)
+
+
+def test_hitting_the_open_files_limit_is_a_resource_error(env: Env) -> None:
+    iid = env[0].load("stateful", {})
+    error = failure(env, "stateful", instance_id=iid, operation="open_files",
+                    payload={"n": 200})
+    assert error.type is ErrorType.RESOURCE
+    assert error.details["limit"] == "max_open_files"
+    env[0].unload(iid)
+    assert_unharmed(env)
+
+
+def test_a_run_cannot_kill_its_zygote(env: Env) -> None:
+    client = env[0]
+    iid = client.load("stateful", {})
+    zygote = client.execute(iid, {"add": 1}, timeout=60)["zygote"]
+    error = failure(env, "stateful", instance_id=iid, operation="kill_zygote")
+    assert error.type is ErrorType.SECURITY
+    native = client.execute(iid, {"native": True}, operation="kill_zygote", timeout=60)
+    assert native["result"] == -1  # Landlock's signal scope refuses it below the hook
+    assert client.execute(iid, {"add": 2}, timeout=60)["zygote"] == zygote
+    client.unload(iid)
+    assert_unharmed(env)
+
+
+def test_a_zygote_killed_mid_run_fails_that_run_and_is_replaced(env: Env) -> None:
+    client = env[0]
+    iid = client.load("stateful", {})
+    zygote = client.execute(iid, {"add": 1}, timeout=60)["zygote"]
+    job = client.submit("stateful", {"seconds": 20}, instance_id=iid, operation="sleep")
+    assert wait_until(lambda: len(psutil.Process(zygote).children()) == 1, timeout_s=20)
+    os.kill(zygote, signal.SIGKILL)
+    with pytest.raises(PluginExecutionError) as info:
+        job.result(timeout=60)
+    assert info.value.type is ErrorType.RUNTIME
+    assert info.value.details["sandbox_died"] is True
+    after = client.execute(iid, {"add": 2}, timeout=60)
+    assert after["zygote"] != zygote and after["setups"] == 2
+    client.unload(iid)
+    assert_unharmed(env)
+
+
+def test_a_setup_that_raises_is_typed_and_counts_toward_the_breaker(env: Env) -> None:
+    for _ in range(2):
+        error = failure(env, "setup-raises")
+        assert error.type is ErrorType.RUNTIME
+        assert error.details["phase"] == "setup"
+        assert error.details["exception_type"] == "ValueError"
+    with pytest.raises(CircuitOpenError):
+        env[0].submit("setup-raises", {})
+    assert_unharmed(env)
+
+
+def test_a_setup_that_hangs_stops_at_setup_timeout(env: Env) -> None:
+    started = time.monotonic()
+    error = failure(env, "setup-hangs")
+    assert error.type is ErrorType.TIMEOUT
+    assert error.details["limit"] == "setup_timeout_ms"
+    assert time.monotonic() - started < 1 + 10
+    assert_unharmed(env)
+
+
+def test_a_setup_that_allocates_past_the_limit_is_a_resource_error(env: Env) -> None:
+    error = failure(env, "setup-allocates")
+    assert error.type is ErrorType.RESOURCE
+    assert error.details["phase"] == "setup"
+    assert error.details["limit"] == "max_memory_mb"
+    assert_unharmed(env)
+
+
+def test_a_setup_that_leaves_threads_is_refused(env: Env) -> None:
+    error = failure(env, "setup-thread")
+    assert error.type is ErrorType.RUNTIME
+    assert error.details["threads"] >= 2
+    assert_unharmed(env)
+
+
+@pytest.mark.parametrize("action", ["read", "write", "connect", "spawn", "fork"])
+def test_forbidden_actions_during_setup_are_security_errors(env: Env, action: str,
+                                                            tmp_path: Path) -> None:
+    client = env[0]
+    target = tmp_path / "escaped.txt"
+    iid = client.load("setup-forbidden", {"action": action, "path": str(target),
+                                          "port": client.redis.connection_pool
+                                          .connection_kwargs.get("port", 6379)})
+    error = failure(env, "setup-forbidden", instance_id=iid)
+    assert error.type is ErrorType.SECURITY, error
+    assert error.details["phase"] == "setup"
+    assert not target.exists()
+    client.unload(iid)
+    assert_unharmed(env)
+
+
+def test_nothing_is_left_in_the_warm_root_but_live_sandboxes(env: Env) -> None:
+    warm_root = env[2]
+    homes = {path.name for path in warm_root.iterdir()}
+    zygotes = [proc for proc in psutil.process_iter(["cmdline"])
+               if "pluginpool_sandbox_runtime" in " ".join(proc.info["cmdline"] or [])]
+    assert len(homes) <= 4  # PLUGINPOOL_WARM_SANDBOXES, the default
+    for home in warm_root.iterdir():
+        assert {entry.name for entry in home.iterdir()} <= {"setup"}  # run workspaces removed
+    assert zygotes or not homes
