@@ -34,6 +34,10 @@ from pluginpool.tasks.runner import Runner, RunReport
 from pluginpool.tasks.settings import Settings
 from pluginpool.tasks.spec import ArtifactRef, PluginSpec
 
+UNPACKED_FACTOR = 10
+"""An artifact may unpack to at most this many times PLUGINPOOL_MAX_ARTIFACT_BYTES (the
+sizes its zip declares, checked before extracting): a zip bomb cannot fill a worker's disk."""
+
 
 def default_cache_dir(settings: Settings) -> Path:
     return Path(settings.artifact_cache_dir or Path(tempfile.gettempdir()) / "pluginpool-cache")
@@ -62,6 +66,13 @@ class ArtifactCache:
         scratch = Path(tempfile.mkdtemp(prefix=f".{ref.sha256[:16]}-", dir=target.parent))
         try:
             with zipfile.ZipFile(io.BytesIO(data)) as archive:
+                unpacked = sum(info.file_size for info in archive.infolist())
+                if unpacked > UNPACKED_FACTOR * self._store.max_bytes:
+                    raise ArtifactError(
+                        "invalid", f"artifact {ref.sha256} of {plugin_id!r} unpacks to"
+                        f" {unpacked} bytes, over {UNPACKED_FACTOR} x"
+                        " PLUGINPOOL_MAX_ARTIFACT_BYTES", plugin_id=plugin_id,
+                        sha256=ref.sha256, unpacked_bytes=unpacked)
                 archive.extractall(scratch)  # zipfile drops absolute and ".." parts
             os.rename(scratch, target)
         except zipfile.BadZipFile:

@@ -81,3 +81,25 @@ def test_worker_cache_verifies_unpacks_once_and_refuses_tampered_bytes(
         artifact_code_paths(spec, fresh)  # type: ignore[arg-type]
     assert missing.value.reason == "missing"
     assert not (tmp_path / "cache2" / "artifacts" / ref.sha256).exists()
+
+
+def test_an_artifact_that_unpacks_to_far_more_than_its_size_is_refused(
+        settings: Settings, tmp_path: Path) -> None:
+    """A zip bomb: 4 MB of zeros compress to a few KB; the declared sizes are checked
+    before anything is extracted."""
+    import io
+    import zipfile
+
+    from pluginpool.tasks.spec import ArtifactRef
+
+    data = io.BytesIO()
+    with zipfile.ZipFile(data, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("bomb-1.0.dist-info/METADATA", "Name: bomb\n")
+        archive.writestr("bomb/zeros.bin", bytes(4 * 1024 * 1024))
+    store = ArtifactStore.from_settings(settings)
+    store.max_bytes = 100_000
+    ref: ArtifactRef = store.publish(data.getvalue(), plugin_id="bomb", filename="b.whl")
+    with pytest.raises(ArtifactError) as info:
+        ArtifactCache(store, tmp_path / "cache").path_for(ref, plugin_id="bomb")
+    assert info.value.reason == "invalid"
+    assert not list((tmp_path / "cache" / "artifacts").iterdir())
