@@ -33,15 +33,14 @@ from pluginpool.policy.errors import (
 from pluginpool.policy.health import PluginHealth
 from pluginpool.tasks.app import create_app
 from pluginpool.tasks.artifacts import ArtifactStore, publish_sources
-from pluginpool.tasks.discovery import DiscoveredPlugin, discover, select
+from pluginpool.tasks.fleet_ops import FleetOperations
 from pluginpool.tasks.health import HealthReader
 from pluginpool.tasks.instances import Instance, InstanceStore, SandboxInfo
 from pluginpool.tasks.jobs import FallbackJob, Job
 from pluginpool.tasks.manifest import load_manifest, spec_issues
 from pluginpool.tasks.payload import nesting_depth
 from pluginpool.tasks.redis_conn import redis_client
-from pluginpool.tasks.registry import Registry, RevisionRecord, SpecCache, operator_name
-from pluginpool.tasks.retire import fail_queued_jobs
+from pluginpool.tasks.registry import Registry, SpecCache, operator_name
 from pluginpool.tasks.routing import REVISION_HEADER, TRIAL_HEADER
 from pluginpool.tasks.settings import Settings
 from pluginpool.tasks.spec import PluginSpec
@@ -50,7 +49,7 @@ from pluginpool.tasks.subscriptions import Handler, Subscriptions
 MAX_FALLBACK_DEPTH = 3
 
 
-class PluginClient:
+class PluginClient(FleetOperations):
     """One producer's handle on pluginpool. Thread-safe for submit; cheap to keep around."""
 
     def __init__(self, settings: Settings, *, app: Celery | None = None,
@@ -102,40 +101,6 @@ class PluginClient:
             published = self.registry.publish(specs, source=origin, by=by or operator_name())
         self._specs.invalidate()
         return published
-
-    def unregister(self, plugin_id: str, *, by: str | None = None) -> int:
-        """Remove a plugin: new submits raise PluginUnregisteredError, workers stop
-        consuming its queue, and each job still queued fails with a `dependency` error
-        (jobs already running finish). Returns how many queued jobs were failed."""
-        with self._unavailable_as_error():
-            old = self.registry.unregister(plugin_id, by=by or operator_name())
-            self._specs.invalidate(plugin_id)
-            return fail_queued_jobs(self.app, plugin_id=plugin_id, queue=old.queue,
-                                    revision=old.revision)
-
-    def revisions(self, plugin_id: str) -> list[RevisionRecord]:
-        """The plugin's revisions, oldest first: version, source hash, when, by whom."""
-        with self._unavailable_as_error():
-            return self.registry.revisions(plugin_id)
-
-    def rollback(self, plugin_id: str, *, to: int | None = None,
-                 by: str | None = None) -> PluginSpec:
-        """Make an earlier revision's content current again (the previous one by default),
-        as a new revision: history stays append-only. Returns the new current spec."""
-        with self._unavailable_as_error():
-            spec = self.registry.rollback(plugin_id, to=to, by=by or operator_name())
-        self._specs.invalidate(plugin_id)
-        return spec
-
-    def discover(self, paths: list[str] | None = None) -> list[DiscoveredPlugin]:
-        """Plugins declared by installed distributions (entry points `pluginpool.plugins`)."""
-        return discover(paths)
-
-    def register_entry_points(self, names: list[str] | None = None, *,
-                              paths: list[str] | None = None) -> list[PluginSpec]:
-        """Register the discovered plugins (all, or those named); all or nothing."""
-        return self.register(select(discover(paths), names))
-
 
     def plugins(self) -> list[PluginSpec]:
         with self._unavailable_as_error():

@@ -1,0 +1,67 @@
+"""The client's operations on a live fleet: unregister, revisions, rollback, discovery.
+
+Mixed into PluginClient (tasks/client.py), which provides what `_Client` names; kept here
+so that the client module stays about producing jobs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Protocol
+
+from celery import Celery
+
+from pluginpool.tasks.discovery import DiscoveredPlugin, discover, select
+from pluginpool.tasks.registry import Registry, RevisionRecord, SpecCache, operator_name
+from pluginpool.tasks.retire import fail_queued_jobs
+from pluginpool.tasks.spec import PluginSpec
+
+
+class _Client(Protocol):
+    app: Celery
+    registry: Registry
+    _specs: SpecCache
+
+    def register(self, source: str | Path | PluginSpec | Iterable[PluginSpec], *,
+                 by: str | None = None) -> list[PluginSpec]: ...
+
+    def _unavailable_as_error(self) -> AbstractContextManager[None]: ...
+
+
+class FleetOperations:
+    """Registry operations of PluginClient beyond `register`."""
+
+    def unregister(self: _Client, plugin_id: str, *, by: str | None = None) -> int:
+        """Remove a plugin: new submits raise PluginUnregisteredError, workers stop
+        consuming its queue, and each job still queued fails with a `dependency` error
+        (jobs already running finish). Returns how many queued jobs were failed."""
+        with self._unavailable_as_error():
+            old = self.registry.unregister(plugin_id, by=by or operator_name())
+            self._specs.invalidate(plugin_id)
+            return fail_queued_jobs(self.app, plugin_id=plugin_id, queue=old.queue,
+                                    revision=old.revision)
+
+    def revisions(self: _Client, plugin_id: str) -> list[RevisionRecord]:
+        """The plugin's revisions, oldest first: version, source hash, when, by whom."""
+        with self._unavailable_as_error():
+            return self.registry.revisions(plugin_id)
+
+    def rollback(self: _Client, plugin_id: str, *, to: int | None = None,
+                 by: str | None = None) -> PluginSpec:
+        """Make an earlier revision's content current again (the previous one by default),
+        as a new revision: history stays append-only. Returns the new current spec."""
+        with self._unavailable_as_error():
+            spec = self.registry.rollback(plugin_id, to=to, by=by or operator_name())
+        self._specs.invalidate(plugin_id)
+        return spec
+
+    def discover(self, paths: list[str] | None = None) -> list[DiscoveredPlugin]:
+        """Plugins declared by installed distributions (entry points `pluginpool.plugins`)."""
+        return discover(paths)
+
+    def register_entry_points(self: _Client, names: list[str] | None = None, *,
+                              paths: list[str] | None = None) -> list[PluginSpec]:
+        """Register the discovered plugins (all, or those named); all or nothing."""
+        return self.register(select(discover(paths), names))
