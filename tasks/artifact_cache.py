@@ -40,7 +40,20 @@ sizes its zip declares, checked before extracting): a zip bomb cannot fill a wor
 
 
 def default_cache_dir(settings: Settings) -> Path:
-    return Path(settings.artifact_cache_dir or Path(tempfile.gettempdir()) / "pluginpool-cache")
+    return Path(settings.artifact_cache_dir
+                or Path(tempfile.gettempdir()) / f"pluginpool-cache-{os.getuid()}")
+
+
+def owned_directory(path: Path) -> Path:
+    """`path` created if needed (mode 0700), refused unless this user owns it and nobody
+    else may write to it: code is imported from here, so no one else may plant any."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = path.stat()
+    if info.st_uid != os.getuid() or info.st_mode & 0o022:
+        raise ArtifactError("cache", f"artifact cache {path} is not this user's alone (owner"
+                            f" uid {info.st_uid}, mode {oct(info.st_mode & 0o777)}): set"
+                            " PLUGINPOOL_ARTIFACT_CACHE_DIR to a private directory")
+    return path
 
 
 class ArtifactCache:
@@ -57,12 +70,15 @@ class ArtifactCache:
 
     def path_for(self, ref: ArtifactRef, *, plugin_id: str) -> Path:
         """The unpacked artifact's directory, fetched and verified first if it is new here."""
+        if ref.sha256 in self._known:
+            return self.root / "artifacts" / ref.sha256
+        owned_directory(self.root)
         target = self.root / "artifacts" / ref.sha256
-        if ref.sha256 in self._known or target.is_dir():
+        if target.is_dir():
             self._known.add(ref.sha256)
             return target
         data = self._store.fetch(ref, plugin_id=plugin_id)
-        target.parent.mkdir(parents=True, exist_ok=True)
+        target.parent.mkdir(mode=0o700, exist_ok=True)
         scratch = Path(tempfile.mkdtemp(prefix=f".{ref.sha256[:16]}-", dir=target.parent))
         try:
             with zipfile.ZipFile(io.BytesIO(data)) as archive:

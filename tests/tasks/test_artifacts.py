@@ -103,3 +103,19 @@ def test_an_artifact_that_unpacks_to_far_more_than_its_size_is_refused(
         ArtifactCache(store, tmp_path / "cache").path_for(ref, plugin_id="bomb")
     assert info.value.reason == "invalid"
     assert not list((tmp_path / "cache" / "artifacts").iterdir())
+
+
+def test_a_cache_directory_others_may_write_to_is_refused(client: PluginClient,
+                                                           settings: Settings,
+                                                           tmp_path: Path) -> None:
+    """Code is imported from the cache: a directory another user could plant files in
+    (group- or world-writable) is refused before anything in it is used."""
+    ref = client.artifacts.publish(b"PK\x05\x06" + bytes(18), plugin_id="x",
+                                   filename="x.whl")  # an empty zip: never unpacked here
+    shared = tmp_path / "shared-cache"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)
+    with pytest.raises(ArtifactError) as info:
+        ArtifactCache(ArtifactStore.from_settings(settings), shared).path_for(ref,
+                                                                              plugin_id="x")
+    assert info.value.reason == "cache"
