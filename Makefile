@@ -22,10 +22,12 @@ test: install browser
 	PLUGINPOOL_REDIS_URL=$$($(BIN)/pluginpool ensure-redis) $(BIN)/python -m pytest
 
 # Only the fault tests (they also run in `make test`): workers, consumers and Redis killed
-# or restarted mid-stream, Sentinel, backlogs behind an open breaker.
+# or restarted mid-stream, Sentinel, backlogs behind an open breaker, the consuming
+# connection made half-open or re-established.
 chaos: install
 	PLUGINPOOL_REDIS_URL=$$($(BIN)/pluginpool ensure-redis) $(BIN)/python -m pytest -s \
-	  tests/pool/test_faults.py tests/tasks/test_reliable_fetch.py
+	  tests/pool/test_faults.py tests/tasks/test_reliable_fetch.py \
+	  tests/tasks/test_consumer_connection_faults.py
 
 # kombu's own Redis integration tests, from the sdist of the installed kombu (pip, cached in
 # .compat/), run unchanged against pluginpool's transport on a redis-server of their own.
