@@ -37,3 +37,14 @@ def busy(ctx: Any, payload: Any) -> Any:
 def sleep(ctx: Any, payload: Any) -> Any:
     time.sleep(float(payload["seconds"]))
     return None
+
+
+class SlowSetup:
+    """A plugin whose setup takes a second (a model, a table, a client), then cheap runs."""
+
+    def __init__(self, ctx: Any) -> None:
+        time.sleep(float(ctx.initial_data.get("setup_s", 1.0)))
+        self.table = {"ready": True}
+
+    def run(self, ctx: Any, payload: Any) -> Any:
+        return self.table

@@ -1,10 +1,13 @@
 """The sandbox's cost and how well its limits hold.
 
-1. Throughput of a no-op job: plain Celery, pluginpool unsandboxed, pluginpool sandboxed,
-   same Redis, same worker concurrency, rounds alternating.
-2. Time from a limit being crossed to the run being stopped: memory (the plugin notes the
-   moment it crossed, the supervisor the moment it killed) and wall clock.
-3. The CPU share a hog limited to 25 % actually got.
+1. Throughput of a no-op job: plain Celery, pluginpool unsandboxed, pluginpool sandboxed
+   (warm sandboxes: a fork of a set-up zygote per run), same Redis, same worker
+   concurrency, rounds alternating; the CPU every system's processes used per job.
+2. The CPU one sandboxed run costs on each side of the boundary (bench/sandbox_cost.py).
+3. A plugin whose setup takes 1 s: 100 runs on one instance against cold set-ups.
+4. Memory: each warm sandbox (RSS, USS) and a worker with PLUGINPOOL_WARM_SANDBOXES full.
+5. Time from a limit being crossed to the run being stopped: memory and wall clock; the
+   CPU share a hog limited to 25 % actually got.
 Run: `python -m bench.sandbox` (or `make bench`).
 """
 
@@ -32,6 +35,7 @@ from bench.common import (
     timed,
     write_result,
 )
+from bench.sandbox_cost import fleet_cpu_s, fleet_memory, measure
 from pluginpool.policy.errors import PluginExecutionError
 from pluginpool.tasks.client import PluginClient
 from pluginpool.tasks.settings import Settings
@@ -51,7 +55,10 @@ SPECS = [
          resource_limits={"max_memory_mb": 64, "timeout_ms": 30_000}),
     spec("wall-clock", "busy", resource_limits={"timeout_ms": 500}),
     spec("cpu-25", "busy", resource_limits={"max_cpu_percent": 25, "timeout_ms": 30_000}),
+    spec("slow-setup", "SlowSetup", resource_limits={"timeout_ms": 10_000,
+                                                     "setup_timeout_ms": 10_000}),
 ]
+WARMUP_JOBS = 20
 
 
 def limits(client: PluginClient, samples: int) -> dict[str, Any]:
@@ -86,11 +93,94 @@ def limits(client: PluginClient, samples: int) -> dict[str, Any]:
             "cpu_percent_of_25_percent_hog": summary(cpu)}
 
 
+def throughput(client: PluginClient, env: dict[str, str], run_dir: Path, plain_app: Celery,
+               *, jobs: int, rounds: int) -> dict[str, Any]:
+    """Jobs/s and the CPU all of a system's processes used per job, rounds alternating."""
+    rates: dict[str, list[float]] = {"plain_celery": [], "pluginpool_in_pool": [],
+                                     "pluginpool_sandboxed": []}
+    cpu_ms: dict[str, list[float]] = {system: [] for system in rates}
+    for _ in range(rounds):
+        for system in rates:
+            node = f"bench-{system}@localhost"
+            warm_root = str(run_dir / f"warm-{system}")
+            worker_env = {**env, "PLUGINPOOL_WARM_ROOT": warm_root}
+            if system == "plain_celery":
+                proc = plain_celery_worker(client, worker_env, run_dir, concurrency=2, node=node)
+                plain_round(plain_app, WARMUP_JOBS)
+                before = fleet_cpu_s(proc.pid, warm_root)
+                elapsed = timed(lambda: plain_round(plain_app, jobs))
+            else:
+                plugin = "noop-sandboxed" if system.endswith("sandboxed") else "noop-in-pool"
+                proc = pluginpool_worker(client, worker_env, run_dir, plugins=plugin,
+                                         concurrency=2, node=node)
+                pluginpool_round(client, plugin, WARMUP_JOBS)
+                before = fleet_cpu_s(proc.pid, warm_root)
+                elapsed = timed(lambda p=plugin: pluginpool_round(client, p, jobs))
+            cpu_ms[system].append((fleet_cpu_s(proc.pid, warm_root) - before) * 1000 / jobs)
+            proc.stop()
+            rates[system].append(jobs / elapsed)
+    medians = {system: round(median(values), 1) for system, values in rates.items()}
+    cpu = {system: round(median(values), 2) for system, values in cpu_ms.items()}
+    return {
+        "jobs_per_round": jobs, "rounds": rounds, "worker_concurrency": 2,
+        "jobs_per_s_median": medians,
+        "jobs_per_s_all": {k: [round(v, 1) for v in vs] for k, vs in rates.items()},
+        "ratio_sandboxed_vs_plain": round(medians["pluginpool_sandboxed"]
+                                          / medians["plain_celery"], 3),
+        "ratio_in_pool_vs_plain": round(medians["pluginpool_in_pool"]
+                                        / medians["plain_celery"], 3),
+        "worker_cpu_ms_per_job_median": cpu,
+        "sandbox_cpu_ms_per_job": round(cpu["pluginpool_sandboxed"]
+                                        - cpu["pluginpool_in_pool"], 2),
+    }
+
+
+def slow_setup(client: PluginClient, *, runs: int, cold_samples: int) -> dict[str, Any]:
+    """A 1 s setup: `runs` jobs on one instance, against `cold_samples` jobs each on a new
+    instance (a new warm sandbox, so a new setup), scaled to `runs`."""
+    iid = client.load("slow-setup", {"setup_s": 1.0})
+    warm_s = timed(lambda: [job.result(timeout=120) for job in
+                            [client.submit("slow-setup", {}, instance_id=iid)
+                             for _ in range(runs)]])
+    client.unload(iid)
+    cold: list[float] = []
+    for _ in range(cold_samples):
+        other = client.load("slow-setup", {"setup_s": 1.0})
+        cold.append(timed(lambda o=other: client.execute(o, {}, timeout=120)))
+        client.unload(other)
+    cold_s = statistics.mean(cold) * runs
+    return {"runs": runs, "warm_total_s": round(warm_s, 2),
+            "cold_job_s_mean": round(statistics.mean(cold), 3), "cold_samples": cold_samples,
+            "cold_total_s_for_runs": round(cold_s, 1),
+            "warm_vs_cold": round(warm_s / cold_s, 4)}
+
+
+def memory(client: PluginClient, env: dict[str, str], run_dir: Path, *,
+           capacity: int) -> dict[str, Any]:
+    """A worker (2 processes) whose every process holds `capacity` warm sandboxes."""
+    warm_root = str(run_dir / "warm-memory")
+    proc = pluginpool_worker(client, {**env, "PLUGINPOOL_WARM_ROOT": warm_root,
+                                      "PLUGINPOOL_WARM_SANDBOXES": str(capacity)},
+                             run_dir, plugins="noop-sandboxed", concurrency=2,
+                             node="bench-memory@localhost")
+    try:
+        instances = [client.load("noop-sandboxed") for _ in range(capacity * 2)]
+        for _ in range(3):
+            jobs = [client.submit("noop-sandboxed", {}, instance_id=iid) for iid in instances]
+            for job in jobs:
+                job.result(timeout=60)
+        return {"warm_sandboxes_setting": capacity, **fleet_memory(proc.pid, warm_root)}
+    finally:
+        proc.stop()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--jobs", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--limit-samples", type=int, default=5)
+    parser.add_argument("--cost-runs", type=int, default=500)
+    parser.add_argument("--cold-samples", type=int, default=5)
     args = parser.parse_args()
     run_dir = Path(tempfile.mkdtemp(prefix="pluginpool-bench-"))
     url = bench_redis_url(run_dir)
@@ -104,23 +194,16 @@ def main() -> None:
     plain_app = Celery("plain-producer", broker=url, backend=url, set_as_current=False)
     plain_app.conf.update(task_serializer="json", accept_content=["json"])
 
-    figures: dict[str, list[float]] = {"plain_celery": [], "pluginpool_in_pool": [],
-                                       "pluginpool_sandboxed": []}
-    for _ in range(args.rounds):
-        for system in figures:
-            node = f"bench-{system}@localhost"
-            if system == "plain_celery":
-                proc = plain_celery_worker(client, env, run_dir, concurrency=2, node=node)
-                elapsed = timed(lambda: plain_round(plain_app, args.jobs))
-            else:
-                plugin = "noop-sandboxed" if system.endswith("sandboxed") else "noop-in-pool"
-                proc = pluginpool_worker(client, env, run_dir, plugins=plugin, concurrency=2,
-                                         node=node)
-                elapsed = timed(lambda p=plugin: pluginpool_round(client, p, args.jobs))
-            proc.stop()
-            figures[system].append(args.jobs / elapsed)
-    rates = {system: round(median(values), 1) for system, values in figures.items()}
-
+    rates = throughput(client, env, run_dir, plain_app, jobs=args.jobs, rounds=args.rounds)
+    cost = measure(ROOT / "bench", args.cost_runs)
+    proc = pluginpool_worker(client, {**env, "PLUGINPOOL_WARM_ROOT": str(run_dir / "w1")},
+                             run_dir, plugins="slow-setup", concurrency=1,
+                             node="bench-setup@localhost")
+    try:
+        setup = slow_setup(client, runs=100, cold_samples=args.cold_samples)
+    finally:
+        proc.stop()
+    memory_figures = memory(client, env, run_dir, capacity=4)
     proc = pluginpool_worker(client, env, run_dir, plugins="memory-crosser,wall-clock,cpu-25",
                              concurrency=1, node="bench-limits@localhost")
     try:
@@ -128,14 +211,12 @@ def main() -> None:
     finally:
         proc.stop()
     write_result("sandbox", {
-        "benchmark": "no-op throughput by isolation; limit enforcement",
-        "jobs_per_round": args.jobs, "rounds": args.rounds, "worker_concurrency": 2,
-        "jobs_per_s_median": rates,
-        "jobs_per_s_all": {k: [round(v, 1) for v in vs] for k, vs in figures.items()},
-        "ratio_sandboxed_vs_plain": round(rates["pluginpool_sandboxed"]
-                                          / rates["plain_celery"], 3),
-        "ratio_in_pool_vs_plain": round(rates["pluginpool_in_pool"] / rates["plain_celery"], 3),
-        "limits": limit_figures,
+        "benchmark": "no-op throughput by isolation; sandbox CPU per run; warm setup; "
+                     "memory; limit enforcement",
+        "command": "python -m bench.sandbox " + " ".join(
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
+        "throughput": rates, "cpu_per_run_one_sandbox": cost, "slow_setup": setup,
+        "memory": memory_figures, "limits": limit_figures,
     })
     client.close()
 

@@ -187,6 +187,8 @@ _TYPES: dict[str, type[Message]] = {cls.op: cls for cls in (
     Hello, ZygoteConfig, Ready, SetupFailed, Spawn, Forked, Exited, Close, Closed, Started,
     StorageRequest, StorageReply, Result)}
 _NESTED_ERRORS = ("error",)
+_FIELDS: dict[type[Message], tuple[str, ...]] = {
+    cls: tuple(f.name for f in dataclasses.fields(cls)) for cls in _TYPES.values()}
 
 
 class ProtocolError(ValueError):
@@ -194,8 +196,13 @@ class ProtocolError(ValueError):
 
 
 def encode(message: Message) -> dict[str, Any]:
-    """The JSON object for a message (channel.py turns it into bytes)."""
-    return {"op": message.op, **asdict(message)}
+    """The JSON object for a message (channel.py turns it into bytes). Shallow: a run's
+    value is not copied (dataclasses.asdict would deep-copy it)."""
+    frame: dict[str, Any] = {"op": message.op}
+    for name in _FIELDS[type(message)]:
+        value = getattr(message, name)
+        frame[name] = asdict(value) if isinstance(value, RunError) else value
+    return frame
 
 
 def decode(frame: dict[str, Any]) -> Message:
@@ -203,7 +210,7 @@ def decode(frame: dict[str, Any]) -> Message:
     cls = _TYPES.get(str(frame.get("op")))
     if cls is None:
         raise ProtocolError(f"unknown message {frame.get('op')!r}")
-    fields = {f.name for f in dataclasses.fields(cls)}
+    fields = _FIELDS[cls]
     values = {k: v for k, v in frame.items() if k in fields}
     for name in _NESTED_ERRORS:
         if isinstance(values.get(name), dict):

@@ -1,0 +1,161 @@
+"""The CPU one sandboxed run costs, on every side of the boundary, without Celery or Redis.
+
+One warm sandbox of the no-op plugin, N runs through the same code the worker uses
+(warm.start, WarmSandbox.spawn, Supervisor, outcome.usage_of). CPU is read from the kernel:
+this process (the pool child's side), the zygote, and the runs (reaped by the zygote, so
+in its children's times). The plugin's own CPU (`usage.cpu_ms`) is reported beside it.
+"""
+
+from __future__ import annotations
+
+import resource
+import shutil
+import socket
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from pluginpool.pool.sandbox import outcome, seccomp_filter, warm
+from pluginpool.pool.sandbox.launcher import ZygoteLauncher
+from pluginpool.pool.sandbox.runner import read_paths
+from pluginpool.pool.sandbox.runtime import landlock
+from pluginpool.pool.sandbox.runtime.messages import Spawn
+from pluginpool.pool.sandbox.runtime.run import CHANNEL_FD
+from pluginpool.pool.sandbox.supervisor import MB, Bounds, Supervisor
+from pluginpool.tasks.spec import PluginSpec
+
+
+def _self_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _tree_cpu(proc: psutil.Process) -> float:
+    times = proc.cpu_times()
+    return times.user + times.system + times.children_user + times.children_system
+
+
+def measure(code_path: Path, runs: int) -> dict[str, Any]:
+    """Per-run CPU (ms) of the pool child's side, the zygote, the run, and the plugin."""
+    spec = PluginSpec(id="noop", name="noop", entrypoint="bench_plugins:noop")
+    seccomp = seccomp_filter.available()
+    plan = warm.SetupPlan(
+        spec=spec, instance_id=None, initial_data={},
+        warm_root=tempfile.mkdtemp(prefix="pp-bench-warm-"),
+        read_paths=read_paths((str(code_path),)), landlock_abi=landlock.abi_version(),
+        zygote_seccomp=seccomp_filter.compile_filter(
+            allow_processes=False, allow_network=False, channel_fd=None, allow_fork=True)
+        if seccomp else None,
+        run_seccomp=seccomp_filter.compile_filter(
+            allow_processes=False, allow_network=False, channel_fd=CHANNEL_FD)
+        if seccomp else None,
+        max_result_bytes=1 << 20)
+    sandbox, _ = warm.start(ZygoteLauncher(code_paths=(str(code_path),)), plan,
+                            storage=lambda request: {"ok": False})
+    assert sandbox is not None, "the no-op plugin did not set up"
+    zygote = psutil.Process(sandbox.pid)
+    plugin_ms: list[float] = []
+    try:
+        before_self, before_zygote = _self_cpu(), _tree_cpu(zygote)
+        first = zygote.cpu_times()
+        before_own = first.user + first.system
+        started = time.perf_counter()
+        for n in range(runs):
+            workspace = tempfile.mkdtemp(prefix="run-", dir=sandbox.home)
+            ours, theirs = socket.socketpair()
+            forked = sandbox.spawn(Spawn(
+                job_id=str(n), operation="run", payload={"i": n}, attempt=1,
+                workspace=workspace, cpu_backstop_s=11, max_memory_mb=256,
+                max_storage_kb=1024), theirs)
+            theirs.close()
+            out = Supervisor(
+                forked.pid, ours.fileno(),
+                bounds=Bounds(timeout_s=10, max_memory_bytes=256 * MB,
+                              max_storage_bytes=1 << 20, cpu_percent=100),
+                workspace=workspace, baseline_rss=forked.zygote_rss_bytes, storage=None,
+                max_frame_bytes=2 << 20, reaper=sandbox.run_reaper(forked.pid)).run()
+            usage = outcome.usage_of(out, baseline_rss=forked.zygote_rss_bytes,
+                                     sandbox=sandbox, run_pid=forked.pid, setup=None)
+            plugin_ms.append(usage.cpu_ms)
+            ours.close()
+            shutil.rmtree(workspace, ignore_errors=True)
+        wall_s = time.perf_counter() - started
+        pool_side = (_self_cpu() - before_self) * 1000 / runs
+        sandbox_side = (_tree_cpu(zygote) - before_zygote) * 1000 / runs
+        own = zygote.cpu_times()
+        zygote_own = (own.user + own.system - before_own) * 1000 / runs
+        rss = zygote.memory_full_info()
+    finally:
+        sandbox.retire("benchmark done")
+        sandbox.finish()
+        shutil.rmtree(plan.warm_root, ignore_errors=True)
+    plugin = statistics.mean(plugin_ms)
+    return {
+        "runs": runs,
+        "runs_per_s_one_process": round(runs / wall_s, 1),
+        "cpu_ms_per_run": {
+            "pool_child_side": round(pool_side, 3),
+            "zygote": round(zygote_own, 3),
+            "run_process": round(sandbox_side - zygote_own, 3),
+            "total": round(pool_side + sandbox_side, 3),
+            "plugin_code_as_reported": round(plugin, 3),
+            "sandbox_cost": round(pool_side + sandbox_side - plugin, 3),
+        },
+        "zygote_rss_mb": round(rss.rss / MB, 2),
+        "zygote_uss_mb": round(rss.uss / MB, 2),
+    }
+
+
+def zygotes_under(warm_root: str) -> list[psutil.Process]:
+    """The zygotes whose home is under `warm_root` (they are detached from the worker)."""
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.cwd().startswith(warm_root):
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return found
+
+
+def fleet_cpu_s(worker_pid: int, warm_root: str) -> float:
+    """CPU used so far by a worker's processes (its pool children and what they reaped)
+    and by its zygotes and their runs."""
+    total = 0.0
+    try:
+        main = psutil.Process(worker_pid)
+        procs = [main, *main.children(recursive=True), *zygotes_under(warm_root)]
+    except psutil.Error:
+        return total
+    for proc in procs:
+        try:
+            total += _tree_cpu(proc)
+        except psutil.Error:
+            continue
+    return total
+
+
+def fleet_memory(worker_pid: int, warm_root: str) -> dict[str, Any]:
+    """RSS and USS of each zygote, and of the worker with its zygotes, MB."""
+    def full(proc: psutil.Process) -> tuple[float, float]:
+        info = proc.memory_full_info()
+        return info.rss / MB, info.uss / MB
+
+    zygotes = [full(proc) for proc in zygotes_under(warm_root)]
+    main = psutil.Process(worker_pid)
+    worker = [full(proc) for proc in [main, *main.children(recursive=True)]]
+    return {
+        "zygotes": len(zygotes),
+        "per_zygote_rss_mb_median": round(statistics.median(z[0] for z in zygotes), 2)
+        if zygotes else None,
+        "per_zygote_uss_mb_median": round(statistics.median(z[1] for z in zygotes), 2)
+        if zygotes else None,
+        "worker_processes_rss_mb": round(sum(w[0] for w in worker), 1),
+        "worker_processes_uss_mb": round(sum(w[1] for w in worker), 1),
+        "worker_with_zygotes_rss_mb": round(sum(w[0] for w in worker + zygotes), 1),
+        "worker_with_zygotes_uss_mb": round(sum(w[1] for w in worker + zygotes), 1),
+    }
