@@ -64,14 +64,30 @@ class RedisKeys:
         return f"{self.prefix}delivery:consumers"
 
     @property
+    def ready_prefix(self) -> str:
+        """Prefix of per-group sorted sets: the queue lists that may hold a message, in the
+        order the group serves them (the ready index)."""
+        return f"{self.prefix}delivery:ready:"
+
+    @property
+    def wake_prefix(self) -> str:
+        """Prefix of per-group wake-up lists an idle group blocks on; bounded tokens."""
+        return f"{self.prefix}delivery:wake:"
+
+    @property
+    def waiters_prefix(self) -> str:
+        """Prefix of per-queue sets: the worker groups consuming that queue."""
+        return f"{self.prefix}delivery:waiters:"
+
+    @property
+    def consumes_prefix(self) -> str:
+        """Prefix of per-consumer sets: the queue lists one consumer consumes."""
+        return f"{self.prefix}delivery:consumes:"
+
+    @property
     def delivery_stats(self) -> str:
         """Hash: counters of the delivery path (dead letters, late acknowledgements...)."""
         return f"{self.prefix}delivery:stats"
-
-    @property
-    def bell_prefix(self) -> str:
-        """Prefix of the per-queue bell lists: wake-up tokens for idle workers, bounded."""
-        return f"{self.prefix}bell:"
 
     def breaker(self, plugin_id: str) -> str:
         """Hash: one plugin's breaker state, window counters and trial permits."""

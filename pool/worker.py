@@ -15,6 +15,7 @@ from pluginpool.pool.plugin_tasks import install_task_registry
 from pluginpool.pool.sandbox.runner import SandboxRunner
 from pluginpool.tasks.app import create_app
 from pluginpool.tasks.artifact_cache import ArtifactCache, ArtifactRunner
+from pluginpool.tasks.delivery_record import DELIVERY_OPTION
 from pluginpool.tasks.execution import WorkerServices, attach_services, register_plugin_tasks
 from pluginpool.tasks.redis_conn import redis_client
 from pluginpool.tasks.registry import Registry, SpecCache
@@ -90,6 +91,11 @@ def build_worker_app(settings: Settings, specs: list[PluginSpec], *,
     """The app with one task per plugin, the worker services attached, and the steps that
     keep its heartbeat and follow the registry."""
     app = create_app(settings)
+    # Workers with the same selector consume the same queues: one ready index and one
+    # wake-up list for all of them (see tasks/reliable_fetch.py).
+    chosen = selector or PluginSelector(("*",))
+    app.conf.broker_transport_options[DELIVERY_OPTION]["group"] = (
+        "plugins:" + ",".join(sorted(chosen.patterns)))
     install_task_registry(app, nodename)
     register_plugin_tasks(app, specs)
     services = WorkerServices.build(settings, sandbox_runner=SandboxRunner.factory)

@@ -8,7 +8,7 @@ from typing import Any
 from celery import Celery
 
 from pluginpool.tasks.delivery_record import DELIVERY_OPTION, DeliveryConfig
-from pluginpool.tasks.reliable_fetch import BELL_PREFIX_OPTION, IDLE_WAIT_OPTION
+from pluginpool.tasks.reliable_fetch import IDLE_WAIT_OPTION
 from pluginpool.tasks.routing import route_plugin_task
 from pluginpool.tasks.settings import Settings
 from pluginpool.tasks.transport import SENTINEL_TRANSPORT_PATH, TRANSPORT_PATH
@@ -31,7 +31,10 @@ def delivery_config(settings: Settings) -> DeliveryConfig:
         max_deliveries=settings.max_deliveries, dead_letter_max=settings.dead_letter_max,
         max_message_bytes=2 * settings.max_payload_bytes + ENVELOPE_BYTES,
         max_depth=settings.max_payload_depth + ENVELOPE_DEPTH,
-        dead_after_s=settings.consumer_dead_after_s)
+        dead_after_s=settings.consumer_dead_after_s,
+        ready_prefix=keys.ready_prefix, wake_prefix=keys.wake_prefix,
+        waiters_prefix=keys.waiters_prefix, consumes_prefix=keys.consumes_prefix,
+        keyspace_events=settings.broker_keyspace_events, rescan_s=settings.broker_rescan_s)
 
 
 def tls_options(settings: Settings) -> dict[str, Any]:
@@ -59,7 +62,6 @@ def create_app(settings: Settings, *, name: str = "pluginpool",
     # default; sweep every restore_sweep_s so they return soon after the visibility timeout.
     broker_options = {**transport_options,
                       DELIVERY_OPTION: delivery_config(settings).as_option(),
-                      BELL_PREFIX_OPTION: settings.keys.bell_prefix,
                       IDLE_WAIT_OPTION: settings.broker_idle_wait_s,
                       "unacked_restore_interval": settings.restore_sweep_s,
                       "unacked_restore_throttle": 1}

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict
 
 from pluginpool.policy.errors import DeadLetterNotFoundError, DeadLetterNotRequeueableError
 from pluginpool.policy.keys import RedisKeys
+from pluginpool.tasks.delivery_record import PUBLISH
 
 PRIORITY_SEPARATOR = "\x06\x16"
 """kombu's separator between a queue's name and its priority step in a list key."""
@@ -71,11 +72,11 @@ class DeadLetterStore:
         if not entry.requeueable or not entry.queue:
             raise DeadLetterNotRequeueableError(entry_id)
         queue_name = _queue_name(entry.queue)
+        # Pushed and indexed as ready in one step, like any publish (publish.lua).
+        self._redis.eval(PUBLISH.source, 2, entry.queue, self._keys.waiters_prefix + queue_name,
+                         entry.raw, "L", self._keys.ready_prefix, self._keys.wake_prefix, 64)
         with self._redis.pipeline() as pipe:
-            pipe.lpush(entry.queue, entry.raw)
             pipe.hdel(self._keys.deliveries, entry.id, f"{entry.id}|t")
-            pipe.lpush(f"{self._keys.bell_prefix}{queue_name}", 1)
-            pipe.ltrim(f"{self._keys.bell_prefix}{queue_name}", 0, 63)
             pipe.hdel(self._keys.dead_letter, entry_id)
             pipe.zrem(self._keys.dead_letter_index, entry_id)
             pipe.execute()

@@ -27,7 +27,7 @@ from importlib import resources
 from typing import Any
 
 _LUA = resources.files("pluginpool.tasks")
-_LIB = _LUA.joinpath("deadletter_lib.lua").read_text()
+_LIB = _LUA.joinpath("delivery_lib.lua").read_text()
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,8 @@ CLAIM = LuaScript.load("claim.lua")
 ACK = LuaScript.load("ack.lua")
 DEAD_LETTER = LuaScript.load("deadletter.lua")
 RESCUE = LuaScript.load("rescue.lua")
+PUBLISH = LuaScript.load("publish.lua")
+INDEX = LuaScript.load("index.lua")
 
 DELIVERY_OPTION = "pluginpool_delivery"
 """kombu transport option carrying a `DeliveryConfig` as a dict."""
@@ -66,6 +68,15 @@ class DeliveryConfig:
     stats_key: str = "pluginpool:delivery:stats"
     dead_letter_key: str = "pluginpool:deadletter"
     dead_letter_index_key: str = "pluginpool:deadletter:index"
+    ready_prefix: str = "pluginpool:delivery:ready:"
+    wake_prefix: str = "pluginpool:delivery:wake:"
+    waiters_prefix: str = "pluginpool:delivery:waiters:"
+    consumes_prefix: str = "pluginpool:delivery:consumes:"
+    group: str = ""
+    keyspace_events: bool = True
+    rescan_s: float = 60.0
+    wake_depth: int = 64
+    scan_limit: int = 64
     max_deliveries: int = 3
     dead_letter_max: int = 10_000
     max_message_bytes: int = 4 * 1_048_576
@@ -83,6 +94,12 @@ class DeliveryConfig:
 
     def held_key(self, consumer: str) -> str:
         return f"{self.held_prefix}{consumer}"
+
+    def consumes_key(self, consumer: str) -> str:
+        return f"{self.consumes_prefix}{consumer}"
+
+    def waiters_key(self, queue: str) -> str:
+        return f"{self.waiters_prefix}{queue}"
 
 
 def new_consumer_id() -> str:

@@ -1,20 +1,24 @@
-"""Reliable fetch for kombu's Redis transport: no instant where a message can be lost.
+"""Reliable fetch for kombu's Redis transport: no instant where a message can be lost,
+and a worker's cost set by its work, not by how many queues it consumes.
 
 kombu consumes with `BRPOP` and then, from the worker, records the message in its unacked
 hash. A worker SIGKILLed between the two loses that message for good (seen in the chaos
 test: 1 job in 2,000). Redis has no blocking pop over several lists that also records the
 message somewhere, so this channel splits consuming in two:
 
-- **claim**: `claim.lua` pops the next message of the worker's queues and records it as
-  unacked in one atomic script. A worker that dies after it leaves the message in the
-  unacked hash, from which kombu's restore sweep (on any worker) requeues it once the
-  visibility timeout has passed. Claims repeat while they find messages.
-- **wait**: when every queue is empty, the worker blocks on `BLPOP` over one small *bell*
-  list per queue. Every publish through this transport pushes a token on the bell in the
-  same round trip as the message. A bell token carries no job, so losing one loses
-  nothing; the wait also ends after the idle wait (`pluginpool_idle_wait_s`, else kombu's
-  `brpop_timeout`), so messages published by a producer that rings no bell (plain kombu
-  or Celery) still start within that time on an idle worker.
+- **claim**: `claim.lua` takes the next message of the worker group's *ready index* (the
+  queue lists that may hold messages, served round robin) and records it as unacked in one
+  atomic script. A worker that dies after it leaves the message recorded with its
+  consumer, from which any live worker returns it once the consumer's heartbeat stops
+  (`rescue.lua`), or kombu's restore sweep after the visibility timeout. Claims repeat
+  while they find messages.
+- **wait**: when nothing is ready, the worker blocks on `BLPOP` over its group's one
+  wake-up list. Every publish through this transport (`publish.lua`) pushes the message,
+  indexes its queue for every group consuming it and rings their wake-up lists, in one
+  atomic step. Messages pushed by a producer that does not index them (plain kombu or
+  Celery) are found through Redis keyspace notifications (enabled by the worker where the
+  server allows it), and by a rescan of the worker's queues: at start, after a reconnect,
+  every `rescan_s` as a safety net, and after every idle wait where notifications are off.
 
 This is the "reliable queue" pattern (Redis `LMOVE` docs; Sidekiq Pro's super_fetch),
 written here because kombu has no such mode and `BLMOVE` takes a single source list.
@@ -43,6 +47,8 @@ from pluginpool.tasks.delivery_record import (
     CLAIM,
     DEAD_LETTER,
     DELIVERY_OPTION,
+    INDEX,
+    PUBLISH,
     RESCUE,
     DeliveryConfig,
     LuaScript,
@@ -51,12 +57,9 @@ from pluginpool.tasks.delivery_record import (
 
 logger = logging.getLogger("pluginpool.transport")
 
-BELL_PREFIX_OPTION = "pluginpool_bell_prefix"
 IDLE_WAIT_OPTION = "pluginpool_idle_wait_s"
-DEFAULT_BELL_PREFIX = "pluginpool:bell:"
-BELL_DEPTH = 64
-"""Tokens kept on a bell nobody waits on: enough to wake every idle worker of a queue
-after a burst; extra tokens only cost an empty claim each."""
+KEYEVENT_CHANNELS = ("lpush", "rpush")
+"""Keyspace events that put a message on a list (Redis `notify-keyspace-events` E + l)."""
 
 CLAIM_SOURCE = CLAIM.source
 CLAIM_SHA = CLAIM.sha
@@ -145,8 +148,12 @@ class ClaimAwareQoS(RedisQoS):
                 victim = bytes_to_str(raw)
                 keys = [prefix + self.unacked_key, prefix + self.unacked_index_key,
                         prefix + config.owner_key, prefix + config.held_key(victim),
-                        consumers, prefix + config.stats_key]
-                count = int(run_script(client, RESCUE, keys, [victim, repr(bound)]))
+                        consumers, prefix + config.stats_key,
+                        prefix + config.consumes_key(victim)]
+                count = int(run_script(client, RESCUE, keys, [
+                    victim, repr(bound), prefix, prefix + config.waiters_prefix,
+                    prefix + config.ready_prefix, prefix + config.wake_prefix,
+                    config.wake_depth]))
                 if count > 0:
                     returned += count
                     logger.warning("consumer %s missed its heartbeat for over %.0f s: "
@@ -181,7 +188,7 @@ class ReliableFetchChannel:
     """Mixin for kombu's Redis channel: claim-then-wait instead of BRPOP (see module doc).
 
     It reuses kombu's single blocking connection and event-loop plumbing: the "BRPOP"
-    handler slot now reads either a claim reply or a bell wake-up.
+    handler slot now reads either a claim reply or a wake-up.
     """
 
     QoS = ClaimAwareQoS
@@ -209,78 +216,244 @@ class ReliableFetchChannel:
     ResponseError: type[Exception]
     connection_errors: tuple[type[BaseException], ...]
 
-    # --- publishing: ring the queue's bell in the message's round trip -------------------
+    _dirty: set[str]
+    _consumed: dict[str, str]
+    _rescan_at = 0.0
+    _keyevents: bool | None = None
+
+    # --- publishing: push and index in one step ------------------------------------------
 
     def _option(self, name: str, default: Any) -> Any:
         options = getattr(self.connection.client, "transport_options", None) or {}
         return options.get(name, default)
-
-    def bell_key(self, queue: str) -> str:
-        return f"{self._option(BELL_PREFIX_OPTION, DEFAULT_BELL_PREFIX)}{queue}"
 
     def _put(self, queue: str, message: Any, **kwargs: Any) -> None:
         pri = self._get_message_priority(message, reverse=False)  # type: ignore[attr-defined]
         key = self._q_for_pri(queue, pri)  # type: ignore[attr-defined]
         expires = self._expires.get(queue) if self._expires else None
         batch = kwargs.pop("_publish_batch", None)
-        commands: list[tuple[str, tuple[Any, ...]]] = [("lpush", (key, dumps(message)))]
-        commands += self._ring_commands(queue)
-        if expires is not None:
-            commands += [("pexpire", (self._q_for_pri(queue, p), expires))  # type: ignore[attr-defined]
-                         for p in self.priority_steps]
+        keys, args = self._publish_args(queue, key, dumps(message), front=False)
         if batch is not None:
-            for name, args in commands:
-                batch.add(name, *args)
+            # A batch is one non-transactional pipeline: EVAL carries its own source, so a
+            # flushed script cache cannot fail it.
+            batch.add("eval", PUBLISH.source, len(keys), *keys, *args)
+            for pri_step in self.priority_steps if expires is not None else ():
+                batch.add("pexpire", self._q_for_pri(queue, pri_step), expires)  # type: ignore[attr-defined]
             return
-        with (self.conn_or_acquire() as client,  # type: ignore[attr-defined]
-              client.pipeline(transaction=False) as pipe):
-            for name, args in commands:
-                getattr(pipe, name)(*args)
-            pipe.execute()
+        with self.conn_or_acquire() as client:  # type: ignore[attr-defined]
+            run_script(client, PUBLISH, keys, args)
+            if expires is not None:
+                with client.pipeline(transaction=False) as pipe:
+                    for pri_step in self.priority_steps:
+                        pipe.pexpire(self._q_for_pri(queue, pri_step), expires)  # type: ignore[attr-defined]
+                    pipe.execute()
 
-    def _ring_commands(self, queue: str) -> list[tuple[str, tuple[Any, ...]]]:
-        bell = self.bell_key(queue)
-        # LPUSH is prefixed by kombu's key-prefixing client, LTRIM is not.
-        return [("lpush", (bell, 1)),
-                ("ltrim", ((self.global_keyprefix or "") + bell, 0, BELL_DEPTH - 1))]
+    def _publish_args(self, queue: str, key: str, payload: str,
+                      *, front: bool) -> tuple[list[str], list[Any]]:
+        prefix = self.global_keyprefix or ""
+        config = self.delivery_config
+        return ([prefix + key, prefix + config.waiters_key(queue)],
+                [payload, "R" if front else "L", prefix + config.ready_prefix,
+                 prefix + config.wake_prefix, config.wake_depth])
 
     def _do_restore_message(self, payload: Any, exchange: Any, routing_key: Any,
                             pipe: Any, leftmost: bool = False) -> None:
-        """Requeued messages (restore sweep, reject with requeue) ring the bell too."""
+        """Requeued messages (restore sweep, reject with requeue) are indexed as ready in the
+        same transaction as their push (the groups are read just before it)."""
         super()._do_restore_message(payload, exchange, routing_key, pipe, leftmost)  # type: ignore[misc]
         try:
             queues = self._lookup(exchange, routing_key)  # type: ignore[attr-defined]
-        except Exception:  # restoring must not fail on the wake-up; the wait times out
+            pri = self._get_message_priority(payload, reverse=False)  # type: ignore[attr-defined]
+        except Exception:  # restoring must not fail on the index; a rescan finds it
             return
+        prefix = self.global_keyprefix or ""
+        config = self.delivery_config
         for queue in queues:
-            for name, args in self._ring_commands(queue):
-                getattr(pipe, name)(*args)
+            key = prefix + self._q_for_pri(queue, pri)  # type: ignore[attr-defined]
+            with self.conn_or_acquire() as client:  # type: ignore[attr-defined]
+                groups = _unprefixed(client, "SMEMBERS", prefix + config.waiters_key(queue))
+            for raw in groups or ():
+                group = bytes_to_str(raw)
+                _unprefixed_in_pipe(pipe, "ZADD", prefix + config.ready_prefix + group, "NX",
+                                    time() * 1000 + pri * 1e14, key)
+                _unprefixed_in_pipe(pipe, "LPUSH", prefix + config.wake_prefix + group, 1)
 
-    # --- consuming: claim while there is work, wait on the bells when there is none ------
+    # --- the group's queues: what this consumer serves, registered for the index ----------
+
+    @property
+    def group(self) -> str:
+        """The worker group: workers started with the same plugin selector share one ready
+        index and one wake-up list; without one, each consumer is its own group."""
+        return self.delivery_config.group or self.consumer_id
+
+    def basic_consume(self, queue: str, no_ack: bool, *args: Any, **kwargs: Any) -> Any:
+        """Register the queue for the ready index; remember consumers that do not
+        acknowledge: their claims record nothing, so no second write (which a dead
+        connection can break) follows the claim."""
+        tag = super().basic_consume(queue, no_ack, *args, **kwargs)  # type: ignore[misc]
+        consumer_tag = args[1] if len(args) > 1 else kwargs.get("consumer_tag")
+        if no_ack and consumer_tag is not None:
+            if self.no_ack_consumers is None:
+                self.no_ack_consumers = set()
+            self.no_ack_consumers.add(consumer_tag)
+        if queue not in getattr(self, "_fanout_queues", {}):
+            self._register_queue(queue)
+        return tag
+
+    def basic_cancel(self, consumer_tag: Any) -> Any:
+        if self.no_ack_consumers:
+            self.no_ack_consumers.discard(consumer_tag)
+        queue = getattr(self, "_tag_to_queue", {}).get(consumer_tag)
+        result = super().basic_cancel(consumer_tag)  # type: ignore[misc]
+        if queue is not None and queue not in self.active_queues:
+            self._unregister_queue(queue)
+        return result
+
+    def _list_keys(self, queue: str) -> list[str]:
+        prefix = self.global_keyprefix or ""
+        return [prefix + self._q_for_pri(queue, pri)  # type: ignore[attr-defined]
+                for pri in self.priority_steps]
+
+    def _register_queue(self, queue: str) -> None:
+        """Join the queue's waiters, add its lists to this consumer's set and index them."""
+        if not self.ack_emulation:
+            return
+        prefix = self.global_keyprefix or ""
+        config = self.delivery_config
+        consumed = self.__dict__.setdefault("_consumed", {})
+        waiters = prefix + config.waiters_key(queue)
+        lists = self._list_keys(queue)
+        consumed.update(dict.fromkeys(lists, waiters))
+        self.__dict__.setdefault("_dirty", set()).update(lists)
+        with self.conn_or_acquire() as client, client.pipeline() as pipe:  # type: ignore[attr-defined]
+            _unprefixed_in_pipe(pipe, "SADD", prefix + config.consumes_key(self.consumer_id),
+                                *lists)
+            _unprefixed_in_pipe(pipe, "SADD", waiters, self.group)
+            # Wake this group's wait, so the new queue's backlog is indexed and claimed now.
+            _unprefixed_in_pipe(pipe, "LPUSH", self._wake_key(), 1)
+            pipe.execute()
+        self._claim_next = True
+
+    def _unregister_queue(self, queue: str) -> None:
+        prefix = self.global_keyprefix or ""
+        config = self.delivery_config
+        lists = self._list_keys(queue)
+        consumed = self.__dict__.setdefault("_consumed", {})
+        for key in lists:
+            consumed.pop(key, None)
+        with self.conn_or_acquire() as client, client.pipeline() as pipe:  # type: ignore[attr-defined]
+            _unprefixed_in_pipe(pipe, "SREM", prefix + config.consumes_key(self.consumer_id),
+                                *lists)
+            if self.group == self.consumer_id:
+                _unprefixed_in_pipe(pipe, "SREM", prefix + config.waiters_key(queue),
+                                    self.group)
+            pipe.execute()
+
+    def _ready_key(self) -> str:
+        return (self.global_keyprefix or "") + self.delivery_config.ready_prefix + self.group
+
+    def _wake_key(self) -> str:
+        return (self.global_keyprefix or "") + self.delivery_config.wake_prefix + self.group
+
+    # --- keyspace notifications: messages from producers that do not index them ---------
+
+    def _keyevents_on(self) -> bool:
+        """Whether list-push keyspace events reach us; enabled on the server if it allows.
+        Probed once per channel; False means the rescans alone find unindexed messages."""
+        if self._keyevents is not None:
+            return self._keyevents
+        self._keyevents = False
+        if not self.delivery_config.keyspace_events:
+            return False
+        try:
+            with self.conn_or_acquire() as client:  # type: ignore[attr-defined]
+                reply = _unprefixed(client, "CONFIG", "GET", "notify-keyspace-events")
+                values = {bytes_to_str(k): bytes_to_str(v) for k, v in dict(reply).items()}
+                current = values.get("notify-keyspace-events", "")
+                wanted = "".join(flag for flag in "El" if flag not in current
+                                 and not (flag == "l" and "A" in current))
+                if wanted:
+                    _unprefixed(client, "CONFIG", "SET", "notify-keyspace-events",
+                                current + wanted)
+            self._keyevents = True
+        except (self.ResponseError, TypeError, ValueError) as exc:
+            logger.warning("Redis keyspace notifications are unavailable (%s): messages from "
+                           "producers that do not go through pluginpool are found by rescans "
+                           "only", exc)
+        return self._keyevents
+
+    def _keyevent_channels(self) -> list[str]:
+        db = self.client.connection_pool.connection_kwargs.get("db", 0)
+        return [f"__keyevent@{db}__:{event}" for event in KEYEVENT_CHANNELS]
+
+    def _subscribe(self) -> None:
+        """kombu listens only on channels with fanout queues (Celery's remote control), not
+        on the channel that consumes task queues: subscribe there, and hand each event to
+        every channel of the connection (`_handle_message`)."""
+        super()._subscribe()  # type: ignore[misc]
+        if getattr(self, "_in_listen", None) and self._keyevents_on():
+            self.subclient.subscribe(*self._keyevent_channels())  # type: ignore[attr-defined]
+
+    def _handle_message(self, client: Any, r: Any) -> Any:
+        if (bytes_to_str(r[0]) == "message"
+                and bytes_to_str(r[1]).startswith("__keyevent@")):
+            key = bytes_to_str(r[2])
+            for channel in getattr(self.connection, "channels", None) or (self,):
+                if isinstance(channel, ReliableFetchChannel):
+                    channel._on_list_push(key)
+            return {"type": b"keyevent", "pattern": None, "channel": r[1], "data": None}
+        return super()._handle_message(client, r)  # type: ignore[misc]
+
+    def _on_list_push(self, key: str) -> None:
+        """A message was pushed on `key`: index it at the next claim, or now if idle."""
+        consumed: dict[str, str] = self.__dict__.get("_consumed", {})
+        if key not in consumed:
+            return
+        if self._claim_in_flight or self._in_poll is None:
+            self.__dict__.setdefault("_dirty", set()).add(key)
+            return
+        config = self.delivery_config
+        prefix = self.global_keyprefix or ""
+        with self.conn_or_acquire() as client:  # type: ignore[attr-defined]
+            run_script(client, INDEX, [key, consumed[key]],
+                       [prefix + config.ready_prefix, prefix + config.wake_prefix,
+                        config.wake_depth])
+
+    # --- consuming: claim while there is work, wait on the wake-up list when there is none
 
     def _brpop_start(self, timeout: float | None = None) -> None:
         if not self.ack_emulation:
             super()._brpop_start(timeout)  # type: ignore[misc]
             return
-        if timeout is None:
-            timeout = self._option(IDLE_WAIT_OPTION, self.brpop_timeout)
-        queues = self._queue_cycle.consume(len(self.active_queues))
-        if not queues:
+        if not self.active_queues:
             return
-        prefix = self.global_keyprefix or ""
-        if self._claim_next:
-            config = self.delivery_config
+        config = self.delivery_config
+        if self._claim_next or self.__dict__.get("_dirty"):
+            self._claim_next = True
+            prefix = self.global_keyprefix or ""
+            consumed: dict[str, str] = self.__dict__.setdefault("_consumed", {})
+            dirty: set[str] = self.__dict__.setdefault("_dirty", set())
+            if monotonic() >= self._rescan_at:
+                dirty.update(consumed)
+                self._rescan_at = monotonic() + (
+                    config.rescan_s if self._keyevents_on() else 0.0)
+            pairs = [part for key in dirty if key in consumed for part in (key, consumed[key])]
+            dirty.clear()
             keys = [*self.record_keys()[:5], prefix + config.dead_letter_key,
-                    prefix + config.dead_letter_index_key, prefix + config.consumers_key]
-            keys += [prefix + self._q_for_pri(queue, pri)  # type: ignore[attr-defined]
-                     for pri in self.priority_steps for queue in queues]
-            record = "0" if self._all_without_ack(queues) else "1"
+                    prefix + config.dead_letter_index_key, prefix + config.consumers_key,
+                    self._ready_key(), prefix + config.consumes_key(self.consumer_id), *pairs]
+            record = "0" if self._all_without_ack() else "1"
             command: list[Any] = ["EVALSHA", CLAIM.sha, len(keys), *keys, repr(time()),
                                   self.consumer_id, config.max_deliveries,
-                                  config.dead_letter_max, record]
+                                  config.dead_letter_max, record,
+                                  prefix + config.ready_prefix, prefix + config.wake_prefix,
+                                  config.wake_depth, config.scan_limit]
         else:
-            command = ["BLPOP", *[prefix + self.bell_key(queue) for queue in queues],
-                       timeout or 0]
+            if timeout is None:
+                timeout = self._option(IDLE_WAIT_OPTION, self.brpop_timeout)
+                if self._keyevents_on():
+                    timeout = max(timeout, min(config.rescan_s, self.brpop_timeout * 5))
+            command = ["BLPOP", self._wake_key(), timeout or 0]
         self._claim_in_flight = self._claim_next
         self._claim_command = command if self._claim_next else None
         self._in_poll = self.client.connection
@@ -291,32 +464,17 @@ class ReliableFetchChannel:
         """The send time kombu's half-open check (`maybe_check_brpop_health`) counts from.
 
         kombu drops a connection whose reply is `brpop_timeout + health_check_interval`
-        overdue; a bell wait longer than `brpop_timeout` would be dropped while alive, so
+        overdue; a wake-up wait longer than `brpop_timeout` would be dropped while alive, so
         its clock starts that much later."""
         return monotonic() + max(0.0, wait_s - (self.brpop_timeout or 0))
 
     def _on_connection_disconnect(self, connection: Any) -> None:
-        """A dropped consuming connection (half-open, reconnect): look at the queues
-        first once it is back, messages may have come while it was away."""
+        """A dropped consuming connection (half-open, reconnect): rescan and claim first
+        once it is back; messages may have come while it was away, unnoticed."""
         if connection is self._in_poll:
             self._claim_next = True
+            self._rescan_at = 0.0
         super()._on_connection_disconnect(connection)  # type: ignore[misc]
-
-    def basic_consume(self, queue: str, no_ack: bool, *args: Any, **kwargs: Any) -> Any:
-        """Remember consumers that do not acknowledge: their claims record nothing, so
-        no second write (which a dead connection can break) follows the claim."""
-        tag = super().basic_consume(queue, no_ack, *args, **kwargs)  # type: ignore[misc]
-        consumer_tag = args[1] if len(args) > 1 else kwargs.get("consumer_tag")
-        if no_ack and consumer_tag is not None:
-            if self.no_ack_consumers is None:
-                self.no_ack_consumers = set()
-            self.no_ack_consumers.add(consumer_tag)
-        return tag
-
-    def basic_cancel(self, consumer_tag: str) -> Any:
-        if self.no_ack_consumers:
-            self.no_ack_consumers.discard(consumer_tag)
-        return super().basic_cancel(consumer_tag)  # type: ignore[misc]
 
     def _brpop_read(self, **options: Any) -> Any:
         if not self.ack_emulation:
@@ -328,11 +486,12 @@ class ReliableFetchChannel:
                     self.client.connection, "EVALSHA" if claiming else "BLPOP", **options)
             except self.connection_errors:
                 self.client.connection.disconnect()
+                self._rescan_at = 0.0  # pushes during the outage went unnoticed: rescan
                 raise
             except self.ResponseError as exc:
                 reply = self._claim_failed(exc)
             if not claiming:
-                self._claim_next = True  # a bell rang, or the wait timed out: look again
+                self._claim_next = True  # woken, or the wait timed out: look again
                 raise Empty()
             key, item, status, tag, *quarantined = reply
             for poisoned in quarantined:
@@ -340,25 +499,29 @@ class ReliableFetchChannel:
                              "times without an outcome (poison rule)",
                              bytes_to_str(poisoned), self.delivery_config.max_deliveries)
             if int(status) < 0:
-                self._claim_next = False  # every queue is empty: wait on the bells
+                # Nothing ready: wait on the wake-up list, unless a push was reported while
+                # this claim was under way.
+                self._claim_next = bool(self.__dict__.get("_dirty"))
                 raise Empty()
             self._deliver_claimed(bytes_to_str(key), item, bytes_to_str(tag) or None)
             return True
         finally:
+            self._claim_in_flight = False
             self._in_poll = None
             self._flush_brpop_reauth()  # type: ignore[attr-defined]
 
     def _claim_failed(self, exc: Exception) -> Any:
         """The claim's reply after an error reply, or Empty.
 
-        NOSCRIPT (a fresh or restarted Redis, a flushed script cache): claim again at once
-        with EVAL, which also loads the script, so no reply is wasted on "try again"."""
+        NOSCRIPT (a fresh or restarted Redis, a flushed script cache): rescan, and claim
+        again at once with EVAL, which also loads the script, so no reply is wasted on
+        "try again"."""
         command = self._claim_command
         if command and (isinstance(exc, NoScriptError) or "NOSCRIPT" in str(exc)):
+            self._rescan_at = 0.0
             try:
                 # Keys are prefixed already; kombu's prefixing client would prefix again.
-                return redis.Redis.execute_command(  # type: ignore[no-untyped-call]
-                    self.client, "EVAL", CLAIM.source, *command[2:])
+                return _unprefixed(self.client, "EVAL", CLAIM.source, *command[2:])
             except self.ResponseError as again:
                 exc = again
         # E.g. WRONGTYPE: someone replaced a queue with a non-list. Keep the worker alive,
@@ -469,11 +632,11 @@ class ReliableFetchChannel:
                 prefix + config.deliveries_key, prefix + config.owner_key,
                 prefix + config.held_key(self.consumer_id), prefix + config.stats_key]
 
-    def _all_without_ack(self, queues: list[str]) -> bool:
+    def _all_without_ack(self) -> bool:
         """True when every queue is consumed without acknowledgements (nothing to record)."""
         no_ack = self.no_ack_consumers or set()
         if not no_ack:
             return False
         by_tag: dict[str, str] = getattr(self, "_tag_to_queue", {})
         acked = {queue for tag, queue in by_tag.items() if tag not in no_ack}
-        return not any(queue in acked for queue in queues)
+        return not any(queue in acked for queue in self.active_queues)

@@ -9,8 +9,9 @@
 -- late acknowledgement is counted by ack.lua.
 --
 -- KEYS: unacked hash, unacked index, owner hash, the dead consumer's held hash,
---       consumer heartbeats, delivery stats
--- ARGV: the dead consumer's id, heartbeat bound (a heartbeat at or after it is alive)
+--       consumer heartbeats, delivery stats, the dead consumer's consumed-lists set
+-- ARGV: the dead consumer's id, heartbeat bound (a heartbeat at or after it is alive),
+--       kombu's global key prefix, waiters prefix, ready prefix, wake prefix, wake depth
 -- Returns the number of messages returned (-1 if the consumer beat again meanwhile).
 local dead = ARGV[1]
 local beat = tonumber(redis.call('ZSCORE', KEYS[5], dead))
@@ -30,6 +31,8 @@ for i = 1, #held, 2 do
             local suffix = ',' .. cjson.encode(fields[2]) .. ',' .. cjson.encode(fields[3]) .. ']'
             local item = string.sub(entry, 2, #entry - #suffix)
             redis.call('RPUSH', queue, item)
+            local name = string.gsub(string.sub(queue, #ARGV[3] + 1), '\6\22%d+$', '')
+            mark_ready(queue, ARGV[4] .. name, ARGV[5], ARGV[6], tonumber(ARGV[7]))
             redis.call('HDEL', KEYS[1], tag)
             redis.call('ZREM', KEYS[2], tag)
             redis.call('HDEL', KEYS[3], tag)
@@ -39,6 +42,12 @@ for i = 1, #held, 2 do
 end
 redis.call('DEL', KEYS[4])
 redis.call('ZREM', KEYS[5], dead)
+-- A consumer that was its own group (no worker selector) leaves no waiters behind.
+for _, queue in ipairs(redis.call('SMEMBERS', KEYS[7])) do
+    local name = string.gsub(string.sub(queue, #ARGV[3] + 1), '\6\22%d+$', '')
+    redis.call('SREM', ARGV[4] .. name, dead)
+end
+redis.call('DEL', KEYS[7], ARGV[5] .. dead, ARGV[6] .. dead)
 if returned > 0 then
     redis.call('HINCRBY', KEYS[6], 'rescued', returned)
 end

@@ -92,9 +92,16 @@ class Settings(BaseSettings):
         default=3_600, ge=10,
         description="Redis broker visibility timeout; every hard time limit must be below it.")
     restore_sweep_s: float = Field(
-        default=5.0, gt=0,
-        description="How often workers return messages of dead workers past the visibility "
-                    "timeout to their queues.")
+        default=2.0, gt=0, le=60,
+        description="How often each worker beats its consumer heartbeat and returns to their "
+                    "queues the messages of consumers found dead (and of any holder past the "
+                    "visibility timeout).")
+    consumer_dead_after_s: float = Field(
+        default=10.0, gt=0,
+        description="A worker whose consumer heartbeat is older than this is dead: any live "
+                    "worker returns the messages it held to the front of their queues. At "
+                    "least 3 x restore_sweep_s. A worker paused longer than this (SIGSTOP, a "
+                    "partition) finds its jobs run elsewhere: see the README on duplicates.")
     max_deliveries: int = Field(
         default=3, ge=1, le=100,
         description="The poison rule: a message delivered this many times without an outcome "
@@ -107,9 +114,21 @@ class Settings(BaseSettings):
         description="Most dead letters kept; beyond it the oldest are dropped.")
     broker_idle_wait_s: float = Field(
         default=0.2, ge=0.01, le=10,
-        description="How long an idle worker blocks on its queues' bells before looking at "
-                    "the queues again: the most a job from a producer that rings no bell "
-                    "(plain Celery or kombu) waits on an idle worker.")
+        description="Where Redis keyspace notifications are unavailable: how long an idle "
+                    "worker waits before rescanning its queues for jobs pushed by a producer "
+                    "that does not index them (plain Celery or kombu). Each rescan reads the "
+                    "length of every queue the worker consumes.")
+    broker_keyspace_events: bool = Field(
+        default=True,
+        description="Let workers enable Redis keyspace notifications for list pushes "
+                    "(notify-keyspace-events E and l), so a job from a plain Celery producer "
+                    "reaches an idle worker at once, at a cost that does not grow with the "
+                    "number of plugins.")
+    broker_rescan_s: float = Field(
+        default=60.0, gt=0,
+        description="With keyspace notifications on: how often a worker rescans its queues "
+                    "anyway, a safety net for notifications lost (pub/sub keeps none while a "
+                    "connection is down).")
     spec_cache_ttl_s: float = Field(
         default=5.0, ge=0, description="How long producers and workers cache a spec.")
     plugin_paths: list[str] = Field(
@@ -122,6 +141,11 @@ class Settings(BaseSettings):
         default=None, description="CA bundle that verifies a rediss:// server's certificate.")
     redis_socket_timeout_s: float = Field(
         default=5.0, gt=0, description="Connect/read timeout for Redis, so outages fail fast.")
+    http_idle_timeout_s: float = Field(
+        default=30.0, gt=0, le=3600,
+        description="The aggregator's HTTP server closes a connection that sends nothing (or "
+                    "stops reading) for this long, so a slow or idle client cannot pin one of "
+                    "its threads for good.")
     max_artifact_bytes: int = Field(
         default=20 * 1024 * 1024, ge=1024,
         description="Largest plugin code artifact (wheel) `register` publishes into Redis.")
@@ -133,11 +157,6 @@ class Settings(BaseSettings):
         default=5.0, gt=0,
         description="How often a worker compares its queues with the registry, so one that "
                     "missed a registry event catches up on its own.")
-    http_idle_timeout_s: float = Field(
-        default=30.0, gt=0, le=3600,
-        description="The aggregator's HTTP server closes a connection that sends nothing (or "
-                    "stops reading) for this long, so a slow or idle client cannot pin one of "
-                    "its threads for good.")
 
     @field_validator("redis_url", "broker_url", "result_backend")
     @classmethod
@@ -164,6 +183,13 @@ class Settings(BaseSettings):
         urls = (self.redis_url, self.broker_url or "", self.result_backend or "")
         if any(u.startswith("sentinel://") for u in urls) and not self.redis_sentinel_master:
             raise ValueError("sentinel:// URLs need PLUGINPOOL_REDIS_SENTINEL_MASTER")
+        return self
+
+    @model_validator(mode="after")
+    def _heartbeat_fits(self) -> Settings:
+        if self.consumer_dead_after_s < 3 * self.restore_sweep_s:
+            raise ValueError("consumer_dead_after_s must be at least 3 x restore_sweep_s, or "
+                             "one late sweep would declare a live worker dead")
         return self
 
     @property

@@ -15,7 +15,7 @@ from pathlib import Path
 import redis
 
 from bench.reliable_fetch import kill_round
-from pluginpool.tasks.delivery_record import RESCUE
+from pluginpool.tasks.delivery_record import PUBLISH, RESCUE
 from pluginpool.tasks.reliable_fetch import CLAIM_SOURCE
 
 
@@ -34,86 +34,138 @@ def test_consumers_killed_at_random_instants_lose_no_message(redis_url: str,
     assert "Traceback" not in logs, logs[-3000:]
 
 
+class ClaimHarness:
+    """claim.lua, publish.lua and rescue.lua on their own, with keys of one test."""
+
+    def __init__(self, store: redis.Redis, name: str) -> None:
+        self.store = store
+        self.prefix = f"{name}-{uuid.uuid4().hex[:8]}:"
+        self.claim = store.register_script(CLAIM_SOURCE)
+        self.publish = store.register_script(PUBLISH.source)
+        self.rescue = store.register_script(RESCUE.source)
+
+    def key(self, name: str) -> str:
+        return self.prefix + name
+
+    def consume(self, consumer: str, group: str, *queues: str) -> None:
+        self.store.sadd(self.key(f"consumes:{consumer}"), *[self.key(q) for q in queues])
+        for queue in queues:
+            self.store.sadd(self.key(f"waiters:{queue}"), group)
+
+    def push(self, queue: str, raw: str, *, front: bool = False) -> None:
+        self.publish(keys=[self.key(queue), self.key(f"waiters:{queue}")],
+                     args=[raw, "R" if front else "L", self.key("ready:"), self.key("wake:"), 64])
+
+    def record_keys(self, consumer: str) -> list[str]:
+        return [self.key(n) for n in ("unacked", "index", "count", "owner",
+                                      f"held:{consumer}", "dl", "dlindex", "beats")]
+
+    def take(self, consumer: str, group: str, *, now: str = "100.5", max_deliveries: int = 3,
+             dirty: tuple[str, ...] = ()) -> list[object]:
+        keys = [*self.record_keys(consumer), self.key(f"ready:{group}"),
+                self.key(f"consumes:{consumer}")]
+        for queue in dirty:
+            keys += [self.key(queue), self.key(f"waiters:{queue}")]
+        return self.claim(keys=keys, args=[now, consumer, max_deliveries, 100, "1",
+                                           self.key("ready:"), self.key("wake:"), 64, 64])
+
+
+def message(tag: str, routing_key: str = "rk") -> str:
+    return ('{"body": "e30=", "properties": {"delivery_tag": "' + tag + '", '
+            '"delivery_info": {"exchange": "ex", "routing_key": "' + routing_key + '"}}}')
+
+
 def test_claim_records_the_message_before_it_leaves_redis(redis_url: str) -> None:
     """The script itself: a message is never in neither place, its record names its
     consumer, and an item that is not a kombu message is handed back unrecorded (the
     worker dead-letters it)."""
-    store = redis.Redis.from_url(redis_url)
-    claim = store.register_script(CLAIM_SOURCE)
-    prefix = f"rfunit-{uuid.uuid4().hex[:8]}"
-    names = ("unacked", "index", "count", "owner", "held", "dl", "dlindex", "beats", "q1",
-             "q2")
-    keys = [f"{prefix}:{name}" for name in names]
-    unacked, index, count, owner, held, _, _, beats, _, second = keys
-    raw = ('{"body": "e30=", "properties": {"delivery_tag": "tag-1", '
-           '"delivery_info": {"exchange": "ex", "routing_key": "rk"}}}')
-    store.lpush(second, raw)
-    store.lpush(second, "not json")
-    args = ["100.5", "me", 3, 100, "1"]
-    assert claim(keys=keys, args=args) == [second.encode(), raw.encode(), 1, b"tag-1"]
-    assert store.hget(unacked, "tag-1") == f'[{raw},"ex","rk"]'.encode()
-    assert store.zscore(index, "tag-1") == 100.5
-    assert store.hget(count, "tag-1") == b"1"
-    assert store.hget(owner, "tag-1") == b"me"
-    assert store.hgetall(held) == {b"tag-1": second.encode()}
-    assert store.zscore(beats, "me") == 100.5
-    assert claim(keys=keys, args=["101", "me", 3, 100, "1"]) == [
-        second.encode(), b"not json", 0, b""]
-    assert store.hlen(unacked) == 1
-    assert claim(keys=keys, args=["102", "me", 3, 100, "1"]) == [b"", b"", -1, b""]
+    h = ClaimHarness(redis.Redis.from_url(redis_url), "rfunit")
+    h.consume("me", "g", "q1", "q2")
+    raw = message("tag-1")
+    h.push("q2", raw)
+    h.push("q2", "not json")
+    q2 = h.key("q2").encode()
+    assert h.take("me", "g") == [q2, raw.encode(), 1, b"tag-1"]
+    assert h.store.hget(h.key("unacked"), "tag-1") == f'[{raw},"ex","rk"]'.encode()
+    assert h.store.zscore(h.key("index"), "tag-1") == 100.5
+    assert h.store.hget(h.key("count"), "tag-1") == b"1"
+    assert h.store.hget(h.key("owner"), "tag-1") == b"me"
+    assert h.store.hgetall(h.key("held:me")) == {b"tag-1": q2}
+    assert h.store.zscore(h.key("beats"), "me") == 100.5
+    assert h.take("me", "g", now="101") == [q2, b"not json", 0, b""]
+    assert h.store.hlen(h.key("unacked")) == 1
+    assert h.take("me", "g", now="102") == [b"", b"", -1, b""]
+    assert h.store.zcard(h.key("ready:g")) == 0, "an emptied queue leaves the index"
+
+
+def test_claim_finds_unindexed_pushes_it_is_told_about(redis_url: str) -> None:
+    """A plain producer's LPUSH is not indexed; a keyspace notification or a rescan hands
+    the list to the claim, which indexes it before it looks."""
+    h = ClaimHarness(redis.Redis.from_url(redis_url), "rfdirty")
+    h.consume("me", "g", "q")
+    h.store.lpush(h.key("q"), message("plain"))
+    assert h.take("me", "g")[2] == -1
+    assert h.take("me", "g", dirty=("q",))[3] == b"plain"
+
+
+def test_ready_queues_are_served_round_robin(redis_url: str) -> None:
+    """Fairness: a queue with a deep backlog gets one claim in turn with every other ready
+    queue, never all of them."""
+    h = ClaimHarness(redis.Redis.from_url(redis_url), "rffair")
+    h.consume("me", "g", "deep", "a", "b")
+    for i in range(50):
+        h.push("deep", message(f"d{i}"))
+    h.push("a", message("a0"))
+    h.push("b", message("b0"))
+    served = [bytes(h.take("me", "g")[0]).decode().rsplit(":", 1)[1] for _ in range(6)]
+    assert served[:3].count("deep") == 1 and set(served[:3]) == {"deep", "a", "b"}
+    assert served[3:] == ["deep"] * 3
 
 
 def test_claim_quarantines_a_message_delivered_too_often(redis_url: str) -> None:
     """The poison rule: the (max + 1)th claim of one delivery tag sets it aside with its
     history instead of delivering it, and claims the next message in the same call."""
-    store = redis.Redis.from_url(redis_url)
-    claim = store.register_script(CLAIM_SOURCE)
-    prefix = f"rfpoison-{uuid.uuid4().hex[:8]}"
-    names = ("unacked", "index", "count", "owner", "held", "dl", "dlindex", "beats", "q")
-    keys = [f"{prefix}:{name}" for name in names]
-    unacked, _, count, _, _, dl, dlindex, _, queue = keys
-    poison = ('{"body": "", "properties": {"delivery_tag": "p", '
-              '"delivery_info": {"exchange": "", "routing_key": "q"}}}')
-    good = poison.replace('"p"', '"g"')
+    h = ClaimHarness(redis.Redis.from_url(redis_url), "rfpoison")
+    h.consume("c0", "g", "q")
+    h.consume("c1", "g", "q")
+    h.consume("c2", "g", "q")
+    poison, good = message("p"), message("g")
     for attempt in range(2):
-        store.rpush(queue, poison)  # its consumer died: the sweep put it back
-        assert claim(keys=keys, args=[str(attempt), f"c{attempt}", 2, 100, "1"])[3] == b"p"
-    store.rpush(queue, poison)
-    store.lpush(queue, good)
-    reply = claim(keys=keys, args=["5", "c2", 2, 100, "1"])
+        h.push("q", poison, front=True)  # its consumer died: returned to the front
+        assert h.take(f"c{attempt}", "g", now=str(attempt), max_deliveries=2)[3] == b"p"
+    h.push("q", poison, front=True)
+    h.push("q", good)
+    reply = h.take("c2", "g", now="5", max_deliveries=2)
     assert reply[3:] == [b"g", b"p"]  # delivered the good one, quarantined the poison
-    entry = json.loads(store.hget(dl, "p"))
+    entry = json.loads(h.store.hget(h.key("dl"), "p"))
     assert entry["deliveries"] == 2 and entry["last_consumer"] == "c1"
     assert entry["first_seen"] == 0 and entry["raw"] == poison
-    assert store.zscore(dlindex, "p") == 5
-    assert not store.hexists(count, "p") and store.hexists(unacked, "g")
+    assert h.store.zscore(h.key("dlindex"), "p") == 5
+    assert not h.store.hexists(h.key("count"), "p")
+    assert h.store.hexists(h.key("unacked"), "g")
 
 
 def test_a_dead_consumers_messages_are_returned_once_by_concurrent_rescuers(
         redis_url: str) -> None:
     """rescue.lua: what a consumer past its heartbeat bound held goes back to the front of
-    its queue, verbatim, exactly once however many workers rescue at the same time; a
-    consumer that beat again meanwhile is left alone."""
-    store = redis.Redis.from_url(redis_url)
-    claim = store.register_script(CLAIM_SOURCE)
-    rescue = store.register_script(RESCUE.source)
-    prefix = f"rfrescue-{uuid.uuid4().hex[:8]}"
-    names = ("unacked", "index", "count", "owner", "held", "dl", "dlindex", "beats", "stats",
-             "q")
-    unacked, index, count, owner, held, dl, dlindex, beats, stats, queue = (
-        f"{prefix}:{name}" for name in names)
-    raws = ['{"body": "", "properties": {"delivery_tag": "t' + str(i) + '", '
-            '"delivery_info": {"exchange": "", "routing_key": "a/b"}}}' for i in range(3)]
-    store.lpush(queue, *raws)
+    its queue, verbatim and indexed, exactly once however many workers rescue at the same
+    time; a consumer that beat again meanwhile is left alone."""
+    h = ClaimHarness(redis.Redis.from_url(redis_url), "rfrescue")
+    h.consume("dead", "g", "q")
+    raws = [message(f"t{i}", "a/b") for i in range(3)]
+    for raw in raws:
+        h.push("q", raw)
     for _ in raws:
-        claim(keys=[unacked, index, count, owner, held, dl, dlindex, beats, queue],
-              args=["10", "dead", 3, 100, "1"])
-    assert store.llen(queue) == 0 and store.hlen(unacked) == 3
-    keys = [unacked, index, owner, held, beats, stats]
-    assert rescue(keys=keys, args=["dead", "5"]) == -1  # beat at 10: alive at bound 5
-    returned = [rescue(keys=keys, args=["dead", "50"]) for _ in range(3)]
+        h.take("dead", "g", now="10")
+    assert h.store.llen(h.key("q")) == 0 and h.store.hlen(h.key("unacked")) == 3
+    keys = [h.key(n) for n in ("unacked", "index", "owner", "held:dead", "beats", "stats",
+                                "consumes:dead")]
+    args = [h.prefix, h.key("waiters:"), h.key("ready:"), h.key("wake:"), 64]
+    assert h.rescue(keys=keys, args=["dead", "5", *args]) == -1  # beat at 10: alive at 5
+    returned = [h.rescue(keys=keys, args=["dead", "50", *args]) for _ in range(3)]
     assert returned == [3, 0, 0]
-    assert sorted(store.lrange(queue, 0, -1)) == sorted(raw.encode() for raw in raws)
-    assert store.hlen(unacked) == 0 and not store.exists(held)
-    assert store.hget(count, "t0") == b"1", "the delivery count survives for the poison rule"
-    assert store.hget(stats, "rescued") == b"3"
+    assert sorted(h.store.lrange(h.key("q"), 0, -1)) == sorted(raw.encode() for raw in raws)
+    assert h.store.hlen(h.key("unacked")) == 0 and not h.store.exists(h.key("held:dead"))
+    assert h.store.hget(h.key("count"), "t0") == b"1", "the count survives for the poison rule"
+    assert h.store.hget(h.key("stats"), "rescued") == b"3"
+    assert h.store.zcard(h.key("ready:g")) == 1, "the returned queue is ready again"

@@ -1,0 +1,78 @@
+"""Many plugins: a worker's cost follows its work, not its plugin count, and it stays fair.
+
+A worker consuming hundreds of plugin queues finds every job through the ready index
+(jobs from pluginpool's client, which index their queue as they push, and jobs from a
+plain Celery producer, found through keyspace notifications), and serves ready queues
+round robin, so one plugin's deep backlog does not starve the others.
+"""
+
+from __future__ import annotations
+
+import random
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from celery import Celery
+
+from pluginpool.pool.processes import ManagedProcess
+from pluginpool.tasks.client import PluginClient
+from pluginpool.tasks.spec import PluginSpec
+from tests.conftest import make_settings, spawn_worker
+
+PLUGINS = 300
+
+
+def echo(plugin_id: str) -> PluginSpec:
+    return PluginSpec.model_validate({
+        "id": plugin_id, "name": plugin_id, "entrypoint": "pp_testplugins.basic:echo",
+        "isolation": {"sandboxed": False}, "resource_limits": {"timeout_ms": 5000}})
+
+
+@pytest.fixture(scope="module")
+def fleet(redis_url: str, tmp_path_factory: pytest.TempPathFactory
+          ) -> Iterator[tuple[PluginClient, ManagedProcess]]:
+    settings = make_settings(redis_url, key_prefix=f"ppmany:{uuid.uuid4().hex[:8]}:",
+                             breaker_enabled=False, usage_events=False)
+    client = PluginClient(settings)
+    client.register([echo(f"many-{i:03d}") for i in range(PLUGINS)] + [echo("many-deep")])
+    worker = spawn_worker(client, tmp_path_factory.mktemp("many"), plugins="many-*",
+                          concurrency=2)
+    yield client, worker
+    worker.stop()
+    client.close()
+
+
+def test_every_job_is_found_among_hundreds_of_queues(
+        fleet: tuple[PluginClient, ManagedProcess]) -> None:
+    """Jobs spread at random over 300 plugins, from the client and from plain Celery."""
+    client, worker = fleet
+    rng = random.Random(3)
+    ours = [client.submit(f"many-{rng.randrange(PLUGINS):03d}", i) for i in range(200)]
+    plain = Celery("plain-many", broker=client.settings.redis_url,
+                   backend=client.settings.redis_url, set_as_current=False)
+    plain.conf.update(task_serializer="json", accept_content=["json"],
+                      result_accept_content=["json"])
+    theirs = []
+    for i in range(40):
+        plugin = f"many-{rng.randrange(PLUGINS):03d}"
+        theirs.append(plain.send_task(f"plugin.{plugin}", args=[i], queue=f"plugins.{plugin}"))
+    assert [job.result(timeout=60)["payload"] for job in ours] == list(range(200))
+    assert [r.get(timeout=60)["value"]["payload"] for r in theirs] == list(range(40))
+    assert worker.alive()
+    plain.close()
+
+
+def test_a_deep_backlog_does_not_starve_the_other_plugins(
+        fleet: tuple[PluginClient, ManagedProcess]) -> None:
+    """One plugin with 1,500 queued jobs, then 20 others with 5 each: the ready queues are
+    served in turn, so the others all finish while most of the backlog still waits."""
+    client, _ = fleet
+    backlog = [client.submit("many-deep", i) for i in range(1500)]
+    others = [client.submit(f"many-{p:03d}", p) for p in range(20) for _ in range(5)]
+    for job in others:
+        job.result(timeout=60)
+    left = client.redis.llen("plugins.many-deep")
+    print(f"others done with {left} of 1500 backlog jobs still queued")
+    assert left > 1000, "round robin: 100 other jobs cost the backlog about 100 turns"
+    assert backlog[-1].result(timeout=120)["payload"] == 1499
