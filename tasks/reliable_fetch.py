@@ -450,9 +450,10 @@ class ReliableFetchChannel:
                                   config.wake_depth, config.scan_limit]
         else:
             if timeout is None:
-                timeout = self._option(IDLE_WAIT_OPTION, self.brpop_timeout)
-                if self._keyevents_on():
-                    timeout = max(timeout, min(config.rescan_s, self.brpop_timeout * 5))
+                # With keyspace notifications a push wakes us: wait as long as kombu would.
+                # Without, wake up after the idle wait and rescan.
+                timeout = (self.brpop_timeout if self._keyevents_on()
+                           else self._option(IDLE_WAIT_OPTION, self.brpop_timeout))
             command = ["BLPOP", self._wake_key(), timeout or 0]
         self._claim_in_flight = self._claim_next
         self._claim_command = command if self._claim_next else None
