@@ -116,17 +116,25 @@ class SandboxRunner:
         sandbox = self._pool.take(key)
         if sandbox is None:
             sandbox, setup = self._set_up(spec, ctx, storage)
+        dead = True  # unless the run comes back: a sandbox is never left marked busy
         try:
-            out, pid, baseline = self._run_once(sandbox, spec, ctx, payload, storage)
-        except SandboxGone:  # it died since its last run: replaced, and the run goes on
-            self._pool.give_back(sandbox, dead=True)
-            sandbox, setup = self._set_up(spec, ctx, storage)
-            out, pid, baseline = self._run_once(sandbox, spec, ctx, payload, storage)
-        dead = out.exit is not None and out.exit.sandbox_died
-        usage = outcome.usage_of(out, baseline_rss=baseline, sandbox=sandbox,
-                                 run_pid=pid, setup=setup)
-        sandbox.runs += 1
-        self._pool.give_back(sandbox, dead=dead)
+            try:
+                out, pid, baseline = self._run_once(sandbox, spec, ctx, payload, storage)
+            except SandboxGone:  # it died since its last run: replaced, and the run goes on
+                self._pool.give_back(sandbox, dead=True)
+                sandbox, setup = self._set_up(spec, ctx, storage)
+                try:
+                    out, pid, baseline = self._run_once(sandbox, spec, ctx, payload, storage)
+                except SandboxGone:
+                    raise PluginExecutionError.of(
+                        ErrorType.RUNTIME, "the warm sandbox died before the run started",
+                        plugin_id=spec.id, sandbox_died=True) from None
+            dead = out.exit is not None and out.exit.sandbox_died
+            usage = outcome.usage_of(out, baseline_rss=baseline, sandbox=sandbox,
+                                     run_pid=pid, setup=setup)
+            sandbox.runs += 1
+        finally:
+            self._pool.give_back(sandbox, dead=dead)
         return outcome.run_report(spec, out, usage,
                                   max_result_bytes=self._settings.max_result_bytes)
 

@@ -254,8 +254,8 @@ class Supervisor:
                                              directory_bytes(self.workspace))
             if self._stopped:
                 self._signal_group(signal.SIGCONT)
-            if self.kill_after:
-                self.kill()
+            # A setup that ended well leaves its zygote running; anything else is killed.
             if self.kill_after or self.out.result is None:
+                self.kill()
                 self.out.exit = self.out.exit or self.reaper.reap(block=True)
         return self.out
