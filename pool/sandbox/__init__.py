@@ -1,2 +1,3 @@
-"""Sandboxed runs: a single-use process per run, limits applied before plugin code runs,
-supervised by the pool child. See runner.py for the path of one run."""
+"""Sandboxed runs: each a fresh fork of a warm sandbox (a locked-down zygote that set the
+plugin up once), narrowed further and supervised by the pool child. See runner.py for the
+path of one run, runtime/ for what runs inside the sandbox."""

@@ -1,0 +1,61 @@
+"""The sandbox runtime stays what a zygote can load anywhere: the standard library only,
+and one typed definition of every message, encoded and decoded in one place."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from pluginpool.pool.sandbox.launcher import RUNTIME_DIR, RUNTIME_MODULE
+from pluginpool.pool.sandbox.runtime import messages
+
+LOAD_ALL = (
+    "import importlib.util as u, sys, json\n"
+    "before = set(sys.modules)\n"  # what the interpreter's startup (site, .pth) loaded
+    "d = sys.argv[1]\n"
+    f"s = u.spec_from_file_location({RUNTIME_MODULE!r}, d + '/__init__.py',"
+    " submodule_search_locations=[d])\n"
+    "m = u.module_from_spec(s); sys.modules[s.name] = m; s.loader.exec_module(m)\n"
+    "import importlib, pkgutil\n"
+    "names = [n for _, n, _ in pkgutil.iter_modules([d])]\n"
+    f"for n in names: importlib.import_module({RUNTIME_MODULE!r} + '.' + n)\n"
+    "new = sorted(set(sys.modules) - before)\n"
+    "files = [getattr(sys.modules[n], '__file__', None) or '' for n in new]\n"
+    "print(json.dumps({'names': names, 'files': files, 'modules': new}))\n"
+)
+
+
+def test_the_runtime_imports_nothing_but_the_standard_library() -> None:
+    out = subprocess.run([sys.executable, "-I", "-c", LOAD_ALL, RUNTIME_DIR],
+                         capture_output=True, text=True, check=True, timeout=60)
+    loaded = json.loads(out.stdout)
+    assert {"zygote", "run", "messages", "landlock", "audit"} <= set(loaded["names"])
+    assert not any(name.split(".")[0] in ("pluginpool", "pydantic", "celery", "redis",
+                                          "psutil", "pyseccomp")
+                   for name in loaded["modules"])
+    assert not [f for f in loaded["files"] if "site-packages" in f]
+    assert "logging" not in loaded["modules"]  # its fork handlers cost every run
+
+
+@pytest.mark.parametrize("message", [
+    messages.Spawn(job_id="j", operation="run", payload={"deep": [1, {"x": None}]},
+                   attempt=2, workspace="/w", cpu_backstop_s=3, max_memory_mb=64,
+                   max_storage_kb=8),
+    messages.Result(ok=False, error=messages.RunError("security", "no", {"path": "/etc"}),
+                    network_requests=2, cpu_s=0.5, wall_s=1.0),
+    messages.Closed(error=None, teardown=True),
+    messages.StorageReply(ok=False, quota=True, limit_bytes=10, observed_bytes=11),
+])
+def test_every_message_survives_the_wire(message: messages.Message) -> None:
+    frame = json.loads(json.dumps(messages.encode(message)))
+    assert messages.decode(frame) == message
+
+
+def test_an_unknown_or_malformed_frame_is_a_protocol_error() -> None:
+    with pytest.raises(messages.ProtocolError):
+        messages.decode({"op": "pickle"})
+    with pytest.raises(messages.ProtocolError):
+        messages.decode({"op": "forked", "pid": 1})
