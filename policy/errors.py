@@ -411,3 +411,55 @@ class ArtifactTooLargeError(ArtifactError, ValueError):
         super().__init__("too_large", f"artifact of {plugin_id!r} is {size_bytes} bytes, over"
                          f" the {limit_bytes}-byte limit (PLUGINPOOL_MAX_ARTIFACT_BYTES)",
                          plugin_id=plugin_id, size_bytes=size_bytes, limit_bytes=limit_bytes)
+
+
+class PluginDisabledError(SubmitError):
+    """An operator disabled (or is draining) the plugin: new jobs are refused; jobs already
+    queued wait (disabled) or finish (draining)."""
+
+    def __init__(self, plugin_id: str, *, mode: str = "disabled", by: str | None = None) -> None:
+        self.plugin_id = plugin_id
+        self.mode = mode
+        self.by = by
+        super().__init__(f"plugin {plugin_id!r} is {mode}"
+                         f"{f' (by {by})' if by else ''}: new jobs are refused")
+
+
+class JobCancelledError(PluginPoolError):
+    """The job was cancelled or purged by an operator: it never ran, or its run was killed.
+
+    Built from one dict so that it survives Celery's JSON result backend."""
+
+    def __init__(self, info: dict[str, Any]) -> None:
+        self.info = dict(info)
+        super().__init__(self.info)
+
+    @classmethod
+    def of(cls, job_id: str, *, plugin_id: str | None, reason: str = "cancelled",
+           by: str | None = None) -> JobCancelledError:
+        return cls({"job_id": job_id, "plugin_id": plugin_id, "reason": reason, "by": by})
+
+    @property
+    def job_id(self) -> str:
+        return str(self.info.get("job_id"))
+
+    @property
+    def reason(self) -> str:
+        return str(self.info.get("reason", "cancelled"))
+
+    def __str__(self) -> str:
+        by = self.info.get("by")
+        return (f"job {self.job_id} of plugin {self.info.get('plugin_id')!r} was "
+                f"{self.reason}{f' by {by}' if by else ''}")
+
+
+class ActionRefusedError(PluginPoolError, ValueError):
+    """An operator action cannot be done as asked (e.g. cancel a job that already ended)."""
+
+
+class AuthError(PluginPoolError):
+    """A request to the HTTP API without a valid token (401) or with too small a role (403)."""
+
+    def __init__(self, message: str, *, status: int) -> None:
+        self.status = status
+        super().__init__(message)

@@ -180,3 +180,35 @@ class RedisKeys:
     def artifact(self, sha256: str) -> str:
         """String: a plugin's code artifact (a wheel), content-addressed by its sha256."""
         return f"{self.prefix}artifact:{sha256}"
+
+    @property
+    def paused(self) -> str:
+        """Hash: plugin id → why its submits are refused (JSON: mode disabled or draining,
+        by, at); workers stop consuming a disabled plugin's queue."""
+        return f"{self.prefix}ops:paused"
+
+    @property
+    def ops_channel(self) -> str:
+        """Pub/sub channel: operator actions workers act on at once (disable, enable)."""
+        return f"{self.prefix}events:ops"
+
+    def cancelled(self, job_id: str) -> str:
+        """String: set when an operator cancels the job (JSON: by, reason); expires with the
+        job's result. Checked by the worker before and after a run."""
+        return f"{self.prefix}ops:cancelled:{job_id}"
+
+    @property
+    def cancel_channel(self) -> str:
+        """Pub/sub channel: ids of cancelled jobs; the worker running one kills its run."""
+        return f"{self.prefix}events:cancel"
+
+    @property
+    def audit(self) -> str:
+        """List: operator actions (who, what, when, from where, outcome), newest first,
+        bounded (tasks/audit.py)."""
+        return f"{self.prefix}audit"
+
+    def recent_runs(self, plugin_id: str) -> str:
+        """List: a plugin's last runs (outcome, duration, worker, bounded logs), newest
+        first, bounded (tasks/runs.py)."""
+        return f"{self.prefix}health:{plugin_id}:runs"

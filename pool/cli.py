@@ -16,8 +16,9 @@ from rich.table import Table
 from rich.text import Text
 
 from pluginpool.policy.errors import PluginExecutionError, PluginPoolError
-from pluginpool.pool import fleet_cli
+from pluginpool.pool import fleet_cli, ops_cli
 from pluginpool.pool.deadletter_cli import add_parser as add_deadletter_parser
+from pluginpool.tasks.audit import Actor
 from pluginpool.tasks.client import PluginClient
 from pluginpool.tasks.jobs import FallbackJob, Job
 from pluginpool.tasks.settings import Settings
@@ -125,9 +126,9 @@ def _submit_many(client: PluginClient, args: argparse.Namespace, payload: Any) -
 def cmd_breaker(args: argparse.Namespace) -> int:
     with _client() as client:
         if args.reset:
-            client.override_breaker(args.plugin, "reset")
+            client.reset_breaker(args.plugin, actor=Actor.local("cli"))
         elif args.force_open:
-            client.override_breaker(args.plugin, "force_open")
+            client.force_open_breaker(args.plugin, actor=Actor.local("cli"))
         status = client.breaker(args.plugin)
     if args.json:
         print(json.dumps(status.as_dict(), indent=2))
@@ -250,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     add_deadletter_parser(sub)
+    ops_cli.add_parsers(sub)
 
     p = sub.add_parser("ensure-redis", help="print a reachable Redis URL, starting one if needed")
     p.add_argument("--run-dir", default=".run")

@@ -11,6 +11,7 @@ from rich.table import Table
 from rich.text import Text
 
 from pluginpool.policy.errors import DeadLetterUsageError
+from pluginpool.tasks.audit import Actor
 from pluginpool.tasks.client import PluginClient
 from pluginpool.tasks.deadletter import DeadLetterStore
 from pluginpool.tasks.settings import Settings
@@ -20,8 +21,8 @@ def cmd_deadletter(args: argparse.Namespace) -> int:
     with PluginClient(Settings.from_env()) as client:
         store = DeadLetterStore(client.redis, client.settings.keys)
         if args.requeue:
-            entry = store.requeue(args.requeue)
-            print(f"requeued {entry.id} on {entry.queue}")
+            done = client.requeue_dead_letter(args.requeue, actor=Actor.local("cli"))
+            print(f"requeued {done['id']} on {done['queue']}")
             return 0
         if args.discard is not None or args.all:
             if args.all:
@@ -29,7 +30,7 @@ def cmd_deadletter(args: argparse.Namespace) -> int:
                 return 0
             if not args.discard:
                 raise DeadLetterUsageError("--discard needs an ID, or --all")
-            store.discard(args.discard)
+            client.discard_dead_letter(args.discard, actor=Actor.local("cli"))
             print(f"discarded {args.discard}")
             return 0
         entries = store.list(limit=args.limit)

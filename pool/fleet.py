@@ -29,6 +29,7 @@ import redis
 from celery import bootsteps
 
 from pluginpool.pool.plugin_tasks import ensure_plugin_task
+from pluginpool.tasks.pause import disabled_ids
 from pluginpool.tasks.registry import Registry, parse_event
 from pluginpool.tasks.retire import sweep_unregistered
 from pluginpool.tasks.routing import PLUGIN_QUEUE_PREFIX, queue_name
@@ -95,6 +96,7 @@ class RegistryFollower(bootsteps.StartStopStep):  # type: ignore[misc]
         self._registry: Registry = services.registry
         self._redis: redis.Redis = services.redis
         self._channel = services.settings.keys.registry_channel
+        self._keys = services.settings.keys
         self._every_s: float = services.settings.fleet_reconcile_s
         self._revisions: dict[str, int] = {}
         self._thread = threading.Thread(target=self._follow, name="pluginpool-fleet",
@@ -115,7 +117,7 @@ class RegistryFollower(bootsteps.StartStopStep):  # type: ignore[misc]
             try:
                 if pubsub is None:
                     pubsub = self._redis.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
-                    pubsub.subscribe(self._channel)
+                    pubsub.subscribe(self._channel, self._keys.ops_channel)
                     next_reconcile = 0.0  # caught up from scratch after (re)subscribing
                 wait_s = max(0.0, min(1.0, next_reconcile - time.monotonic()))
                 message = pubsub.get_message(timeout=wait_s)
@@ -123,7 +125,8 @@ class RegistryFollower(bootsteps.StartStopStep):  # type: ignore[misc]
                 if event is not None:
                     logger.info("registry: %s %s revision %d", event.action, event.plugin_id,
                                 event.revision)
-                if event is not None or time.monotonic() >= next_reconcile:
+                operator = message is not None and message["channel"] == self._keys.ops_channel
+                if event is not None or operator or time.monotonic() >= next_reconcile:
                     self.reconcile()
                     next_reconcile = time.monotonic() + self._every_s
             except redis.RedisError as exc:
@@ -143,7 +146,9 @@ class RegistryFollower(bootsteps.StartStopStep):  # type: ignore[misc]
         if revisions != self._revisions:
             self._generation.bump()
             self._revisions = revisions
-        self._worker.consumer.call_soon(self._apply, wanted)
+        # A plugin an operator disabled keeps its task, not its queue: jobs wait there.
+        disabled = disabled_ids(self._redis, self._keys)
+        self._worker.consumer.call_soon(self._apply, wanted, disabled)
         gone = {plugin_id: (queue_name(plugin_id), revision)
                 for plugin_id, revision in self._registry.unregistered().items()
                 if self._selector.matches(plugin_id)}
@@ -151,7 +156,7 @@ class RegistryFollower(bootsteps.StartStopStep):  # type: ignore[misc]
 
     # -- in the event loop ----------------------------------------------------------------
 
-    def _apply(self, wanted: dict[str, PluginSpec]) -> None:
+    def _apply(self, wanted: dict[str, PluginSpec], disabled: set[str]) -> None:
         consumer = self._worker.consumer
         if consumer.task_consumer is None:
             return  # the consumer is (re)connecting; the next reconciliation applies it
@@ -161,7 +166,7 @@ class RegistryFollower(bootsteps.StartStopStep):  # type: ignore[misc]
             consumer.update_strategies()
         consuming = {q for q in app.amqp.queues.consume_from
                      if q.startswith(PLUGIN_QUEUE_PREFIX)}
-        wanted_queues = {spec.queue for spec in wanted.values()}
+        wanted_queues = {spec.queue for spec in wanted.values() if spec.id not in disabled}
         for queue in sorted(wanted_queues - consuming):
             consumer.add_task_queue(queue)
             logger.info("now consuming %s", queue)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from celery import Celery
 
 from pluginpool.policy.errors import UnknownPluginError
+from pluginpool.pool.cancel_listener import CancelListener
 from pluginpool.pool.fleet import IDLE_QUEUE, PluginSelector, RegistryFollower, SharedGeneration
 from pluginpool.pool.liveness import WorkerLiveness
 from pluginpool.pool.plugin_tasks import install_task_registry
@@ -110,6 +111,7 @@ def build_worker_app(settings: Settings, specs: list[PluginSpec], *,
         selector=selector or PluginSelector(("*",)), generation=generation)
     app.steps["worker"].add(WorkerLiveness)
     app.steps["worker"].add(RegistryFollower)
+    app.steps["worker"].add(CancelListener)
     return app
 
 

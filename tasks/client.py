@@ -27,6 +27,7 @@ from pluginpool.policy.errors import (
     ManifestError,
     PayloadTooDeepError,
     PayloadTooLargeError,
+    PluginDisabledError,
     UnknownInstanceError,
     UnknownOperationError,
 )
@@ -38,6 +39,8 @@ from pluginpool.tasks.health import HealthReader
 from pluginpool.tasks.instances import Instance, InstanceStore, SandboxInfo
 from pluginpool.tasks.jobs import FallbackJob, Job
 from pluginpool.tasks.manifest import load_manifest, spec_issues
+from pluginpool.tasks.operations import Operations
+from pluginpool.tasks.pause import pause_of
 from pluginpool.tasks.payload import nesting_depth
 from pluginpool.tasks.redis_conn import redis_client
 from pluginpool.tasks.registry import Registry, SpecCache, operator_name
@@ -49,7 +52,7 @@ from pluginpool.tasks.subscriptions import Handler, Subscriptions
 MAX_FALLBACK_DEPTH = 3
 
 
-class PluginClient(FleetOperations):
+class PluginClient(FleetOperations, Operations):
     """One producer's handle on pluginpool. Thread-safe for submit; cheap to keep around."""
 
     def __init__(self, settings: Settings, *, app: Celery | None = None,
@@ -172,6 +175,10 @@ class PluginClient(FleetOperations):
             if instance.status == "failed":
                 raise InstanceFailedError(instance_id, instance.last_error)
         self._encode(plugin_id, payload)
+        with self._unavailable_as_error():
+            pause = pause_of(self.redis, self.settings.keys, plugin_id)
+        if pause is not None:  # an operator disabled or is draining it (tasks/operations.py)
+            raise PluginDisabledError(plugin_id, mode=pause.mode, by=pause.by)
         try:
             permit = self.breakers.acquire(plugin_id, spec.breaker,
                                            default_open_ms=spec.default_open_ms

@@ -25,6 +25,7 @@ from pluginpool.policy.errors import (
     ErrorInfo,
     ErrorType,
     InvalidJobError,
+    JobCancelledError,
     PluginExecutionError,
     UnknownInstanceError,
     UnknownPluginError,
@@ -33,6 +34,7 @@ from pluginpool.policy.storage import InstanceStorage
 from pluginpool.tasks.context import PluginContext
 from pluginpool.tasks.gate import BreakerGate
 from pluginpool.tasks.instances import InstanceStore
+from pluginpool.tasks.job_guard import cancelled_error, check_before_run
 from pluginpool.tasks.job_request import parse_job
 from pluginpool.tasks.loader import PluginLoader, add_plugin_paths
 from pluginpool.tasks.recording import UsageEvents, record_restart, record_run
@@ -106,7 +108,7 @@ class PluginTask(Task[Any, Any]):
     plugin_id: str = ""
     typing = False  # arguments are validated by parse_job, with a clear error
     # Expected failures: logged without a traceback, recorded as failures all the same.
-    throws = (PluginExecutionError, InvalidJobError, CircuitOpenError)
+    throws = (PluginExecutionError, InvalidJobError, CircuitOpenError, JobCancelledError)
 
 
 def _header(task: Task[Any, Any], name: str) -> Any:
@@ -141,6 +143,8 @@ def _run_plugin_job(task: PluginTask, args: tuple[Any, ...], kwargs: dict[str, A
     except InvalidJobError as exc:
         logger.warning("rejecting job %s on plugin %s: %s", job_id, plugin_id, exc)
         raise
+    check_before_run(services.redis, services.settings.keys, plugin_id=plugin_id,
+                     job_id=job_id)
     revision = _header(task, REVISION_HEADER)
     try:
         spec = services.specs.get(plugin_id, min_revision=int(revision or 0))
@@ -178,6 +182,9 @@ def _run_plugin_job(task: PluginTask, args: tuple[Any, ...], kwargs: dict[str, A
     try:
         report = services.runner_for(spec).run(spec, ctx, job.payload)
     except PluginExecutionError as exc:
+        cancelled = cancelled_error(services.redis, services.settings.keys, job_id)
+        if cancelled is not None:  # an operator cancelled it: its run was killed
+            raise cancelled from None
         info = exc.info
         info.plugin_id, info.instance_id, info.job_id = plugin_id, job.instance_id, job_id
         info.details.setdefault("attempt", attempt)

@@ -8,7 +8,7 @@ from typing import Any
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import AsyncResult
 
-from pluginpool.policy.errors import CircuitOpenError, JobWaitTimeoutError
+from pluginpool.policy.errors import CircuitOpenError, JobCancelledError, JobWaitTimeoutError
 from pluginpool.tasks.outcome import error_for_failure, unwrap_value
 
 
@@ -43,7 +43,8 @@ class Job:
 
     def result(self, timeout: float | None = None) -> Any:
         """The plugin's value; raises PluginExecutionError, CircuitOpenError (the job was
-        refused at the worker because the breaker opened), or JobWaitTimeoutError."""
+        refused at the worker because the breaker opened), JobCancelledError (an operator
+        cancelled or purged it), or JobWaitTimeoutError."""
         try:
             raw = self.async_result.get(timeout=timeout, propagate=False,
                                         disable_sync_subtasks=False)
@@ -52,6 +53,8 @@ class Job:
         if self.async_result.failed():
             if isinstance(raw, CircuitOpenError):
                 raise CircuitOpenError({**raw.info, "job_id": self.id})
+            if isinstance(raw, JobCancelledError):  # an operator's cancel or purge
+                raise JobCancelledError(raw.info)
             error = error_for_failure(raw, plugin_id=self.plugin_id, job_id=self.id,
                                       instance_id=self.instance_id)
             if error.details.get("restarts_exhausted") and self.max_restarts is not None:

@@ -157,6 +157,19 @@ class Settings(BaseSettings):
         default=5.0, gt=0,
         description="How often a worker compares its queues with the registry, so one that "
                     "missed a registry event catches up on its own.")
+    api_tokens: dict[str, Literal["viewer", "operator"]] = Field(
+        default_factory=dict,
+        description="Bearer tokens of the aggregator's HTTP API, as a JSON object token → "
+                    "role (viewer reads; operator also acts). None: read-only, loopback only.")
+    audit_max: int = Field(default=10_000, ge=10,
+                           description="Most operator actions kept in the audit log.")
+    max_log_bytes: int = Field(
+        default=65_536, ge=1024, le=16 * 1024 * 1024,
+        description="Most bytes of one run's logs (stdout, stderr, ctx.logger) kept: the "
+                    "last ones, with the truncation marked.")
+    run_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "OFF"] = Field(
+        default="INFO", description="Level at which the worker logs each run's logs (and "
+                                    "each success, without its value); OFF: not at all.")
 
     @field_validator("redis_url", "broker_url", "result_backend")
     @classmethod

@@ -38,6 +38,8 @@ class EventMonitor(threading.Thread):
         self.events_seen = 0
         self.by_type: Counter[str] = Counter()
         self.workers_seen: dict[str, float] = {}
+        self.worker_load: dict[str, dict[str, Any]] = {}
+        """Worker node → its last heartbeat's load (active jobs, processed, loadavg)."""
         self.connected = threading.Event()
 
     def running_by_plugin(self) -> Counter[str]:
@@ -60,10 +62,14 @@ class EventMonitor(threading.Thread):
                 self._in_flight.pop(uuid, None)
             elif kind in ("worker-heartbeat", "worker-online"):
                 self.workers_seen[str(event.get("hostname"))] = time.time()
+                self.worker_load[str(event.get("hostname"))] = {
+                    "active": event.get("active"), "processed": event.get("processed"),
+                    "loadavg": event.get("loadavg"), "freq_s": event.get("freq")}
         if kind == "worker-offline":
             hostname = str(event.get("hostname"))
             with self._lock:
                 self.workers_seen.pop(hostname, None)
+                self.worker_load.pop(hostname, None)
             try:
                 self._redis.hdel(self._keys.workers, hostname)
             except redis.RedisError as exc:

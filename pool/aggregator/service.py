@@ -1,8 +1,11 @@
 """`pluginpool aggregator`: the event monitor plus the HTTP API and dashboard.
 
 GET /health (every plugin), /health/<id>, /metrics (Prometheus text), / (the dashboard),
-/livez. The health figures are read from Redis on each request (they are written there
-by the workers), so every aggregator replica answers the same. A connection idle for
+/livez, and the JSON API of pool/aggregator/api.py (a plugin's page, workers, audit, dead
+letters; operator actions as POSTs), behind the tokens and roles of auth.py (only /livez
+and the page itself, which holds no data, are open). The health figures are read from
+Redis on each request (they are written there by the workers), so every aggregator
+replica answers the same. A connection idle for
 `http_idle_timeout_s` is closed.
 """
 
@@ -11,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import secrets
 import signal
 import threading
 import time
@@ -21,10 +25,19 @@ from typing import Any
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import CollectorRegistry
 
-from pluginpool.policy.errors import UnknownPluginError
+from pluginpool.policy.errors import (
+    ActionRefusedError,
+    AuthError,
+    DeadLetterNotFoundError,
+    DeadLetterNotRequeueableError,
+    UnknownPluginError,
+)
 from pluginpool.policy.health import PluginHealth
+from pluginpool.pool.aggregator.api import Api, NotFound
+from pluginpool.pool.aggregator.auth import Authenticator, Identity
 from pluginpool.pool.aggregator.metrics import DeliveryCollector, PluginCollector
 from pluginpool.pool.aggregator.monitor import EventMonitor
+from pluginpool.tasks.audit import Actor
 from pluginpool.tasks.client import PluginClient
 from pluginpool.tasks.deadletter import delivery_stats
 from pluginpool.tasks.settings import Settings
@@ -42,6 +55,9 @@ class Aggregator:
         self.registry.register(PluginCollector(self.all_health))
         self.registry.register(DeliveryCollector(
             lambda: delivery_stats(self.client.redis, settings.keys)))
+        self.auth = Authenticator(settings.api_tokens)
+        self.api = Api(self.client, running=self.monitor.running_by_plugin,
+                       worker_load=lambda: dict(self.monitor.worker_load))
 
     def all_health(self) -> list[PluginHealth]:
         items = self.client.health()
@@ -83,11 +99,76 @@ def make_handler(aggregator: Aggregator) -> type[BaseHTTPRequestHandler]:
         def _json(self, status: int, payload: Any) -> None:
             self._send(status, json.dumps(payload).encode(), "application/json")
 
-        def do_GET(self) -> None:
-            path = self.path.split("?", 1)[0].rstrip("/") or "/"
+        def _page(self) -> None:
+            """The dashboard, with a nonce: only its own script runs (an injected
+            `<img onerror>` would not, even if some text were ever rendered as HTML)."""
+            nonce = secrets.token_urlsafe(16)
+            body = DASHBOARD.read_bytes().replace(b"<script>", f'<script nonce="{nonce}">'
+                                                  .encode())
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Cache-Control", "no-store")
+            self.send_header("Content-Security-Policy",
+                             f"default-src 'self'; script-src 'nonce-{nonce}'; "
+                             "style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
+                             "frame-ancestors 'none'")
+            self.send_header("X-Content-Type-Options", "nosniff")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def _identify(self) -> Identity:
+            return aggregator.auth.identify(self._headers(), peer=self.client_address[0])
+
+        def _headers(self) -> dict[str, str]:
+            return {name.lower(): value for name, value in self.headers.items()}
+
+        def do_POST(self) -> None:
+            path = self.path.split("?", 1)[0].rstrip("/")
+            actor: Actor | None = None
             try:
+                identity = self._identify()
+                actor = Actor(who=identity.who, role=identity.role,
+                              origin=f"http {self.client_address[0]}")
+                try:
+                    aggregator.auth.check_action(identity, self._headers())
+                except AuthError as exc:
+                    aggregator.client.record_refusal(actor, "POST " + path[:200], path[:200],
+                                                     str(exc))
+                    raise
+                length = int(self.headers.get("Content-Length") or 0)
+                if length > 65_536:
+                    raise ActionRefusedError("request body too large")
+                raw = self.rfile.read(length) if length else b"{}"
+                body = json.loads(raw or b"{}")
+                if not isinstance(body, dict):
+                    raise ActionRefusedError("the body must be a JSON object")
+                self._json(200, aggregator.api.post(path, body, actor))
+            except Exception as exc:
+                self._error(path, exc)
+
+        def _error(self, path: str, exc: Exception) -> None:
+            if isinstance(exc, AuthError):
+                self._json(exc.status, {"error": type(exc).__name__, "message": str(exc)})
+            elif isinstance(exc, UnknownPluginError | DeadLetterNotFoundError | NotFound):
+                self._json(404, {"error": "not found", "message": str(exc)})
+            elif isinstance(exc, ActionRefusedError | DeadLetterNotRequeueableError
+                            | json.JSONDecodeError):
+                self._json(409, {"error": type(exc).__name__, "message": str(exc)})
+            else:  # one bad request must not stop the server
+                logger.exception("error serving %s", path)
+                self._json(503, {"error": type(exc).__name__, "message": str(exc)})
+
+        def do_GET(self) -> None:
+            path, _, query = self.path.partition("?")
+            path = path.rstrip("/") or "/"
+            try:
+                if path not in ("/livez", "/") or not aggregator.auth.enabled:
+                    identity = self._identify()
                 if path == "/":
-                    self._send(200, DASHBOARD.read_bytes(), "text/html; charset=utf-8")
+                    self._page()
+                elif path.startswith("/api/"):
+                    self._json(200, aggregator.api.get(path, query, identity))
                 elif path == "/livez":
                     self._json(200, {"ok": True, **aggregator.info()})
                 elif path == "/health":
@@ -101,17 +182,17 @@ def make_handler(aggregator: Aggregator) -> type[BaseHTTPRequestHandler]:
                     self._send(200, generate_latest(aggregator.registry), CONTENT_TYPE_LATEST)
                 else:
                     self._json(404, {"error": "not found", "path": path})
-            except UnknownPluginError as exc:
-                self._json(404, {"error": "unknown plugin", "message": str(exc)})
-            except Exception as exc:  # one bad request must not stop the server
-                logger.exception("error serving %s", path)
-                self._json(503, {"error": type(exc).__name__, "message": str(exc)})
+            except Exception as exc:
+                self._error(path, exc)
 
     return Handler
 
 
 def serve(settings: Settings, *, host: str, port: int) -> None:
     aggregator = Aggregator(settings)
+    if not aggregator.auth.enabled:
+        logger.warning("PLUGINPOOL_API_TOKENS is not set: the HTTP API is read-only and "
+                       "answers loopback clients only")
     aggregator.monitor.start()
     server = ThreadingHTTPServer((host, port), make_handler(aggregator))
     server.daemon_threads = True
