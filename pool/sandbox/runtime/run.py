@@ -11,10 +11,11 @@ import resource
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from json import dumps as _dumps
 from typing import Any, NoReturn
 
-from . import channel, landlock, limits, seccomp
+from . import channel, landlock, limits, logs, seccomp
 from .audit import AuditPolicy
 from .classify import error_of
 from .context import ChannelStorage, SandboxContext
@@ -28,6 +29,9 @@ PR_SET_PDEATHSIG = 1
 RESET_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2,
                  signal.SIGALRM, signal.SIGCHLD)
 _libc = ctypes.CDLL(None, use_errno=True)
+_prctl = _libc.prctl
+_prctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
+                   ctypes.c_ulong)
 _getrusage = resource.getrusage
 _perf = time.perf_counter
 
@@ -37,37 +41,63 @@ def _cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _isolate(run_fd: int, workspace: str) -> None:
-    """Own session, dies with its zygote, default signals, only its channel open."""
+def _isolate(run_fd: int, prepared: Prepared) -> None:
+    """Own session, dies with its zygote, default signals, only its channel open (its
+    working directory and environment were set by the zygote before the fork)."""
     os.setsid()
-    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    for signum in RESET_SIGNALS:
+    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    for signum in prepared.reset_signals:
         signal.signal(signum, signal.SIG_DFL)
     os.dup2(run_fd, CHANNEL_FD, inheritable=False)
     # /proc is not readable here (Landlock); the zygote's RLIMIT_NOFILE bounds the fds.
-    os.closerange(CHANNEL_FD + 1, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
-    os.chdir(workspace)
-    os.environ.update({"HOME": workspace, "TMPDIR": workspace})
+    os.closerange(CHANNEL_FD + 1, prepared.max_fds)
+
+
+@dataclass
+class Prepared:
+    """What the zygote builds for a run before forking it, so that the run (whose every
+    touched page is a copy) only applies it."""
+
+    vms_bytes: int
+    ruleset_fd: int | None
+    landlock: dict[str, object] | None
+    seccomp: seccomp.Prepared | None
+    reset_signals: tuple[int, ...]
+    max_fds: int
+
+
+def prepare(config: ZygoteConfig, spawn: Spawn, run_filter: seccomp.Prepared | None,
+            vms_bytes: int) -> Prepared:
+    """In the zygote: the run's Landlock layer (writes only in its workspace, no signals to
+    the zygote), built but not enforced; the signals to reset; the run's working directory
+    and environment (inherited across the fork)."""
+    os.chdir(spawn.workspace)
+    os.environ["HOME"] = os.environ["TMPDIR"] = spawn.workspace
     tempfile = sys.modules.get("tempfile")  # not imported here: it seeds random at each fork
     if tempfile is not None:
-        tempfile.tempdir = workspace  # type: ignore[attr-defined]
+        tempfile.tempdir = spawn.workspace  # type: ignore[attr-defined]
+    reset = tuple(signum for signum in RESET_SIGNALS
+                  if signal.getsignal(signum) is not signal.SIG_DFL)
+    fd: int | None = None
+    info: dict[str, object] | None = None
+    if config.landlock_abi:
+        fd, info = landlock.build_ruleset(
+            read_paths=None, write_paths=(spawn.workspace, os.devnull),
+            tcp_ports=landlock_ports(config.network_hosts), abi=config.landlock_abi)
+    return Prepared(vms_bytes=vms_bytes, ruleset_fd=fd, landlock=info, seccomp=run_filter,
+                    reset_signals=reset,
+                    max_fds=resource.getrlimit(resource.RLIMIT_NOFILE)[1])
 
 
-def _lock_down(config: ZygoteConfig, spawn: Spawn, vms_bytes: int,
-               seccomp_program: bytes | None) -> dict[str, Any]:
+def _lock_down(config: ZygoteConfig, spawn: Spawn, prepared: Prepared) -> dict[str, Any]:
     """The run's own layer on top of the zygote's: its workspace, no forking unless
     allowed, its CPU backstop and memory."""
     layers: dict[str, Any] = {"process": "fork", "zygote": True, "rlimits": limits.apply_run(
-        vms_bytes=vms_bytes, max_memory_mb=spawn.max_memory_mb,
+        vms_bytes=prepared.vms_bytes, max_memory_mb=spawn.max_memory_mb,
         max_storage_kb=spawn.max_storage_kb, cpu_backstop_s=spawn.cpu_backstop_s)}
-    if config.landlock_abi:
-        layers["landlock"] = landlock.restrict_self(
-            read_paths=None, write_paths=(spawn.workspace, os.devnull),
-            tcp_ports=landlock_ports(config.network_hosts), abi=config.landlock_abi)
-    else:
-        layers["landlock"] = False
-    if seccomp_program is not None:
-        seccomp.load(seccomp_program)
+    layers["landlock"] = prepared.landlock or False
+    if prepared.seccomp is not None:
+        prepared.seccomp.load()
         layers["seccomp"] = {"processes": not config.allow_processes,
                              "network": not config.network_hosts}
     else:
@@ -99,18 +129,20 @@ def _check_result(value: Any, max_bytes: int) -> RunError | None:
 
 
 def run_child(config: ZygoteConfig, spawn: Spawn, run_fd: int, plugin: LoadedPlugin,
-              policy: AuditPolicy, *, vms_bytes: int,
-              seccomp_program: bytes | None) -> NoReturn:
+              policy: AuditPolicy, prepared: Prepared) -> NoReturn:
     """Narrow, call the operation, send one Result frame, exit."""
     result: Result
     started = _perf()
     try:
-        _isolate(run_fd, spawn.workspace)
-        layers = _lock_down(config, spawn, vms_bytes, seccomp_program)
+        if prepared.ruleset_fd is not None:
+            landlock.enforce(prepared.ruleset_fd)  # _isolate closes its descriptor
+        _isolate(run_fd, prepared)
+        layers = _lock_down(config, spawn, prepared)
         policy.narrow(workspace=spawn.workspace)
         policy.allow_processes = config.allow_processes
         started = _perf()
         channel.send_message(CHANNEL_FD, Started(layers=layers, cpu_s=_cpu_s()))
+        logs.capture(CHANNEL_FD)
         ctx = SandboxContext(
             plugin_id=config.plugin_id, job_id=spawn.job_id, instance_id=config.instance_id,
             attempt=spawn.attempt, operation=spawn.operation, limits=config.limits,
@@ -130,6 +162,10 @@ def run_child(config: ZygoteConfig, spawn: Spawn, run_fd: int, plugin: LoadedPlu
         result = Result(ok=False, error=error_of(
             exc, policy=policy, max_memory_mb=spawn.max_memory_mb,
             max_storage_kb=spawn.max_storage_kb, timeout_ms=int(config.limits["timeout_ms"])))
+    try:
+        logs.flush_all()
+    except BaseException:  # the channel is gone: the Result send below fails the same way
+        pass
     result.network_requests = policy.network_requests
     result.cpu_s, result.wall_s = _cpu_s(), _perf() - started
     try:

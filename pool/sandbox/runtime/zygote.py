@@ -38,7 +38,7 @@ from .messages import (
     ZygoteConfig,
 )
 from .plugin import LoadedPlugin, LoadError, import_target
-from .run import landlock_ports, run_child
+from .run import landlock_ports, prepare, run_child
 
 CONTROL_FD = 3
 CONFIG_MAX_BYTES = 64 << 20
@@ -129,15 +129,17 @@ def _teardown(plugin: LoadedPlugin | None, policy: AuditPolicy, reason: str) -> 
 
 
 def _serve_run(config: ZygoteConfig, spawn: Spawn, plugin: LoadedPlugin,
-               policy: AuditPolicy, run_filter: bytes | None) -> bool:
+               policy: AuditPolicy, run_filter: seccomp.Prepared | None) -> bool:
     """Fork one run, wait for it, report its exit. False: the pool child is gone."""
     run_fd = channel.receive_fd(CONTROL_FD)
-    rss, vms = _rss_bytes(), limits.vms_bytes()
+    rss = _rss_bytes()
+    prepared = prepare(config, spawn, run_filter, limits.vms_bytes())
     pid = os.fork()
     if pid == 0:
-        run_child(config, spawn, run_fd, plugin, policy, vms_bytes=vms,
-                  seccomp_program=run_filter)
+        run_child(config, spawn, run_fd, plugin, policy, prepared)
     os.close(run_fd)
+    if prepared.ruleset_fd is not None:
+        os.close(prepared.ruleset_fd)
     channel.send_message(CONTROL_FD, Forked(pid=pid, zygote_rss_bytes=rss))
     pidfd = os.pidfd_open(pid)
     poller = select.poll()
@@ -226,7 +228,7 @@ def main() -> NoReturn:
         os._exit(0)
     limits.after_setup()
     program = config.run_seccomp_b64
-    run_filter = base64.b64decode(program) if program is not None else None
+    run_filter = seccomp.Prepared(base64.b64decode(program)) if program is not None else None
     gc.collect()
     gc.freeze()  # runs then never dirty (copy) the set-up heap's pages in their GC
     channel.send_message(CONTROL_FD, Ready(
