@@ -135,7 +135,7 @@ class WarmSandbox:
     def spawn(self, spawn: Spawn, run_end: socket.socket) -> Forked:
         """Hand the zygote one run and its channel; it answers with the run's pid."""
         channel.send_message(self.control.fileno(), spawn)
-        channel.send_fd(self.control.fileno(), run_end.fileno())
+        channel.send_fd(self.control, run_end.fileno())
         if not select.select([self.control], [], [], EXIT_WAIT_S)[0]:
             raise channel.ChannelClosed
         forked = channel.receive_message(self.control.fileno(), max_bytes=CONTROL_MAX_BYTES)

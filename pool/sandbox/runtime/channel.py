@@ -69,18 +69,14 @@ def receive_message(fd: int, *, max_bytes: int) -> Message:
     return decode(receive(fd, max_bytes=max_bytes))
 
 
-def send_fd(fd: int, passed: int) -> None:
+def send_fd(sock: _socket.socket, passed: int) -> None:
     """Pass a descriptor over a Unix socket (SCM_RIGHTS), with one marker byte."""
-    _socket.send_fds(_socket.socket(fileno=os.dup(fd)), [b"F"], [passed])
+    _socket.send_fds(sock, [b"F"], [passed])
 
 
-def receive_fd(fd: int) -> int:
+def receive_fd(sock: _socket.socket) -> int:
     """The descriptor sent by send_fd."""
-    sock = _socket.socket(fileno=os.dup(fd))
-    try:
-        data, fds, _flags, _addr = _socket.recv_fds(sock, 1, 1)
-    finally:
-        sock.close()
+    data, fds, _flags, _addr = _socket.recv_fds(sock, 1, 1)
     if not data or not fds:
         raise ChannelClosed
     return fds[0]

@@ -89,6 +89,4 @@ class SandboxContext:
     def logger(self) -> logging.Logger:
         # Imported on first use: logging's fork handlers cost every run ~0.7 ms of CPU.
         import logging
-
-        from .logs import attach
-        return attach(logging.getLogger(f"pluginpool.plugin.{self.plugin_id}"))
+        return logging.getLogger(f"pluginpool.plugin.{self.plugin_id}")

@@ -16,6 +16,7 @@ import gc
 import os
 import select
 import signal
+import socket
 import sys
 import time
 from typing import Any, NoReturn
@@ -46,9 +47,18 @@ PR_SET_CHILD_SUBREAPER = 36
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+
+def _sizes() -> tuple[int, int]:
+    """(resident, virtual) bytes of this process."""
+    with open("/proc/self/statm", "rb") as statm:
+        fields = statm.read().split()
+    return int(fields[1]) * PAGE_SIZE, int(fields[0]) * PAGE_SIZE
+
+
 def _rss_bytes() -> int:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    return _sizes()[0]
 
 
 def _detach(control_fd: int) -> None:
@@ -93,6 +103,10 @@ def _lock_down(config: ZygoteConfig, policy: AuditPolicy) -> dict[str, Any]:
 
 def _kill_leftovers() -> None:
     """Kill and reap every process left below the zygote (a run's orphans come here)."""
+    try:
+        os.waitpid(-1, os.WNOHANG)  # the common case, no child at all, costs one call
+    except ChildProcessError:
+        return
     for _round in range(8):
         pids: list[int] = []
         with contextlib.suppress(OSError):
@@ -129,11 +143,12 @@ def _teardown(plugin: LoadedPlugin | None, policy: AuditPolicy, reason: str) -> 
 
 
 def _serve_run(config: ZygoteConfig, spawn: Spawn, plugin: LoadedPlugin,
-               policy: AuditPolicy, run_filter: seccomp.Prepared | None) -> bool:
+               policy: AuditPolicy, run_filter: seccomp.Prepared | None,
+               control: socket.socket) -> bool:
     """Fork one run, wait for it, report its exit. False: the pool child is gone."""
-    run_fd = channel.receive_fd(CONTROL_FD)
-    rss = _rss_bytes()
-    prepared = prepare(config, spawn, run_filter, limits.vms_bytes())
+    run_fd = channel.receive_fd(control)
+    rss, vms = _sizes()
+    prepared = prepare(config, spawn, run_filter, vms)
     pid = os.fork()
     if pid == 0:
         run_child(config, spawn, run_fd, plugin, policy, prepared)
@@ -229,6 +244,8 @@ def main() -> NoReturn:
     limits.after_setup()
     program = config.run_seccomp_b64
     run_filter = seccomp.Prepared(base64.b64decode(program)) if program is not None else None
+    # A socket object over a duplicate of the control descriptor, for passing descriptors.
+    control = socket.socket(fileno=os.dup(CONTROL_FD))
     gc.collect()
     gc.freeze()  # runs then never dirty (copy) the set-up heap's pages in their GC
     channel.send_message(CONTROL_FD, Ready(
@@ -243,5 +260,5 @@ def main() -> NoReturn:
         if isinstance(message, Close):
             _teardown(plugin, policy, message.reason)
         if isinstance(message, Spawn) and not _serve_run(config, message, plugin, policy,
-                                                         run_filter):
+                                                         run_filter, control):
             _teardown(plugin, policy, "pool child gone")
