@@ -17,6 +17,8 @@ MAX_ERROR_MESSAGE_CHARS = 4_096
 MAX_TRACEBACK_CHARS = 16_384
 """Longest `details["traceback"]` kept; its head and its tail (where the exception is)."""
 MAX_DETAIL_CHARS = 4_096
+MAX_LOG_CHARS = 1_048_576
+"""Longest `details["logs"]` kept (its end); workers keep PLUGINPOOL_MAX_LOG_BYTES already."""
 """Longest other string in `details` (e.g. `attempted`, `reason`)."""
 MAX_DETAIL_VALUE_CHARS = 8_192
 """Largest JSON encoding of a list or object in `details` (e.g. `usage`); a larger one is
@@ -77,6 +79,11 @@ class ErrorInfo(BaseModel):
         bounded: dict[str, Any] = {}
         for key, item in value.items():
             if isinstance(item, str):
+                if key == "logs":  # the end of a run's output says most
+                    bounded[key] = item if len(item) <= MAX_LOG_CHARS else (
+                        TRUNCATION_MARKER.format(len(item) - MAX_LOG_CHARS)
+                        + item[-MAX_LOG_CHARS:])
+                    continue
                 limit = MAX_TRACEBACK_CHARS if key == "traceback" else MAX_DETAIL_CHARS
                 bounded[key] = truncate_text(item, limit, keep_tail=key == "traceback")
             elif isinstance(item, dict | list | tuple):

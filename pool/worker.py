@@ -3,6 +3,7 @@ follows the registry from then on (pool/fleet.py)."""
 
 from __future__ import annotations
 
+import logging
 import socket
 from dataclasses import dataclass, field
 
@@ -119,4 +120,7 @@ def run_worker(settings: Settings, plan: WorkerPlan, *, loglevel: str = "INFO") 
     """Run the worker in this process until it is stopped (SIGTERM: warm shutdown)."""
     app = build_worker_app(settings, plan.specs, selector=plan.selector,
                            nodename=plan.nodename)
+    # Celery logs every success with its whole value and every expected failure with its
+    # whole error at INFO; each run gets one line without them instead (tasks/runs.py).
+    logging.getLogger("celery.app.trace").setLevel(logging.WARNING)
     app.worker_main(argv=plan.argv(loglevel=loglevel))

@@ -42,6 +42,7 @@ from pluginpool.tasks.redis_conn import redis_client
 from pluginpool.tasks.registry import Registry, SpecCache
 from pluginpool.tasks.routing import REVISION_HEADER, TRIAL_HEADER
 from pluginpool.tasks.runner import InProcessRunner, Runner
+from pluginpool.tasks.runs import after_run, without_logs
 from pluginpool.tasks.settings import Settings
 from pluginpool.tasks.spec import PluginSpec
 
@@ -195,10 +196,20 @@ def _run_plugin_job(task: PluginTask, args: tuple[Any, ...], kwargs: dict[str, A
                    generation=permit.generation, instance_id=job.instance_id)
         if job.instance_id is not None and not spec.isolation.error_recovery:
             services.instances.mark_failed(job.instance_id, info.model_dump(mode="json"))
-        raise PluginExecutionError(info) from None
+        error = PluginExecutionError(info)
+        after_run(services.redis, services.settings.keys, plugin_id, job_id=job_id, ok=False,
+                  duration_ms=(time.perf_counter() - started) * 1000,
+                  error=without_logs(error.info.model_dump(mode="json")),
+                  logs=str(info.details.get("logs", "")), worker=task.request.hostname,
+                  instance_id=job.instance_id, log_level=services.settings.run_log_level)
+        raise error from None
     duration_ms = (time.perf_counter() - started) * 1000
     record_run(task, services, spec, None, usage=report.usage, duration_ms=duration_ms,
                generation=permit.generation, instance_id=job.instance_id)
+    after_run(services.redis, services.settings.keys, plugin_id, job_id=job_id, ok=True,
+              duration_ms=duration_ms, error=None, logs=report.logs,
+              worker=task.request.hostname, instance_id=job.instance_id,
+              log_level=services.settings.run_log_level)
     return {
         "value": report.value,
         "meta": {
@@ -210,6 +221,7 @@ def _run_plugin_job(task: PluginTask, args: tuple[Any, ...], kwargs: dict[str, A
             "worker": task.request.hostname,
             "duration_ms": round(duration_ms, 3),
             "usage": report.usage,
+            "logs": report.logs,
         },
     }
 

@@ -123,8 +123,9 @@ def _without_traceback(event: dict[str, Any]) -> dict[str, Any]:
     their (bounded) messages; the tracebacks stay in job results, `sandbox_info` and the
     `on_error` events."""
     details = event.get("details")
-    if isinstance(details, dict) and "traceback" in details:
-        event["details"] = {k: v for k, v in details.items() if k != "traceback"}
+    if isinstance(details, dict) and ("traceback" in details or "logs" in details):
+        event["details"] = {k: v for k, v in details.items()
+                            if k not in ("traceback", "logs")}
     return event
 
 

@@ -116,13 +116,14 @@ class InstanceStore:
             pipe.hvals(self._keys.warm_sandboxes(instance_id))
             usage, errors, warm = pipe.execute()
         last = usage.pop("last_run", None)
+        last_logs = usage.pop("last_logs", None)  # tasks/runs.py
         runs = int(usage.pop("runs", 0))
         failures = int(usage.pop("failures", 0))
         return SandboxInfo(
             instance_id=instance_id, plugin_id=instance.plugin_id, status=instance.status,
             created_at=instance.created_at, sandboxed=sandboxed, runs=runs, failures=failures,
             totals={name: round(float(value), 3) for name, value in usage.items()},
-            last_run=json.loads(last) if last else None,
+            last_run={**json.loads(last), "logs": last_logs or ""} if last else None,
             recent_errors=[json.loads(item) for item in errors],
             warm_sandboxes=sorted((WarmSandboxInfo.model_validate_json(item) for item in warm),
                                   key=lambda info: (info.worker, info.pid)))

@@ -63,6 +63,8 @@ class RunReport:
 
     value: Any
     usage: dict[str, Any] = field(default_factory=dict)
+    logs: str = ""
+    """The run's stdout, stderr and ctx.logger output, its last max_log_bytes."""
 
 
 class Runner(Protocol):

@@ -5,12 +5,16 @@ written by the worker after each run (one LPUSH + LTRIM in the run's bookkeeping
 from __future__ import annotations
 
 import json
+import logging
 import time
 from typing import Any
 
 import redis
 
 from pluginpool.policy.keys import RedisKeys
+from pluginpool.tasks.run_logs import forward
+
+logger = logging.getLogger("pluginpool.execution")
 
 RECENT_RUNS = 30
 """Runs kept per plugin; each holds at most max_log_bytes of logs."""
@@ -36,3 +40,37 @@ class RecentRuns:
         raws: list[Any] = self._redis.lrange(  # type: ignore[assignment]
             self._keys.recent_runs(plugin_id), 0, limit - 1)
         return [json.loads(raw) for raw in raws]
+
+
+def after_run(client: redis.Redis, keys: RedisKeys, plugin_id: str, *, job_id: str,
+              ok: bool, duration_ms: float, error: dict[str, Any] | None, logs: str,
+              worker: str | None, instance_id: str | None, log_level: str) -> None:
+    """Keep the run in the plugin's recent runs (and its logs in the instance's last run),
+    and write it to the worker's log: its logs line by line, then one line for its outcome,
+    a success without its value (Celery's own lines, which hold the whole value or error,
+    are silenced below WARNING: pool/worker.py)."""
+    try:
+        with client.pipeline(transaction=False) as pipe:
+            RecentRuns(client, keys).record(
+                pipe, plugin_id, job_id=job_id, ok=ok, duration_ms=duration_ms,
+                error=error, logs=logs, worker=worker, instance_id=instance_id)
+            if instance_id is not None:
+                pipe.hset(keys.instance_usage(instance_id), "last_logs", logs)
+            pipe.execute()
+    except redis.RedisError as exc:  # the run's outcome stands; only this record is lost
+        logger.warning("could not record run %s of %s: %s", job_id, plugin_id, exc)
+    forward(logs, plugin_id=plugin_id, job_id=job_id, level=log_level)
+    if log_level == "OFF":
+        return
+    if ok:
+        logger.log(logging.getLevelName(log_level), "[%s %s] succeeded in %.1f ms",
+                   plugin_id, job_id, duration_ms)
+    else:
+        logger.warning("[%s %s] failed in %.1f ms: [%s] %s", plugin_id, job_id, duration_ms,
+                       (error or {}).get("type"), (error or {}).get("message"))
+
+
+def without_logs(error: dict[str, Any]) -> dict[str, Any]:
+    """An error as a recent run keeps it: its logs are beside it, not in it twice."""
+    details = {k: v for k, v in (error.get("details") or {}).items() if k != "logs"}
+    return {**error, "details": details}

@@ -164,7 +164,7 @@ class Settings(BaseSettings):
     audit_max: int = Field(default=10_000, ge=10,
                            description="Most operator actions kept in the audit log.")
     max_log_bytes: int = Field(
-        default=65_536, ge=1024, le=16 * 1024 * 1024,
+        default=65_536, ge=1024, le=1_048_576,
         description="Most bytes of one run's logs (stdout, stderr, ctx.logger) kept: the "
                     "last ones, with the truncation marked.")
     run_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "OFF"] = Field(

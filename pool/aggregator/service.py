@@ -2,8 +2,8 @@
 
 GET /health (every plugin), /health/<id>, /metrics (Prometheus text), / (the dashboard),
 /livez, and the JSON API of pool/aggregator/api.py (a plugin's page, workers, audit, dead
-letters; operator actions as POSTs), behind the tokens and roles of auth.py (only /livez
-and the page itself, which holds no data, are open). The health figures are read from
+letters; operator actions as POSTs), behind the tokens and roles of auth.py (only /livez,
+/metrics and the page itself, which holds no data, are open). The health figures are read from
 Redis on each request (they are written there by the workers), so every aggregator
 replica answers the same. A connection idle for
 `http_idle_timeout_s` is closed.
@@ -44,6 +44,9 @@ from pluginpool.tasks.settings import Settings
 
 logger = logging.getLogger("pluginpool.aggregator")
 DASHBOARD = resources.files("pluginpool.pool.aggregator").joinpath("dashboard.html")
+PUBLIC = ("/livez", "/metrics")
+"""Open to anyone who reaches the port: liveness, and the aggregate counters Prometheus
+scrapes (scrape annotations cannot carry a token). The page itself holds no data."""
 
 
 class Aggregator:
@@ -163,7 +166,7 @@ def make_handler(aggregator: Aggregator) -> type[BaseHTTPRequestHandler]:
             path, _, query = self.path.partition("?")
             path = path.rstrip("/") or "/"
             try:
-                if path not in ("/livez", "/") or not aggregator.auth.enabled:
+                if path not in PUBLIC and (path != "/" or not aggregator.auth.enabled):
                     identity = self._identify()
                 if path == "/":
                     self._page()

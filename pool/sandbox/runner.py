@@ -135,8 +135,14 @@ class SandboxRunner:
             sandbox.runs += 1
         finally:
             self._pool.give_back(sandbox, dead=dead)
-        return outcome.run_report(spec, out, usage,
-                                  max_result_bytes=self._settings.max_result_bytes)
+        logs = out.logs.text()
+        try:
+            report = outcome.run_report(spec, out, usage,
+                                        max_result_bytes=self._settings.max_result_bytes)
+        except PluginExecutionError as exc:
+            exc.info.details["logs"] = logs
+            raise
+        return RunReport(value=report.value, usage=report.usage, logs=logs)
 
     def _set_up(self, spec: PluginSpec, ctx: PluginContext,
                 storage: InstanceStorage) -> tuple[warm.WarmSandbox, Supervision]:
@@ -191,7 +197,8 @@ class SandboxRunner:
                 workspace=workspace, baseline_rss=forked.zygote_rss_bytes,
                 storage=storage.handle,
                 max_frame_bytes=self._settings.max_result_bytes + FRAME_OVERHEAD_BYTES,
-                reaper=sandbox.run_reaper(forked.pid))
+                reaper=sandbox.run_reaper(forked.pid),
+                max_log_bytes=self._settings.max_log_bytes)
             try:
                 out = supervisor.run()
             except SoftTimeLimitExceeded:

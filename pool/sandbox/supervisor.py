@@ -23,6 +23,7 @@ import psutil
 
 from pluginpool.pool.sandbox.runtime import channel
 from pluginpool.pool.sandbox.runtime.messages import (
+    Log,
     Message,
     Ready,
     Result,
@@ -31,8 +32,10 @@ from pluginpool.pool.sandbox.runtime.messages import (
     StorageReply,
     StorageRequest,
 )
+from pluginpool.tasks.run_logs import LogTail
 
 SAMPLE_S = 0.05
+DEFAULT_LOG_BYTES = 65_536
 THROTTLE_PERIOD_S = 0.1
 MB = 1024 * 1024
 
@@ -87,6 +90,8 @@ class Supervision:
     stopped_at: float | None = None
     stopped_at_unix: float | None = None
     descendants: set[int] = field(default_factory=set)
+    logs: LogTail = field(default_factory=lambda: LogTail(DEFAULT_LOG_BYTES))
+    """The run's stdout, stderr and ctx.logger, kept to their last max_log_bytes."""
 
 
 def directory_bytes(path: str) -> int:
@@ -123,7 +128,8 @@ class Supervisor:
     def __init__(self, pid: int, fd: int, *, bounds: Bounds, workspace: str,
                  baseline_rss: int, storage: StorageHandler | None, max_frame_bytes: int,
                  reaper: Reaper, kill_after: bool = True,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 max_log_bytes: int = DEFAULT_LOG_BYTES) -> None:
         self.pid = pid
         self.fd = fd
         self.bounds = bounds
@@ -134,7 +140,7 @@ class Supervisor:
         self.reaper = reaper
         self.kill_after = kill_after
         self.clock = clock
-        self.out = Supervision()
+        self.out = Supervision(logs=LogTail(max_log_bytes))
         self._processes: dict[int, psutil.Process] = {}
         self._stopped = False
 
@@ -196,7 +202,9 @@ class Supervisor:
     # -- the loop -------------------------------------------------------------------------
 
     def _handle(self, message: Message) -> None:
-        if isinstance(message, Started):
+        if isinstance(message, Log):
+            self.out.logs.add(message.stream, message.text)
+        elif isinstance(message, Started):
             self.out.started = message
             self.out.started_at = self.clock()
         elif isinstance(message, StorageRequest):

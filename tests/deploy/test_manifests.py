@@ -228,3 +228,20 @@ def test_seccomp_profile_keeps_what_the_sandbox_needs() -> None:
     assert {"mount", "unshare", "ptrace", "bpf", "init_module"} <= denied
     assert not denied & {"fork", "clone", "prctl", "seccomp", "landlock_create_ruleset",
                          "landlock_add_rule", "landlock_restrict_self", "wait4"}
+
+
+def test_flower_and_the_api_require_credentials(compose: dict[str, Any], base: Any) -> None:
+    """Flower (basic auth, its API included) and the aggregator's API (tokens) are never
+    open on the network: compose refuses to start without the secrets, Kubernetes reads them
+    from Secrets."""
+    services = compose["services"]
+    flower_env = services["flower"]["environment"]
+    assert flower_env["FLOWER_BASIC_AUTH"].startswith("${FLOWER_BASIC_AUTH:?")
+    assert "FLOWER_UNAUTHENTICATED_API" not in flower_env
+    assert services["aggregator"]["environment"]["PLUGINPOOL_API_TOKENS"].startswith(
+        "${PLUGINPOOL_API_TOKENS:?")
+    for name, variable in (("flower", "FLOWER_BASIC_AUTH"),
+                           ("aggregator", "PLUGINPOOL_API_TOKENS")):
+        container = deployments(base)[name]["spec"]["template"]["spec"]["containers"][0]
+        env = {item["name"]: item for item in container.get("env", [])}
+        assert env[variable]["valueFrom"]["secretKeyRef"]["key"] == variable

@@ -89,4 +89,6 @@ class SandboxContext:
     def logger(self) -> logging.Logger:
         # Imported on first use: logging's fork handlers cost every run ~0.7 ms of CPU.
         import logging
-        return logging.getLogger(f"pluginpool.plugin.{self.plugin_id}")
+
+        from .logs import attach
+        return attach(logging.getLogger(f"pluginpool.plugin.{self.plugin_id}"))

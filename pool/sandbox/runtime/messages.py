@@ -6,7 +6,7 @@ Two channels carry them, both as length-prefixed JSON frames (channel.py):
   Hello, ZygoteConfig → (StorageRequest ↔ StorageReply)* → Ready | SetupFailed; then per run
   Spawn (+ the run's channel descriptor) → Forked → Exited; finally Close → Closed;
 - the *run* channel between the pool child's supervisor and one run's process:
-  Started → (StorageRequest ↔ StorageReply)* → Result.
+  Started → (StorageRequest ↔ StorageReply | Log)* → Result.
 
 Standard library only: this module is imported inside the zygote, which holds nothing of
 the worker's. The worker side imports the same module as pluginpool.pool.sandbox.runtime.
@@ -183,9 +183,18 @@ class Result(Message):
     """Wall time from Started to this frame, measured in the run itself."""
 
 
+@dataclass
+class Log(Message):
+    """Some of the run's output: stream is stdout, stderr or log (ctx.logger)."""
+
+    op: ClassVar[str] = "log"
+    stream: str
+    text: str
+
+
 _TYPES: dict[str, type[Message]] = {cls.op: cls for cls in (
     Hello, ZygoteConfig, Ready, SetupFailed, Spawn, Forked, Exited, Close, Closed, Started,
-    StorageRequest, StorageReply, Result)}
+    StorageRequest, StorageReply, Result, Log)}
 _NESTED_ERRORS = ("error",)
 _FIELDS: dict[type[Message], tuple[str, ...]] = {
     cls: tuple(f.name for f in dataclasses.fields(cls)) for cls in _TYPES.values()}

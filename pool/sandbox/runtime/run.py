@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from json import dumps as _dumps
 from typing import Any, NoReturn
 
-from . import channel, landlock, limits, seccomp
+from . import channel, landlock, limits, logs, seccomp
 from .audit import AuditPolicy
 from .classify import error_of
 from .context import ChannelStorage, SandboxContext
@@ -142,6 +142,7 @@ def run_child(config: ZygoteConfig, spawn: Spawn, run_fd: int, plugin: LoadedPlu
         policy.allow_processes = config.allow_processes
         started = _perf()
         channel.send_message(CHANNEL_FD, Started(layers=layers, cpu_s=_cpu_s()))
+        logs.capture(CHANNEL_FD)
         ctx = SandboxContext(
             plugin_id=config.plugin_id, job_id=spawn.job_id, instance_id=config.instance_id,
             attempt=spawn.attempt, operation=spawn.operation, limits=config.limits,
@@ -161,6 +162,7 @@ def run_child(config: ZygoteConfig, spawn: Spawn, run_fd: int, plugin: LoadedPlu
         result = Result(ok=False, error=error_of(
             exc, policy=policy, max_memory_mb=spawn.max_memory_mb,
             max_storage_kb=spawn.max_storage_kb, timeout_ms=int(config.limits["timeout_ms"])))
+    logs.flush_all()
     result.network_requests = policy.network_requests
     result.cpu_s, result.wall_s = _cpu_s(), _perf() - started
     try:

@@ -1,0 +1,88 @@
+"""Every run's logs: stdout, stderr and ctx.logger of a sandboxed run, captured through the
+supervisor, capped, and kept where operators look (job meta, error details, recent runs,
+sandbox_info, the worker's log)."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+
+import psutil
+import pytest
+
+from pluginpool.policy.errors import PluginExecutionError
+from pluginpool.pool.processes import ManagedProcess
+from pluginpool.tasks.client import PluginClient
+from pluginpool.tasks.runs import RecentRuns
+from tests.conftest import TEST_PLUGINS, make_settings, spawn_worker
+
+CAP = 32_768
+
+
+@pytest.fixture(scope="module")
+def env(redis_url: str, tmp_path_factory: pytest.TempPathFactory
+        ) -> Iterator[tuple[PluginClient, ManagedProcess]]:
+    settings = make_settings(redis_url, key_prefix=f"pplogs:{uuid.uuid4().hex[:8]}:",
+                             max_log_bytes=CAP)
+    client = PluginClient(settings)
+    client.register(TEST_PLUGINS / "ops_plugins.toml")
+    worker = spawn_worker(client, tmp_path_factory.mktemp("logs"),
+                          plugins="ops-talks,ops-floods", concurrency=1)
+    yield client, worker
+    worker.stop()
+    client.close()
+
+
+def expected(tag: str) -> list[str]:
+    return [f"stdout: to stdout {tag}", f"stderr: to stderr {tag}",
+            f"log: WARNING pluginpool.plugin.ops-talks: to the logger {tag}"]
+
+
+def test_stdout_stderr_and_logger_come_back_in_meta_and_are_kept(
+        env: tuple[PluginClient, ManagedProcess]) -> None:
+    client, worker = env
+    instance = client.load("ops-talks")
+    job = client.submit("ops-talks", {"tag": "ok-1"}, instance_id=instance)
+    assert job.result(timeout=30) == "said it"
+    assert job.meta["logs"].splitlines() == expected("ok-1")
+    run = RecentRuns(client.redis, client.settings.keys).read("ops-talks")[0]
+    assert run["job_id"] == job.id and run["ok"] and run["logs"] == job.meta["logs"]
+    last = client.sandbox_info(instance).last_run
+    assert last is not None and last["logs"] == job.meta["logs"]
+    log = worker.log_text()
+    assert f"[ops-talks {job.id}] stdout: to stdout ok-1" in log
+    assert f"[ops-talks {job.id}] succeeded in" in log
+    assert "said it" not in log  # a success is logged without its value
+
+
+def test_a_failed_runs_logs_are_in_its_error_and_the_plugins_recent_errors(
+        env: tuple[PluginClient, ManagedProcess]) -> None:
+    client, _ = env
+    job = client.submit("ops-talks", {"tag": "bad-1", "fail": True})
+    with pytest.raises(PluginExecutionError) as caught:
+        job.result(timeout=30)
+    assert caught.value.details["logs"].splitlines() == expected("bad-1")
+    assert "failed on purpose bad-1" in caught.value.details["traceback"]
+    recent = json.loads(client.redis.lindex(
+        client.settings.keys.recent_errors("ops-talks"), 0))
+    assert recent["job_id"] == job.id and "to stderr bad-1" in recent["details"]["logs"]
+    health = client.health("ops-talks")
+    assert "logs" not in health.last_errors[0]["details"]  # type: ignore[union-attr]
+
+
+def test_a_run_printing_100_mb_keeps_the_worker_and_redis_within_the_cap(
+        env: tuple[PluginClient, ManagedProcess]) -> None:
+    client, worker = env
+    redis_before = int(client.redis.info("memory")["used_memory"])
+    job = client.submit("ops-floods", {"mb": 100})
+    assert job.result(timeout=120) == "flooded"
+    logs = job.meta["logs"]
+    assert logs.startswith("[... ") and "bytes of earlier output dropped" in logs
+    assert len(logs.encode()) <= CAP * 1.2  # the kept bytes plus one prefix per line
+    dropped = int(logs.split()[1])
+    assert dropped >= 100 * 1024 * 1024 - CAP
+    assert int(client.redis.info("memory")["used_memory"]) - redis_before < 5 * 1024 * 1024
+    tree = psutil.Process(worker.pid)
+    rss_mb = max(p.memory_info().rss for p in [tree, *tree.children(recursive=True)]) / 2**20
+    assert rss_mb < 250, rss_mb  # no process held the 100 MB
