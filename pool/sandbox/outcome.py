@@ -29,13 +29,13 @@ def usage_of(out: Supervision, *, baseline_rss: int, sandbox: WarmSandbox, run_p
     if out.started_at is not None:
         wall_s = (out.finished_at or out.started_at + out.wall_s) - out.started_at
     cpu_s = exit_.cpu_s if exit_ is not None and exit_.cpu_s is not None else 0.0
-    if result is not None and out.started is not None and result.wall_s > 0:
-        # Measured in the run, around the plugin's code alone (the kernel's total, which
-        # also has the process's exit, bounds what the run may claim).
-        cpu_s = min(result.cpu_s, cpu_s or result.cpu_s)
-        wall_s = min(result.wall_s, wall_s + 0.005)
     if out.started is not None:
         cpu_s = max(cpu_s - out.started.cpu_s, 0.0)
+    if result is not None and result.wall_s > 0:
+        # Measured in the run, around the plugin's call alone (the kernel's figure since
+        # the lock-down, which also has the result and the exit, bounds what it may claim).
+        cpu_s = min(result.cpu_s, cpu_s or result.cpu_s)
+        wall_s = min(result.wall_s, wall_s + 0.005)
     maxrss_kb = exit_.maxrss_kb if exit_ is not None else None
     peak = out.peak_memory_bytes
     if maxrss_kb is not None:

@@ -178,9 +178,10 @@ class Result(Message):
     error: RunError | None = None
     network_requests: int = 0
     cpu_s: float = 0.0
-    """The run's CPU time when it sent this (the kernel's figure at exit bounds it)."""
+    """CPU time of the operation's call alone, measured in the run (the kernel's figure
+    at exit bounds it)."""
     wall_s: float = 0.0
-    """Wall time from Started to this frame, measured in the run itself."""
+    """Wall time of the operation's call, measured in the run."""
 
 
 @dataclass

@@ -64,13 +64,14 @@ class Prepared:
     seccomp: seccomp.Prepared | None
     reset_signals: tuple[int, ...]
     max_fds: int
+    ctx: SandboxContext
 
 
 def prepare(config: ZygoteConfig, spawn: Spawn, run_filter: seccomp.Prepared | None,
-            vms_bytes: int) -> Prepared:
+            vms_bytes: int, policy: AuditPolicy) -> Prepared:
     """In the zygote: the run's Landlock layer (writes only in its workspace, no signals to
     the zygote), built but not enforced; the signals to reset; the run's working directory
-    and environment (inherited across the fork)."""
+    and environment (inherited across the fork); its ctx and audit policy."""
     os.chdir(spawn.workspace)
     os.environ["HOME"] = os.environ["TMPDIR"] = spawn.workspace
     tempfile = sys.modules.get("tempfile")  # not imported here: it seeds random at each fork
@@ -84,9 +85,16 @@ def prepare(config: ZygoteConfig, spawn: Spawn, run_filter: seccomp.Prepared | N
         fd, info = landlock.build_ruleset(
             read_paths=None, write_paths=(spawn.workspace, os.devnull),
             tcp_ports=landlock_ports(config.network_hosts), abi=config.landlock_abi)
+    policy.narrow(workspace=spawn.workspace)
+    policy.allow_processes = config.allow_processes
+    ctx = SandboxContext(
+        plugin_id=config.plugin_id, job_id=spawn.job_id, instance_id=config.instance_id,
+        attempt=spawn.attempt, operation=spawn.operation, limits=config.limits,
+        permissions=config.permissions, initial_data=config.initial_data,
+        workspace=spawn.workspace, storage=ChannelStorage(CHANNEL_FD, policy))
     return Prepared(vms_bytes=vms_bytes, ruleset_fd=fd, landlock=info, seccomp=run_filter,
                     reset_signals=reset,
-                    max_fds=resource.getrlimit(resource.RLIMIT_NOFILE)[1])
+                    max_fds=resource.getrlimit(resource.RLIMIT_NOFILE)[1], ctx=ctx)
 
 
 def _lock_down(config: ZygoteConfig, spawn: Spawn, prepared: Prepared) -> dict[str, Any]:
@@ -132,25 +140,21 @@ def run_child(config: ZygoteConfig, spawn: Spawn, run_fd: int, plugin: LoadedPlu
               policy: AuditPolicy, prepared: Prepared) -> NoReturn:
     """Narrow, call the operation, send one Result frame, exit."""
     result: Result
-    started = _perf()
+    spent = (0.0, 0.0)
     try:
         if prepared.ruleset_fd is not None:
             landlock.enforce(prepared.ruleset_fd)  # _isolate closes its descriptor
         _isolate(run_fd, prepared)
         layers = _lock_down(config, spawn, prepared)
-        policy.narrow(workspace=spawn.workspace)
-        policy.allow_processes = config.allow_processes
-        started = _perf()
         channel.send_message(CHANNEL_FD, Started(layers=layers, cpu_s=_cpu_s()))
         logs.capture(CHANNEL_FD)
-        ctx = SandboxContext(
-            plugin_id=config.plugin_id, job_id=spawn.job_id, instance_id=config.instance_id,
-            attempt=spawn.attempt, operation=spawn.operation, limits=config.limits,
-            permissions=config.permissions, initial_data=config.initial_data,
-            workspace=spawn.workspace, storage=ChannelStorage(CHANNEL_FD, policy))
         operation = plugin.operations[spawn.operation]
         policy.enforcing = True
-        value = operation(ctx, spawn.payload)
+        op_cpu, op_started = _cpu_s(), _perf()
+        try:
+            value = operation(prepared.ctx, spawn.payload)
+        finally:  # the run alone: the plugin's call, not the sandbox around it
+            spent = (_cpu_s() - op_cpu, _perf() - op_started)
         policy.enforcing = False
         if policy.violations:
             raise PermissionError("the run attempted what its permissions forbid")
@@ -164,7 +168,7 @@ def run_child(config: ZygoteConfig, spawn: Spawn, run_fd: int, plugin: LoadedPlu
             max_storage_kb=spawn.max_storage_kb, timeout_ms=int(config.limits["timeout_ms"])))
     logs.flush_all()
     result.network_requests = policy.network_requests
-    result.cpu_s, result.wall_s = _cpu_s(), _perf() - started
+    result.cpu_s, result.wall_s = spent
     try:
         channel.send_message(CHANNEL_FD, result)
     except BaseException:  # the channel is gone or the value cannot be sent: just exit

@@ -148,7 +148,7 @@ def _serve_run(config: ZygoteConfig, spawn: Spawn, plugin: LoadedPlugin,
     """Fork one run, wait for it, report its exit. False: the pool child is gone."""
     run_fd = channel.receive_fd(control)
     rss, vms = _sizes()
-    prepared = prepare(config, spawn, run_filter, vms)
+    prepared = prepare(config, spawn, run_filter, vms, policy)
     pid = os.fork()
     if pid == 0:
         run_child(config, spawn, run_fd, plugin, policy, prepared)
