@@ -212,3 +212,12 @@ class RedisKeys:
         """List: a plugin's last runs (outcome, duration, worker, bounded logs), newest
         first, bounded (tasks/runs.py)."""
         return f"{self.prefix}health:{plugin_id}:runs"
+
+    def job_status(self, job_id: str) -> str:
+        """List: the job's status changes in order (JSON: status, seq, at, ...); expires with
+        its result (tasks/job_status.py)."""
+        return f"{self.prefix}job:{job_id}:status"
+
+    def job_channel(self, job_id: str) -> str:
+        """Pub/sub channel: the job's status changes as they happen, one message each."""
+        return f"{self.prefix}events:job:{job_id}"

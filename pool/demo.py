@@ -125,7 +125,10 @@ def _worker_ready(app: Celery, nodename: str) -> bool:
     return bool(app.control.ping(destination=[nodename], timeout=0.5))
 
 
-def run_demo(*, duration_s: float | None, as_json: bool, examples: Path | None = None) -> int:
+def run_demo(*, duration_s: float | None, as_json: bool, examples: Path | None = None,
+             reset: bool = False) -> int:
+    """Run the demo; `reset` first closes the example plugins' breakers, which the
+    misbehaving plugins of a previous run (on the same Redis) left open."""
     console = Console(stderr=as_json)
     examples_dir = (examples or default_examples_dir()).resolve()
     base = Settings.from_env()
@@ -136,7 +139,11 @@ def run_demo(*, duration_s: float | None, as_json: bool, examples: Path | None =
     env = {**os.environ, "PLUGINPOOL_REDIS_URL": reachable.url,
            "PLUGINPOOL_PLUGIN_PATHS": json.dumps([str(examples_dir)])}
     client = PluginClient(settings)
-    client.register(examples_dir / "plugins.toml")
+    registered = client.register(examples_dir / "plugins.toml")
+    if reset:
+        for spec in registered:
+            client.override_breaker(spec.id, "reset")
+        console.print(f"breakers reset: {', '.join(spec.id for spec in registered)}")
     nodename = f"demo-{os.getpid()}@localhost"
     flower_port = free_port()
     flower_url = f"http://127.0.0.1:{flower_port}"

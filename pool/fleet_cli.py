@@ -91,20 +91,20 @@ def cmd_discover(args: argparse.Namespace) -> int:
 
 def add_parsers(sub: Any) -> None:
     p = sub.add_parser("unregister", help="remove a plugin; its queued jobs fail, typed")
-    p.add_argument("plugin")
+    p.add_argument("plugin", help="the plugin's id")
     p.set_defaults(func=cmd_unregister)
 
     p = sub.add_parser("revisions", help="a plugin's revisions: version, source hash, when, by")
-    p.add_argument("plugin")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("plugin", help="the plugin's id")
+    p.add_argument("--json", action="store_true", help="as JSON")
     p.set_defaults(func=cmd_revisions)
 
     p = sub.add_parser("rollback", help="make an earlier revision current (as a new one)")
-    p.add_argument("plugin")
+    p.add_argument("plugin", help="the plugin's id")
     p.add_argument("--to", type=int, default=None, metavar="REVISION",
                    help="the revision whose content to restore (default: the previous one)")
     p.set_defaults(func=cmd_rollback)
 
     p = sub.add_parser("discover", help="plugins declared by installed distributions")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="as JSON")
     p.set_defaults(func=cmd_discover)

@@ -10,6 +10,7 @@ from typing import Any, Literal
 import redis
 from celery import Celery
 from kombu.exceptions import OperationalError
+from kombu.utils.uuid import uuid
 
 from pluginpool.policy.breaker import (
     UNGUARDED,
@@ -37,6 +38,7 @@ from pluginpool.tasks.artifacts import ArtifactStore, publish_sources
 from pluginpool.tasks.fleet_ops import FleetOperations
 from pluginpool.tasks.health import HealthReader
 from pluginpool.tasks.instances import Instance, InstanceStore, SandboxInfo
+from pluginpool.tasks.job_watch import JobWatcher
 from pluginpool.tasks.jobs import FallbackJob, Job
 from pluginpool.tasks.manifest import load_manifest, spec_issues
 from pluginpool.tasks.operations import Operations
@@ -71,6 +73,7 @@ class PluginClient(FleetOperations, Operations):
         self.health_reader = HealthReader(self.redis, settings.keys,
                                           thresholds=settings.health,
                                           heartbeat_s=settings.worker_heartbeat_s)
+        self._job_watcher: JobWatcher | None = None
         self._subscriptions = Subscriptions(
             self.redis, [settings.keys.error_channel, settings.keys.breaker_channel,
                          settings.keys.registry_channel])
@@ -204,10 +207,16 @@ class PluginClient(FleetOperations, Operations):
             kwargs: dict[str, Any] = {"payload": payload, "instance_id": instance_id}
             if operation != "run":
                 kwargs["operation"] = operation
-            result = self.app.send_task(spec.task_name, kwargs=kwargs, **options)
+            job_id = uuid()
+            # Before the publish, so `queued` is always the first change (tasks/job_status.py).
+            self.job_watcher.store.set(job_id, "queued", plugin_id=plugin_id,
+                                       instance_id=instance_id)
+            result = self.app.send_task(spec.task_name, kwargs=kwargs, task_id=job_id,
+                                        **options)
         isolation = spec.isolation
         return Job(result, plugin_id=plugin_id, instance_id=instance_id,
-                   max_restarts=isolation.max_restarts if isolation.auto_restart else 0)
+                   max_restarts=isolation.max_restarts if isolation.auto_restart else 0,
+                   watcher=self.job_watcher)
 
     def _fallback(self, spec: PluginSpec, payload: Any, refusal: CircuitOpenError, *,
                   depth: int) -> Job | FallbackJob:
@@ -266,9 +275,20 @@ class PluginClient(FleetOperations, Operations):
 
     def job(self, job_id: str, *, plugin_id: str | None = None) -> Job:
         """A handle on an earlier job by its id."""
-        return Job(self.app.AsyncResult(job_id), plugin_id=plugin_id or "", instance_id=None)
+        return Job(self.app.AsyncResult(job_id), plugin_id=plugin_id or "", instance_id=None,
+                   watcher=self.job_watcher)
+
+    @property
+    def job_watcher(self) -> JobWatcher:
+        """Job statuses: stored changes, and one subscriber thread for every job followed."""
+        if self._job_watcher is None:
+            self._job_watcher = JobWatcher(self.redis, self.settings.keys,
+                                           ttl_s=self.settings.result_expires_s)
+        return self._job_watcher
 
     def close(self) -> None:
+        if self._job_watcher is not None:
+            self._job_watcher.close()
         self._subscriptions.close()
         self.redis.close()
         self.app.close()

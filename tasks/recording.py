@@ -21,6 +21,7 @@ from celery.exceptions import TimeLimitExceeded
 from celery.signals import task_failure, task_retry
 
 from pluginpool.policy.errors import ErrorInfo, UnknownPluginError
+from pluginpool.tasks import job_status_hooks  # noqa: F401  (connects the worker's status signals)
 from pluginpool.tasks.outcome import error_for_failure
 from pluginpool.tasks.spec import PluginSpec
 

@@ -222,3 +222,9 @@ def child_process_env(**extra: str) -> dict[str, str]:
     """The environment for a helper process pluginpool starts (e.g. `pip wheel`): this
     process's own, plus `extra`. Here so that no other module reads os.environ."""
     return {**os.environ, **extra}
+
+
+def export_setting(name: str, value: str) -> None:
+    """Set one setting for this process and every process it starts (the CLI's global
+    options, e.g. --redis-url): the environment is where Settings.from_env looks."""
+    os.environ[f"{ENV_PREFIX}{name.upper()}"] = value

@@ -1,0 +1,65 @@
+"""A job's status, stored and pushed: `queued`, `started`, `retrying`, then one of
+`succeeded`, `failed`, `cancelled`.
+
+Why Redis pub/sub on one channel per job, and not Celery's task events: task events go to
+every event receiver of the fleet (a producer following one job would decode every event of
+every job) and nothing keeps them (a producer that subscribes late, or another producer
+holding the job id, could not read the status). Here each change is appended to a short
+list per job and published on the job's own channel in the same Lua step
+(`job_status.lua`), so a reader subscribes, then reads the list, and gets every change
+exactly once, in order, by its sequence number; nothing polls.
+
+Who writes: the producer `queued` before it publishes the job; the worker `started`,
+`retrying` and the final status once Celery has stored the result (`job_status_hooks.py`),
+so a subscriber that sees `succeeded` or `failed` can read the outcome at once.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Final, Literal
+
+import redis
+
+from pluginpool.policy.keys import RedisKeys
+
+JobStatus = Literal["queued", "started", "retrying", "succeeded", "failed", "cancelled"]
+STATUSES: Final[tuple[str, ...]] = ("queued", "started", "retrying", "succeeded", "failed",
+                                    "cancelled")
+TERMINAL: Final[frozenset[str]] = frozenset({"succeeded", "failed", "cancelled"})
+LUA_SOURCE = (Path(__file__).with_name("job_status.lua")).read_text()
+
+
+def decode_change(raw: bytes | str) -> dict[str, Any]:
+    """One status change as stored and published (status, seq, job_id, at, ...)."""
+    change: dict[str, Any] = json.loads(raw)
+    return change
+
+
+class JobStatusStore:
+    """Writes and reads job statuses with a synchronous Redis client."""
+
+    def __init__(self, client: redis.Redis, keys: RedisKeys, *, ttl_s: int) -> None:
+        self._client = client
+        self._keys = keys
+        self._ttl_s = ttl_s
+        self._script = client.register_script(LUA_SOURCE)
+
+    def set(self, job_id: str, status: JobStatus, **fields: Any) -> int:
+        """Record a change; its sequence number, or 0 if it changes nothing (see the script)."""
+        change = json.dumps({**fields, "job_id": job_id, "at": time.time()})
+        return int(self._script(keys=[self._keys.job_status(job_id),
+                                      self._keys.job_channel(job_id)],
+                                args=[status, change, self._ttl_s]))
+
+    def history(self, job_id: str) -> list[dict[str, Any]]:
+        """Every change so far, oldest first (empty: unknown job, or expired)."""
+        raw = self._client.lrange(self._keys.job_status(job_id), 0, -1)
+        return [decode_change(item) for item in raw]  # type: ignore[union-attr]
+
+    def current(self, job_id: str) -> str | None:
+        """The latest status, or None if the job is unknown here."""
+        last = self._client.lindex(self._keys.job_status(job_id), -1)
+        return None if last is None else str(decode_change(last)["status"])  # type: ignore[arg-type]

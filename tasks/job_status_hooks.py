@@ -1,0 +1,79 @@
+"""The worker's side of job statuses: Celery's signals, in the process that sees each change.
+
+- `started`: task_prerun, in the pool process, before the plugin runs;
+- `retrying`: task_retry, in the pool process (a restart after the run's process died) or in
+  the main process (Celery's own retry of a job whose pool process died);
+- `succeeded` / `failed`: task_postrun in the pool process, which Celery sends after it
+  stored the result; task_failure in the main process for what the pool process could not
+  report (hard time limit, restarts exhausted), also after the result is stored.
+
+A status that cannot be written (Redis away) is logged; the job itself is never failed by it.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import redis
+from billiard.exceptions import WorkerLostError
+from celery import states
+from celery.exceptions import TimeLimitExceeded
+from celery.signals import task_failure, task_postrun, task_prerun, task_retry
+
+from pluginpool.policy.errors import PluginExecutionError
+from pluginpool.tasks.job_status import JobStatus, JobStatusStore
+from pluginpool.tasks.routing import plugin_of_task
+
+if TYPE_CHECKING:
+    from pluginpool.tasks.execution import WorkerServices
+
+logger = logging.getLogger("pluginpool.job_status")
+
+
+def _write(sender: Any, job_id: Any, status: JobStatus, **fields: Any) -> None:
+    plugin_id = plugin_of_task(str(getattr(sender, "name", "")))
+    services: WorkerServices | None = getattr(getattr(sender, "app", None),
+                                              "pluginpool_services", None)
+    if plugin_id is None or services is None or not job_id:
+        return
+    store = JobStatusStore(services.redis, services.settings.keys,
+                           ttl_s=services.settings.result_expires_s)
+    try:
+        store.set(str(job_id), status, plugin_id=plugin_id, **fields)
+    except redis.RedisError as exc:
+        logger.warning("could not record status %s of job %s: %s", status, job_id, exc)
+
+
+def _on_prerun(sender: Any = None, task_id: Any = None, task: Any = None, **_: Any) -> None:
+    request = getattr(task or sender, "request", None)
+    _write(sender, task_id, "started", worker=getattr(request, "hostname", None),
+           attempt=int(getattr(request, "retries", 0) or 0) + 1)
+
+
+def _on_retry(sender: Any = None, request: Any = None, reason: Any = None, **_: Any) -> None:
+    _write(sender, getattr(request, "id", None), "retrying", reason=str(reason)[:500])
+
+
+def _on_postrun(sender: Any = None, task_id: Any = None, state: Any = None,
+                retval: Any = None, **_: Any) -> None:
+    if state == states.SUCCESS:
+        _write(sender, task_id, "succeeded")
+    elif state == states.FAILURE:
+        error_type = retval.type if isinstance(retval, PluginExecutionError) else None
+        _write(sender, task_id, "failed", error_type=error_type,
+               error=type(retval).__name__)
+
+
+def _on_failure_in_main_process(sender: Any = None, task_id: Any = None,
+                                exception: BaseException | None = None, **_: Any) -> None:
+    if isinstance(exception, TimeLimitExceeded | WorkerLostError):
+        _write(sender, task_id, "failed", error=type(exception).__name__,
+               error_type="timeout" if isinstance(exception, TimeLimitExceeded)
+               else "runtime")
+
+
+task_prerun.connect(_on_prerun, weak=False)
+task_retry.connect(_on_retry, weak=False)
+task_postrun.connect(_on_postrun, weak=False)
+task_failure.connect(_on_failure_in_main_process, weak=False)
