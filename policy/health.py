@@ -98,16 +98,29 @@ def classify(*, breaker_state: str, live_workers: int, dependency_error_stands: 
     return HealthStatus.HEALTHY, []
 
 
+LATENCY_BUCKETS_MS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 15, 20, 25, 30, 40, 50, 65, 80, 100, 150,
+                      200, 300, 500, 750, 1000, 2500, 5000, 10000, 30000, 60000)
+"""Upper bounds (ms) of the run-duration buckets, one fixed set for every plugin (and
+`+Inf`): a bucket every 1-2 ms up to 6 ms, every 2-5 ms up to 30 ms, so 1-50 ms runs are
+told apart. Counted by policy/outcome.lua, served by /metrics."""
+
+
 def percentile_from_buckets(buckets: dict[str, int], q: float) -> float | None:
-    """The upper bound (ms) of the latency bucket holding the q-th quantile."""
+    """The q-th quantile (ms), interpolated linearly inside the bucket that holds it (as
+    Prometheus's histogram_quantile does); infinity if it lies beyond the last bound."""
     total = sum(buckets.values())
     if total == 0:
         return None
     ordered = sorted(buckets.items(), key=lambda kv: float("inf") if kv[0] == "inf"
                      else float(kv[0]))
-    seen = 0
+    seen, lower = 0, 0.0
+    rank = q * total
     for bound, count in ordered:
+        if count and seen + count >= rank:
+            if bound == "inf":
+                return float("inf")  # beyond the last bound
+            upper = float(bound)
+            return round(lower + (upper - lower) * (rank - seen) / count, 1)
         seen += count
-        if seen >= q * total:
-            return float("inf") if bound == "inf" else float(bound)
+        lower = lower if bound == "inf" else float(bound)
     return None

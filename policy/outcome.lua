@@ -1,7 +1,9 @@
 -- pluginpool: durable per-plugin health figures, updated with every recorded outcome.
 -- Loaded in front of breaker.lua, so recording an outcome stays one round trip. Counts
 -- live in Redis, not in the aggregator: they survive its restarts and agree across replicas.
-local LATENCY_BUCKETS_MS = {5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000}
+-- The same bounds as LATENCY_BUCKETS_MS in policy/health.py (a test holds them equal).
+local LATENCY_BUCKETS_MS = {1, 2, 3, 4, 5, 6, 8, 10, 12, 15, 20, 25, 30, 40, 50, 65, 80, 100,
+  150, 200, 300, 500, 750, 1000, 2500, 5000, 10000, 30000, 60000}
 
 local function latency_label(ms)
   for _, bound in ipairs(LATENCY_BUCKETS_MS) do

@@ -88,6 +88,7 @@ class Api:
             "health": health.model_dump(mode="json"),
             "breaker": client.breaker(plugin_id).as_dict(),
             "pause": None if pause is None else pause.model_dump(mode="json"),
+            "queue": spec.queue,
             "queued": client.queued(plugin_id),
             "revisions": [r.model_dump(mode="json") for r in client.revisions(plugin_id)],
             "recent_errors": errors,

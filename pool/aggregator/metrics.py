@@ -12,7 +12,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from pluginpool.policy.health import HealthStatus, PluginHealth
+from pluginpool.policy.health import LATENCY_BUCKETS_MS, HealthStatus, PluginHealth
 from pluginpool.tasks.deadletter import DeliveryStats
 
 BREAKER_STATES = ("closed", "open", "half_open")
@@ -67,12 +67,9 @@ class PluginCollector(Collector):
                 memory.add_metric([pid], item.usage["peak_memory_mb"] or 0.0)
             if item.usage.get("avg_cpu_percent") is not None:
                 cpu.add_metric([pid], item.usage["avg_cpu_percent"] or 0.0)
-            buckets = sorted(((b, c) for b, c in item.latency_buckets.items() if b != "inf"),
-                             key=lambda bc: float(bc[0]))
-            cumulative, total = [], 0
-            for bound, count in buckets:
-                total += count
-                cumulative.append((bound, float(total)))
+            counted = [(float(b), c) for b, c in item.latency_buckets.items() if b != "inf"]
+            cumulative = [(str(bound), float(sum(c for b, c in counted if b <= bound)))
+                          for bound in LATENCY_BUCKETS_MS]  # every bound, every plugin
             cumulative.append(("+Inf", float(item.runs)))
             wall_sum = (item.usage.get("avg_wall_ms") or 0.0) * item.runs
             latency.add_metric([pid], cumulative, sum_value=wall_sum)

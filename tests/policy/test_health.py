@@ -44,6 +44,36 @@ def test_degraded_reasons() -> None:
 def test_percentiles_from_buckets() -> None:
     buckets = {"5": 50, "10": 40, "100": 9, "inf": 1}
     assert percentile_from_buckets(buckets, 0.5) == 5.0
-    assert percentile_from_buckets(buckets, 0.95) == 100.0
+    assert percentile_from_buckets(buckets, 0.95) == 60.0  # interpolated in (10, 100]
     assert percentile_from_buckets(buckets, 0.999) == float("inf")
     assert percentile_from_buckets({}, 0.5) is None
+
+
+def test_latency_buckets_are_one_fixed_set_fine_enough_for_1_to_50_ms_runs() -> None:
+    """outcome.lua counts with the same bounds Python serves, and runs of 5 ms and of
+    15-25 ms get different p95s (the old set read 50 ms for both of the latter)."""
+    import itertools
+    import re
+    from pathlib import Path
+
+    import pluginpool.policy.health as health
+
+    lua = (Path(health.__file__).parent / "outcome.lua").read_text()
+    listed = re.search(r"LATENCY_BUCKETS_MS = \{([^}]*)\}", lua)
+    assert listed is not None
+    assert tuple(int(x) for x in listed.group(1).replace("\n", " ").split(",")) == \
+        health.LATENCY_BUCKETS_MS
+    inside = [b for b in health.LATENCY_BUCKETS_MS if b <= 50]
+    assert len(inside) >= 12 and all(b - a <= 10 for a, b in itertools.pairwise(inside))
+
+    def p95(ms: list[float]) -> float | None:
+        counts: dict[str, int] = {}
+        for value in ms:
+            bound = next(b for b in health.LATENCY_BUCKETS_MS if value <= b)
+            counts[str(bound)] = counts.get(str(bound), 0) + 1
+        return percentile_from_buckets(counts, 0.95)
+
+    fast = p95([4.6] * 100)
+    slow = p95([15 + (i % 10) for i in range(100)])
+    assert fast is not None and 4 <= fast <= 5
+    assert slow is not None and 20 <= slow <= 25
