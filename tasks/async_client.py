@@ -1,10 +1,11 @@
 """The producer's API for asyncio applications (FastAPI, aiohttp): `PluginClient`'s surface
 as coroutines, on one event loop.
 
-Waiting is where an async application needs it: awaiting a job costs no thread. Each
-awaited job is one follower on the client's one redis.asyncio pub/sub connection
-(`async_job_watch.py`); its final status is pushed, then its stored outcome is read with
-one GET and resolved by the same code as the threaded client's (`Job.resolve`).
+Waiting is where an async application needs it: awaiting a job costs no thread. An
+awaited result is one subscription on the client's redis.asyncio pub/sub connection to the
+result backend (`async_results.py`, the channel Celery's Redis backend publishes each
+stored state on), resolved by the same code as the threaded client's (`Job.resolve`);
+status callbacks follow the job's pushed statuses (`async_job_watch.py`).
 
 Submitting reuses `PluginClient` whole (validation, spec cache, breaker, fallback, the
 Celery publish) rather than a second implementation of each: it is a few short Redis round
@@ -14,7 +15,7 @@ trips, run on a small, bounded thread pool (`max_threads`), never one thread per
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
@@ -26,9 +27,9 @@ from celery import states
 from pluginpool.policy.errors import JobWaitTimeoutError, PluginPoolError
 from pluginpool.policy.health import PluginHealth
 from pluginpool.tasks.async_job_watch import AsyncJobWatcher, AsyncStatusCallback
+from pluginpool.tasks.async_results import AsyncResultWaiter
 from pluginpool.tasks.client import PluginClient
 from pluginpool.tasks.instances import SandboxInfo
-from pluginpool.tasks.job_status import TERMINAL
 from pluginpool.tasks.jobs import FallbackJob, Job
 from pluginpool.tasks.redis_conn import client_options
 from pluginpool.tasks.settings import Settings
@@ -63,10 +64,9 @@ class AsyncJob:
         if isinstance(self._job, FallbackJob):
             return self._job.result()
         try:
-            await self._client.watcher.wait_final(self.id, timeout)
+            return await self._client.outcome(self._job, timeout)
         except TimeoutError:
             raise JobWaitTimeoutError(self.id, timeout_s=timeout or 0.0) from None
-        return await self._client.stored_outcome(self._job)
 
     async def status(self) -> str | None:
         if isinstance(self._job, FallbackJob):
@@ -91,11 +91,10 @@ class AsyncJob:
 
     async def _on_final(self, *, on_result: AsyncResultCallback | None = None,
                         on_error: AsyncErrorCallback | None = None) -> None:
-        async def on_change(change: dict[str, Any]) -> None:
-            if change.get("status") not in TERMINAL:
-                return
+        """One task awaiting the stored outcome (whoever stores it), then the callback."""
+        async def wait_then_call() -> None:
             try:
-                value = await self._client.stored_outcome(self._job)
+                value = await self.result()
             except PluginPoolError as exc:
                 if on_error is not None:
                     await on_error(exc)
@@ -103,7 +102,7 @@ class AsyncJob:
             if on_result is not None:
                 await on_result(value)
 
-        await self.on_status_change(on_change)
+        self._client.spawn(wait_then_call())
 
 
 class AsyncPluginClient:
@@ -121,6 +120,8 @@ class AsyncPluginClient:
         self._results = aioredis.Redis.from_url(settings.effective_result_backend,
                                                 **{**options, "decode_responses": False})
         self.watcher = AsyncJobWatcher(self.redis, settings.keys)
+        self.results = AsyncResultWaiter(self._results, self.sync.app.backend.decode_result)
+        self._tasks: set[asyncio.Task[None]] = set()
 
     @classmethod
     def from_env(cls, **overrides: Any) -> AsyncPluginClient:
@@ -179,20 +180,26 @@ class AsyncPluginClient:
         """A handle on an earlier job by its id."""
         return AsyncJob(self.sync.job(job_id, plugin_id=plugin_id), self)
 
-    async def stored_outcome(self, job: Job | FallbackJob) -> Any:
-        """Read a finished job's outcome with one GET and resolve it like `Job.result`."""
+    async def outcome(self, job: Job | FallbackJob, timeout: float | None = None) -> Any:
+        """Await the job's stored outcome and resolve it like `Job.result` (value, or its
+        error raised); TimeoutError after `timeout`."""
         if isinstance(job, FallbackJob):
             return job.result()
         backend: Any = job.async_result.backend  # a key-value backend (Redis)
-        raw = await self._results.get(backend.get_key_for_task(job.id))
-        if raw is None:
-            raise PluginPoolError(f"job {job.id} has no stored outcome (expired?)")
-        meta: dict[str, Any] = backend.decode_result(raw)
-        if meta.get("status") not in states.READY_STATES:
-            raise PluginPoolError(f"job {job.id} has no stored outcome ({meta.get('status')})")
+        key = backend.get_key_for_task(job.id)
+        meta = await self.results.wait(key.decode() if isinstance(key, bytes) else key, timeout)
         return job.resolve(meta.get("result"), failed=meta["status"] in states.PROPAGATE_STATES)
 
+    def spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        """Run a callback's task on the loop, kept referenced until it ends."""
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await self.results.close()
         await self.watcher.close()
         await self.redis.aclose()
         await self._results.aclose()

@@ -57,21 +57,6 @@ class AsyncJobWatcher:
         task.add_done_callback(self._tasks.discard)
         await self._add(Follower(job_id, queue.put_nowait))
 
-    async def wait_final(self, job_id: str, timeout: float | None) -> dict[str, Any]:
-        """The job's final change (succeeded, failed, cancelled); TimeoutError after `timeout`."""
-        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-
-        def on_change(change: dict[str, Any]) -> None:
-            if change.get("status") in TERMINAL and not future.done():
-                future.set_result(change)
-
-        follower = Follower(job_id, on_change)
-        await self._add(follower)
-        try:
-            return await asyncio.wait_for(future, timeout)
-        finally:
-            follower.done = True
-
     async def close(self) -> None:
         if self._reader is not None:
             self._reader.cancel()

@@ -59,6 +59,8 @@ def _on_postrun(sender: Any = None, task_id: Any = None, state: Any = None,
                 retval: Any = None, **_: Any) -> None:
     if state == states.SUCCESS:
         _write(sender, task_id, "succeeded")
+    elif state == states.FAILURE and type(retval).__name__ == "JobCancelledError":
+        _write(sender, task_id, "cancelled")  # usually recorded already, by the canceller
     elif state == states.FAILURE:
         error_type = retval.type if isinstance(retval, PluginExecutionError) else None
         _write(sender, task_id, "failed", error_type=error_type,

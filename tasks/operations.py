@@ -22,6 +22,7 @@ from pluginpool.policy.breaker import BreakerState, BreakerStatus
 from pluginpool.policy.errors import ActionRefusedError, JobCancelledError
 from pluginpool.tasks.audit import Actor, AuditEntry, AuditLog
 from pluginpool.tasks.deadletter import DeadLetter, DeadLetterStore
+from pluginpool.tasks.job_status import JobStatusStore
 from pluginpool.tasks.pause import Mode, Pause, all_pauses, pause_of
 from pluginpool.tasks.retire import BATCH, job_id_of, queue_lists
 from pluginpool.tasks.settings import Settings
@@ -160,6 +161,8 @@ class Operations:
         def act() -> dict[str, Any]:
             queue = self.spec(plugin_id).queue
             purged = 0
+            statuses = JobStatusStore(self.redis, self.settings.keys,
+                                      ttl_s=self.settings.result_expires_s)
             with self.app.connection_for_write() as connection:
                 channel: Any = connection.default_channel
                 client = channel.client
@@ -171,6 +174,8 @@ class Operations:
                                 continue
                             self.app.backend.mark_as_failure(job_id, JobCancelledError.of(
                                 job_id, plugin_id=plugin_id, reason="purged", by=who.who))
+                            statuses.set(job_id, "cancelled", plugin_id=plugin_id,
+                                         reason="purged", by=who.who)
                             purged += 1
             return {"plugin_id": plugin_id, "purged": purged}
         return _audited(self, who, "purge", plugin_id, act)
@@ -190,6 +195,8 @@ class Operations:
             self.redis.set(keys.cancelled(job_id), json.dumps(error.info),
                            ex=self.settings.result_expires_s)
             self.app.backend.mark_as_failure(job_id, error)
+            JobStatusStore(self.redis, keys, ttl_s=self.settings.result_expires_s).set(
+                job_id, "cancelled", plugin_id=plugin_id, by=who.who)
             listeners = self.redis.publish(keys.cancel_channel, job_id)
             return {"job_id": job_id, "was": state, "workers_told": int(listeners)}
         return _audited(self, who, "cancel", job_id, act)

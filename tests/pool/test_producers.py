@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from celery import Celery
 
-from pluginpool.policy.errors import PluginExecutionError
+from pluginpool.policy.errors import PluginExecutionError, PluginPoolError
 from pluginpool.pool.processes import ManagedProcess, wait_until
 from pluginpool.tasks import AsyncPluginClient
 from pluginpool.tasks.client import PluginClient
@@ -120,18 +120,53 @@ def test_async_client_awaits_1000_jobs_on_one_loop_with_few_threads(
                 statuses.append(change["status"])
 
             await jobs[0].on_status_change(on_change)
+            outcomes: list[Any] = []
+
+            async def on_result(value: Any) -> None:
+                outcomes.append(value["payload"])
+
+            async def on_error(error: BaseException) -> None:
+                outcomes.append(type(error).__name__)
+
+            await jobs[1].on_result(on_result)
+            await (await aclient.submit("raises", "z")).on_error(on_error)
             values = await asyncio.gather(*(job.result(timeout=120) for job in jobs))
             seen.append(threading.active_count())
             with pytest.raises(PluginExecutionError):
                 await (await aclient.submit("raises", "y")).result(timeout=30)
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(0.5)
             assert statuses == ["queued", "started", "succeeded"]
+            assert sorted(map(str, outcomes)) == ["1", "PluginExecutionError"]
             return values
 
     before = threading.active_count()
     values = asyncio.run(main())
     assert [value["payload"] for value in values] == list(range(1000))
     assert seen[0] <= before + 4 + 2  # its executor (4) and at most a couple of helpers
+
+
+def test_a_cancelled_queued_job_is_pushed_as_cancelled(
+        env: tuple[PluginClient, ManagedProcess]) -> None:
+    client, _ = env
+    busy = [client.submit("sleeps", {"seconds": 0.4}) for _ in range(2)]  # both processes
+    queued = client.submit("sleeps", {"seconds": 0.01})
+    client.cancel(queued.id, plugin_id="sleeps")
+    statuses = Recorder()
+    queued.on_status_change(statuses.status)
+    assert statuses.done.wait(20)
+    assert statuses.items == ["queued", "cancelled"]
+
+    async def awaited() -> str:
+        async with AsyncPluginClient(client.settings) as aclient:
+            try:
+                await aclient.result(queued.id, timeout=20)
+            except PluginPoolError as exc:
+                return type(exc).__name__
+        return "no error"
+
+    assert asyncio.run(awaited()) == "JobCancelledError"
+    for job in busy:
+        job.result(timeout=20)
 
 
 def test_a_plain_celery_producers_job_reaches_an_idle_worker_fast(
