@@ -34,6 +34,17 @@ def busy(ctx: Any, payload: Any) -> Any:
     return spins
 
 
+def count_and_sleep(ctx: Any, payload: Any) -> Any:
+    """Counts every execution of a job id in Redis (duplicates show), then sleeps."""
+    import redis
+
+    client = redis.Redis.from_url(payload["redis_url"])
+    client.hincrby(payload["key"], ctx.job_id, 1)
+    client.close()
+    time.sleep(float(payload.get("seconds", 0.05)))
+    return payload.get("n")
+
+
 def sleep(ctx: Any, payload: Any) -> Any:
     time.sleep(float(payload["seconds"]))
     return None

@@ -14,7 +14,7 @@ from typing import Any
 import redis
 
 from pluginpool.pool.processes import ManagedProcess, wait_until
-from pluginpool.pool.redis_bootstrap import ensure_redis, with_db
+from pluginpool.pool.redis_bootstrap import ensure_redis, free_port, ping, with_db
 
 BENCH_DB = int(os.environ.get("PLUGINPOOL_BENCH_REDIS_DB", "12"))
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,6 +25,20 @@ def bench_redis_url(run_dir: Path) -> str:
     url = with_db(reachable.url, BENCH_DB)
     redis.Redis.from_url(url).flushdb()
     return url
+
+
+def private_redis(run_dir: Path) -> tuple[ManagedProcess, str]:
+    """A redis-server of the benchmark's own on a free loopback port: exact command counts,
+    nothing else talking to it. Stop it by PID (`.stop()`)."""
+    port = free_port()
+    proc = ManagedProcess(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                           "--save", "", "--appendonly", "no", "--dir", str(run_dir)],
+                          log_path=run_dir / "redis.log")
+    url = f"redis://127.0.0.1:{port}/0"
+    if not wait_until(lambda: ping(url), timeout_s=20):
+        proc.stop()
+        sys.exit(proc.log_text())
+    return proc, url
 
 
 def start(argv: list[str], env: dict[str, str], log: Path,

@@ -19,9 +19,7 @@ from pathlib import Path
 
 import redis
 
-from bench.common import ROOT, pluginpool_worker, write_result
-from pluginpool.pool.processes import ManagedProcess, wait_until
-from pluginpool.pool.redis_bootstrap import free_port, ping
+from bench.common import ROOT, pluginpool_worker, private_redis, write_result
 from pluginpool.tasks.client import PluginClient
 from pluginpool.tasks.settings import Settings
 from pluginpool.tasks.spec import PluginSpec
@@ -33,17 +31,6 @@ def noop(plugin_id: str) -> PluginSpec:
     return PluginSpec.model_validate({
         "id": plugin_id, "name": plugin_id, "entrypoint": "bench_plugins:noop",
         "isolation": {"sandboxed": False}, "resource_limits": {"timeout_ms": 10_000}})
-
-
-def private_redis(run_dir: Path) -> tuple[ManagedProcess, str]:
-    port = free_port()
-    proc = ManagedProcess(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
-                           "--save", "", "--appendonly", "no", "--dir", str(run_dir)],
-                          log_path=run_dir / "redis.log")
-    url = f"redis://127.0.0.1:{port}/0"
-    if not wait_until(lambda: ping(url), timeout_s=20):
-        raise SystemExit(proc.log_text())
-    return proc, url
 
 
 def commands(store: redis.Redis) -> int:

@@ -172,6 +172,12 @@ class RedisKeys:
         return f"{self.prefix}registry:unregistered"
 
     @property
+    def registry_version(self) -> str:
+        """Counter: bumped in the same transaction as every registry change, so a worker
+        can tell in one read that nothing changed (no re-read of 10,000 specs)."""
+        return f"{self.prefix}registry:version"
+
+    @property
     def registry_channel(self) -> str:
         """Pub/sub channel: every registry change (register, unregister, rollback), as JSON;
         workers follow it to start and stop consuming queues."""
@@ -208,11 +214,6 @@ class RedisKeys:
         bounded (tasks/audit.py)."""
         return f"{self.prefix}audit"
 
-    def recent_runs(self, plugin_id: str) -> str:
-        """List: a plugin's last runs (outcome, duration, worker, bounded logs), newest
-        first, bounded (tasks/runs.py)."""
-        return f"{self.prefix}health:{plugin_id}:runs"
-
     def job_status(self, job_id: str) -> str:
         """List: the job's status changes in order (JSON: status, seq, at, ...); expires with
         its result (tasks/job_status.py)."""
@@ -221,3 +222,8 @@ class RedisKeys:
     def job_channel(self, job_id: str) -> str:
         """Pub/sub channel: the job's status changes as they happen, one message each."""
         return f"{self.prefix}events:job:{job_id}"
+
+    def recent_runs(self, plugin_id: str) -> str:
+        """List: a plugin's last runs (outcome, duration, worker, bounded logs), newest
+        first, bounded (tasks/runs.py)."""
+        return f"{self.prefix}health:{plugin_id}:runs"

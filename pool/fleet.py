@@ -61,6 +61,11 @@ class PluginSelector:
         return any(fnmatch.fnmatchcase(plugin_id, pattern) for pattern in self.patterns)
 
 
+FULL_READ_EVERY = 12
+"""A periodic reconciliation re-reads every spec at least this often (every minute at
+the default 5 s), even when the registry's change counter did not move."""
+
+
 class SharedGeneration:
     """A counter in shared memory, bumped by the main process, read by pool children."""
 
@@ -99,6 +104,9 @@ class RegistryFollower(bootsteps.StartStopStep):  # type: ignore[misc]
         self._keys = services.settings.keys
         self._every_s: float = services.settings.fleet_reconcile_s
         self._revisions: dict[str, int] = {}
+        self._version: int | None = None
+        self._wanted: dict[str, PluginSpec] = {}
+        self._passes = 0
         self._thread = threading.Thread(target=self._follow, name="pluginpool-fleet",
                                         daemon=True)
         self._thread.start()
@@ -139,9 +147,19 @@ class RegistryFollower(bootsteps.StartStopStep):  # type: ignore[misc]
             pubsub.close()
 
     def reconcile(self) -> None:
-        """Read the registry; hand the plugins to serve to the event loop."""
-        wanted = {spec.id: spec for spec in self._registry.all()
-                  if self._selector.matches(spec.id)}
+        """Read the registry; hand the plugins to serve to the event loop.
+
+        The periodic pass reads one counter and re-reads every spec only when it moved
+        (or every FULL_READ_EVERY passes): a worker's idle cost must not grow with the
+        number of plugins registered."""
+        version = self._registry.version()
+        self._passes += 1
+        if version == self._version and self._passes % FULL_READ_EVERY:
+            wanted = self._wanted
+        else:
+            wanted = {spec.id: spec for spec in self._registry.all()
+                      if self._selector.matches(spec.id)}
+            self._version, self._wanted = version, wanted
         revisions = {pid: spec.revision for pid, spec in wanted.items()}
         if revisions != self._revisions:
             self._generation.bump()

@@ -152,6 +152,7 @@ class Registry:
         pipe.rpush(log, record.model_dump_json())
         pipe.ltrim(log, -REVISION_LOG_LENGTH, -1)
         event = RegistryEvent(action=action, plugin_id=spec.id, revision=spec.revision, at=now)
+        pipe.incr(self._keys.registry_version)
         pipe.publish(self._keys.registry_channel, event.model_dump_json())
 
     def _check(self, specs: list[PluginSpec], current: dict[str, PluginSpec], source: str) -> None:
@@ -191,6 +192,10 @@ class Registry:
 
     def all(self) -> list[PluginSpec]:
         return sorted(self._decode_all(self._redis.hgetall(self._keys.specs)), key=lambda s: s.id)
+
+    def version(self) -> int:
+        """The registry's change counter (see RedisKeys.registry_version)."""
+        return int(self._redis.get(self._keys.registry_version) or 0)
 
     def unregistered(self) -> dict[str, int]:
         """Unregistered plugins (not registered again since) and their last revision."""

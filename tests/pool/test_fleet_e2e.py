@@ -205,7 +205,12 @@ def test_glob_worker_follows_only_its_plugins_and_catches_up_without_events(
                           timeout_s=15)
         assert "plugins.other-b" not in consumed_queues(client, node)
         silent = published[0].model_copy(update={"id": "glob-c", "revision": 1})
-        client.redis.hset(client.settings.keys.specs, "glob-c", silent.model_dump_json())
+        # A change whose event was lost: the spec and the registry's change counter move
+        # together (as in Registry.publish), no event is published.
+        with client.redis.pipeline() as pipe:
+            pipe.hset(client.settings.keys.specs, "glob-c", silent.model_dump_json())
+            pipe.incr(client.settings.keys.registry_version)
+            pipe.execute()
         assert wait_until(lambda: "plugins.glob-c" in consumed_queues(client, node),
                           timeout_s=15)
     finally:
