@@ -27,7 +27,7 @@ test: install browser
 chaos: install
 	PLUGINPOOL_REDIS_URL=$$($(BIN)/pluginpool ensure-redis) $(BIN)/python -m pytest -s \
 	  tests/pool/test_faults.py tests/tasks/test_reliable_fetch.py \
-	  tests/tasks/test_consumer_connection_faults.py
+	  tests/tasks/test_consumer_connection_faults.py tests/pool/test_poison.py
 
 # kombu's own Redis integration tests, from the sdist of the installed kombu (pip, cached in
 # .compat/), run unchanged against pluginpool's transport on a redis-server of their own.

@@ -42,21 +42,22 @@ def private_redis(run_dir: Path) -> tuple[ManagedProcess, str]:
 
 
 def start(argv: list[str], env: dict[str, str], log: Path,
-          ready: Callable[[], bool]) -> ManagedProcess:
+          ready: Callable[[], bool], *, timeout_s: float = 60) -> ManagedProcess:
     proc = ManagedProcess(argv, env=env, log_path=log, cwd=str(ROOT / "bench"))
-    if not wait_until(lambda: not proc.alive() or ready(), timeout_s=60) or not proc.alive():
+    if (not wait_until(lambda: not proc.alive() or ready(), timeout_s=timeout_s)
+            or not proc.alive()):
         proc.stop()
         sys.exit(f"process did not start: {argv}\n{proc.log_text()[-3000:]}")
     return proc
 
 
 def pluginpool_worker(client: Any, env: dict[str, str], run_dir: Path, *, plugins: str,
-                      concurrency: int, node: str) -> ManagedProcess:
+                      concurrency: int, node: str, timeout_s: float = 60) -> ManagedProcess:
     """A `pluginpool worker` for the given plugins, started and answering pings."""
     argv = [sys.executable, "-m", "pluginpool.pool.cli", "worker", "--plugins", plugins,
             "--concurrency", str(concurrency), "--name", node, "--loglevel", "WARNING"]
     return start(argv, env, run_dir / f"{node}.log", lambda: bool(
-        client.app.control.ping(destination=[node], timeout=0.5)))
+        client.app.control.ping(destination=[node], timeout=0.5)), timeout_s=timeout_s)
 
 
 def plain_celery_worker(client: Any, env: dict[str, str], run_dir: Path, *,

@@ -51,7 +51,10 @@ def one_point(url: str, run_dir: Path, plugins: int, jobs: int) -> dict[str, flo
            "PLUGINPOOL_BREAKER_ENABLED": "false", "PLUGINPOOL_USAGE_EVENTS": "false",
            "PLUGINPOOL_PLUGIN_PATHS": json.dumps(settings.plugin_paths)}
     node = f"bench-many-{plugins}@localhost"
-    worker = pluginpool_worker(client, env, run_dir, plugins="all", concurrency=2, node=node)
+    started = time.perf_counter()
+    worker = pluginpool_worker(client, env, run_dir, plugins="all", concurrency=2, node=node,
+                               timeout_s=900)
+    start_s = time.perf_counter() - started
     try:
         rng = random.Random(plugins)
         started = time.perf_counter()
@@ -67,7 +70,7 @@ def one_point(url: str, run_dir: Path, plugins: int, jobs: int) -> dict[str, flo
         worker.stop()
         client.close()
     return {"jobs_per_s": round(jobs_per_s, 1), "idle_commands_per_s": round(idle, 1),
-            "register_s": round(register_s, 2)}
+            "register_s": round(register_s, 2), "worker_start_s": round(start_s, 1)}
 
 
 def fairness(url: str, run_dir: Path, backlog: int, others: int, each: int) -> dict[str, float]:
