@@ -39,7 +39,18 @@ def test_flower_api_lists_plugin_tasks_and_queues(test_plugins: PluginClient,
     try:
         assert wait_until(lambda: reachable(f"{base}/api/workers"), timeout_s=30), \
             flower.log_text()
-        test_plugins.submit("echo", 1).result(timeout=20)
+        # Flower's HTTP server answers before its event receiver has subscribed, and Redis
+        # pub/sub keeps nothing for a subscriber that is not there yet: on a busy machine
+        # the first jobs' events were lost for good (the flake). Probe until Flower shows a
+        # job, which proves it is listening, then check the job under test.
+
+        def listening() -> bool:
+            probe = test_plugins.submit("echo", "probe")
+            probe.result(timeout=20)
+            return wait_until(lambda: probe.id in get_json(
+                f"{base}/api/tasks?taskname=plugin.echo"), timeout_s=2)
+
+        assert wait_until(listening, timeout_s=60), flower.log_text()[-2000:]
         ok = test_plugins.submit("echo", 2)
         ok.result(timeout=20)
 
