@@ -3,13 +3,13 @@ follows the registry from then on (pool/fleet.py)."""
 
 from __future__ import annotations
 
-import logging
 import socket
 from dataclasses import dataclass, field
 
 from celery import Celery
 
 from pluginpool.policy.errors import UnknownPluginError
+from pluginpool.pool import trace_filter
 from pluginpool.pool.cancel_listener import CancelListener
 from pluginpool.pool.fleet import IDLE_QUEUE, PluginSelector, RegistryFollower, SharedGeneration
 from pluginpool.pool.liveness import WorkerLiveness
@@ -120,7 +120,5 @@ def run_worker(settings: Settings, plan: WorkerPlan, *, loglevel: str = "INFO") 
     """Run the worker in this process until it is stopped (SIGTERM: warm shutdown)."""
     app = build_worker_app(settings, plan.specs, selector=plan.selector,
                            nodename=plan.nodename)
-    # Celery logs every success with its whole value and every expected failure with its
-    # whole error at INFO; each run gets one line without them instead (tasks/runs.py).
-    logging.getLogger("celery.app.trace").setLevel(logging.WARNING)
+    trace_filter.install()  # Celery's success lines without plugin values
     app.worker_main(argv=plan.argv(loglevel=loglevel))

@@ -82,7 +82,8 @@ class WorkerServices:
                        instances=InstanceStore(client, settings.keys), loader=loader,
                        breakers=breakers,
                        gate=BreakerGate(breakers, cache_ms=settings.breaker_gate_cache_ms))
-        in_process = InProcessRunner(loader, max_result_bytes=settings.max_result_bytes)
+        in_process = InProcessRunner(loader, max_result_bytes=settings.max_result_bytes,
+                                     max_log_bytes=settings.max_log_bytes)
         services.runners[False] = in_process
         services.runners[True] = sandbox_runner(services) if sandbox_runner else in_process
         return services

@@ -9,8 +9,11 @@ same per stored run. Rendered as text with one prefix per line naming its stream
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 from collections import deque
+from collections.abc import Iterator
 
 DROPPED = "[... {} bytes of earlier output dropped ...]\n"
 STREAMS = ("stdout", "stderr", "log")
@@ -65,3 +68,36 @@ def forward(logs: str, *, plugin_id: str, job_id: str, level: str) -> None:
         return
     for line in logs.splitlines():
         logger.log(number, "[%s %s] %s", plugin_id, job_id, line)
+
+
+class _TailStream(io.TextIOBase):
+    """A text stream that writes into a LogTail."""
+
+    def __init__(self, tail: LogTail, stream: str) -> None:
+        super().__init__()
+        self._tail = tail
+        self._stream = stream
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        self._tail.add(self._stream, str(text))
+        return len(text)
+
+
+@contextlib.contextmanager
+def captured(plugin_id: str, *, max_bytes: int) -> Iterator[LogTail]:
+    """An in-process run's stdout, stderr and `ctx.logger`, kept like a sandboxed run's
+    (trusted code: it could write around this, e.g. to file descriptor 1)."""
+    tail = LogTail(max_bytes)
+    handler = logging.StreamHandler(_TailStream(tail, "log"))
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    plugin_logger = logging.getLogger(f"pluginpool.plugin.{plugin_id}")
+    plugin_logger.addHandler(handler)
+    try:
+        with contextlib.redirect_stdout(_TailStream(tail, "stdout")), \
+                contextlib.redirect_stderr(_TailStream(tail, "stderr")):
+            yield tail
+    finally:
+        plugin_logger.removeHandler(handler)

@@ -14,7 +14,7 @@ import signal
 import time
 import traceback
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Protocol
 
 from celery.exceptions import SoftTimeLimitExceeded
@@ -22,6 +22,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from pluginpool.policy.errors import ErrorType, PluginExecutionError
 from pluginpool.tasks.context import PluginContext
 from pluginpool.tasks.loader import PluginLoader
+from pluginpool.tasks.run_logs import captured
 from pluginpool.tasks.spec import PluginSpec
 
 TRACEBACK_LIMIT_CHARS = 8_000
@@ -134,9 +135,11 @@ class InProcessRunner:
     plugin is set up once per (plugin, revision, instance) in each pool process and kept
     for the last IN_PROCESS_INSTANCES of them; its runs share its state (no fork here)."""
 
-    def __init__(self, loader: PluginLoader, *, max_result_bytes: int) -> None:
+    def __init__(self, loader: PluginLoader, *, max_result_bytes: int,
+                 max_log_bytes: int = 65_536) -> None:
         self._loader = loader
         self._max_result_bytes = max_result_bytes
+        self._max_log_bytes = max_log_bytes
         self._loaded: OrderedDict[tuple[str, int, str | None], _Loaded] = OrderedDict()
 
     def _operation(self, spec: PluginSpec, ctx: PluginContext) -> Any:
@@ -156,6 +159,16 @@ class InProcessRunner:
         return operation
 
     def run(self, spec: PluginSpec, ctx: PluginContext, payload: Any) -> RunReport:
+        """`_run` with its stdout, stderr and ctx.logger kept (tasks/run_logs.py)."""
+        with captured(spec.id, max_bytes=self._max_log_bytes) as logs:
+            try:
+                report = self._run(spec, ctx, payload)
+            except PluginExecutionError as exc:
+                exc.info.details["logs"] = logs.text()
+                raise
+        return replace(report, logs=logs.text())
+
+    def _run(self, spec: PluginSpec, ctx: PluginContext, payload: Any) -> RunReport:
         started = time.perf_counter()
         cpu_before = resource.getrusage(resource.RUSAGE_SELF)
         usage: dict[str, Any] = {}

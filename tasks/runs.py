@@ -46,9 +46,8 @@ def after_run(client: redis.Redis, keys: RedisKeys, plugin_id: str, *, job_id: s
               ok: bool, duration_ms: float, error: dict[str, Any] | None, logs: str,
               worker: str | None, instance_id: str | None, log_level: str) -> None:
     """Keep the run in the plugin's recent runs (and its logs in the instance's last run),
-    and write it to the worker's log: its logs line by line, then one line for its outcome,
-    a success without its value (Celery's own lines, which hold the whole value or error,
-    are silenced below WARNING: pool/worker.py)."""
+    and write its logs to the worker's log line by line, before Celery's line for the
+    outcome (a success without its value: pool/trace_filter.py)."""
     try:
         with client.pipeline(transaction=False) as pipe:
             RecentRuns(client, keys).record(
@@ -60,14 +59,6 @@ def after_run(client: redis.Redis, keys: RedisKeys, plugin_id: str, *, job_id: s
     except redis.RedisError as exc:  # the run's outcome stands; only this record is lost
         logger.warning("could not record run %s of %s: %s", job_id, plugin_id, exc)
     forward(logs, plugin_id=plugin_id, job_id=job_id, level=log_level)
-    if log_level == "OFF":
-        return
-    if ok:
-        logger.log(logging.getLevelName(log_level), "[%s %s] succeeded in %.1f ms",
-                   plugin_id, job_id, duration_ms)
-    else:
-        logger.warning("[%s %s] failed in %.1f ms: [%s] %s", plugin_id, job_id, duration_ms,
-                       (error or {}).get("type"), (error or {}).get("message"))
 
 
 def without_logs(error: dict[str, Any]) -> dict[str, Any]:

@@ -28,15 +28,28 @@ def env(redis_url: str, tmp_path_factory: pytest.TempPathFactory
     client = PluginClient(settings)
     client.register(TEST_PLUGINS / "ops_plugins.toml")
     worker = spawn_worker(client, tmp_path_factory.mktemp("logs"),
-                          plugins="ops-talks,ops-floods", concurrency=1)
+                          plugins="ops-talks,ops-floods,ops-talks-trusted", concurrency=1)
     yield client, worker
     worker.stop()
     client.close()
 
 
-def expected(tag: str) -> list[str]:
+def expected(tag: str, plugin: str = "ops-talks") -> list[str]:
     return [f"stdout: to stdout {tag}", f"stderr: to stderr {tag}",
-            f"log: WARNING pluginpool.plugin.ops-talks: to the logger {tag}"]
+            f"log: WARNING pluginpool.plugin.{plugin}: to the logger {tag}"]
+
+
+def test_an_in_process_runs_logs_are_kept_the_same_way(
+        env: tuple[PluginClient, ManagedProcess]) -> None:
+    client, _ = env
+    job = client.submit("ops-talks-trusted", {"tag": "trusted"})
+    assert job.result(timeout=30) == "said it"
+    assert job.meta["logs"].splitlines() == expected("trusted", "ops-talks-trusted")
+    failed = client.submit("ops-talks-trusted", {"tag": "trusted-bad", "fail": True})
+    with pytest.raises(PluginExecutionError) as caught:
+        failed.result(timeout=30)
+    assert caught.value.details["logs"].splitlines() == expected("trusted-bad",
+                                                                 "ops-talks-trusted")
 
 
 def test_stdout_stderr_and_logger_come_back_in_meta_and_are_kept(
@@ -52,8 +65,8 @@ def test_stdout_stderr_and_logger_come_back_in_meta_and_are_kept(
     assert last is not None and last["logs"] == job.meta["logs"]
     log = worker.log_text()
     assert f"[ops-talks {job.id}] stdout: to stdout ok-1" in log
-    assert f"[ops-talks {job.id}] succeeded in" in log
-    assert "said it" not in log  # a success is logged without its value
+    assert f"plugin.ops-talks[{job.id}] succeeded in" in log
+    assert "said it" not in log and "(value not logged)" in log  # a success, not its value
 
 
 def test_a_failed_runs_logs_are_in_its_error_and_the_plugins_recent_errors(
