@@ -181,6 +181,17 @@ def test_a_zygote_killed_mid_run_fails_that_run_and_is_replaced(env: Env) -> Non
     assert_unharmed(env)
 
 
+def test_a_zygote_that_died_between_runs_is_replaced_without_an_error(env: Env) -> None:
+    client = env[0]
+    iid = client.load("stateful", {})
+    zygote = client.execute(iid, {"add": 1}, timeout=60)["zygote"]
+    os.kill(zygote, signal.SIGKILL)
+    assert wait_until(lambda: not psutil.pid_exists(zygote), timeout_s=10)
+    after = client.execute(iid, {"add": 2}, timeout=60)
+    assert after["zygote"] != zygote and after["items"] == [2]
+    client.unload(iid)
+
+
 def test_a_setup_that_raises_is_typed_and_counts_toward_the_breaker(env: Env) -> None:
     for _ in range(2):
         error = failure(env, "setup-raises")
