@@ -35,6 +35,7 @@ from pluginpool.policy.errors import (
 from pluginpool.policy.health import PluginHealth
 from pluginpool.tasks.app import create_app
 from pluginpool.tasks.artifacts import ArtifactStore, publish_sources
+from pluginpool.tasks.breaker_view import BreakerView
 from pluginpool.tasks.fleet_ops import FleetOperations
 from pluginpool.tasks.health import HealthReader
 from pluginpool.tasks.instances import Instance, InstanceStore, SandboxInfo
@@ -70,6 +71,10 @@ class PluginClient(FleetOperations, Operations):
         self.instances = InstanceStore(self.redis, settings.keys)
         self.breakers = CircuitBreaker(self.redis, settings.keys,
                                        fail_mode=settings.breaker_fail_mode)
+        self._breaker_view = BreakerView(
+            cache_ms=settings.breaker_gate_cache_ms,
+            follow=lambda handler: self._subscriptions.add(settings.keys.breaker_channel, "*",
+                                                           handler))
         self.health_reader = HealthReader(self.redis, settings.keys,
                                           thresholds=settings.health,
                                           heartbeat_s=settings.worker_heartbeat_s)
@@ -183,9 +188,9 @@ class PluginClient(FleetOperations, Operations):
         if pause is not None:  # an operator disabled or is draining it (tasks/operations.py)
             raise PluginDisabledError(plugin_id, mode=pause.mode, by=pause.by)
         try:
-            permit = self.breakers.acquire(plugin_id, spec.breaker,
-                                           default_open_ms=spec.default_open_ms
-                                           ) if self.settings.breaker_enabled else UNGUARDED
+            # A closed breaker costs no round trip of its own (tasks/breaker_view.py).
+            permit = self._breaker_view.admit(self.breakers, spec
+                                              ) if self.settings.breaker_enabled else UNGUARDED
         except BreakerUnavailable as exc:
             raise BreakerUnavailableError(
                 f"breaker for {plugin_id!r} unreachable (fail mode closed): {exc}") from exc
@@ -245,6 +250,7 @@ class PluginClient(FleetOperations, Operations):
                          action: Literal["reset", "force_open"]) -> BreakerState:
         """Operator override, recorded in the breaker's history as such."""
         spec = self.spec(plugin_id)
+        self._breaker_view.on_transition({"plugin": plugin_id})  # this producer sees it at once
         with self._unavailable_as_error():
             return self.breakers.override(plugin_id, spec.breaker,
                                           default_open_ms=spec.default_open_ms, action=action)
