@@ -6,7 +6,8 @@
 --       op "record": 6 outcome code (s = success, f = failure, x = opens at once, i = ignored),
 --                    7 slow ("1"/"0"), 8 error channel, 9 error event JSON or "",
 --                    10 health figures JSON, 11 per-minute health key prefix,
---                    12 "1" when the breaker is switched off (figures only)
+--                    12 "1" when the breaker is switched off (figures only),
+--                    13 channel and 14 message of one more PUBLISH, or "" (the usage event)
 --       op "override": 6 action (reset | force_open)
 local op, cfg, channel, plugin = ARGV[1], cjson.decode(ARGV[2]), ARGV[3], ARGV[4]
 local S, W, WF, WS, H = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
@@ -115,6 +116,7 @@ end
 
 if op == 'record' then
   if ARGV[9] ~= '' then redis.call('PUBLISH', ARGV[8], ARGV[9]) end
+  if ARGV[13] and ARGV[13] ~= '' then redis.call('PUBLISH', ARGV[13], ARGV[14]) end
   record_health(KEYS[6], ARGV[11], KEYS[7], cjson.decode(ARGV[10]), ARGV[9], now)
   if ARGV[12] == '1' then return {'closed', 0} end
   local code, slow = ARGV[6], ARGV[7] == '1'

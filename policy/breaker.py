@@ -179,9 +179,11 @@ class CircuitBreaker:
                error_type: ErrorType | None, duration_ms: float, generation: int = 0,
                error_event: dict[str, Any] | None = None,
                figures: dict[str, Any] | None = None,
-               breaker_enabled: bool = True) -> Permit | None:
+               breaker_enabled: bool = True,
+               notify: tuple[str, str] | None = None) -> Permit | None:
         """One round trip: the outcome in the breaker's window, the plugin's durable health
-        figures (runs, outcomes, latency, usage), and the error event for `on_error`.
+        figures (runs, outcomes, latency, usage), the error event for `on_error`, and
+        `notify` (channel, message), one more PUBLISH (the run's usage event).
 
         Returns the breaker's state afterwards (as a Permit without a trial generation),
         so a worker learns of a transition without asking again; None if Redis failed."""
@@ -194,7 +196,8 @@ class CircuitBreaker:
                                             generation, config.outcome_code(error_type), slow,
                                             self._keys.error_channel, event, health,
                                             self._keys.health_minute_prefix(plugin_id),
-                                            "0" if breaker_enabled else "1")
+                                            "0" if breaker_enabled else "1",
+                                            *(notify or ("", "")))
         except redis.RedisError as exc:
             logger.error("could not record outcome of %s in its breaker: %s", plugin_id, exc)
             return None

@@ -1,8 +1,9 @@
 """What happens after a run: its outcome recorded where producers, operators and the
 health aggregator read it.
 
-- the breaker's window and the `on_error` event: one Redis round trip (breaker.lua);
-- a custom Celery event `task-plugin-usage` with the run's usage, for the aggregator;
+- the breaker's window, the health figures, the `on_error` event and a custom Celery event
+  `task-plugin-usage` with the run's usage (for the aggregator): one Redis round trip
+  (breaker.lua; the event is encoded here and published by the script, tasks/event_encoder.py);
 - for runs of an instance, its usage totals, last run and recent errors (`sandbox_info`).
 """
 
@@ -22,6 +23,7 @@ from celery.signals import task_failure, task_retry
 
 from pluginpool.policy.errors import ErrorInfo, UnknownPluginError
 from pluginpool.tasks import job_status_hooks  # noqa: F401  (connects the worker's status signals)
+from pluginpool.tasks.event_encoder import Encoded, EventEncoder, same_server
 from pluginpool.tasks.outcome import error_for_failure
 from pluginpool.tasks.spec import PluginSpec
 
@@ -43,12 +45,19 @@ def record_run(task: Task[Any, Any] | None, services: WorkerServices, spec: Plug
                error: ErrorInfo | None, *, usage: dict[str, Any], duration_ms: float,
                generation: int, instance_id: str | None) -> None:
     """Record one finished run (success or final failure) everywhere it is read."""
-    _record_outcome(services, spec, error, duration_ms=duration_ms, generation=generation,
-                    usage=usage)
+    event: dict[str, Any] | None = None
+    notify = None
     if task is not None and services.settings.usage_events and task.request.hostname:
-        services.usage_events.send(task, uuid=task.request.id, plugin_id=spec.id,
-                                   instance_id=instance_id, job_id=task.request.id,
-                                   error_type=str(error.type) if error else None, usage=usage)
+        event = {"uuid": task.request.id, "plugin_id": spec.id, "instance_id": instance_id,
+                 "job_id": task.request.id, "error_type": str(error.type) if error else None,
+                 "usage": usage}
+        settings = services.settings
+        if same_server(settings.effective_broker_url, settings.redis_url):
+            notify = services.usage_events.encode(task, **event)
+    recorded = _record_outcome(services, spec, error, duration_ms=duration_ms,
+                               generation=generation, usage=usage, notify=notify)
+    if task is not None and event is not None and (notify is None or not recorded):
+        services.usage_events.send(task, **event)
     if instance_id is not None:
         _record_instance(services, instance_id, error, usage)
 
@@ -60,6 +69,16 @@ class UsageEvents:
     def __init__(self) -> None:
         self._dispatcher: Any = None
         self._pid = 0
+        self._encoder = EventEncoder()
+
+    def encode(self, task: Task[Any, Any], **fields: Any) -> Encoded | None:
+        """The event as the record script publishes it; None if it cannot be encoded."""
+        try:
+            return self._encoder.encode(task.app, str(task.request.hostname), USAGE_EVENT,
+                                        **fields)
+        except Exception as exc:  # sent the usual way then
+            logger.warning("could not encode a usage event: %r", exc)
+            return None
 
     def send(self, task: Task[Any, Any], **fields: Any) -> None:
         try:
@@ -90,7 +109,8 @@ def record_restart(services: WorkerServices, plugin_id: str) -> None:
 
 
 def _record_outcome(services: WorkerServices, spec: PluginSpec, error: ErrorInfo | None, *,
-                    duration_ms: float, generation: int, usage: dict[str, Any]) -> None:
+                    duration_ms: float, generation: int, usage: dict[str, Any],
+                    notify: Encoded | None = None) -> bool:
     event = None
     if error is not None:
         event = {**error.model_dump(mode="json"), "at": time.time()}
@@ -99,9 +119,11 @@ def _record_outcome(services: WorkerServices, spec: PluginSpec, error: ErrorInfo
     after = services.breakers.record(
         spec.id, spec.breaker, default_open_ms=spec.default_open_ms,
         error_type=error.type if error else None, duration_ms=duration_ms,
-        generation=generation, error_event=event, figures=figures, breaker_enabled=enabled)
+        generation=generation, error_event=event, figures=figures, breaker_enabled=enabled,
+        notify=notify)
     if enabled:
         services.gate.learn(spec.id, after)
+    return after is not None
 
 
 def _record_instance(services: WorkerServices, instance_id: str, error: ErrorInfo | None,

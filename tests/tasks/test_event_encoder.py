@@ -1,0 +1,54 @@
+"""An event encoded for a Lua script's PUBLISH reaches a Celery event receiver as if the
+dispatcher had sent it, and the encoder itself sends nothing."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import redis
+from celery import Celery
+
+from pluginpool.tasks.event_encoder import EventEncoder, same_server
+
+
+def test_same_server_ignores_the_database() -> None:
+    assert same_server("redis://h:6379/0", "redis://h:6379/3")
+    assert not same_server("redis://h:6379/0", "redis://other:6379/0")
+
+
+def test_an_encoded_event_published_by_hand_is_received_as_a_celery_event(
+        redis_url: str) -> None:
+    app = Celery("enc", broker=redis_url, set_as_current=False)
+    app.conf.update(event_serializer="json", accept_content=["json"])
+    received: list[dict[str, Any]] = []
+    ready = threading.Event()
+
+    def consume() -> None:
+        with app.connection_for_read() as conn:
+            def handle(event: dict[str, Any]) -> None:
+                received.append(event)
+                receiver.should_stop = True
+
+            receiver = app.events.Receiver(conn, handlers={"task-plugin-usage": handle})
+            ready.set()
+            receiver.capture(limit=None, timeout=10)
+
+    thread = threading.Thread(target=consume, daemon=True)
+    thread.start()
+    ready.wait(5)
+    encoder = EventEncoder()
+    channel, message = encoder.encode(app, "w1@host", "task-plugin-usage", uuid="j1",
+                                      plugin_id="p", usage={"cpu_ms": 1.5})
+    time.sleep(0.3)
+    assert received == []  # encoding sent nothing
+    publisher = redis.Redis.from_url(redis_url)
+    deadline = time.monotonic() + 10
+    while not publisher.publish(channel, message) and time.monotonic() < deadline:
+        time.sleep(0.1)  # until the receiver has subscribed
+    thread.join(10)
+    [event] = received
+    assert event["type"] == "task-plugin-usage" and event["hostname"] == "w1@host"
+    assert event["plugin_id"] == "p" and event["usage"] == {"cpu_ms": 1.5}
+    assert event["uuid"] == "j1" and "clock" in event and "timestamp" in event
