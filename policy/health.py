@@ -61,6 +61,8 @@ class PluginHealth(BaseModel):
     usage: dict[str, float | None] = Field(default_factory=dict)
     limits: dict[str, Any] = Field(default_factory=dict)
     last_errors: list[dict[str, Any]] = Field(default_factory=list)
+    paused: str | None = None
+    """`disabled` or `draining` when an operator said so (tasks/operations.py)."""
     running: int | None = None
     """Runs in progress now, as the aggregator sees them in Celery's events (live only)."""
     latency_buckets: dict[str, int] = Field(default_factory=dict)

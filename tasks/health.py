@@ -68,9 +68,10 @@ class HealthReader:
             pipe.llen(spec.queue)
             pipe.scard(keys.instances_of(spec.id))
             pipe.lrange(keys.recent_errors(spec.id), 0, 9)
+            pipe.hget(keys.paused, spec.id)
             for minute in minutes:
                 pipe.hgetall(f"{keys.health_minute_prefix(spec.id)}{minute}")
-            figures, breaker, depth, instances, errors, *per_minute = pipe.execute()
+            figures, breaker, depth, instances, errors, paused, *per_minute = pipe.execute()
         breaker_state = _breaker_state(breaker, now)
         recent = self._recent(minutes, per_minute)
         consuming = sorted(node for node, queues in workers.items() if spec.queue in queues)
@@ -81,6 +82,12 @@ class HealthReader:
             dependency_error_stands=dependency_stands, recent=recent, queue_depth=int(depth),
             thresholds=self._thresholds)
         runs = int(figures.get("runs", 0))
+        pause = json.loads(paused)["mode"] if paused else None
+        if pause == "disabled":  # no worker consumes its queue on purpose: say why first
+            reasons = [f"disabled by an operator ({json.loads(paused).get('by')})",
+                       *[r for r in reasons if "no live worker" not in r]]
+        elif pause == "draining":
+            reasons = ["draining: new jobs are refused", *reasons]
         return PluginHealth(
             plugin_id=spec.id, status=status, reasons=reasons, runs=runs,
             succeeded=int(figures.get("succeeded", 0)),
@@ -88,6 +95,7 @@ class HealthReader:
                       if k.startswith("failed:")},
             restarts=int(figures.get("restarts", 0)), active_instances=int(instances),
             queue_depth=int(depth), workers=consuming, breaker_state=breaker_state,
+            paused=pause,
             recent=recent, usage=_usage(figures, runs),
             limits=spec.resource_limits.model_dump(),
             last_errors=[_without_traceback(json.loads(item)) for item in errors],

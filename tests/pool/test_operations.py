@@ -98,6 +98,9 @@ def test_disabled_plugin_refuses_submits_and_its_queued_jobs_run_after_enable(
     with pytest.raises(PluginDisabledError):
         client.submit("ops-sleep", {"seconds": 0})
     assert wait_until(lambda: not consuming(client, "plugins.ops-sleep"), timeout_s=10)
+    health = client.health("ops-sleep")
+    assert health.paused == "disabled"  # type: ignore[union-attr]
+    assert health.reasons[0].startswith("disabled by an operator")  # type: ignore[union-attr]
     time.sleep(1.5)  # what was running has finished; the rest waits
     waiting = [job for job in jobs if not job.ready()]
     assert waiting, "every job ran although the plugin was disabled"
