@@ -17,7 +17,7 @@ from typing import Any, cast
 
 import redis
 from celery import Celery, Task
-from celery.exceptions import Reject
+from celery.exceptions import Reject, SoftTimeLimitExceeded
 
 from pluginpool.policy.breaker import UNGUARDED, CircuitBreaker, Permit
 from pluginpool.policy.errors import (
@@ -134,6 +134,13 @@ def run_plugin_job(task: PluginTask, args: tuple[Any, ...], kwargs: dict[str, An
         logger.warning("Redis unavailable while preparing %s[%s]; requeued: %s", task.name,
                        task.request.id, exc)
         raise Reject(f"Redis unavailable: {exc}", requeue=True) from exc
+    except SoftTimeLimitExceeded:
+        # The cancel listener's signal can land outside the run (its bookkeeping).
+        cancelled = cancelled_error(services_of(task.app).redis,
+                                    services_of(task.app).settings.keys, str(task.request.id))
+        if cancelled is not None:
+            raise cancelled from None
+        raise
 
 
 def _run_plugin_job(task: PluginTask, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
