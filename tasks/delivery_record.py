@@ -26,6 +26,9 @@ from dataclasses import asdict, dataclass
 from importlib import resources
 from typing import Any
 
+import redis
+from redis.exceptions import NoScriptError
+
 _LUA = resources.files("pluginpool.tasks")
 _LIB = _LUA.joinpath("delivery_lib.lua").read_text()
 
@@ -107,3 +110,17 @@ def new_consumer_id() -> str:
     or a restarted worker is a new consumer, so what the old one held is rescued once its
     heartbeat stops, never mistaken for the new one's."""
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+unprefixed: Any = redis.Redis.execute_command
+"""A Redis command with its keys as given: kombu's key-prefixing client would prefix only
+the first key of an EVALSHA, so callers pass keys already prefixed."""
+unprefixed_in_pipe: Any = redis.client.Pipeline.execute_command
+
+
+def run_script(client: Any, script: LuaScript, keys: list[str], args: list[Any]) -> Any:
+    """EVALSHA, loading the script on NOSCRIPT (keys already prefixed)."""
+    try:
+        return unprefixed(client, "EVALSHA", script.sha, len(keys), *keys, *args)
+    except NoScriptError:
+        return unprefixed(client, "EVAL", script.source, len(keys), *keys, *args)

@@ -28,163 +28,31 @@ from __future__ import annotations
 
 import json
 import logging
-from functools import cached_property
 from queue import Empty
 from time import monotonic, time
 from typing import Any
 
 import redis
 from kombu.transport import virtual
-from kombu.transport.redis import QoS as RedisQoS
 from kombu.utils.encoding import bytes_to_str
-from kombu.utils.json import dumps
 from redis.exceptions import NoScriptError
 
 from pluginpool.policy.errors import MalformedMessageError
+from pluginpool.tasks.claim_qos import ClaimAwareQoS
 from pluginpool.tasks.delivery import DeliveryLimits, inspect_delivery
-from pluginpool.tasks.delivery_record import (
-    ACK,
-    CLAIM,
-    DEAD_LETTER,
-    DELIVERY_OPTION,
-    INDEX,
-    PUBLISH,
-    RESCUE,
-    DeliveryConfig,
-    LuaScript,
-    new_consumer_id,
-)
+from pluginpool.tasks.delivery_record import CLAIM, DEAD_LETTER, run_script, unprefixed
+from pluginpool.tasks.ready_index import ReadyIndexChannel
 
 logger = logging.getLogger("pluginpool.transport")
 
 IDLE_WAIT_OPTION = "pluginpool_idle_wait_s"
-KEYEVENT_CHANNELS = ("lpush", "rpush")
-"""Keyspace events that put a message on a list (Redis `notify-keyspace-events` E + l)."""
-
 CLAIM_SOURCE = CLAIM.source
 CLAIM_SHA = CLAIM.sha
 RAW_PREVIEW_CHARS = 2_000
 """How much of an item that is not even a kombu message the dead-letter entry keeps."""
 
 
-_unprefixed: Any = redis.Redis.execute_command
-_unprefixed_in_pipe: Any = redis.client.Pipeline.execute_command
-
-
-def run_script(client: Any, script: LuaScript, keys: list[str], args: list[Any]) -> Any:
-    """EVALSHA, loading the script on NOSCRIPT. Keys are passed already prefixed: kombu's
-    key-prefixing client would prefix only the first key of an EVALSHA."""
-    try:
-        return _unprefixed(client, "EVALSHA", script.sha, len(keys), *keys, *args)
-    except NoScriptError:
-        return _unprefixed(client, "EVAL", script.source, len(keys), *keys, *args)
-
-
-class ClaimAwareQoS(RedisQoS):
-    """kombu's QoS over the whole unacknowledged record (see `delivery_record`).
-
-    Messages `claim.lua` already recorded are not written again; an ack drops the whole
-    record in one script (or counts a late ack); a message the worker hands back itself
-    (a reject with requeue, a warm shutdown) does not count as a delivery without outcome.
-    """
-
-    channel: Any
-
-    def append(self, message: Any, delivery_tag: Any) -> None:
-        claimed: set[str] = self.channel.connection.__dict__.setdefault("claimed_tags", set())
-        if delivery_tag in claimed:
-            claimed.discard(delivery_tag)
-            virtual.QoS.append(self, message, delivery_tag)
-            return
-        super().append(message, delivery_tag)
-
-    def ack(self, delivery_tag: Any) -> None:
-        self.forget(delivery_tag)
-        virtual.QoS.ack(self, delivery_tag)
-
-    def reject(self, delivery_tag: Any, requeue: bool = False) -> None:
-        if requeue:
-            self.hand_back(delivery_tag)
-        else:
-            self.forget(delivery_tag)
-        virtual.QoS.ack(self, delivery_tag)
-
-    def restore_unacked(self, client: Any = None) -> None:
-        """Warm shutdown: hand every reserved message back. If the connection is already
-        gone the records stay, and the next sweep of another worker returns them once this
-        channel's heartbeat has stopped."""
-        if getattr(self.channel.connection, "client", None) is None:
-            logger.warning("connection lost before %d reserved messages could be handed "
-                           "back: they return once this consumer's heartbeat stops",
-                           len(self._delivered or {}))
-            return
-        with self.channel.conn_or_acquire(client) as client:
-            delivered: dict[str, Any] = self._delivered or {}
-            for tag in delivered:
-                self.hand_back(tag, client=client, leftmost=False)
-            delivered.clear()
-        # The heartbeat entry is left to age: a sweep then finds nothing held and drops it,
-        # or returns whatever a failed hand-back left behind.
-
-    def restore_visible(self, start: int = 0, num: int = 10, interval: int = 10) -> None:
-        """The periodic sweep: beat this consumer's heartbeat, return what dead consumers
-        held (in seconds, judged by heartbeat), then kombu's own sweep (the last resort,
-        for a holder that is alive but stuck past the visibility timeout)."""
-        self.rescue_dead_consumers()
-        super().restore_visible(start, num, interval)
-
-    def rescue_dead_consumers(self) -> int:
-        config = self.channel.delivery_config
-        prefix = self.channel.global_keyprefix or ""
-        consumers = prefix + config.consumers_key
-        now = time()
-        bound = now - config.dead_after_s
-        returned = 0
-        with self.channel.conn_or_acquire() as client:
-            _unprefixed(client, "ZADD", consumers, now, self.channel.consumer_id)
-            dead = _unprefixed(client, "ZRANGEBYSCORE", consumers, "-inf", f"({bound}",
-                               "LIMIT", 0, 20)
-            for raw in dead or []:
-                victim = bytes_to_str(raw)
-                keys = [prefix + self.unacked_key, prefix + self.unacked_index_key,
-                        prefix + config.owner_key, prefix + config.held_key(victim),
-                        consumers, prefix + config.stats_key,
-                        prefix + config.consumes_key(victim)]
-                count = int(run_script(client, RESCUE, keys, [
-                    victim, repr(bound), prefix, prefix + config.waiters_prefix,
-                    prefix + config.ready_prefix, prefix + config.wake_prefix,
-                    config.wake_depth]))
-                if count > 0:
-                    returned += count
-                    logger.warning("consumer %s missed its heartbeat for over %.0f s: "
-                                   "returned the %d messages it held to their queues",
-                                   victim, config.dead_after_s, count)
-        return returned
-
-    def forget(self, delivery_tag: Any, client: Any = None) -> None:
-        """Drop the delivery's record: it has its outcome."""
-        keys = self.channel.record_keys()
-        with self.channel.conn_or_acquire(client) as client:
-            run_script(client, ACK, keys, [delivery_tag, self.channel.consumer_id])
-
-    def hand_back(self, delivery_tag: Any, *, client: Any = None, leftmost: bool = True) -> None:
-        """Return a message to its queue from a live worker: not a delivery without outcome."""
-        config = self.channel.delivery_config
-        prefix = self.channel.global_keyprefix or ""
-        with self.channel.conn_or_acquire(client) as client:
-            with client.pipeline() as pipe:
-                _unprefixed_in_pipe(
-                    pipe, "HINCRBY", prefix + config.deliveries_key, delivery_tag, -1)
-                _unprefixed_in_pipe(
-                    pipe, "HDEL", prefix + config.owner_key, delivery_tag)
-                _unprefixed_in_pipe(
-                    pipe, "HDEL", prefix + config.held_key(self.channel.consumer_id),
-                    delivery_tag)
-                pipe.execute()
-            self.restore_by_tag(delivery_tag, client=client, leftmost=leftmost)
-
-
-class ReliableFetchChannel:
+class ReliableFetchChannel(ReadyIndexChannel):
     """Mixin for kombu's Redis channel: claim-then-wait instead of BRPOP (see module doc).
 
     It reuses kombu's single blocking connection and event-loop plumbing: the "BRPOP"
@@ -192,253 +60,6 @@ class ReliableFetchChannel:
     """
 
     QoS = ClaimAwareQoS
-
-    _claim_next = True
-    _claim_in_flight = False
-    _claim_command: list[Any] | None = None
-    no_ack_consumers: set[str] | None = None
-
-    # Attributes of kombu's Redis Channel this mixin builds on.
-    client: Any
-    connection: Any
-    priority_steps: list[int]
-    brpop_timeout: float
-    global_keyprefix: str
-    unacked_key: str
-    unacked_index_key: str
-    sep: str
-    ack_emulation: bool
-    _queue_cycle: Any
-    _in_poll: Any
-    _brpop_sent_at: float | None
-    _expires: dict[str, int]
-    ResponseError: type[Exception]
-    connection_errors: tuple[type[BaseException], ...]
-
-    _dirty: set[str]
-    _consumed: dict[str, str]
-    _rescan_at = 0.0
-    _keyevents: bool | None = None
-
-    # --- publishing: push and index in one step ------------------------------------------
-
-    def _option(self, name: str, default: Any) -> Any:
-        options = getattr(self.connection.client, "transport_options", None) or {}
-        return options.get(name, default)
-
-    def _put(self, queue: str, message: Any, **kwargs: Any) -> None:
-        pri = self._get_message_priority(message, reverse=False)  # type: ignore[attr-defined]
-        key = self._q_for_pri(queue, pri)  # type: ignore[attr-defined]
-        expires = self._expires.get(queue) if self._expires else None
-        batch = kwargs.pop("_publish_batch", None)
-        keys, args = self._publish_args(queue, key, dumps(message), front=False)
-        if batch is not None:
-            # A batch is one non-transactional pipeline: EVAL carries its own source, so a
-            # flushed script cache cannot fail it.
-            batch.add("eval", PUBLISH.source, len(keys), *keys, *args)
-            for pri_step in self.priority_steps if expires is not None else ():
-                batch.add("pexpire", self._q_for_pri(queue, pri_step), expires)  # type: ignore[attr-defined]
-            return
-        with self.conn_or_acquire() as client:  # type: ignore[attr-defined]
-            run_script(client, PUBLISH, keys, args)
-            if expires is not None:
-                with client.pipeline(transaction=False) as pipe:
-                    for pri_step in self.priority_steps:
-                        pipe.pexpire(self._q_for_pri(queue, pri_step), expires)  # type: ignore[attr-defined]
-                    pipe.execute()
-
-    def _publish_args(self, queue: str, key: str, payload: str,
-                      *, front: bool) -> tuple[list[str], list[Any]]:
-        prefix = self.global_keyprefix or ""
-        config = self.delivery_config
-        return ([prefix + key, prefix + config.waiters_key(queue)],
-                [payload, "R" if front else "L", prefix + config.ready_prefix,
-                 prefix + config.wake_prefix, config.wake_depth])
-
-    def _do_restore_message(self, payload: Any, exchange: Any, routing_key: Any,
-                            pipe: Any, leftmost: bool = False) -> None:
-        """Requeued messages (restore sweep, reject with requeue) are indexed as ready in the
-        same transaction as their push (the groups are read just before it)."""
-        super()._do_restore_message(payload, exchange, routing_key, pipe, leftmost)  # type: ignore[misc]
-        try:
-            queues = self._lookup(exchange, routing_key)  # type: ignore[attr-defined]
-            pri = self._get_message_priority(payload, reverse=False)  # type: ignore[attr-defined]
-        except Exception:  # restoring must not fail on the index; a rescan finds it
-            return
-        prefix = self.global_keyprefix or ""
-        config = self.delivery_config
-        for queue in queues:
-            key = prefix + self._q_for_pri(queue, pri)  # type: ignore[attr-defined]
-            with self.conn_or_acquire() as client:  # type: ignore[attr-defined]
-                groups = _unprefixed(client, "SMEMBERS", prefix + config.waiters_key(queue))
-            for raw in groups or ():
-                group = bytes_to_str(raw)
-                _unprefixed_in_pipe(pipe, "ZADD", prefix + config.ready_prefix + group, "NX",
-                                    time() * 1000 + pri * 1e14, key)
-                _unprefixed_in_pipe(pipe, "LPUSH", prefix + config.wake_prefix + group, 1)
-
-    # --- the group's queues: what this consumer serves, registered for the index ----------
-
-    @property
-    def group(self) -> str:
-        """The worker group: workers started with the same plugin selector share one ready
-        index and one wake-up list; without one, each consumer is its own group."""
-        return self.delivery_config.group or self.consumer_id
-
-    def basic_consume(self, queue: str, no_ack: bool, *args: Any, **kwargs: Any) -> Any:
-        """Register the queue for the ready index; remember consumers that do not
-        acknowledge: their claims record nothing, so no second write (which a dead
-        connection can break) follows the claim."""
-        tag = super().basic_consume(queue, no_ack, *args, **kwargs)  # type: ignore[misc]
-        self.__dict__.pop("_active_cache", None)
-        consumer_tag = args[1] if len(args) > 1 else kwargs.get("consumer_tag")
-        if no_ack and consumer_tag is not None:
-            if self.no_ack_consumers is None:
-                self.no_ack_consumers = set()
-            self.no_ack_consumers.add(consumer_tag)
-        if queue not in getattr(self, "_fanout_queues", {}):
-            self._register_queue(queue)
-        return tag
-
-    def basic_cancel(self, consumer_tag: Any) -> Any:
-        if self.no_ack_consumers:
-            self.no_ack_consumers.discard(consumer_tag)
-        queue = getattr(self, "_tag_to_queue", {}).get(consumer_tag)
-        result = super().basic_cancel(consumer_tag)  # type: ignore[misc]
-        self.__dict__.pop("_active_cache", None)
-        if queue is not None and queue not in self.active_queues:
-            self._unregister_queue(queue)
-        return result
-
-    @property
-    def active_queues(self) -> list[str]:
-        """kombu's list of consumed (non-fanout) queues, kept between changes: kombu
-        rebuilds it on every event-loop tick, a cost that grows with the plugin count."""
-        cached: list[str] | None = self.__dict__.get("_active_cache")
-        if cached is None:
-            fanout = self.active_fanout_queues  # type: ignore[attr-defined]
-            cached = list(dict.fromkeys(
-                queue for queue in self._active_queues  # type: ignore[attr-defined]
-                if queue not in fanout))
-            self.__dict__["_active_cache"] = cached
-        return cached
-
-    def _update_queue_cycle(self) -> None:
-        """kombu's round-robin cycle over queues is not used: the ready index orders the
-        queues (rebuilding the cycle at each consume made starting on 10,000 queues
-        quadratic)."""
-        if not self.ack_emulation:
-            super()._update_queue_cycle()  # type: ignore[misc]
-
-    def _list_keys(self, queue: str) -> list[str]:
-        prefix = self.global_keyprefix or ""
-        return [prefix + self._q_for_pri(queue, pri)  # type: ignore[attr-defined]
-                for pri in self.priority_steps]
-
-    def _register_queue(self, queue: str) -> None:
-        """Join the queue's waiters, add its lists to this consumer's set and index them."""
-        if not self.ack_emulation:
-            return
-        prefix = self.global_keyprefix or ""
-        config = self.delivery_config
-        consumed = self.__dict__.setdefault("_consumed", {})
-        waiters = prefix + config.waiters_key(queue)
-        lists = self._list_keys(queue)
-        consumed.update(dict.fromkeys(lists, waiters))
-        self.__dict__.setdefault("_dirty", set()).update(lists)
-        with self.conn_or_acquire() as client, client.pipeline() as pipe:  # type: ignore[attr-defined]
-            _unprefixed_in_pipe(pipe, "SADD", prefix + config.consumes_key(self.consumer_id),
-                                *lists)
-            _unprefixed_in_pipe(pipe, "SADD", waiters, self.group)
-            # Wake this group's wait, so the new queue's backlog is indexed and claimed now.
-            _unprefixed_in_pipe(pipe, "LPUSH", self._wake_key(), 1)
-            pipe.execute()
-        self._claim_next = True
-
-    def _unregister_queue(self, queue: str) -> None:
-        prefix = self.global_keyprefix or ""
-        config = self.delivery_config
-        lists = self._list_keys(queue)
-        consumed = self.__dict__.setdefault("_consumed", {})
-        for key in lists:
-            consumed.pop(key, None)
-        with self.conn_or_acquire() as client, client.pipeline() as pipe:  # type: ignore[attr-defined]
-            _unprefixed_in_pipe(pipe, "SREM", prefix + config.consumes_key(self.consumer_id),
-                                *lists)
-            if self.group == self.consumer_id:
-                _unprefixed_in_pipe(pipe, "SREM", prefix + config.waiters_key(queue),
-                                    self.group)
-            pipe.execute()
-
-    def _ready_key(self) -> str:
-        return (self.global_keyprefix or "") + self.delivery_config.ready_prefix + self.group
-
-    def _wake_key(self) -> str:
-        return (self.global_keyprefix or "") + self.delivery_config.wake_prefix + self.group
-
-    # --- keyspace notifications: messages from producers that do not index them ---------
-
-    def _keyevents_on(self) -> bool:
-        """Whether list-push keyspace events reach us; enabled on the server if it allows.
-        Probed once per channel; False means the rescans alone find unindexed messages."""
-        if self._keyevents is not None:
-            return self._keyevents
-        self._keyevents = False
-        if not self.delivery_config.keyspace_events:
-            return False
-        try:
-            with self.conn_or_acquire() as client:  # type: ignore[attr-defined]
-                reply = _unprefixed(client, "CONFIG", "GET", "notify-keyspace-events")
-                values = {bytes_to_str(k): bytes_to_str(v) for k, v in dict(reply).items()}
-                current = values.get("notify-keyspace-events", "")
-                wanted = "".join(flag for flag in "El" if flag not in current
-                                 and not (flag == "l" and "A" in current))
-                if wanted:
-                    _unprefixed(client, "CONFIG", "SET", "notify-keyspace-events",
-                                current + wanted)
-            self._keyevents = True
-        except (self.ResponseError, TypeError, ValueError) as exc:
-            logger.warning("Redis keyspace notifications are unavailable (%s): messages from "
-                           "producers that do not go through pluginpool are found by rescans "
-                           "only", exc)
-        return self._keyevents
-
-    def _keyevent_channels(self) -> list[str]:
-        db = self.client.connection_pool.connection_kwargs.get("db", 0)
-        return [f"__keyevent@{db}__:{event}" for event in KEYEVENT_CHANNELS]
-
-    def _subscribe(self) -> None:
-        """kombu listens only on channels with fanout queues (Celery's remote control), not
-        on the channel that consumes task queues: subscribe there, and hand each event to
-        every channel of the connection (`_handle_message`)."""
-        super()._subscribe()  # type: ignore[misc]
-        if getattr(self, "_in_listen", None) and self._keyevents_on():
-            self.subclient.subscribe(*self._keyevent_channels())  # type: ignore[attr-defined]
-
-    def _handle_message(self, client: Any, r: Any) -> Any:
-        if (bytes_to_str(r[0]) == "message"
-                and bytes_to_str(r[1]).startswith("__keyevent@")):
-            key = bytes_to_str(r[2])
-            for channel in getattr(self.connection, "channels", None) or (self,):
-                if isinstance(channel, ReliableFetchChannel):
-                    channel._on_list_push(key)
-            return {"type": b"keyevent", "pattern": None, "channel": r[1], "data": None}
-        return super()._handle_message(client, r)  # type: ignore[misc]
-
-    def _on_list_push(self, key: str) -> None:
-        """A message was pushed on `key`: index it at the next claim, or now if idle."""
-        consumed: dict[str, str] = self.__dict__.get("_consumed", {})
-        if key not in consumed:
-            return
-        if self._claim_in_flight or self._in_poll is None:
-            self.__dict__.setdefault("_dirty", set()).add(key)
-            return
-        config = self.delivery_config
-        prefix = self.global_keyprefix or ""
-        with self.conn_or_acquire() as client:  # type: ignore[attr-defined]
-            run_script(client, INDEX, [key, consumed[key]],
-                       [prefix + config.ready_prefix, prefix + config.wake_prefix,
-                        config.wake_depth])
 
     # --- consuming: claim while there is work, wait on the wake-up list when there is none
 
@@ -543,7 +164,7 @@ class ReliableFetchChannel:
             self._rescan_at = 0.0
             try:
                 # Keys are prefixed already; kombu's prefixing client would prefix again.
-                return _unprefixed(self.client, "EVAL", CLAIM.source, *command[2:])
+                return unprefixed(self.client, "EVAL", CLAIM.source, *command[2:])
             except self.ResponseError as again:
                 exc = again
         # E.g. WRONGTYPE: someone replaced a queue with a non-list. Keep the worker alive,
@@ -636,14 +257,6 @@ class ReliableFetchChannel:
                            "sweep if it was recorded): %r", exc)
 
     # --- the unacknowledged record ---------------------------------------------------------
-
-    @cached_property
-    def consumer_id(self) -> str:
-        return new_consumer_id()
-
-    @cached_property
-    def delivery_config(self) -> DeliveryConfig:
-        return DeliveryConfig.from_option(self._option(DELIVERY_OPTION, None))
 
     def record_keys(self) -> list[str]:
         """The record's keys, as claim.lua and ack.lua take them (prefixed)."""

@@ -1,0 +1,296 @@
+"""The ready index side of pluginpool's Redis channel: publishing, the worker group's
+queues, and keyspace notifications.
+
+Each worker group (the workers started with the same plugin selector; without one, each
+consumer alone) has a ready index, a sorted set of the queue lists that may hold messages
+in the order the group serves them, and one wake-up list. A publish pushes the message and
+indexes its queue for every group consuming it in one atomic step (`publish.lua`); a
+consumer registers its queues (its consumed-lists set, the queues' waiters sets) as it
+starts consuming them; pushes by producers that do not index (plain kombu or Celery) are
+reported by Redis keyspace notifications where the server allows them, and found by
+rescans otherwise. `reliable_fetch` claims from the index.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import cached_property
+from time import time
+from typing import Any
+
+from kombu.utils.encoding import bytes_to_str
+from kombu.utils.json import dumps
+
+from pluginpool.tasks.delivery_record import (
+    DELIVERY_OPTION,
+    INDEX,
+    PUBLISH,
+    DeliveryConfig,
+    new_consumer_id,
+    run_script,
+    unprefixed,
+    unprefixed_in_pipe,
+)
+
+logger = logging.getLogger("pluginpool.transport")
+
+KEYEVENT_CHANNELS = ("lpush", "rpush")
+"""Keyspace events that put a message on a list (Redis `notify-keyspace-events` E + l)."""
+
+
+class ReadyIndexChannel:
+    """Mixin for kombu's Redis channel (see module doc); `ReliableFetchChannel` builds on it."""
+
+    _claim_next = True
+    _claim_in_flight = False
+    _claim_command: list[Any] | None = None
+    no_ack_consumers: set[str] | None = None
+
+    # Attributes of kombu's Redis Channel this mixin builds on.
+    client: Any
+    connection: Any
+    priority_steps: list[int]
+    brpop_timeout: float
+    global_keyprefix: str
+    unacked_key: str
+    unacked_index_key: str
+    sep: str
+    ack_emulation: bool
+    _in_poll: Any
+    _brpop_sent_at: float | None
+    _expires: dict[str, int]
+    ResponseError: type[Exception]
+    connection_errors: tuple[type[BaseException], ...]
+
+    _dirty: set[str]
+    _consumed: dict[str, str]
+    _rescan_at = 0.0
+    _keyevents: bool | None = None
+
+    # --- publishing: push and index in one step ------------------------------------------
+
+    def _option(self, name: str, default: Any) -> Any:
+        options = getattr(self.connection.client, "transport_options", None) or {}
+        return options.get(name, default)
+
+    def _put(self, queue: str, message: Any, **kwargs: Any) -> None:
+        pri = self._get_message_priority(message, reverse=False)  # type: ignore[attr-defined]
+        key = self._q_for_pri(queue, pri)  # type: ignore[attr-defined]
+        expires = self._expires.get(queue) if self._expires else None
+        batch = kwargs.pop("_publish_batch", None)
+        keys, args = self._publish_args(queue, key, dumps(message), front=False)
+        if batch is not None:
+            # A batch is one non-transactional pipeline: EVAL carries its own source, so a
+            # flushed script cache cannot fail it.
+            batch.add("eval", PUBLISH.source, len(keys), *keys, *args)
+            for pri_step in self.priority_steps if expires is not None else ():
+                batch.add("pexpire", self._q_for_pri(queue, pri_step), expires)  # type: ignore[attr-defined]
+            return
+        with self.conn_or_acquire() as client:  # type: ignore[attr-defined]
+            run_script(client, PUBLISH, keys, args)
+            if expires is not None:
+                with client.pipeline(transaction=False) as pipe:
+                    for pri_step in self.priority_steps:
+                        pipe.pexpire(self._q_for_pri(queue, pri_step), expires)  # type: ignore[attr-defined]
+                    pipe.execute()
+
+    def _publish_args(self, queue: str, key: str, payload: str,
+                      *, front: bool) -> tuple[list[str], list[Any]]:
+        prefix = self.global_keyprefix or ""
+        config = self.delivery_config
+        return ([prefix + key, prefix + config.waiters_key(queue)],
+                [payload, "R" if front else "L", prefix + config.ready_prefix,
+                 prefix + config.wake_prefix, config.wake_depth])
+
+    def _do_restore_message(self, payload: Any, exchange: Any, routing_key: Any,
+                            pipe: Any, leftmost: bool = False) -> None:
+        """Requeued messages (restore sweep, reject with requeue) are indexed as ready in the
+        same transaction as their push (the groups are read just before it)."""
+        super()._do_restore_message(payload, exchange, routing_key, pipe, leftmost)  # type: ignore[misc]
+        try:
+            queues = self._lookup(exchange, routing_key)  # type: ignore[attr-defined]
+            pri = self._get_message_priority(payload, reverse=False)  # type: ignore[attr-defined]
+        except Exception:  # restoring must not fail on the index; a rescan finds it
+            return
+        prefix = self.global_keyprefix or ""
+        config = self.delivery_config
+        for queue in queues:
+            key = prefix + self._q_for_pri(queue, pri)  # type: ignore[attr-defined]
+            with self.conn_or_acquire() as client:  # type: ignore[attr-defined]
+                groups = unprefixed(client, "SMEMBERS", prefix + config.waiters_key(queue))
+            for raw in groups or ():
+                group = bytes_to_str(raw)
+                unprefixed_in_pipe(pipe, "ZADD", prefix + config.ready_prefix + group, "NX",
+                                    time() * 1000 + pri * 1e14, key)
+                unprefixed_in_pipe(pipe, "LPUSH", prefix + config.wake_prefix + group, 1)
+
+    # --- the group's queues: what this consumer serves, registered for the index ----------
+
+    @property
+    def group(self) -> str:
+        """The worker group: workers started with the same plugin selector share one ready
+        index and one wake-up list; without one, each consumer is its own group."""
+        return self.delivery_config.group or self.consumer_id
+
+    def basic_consume(self, queue: str, no_ack: bool, *args: Any, **kwargs: Any) -> Any:
+        """Register the queue for the ready index; remember consumers that do not
+        acknowledge: their claims record nothing, so no second write (which a dead
+        connection can break) follows the claim."""
+        tag = super().basic_consume(queue, no_ack, *args, **kwargs)  # type: ignore[misc]
+        self.__dict__.pop("_active_cache", None)
+        consumer_tag = args[1] if len(args) > 1 else kwargs.get("consumer_tag")
+        if no_ack and consumer_tag is not None:
+            if self.no_ack_consumers is None:
+                self.no_ack_consumers = set()
+            self.no_ack_consumers.add(consumer_tag)
+        if queue not in getattr(self, "_fanout_queues", {}):
+            self._register_queue(queue)
+        return tag
+
+    def basic_cancel(self, consumer_tag: Any) -> Any:
+        if self.no_ack_consumers:
+            self.no_ack_consumers.discard(consumer_tag)
+        queue = getattr(self, "_tag_to_queue", {}).get(consumer_tag)
+        result = super().basic_cancel(consumer_tag)  # type: ignore[misc]
+        self.__dict__.pop("_active_cache", None)
+        if queue is not None and queue not in self.active_queues:
+            self._unregister_queue(queue)
+        return result
+
+    @property
+    def active_queues(self) -> list[str]:
+        """kombu's list of consumed (non-fanout) queues, kept between changes: kombu
+        rebuilds it on every event-loop tick, a cost that grows with the plugin count."""
+        cached: list[str] | None = self.__dict__.get("_active_cache")
+        if cached is None:
+            fanout = self.active_fanout_queues  # type: ignore[attr-defined]
+            cached = list(dict.fromkeys(
+                queue for queue in self._active_queues  # type: ignore[attr-defined]
+                if queue not in fanout))
+            self.__dict__["_active_cache"] = cached
+        return cached
+
+    def _update_queue_cycle(self) -> None:
+        """kombu's round-robin cycle over queues is not used: the ready index orders the
+        queues (rebuilding the cycle at each consume made starting on 10,000 queues
+        quadratic)."""
+        if not self.ack_emulation:
+            super()._update_queue_cycle()  # type: ignore[misc]
+
+    def _list_keys(self, queue: str) -> list[str]:
+        prefix = self.global_keyprefix or ""
+        return [prefix + self._q_for_pri(queue, pri)  # type: ignore[attr-defined]
+                for pri in self.priority_steps]
+
+    def _register_queue(self, queue: str) -> None:
+        """Join the queue's waiters, add its lists to this consumer's set and index them."""
+        if not self.ack_emulation:
+            return
+        prefix = self.global_keyprefix or ""
+        config = self.delivery_config
+        consumed = self.__dict__.setdefault("_consumed", {})
+        waiters = prefix + config.waiters_key(queue)
+        lists = self._list_keys(queue)
+        consumed.update(dict.fromkeys(lists, waiters))
+        self.__dict__.setdefault("_dirty", set()).update(lists)
+        with self.conn_or_acquire() as client, client.pipeline() as pipe:  # type: ignore[attr-defined]
+            unprefixed_in_pipe(pipe, "SADD", prefix + config.consumes_key(self.consumer_id),
+                                *lists)
+            unprefixed_in_pipe(pipe, "SADD", waiters, self.group)
+            # Wake this group's wait, so the new queue's backlog is indexed and claimed now.
+            unprefixed_in_pipe(pipe, "LPUSH", self._wake_key(), 1)
+            pipe.execute()
+        self._claim_next = True
+
+    def _unregister_queue(self, queue: str) -> None:
+        prefix = self.global_keyprefix or ""
+        config = self.delivery_config
+        lists = self._list_keys(queue)
+        consumed = self.__dict__.setdefault("_consumed", {})
+        for key in lists:
+            consumed.pop(key, None)
+        with self.conn_or_acquire() as client, client.pipeline() as pipe:  # type: ignore[attr-defined]
+            unprefixed_in_pipe(pipe, "SREM", prefix + config.consumes_key(self.consumer_id),
+                                *lists)
+            if self.group == self.consumer_id:
+                unprefixed_in_pipe(pipe, "SREM", prefix + config.waiters_key(queue),
+                                    self.group)
+            pipe.execute()
+
+    def _ready_key(self) -> str:
+        return (self.global_keyprefix or "") + self.delivery_config.ready_prefix + self.group
+
+    def _wake_key(self) -> str:
+        return (self.global_keyprefix or "") + self.delivery_config.wake_prefix + self.group
+
+    # --- keyspace notifications: messages from producers that do not index them ---------
+
+    def _keyevents_on(self) -> bool:
+        """Whether list-push keyspace events reach us; enabled on the server if it allows.
+        Probed once per channel; False means the rescans alone find unindexed messages."""
+        if self._keyevents is not None:
+            return self._keyevents
+        self._keyevents = False
+        if not self.delivery_config.keyspace_events:
+            return False
+        try:
+            with self.conn_or_acquire() as client:  # type: ignore[attr-defined]
+                reply = unprefixed(client, "CONFIG", "GET", "notify-keyspace-events")
+                values = {bytes_to_str(k): bytes_to_str(v) for k, v in dict(reply).items()}
+                current = values.get("notify-keyspace-events", "")
+                wanted = "".join(flag for flag in "El" if flag not in current
+                                 and not (flag == "l" and "A" in current))
+                if wanted:
+                    unprefixed(client, "CONFIG", "SET", "notify-keyspace-events",
+                                current + wanted)
+            self._keyevents = True
+        except (self.ResponseError, TypeError, ValueError) as exc:
+            logger.warning("Redis keyspace notifications are unavailable (%s): messages from "
+                           "producers that do not go through pluginpool are found by rescans "
+                           "only", exc)
+        return self._keyevents
+
+    def _keyevent_channels(self) -> list[str]:
+        db = self.client.connection_pool.connection_kwargs.get("db", 0)
+        return [f"__keyevent@{db}__:{event}" for event in KEYEVENT_CHANNELS]
+
+    def _subscribe(self) -> None:
+        """kombu listens only on channels with fanout queues (Celery's remote control), not
+        on the channel that consumes task queues: subscribe there, and hand each event to
+        every channel of the connection (`_handle_message`)."""
+        super()._subscribe()  # type: ignore[misc]
+        if getattr(self, "_in_listen", None) and self._keyevents_on():
+            self.subclient.subscribe(*self._keyevent_channels())  # type: ignore[attr-defined]
+
+    def _handle_message(self, client: Any, r: Any) -> Any:
+        if (bytes_to_str(r[0]) == "message"
+                and bytes_to_str(r[1]).startswith("__keyevent@")):
+            key = bytes_to_str(r[2])
+            for channel in getattr(self.connection, "channels", None) or (self,):
+                if isinstance(channel, ReadyIndexChannel):
+                    channel._on_list_push(key)
+            return {"type": b"keyevent", "pattern": None, "channel": r[1], "data": None}
+        return super()._handle_message(client, r)  # type: ignore[misc]
+
+    def _on_list_push(self, key: str) -> None:
+        """A message was pushed on `key`: index it at the next claim, or now if idle."""
+        consumed: dict[str, str] = self.__dict__.get("_consumed", {})
+        if key not in consumed:
+            return
+        if self._claim_in_flight or self._in_poll is None:
+            self.__dict__.setdefault("_dirty", set()).add(key)
+            return
+        config = self.delivery_config
+        prefix = self.global_keyprefix or ""
+        with self.conn_or_acquire() as client:  # type: ignore[attr-defined]
+            run_script(client, INDEX, [key, consumed[key]],
+                       [prefix + config.ready_prefix, prefix + config.wake_prefix,
+                        config.wake_depth])
+
+    @cached_property
+    def consumer_id(self) -> str:
+        return new_consumer_id()
+
+    @cached_property
+    def delivery_config(self) -> DeliveryConfig:
+        return DeliveryConfig.from_option(self._option(DELIVERY_OPTION, None))
