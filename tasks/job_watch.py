@@ -136,7 +136,7 @@ class JobWatcher:
             except redis.RedisError as exc:
                 logger.warning("job status subscription lost (%r); reconnecting", exc)
                 with self._lock:  # subscribe again; the confirmation catches each job up
-                    self._to_subscribe |= self._confirmed
+                    self._to_subscribe |= set(self._followers)
                     self._confirmed.clear()
                 self._stopping.wait(0.5)
             finally:
