@@ -91,9 +91,12 @@ end
 local candidates = redis.call('ZRANGE', ready, 0, tonumber(ARGV[9]) - 1)
 for _, queue in ipairs(candidates) do
     if redis.call('SISMEMBER', KEYS[10], queue) == 0 then
-        -- The group's membership changed (a plugin unregistered): a consumer that still
-        -- serves it indexes it again from its keyspace notifications or rescan.
-        redis.call('ZREM', ready, queue)
+        -- Not this consumer's (the group's membership is changing: a plugin registered or
+        -- unregistered and not every member has caught up). Leave it to those that serve
+        -- it; drop it only once it is empty, so stale entries cannot fill the window.
+        if redis.call('LLEN', queue) == 0 then
+            redis.call('ZREM', ready, queue)
+        end
     else
         while true do
             local item = redis.call('RPOP', queue)

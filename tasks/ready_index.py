@@ -202,6 +202,26 @@ class ReadyIndexChannel:
             pipe.execute()
         self._claim_next = True
 
+    def reregister_if_declared_dead(self, client: Any) -> None:
+        """A consumer declared dead (paused past the bound) and back finds its consumed-lists
+        set removed by its rescuer: register its queues again and rescan them."""
+        consumed: dict[str, str] = self.__dict__.get("_consumed", {})
+        if not consumed:
+            return
+        prefix = self.global_keyprefix or ""
+        key = prefix + self.delivery_config.consumes_key(self.consumer_id)
+        if unprefixed(client, "EXISTS", key):
+            return
+        logger.warning("this consumer was declared dead (its heartbeat stopped) and is back: "
+                       "its jobs ran elsewhere; registering its queues again")
+        with client.pipeline() as pipe:
+            unprefixed_in_pipe(pipe, "SADD", key, *consumed)
+            for waiters in set(consumed.values()):
+                unprefixed_in_pipe(pipe, "SADD", waiters, self.group)
+            pipe.execute()
+        self._rescan_at = 0.0
+        self._claim_next = True
+
     def _unregister_queue(self, queue: str) -> None:
         prefix = self.global_keyprefix or ""
         config = self.delivery_config
