@@ -131,7 +131,8 @@ class Operations:
     def queued(self, plugin_id: str) -> int:
         """Jobs waiting on the plugin's queue (every priority step)."""
         queue = self.spec(plugin_id).queue
-        with self._unavailable_as_error(), self.app.connection_for_read() as connection:
+        pool: Any = self.app.pool  # pooled broker connections: the dashboard asks every 2 s
+        with self._unavailable_as_error(), pool.acquire(block=True) as connection:
             channel: Any = connection.default_channel
             client = channel.client
             return sum(int(client.llen(name)) for name in queue_lists(queue))
