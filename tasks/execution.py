@@ -18,6 +18,7 @@ from typing import Any, cast
 import redis
 from celery import Celery, Task
 from celery.exceptions import Reject, SoftTimeLimitExceeded
+from celery.signals import worker_process_init
 
 from pluginpool.policy.breaker import UNGUARDED, CircuitBreaker, Permit
 from pluginpool.policy.errors import (
@@ -102,6 +103,17 @@ def services_of(app: Celery) -> WorkerServices:
 
 def attach_services(app: Celery, services: WorkerServices) -> None:
     app.pluginpool_services = services  # type: ignore[attr-defined]
+    worker_process_init.connect(_renew_redis_pool(services), weak=False)
+
+
+def _renew_redis_pool(services: WorkerServices) -> Callable[..., None]:
+    """Each pool child gets a connection pool of its own, made after the fork. The
+    inherited one may have been locked by a thread of the worker's main process (the
+    heartbeat, the registry follower) at the instant of the fork, and redis-py's reset
+    after a fork takes that lock: the child's first Redis call would wait forever."""
+    def renew(**_: Any) -> None:
+        services.redis.connection_pool = redis_client(services.settings).connection_pool
+    return renew
 
 
 class PluginTask(Task[Any, Any]):
