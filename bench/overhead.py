@@ -24,6 +24,7 @@ import argparse
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -54,7 +55,7 @@ WARMUP_JOBS = 20
 
 def produce(system: str, jobs: int, url: str, profile: str | None) -> None:
     """Warm up, say `ready`, wait for `go` on stdin, submit `jobs`, await each, say elapsed."""
-    if system == "pluginpool":
+    if system.startswith("pluginpool"):
         client = PluginClient(_settings(url))
 
         def one_round(n: int) -> None:
@@ -76,14 +77,15 @@ def produce(system: str, jobs: int, url: str, profile: str | None) -> None:
     one_round(WARMUP_JOBS)
     print("ready", flush=True)
     sys.stdin.readline()
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     if profile:
         import cProfile
         cProfile.runctx("one_round(jobs)", globals(), {"one_round": one_round, "jobs": jobs},
                         filename=profile)
     else:
         one_round(jobs)
-    print(json.dumps({"elapsed_s": time.perf_counter() - started}), flush=True)
+    print(json.dumps({"elapsed_s": time.perf_counter() - started,
+                      "cpu_s": time.process_time() - cpu}), flush=True)
 
 
 def _settings(url: str) -> Settings:
@@ -100,6 +102,30 @@ def counters(store: redis.Redis) -> tuple[dict[str, int], int]:
     return calls, reads
 
 
+def redis_cpu_s(store: redis.Redis) -> float:
+    cpu: dict[str, Any] = store.info("cpu")  # type: ignore[assignment]
+    return float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
+
+
+def tree_cpu_s(pid: int) -> float:
+    """CPU (user + sys) of a process and its children so far."""
+    total = 0.0
+    main = psutil.Process(pid)
+    for proc in [main, *main.children(recursive=True)]:
+        try:
+            times = proc.cpu_times()
+            total += times.user + times.system
+        except psutil.Error:
+            continue
+    return total
+
+
+def redis_usec(store: redis.Redis) -> dict[str, int]:
+    """Microseconds Redis spent per command (a script's includes the commands it ran)."""
+    stats: dict[str, Any] = store.info("commandstats")  # type: ignore[assignment]
+    return {name.removeprefix("cmdstat_"): int(v["usec"]) for name, v in stats.items()}
+
+
 def script_names() -> dict[str, str]:
     """SHA → script, for every Lua script pluginpool sends by EVALSHA."""
     from pluginpool.policy.breaker import LUA_SOURCE as BREAKER
@@ -107,6 +133,11 @@ def script_names() -> dict[str, str]:
     from pluginpool.tasks.job_status import LUA_SOURCE as JOB_STATUS
     names = {hashlib.sha1(BREAKER.encode()).hexdigest(): "breaker.lua (acquire/record)",
              hashlib.sha1(JOB_STATUS.encode()).hexdigest(): "job_status.lua"}
+    baseline = os.environ.get("BENCH_BASELINE_CODE")
+    if baseline:
+        policy = Path(baseline) / "pluginpool" / "policy"
+        source = "\n".join((policy / n).read_text() for n in ("outcome.lua", "breaker.lua"))
+        names[hashlib.sha1(source.encode()).hexdigest()] = "breaker.lua (baseline)"
     for name in ("CLAIM", "ACK", "DEAD_LETTER", "RESCUE", "PUBLISH", "INDEX"):
         script = getattr(d, name)
         names[script.sha] = f"{name.lower()}.lua (transport)"
@@ -183,10 +214,20 @@ def attribute(lines: list[tuple[str, list[str]]], ports: dict[str, str], jobs: i
 
 # -- one round -------------------------------------------------------------------------
 
+def code_env(system: str, env: dict[str, str]) -> dict[str, str]:
+    """`pluginpool_baseline` runs the code found under BENCH_BASELINE_CODE (a directory
+    holding pluginpool/{tasks,pool,policy}): an older revision, measured in the same run."""
+    if system != "pluginpool_baseline":
+        return env
+    return {**env, "PYTHONPATH": os.pathsep.join(
+        filter(None, [env["BENCH_BASELINE_CODE"], env.get("PYTHONPATH")]))}
+
+
 def start_worker(system: str, client: PluginClient, env: dict[str, str], run_dir: Path,
                  concurrency: int) -> ManagedProcess:
     node = f"bench-{system}-{time.monotonic_ns()}@localhost"
-    if system == "pluginpool":
+    env = code_env(system, env)
+    if system.startswith("pluginpool"):
         return pluginpool_worker(client, env, run_dir, plugins=NOOP.id,
                                  concurrency=concurrency, node=node)
     worker_env = {**env, "BENCH_PLAIN_RELIABLE": "1" if "reliable" in system else "0"}
@@ -197,12 +238,13 @@ def start_worker(system: str, client: PluginClient, env: dict[str, str], run_dir
 def start_producers(system: str, url: str, jobs: int, count: int,
                     profile_dir: Path | None) -> list[subprocess.Popen[str]]:
     procs = []
+    env = code_env(system, dict(os.environ))
     for index in range(count):
         argv = [sys.executable, "-m", "bench.overhead", "--produce", system, "--jobs",
                 str(jobs // count), "--url", url]
         if profile_dir is not None and index == 0:
             argv += ["--profile-to", str(profile_dir / f"producer-{system}.prof")]
-        procs.append(subprocess.Popen(argv, cwd=str(ROOT), stdin=subprocess.PIPE,
+        procs.append(subprocess.Popen(argv, cwd=str(ROOT), stdin=subprocess.PIPE, env=env,
                                       stdout=subprocess.PIPE, text=True))
     for proc in procs:
         assert proc.stdout is not None
@@ -226,22 +268,31 @@ def run_round(system: str, *, url: str, client: PluginClient, env: dict[str, str
         if profile_dir is not None:
             spy = _py_spy(worker, profile_dir / f"worker-{system}")
         store.config_resetstat()
+        cpu_before = redis_cpu_s(store)
+        worker_cpu_before = tree_cpu_s(worker.pid)
         started = time.perf_counter()
         for proc in procs:
             assert proc.stdin is not None
             proc.stdin.write("go\n")
             proc.stdin.flush()
+        producer_cpu = 0.0
         for proc in procs:
             out, _ = proc.communicate(timeout=600)
             if proc.returncode != 0:
                 raise SystemExit(f"producer failed ({system}): {out}")
+            producer_cpu += float(json.loads(out.strip().splitlines()[-1])["cpu_s"])
         elapsed = time.perf_counter() - started
+        worker_cpu = tree_cpu_s(worker.pid) - worker_cpu_before
         calls, reads = counters(store)
+        usec = redis_usec(store)
+        cpu_s = redis_cpu_s(store) - cpu_before
         if watcher is not None:
             watcher.stop()
         done = producers * (jobs // producers)
         result: dict[str, Any] = {"jobs_per_s": done / elapsed, "calls": calls, "reads": reads,
-                                  "jobs": done, "elapsed_s": elapsed}
+                                  "jobs": done, "elapsed_s": elapsed, "usec": usec,
+                                  "redis_cpu_s": cpu_s, "producer_cpu_s": producer_cpu,
+                                  "worker_cpu_s": worker_cpu}
         if watcher is not None:
             result["by_process"] = attribute(watcher.lines, ports, done, script_names())
         idle_before = counters(store)
@@ -253,8 +304,8 @@ def run_round(system: str, *, url: str, client: PluginClient, env: dict[str, str
         return result
     finally:
         if spy is not None:
-            spy.terminate()
-            spy.wait(30)
+            spy.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT only
+            spy.wait(60)
         worker.stop()
 
 
@@ -263,7 +314,7 @@ def _py_spy(worker: ManagedProcess, out: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen([str(spy), "record", "--pid", str(worker.pid), "--subprocesses",
                              "--format", "raw", "--rate", "200", "--nonblocking",
                              "--output", str(out) + ".txt"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=open(str(out) + ".log", "wb"))
 
 
 # -- the benchmark ---------------------------------------------------------------------
@@ -271,14 +322,24 @@ def _py_spy(worker: ManagedProcess, out: Path) -> subprocess.Popen[bytes]:
 def summarise(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     jobs = sum(r["jobs"] for r in rounds)
     calls: Counter[str] = Counter()
+    usec: Counter[str] = Counter()
     for r in rounds:
         calls.update(r["calls"])
+        usec.update(r["usec"])
     return {
         "jobs_per_s_median": round(median([r["jobs_per_s"] for r in rounds]), 1),
         "jobs_per_s_all": [round(r["jobs_per_s"], 1) for r in rounds],
         "round_trips_per_job": round(sum(r["reads"] for r in rounds) / jobs, 2),
         "commands_per_job": round(sum(calls.values()) / jobs, 2),
         "commands_per_job_by_name": {k: round(v / jobs, 2) for k, v in calls.most_common()},
+        "producer_cpu_us_per_job": round(
+            sum(r["producer_cpu_s"] for r in rounds) * 1e6 / jobs, 1),
+        "worker_cpu_us_per_job (all its processes)": round(
+            sum(r["worker_cpu_s"] for r in rounds) * 1e6 / jobs, 1),
+        "redis_cpu_us_per_job (process CPU, user + sys)": round(
+            sum(r["redis_cpu_s"] for r in rounds) * 1e6 / jobs, 1),
+        "redis_cpu_us_per_job_by_command (scripts include their commands)": {
+            k: round(v / jobs, 1) for k, v in usec.most_common(8)},
         "idle_per_s": rounds[-1]["idle_per_s"],
     }
 
@@ -297,6 +358,8 @@ def main() -> None:
     parser.add_argument("--url", help=argparse.SUPPRESS)
     parser.add_argument("--profile-to", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    systems = SYSTEMS + (("pluginpool_baseline",) if os.environ.get("BENCH_BASELINE_CODE")
+                         else ())
     if args.produce:
         produce(args.produce, args.jobs, args.url, args.profile_to)
         return
@@ -314,17 +377,17 @@ def main() -> None:
                   "producers": args.producers, "concurrency": args.concurrency}
         if args.profile is not None:
             args.profile.mkdir(parents=True, exist_ok=True)
-            for system in SYSTEMS:
+            for system in systems:
                 run_round(system, jobs=args.jobs, profile_dir=args.profile, **common)
             print(f"profiles in {args.profile}")
             return
-        rounds: dict[str, list[dict[str, Any]]] = {s: [] for s in SYSTEMS}
+        rounds: dict[str, list[dict[str, Any]]] = {s: [] for s in systems}
         for _ in range(args.rounds):
-            for system in SYSTEMS:
+            for system in systems:
                 rounds[system].append(run_round(system, jobs=args.jobs, **common))
         by_process = {}
         if args.attribute_jobs:
-            for system in SYSTEMS:
+            for system in systems:
                 by_process[system] = run_round(system, jobs=args.attribute_jobs,
                                                monitor=True, **common)["by_process"]
         client.close()
@@ -345,6 +408,13 @@ def main() -> None:
             pp["jobs_per_s_median"] / reliable["jobs_per_s_median"], 3),
         "extra_round_trips_per_job_vs_reliable": round(
             pp["round_trips_per_job"] - reliable["round_trips_per_job"], 2),
+        **({"ratio_pluginpool_baseline_vs_plain_celery_reliable": round(
+            figures["pluginpool_baseline"]["jobs_per_s_median"]
+            / reliable["jobs_per_s_median"], 3),
+            "extra_round_trips_per_job_baseline_vs_reliable": round(
+                figures["pluginpool_baseline"]["round_trips_per_job"]
+                - reliable["round_trips_per_job"], 2)}
+           if "pluginpool_baseline" in figures else {}),
         "commands_per_job_by_process (MONITOR round)": by_process,
     })
 
