@@ -215,8 +215,8 @@ class RedisKeys:
         return f"{self.prefix}audit"
 
     def job_status(self, job_id: str) -> str:
-        """List: the job's status changes in order (JSON: status, seq, at, ...); expires with
-        its result (tasks/job_status.py)."""
+        """Hash: the job's status changes by sequence number (JSON: status, seq, at, ...);
+        expires with its result (tasks/job_status.py)."""
         return f"{self.prefix}job:{job_id}:status"
 
     def job_channel(self, job_id: str) -> str:

@@ -19,7 +19,7 @@ import redis
 import redis.asyncio as aioredis
 
 from pluginpool.policy.keys import RedisKeys
-from pluginpool.tasks.job_status import TERMINAL, decode_change
+from pluginpool.tasks.job_status import TERMINAL, decode_change, in_order
 from pluginpool.tasks.job_watch import Follower, deliver
 
 logger = logging.getLogger("pluginpool.async_job_watch")
@@ -42,12 +42,11 @@ class AsyncJobWatcher:
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def history(self, job_id: str) -> list[dict[str, Any]]:
-        raw = await self._client.lrange(self._keys.job_status(job_id), 0, -1)
-        return [decode_change(item) for item in raw]
+        return in_order(await self._client.hgetall(self._keys.job_status(job_id)))  # type: ignore[misc]
 
     async def status(self, job_id: str) -> str | None:
-        last = await self._client.lindex(self._keys.job_status(job_id), -1)  # type: ignore[misc]
-        return None if last is None else str(decode_change(last)["status"])
+        history = await self.history(job_id)
+        return str(history[-1]["status"]) if history else None
 
     async def follow(self, job_id: str, callback: AsyncStatusCallback) -> None:
         """Await `callback(change)` for every change of the job, from the first, in order."""

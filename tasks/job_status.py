@@ -4,8 +4,8 @@
 Why Redis pub/sub on one channel per job, and not Celery's task events: task events go to
 every event receiver of the fleet (a producer following one job would decode every event of
 every job) and nothing keeps them (a producer that subscribes late, or another producer
-holding the job id, could not read the status). Here each change is appended to a short
-list per job and published on the job's own channel in the same Lua step
+holding the job id, could not read the status). Here each change is stored in a small
+hash per job (seq → change) and published on the job's own channel in the same Lua step
 (`job_status.lua`), so a reader subscribes, then reads the list, and gets every change
 exactly once, in order, by its sequence number; nothing polls.
 
@@ -56,10 +56,15 @@ class JobStatusStore:
 
     def history(self, job_id: str) -> list[dict[str, Any]]:
         """Every change so far, oldest first (empty: unknown job, or expired)."""
-        raw = self._client.lrange(self._keys.job_status(job_id), 0, -1)
-        return [decode_change(item) for item in raw]  # type: ignore[union-attr]
+        raw: dict[str, str] = self._client.hgetall(self._keys.job_status(job_id))  # type: ignore[assignment]
+        return in_order(raw)
 
     def current(self, job_id: str) -> str | None:
         """The latest status, or None if the job is unknown here."""
-        last = self._client.lindex(self._keys.job_status(job_id), -1)
-        return None if last is None else str(decode_change(last)["status"])  # type: ignore[arg-type]
+        history = self.history(job_id)
+        return str(history[-1]["status"]) if history else None
+
+
+def in_order(stored: dict[Any, Any]) -> list[dict[str, Any]]:
+    """The changes of a job's status hash (seq → change), oldest first."""
+    return [decode_change(stored[seq]) for seq in sorted(stored, key=int)]
