@@ -40,7 +40,11 @@ def test_a_job_goes_to_the_plugins_own_queue_with_its_time_limits(routed: Plugin
     message = json.loads(raw[0])
     assert message["headers"]["task"] == f"plugin.{spec.id}"
     assert message["headers"]["id"] == job.id
-    assert message["headers"]["timelimit"] == [5.0, 4.0]
+    # Celery's clocks sit behind the sandbox's own (setup 30 s + run 4 s + 2 s margin,
+    # then 10 %): policy/deadlines.py.
+    deadlines = spec.deadlines
+    assert message["headers"]["timelimit"] == [deadlines.celery_hard_s, deadlines.celery_soft_s]
+    assert deadlines.celery_soft_s == 30 + 4 + 2
     assert message["content-type"] == "application/json"
     routed.redis.delete(spec.queue)
 
