@@ -63,6 +63,7 @@ bench: install
 	PLUGINPOOL_REDIS_URL=$$($(BIN)/pluginpool ensure-redis) $(BIN)/python -m bench.reliable_fetch
 	$(BIN)/python -m bench.many_plugins
 	$(BIN)/python -m bench.dead_worker
+	$(BIN)/python -m bench.registry_scale
 	PLUGINPOOL_REDIS_URL=$$($(BIN)/pluginpool ensure-redis) $(BIN)/python -m bench.fleet
 	PLUGINPOOL_REDIS_URL=$$($(BIN)/pluginpool ensure-redis) $(BIN)/python -m bench.latency
 

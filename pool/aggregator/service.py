@@ -18,6 +18,7 @@ import secrets
 import signal
 import threading
 import time
+import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from typing import Any
@@ -66,6 +67,18 @@ class Aggregator:
         items = self.client.health()
         assert isinstance(items, list)
         return [self._live(item) for item in items]
+
+    def health_page(self, query: str) -> dict[str, Any]:
+        """`/health?offset=M&limit=N`: a page of plugins (by id) and the total, so a person's
+        view of 10,000 plugins reads what it shows; without `limit`, every plugin."""
+        params = urllib.parse.parse_qs(query)
+        offset = max(0, int((params.get("offset") or ["0"])[0]))
+        limit = params.get("limit")
+        specs = sorted(self.client.plugins(), key=lambda spec: spec.id)
+        page = specs[offset:offset + max(0, int(limit[0]))] if limit else specs[offset:]
+        items = self.client.health_reader.read_all(page)
+        return {"plugins": [self._live(item).model_dump(mode="json") for item in items],
+                "total": len(specs), "offset": offset, "aggregator": self.info()}
 
     def one_health(self, plugin_id: str) -> PluginHealth:
         item = self.client.health(plugin_id)
@@ -158,6 +171,8 @@ def make_handler(aggregator: Aggregator) -> type[BaseHTTPRequestHandler]:
             elif isinstance(exc, ActionRefusedError | DeadLetterNotRequeueableError
                             | json.JSONDecodeError):
                 self._json(409, {"error": type(exc).__name__, "message": str(exc)})
+            elif isinstance(exc, ValueError):  # a malformed query (?limit=abc) or value
+                self._json(400, {"error": type(exc).__name__, "message": str(exc)})
             else:  # one bad request must not stop the server
                 logger.exception("error serving %s", path)
                 self._json(503, {"error": type(exc).__name__, "message": str(exc)})
@@ -175,9 +190,7 @@ def make_handler(aggregator: Aggregator) -> type[BaseHTTPRequestHandler]:
                 elif path == "/livez":
                     self._json(200, {"ok": True, **aggregator.info()})
                 elif path == "/health":
-                    items = aggregator.all_health()
-                    self._json(200, {"plugins": [i.model_dump(mode="json") for i in items],
-                                     "aggregator": aggregator.info()})
+                    self._json(200, aggregator.health_page(query))
                 elif path.startswith("/health/"):
                     item = aggregator.one_health(path.removeprefix("/health/"))
                     self._json(200, item.model_dump(mode="json"))

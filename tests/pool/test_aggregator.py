@@ -285,3 +285,18 @@ def test_dashboard_in_headless_chromium(env: Any, aggregator: Aggregator,
         if browser is not None:
             browser.stop()
         dash_worker.stop()
+
+
+def test_health_is_paged_for_people_reading_many_plugins(env: Any,
+                                                          aggregator: Aggregator) -> None:
+    """`/health?offset=&limit=`: a page of plugins in id order and the total; a malformed
+    query is a 400, not a server error."""
+    whole = aggregator.get("/health")
+    ids = sorted(item["plugin_id"] for item in whole["plugins"])
+    assert whole["total"] == len(ids) >= 3
+    page = aggregator.get("/health?offset=1&limit=2")
+    assert [item["plugin_id"] for item in page["plugins"]] == ids[1:3]
+    assert page["total"] == len(ids) and page["offset"] == 1
+    with pytest.raises(urllib.error.HTTPError) as info:
+        aggregator.get("/health?limit=many")
+    assert info.value.code == 400
