@@ -22,7 +22,7 @@ from typing import Any, Literal, Protocol
 import redis
 from pydantic import BaseModel, ConfigDict, Field
 
-from pluginpool.policy.errors import ErrorType
+from pluginpool.policy.errors import BreakerUnavailableError, ErrorType
 from pluginpool.policy.keys import RedisKeys
 
 logger = logging.getLogger("pluginpool.breaker")
@@ -137,8 +137,8 @@ class BreakerListener(Protocol):
     def __call__(self, event: dict[str, Any]) -> None: ...
 
 
-class BreakerUnavailable(Exception):
-    """Redis could not be reached and fail_mode is "closed"."""
+BreakerUnavailable = BreakerUnavailableError
+"""The name this module used before the exception tree was one; kept for callers."""
 
 
 class CircuitBreaker:
@@ -172,7 +172,8 @@ class CircuitBreaker:
             if self.fail_mode == "open":
                 logger.warning("breaker for %s unreachable, failing open: %s", plugin_id, exc)
                 return Permit(True, BreakerState.CLOSED, unguarded=True)
-            raise BreakerUnavailable(str(exc)) from exc
+            raise BreakerUnavailableError(
+                f"breaker for {plugin_id!r} unreachable (fail mode closed): {exc}") from exc
         return Permit(bool(allowed), BreakerState(_text(state)), int(retry_after), int(generation))
 
     def record(self, plugin_id: str, config: BreakerConfig, *, default_open_ms: int,

@@ -2,6 +2,46 @@
 
 Every error carries data (type, plugin, limit, observed value), never just a string, so
 that producers, the breaker and the health aggregator can act on it without parsing text.
+Catch `PluginPoolError` for everything pluginpool raises; `SubmitError` for what a
+producer's `submit`, `load` or `execute` refuses before anything is enqueued::
+
+    PluginPoolError
+    ├── ActionRefusedError  (also ValueError)
+    ├── ArtifactError
+    │   └── ArtifactTooLargeError  (also ValueError)
+    ├── AuthError
+    ├── CircuitOpenError
+    ├── DeadLetterNotFoundError  (also LookupError)
+    ├── DeadLetterNotRequeueableError  (also ValueError)
+    ├── DeadLetterUsageError  (also ValueError)
+    ├── InstanceUnloadedError  (also ValueError)
+    ├── InvalidJobError  (also ValueError)
+    ├── JobCancelledError
+    ├── JobWaitTimeoutError  (also TimeoutError)
+    ├── MalformedMessageError  (also ValueError)
+    ├── ManifestError  (also ValueError)
+    ├── PluginExecutionError
+    ├── RevisionNotFoundError  (also LookupError)
+    ├── SettingsError
+    ├── StorageQuotaExceededError
+    └── SubmitError
+        ├── BreakerUnavailableError  (also ConnectionError)
+        ├── BrokerUnavailableError  (also ConnectionError)
+        ├── InstanceFailedError
+        ├── InvalidPayloadError  (also ValueError)
+        │   └── PayloadTooDeepError
+        ├── PayloadTooLargeError  (also ValueError)
+        ├── PluginDisabledError
+        ├── UnknownInstanceError  (also LookupError)
+        ├── UnknownOperationError  (also LookupError)
+        └── UnknownPluginError  (also LookupError)
+            └── PluginUnregisteredError
+
+A run's own failure travels as `PluginExecutionError`, whose `ErrorInfo` carries the
+error type (`runtime`, `resource`, `timeout`, `security`, `dependency`). Inside a sandbox
+a plugin sees the runtime's mirrors (`pool/sandbox/runtime/`: the runtime is stdlib-only
+and cannot import this module), which cross the boundary as typed messages and come back
+as the errors above. `tests/policy/test_errors.py` keeps this drawing true.
 """
 
 from __future__ import annotations
@@ -338,40 +378,6 @@ class InstanceFailedError(SubmitError):
                          f"{(last_error or {}).get('message', 'unknown error')}")
 
 
-class MalformedMessageError(PluginPoolError, ValueError):
-    """A broker message that cannot be a job: it is dead-lettered, never delivered.
-
-    Raised at the one decode boundary of the worker's transport (`tasks/delivery.py`), for
-    anything on a queue that no producer of ours would send: not JSON, too large, nested
-    too deep, an undecodable type marker, a body that is not a task call."""
-
-    def __init__(self, reason: str, *, queue: str | None = None) -> None:
-        self.reason = reason
-        self.queue = queue
-        super().__init__(reason)
-
-
-class DeadLetterUsageError(PluginPoolError, ValueError):
-    """The command was asked for something it cannot do as given."""
-
-
-class DeadLetterNotFoundError(PluginPoolError, LookupError):
-    """No dead letter has this id (it was requeued, discarded or evicted)."""
-
-    def __init__(self, entry_id: str) -> None:
-        self.entry_id = entry_id
-        super().__init__(f"no dead letter {entry_id!r}")
-
-
-class DeadLetterNotRequeueableError(PluginPoolError, ValueError):
-    """Only whole messages within the size bound can go back to a queue."""
-
-    def __init__(self, entry_id: str) -> None:
-        self.entry_id = entry_id
-        super().__init__(f"dead letter {entry_id!r} cannot be requeued: only a preview of it "
-                         "was kept, or it is not a message with a delivery tag")
-
-
 class PluginUnregisteredError(UnknownPluginError):
     """The plugin was registered once and has been unregistered; new jobs are refused."""
 
@@ -418,6 +424,40 @@ class ArtifactTooLargeError(ArtifactError, ValueError):
         super().__init__("too_large", f"artifact of {plugin_id!r} is {size_bytes} bytes, over"
                          f" the {limit_bytes}-byte limit (PLUGINPOOL_MAX_ARTIFACT_BYTES)",
                          plugin_id=plugin_id, size_bytes=size_bytes, limit_bytes=limit_bytes)
+
+
+class MalformedMessageError(PluginPoolError, ValueError):
+    """A broker message that cannot be a job: it is dead-lettered, never delivered.
+
+    Raised at the one decode boundary of the worker's transport (`tasks/delivery.py`), for
+    anything on a queue that no producer of ours would send: not JSON, too large, nested
+    too deep, an undecodable type marker, a body that is not a task call."""
+
+    def __init__(self, reason: str, *, queue: str | None = None) -> None:
+        self.reason = reason
+        self.queue = queue
+        super().__init__(reason)
+
+
+class DeadLetterUsageError(PluginPoolError, ValueError):
+    """The command was asked for something it cannot do as given."""
+
+
+class DeadLetterNotFoundError(PluginPoolError, LookupError):
+    """No dead letter has this id (it was requeued, discarded or evicted)."""
+
+    def __init__(self, entry_id: str) -> None:
+        self.entry_id = entry_id
+        super().__init__(f"no dead letter {entry_id!r}")
+
+
+class DeadLetterNotRequeueableError(PluginPoolError, ValueError):
+    """Only whole messages within the size bound can go back to a queue."""
+
+    def __init__(self, entry_id: str) -> None:
+        self.entry_id = entry_id
+        super().__init__(f"dead letter {entry_id!r} cannot be requeued: only a preview of it "
+                         "was kept, or it is not a message with a delivery tag")
 
 
 class PluginDisabledError(SubmitError):
@@ -470,3 +510,17 @@ class AuthError(PluginPoolError):
     def __init__(self, message: str, *, status: int) -> None:
         self.status = status
         super().__init__(message)
+
+
+class StorageQuotaExceededError(PluginPoolError):
+    """A write would take an instance's storage (`ctx.storage`) over `max_storage_kb`.
+
+    Raised by the worker's storage; a sandboxed plugin sees the runtime's own
+    `StorageQuotaExceeded` (pool/sandbox/runtime/context.py), which carries the same
+    figures across the boundary: the runtime cannot import this package."""
+
+    def __init__(self, *, limit_bytes: int, observed_bytes: int) -> None:
+        self.limit_bytes = limit_bytes
+        self.observed_bytes = observed_bytes
+        super().__init__(f"storage quota of {limit_bytes} bytes exceeded "
+                         f"({observed_bytes} bytes would be used)")

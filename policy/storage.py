@@ -13,7 +13,7 @@ from typing import Any
 
 import redis
 
-from pluginpool.policy.errors import InstanceUnloadedError
+from pluginpool.policy.errors import InstanceUnloadedError, StorageQuotaExceededError
 from pluginpool.policy.keys import RedisKeys
 
 PLUGIN_SCOPE_PREFIX = "plugin:"
@@ -42,13 +42,8 @@ return 1
 """
 
 
-class StorageQuotaExceeded(Exception):
-    """A write would take the instance's storage over `max_storage_kb`."""
-
-    def __init__(self, *, limit_bytes: int, observed_bytes: int) -> None:
-        self.limit_bytes = limit_bytes
-        self.observed_bytes = observed_bytes
-        super().__init__(f"storage quota of {limit_bytes} bytes exceeded ({observed_bytes})")
+StorageQuotaExceeded = StorageQuotaExceededError
+"""The name this module used before the exception tree was one; kept for callers."""
 
 
 class InstanceStorage:

@@ -32,3 +32,18 @@ def test_celery_failures_are_classified() -> None:
     assert lost.type is ErrorType.RUNTIME and lost.details["restarts_exhausted"]
     other = error_for_failure(ZeroDivisionError("x"), plugin_id="p", job_id="j")
     assert other.type is ErrorType.RUNTIME
+
+
+def test_the_module_docstring_draws_every_error_class() -> None:
+    """errors.py draws the whole tree in its docstring; a new error must be drawn there."""
+    import inspect
+
+    import pluginpool.policy.errors as errors_module
+
+    doc = errors_module.__doc__ or ""
+    classes = [cls for _, cls in inspect.getmembers(errors_module, inspect.isclass)
+               if issubclass(cls, errors_module.PluginPoolError)
+               and cls.__module__ == errors_module.__name__]
+    missing = [cls.__name__ for cls in classes if f"── {cls.__name__}" not in doc
+               and cls is not errors_module.PluginPoolError]
+    assert not missing, f"not drawn in policy/errors.py's docstring: {missing}"
