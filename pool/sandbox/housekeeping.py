@@ -27,12 +27,14 @@ logger = logging.getLogger("pluginpool.sandbox.housekeeping")
 TICK_S = 1.0
 PUBLISH_EVERY_S = 2.0
 PUBLISHED_TTL_S = 15
+SWEEP_EVERY_S = 60.0
+STALE_HOME_S = 60.0
 MB = 1024 * 1024
 
 
 class Housekeeper(threading.Thread):
     def __init__(self, pool: WarmPool, client: redis.Redis, keys: RedisKeys, *,
-                 worker: str) -> None:
+                 worker: str, warm_root: str | None = None) -> None:
         super().__init__(name="pluginpool-warm-housekeeper", daemon=True)
         self.pool = pool
         self.redis = client
@@ -40,6 +42,8 @@ class Housekeeper(threading.Thread):
         self.worker = worker
         self._published: dict[tuple[str, int], float] = {}
         self._last_publish = 0.0
+        self.warm_root = warm_root
+        self._last_sweep = 0.0
 
     def run(self) -> None:
         pubsub: redis.client.PubSub | None = None
@@ -60,6 +64,17 @@ class Housekeeper(threading.Thread):
 
     def tick(self) -> None:
         self.pool.retire_idle()
+        self.finish_retiring()
+        if self.warm_root and time.monotonic() - self._last_sweep >= SWEEP_EVERY_S:
+            self._last_sweep = time.monotonic()
+            sweep_stale_homes(self.warm_root)
+        if time.monotonic() - self._last_publish >= PUBLISH_EVERY_S:
+            self._last_publish = time.monotonic()
+            with contextlib.suppress(redis.RedisError):
+                self._publish(self.pool.snapshot())
+
+    def finish_retiring(self) -> None:
+        """See every retired sandbox to its end (teardown bounded), log it, unpublish it."""
         for sandbox in self.pool.take_retiring():
             closed = sandbox.finish()
             if closed is not None and closed.error is not None:
@@ -70,10 +85,6 @@ class Housekeeper(threading.Thread):
                             sandbox.pid, sandbox.retired_for or "died",
                             "ran" if closed is not None and closed.teardown else "none")
             self._unpublish(sandbox)
-        if time.monotonic() - self._last_publish >= PUBLISH_EVERY_S:
-            self._last_publish = time.monotonic()
-            with contextlib.suppress(redis.RedisError):
-                self._publish(self.pool.snapshot())
 
     def _field(self, sandbox: WarmSandbox) -> str:
         return f"{self.worker}/{sandbox.pid}"
@@ -98,6 +109,19 @@ class Housekeeper(threading.Thread):
             with contextlib.suppress(redis.RedisError):
                 self.redis.hdel(self.keys.warm_sandboxes(sandbox.instance_id),
                                 self._field(sandbox))
+
+
+def sweep_stale_homes(warm_root: str) -> None:
+    """Remove homes left empty by zygotes whose pool process died (a zygote empties its home
+    but may not remove it). A live home is never empty (it holds `setup`), and the age
+    guard leaves one being created alone."""
+    now = time.time()
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(warm_root):
+            with contextlib.suppress(OSError):
+                if entry.is_dir(follow_symlinks=False) and \
+                        now - entry.stat(follow_symlinks=False).st_mtime > STALE_HOME_S:
+                    os.rmdir(entry.path)  # fails, as it should, unless it is empty
 
 
 def memory_of(pid: int) -> tuple[float, float | None]:

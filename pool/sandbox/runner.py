@@ -21,6 +21,7 @@ import tempfile
 from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
+from celery.signals import worker_process_shutdown
 
 from pluginpool.policy.errors import ErrorType, PluginExecutionError
 from pluginpool.policy.storage import InstanceStorage
@@ -70,6 +71,7 @@ class SandboxRunner:
         self._pool = WarmPool(capacity=self._settings.warm_sandboxes,
                               idle_s=self._settings.warm_idle_s)
         self._housekeeper_of = 0
+        self._housekeeper: Housekeeper | None = None
         self._warm_root = self._settings.warm_root or os.path.join(
             tempfile.gettempdir(), f"pluginpool-warm-{os.getuid()}")
 
@@ -86,9 +88,19 @@ class SandboxRunner:
         if self._housekeeper_of != os.getpid():  # one per pool process, started in it
             self._pool = WarmPool(capacity=self._settings.warm_sandboxes,
                                   idle_s=self._settings.warm_idle_s)
-            Housekeeper(self._pool, self._services.redis, self._settings.keys,
-                        worker=worker).start()
+            self._housekeeper = Housekeeper(self._pool, self._services.redis,
+                                            self._settings.keys, worker=worker,
+                                            warm_root=self._warm_root)
+            self._housekeeper.start()
+            worker_process_shutdown.connect(self._retire_all, weak=False)
             self._housekeeper_of = os.getpid()
+
+    def _retire_all(self, **_: Any) -> None:
+        """The pool process is exiting: every warm sandbox runs its teardown (each bounded)
+        and its home is removed."""
+        self._pool.retire_all()
+        if self._housekeeper is not None:
+            self._housekeeper.finish_retiring()
 
     def _seccomp_programs(self, spec: PluginSpec) -> tuple[bytes | None, bytes | None]:
         if not self._seccomp:

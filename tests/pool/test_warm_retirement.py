@@ -3,8 +3,12 @@ recently used first) and after PLUGINPOOL_WARM_IDLE_S without a run."""
 
 from __future__ import annotations
 
+import os
+import signal
+import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import psutil
 import pytest
@@ -43,3 +47,40 @@ def test_least_recently_used_then_idle_sandboxes_are_retired_with_their_teardown
     idle = f"(pid {second}) retired (idle); teardown ran"
     assert wait_until(lambda: idle in worker.log_text(), timeout_s=15)
     assert wait_until(lambda: not psutil.pid_exists(second), timeout_s=10)
+
+
+def test_a_worker_that_stops_tears_its_sandboxes_down_and_leaves_no_home(
+        redis_url: str, tmp_path: Path) -> None:
+    """A warm shutdown (SIGTERM to the worker, as `docker stop` sends it): every pool process
+    retires its sandboxes, teardown included, and removes their homes."""
+    warm_root = tmp_path / "warm"
+    settings = make_settings(redis_url, key_prefix=f"ppstop:{uuid.uuid4().hex[:8]}:",
+                             warm_root=str(warm_root))
+    with PluginClient(settings) as client:
+        client.register(PluginSpec(id="stateful", name="stateful",
+                                   entrypoint="pp_testplugins.lifecycle:Stateful"))
+        worker = spawn_worker(client, tmp_path, concurrency=1)
+        try:
+            zygote = client.execute(client.load("stateful", {}), {"add": 1}, timeout=60)["zygote"]
+            assert len(list(warm_root.iterdir())) == 1
+            os.kill(worker.pid, signal.SIGTERM)
+            worker.process.wait(timeout=30)
+        finally:
+            worker.stop()
+        assert f"(pid {zygote}) retired (shutdown); teardown ran" in worker.log_text()
+        assert wait_until(lambda: not psutil.pid_exists(zygote), timeout_s=10)
+        assert list(warm_root.iterdir()) == []
+
+
+def test_the_sweep_removes_only_homes_left_empty_long_ago(tmp_path: Path) -> None:
+    from pluginpool.pool.sandbox.housekeeping import STALE_HOME_S, sweep_stale_homes
+
+    old = time.time() - STALE_HOME_S - 10
+    stale, live, fresh = tmp_path / "stale", tmp_path / "live", tmp_path / "fresh"
+    for home in (stale, live, fresh):
+        home.mkdir()
+    (live / "setup").mkdir()
+    for home in (stale, live):
+        os.utime(home, (old, old))
+    sweep_stale_homes(str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh", "live"]

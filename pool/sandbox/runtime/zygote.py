@@ -125,7 +125,8 @@ def _kill_leftovers() -> None:
                 os.waitpid(pid, 0)
 
 
-def _teardown(plugin: LoadedPlugin | None, policy: AuditPolicy, reason: str) -> NoReturn:
+def _teardown(plugin: LoadedPlugin | None, policy: AuditPolicy, reason: str,
+              home: str) -> NoReturn:
     error: RunError | None = None
     teardown = False
     if plugin is not None:
@@ -139,6 +140,10 @@ def _teardown(plugin: LoadedPlugin | None, policy: AuditPolicy, reason: str) -> 
     with contextlib.suppress(OSError):
         channel.send_message(CONTROL_FD, Closed(error=error, teardown=teardown))
     _kill_leftovers()
+    if reason == "pool child gone":  # nobody is left to remove the home: empty it at least
+        import shutil  # not at the top: imported modules cost every fork
+        for entry in os.listdir(home):
+            shutil.rmtree(os.path.join(home, entry), ignore_errors=True)
     os._exit(0)
 
 
@@ -256,9 +261,9 @@ def main() -> NoReturn:
         try:
             message = channel.receive_message(CONTROL_FD, max_bytes=CONFIG_MAX_BYTES)
         except (channel.ChannelClosed, OSError, ValueError):
-            _teardown(plugin, policy, "pool child gone")
+            _teardown(plugin, policy, "pool child gone", config.home)
         if isinstance(message, Close):
-            _teardown(plugin, policy, message.reason)
+            _teardown(plugin, policy, message.reason, config.home)
         if isinstance(message, Spawn) and not _serve_run(config, message, plugin, policy,
                                                          run_filter, control):
-            _teardown(plugin, policy, "pool child gone")
+            _teardown(plugin, policy, "pool child gone", config.home)
