@@ -74,11 +74,11 @@ class Aggregator:
         params = urllib.parse.parse_qs(query)
         offset = max(0, int((params.get("offset") or ["0"])[0]))
         limit = params.get("limit")
-        specs = sorted(self.client.plugins(), key=lambda spec: spec.id)
-        page = specs[offset:offset + max(0, int(limit[0]))] if limit else specs[offset:]
+        page, total = self.client.registry.page(
+            offset=offset, limit=max(0, int(limit[0])) if limit else None)
         items = self.client.health_reader.read_all(page)
         return {"plugins": [self._live(item).model_dump(mode="json") for item in items],
-                "total": len(specs), "offset": offset, "aggregator": self.info()}
+                "total": total, "offset": offset, "aggregator": self.info()}
 
     def one_health(self, plugin_id: str) -> PluginHealth:
         item = self.client.health(plugin_id)

@@ -48,7 +48,7 @@ def test_fallback_must_name_a_known_plugin(client: PluginClient) -> None:
 def test_timeout_must_stay_below_the_visibility_timeout(redis_url: str) -> None:
     from tests.conftest import make_settings
 
-    settings = make_settings(redis_url, key_prefix="pptest:vis:", visibility_timeout_s=60)
+    settings = make_settings(redis_url, key_prefix="pptest:vis:", visibility_timeout_s=100)
     with PluginClient(settings) as client, pytest.raises(ManifestError) as info:
         client.register([spec("ok"), spec("slow", resource_limits={"timeout_ms": 120_000})])
     assert info.value.issues[0].plugin_id == "slow"
