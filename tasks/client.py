@@ -163,7 +163,8 @@ class PluginClient(FleetOperations, Operations):
                operation: str = "run") -> Job | FallbackJob:
         """Enqueue one job and return at once. Bad input raises; nothing is enqueued then.
 
-        The plugin's breaker is asked first (one Redis round trip). Refused: the plugin's
+        The plugin's breaker is consulted first (no round trip of its own while it is
+        closed: tasks/breaker_view.py). Refused: the plugin's
         fallback applies (a `FallbackJob` with a fixed value, or a `Job` of the fallback
         plugin, both with `is_fallback = True`); with no fallback, CircuitOpenError.
         `operation` names one of the manifest's `operations` (UnknownOperationError if not).
