@@ -22,6 +22,9 @@ logger = logging.getLogger("pluginpool.async_results")
 
 Decode = Callable[[bytes], dict[str, Any]]
 READ_WAIT_S = 1.0
+RECHECK_S = 5.0
+"""A waiter reads the stored result itself this often: a publish it missed (a reconnect, a
+reader that stumbled) costs at most this long, never the whole timeout."""
 
 
 class AsyncResultWaiter:
@@ -45,15 +48,30 @@ class AsyncResultWaiter:
         try:
             if not known:
                 await self._pubsub.subscribe(key)
-            if self._reader is None:
+            if self._reader is None or self._reader.done():
                 self._reader = asyncio.get_running_loop().create_task(self._read())
-            return await asyncio.wait_for(future, timeout)
+            return await self._until_settled(key, future, timeout)
         finally:
             waiting = [f for f in self._waiters.get(key, []) if f is not future]
             if waiting:
                 self._waiters[key] = waiting
             elif self._waiters.pop(key, None) is not None and self._pubsub is not None:
                 await self._pubsub.unsubscribe(key)
+
+    async def _until_settled(self, key: str, future: asyncio.Future[dict[str, Any]],
+                             timeout: float | None) -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while True:
+            wait_s = RECHECK_S if deadline is None else min(RECHECK_S, deadline - loop.time())
+            if wait_s <= 0:
+                raise TimeoutError(f"no result for {key} within {timeout} s")
+            try:
+                return await asyncio.wait_for(asyncio.shield(future), wait_s)
+            except TimeoutError:
+                self._settle(key, await self._client.get(key))
+                if future.done():
+                    return future.result()
 
     async def close(self) -> None:
         if self._reader is not None:
@@ -78,6 +96,10 @@ class AsyncResultWaiter:
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 logger.warning("result subscription lost (%r); reconnecting", exc)
                 await asyncio.sleep(0.5)  # redis-py subscribes again; each confirmation reads
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # one odd message must not stop every waiter's reader
+                logger.exception("could not handle a result message; waiters re-read")
 
     def _settle(self, key: str, raw: Any) -> None:
         if raw is None:
