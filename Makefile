@@ -25,7 +25,8 @@ test: install browser
 # or restarted mid-stream, Sentinel, backlogs behind an open breaker, the consuming
 # connection made half-open or re-established.
 chaos: install
-	PLUGINPOOL_REDIS_URL=$$($(BIN)/pluginpool ensure-redis) $(BIN)/python -m pytest -s \
+	PLUGINPOOL_CHAOS_SCALE=2 PLUGINPOOL_REDIS_URL=$$($(BIN)/pluginpool ensure-redis) \
+	  $(BIN)/python -m pytest -s \
 	  tests/pool/test_faults.py tests/tasks/test_reliable_fetch.py \
 	  tests/tasks/test_consumer_connection_faults.py tests/pool/test_poison.py
 

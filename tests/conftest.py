@@ -24,6 +24,9 @@ ROOT = Path(__file__).resolve().parent.parent
 TEST_PLUGINS = ROOT / "tests" / "plugins"
 EXAMPLES = ROOT / "examples"
 TEST_DB = int(os.environ.get("PLUGINPOOL_TEST_REDIS_DB", "9"))
+CHAOS_SCALE = int(os.environ.get("PLUGINPOOL_CHAOS_SCALE", "1"))
+"""How much harder the fault tests push: 1 in `make test`, 2 in `make chaos` (twice the
+jobs, messages and kills)."""
 
 
 @pytest.fixture(scope="session")

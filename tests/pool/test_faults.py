@@ -20,7 +20,7 @@ from pluginpool.pool.redis_bootstrap import free_port, ping
 from pluginpool.tasks.client import PluginClient
 from pluginpool.tasks.jobs import Job
 from pluginpool.tasks.spec import PluginSpec
-from tests.conftest import make_settings, spawn_worker
+from tests.conftest import CHAOS_SCALE, make_settings, spawn_worker
 
 
 def counter(plugin_id: str) -> PluginSpec:
@@ -105,10 +105,11 @@ def test_workers_killed_mid_stream_lose_no_job(redis_url: str, tmp_path: Path) -
                    for _ in range(3)]
         key = f"{settings.key_prefix}executions"
         try:
+            jobs_n = 1000 * CHAOS_SCALE
             jobs = [client.submit("counter-chaos", {"redis_url": redis_url, "key": key, "n": i,
-                                              "seconds": 0.01}) for i in range(2000)]
+                                              "seconds": 0.01}) for i in range(jobs_n)]
             time.sleep(2)
-            workers[0].signal(signal.SIGKILL)  # its reserved jobs return after the timeout
+            workers[0].signal(signal.SIGKILL)  # its jobs return once its heartbeat stops
             for _ in range(5):
                 for child in psutil.Process(workers[1].pid).children():
                     child.kill()
@@ -118,12 +119,12 @@ def test_workers_killed_mid_stream_lose_no_job(redis_url: str, tmp_path: Path) -
             for worker in workers:
                 worker.stop()
         executions = {k: int(v) for k, v in client.redis.hgetall(key).items()}
-        assert len(results) == 2000
+        assert len(results) == jobs_n
         assert all(kind == "ok" for kind, _ in results.values())
         assert len({value for _, value in results.values()}) == len(results)
         assert set(executions) == set(results)
         duplicates = sum(count - 1 for count in executions.values())
-        print(f"2000 jobs, {duplicates} duplicate executions (at-least-once)")
+        print(f"{jobs_n} jobs, {duplicates} duplicate executions (at-least-once)")
         assert duplicates < 200
 
 

@@ -17,6 +17,7 @@ import redis
 from bench.reliable_fetch import kill_round
 from pluginpool.tasks.delivery_record import PUBLISH, RESCUE
 from pluginpool.tasks.reliable_fetch import CLAIM_SOURCE
+from tests.conftest import CHAOS_SCALE
 
 
 def test_consumers_killed_at_random_instants_lose_no_message(redis_url: str,
@@ -24,10 +25,11 @@ def test_consumers_killed_at_random_instants_lose_no_message(redis_url: str,
     """20 consumers in turn, each SIGKILLed at a random instant while it consumes 8,000
     messages as fast as it can, then a last one drains the rest. (kombu's own transport
     loses some 5 to 11 messages this way: python -m bench.reliable_fetch.)"""
-    total = 8000
+    total = 4000 * CHAOS_SCALE
+    kills = 10 * CHAOS_SCALE
     while_killing, lost = kill_round(redis_url, tmp_path, plain=False, messages=total,
-                                     kills=20, rng=random.Random(7))
-    print(f"20 kills, {while_killing} processed meanwhile, {lost} lost")
+                                     kills=kills, rng=random.Random(7))
+    print(f"{kills} kills, {while_killing} processed meanwhile, {lost} lost")
     assert while_killing < total, "the kills must land while messages remain"
     assert lost == 0, f"{lost} of {total} messages lost"
     logs = "".join(path.read_text() for path in tmp_path.glob("consumer-*.log"))
