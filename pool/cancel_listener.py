@@ -14,12 +14,12 @@ import contextlib
 import logging
 import os
 import signal
-import threading
 from typing import Any
 
 import redis
-from celery import bootsteps
 from celery.worker import state as worker_state
+
+from pluginpool.pool.thread_step import ThreadStep
 
 logger = logging.getLogger("pluginpool.cancel")
 
@@ -35,28 +35,15 @@ def _running(job_id: str) -> Any:
     return None
 
 
-class CancelListener(bootsteps.StartStopStep):  # type: ignore[misc]
-    requires = ("celery.worker.components:Timer",)
+class CancelListener(ThreadStep):
+    thread_name = "pluginpool-cancel"
 
-    def __init__(self, worker: Any, **kwargs: Any) -> None:
-        super().__init__(worker, **kwargs)
-        self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
-
-    def start(self, worker: Any) -> None:
+    def setup(self, worker: Any) -> None:
         services = worker.app.pluginpool_services
         self._redis: redis.Redis = services.redis
         self._channel = services.settings.keys.cancel_channel
-        self._thread = threading.Thread(target=self._listen, name="pluginpool-cancel",
-                                        daemon=True)
-        self._thread.start()
 
-    def stop(self, worker: Any) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-
-    def _listen(self) -> None:
+    def run(self) -> None:
         pubsub: Any = None
         while not self._stop.is_set():
             try:

@@ -20,15 +20,14 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import redis
-from celery import bootsteps
 
 from pluginpool.pool.plugin_tasks import ensure_plugin_task
+from pluginpool.pool.thread_step import ThreadStep
 from pluginpool.tasks.pause import disabled_ids
 from pluginpool.tasks.registry import Registry, parse_event
 from pluginpool.tasks.retire import sweep_unregistered
@@ -81,17 +80,12 @@ class SharedGeneration:
         return int(self._value.value)
 
 
-class RegistryFollower(bootsteps.StartStopStep):  # type: ignore[misc]
+class RegistryFollower(ThreadStep):
     """Keeps this worker's plugin queues and tasks in step with the registry."""
 
-    requires = ("celery.worker.components:Timer",)
+    thread_name = "pluginpool-fleet"
 
-    def __init__(self, worker: Any, **kwargs: Any) -> None:
-        super().__init__(worker, **kwargs)
-        self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
-
-    def start(self, worker: Any) -> None:
+    def setup(self, worker: Any) -> None:
         app = worker.app
         fleet = app.pluginpool_fleet
         services = app.pluginpool_services
@@ -107,18 +101,10 @@ class RegistryFollower(bootsteps.StartStopStep):  # type: ignore[misc]
         self._version: int | None = None
         self._wanted: dict[str, PluginSpec] = {}
         self._passes = 0
-        self._thread = threading.Thread(target=self._follow, name="pluginpool-fleet",
-                                        daemon=True)
-        self._thread.start()
-
-    def stop(self, worker: Any) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
 
     # -- the follower thread ------------------------------------------------------------
 
-    def _follow(self) -> None:
+    def run(self) -> None:
         pubsub: Any = None
         next_reconcile = 0.0
         while not self._stop.is_set():

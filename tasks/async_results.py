@@ -22,9 +22,12 @@ logger = logging.getLogger("pluginpool.async_results")
 
 Decode = Callable[[bytes], dict[str, Any]]
 READ_WAIT_S = 1.0
+IDLE_POLL_S = 0.05
+"""How often an idle reader (no job awaited) looks for a new subscription."""
 RECHECK_S = 5.0
-"""A waiter reads the stored result itself this often: a publish it missed (a reconnect, a
-reader that stumbled) costs at most this long, never the whole timeout."""
+"""The reader reads every awaited result itself this often: a publish it missed (a
+reconnect, a reader that stumbled) costs at most this long, never the whole timeout."""
+RECHECK_BATCH = 500
 
 
 class AsyncResultWaiter:
@@ -50,7 +53,7 @@ class AsyncResultWaiter:
                 await self._pubsub.subscribe(key)
             if self._reader is None or self._reader.done():
                 self._reader = asyncio.get_running_loop().create_task(self._read())
-            return await self._until_settled(key, future, timeout)
+            return await asyncio.wait_for(future, timeout)
         finally:
             waiting = [f for f in self._waiters.get(key, []) if f is not future]
             if waiting:
@@ -58,20 +61,14 @@ class AsyncResultWaiter:
             elif self._waiters.pop(key, None) is not None and self._pubsub is not None:
                 await self._pubsub.unsubscribe(key)
 
-    async def _until_settled(self, key: str, future: asyncio.Future[dict[str, Any]],
-                             timeout: float | None) -> dict[str, Any]:
-        loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout
-        while True:
-            wait_s = RECHECK_S if deadline is None else min(RECHECK_S, deadline - loop.time())
-            if wait_s <= 0:
-                raise TimeoutError(f"no result for {key} within {timeout} s")
-            try:
-                return await asyncio.wait_for(asyncio.shield(future), wait_s)
-            except TimeoutError:
-                self._settle(key, await self._client.get(key))
-                if future.done():
-                    return future.result()
+    async def _recheck(self) -> None:
+        """Read every awaited result once, in batches: what a missed publish left waiting
+        settles within RECHECK_S, with one round trip per batch, not one per waiter."""
+        keys = list(self._waiters)
+        for start in range(0, len(keys), RECHECK_BATCH):
+            batch = keys[start:start + RECHECK_BATCH]
+            for key, raw in zip(batch, await self._client.mget(batch), strict=True):
+                self._settle(key, raw)
 
     async def close(self) -> None:
         if self._reader is not None:
@@ -83,8 +80,18 @@ class AsyncResultWaiter:
             self._pubsub = None
 
     async def _read(self) -> None:
+        loop = asyncio.get_running_loop()
+        recheck_at = loop.time() + RECHECK_S
         while True:
             try:
+                if loop.time() >= recheck_at:
+                    recheck_at = loop.time() + RECHECK_S
+                    await self._recheck()
+                if not self._pubsub.subscribed:
+                    # Every waiter is done: redis-py refuses to read a pubsub with no
+                    # subscription ("connection not set"); wait for the next one.
+                    await asyncio.sleep(IDLE_POLL_S)
+                    continue
                 message = await self._pubsub.get_message(timeout=READ_WAIT_S)
                 if message is None:
                     continue
@@ -100,6 +107,7 @@ class AsyncResultWaiter:
                 raise
             except Exception:  # one odd message must not stop every waiter's reader
                 logger.exception("could not handle a result message; waiters re-read")
+                await asyncio.sleep(IDLE_POLL_S)
 
     def _settle(self, key: str, raw: Any) -> None:
         if raw is None:
