@@ -153,8 +153,14 @@ class ReadyIndexChannel:
         queue = getattr(self, "_tag_to_queue", {}).get(consumer_tag)
         result = super().basic_cancel(consumer_tag)  # type: ignore[misc]
         self.__dict__.pop("_active_cache", None)
-        if queue is not None and queue not in self.active_queues:
-            self._unregister_queue(queue)
+        if (queue is not None and queue not in self.active_queues
+                and not getattr(self, "closed", False)):
+            # A closing channel (a warm shutdown, a lost connection: its transport may be
+            # torn down) leaves its registration to the rescue once its heartbeat stops.
+            try:
+                self._unregister_queue(queue)
+            except self.connection_errors as exc:
+                logger.warning("could not unregister %s from the ready index: %r", queue, exc)
         return result
 
     @property
