@@ -22,18 +22,12 @@ ENVELOPE_BYTES = 65_536
 def delivery_config(settings: Settings) -> DeliveryConfig:
     """What the worker's decode boundary and poison rule accept, from the settings: a
     payload within the producer's limits always fits (base64 adds a third)."""
-    keys = settings.keys
-    return DeliveryConfig(
-        deliveries_key=keys.deliveries, owner_key=keys.delivery_owner,
-        held_prefix=keys.held_prefix, consumers_key=keys.consumers,
-        stats_key=keys.delivery_stats, dead_letter_key=keys.dead_letter,
-        dead_letter_index_key=keys.dead_letter_index,
+    return DeliveryConfig.for_keys(
+        settings.keys,
         max_deliveries=settings.max_deliveries, dead_letter_max=settings.dead_letter_max,
         max_message_bytes=2 * settings.max_payload_bytes + ENVELOPE_BYTES,
         max_depth=settings.max_payload_depth + ENVELOPE_DEPTH,
         dead_after_s=settings.consumer_dead_after_s,
-        ready_prefix=keys.ready_prefix, wake_prefix=keys.wake_prefix,
-        waiters_prefix=keys.waiters_prefix, consumes_prefix=keys.consumes_prefix,
         keyspace_events=settings.broker_keyspace_events, rescan_s=settings.broker_rescan_s)
 
 

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict
 
 from pluginpool.policy.errors import DeadLetterNotFoundError, DeadLetterNotRequeueableError
 from pluginpool.policy.keys import RedisKeys
-from pluginpool.tasks.delivery_record import PUBLISH
+from pluginpool.tasks.delivery_record import PUBLISH, DeliveryConfig
 
 PRIORITY_SEPARATOR = "\x06\x16"
 """kombu's separator between a queue's name and its priority step in a list key."""
@@ -74,7 +74,8 @@ class DeadLetterStore:
         queue_name = _queue_name(entry.queue)
         # Pushed and indexed as ready in one step, like any publish (publish.lua).
         self._redis.eval(PUBLISH.source, 2, entry.queue, self._keys.waiters_prefix + queue_name,
-                         entry.raw, "L", self._keys.ready_prefix, self._keys.wake_prefix, 64)
+                         entry.raw, "L", self._keys.ready_prefix, self._keys.wake_prefix,
+                         DeliveryConfig().wake_depth)
         with self._redis.pipeline() as pipe:
             pipe.hdel(self._keys.deliveries, entry.id, f"{entry.id}|t")
             pipe.hdel(self._keys.dead_letter, entry_id)

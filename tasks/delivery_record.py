@@ -29,6 +29,8 @@ from typing import Any
 import redis
 from redis.exceptions import NoScriptError
 
+from pluginpool.policy.keys import RedisKeys
+
 _LUA = resources.files("pluginpool.tasks")
 _LIB = _LUA.joinpath("delivery_lib.lua").read_text()
 
@@ -57,6 +59,10 @@ DELIVERY_OPTION = "pluginpool_delivery"
 """kombu transport option carrying a `DeliveryConfig` as a dict."""
 
 
+_KEYS = RedisKeys()
+"""The default key names (prefix `pluginpool:`), from the one module that names keys."""
+
+
 @dataclass(frozen=True)
 class DeliveryConfig:
     """Key names and bounds of the delivery path, passed to the transport as an option.
@@ -64,17 +70,17 @@ class DeliveryConfig:
     The defaults are pluginpool's default key prefix and settings, so the transport also
     works where no pluginpool settings are given (kombu's own test suite, plain kombu)."""
 
-    deliveries_key: str = "pluginpool:delivery:count"
-    owner_key: str = "pluginpool:delivery:owner"
-    held_prefix: str = "pluginpool:delivery:held:"
-    consumers_key: str = "pluginpool:delivery:consumers"
-    stats_key: str = "pluginpool:delivery:stats"
-    dead_letter_key: str = "pluginpool:deadletter"
-    dead_letter_index_key: str = "pluginpool:deadletter:index"
-    ready_prefix: str = "pluginpool:delivery:ready:"
-    wake_prefix: str = "pluginpool:delivery:wake:"
-    waiters_prefix: str = "pluginpool:delivery:waiters:"
-    consumes_prefix: str = "pluginpool:delivery:consumes:"
+    deliveries_key: str = _KEYS.deliveries
+    owner_key: str = _KEYS.delivery_owner
+    held_prefix: str = _KEYS.held_prefix
+    consumers_key: str = _KEYS.consumers
+    stats_key: str = _KEYS.delivery_stats
+    dead_letter_key: str = _KEYS.dead_letter
+    dead_letter_index_key: str = _KEYS.dead_letter_index
+    ready_prefix: str = _KEYS.ready_prefix
+    wake_prefix: str = _KEYS.wake_prefix
+    waiters_prefix: str = _KEYS.waiters_prefix
+    consumes_prefix: str = _KEYS.consumes_prefix
     group: str = ""
     keyspace_events: bool = True
     rescan_s: float = 60.0
@@ -85,6 +91,17 @@ class DeliveryConfig:
     max_message_bytes: int = 4 * 1_048_576
     max_depth: int = 80
     dead_after_s: float = 10.0
+
+    @classmethod
+    def for_keys(cls, keys: RedisKeys, **bounds: Any) -> DeliveryConfig:
+        """The key names of one deployment (its prefix), with the given bounds."""
+        return cls(
+            deliveries_key=keys.deliveries, owner_key=keys.delivery_owner,
+            held_prefix=keys.held_prefix, consumers_key=keys.consumers,
+            stats_key=keys.delivery_stats, dead_letter_key=keys.dead_letter,
+            dead_letter_index_key=keys.dead_letter_index, ready_prefix=keys.ready_prefix,
+            wake_prefix=keys.wake_prefix, waiters_prefix=keys.waiters_prefix,
+            consumes_prefix=keys.consumes_prefix, **bounds)
 
     @classmethod
     def from_option(cls, value: Any) -> DeliveryConfig:
