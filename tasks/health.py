@@ -43,7 +43,12 @@ def live_workers(client: redis.Redis, keys: RedisKeys, *, heartbeat_s: float,
 
 
 READ_BATCH = 200
-"""Plugins read per pipeline by `read_all` (each is 6 + HISTORY_MINUTES commands)."""
+"""Plugins read per pipeline by `read_all`."""
+
+PLUGIN_READS = 6
+"""Commands per plugin that every health read makes (figures, breaker, queue depth,
+instances, recent errors, pause); the HISTORY_MINUTES per-minute hashes come on top, only
+for plugins that may have any (`_may_have_history`)."""
 
 
 class HealthReader:
@@ -56,22 +61,40 @@ class HealthReader:
 
     def read_all(self, specs: list[PluginSpec]) -> list[PluginHealth]:
         """Every plugin's health, READ_BATCH plugins per round trip: with 10,000 plugins a
-        round trip each made one /health answer cost 10,000 round trips."""
+        round trip each made one /health answer cost 10,000 round trips.
+
+        Two passes per batch: the per-plugin figures first, then the per-minute history
+        only of plugins that recorded something within it. Most of a large fleet is idle
+        in any quarter hour; reading fifteen empty hashes for each idle plugin made three
+        quarters of the commands of a full read."""
         workers = live_workers(self._redis, self._keys, heartbeat_s=self._heartbeat_s)
         now = time.time()
         minutes = self._minutes(now)
+        empty_history: list[dict[str, str]] = [{} for _ in minutes]
         items: list[PluginHealth] = []
         for start in range(0, len(specs), READ_BATCH):
             batch = specs[start:start + READ_BATCH]
             with self._redis.pipeline(transaction=False) as pipe:
                 for spec in batch:
-                    self._queue_reads(pipe, spec, minutes)
+                    self._queue_reads(pipe, spec)
                 replies = pipe.execute()
-            per_plugin = len(replies) // len(batch)
-            for index, spec in enumerate(batch):
-                items.append(self._build(spec, replies[index * per_plugin:
-                                                       (index + 1) * per_plugin],
-                                         workers=workers, now=now, minutes=minutes))
+            per_plugin = [replies[index * PLUGIN_READS:(index + 1) * PLUGIN_READS]
+                          for index in range(len(batch))]
+            active = [index for index, reads in enumerate(per_plugin)
+                      if _may_have_history(reads[0], now)]
+            if active:
+                with self._redis.pipeline(transaction=False) as pipe:
+                    for index in active:
+                        self._queue_history(pipe, batch[index], minutes)
+                    history = pipe.execute()
+                for position, index in enumerate(active):
+                    per_plugin[index] = per_plugin[index] + history[
+                        position * len(minutes):(position + 1) * len(minutes)]
+            for spec, reads in zip(batch, per_plugin, strict=True):
+                if len(reads) == PLUGIN_READS:
+                    reads = reads + empty_history
+                items.append(self._build(spec, reads, workers=workers, now=now,
+                                         minutes=minutes))
         return items
 
     def read(self, spec: PluginSpec, *, workers: dict[str, list[str]] | None = None
@@ -81,7 +104,8 @@ class HealthReader:
         now = time.time()
         minutes = self._minutes(now)
         with self._redis.pipeline(transaction=False) as pipe:
-            self._queue_reads(pipe, spec, minutes)
+            self._queue_reads(pipe, spec)
+            self._queue_history(pipe, spec, minutes)
             replies = pipe.execute()
         return self._build(spec, replies, workers=workers, now=now, minutes=minutes)
 
@@ -90,7 +114,7 @@ class HealthReader:
         minute_now = int(now // 60)
         return [minute_now - offset for offset in range(HISTORY_MINUTES - 1, -1, -1)]
 
-    def _queue_reads(self, pipe: Any, spec: PluginSpec, minutes: list[int]) -> None:
+    def _queue_reads(self, pipe: Any, spec: PluginSpec) -> None:
         keys = self._keys
         pipe.hgetall(keys.health(spec.id))
         pipe.hmget(keys.breaker(spec.id), "state", "open_until_ms", "forced")
@@ -98,8 +122,10 @@ class HealthReader:
         pipe.scard(keys.instances_of(spec.id))
         pipe.lrange(keys.recent_errors(spec.id), 0, 9)
         pipe.hget(keys.paused, spec.id)
+
+    def _queue_history(self, pipe: Any, spec: PluginSpec, minutes: list[int]) -> None:
         for minute in minutes:
-            pipe.hgetall(f"{keys.health_minute_prefix(spec.id)}{minute}")
+            pipe.hgetall(f"{self._keys.health_minute_prefix(spec.id)}{minute}")
 
     def _build(self, spec: PluginSpec, replies: list[Any], *, workers: dict[str, list[str]],
                now: float, minutes: list[int]) -> PluginHealth:
@@ -187,3 +213,16 @@ def _usage(figures: dict[str, str], runs: int) -> dict[str, float | None]:
             "avg_cpu_percent": avg("cpu_percent_sum"), "avg_cpu_ms": avg("cpu_ms_sum"),
             "avg_wall_ms": avg("wall_ms_sum"), "network_requests": num("network_requests_sum"),
             "peak_storage_kb": num("storage_kb_max")}
+
+
+def _may_have_history(figures: dict[str, str], now: float) -> bool:
+    """Whether a plugin's per-minute hashes can hold anything within the history window.
+
+    Every outcome stamps `last_success_ms` or `last_error_ms`; restarts are counted
+    without a stamp, so a plugin that ever restarted is always read in full. Exact: a
+    plugin with neither a recent stamp nor a restart has only empty minutes."""
+    if int(figures.get("restarts", 0)):
+        return True
+    last_ms = max(int(float(figures.get("last_success_ms", 0))),
+                  int(float(figures.get("last_error_ms", 0))))
+    return last_ms >= (now - (HISTORY_MINUTES + 1) * 60) * 1000
