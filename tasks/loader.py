@@ -43,9 +43,12 @@ def unmet_packages(requirements: Iterable[str]) -> list[dict[str, str]]:
     return unmet
 
 
-def check_requires(spec: PluginSpec, *, registered: Callable[[str], bool]) -> None:
-    """Raise a `dependency` error when a required package or plugin is missing."""
-    packages = unmet_packages(spec.requires.packages)
+def check_requires(spec: PluginSpec, *, registered: Callable[[str], bool],
+                   packages_here: bool = True) -> None:
+    """Raise a `dependency` error when a required package or plugin is missing.
+    `packages_here=False`: the packages come from the revision's own environment (a
+    sandbox installs them), so only the plugins are checked."""
+    packages = unmet_packages(spec.requires.packages) if packages_here else []
     plugins = [plugin for plugin in spec.requires.plugins if not registered(plugin)]
     if packages or plugins:
         raise PluginExecutionError.of(

@@ -152,7 +152,21 @@ class Settings(BaseSettings):
     artifact_cache_dir: str | None = Field(
         default=None,
         description="Where workers unpack artifacts, one directory per sha256 (default: "
-                    "<system temp>/pluginpool-cache); later also per-revision environments.")
+                    "<system temp>/pluginpool-cache), and per-revision environments.")
+    package_index_url: str | None = Field(
+        default=None,
+        description="The package index per-revision environments install requires.packages "
+                    "from (default: the installer's own, PyPI); `none`: no index at all, only "
+                    "find_links (an offline or private deployment).")
+    find_links: list[str] = Field(
+        default_factory=list,
+        description="Wheel directories or URLs of flat pages of wheels (a JSON list) searched "
+                    "for requires.packages besides the index.")
+    env_install_timeout_s: float = Field(
+        default=600.0, gt=0, le=86_400,
+        description="Longest one environment install may take; a longer one is killed and "
+                    "is a `dependency` error. It runs on even when the job that started it "
+                    "stopped waiting, so a later job finds it done.")
     fleet_reconcile_s: float = Field(
         default=5.0, gt=0,
         description="How often a worker compares its queues with the registry, so one that "
@@ -177,6 +191,17 @@ class Settings(BaseSettings):
         if value is not None and not value.startswith(
                 ("redis://", "rediss://", "unix://", "sentinel://")):
             raise ValueError("must be a redis://, rediss://, unix:// or sentinel:// URL")
+        return value
+
+    @field_validator("package_index_url")
+    @classmethod
+    def _index_url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        if value.strip().lower() == "none":
+            return "none"
+        if not value.startswith(("http://", "https://", "file://")):
+            raise ValueError("must be an http://, https:// or file:// URL, or none")
         return value
 
     @classmethod

@@ -42,6 +42,7 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 def make_settings(redis_url: str, **overrides: object) -> Settings:
+    overrides.setdefault("package_index_url", "none")  # environments: no network in tests
     return Settings(_env_file=None, redis_url=redis_url,  # type: ignore[call-arg]
                     plugin_paths=[str(TEST_PLUGINS), str(EXAMPLES)], **overrides)
 

@@ -1,4 +1,5 @@
-"""Small plugin packages written into temporary directories, for the fleet tests.
+"""Small plugin packages (and packages plugins require) written into temporary directories
+and built into wheels offline, for the fleet and environment tests.
 
 Nothing here is on a worker's plugin path: the code reaches workers only as artifacts.
 """
@@ -39,6 +40,22 @@ def wheel_of(root: Path, *, version: int) -> Path:
                        work_dir=work)
 
 
+def dependency_wheel(root: Path, *, version: str, name: str = "ppdemo_dep") -> Path:
+    """A wheel of the distribution `name` at `version`, a module whose `VERSION` says which
+    it is: what plugins list in `requires.packages`. Built offline into `root`."""
+    project = root / f"{name}-{version}-src"
+    (project / name).mkdir(parents=True, exist_ok=True)
+    (project / name / "__init__.py").write_text(f"VERSION = {version!r}\n", encoding="utf-8")
+    (project / "pyproject.toml").write_text(
+        '[build-system]\nrequires = ["setuptools>=70.1"]\n'
+        'build-backend = "setuptools.build_meta"\n\n'
+        f'[project]\nname = "{name}"\nversion = "{version}"\n', encoding="utf-8")
+    work = root / f"{name}-{version}-build"
+    work.mkdir(parents=True, exist_ok=True)
+    return build_wheel(project, plugin_id=name.replace("_", "-"), version=version,
+                       work_dir=work)
+
+
 def variant(wheel: Path, out: Path, *, tag: str) -> Path:
     """The same wheel with a zip comment: same code, another sha256 (a fresh artifact)."""
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -50,8 +67,8 @@ def variant(wheel: Path, out: Path, *, tag: str) -> Path:
 
 
 def manifest(path: Path, plugins: dict[str, dict[str, object]]) -> Path:
-    """A TOML manifest of `[plugins.<id>]` tables (flat string, number and bool values, and
-    inline tables given as dicts)."""
+    """A TOML manifest of `[plugins.<id>]` tables (string, number and bool values, lists,
+    and inline tables given as dicts)."""
     def value(item: object) -> str:
         if isinstance(item, bool):
             return "true" if item else "false"
@@ -59,6 +76,8 @@ def manifest(path: Path, plugins: dict[str, dict[str, object]]) -> Path:
             return str(item)
         if isinstance(item, dict):
             return "{ " + ", ".join(f"{k} = {value(v)}" for k, v in item.items()) + " }"
+        if isinstance(item, list | tuple):
+            return "[" + ", ".join(value(v) for v in item) + "]"
         return '"' + str(item).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
     lines = []

@@ -5,7 +5,9 @@ own environment (another virtualenv, another version of any library): the zygote
 the runtime package by path, not from the interpreter's site-packages, and pluginpool
 itself need not be installed there. It starts with an empty environment (`-I`: no
 PYTHON* variables, no user site, no current directory on sys.path) and holds nothing of
-the worker's: no settings, no Redis connection, no Celery.
+the worker's: no settings, no Redis connection, no Celery. A plugin revision with its own
+environment starts without site-packages too (`-S`): it sees the standard library, its
+code and its environment, nothing installed in the worker's.
 """
 
 from __future__ import annotations
@@ -47,13 +49,17 @@ class ZygoteLauncher:
 
     interpreter: str = sys.executable
     code_paths: tuple[str, ...] = field(default_factory=tuple)
+    site_packages: bool = True
+    """False: start without the interpreter's site-packages (`-S`), so the zygote imports
+    only the standard library and its code paths (a plugin revision's own environment)."""
 
     def start(self) -> tuple[Hello, socket.socket]:
         """Start a zygote; returns its Hello (pid, bare size) and the control socket."""
         ours, theirs = socket.socketpair()
         try:
             proc = subprocess.Popen(
-                [self.interpreter, "-I", "-c", BOOTSTRAP, RUNTIME_DIR, str(theirs.fileno())],
+                [self.interpreter, "-I", *(() if self.site_packages else ("-S",)), "-c",
+                 BOOTSTRAP, RUNTIME_DIR, str(theirs.fileno())],
                 pass_fds=[theirs.fileno()], env=ZYGOTE_ENV, stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL, close_fds=True, start_new_session=True)
         except OSError as exc:

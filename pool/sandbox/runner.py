@@ -26,6 +26,7 @@ from celery.signals import worker_process_shutdown
 from pluginpool.policy.errors import ErrorType, PluginExecutionError
 from pluginpool.policy.storage import InstanceStorage
 from pluginpool.pool.sandbox import outcome, seccomp_filter, warm
+from pluginpool.pool.sandbox.environments import Environments, code_found_in
 from pluginpool.pool.sandbox.housekeeping import Housekeeper
 from pluginpool.pool.sandbox.launcher import ZygoteLauncher, ZygoteStartError
 from pluginpool.pool.sandbox.runtime import channel, landlock
@@ -66,6 +67,7 @@ class SandboxRunner:
         self._services = services
         self._settings = services.settings
         self._interpreter = interpreter
+        self._environments = Environments.from_settings(self._settings, interpreter=interpreter)
         self._landlock_abi = landlock.abi_version()
         self._seccomp = seccomp_filter.available()
         self._pool = WarmPool(capacity=self._settings.warm_sandboxes,
@@ -80,9 +82,17 @@ class SandboxRunner:
         return cls(services)
 
     def launcher_for(self, spec: PluginSpec, ctx: PluginContext) -> ZygoteLauncher:
-        """The interpreter and code paths of this plugin revision's zygote."""
+        """The interpreter and code paths of this plugin revision's zygote. With
+        `requires.packages`, its own environment goes after its code (installed first if
+        new here, within the setup budget), and when its code is in the code paths the
+        zygote does not see the worker's site-packages at all."""
+        code = (*ctx.code_paths, *self._settings.plugin_paths)
+        if not spec.requires.packages:
+            return ZygoteLauncher(interpreter=self._interpreter, code_paths=code)
+        site = self._environments.site_for(spec, wait_s=spec.deadlines.setup_kill_s)
         return ZygoteLauncher(interpreter=self._interpreter,
-                              code_paths=(*ctx.code_paths, *self._settings.plugin_paths))
+                              code_paths=(*ctx.code_paths, site, *self._settings.plugin_paths),
+                              site_packages=not code_found_in(spec, code))
 
     def _ensure_housekeeper(self, worker: str) -> None:
         if self._housekeeper_of != os.getpid():  # one per pool process, started in it
@@ -118,7 +128,7 @@ class SandboxRunner:
     def run(self, spec: PluginSpec, ctx: PluginContext, payload: Any) -> RunReport:
         client = self._services.redis
         check_requires(spec, registered=lambda pid: bool(
-            client.hexists(self._settings.keys.specs, pid)))
+            client.hexists(self._settings.keys.specs, pid)), packages_here=False)
         self._ensure_housekeeper(ctx.worker or socket.gethostname())
         storage = InstanceStorage(client, self._settings.keys,
                                   ctx.instance_id or f"plugin:{spec.id}",

@@ -1,0 +1,237 @@
+"""Per-plugin-revision environments on a real prefork worker, installed for real by uv from
+local wheels, with no network: `PLUGINPOOL_PACKAGE_INDEX_URL=none` and the wheels of
+`ppdemo_dep` 1.0 and 2.0, built at test time, as the only find-links directory.
+
+One worker for the module (2 pool processes), started before any plugin is registered,
+with no plugin path: each plugin's code is an artifact, its packages an environment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pluginpool.policy.errors import CircuitOpenError, ErrorType, PluginExecutionError
+from pluginpool.pool.processes import ManagedProcess, wait_until
+from pluginpool.pool.sandbox import env_install
+from pluginpool.pool.sandbox.env_install import InstallRequest, InstallResult
+from pluginpool.tasks.client import PluginClient
+from pluginpool.tasks.settings import Settings
+from tests.conftest import spawn_worker
+from tests.fleet_packages import dependency_wheel, manifest, variant
+
+PLUGIN_CODE = '''\
+import sys
+
+
+def run(ctx, payload):
+    import ppdemo_dep
+    try:
+        import celery  # installed in the worker's environment, not in the plugin's
+        celery_visible = True
+    except ImportError:
+        celery_visible = False
+    return {"dep": ppdemo_dep.VERSION, "dep_file": ppdemo_dep.__file__,
+            "celery_visible": celery_visible, "no_site": bool(sys.flags.no_site)}
+
+
+def plain(ctx, payload):
+    return {"ok": True}
+'''
+
+
+@dataclass
+class Envs:
+    client: PluginClient
+    worker: ManagedProcess
+    root: Path
+    wheels: Path
+    plugin_wheel: Path
+
+    @property
+    def envs_dir(self) -> Path:
+        return self.root / "cache" / "envs"
+
+    def installs(self) -> list[dict[str, Any]]:
+        log = self.envs_dir / env_install.INSTALL_LOG
+        if not log.exists():
+            return []
+        return [json.loads(line) for line in log.read_text().splitlines()]
+
+    def register(self, plugin_id: str, requirements: list[str], *, wheel: Path | None = None,
+                 entry: str = "run", **extra: object) -> None:
+        table: dict[str, object] = {"name": plugin_id, "entrypoint": f"envpkg:{entry}",
+                                    "source": str(wheel or self.plugin_wheel), **extra}
+        if requirements:
+            table["requires"] = {"packages": requirements}
+        self.client.register(manifest(self.root / f"{plugin_id}.toml", {plugin_id: table}))
+
+
+def plugin_wheel(root: Path) -> Path:
+    from pluginpool.tasks.artifacts import build_wheel
+
+    package = root / "plugin-src" / "envpkg"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text(PLUGIN_CODE, encoding="utf-8")
+    work = root / "plugin-build"
+    work.mkdir()
+    return build_wheel(package, plugin_id="env-plugin", version="1.0", work_dir=work)
+
+
+@pytest.fixture(scope="module")
+def envs(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Envs]:
+    root = tmp_path_factory.mktemp("envs")
+    wheels = root / "wheels"
+    wheels.mkdir()
+    for version in ("1.0", "2.0"):
+        shutil.copy(dependency_wheel(root / "dep-build", version=version), wheels)
+    settings = Settings(_env_file=None, redis_url=redis_url,  # type: ignore[call-arg]
+                        key_prefix=f"ppenv:{uuid.uuid4().hex[:8]}:", plugin_paths=[],
+                        artifact_cache_dir=str(root / "cache"), package_index_url="none",
+                        find_links=[str(wheels)], fleet_reconcile_s=2.0)
+    client = PluginClient(settings)
+    worker = spawn_worker(client, root, concurrency=2)
+    yield Envs(client, worker, root, wheels, plugin_wheel(root))
+    worker.stop()
+    client.close()
+
+
+def test_conflicting_versions_each_see_their_own_on_one_worker(envs: Envs) -> None:
+    """Two plugins requiring ppdemo_dep 1.0 and 2.0 run on the same worker; each imports
+    its own version from its own environment, and neither sees the worker's packages."""
+    envs.register("env-v1", ["ppdemo_dep==1.0"])
+    envs.register("env-v2", ["ppdemo_dep==2.0"])
+    jobs = {plugin: envs.client.submit(plugin, {}) for plugin in ("env-v1", "env-v2")}
+    one, two = (jobs[p].result(timeout=30) for p in ("env-v1", "env-v2"))
+    assert (one["dep"], two["dep"]) == ("1.0", "2.0")
+    assert jobs["env-v1"].meta["worker"] == jobs["env-v2"].meta["worker"]
+    envs_dir = str(envs.envs_dir.resolve())
+    assert one["dep_file"].startswith(envs_dir) and two["dep_file"].startswith(envs_dir)
+    assert Path(one["dep_file"]).parts[-4] != Path(two["dep_file"]).parts[-4]
+    assert one["no_site"] and not one["celery_visible"]  # the worker's site-packages: hidden
+    # A third plugin with no requirements keeps the worker's interpreter as it was.
+    envs.register("env-none", [], entry="plain")
+    assert envs.client.submit("env-none", {}).result(timeout=30) == {"ok": True}
+
+
+def test_a_second_run_reuses_the_environment(envs: Envs) -> None:
+    """A new warm sandbox of the same revision (another instance) takes the environment as
+    it is: no second install, the same directory (inode and mtime unchanged)."""
+    envs.register("env-reuse", ["ppdemo_dep==1.0"],
+                  wheel=variant(envs.plugin_wheel, envs.root / "reuse.whl", tag="reuse"))
+    first = envs.client.submit("env-reuse", {})
+    assert first.result(timeout=30)["dep"] == "1.0"
+    env_dir = Path(first.result(timeout=1)["dep_file"]).parents[2]
+    before = env_dir.stat()
+    installs = [i for i in envs.installs() if i["key"] == env_dir.name]
+    assert [(i["ok"], i["installed"]) for i in installs] == [(True, True)]
+    for _ in range(2):
+        iid = envs.client.load("env-reuse")  # a new zygote, so the environment is looked up
+        assert envs.client.submit("env-reuse", {}, instance_id=iid).result(timeout=30)[
+            "dep"] == "1.0"
+    after = env_dir.stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    assert [i for i in envs.installs() if i["key"] == env_dir.name] == installs
+
+
+def test_an_unresolvable_requirement_is_a_dependency_error_and_the_worker_lives_on(
+        envs: Envs) -> None:
+    """ppdemo_dep==3.0 exists nowhere: a `dependency` error with the resolver's own words,
+    never retried, opening the plugin's breaker at once (as every dependency error does);
+    the same worker process then serves other jobs."""
+    pid = envs.worker.pid
+    envs.register("env-bad", ["ppdemo_dep==3.0"], breaker={"open_ms": 60_000})
+    job = envs.client.submit("env-bad", {})
+    with pytest.raises(PluginExecutionError) as info:
+        job.result(timeout=30)
+    error = info.value
+    assert error.type is ErrorType.DEPENDENCY
+    assert error.details["attempt"] == 1
+    assert error.details["install_error"] == "unresolvable"
+    assert "ppdemo-dep==3.0" in error.details["resolver_message"]
+    assert "unsatisfiable" in error.message
+    assert error.details["unmet_packages"] == [
+        {"requirement": "ppdemo_dep==3.0", "installed": "none"}]
+    assert not [p for p in envs.envs_dir.iterdir() if p.name.startswith(".")]  # no scratch
+    with pytest.raises(CircuitOpenError):
+        envs.client.submit("env-bad", {})
+    envs.register("env-after", [], entry="plain")
+    assert envs.client.submit("env-after", {}).result(timeout=30) == {"ok": True}
+    assert envs.worker.alive() and envs.worker.pid == pid
+
+
+def test_two_pool_processes_racing_for_a_new_environment_install_it_once(envs: Envs) -> None:
+    """Two jobs of a new revision, on two instances, submitted at once to a worker with 2
+    pool processes: both succeed, one install ran."""
+    envs.register("env-race", ["ppdemo_dep==2.0"],
+                  wheel=variant(envs.plugin_wheel, envs.root / "race.whl", tag="race"))
+    jobs = [envs.client.submit("env-race", {}, instance_id=envs.client.load("env-race"))
+            for _ in range(2)]
+    results = [job.result(timeout=30) for job in jobs]
+    assert [r["dep"] for r in results] == ["2.0", "2.0"]
+    key = Path(results[0]["dep_file"]).parents[2].name
+    lines = [i for i in envs.installs() if i["key"] == key]
+    assert [i for i in lines if i["installed"]] == lines[:1] and lines[0]["ok"]
+    assert all(i["ok"] and not i["installed"] for i in lines[1:])  # waited for the first
+
+
+def test_helpers_waiting_on_the_lock_install_once(envs: Envs, tmp_path: Path) -> None:
+    """The lock itself, made to be contended: two install helpers (real processes, real uv)
+    start while the environment's lock is held; once released, one installs and the
+    other finds the environment there."""
+    import fcntl
+
+    import uv
+
+    request = InstallRequest(
+        envs_dir=str(tmp_path / "envs"), key="contended", requirements=["ppdemo-dep==1.0"],
+        interpreter=sys.executable, timeout_s=60, index_url="none",
+        find_links=[str(envs.wheels)], uv=uv.find_uv_bin(), cache_dir=str(tmp_path))
+    os.makedirs(request.envs_dir)
+    lock = os.open(os.path.join(request.envs_dir, "contended.lock"), os.O_RDWR | os.O_CREAT)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    helpers = [subprocess.Popen([sys.executable, "-I", env_install.__file__],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+               for _ in range(2)]
+    for helper in helpers:
+        assert helper.stdin is not None
+        helper.stdin.write(request.encode())
+        helper.stdin.close()
+    lock_path = os.path.realpath(os.path.join(request.envs_dir, "contended.lock"))
+
+    def holds_lock_file(pid: int) -> bool:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            return False
+        return any(_readlink(f"/proc/{pid}/fd/{fd}") == lock_path for fd in fds)
+
+    assert wait_until(lambda: all(holds_lock_file(h.pid) for h in helpers), timeout_s=20)
+    assert all(helper.poll() is None for helper in helpers)  # waiting, not installing
+    os.close(lock)
+    results = []
+    for helper in helpers:
+        assert helper.stdout is not None and helper.wait(timeout=30) == 0
+        results.append(InstallResult.decode(helper.stdout.read()))
+        helper.stdout.close()
+    assert all(r.ok for r in results)
+    assert sorted(r.installed for r in results) == [False, True]
+    log = (Path(request.envs_dir) / env_install.INSTALL_LOG).read_text().splitlines()
+    assert sorted(json.loads(line)["installed"] for line in log) == [False, True]
+
+
+def _readlink(path: str) -> str:
+    try:
+        return os.readlink(path)
+    except OSError:
+        return ""
