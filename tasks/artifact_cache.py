@@ -4,7 +4,9 @@ Layout of the cache directory (`PLUGINPOOL_ARTIFACT_CACHE_DIR`), one entry per c
 hash so that any number of revisions, plugins and worker processes share it:
 
     <cache>/artifacts/<sha256>/   an artifact's wheel, unpacked (a site directory)
-    <cache>/envs/<hash>/          reserved: per-revision environments (requires.packages)
+    <cache>/envs/<hash>/site/     a plugin revision's environment: its requires.packages
+                                  (built and looked up by pool/sandbox/environments.py)
+    <cache>/uv/, <cache>/pip/     the installers' download caches
 
 An entry appears by an atomic rename of a fully unpacked scratch directory, so a process
 either sees a complete entry or none, and two processes unpacking the same artifact at once

@@ -119,8 +119,9 @@ class Environments:
     """This host's environments, as one pool process sees them."""
 
     def __init__(self, root: Path, *, sources: PackageSources, interpreter: str,
-                 install_timeout_s: float) -> None:
+                 install_timeout_s: float, helper_start_s: float = HELPER_START_S) -> None:
         self.root = root
+        self.helper_start_s = helper_start_s
         self.sources = sources
         self.interpreter = interpreter
         self.install_timeout_s = install_timeout_s
@@ -176,7 +177,7 @@ class Environments:
             [sys.executable, "-I", env_install.__file__], stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True, env=env)
         try:
-            out, _ = proc.communicate(request.encode(), timeout=wait_s + HELPER_START_S)
+            out, _ = proc.communicate(request.encode(), timeout=wait_s + self.helper_start_s)
         except subprocess.TimeoutExpired:
             raise PluginExecutionError.of(
                 ErrorType.TIMEOUT, "the plugin's environment is still being installed (longer"

@@ -235,3 +235,52 @@ def _readlink(path: str) -> str:
         return os.readlink(path)
     except OSError:
         return ""
+
+
+def test_a_job_that_stops_waiting_leaves_the_install_to_land(envs: Envs, tmp_path: Path) -> None:
+    """An install that outlasts the job's wait (here: another holder of the lock) fails
+    that job with `timeout` (phase environment) without touching the install, which lands
+    once it can; the next lookup finds it without installing again."""
+    import fcntl
+
+    from pluginpool.pool.sandbox.environments import Environments, PackageSources
+    from pluginpool.tasks.spec import PluginSpec
+
+    environments = Environments(tmp_path, sources=PackageSources("none", (str(envs.wheels),)),
+                                interpreter=sys.executable, install_timeout_s=60,
+                                helper_start_s=0.5)
+    spec = PluginSpec.model_validate({"id": "slow", "name": "slow", "entrypoint": "m:f",
+                                      "requires": {"packages": ["ppdemo_dep==2.0"]}})
+    (tmp_path / "envs").mkdir(mode=0o700)
+    tmp_path.chmod(0o700)
+    lock = os.open(tmp_path / "envs" / f"{_key(environments, spec)}.lock",
+                   os.O_RDWR | os.O_CREAT)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    with pytest.raises(PluginExecutionError) as info:
+        environments.site_for(spec, wait_s=0.5)
+    assert info.value.type is ErrorType.TIMEOUT
+    assert info.value.details["phase"] == "environment"
+    os.close(lock)
+    site = env_install.site_of(str(tmp_path / "envs"), _key(environments, spec))
+    assert wait_until(lambda: os.path.isdir(site), timeout_s=30)
+    assert environments.site_for(spec, wait_s=5) == site
+    assert len((tmp_path / "envs" / env_install.INSTALL_LOG).read_text().splitlines()) == 1
+
+
+def test_without_uv_pip_installs_the_environment(envs: Envs, tmp_path: Path) -> None:
+    """The fallback installer (`python -m pip install --target`) gives the same layout."""
+    request = InstallRequest(
+        envs_dir=str(tmp_path / "envs"), key="pip", requirements=["ppdemo-dep==2.0"],
+        interpreter=sys.executable, timeout_s=60, index_url="none",
+        find_links=[str(envs.wheels)], uv=None, cache_dir=str(tmp_path))
+    result = env_install.install(request)
+    assert result.ok and result.installed and result.installer == "pip"
+    assert result.site is not None
+    assert (Path(result.site) / "ppdemo_dep" / "__init__.py").read_text() == "VERSION = '2.0'\n"
+
+
+def _key(environments: Any, spec: Any) -> str:
+    from pluginpool.pool.sandbox.environments import environment_key
+
+    return environment_key(spec, sources=environments.sources,
+                           interpreter=environments.interpreter)
