@@ -66,6 +66,7 @@ bench: install
 	$(BIN)/python -m bench.dead_worker
 	$(BIN)/python -m bench.registry_scale
 	PLUGINPOOL_REDIS_URL=$$($(BIN)/pluginpool ensure-redis) $(BIN)/python -m bench.fleet
+	PLUGINPOOL_REDIS_URL=$$($(BIN)/pluginpool ensure-redis) $(BIN)/python -m bench.environments
 	PLUGINPOOL_REDIS_URL=$$($(BIN)/pluginpool ensure-redis) $(BIN)/python -m bench.latency
 
 clean:
