@@ -35,8 +35,9 @@ from pluginpool.tasks.spec import PluginSpec
 
 INTERPRETER_QUERY = ("import sys, sysconfig; print(sys.implementation.cache_tag,"
                      " sys.version.split()[0], sysconfig.get_platform())")
-HELPER_START_S = 10.0
-"""Beyond the wait for the install: the helper's own start and its answer."""
+HELPER_START_S = 1.0
+"""Beyond the wait for the install: the helper's own start and its answer (the whole wait
+stays inside Celery's soft limit, setup + run + 2 s)."""
 
 
 def normalized_requirements(requirements: list[str]) -> list[str]:

@@ -1,7 +1,8 @@
 """The sandboxed runner: every run is a fresh process forked from a warm sandbox.
 
-Path of one run: check `requires` here (metadata only, no plugin code) → take the warm
-sandbox of (plugin, revision, instance), or start one (a fresh interpreter that locks
+Path of one run: check `requires.plugins` here (no plugin code) → take the warm sandbox of
+(plugin, revision, instance), or start one (a fresh interpreter, with the revision's own
+environment on its path when it has `requires.packages` (environments.py), that locks
 itself down, imports the plugin and runs its setup, supervised like a run) → a workspace
 inside the sandbox's home → socketpair → the zygote forks the run, which narrows its
 limits further and runs the operation → the supervisor watches it (supervisor.py) → the
