@@ -34,6 +34,17 @@ def _self_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def _self_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def _zygote_faults(pid: int) -> tuple[int, int]:
+    """(the zygote's own minor faults, those of its reaped children: the runs)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return int(fields[7]), int(fields[8])
+
+
 def _tree_cpu(proc: psutil.Process) -> float:
     times = proc.cpu_times()
     return times.user + times.system + times.children_user + times.children_system
@@ -61,6 +72,7 @@ def measure(code_path: Path, runs: int) -> dict[str, Any]:
     plugin_ms: list[float] = []
     try:
         before_self, before_zygote = _self_cpu(), _tree_cpu(zygote)
+        faults_self, (faults_zygote, faults_runs) = _self_faults(), _zygote_faults(sandbox.pid)
         first = zygote.cpu_times()
         before_own = first.user + first.system
         started = time.perf_counter()
@@ -84,6 +96,11 @@ def measure(code_path: Path, runs: int) -> dict[str, Any]:
             ours.close()
             shutil.rmtree(workspace, ignore_errors=True)
         wall_s = time.perf_counter() - started
+        after_zygote, after_runs = _zygote_faults(sandbox.pid)
+        faults = {"pool_child_side": round((_self_faults() - faults_self) / runs, 1),
+                  "zygote": round((after_zygote - faults_zygote) / runs, 1),
+                  "run_process": round((after_runs - faults_runs) / runs, 1)}
+        faults["total"] = round(sum(faults.values()), 1)
         pool_side = (_self_cpu() - before_self) * 1000 / runs
         sandbox_side = (_tree_cpu(zygote) - before_zygote) * 1000 / runs
         own = zygote.cpu_times()
@@ -105,9 +122,18 @@ def measure(code_path: Path, runs: int) -> dict[str, Any]:
             "plugin_code_as_reported": round(plugin, 3),
             "sandbox_cost": round(pool_side + sandbox_side - plugin, 3),
         },
+        "minor_faults_per_run": faults,
         "zygote_rss_mb": round(rss.rss / MB, 2),
         "zygote_uss_mb": round(rss.uss / MB, 2),
     }
+
+
+def main() -> None:
+    """`python -m bench.sandbox_cost [runs]`: the per-run figures alone, printed."""
+    import json
+    import sys
+    runs = int(sys.argv[1]) if len(sys.argv) > 1 else 500
+    print(json.dumps(measure(Path(__file__).resolve().parent, runs), indent=2))
 
 
 def zygotes_under(warm_root: str) -> list[psutil.Process]:
@@ -159,3 +185,7 @@ def fleet_memory(worker_pid: int, warm_root: str) -> dict[str, Any]:
         "worker_with_zygotes_rss_mb": round(sum(w[0] for w in worker + zygotes), 1),
         "worker_with_zygotes_uss_mb": round(sum(w[1] for w in worker + zygotes), 1),
     }
+
+
+if __name__ == "__main__":
+    main()

@@ -1,11 +1,14 @@
 """The pool child's side of a setup or a run: wall clock, memory, storage, CPU share.
 
 It blocks on the sandbox's channel between samples, so a fast run costs no sampling at all;
-every `SAMPLE_S` it measures the process tree (psutil) and the workspace, and it
-duty-cycles the process group with SIGSTOP/SIGCONT when the CPU share is below 100 %
-(no writable cgroup v2 here). The process it watches is not its child (a run is the
-zygote's child, a zygote is detached), so its exit and the kernel's accounting come
-through a Reaper.
+every `SAMPLE_S` it measures the process tree and the workspace from /proc (a few reads:
+the run's threads' children lists and each process's statm; no psutil, which lists every
+process on the host to find a tree), and it duty-cycles the process group with
+SIGSTOP/SIGCONT when the CPU share is below 100 % (a cgroup would need a writable cgroup
+tree, which an unprivileged worker does not have). Each wake-up costs the pool child
+CPU on top of the plugin's share: bench/supervision.py measures it. The process it
+watches is not its child (a run is the zygote's child, a zygote is detached), so its exit
+and the kernel's accounting come through a Reaper.
 """
 
 from __future__ import annotations
@@ -18,8 +21,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
-
-import psutil
 
 from pluginpool.pool.sandbox.runtime import channel
 from pluginpool.pool.sandbox.runtime.messages import (
@@ -38,6 +39,9 @@ SAMPLE_S = 0.05
 DEFAULT_LOG_BYTES = 65_536
 THROTTLE_PERIOD_S = 0.1
 MB = 1024 * 1024
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+MAX_TREE = 4096
+"""A bound on the processes one sample walks (a fork bomb is killed by the pids it shows)."""
 
 StorageHandler = Callable[[dict[str, Any]], dict[str, Any]]
 
@@ -94,6 +98,48 @@ class Supervision:
     """The run's stdout, stderr and ctx.logger, kept to their last max_log_bytes."""
 
 
+def throttle_mechanism() -> str:
+    """How a CPU share below 100 % is enforced (reported by bench/supervision.py)."""
+    return f"SIGSTOP/SIGCONT duty cycle, {THROTTLE_PERIOD_S * 1000:.0f} ms period"
+
+
+def _read(path: str) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.read(fd, 65_536)
+    finally:
+        os.close(fd)
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants, from each thread's `children` list in /proc (the kernel
+    keeps them: no scan of every process). Empty when `pid` is gone."""
+    tree: list[int] = []
+    stack = [pid]
+    while stack and len(tree) < MAX_TREE:
+        current = stack.pop()
+        try:
+            tasks = os.listdir(f"/proc/{current}/task")
+        except OSError:
+            continue
+        tree.append(current)
+        for task in tasks:
+            try:
+                stack.extend(int(child) for child in
+                             _read(f"/proc/{current}/task/{task}/children").split())
+            except OSError:
+                continue
+    return tree
+
+
+def resident_bytes(pid: int) -> int:
+    """Resident memory of one process (0 when it is gone)."""
+    try:
+        return int(_read(f"/proc/{pid}/statm").split()[1]) * PAGE_SIZE
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
 def directory_bytes(path: str) -> int:
     total = 0
     stack = [path]
@@ -141,22 +187,18 @@ class Supervisor:
         self.kill_after = kill_after
         self.clock = clock
         self.out = Supervision(logs=LogTail(max_log_bytes))
-        self._processes: dict[int, psutil.Process] = {}
         self._stopped = False
 
     # -- limits ---------------------------------------------------------------------------
 
     def _sample(self) -> None:
-        try:
-            root = self._processes.setdefault(self.pid, psutil.Process(self.pid))
-            tree = [root, *root.children(recursive=True)]
-        except psutil.Error:
+        tree = process_tree(self.pid)
+        if not tree:
             return
         rss = 0
-        for proc in tree:
-            self.out.descendants.add(proc.pid)
-            with contextlib.suppress(psutil.Error):
-                rss += proc.memory_info().rss
+        for pid in tree:
+            self.out.descendants.add(pid)
+            rss += resident_bytes(pid)
         used = max(rss - self.baseline_rss, 0)
         self.out.peak_memory_bytes = max(self.out.peak_memory_bytes, used)
         if used > self.bounds.max_memory_bytes:

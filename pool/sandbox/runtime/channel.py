@@ -16,6 +16,7 @@ from typing import Any
 from .messages import Message, decode, encode
 
 HEADER = struct.Struct(">I")
+_pack = HEADER.pack
 
 
 class ChannelClosed(EOFError):
@@ -32,8 +33,12 @@ class FrameTooLarge(ValueError):
 def send(fd: int, message: dict[str, Any]) -> None:
     # json's functions are bound at import: a plugin that patches the json module in its
     # own process cannot change what the channel sends.
-    data = _dumps(message, allow_nan=False).encode()
-    view = memoryview(HEADER.pack(len(data)) + data)
+    send_frame(fd, _dumps(message, allow_nan=False).encode())
+
+
+def send_frame(fd: int, data: bytes) -> None:
+    """One frame whose JSON is already encoded (messages.py's *_frame helpers)."""
+    view = memoryview(_pack(len(data)) + data)
     while view:
         written = os.write(fd, view)
         view = view[written:]

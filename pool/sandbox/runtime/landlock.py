@@ -120,6 +120,12 @@ def build_ruleset(*, read_paths: Iterable[str] | None, write_paths: Iterable[str
 def enforce(ruleset_fd: int) -> None:
     """Restrict this process (and its future children) by the ruleset (irrevocable)."""
     _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
+    restrict(ruleset_fd)
+
+
+def restrict(ruleset_fd: int) -> None:
+    """enforce() in a process whose no_new_privs is already set (a run: its zygote set
+    it), one system call."""
     _check(_libc.syscall(SYS_RESTRICT_SELF, ruleset_fd, 0), "restrict_self")
 
 

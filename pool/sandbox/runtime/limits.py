@@ -50,14 +50,39 @@ def after_setup() -> None:
     resource.setrlimit(resource.RLIMIT_CPU, (hard, hard))
 
 
-def apply_run(*, vms_bytes: int, max_memory_mb: int, max_storage_kb: int,
-              cpu_backstop_s: int) -> dict[str, int]:
-    """One run's limits, in its own process, before plugin code runs again (`vms_bytes`:
-    the zygote's size at the fork; /proc is not readable in the run)."""
-    address_space = vms_bytes + (max_memory_mb + ADDRESS_SPACE_HEADROOM_MB) * MB
-    _set(resource.RLIMIT_AS, address_space)
-    resource.setrlimit(resource.RLIMIT_CPU, (cpu_backstop_s, cpu_backstop_s + 1))
-    _set(resource.RLIMIT_FSIZE, max_storage_kb * 1024 + 1)
-    _set(resource.RLIMIT_NOFILE, MAX_OPEN_FILES)
-    return {"as_bytes": resource.getrlimit(resource.RLIMIT_AS)[1], "cpu_s": cpu_backstop_s,
-            "fsize_bytes": max_storage_kb * 1024 + 1, "nofile": MAX_OPEN_FILES}
+RunLimits = tuple[tuple[int, tuple[int, int]], ...]
+
+
+def _lowered(which: int, value: int) -> tuple[int, int]:
+    """(soft, hard) = `value`, never above the current hard limit."""
+    _soft, hard = resource.getrlimit(which)
+    if hard != resource.RLIM_INFINITY:
+        value = min(value, hard)
+    return value, value
+
+
+def plan_run(*, vms_bytes: int, max_memory_mb: int, max_storage_kb: int,
+             cpu_backstop_s: int) -> tuple[RunLimits, dict[str, int]]:
+    """One run's limits, worked out in the zygote before the fork (its hard limits are the
+    run's): what apply_run sets, and what the run reports (`vms_bytes`: the zygote's size
+    at the fork)."""
+    address_space = _lowered(
+        resource.RLIMIT_AS, vms_bytes + (max_memory_mb + ADDRESS_SPACE_HEADROOM_MB) * MB)
+    fsize = _lowered(resource.RLIMIT_FSIZE, max_storage_kb * 1024 + 1)
+    plan: RunLimits = (
+        (resource.RLIMIT_AS, address_space),
+        (resource.RLIMIT_CPU, (cpu_backstop_s, cpu_backstop_s + 1)),
+        (resource.RLIMIT_FSIZE, fsize),
+        (resource.RLIMIT_NOFILE, _lowered(resource.RLIMIT_NOFILE, MAX_OPEN_FILES)))
+    return plan, {"as_bytes": address_space[1], "cpu_s": cpu_backstop_s,
+                  "fsize_bytes": max_storage_kb * 1024 + 1, "nofile": MAX_OPEN_FILES}
+
+
+def apply_run(plan: RunLimits) -> None:
+    """In the run's own process, before plugin code runs again: irrevocable, and lower
+    than its zygote's."""
+    for which, soft_hard in plan:
+        _setrlimit(which, soft_hard)
+
+
+_setrlimit = resource.setrlimit

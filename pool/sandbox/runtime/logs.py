@@ -70,13 +70,24 @@ class ChannelStream(io.TextIOBase):
 
 
 _outbox: list[Outbox] = []
+"""The run's outbox, once captured (empty in the zygote: its own writes go nowhere)."""
+_prepared: list[tuple[Outbox, ChannelStream, ChannelStream]] = []
 
 
-def capture(fd: int) -> None:
+def prepare(fd: int) -> None:
+    """In the zygote, once: the run's outbox and streams, built before any fork so a run
+    only installs them (objects built in the run are pages copied in the run)."""
+    outbox = Outbox(fd)
+    _prepared[:] = [(outbox, ChannelStream(outbox, "stdout"), ChannelStream(outbox, "stderr"))]
+
+
+def capture() -> None:
     """In the run, before plugin code: sys.stdout and sys.stderr become the channel."""
-    _outbox[:] = [Outbox(fd)]
-    sys.stdout = ChannelStream(_outbox[0], "stdout")
-    sys.stderr = ChannelStream(_outbox[0], "stderr")
+    outbox, stdout, stderr = _prepared[0]
+    outbox._flushed_at = time.monotonic()
+    _outbox[:] = [outbox]
+    sys.stdout = stdout
+    sys.stderr = stderr
 
 
 def flush_all() -> None:

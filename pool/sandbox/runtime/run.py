@@ -19,7 +19,17 @@ from . import channel, landlock, limits, logs, seccomp
 from .audit import AuditPolicy
 from .classify import error_of
 from .context import ChannelStorage, SandboxContext
-from .messages import RESOURCE, RUNTIME, Result, RunError, Spawn, Started, ZygoteConfig
+from .messages import (
+    RESOURCE,
+    RUNTIME,
+    Result,
+    RunError,
+    Spawn,
+    ZygoteConfig,
+    result_frame,
+    started_frame,
+    started_prefix,
+)
 from .plugin import LoadedPlugin
 
 CHANNEL_FD = 3
@@ -28,26 +38,34 @@ not keep), so the seccomp filter that protects it can be compiled once."""
 PR_SET_PDEATHSIG = 1
 RESET_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2,
                  signal.SIGALRM, signal.SIGCHLD)
+"""Reset to their defaults once, in the set-up zygote (runs inherit them): a run starts
+with default signal dispositions whatever the setup installed."""
 _libc = ctypes.CDLL(None, use_errno=True)
 _prctl = _libc.prctl
 _prctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
                    ctypes.c_ulong)
 _getrusage = resource.getrusage
+_RUSAGE_SELF = resource.RUSAGE_SELF
 _perf = time.perf_counter
 
 
 def _cpu_s() -> float:
-    usage = _getrusage(resource.RUSAGE_SELF)
+    usage = _getrusage(_RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
 
 
+def reset_signals() -> None:
+    """In the zygote after the setup: every run starts from default dispositions."""
+    for signum in RESET_SIGNALS:
+        if signal.getsignal(signum) is not signal.SIG_DFL:
+            signal.signal(signum, signal.SIG_DFL)
+
+
 def _isolate(run_fd: int, prepared: Prepared) -> None:
-    """Own session, dies with its zygote, default signals, only its channel open (its
-    working directory and environment were set by the zygote before the fork)."""
+    """Own session, dies with its zygote, only its channel open (its working directory,
+    environment and signal dispositions were set by the zygote before the fork)."""
     os.setsid()
     _prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    for signum in prepared.reset_signals:
-        signal.signal(signum, signal.SIG_DFL)
     os.dup2(run_fd, CHANNEL_FD, inheritable=False)
     # /proc is not readable here (Landlock); the zygote's RLIMIT_NOFILE bounds the fds.
     os.closerange(CHANNEL_FD + 1, prepared.max_fds)
@@ -58,11 +76,11 @@ class Prepared:
     """What the zygote builds for a run before forking it, so that the run (whose every
     touched page is a copy) only applies it."""
 
-    vms_bytes: int
     ruleset_fd: int | None
-    landlock: dict[str, object] | None
     seccomp: seccomp.Prepared | None
-    reset_signals: tuple[int, ...]
+    rlimits: limits.RunLimits
+    started: bytes
+    """The Started frame up to its CPU figure (messages.started_prefix)."""
     max_fds: int
     ctx: SandboxContext
 
@@ -70,21 +88,29 @@ class Prepared:
 def prepare(config: ZygoteConfig, spawn: Spawn, run_filter: seccomp.Prepared | None,
             vms_bytes: int, policy: AuditPolicy) -> Prepared:
     """In the zygote: the run's Landlock layer (writes only in its workspace, no signals to
-    the zygote), built but not enforced; the signals to reset; the run's working directory
-    and environment (inherited across the fork); its ctx and audit policy."""
+    the zygote), built but not enforced; its rlimits and the layers it reports; the run's
+    working directory and environment (inherited across the fork); its ctx and audit
+    policy."""
     os.chdir(spawn.workspace)
     os.environ["HOME"] = os.environ["TMPDIR"] = spawn.workspace
     tempfile = sys.modules.get("tempfile")  # not imported here: it seeds random at each fork
     if tempfile is not None:
         tempfile.tempdir = spawn.workspace  # type: ignore[attr-defined]
-    reset = tuple(signum for signum in RESET_SIGNALS
-                  if signal.getsignal(signum) is not signal.SIG_DFL)
     fd: int | None = None
     info: dict[str, object] | None = None
     if config.landlock_abi:
         fd, info = landlock.build_ruleset(
             read_paths=None, write_paths=(spawn.workspace, os.devnull),
             tcp_ports=landlock_ports(config.network_hosts), abi=config.landlock_abi)
+    rlimits, rlimit_layer = limits.plan_run(
+        vms_bytes=vms_bytes, max_memory_mb=spawn.max_memory_mb,
+        max_storage_kb=spawn.max_storage_kb, cpu_backstop_s=spawn.cpu_backstop_s)
+    layers: dict[str, Any] = {
+        "process": "fork", "zygote": True, "rlimits": rlimit_layer,
+        "landlock": info or False,
+        "seccomp": {"processes": not config.allow_processes,
+                    "network": not config.network_hosts} if run_filter is not None else False,
+        "audit_hook": True}
     policy.narrow(workspace=spawn.workspace)
     policy.allow_processes = config.allow_processes
     ctx = SandboxContext(
@@ -92,26 +118,9 @@ def prepare(config: ZygoteConfig, spawn: Spawn, run_filter: seccomp.Prepared | N
         attempt=spawn.attempt, operation=spawn.operation, limits=config.limits,
         permissions=config.permissions, initial_data=config.initial_data,
         workspace=spawn.workspace, storage=ChannelStorage(CHANNEL_FD, policy))
-    return Prepared(vms_bytes=vms_bytes, ruleset_fd=fd, landlock=info, seccomp=run_filter,
-                    reset_signals=reset,
+    return Prepared(ruleset_fd=fd, seccomp=run_filter, rlimits=rlimits,
+                    started=started_prefix(layers),
                     max_fds=resource.getrlimit(resource.RLIMIT_NOFILE)[1], ctx=ctx)
-
-
-def _lock_down(config: ZygoteConfig, spawn: Spawn, prepared: Prepared) -> dict[str, Any]:
-    """The run's own layer on top of the zygote's: its workspace, no forking unless
-    allowed, its CPU backstop and memory."""
-    layers: dict[str, Any] = {"process": "fork", "zygote": True, "rlimits": limits.apply_run(
-        vms_bytes=prepared.vms_bytes, max_memory_mb=spawn.max_memory_mb,
-        max_storage_kb=spawn.max_storage_kb, cpu_backstop_s=spawn.cpu_backstop_s)}
-    layers["landlock"] = prepared.landlock or False
-    if prepared.seccomp is not None:
-        prepared.seccomp.load()
-        layers["seccomp"] = {"processes": not config.allow_processes,
-                             "network": not config.network_hosts}
-    else:
-        layers["seccomp"] = False
-    layers["audit_hook"] = True
-    return layers
 
 
 def landlock_ports(entries: list[str]) -> list[int] | None:
@@ -123,31 +132,36 @@ def landlock_ports(entries: list[str]) -> list[int] | None:
     return sorted({port for ports in hosts.values() if ports for port in ports})
 
 
-def _check_result(value: Any, max_bytes: int) -> RunError | None:
+def _encoded(value: Any, max_bytes: int) -> bytes | RunError:
+    """The value as JSON, encoded once, or why it cannot be the result."""
     try:
-        size = len(_dumps(value, allow_nan=False).encode())
+        data = _dumps(value, allow_nan=False).encode()
     except (TypeError, ValueError) as exc:
         return RunError(RUNTIME, f"result is not JSON-serialisable: {exc}",
                         {"result_type": type(value).__name__})
-    if size > max_bytes:
+    if len(data) > max_bytes:
         return RunError(RESOURCE, "result is larger than the result limit",
                         {"limit": "max_result_bytes", "limit_value": max_bytes,
-                         "observed": size})
-    return None
+                         "observed": len(data)})
+    return data
 
 
 def run_child(config: ZygoteConfig, spawn: Spawn, run_fd: int, plugin: LoadedPlugin,
               policy: AuditPolicy, prepared: Prepared) -> NoReturn:
-    """Narrow, call the operation, send one Result frame, exit."""
-    result: Result
+    """Narrow, call the operation, send one Result frame, exit (no interpreter teardown)."""
+    failed: Result | None = None
+    value_json = b"null"
     spent = (0.0, 0.0)
     try:
         if prepared.ruleset_fd is not None:
-            landlock.enforce(prepared.ruleset_fd)  # _isolate closes its descriptor
+            # no_new_privs is already set: the zygote set it after its setup.
+            landlock.restrict(prepared.ruleset_fd)  # _isolate closes its descriptor
         _isolate(run_fd, prepared)
-        layers = _lock_down(config, spawn, prepared)
-        channel.send_message(CHANNEL_FD, Started(layers=layers, cpu_s=_cpu_s()))
-        logs.capture(CHANNEL_FD)
+        limits.apply_run(prepared.rlimits)
+        if prepared.seccomp is not None:
+            prepared.seccomp.load(no_new_privs_set=True)
+        channel.send_frame(CHANNEL_FD, started_frame(prepared.started, _cpu_s()))
+        logs.capture()
         operation = plugin.operations[spawn.operation]
         policy.enforcing = True
         op_cpu, op_started = _cpu_s(), _perf()
@@ -158,19 +172,26 @@ def run_child(config: ZygoteConfig, spawn: Spawn, run_fd: int, plugin: LoadedPlu
         policy.enforcing = False
         if policy.violations:
             raise PermissionError("the run attempted what its permissions forbid")
-        problem = _check_result(value, config.max_result_bytes)
-        result = (Result(ok=True, value=value) if problem is None
-                  else Result(ok=False, error=problem))
+        encoded = _encoded(value, config.max_result_bytes)
+        if isinstance(encoded, RunError):
+            failed = Result(ok=False, error=encoded)
+        else:
+            value_json = encoded
     except BaseException as exc:  # everything the plugin raises ends as a typed error
         policy.enforcing = False
-        result = Result(ok=False, error=error_of(
+        failed = Result(ok=False, error=error_of(
             exc, policy=policy, max_memory_mb=spawn.max_memory_mb,
             max_storage_kb=spawn.max_storage_kb, timeout_ms=int(config.limits["timeout_ms"])))
     logs.flush_all()
-    result.network_requests = policy.network_requests
-    result.cpu_s, result.wall_s = spent
     try:
-        channel.send_message(CHANNEL_FD, result)
+        if failed is None:
+            channel.send_frame(CHANNEL_FD, result_frame(
+                value_json, network_requests=policy.network_requests, cpu_s=spent[0],
+                wall_s=spent[1]))
+        else:
+            failed.network_requests = policy.network_requests
+            failed.cpu_s, failed.wall_s = spent
+            channel.send_message(CHANNEL_FD, failed)
     except BaseException:  # the channel is gone or the value cannot be sent: just exit
         os._exit(3)
     os._exit(0)

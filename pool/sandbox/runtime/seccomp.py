@@ -28,13 +28,22 @@ class Prepared:
         self.buffer = ctypes.create_string_buffer(program, len(program))
         self.prog = _SockFprog(len(program) // BPF_INSTRUCTION_BYTES,
                                ctypes.addressof(self.buffer))
+        self.pointer = ctypes.pointer(self.prog)
 
-    def load(self) -> None:
-        """Install the filter on this process (irrevocable)."""
-        if _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 or _libc.prctl(
-                PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(self.prog), 0, 0) != 0:
+    def load(self, *, no_new_privs_set: bool = False) -> None:
+        """Install the filter on this process (irrevocable); one call fewer where
+        no_new_privs is already set (a run: its zygote set it)."""
+        if (not no_new_privs_set and _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0) or \
+                _libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, self.pointer, 0, 0) != 0:
             err = ctypes.get_errno()
             raise OSError(err, f"seccomp: {os.strerror(err)}")
+
+
+def set_no_new_privs() -> None:
+    """No privilege gain through exec, for this process and its children (irrevocable)."""
+    if _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"no_new_privs: {os.strerror(err)}")
 
 
 def load(program: bytes) -> None:

@@ -21,7 +21,7 @@ import sys
 import time
 from typing import Any, NoReturn
 
-from . import channel, landlock, limits, seccomp
+from . import channel, landlock, limits, logs, seccomp
 from .audit import AuditPolicy, install, parse_hosts
 from .classify import error_of
 from .context import ChannelStorage, SandboxContext
@@ -29,17 +29,17 @@ from .messages import (
     RUNTIME,
     Close,
     Closed,
-    Exited,
-    Forked,
     Hello,
     Ready,
     RunError,
     SetupFailed,
     Spawn,
     ZygoteConfig,
+    exited_frame,
+    forked_frame,
 )
 from .plugin import LoadedPlugin, LoadError, import_target
-from .run import landlock_ports, prepare, run_child
+from .run import CHANNEL_FD, landlock_ports, prepare, reset_signals, run_child
 
 CONTROL_FD = 3
 CONFIG_MAX_BYTES = 64 << 20
@@ -160,7 +160,7 @@ def _serve_run(config: ZygoteConfig, spawn: Spawn, plugin: LoadedPlugin,
     os.close(run_fd)
     if prepared.ruleset_fd is not None:
         os.close(prepared.ruleset_fd)
-    channel.send_message(CONTROL_FD, Forked(pid=pid, zygote_rss_bytes=rss))
+    channel.send_frame(CONTROL_FD, forked_frame(pid, rss))
     pidfd = os.pidfd_open(pid)
     poller = select.poll()
     poller.register(pidfd, select.POLLIN)
@@ -181,9 +181,8 @@ def _serve_run(config: ZygoteConfig, spawn: Spawn, plugin: LoadedPlugin,
     _pid, status, usage = os.wait4(pid, 0)
     _kill_leftovers()
     if alive:
-        channel.send_message(CONTROL_FD, Exited(
-            pid=pid, status=status, cpu_s=usage.ru_utime + usage.ru_stime,
-            maxrss_kb=usage.ru_maxrss))
+        channel.send_frame(CONTROL_FD, exited_frame(
+            pid, status, usage.ru_utime + usage.ru_stime, usage.ru_maxrss))
     return alive
 
 
@@ -247,6 +246,12 @@ def main() -> NoReturn:
         channel.send_message(CONTROL_FD, SetupFailed(error=error))
         os._exit(0)
     limits.after_setup()
+    # Done once here rather than in every run (each run inherits them): default signal
+    # dispositions, no privilege gain (the runs' Landlock and seccomp layers need it),
+    # the run's log streams.
+    reset_signals()
+    seccomp.set_no_new_privs()
+    logs.prepare(CHANNEL_FD)
     program = config.run_seccomp_b64
     run_filter = seccomp.Prepared(base64.b64decode(program)) if program is not None else None
     # A socket object over a duplicate of the control descriptor, for passing descriptors.
