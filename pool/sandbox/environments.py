@@ -154,6 +154,13 @@ class Environments:
                 ErrorType.DEPENDENCY, str(exc), plugin_id=spec.id, environment=key,
                 install_error="cache") from None
         site = env_install.site_of(str(self.envs_dir), key)
+        direct = [r for r in spec.requires.packages if Requirement(r).url]
+        if direct:  # `name @ URL` would bypass the deployment's package sources
+            raise PluginExecutionError.of(
+                ErrorType.DEPENDENCY, "requires.packages may not name URLs (`name @ URL`):"
+                " packages come from the deployment's index and find-links only",
+                plugin_id=spec.id, environment=key, install_error="direct_reference",
+                unmet_packages=[{"requirement": r, "installed": "none"} for r in direct])
         if not os.path.isdir(site):
             result = self._install(spec, key, wait_s=wait_s)
             site = result.site or site

@@ -284,3 +284,21 @@ def _key(environments: Any, spec: Any) -> str:
 
     return environment_key(spec, sources=environments.sources,
                            interpreter=environments.interpreter)
+
+
+def test_a_requirement_naming_a_url_is_refused(tmp_path: Path) -> None:
+    """`name @ URL` would fetch from anywhere, past the deployment's package sources (an
+    offline deployment included): refused before any install, a `dependency` error."""
+    from pluginpool.pool.sandbox.environments import Environments, PackageSources
+    from pluginpool.tasks.spec import PluginSpec
+
+    environments = Environments(tmp_path / "cache", sources=PackageSources("none", ()),
+                                interpreter=sys.executable, install_timeout_s=60)
+    spec = PluginSpec.model_validate({
+        "id": "url", "name": "url", "entrypoint": "m:f", "requires": {"packages": [
+            "ppdemo_dep @ https://example.invalid/ppdemo_dep-1.0-py3-none-any.whl"]}})
+    with pytest.raises(PluginExecutionError) as info:
+        environments.site_for(spec, wait_s=5)
+    assert info.value.type is ErrorType.DEPENDENCY
+    assert info.value.details["install_error"] == "direct_reference"
+    assert not (tmp_path / "cache" / "envs").exists()
