@@ -130,14 +130,18 @@ def script_names() -> dict[str, str]:
     """SHA → script, for every Lua script pluginpool sends by EVALSHA."""
     from pluginpool.policy.breaker import LUA_SOURCE as BREAKER
     from pluginpool.tasks import delivery_record as d
+    from pluginpool.tasks.job_start import SHA as JOB_START
     from pluginpool.tasks.job_status import LUA_SOURCE as JOB_STATUS
     names = {hashlib.sha1(BREAKER.encode()).hexdigest(): "breaker.lua (acquire/record)",
-             hashlib.sha1(JOB_STATUS.encode()).hexdigest(): "job_status.lua"}
+             hashlib.sha1(JOB_STATUS.encode()).hexdigest(): "job_status.lua",
+             JOB_START: "job_start.lua (pre-run check + started)"}
     baseline = os.environ.get("BENCH_BASELINE_CODE")
     if baseline:
         policy = Path(baseline) / "pluginpool" / "policy"
         source = "\n".join((policy / n).read_text() for n in ("outcome.lua", "breaker.lua"))
         names[hashlib.sha1(source.encode()).hexdigest()] = "breaker.lua (baseline)"
+        old_status = (Path(baseline) / "pluginpool" / "tasks" / "job_status.lua").read_text()
+        names[hashlib.sha1(old_status.encode()).hexdigest()] = "job_status.lua (baseline)"
     for name in ("CLAIM", "ACK", "DEAD_LETTER", "RESCUE", "PUBLISH", "INDEX"):
         script = getattr(d, name)
         names[script.sha] = f"{name.lower()}.lua (transport)"
@@ -354,12 +358,16 @@ def main() -> None:
                         help="jobs of the MONITOR round per system (0: none)")
     parser.add_argument("--profile", type=Path, help="write profiles here instead")
     parser.add_argument("--name", default="overhead", help="results file name")
+    parser.add_argument("--systems", help="comma-separated subset of the systems (a quick "
+                        "look while developing; ratios need all three)")
     parser.add_argument("--produce", help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
     parser.add_argument("--profile-to", help=argparse.SUPPRESS)
     args = parser.parse_args()
     systems = SYSTEMS + (("pluginpool_baseline",) if os.environ.get("BENCH_BASELINE_CODE")
                          else ())
+    if args.systems:
+        systems = tuple(name for name in systems if name in args.systems.split(","))
     if args.produce:
         produce(args.produce, args.jobs, args.url, args.profile_to)
         return
@@ -394,6 +402,9 @@ def main() -> None:
     finally:
         server.stop()
     figures = {system: summarise(rs) for system, rs in rounds.items()}
+    if not set(SYSTEMS) <= set(figures):
+        print(json.dumps({"systems": figures, "by_process": by_process}, indent=1))
+        return
     pp, plain, reliable = (figures[s] for s in ("pluginpool", "plain_celery",
                                                 "plain_celery_reliable"))
     write_result(args.name, {

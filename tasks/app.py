@@ -9,6 +9,7 @@ from celery import Celery
 
 from pluginpool.tasks.delivery_record import DELIVERY_OPTION, DeliveryConfig
 from pluginpool.tasks.reliable_fetch import IDLE_WAIT_OPTION
+from pluginpool.tasks.result_store import backend_url
 from pluginpool.tasks.routing import route_plugin_task
 from pluginpool.tasks.settings import Settings
 from pluginpool.tasks.transport import SENTINEL_TRANSPORT_PATH, TRANSPORT_PATH
@@ -48,7 +49,7 @@ def create_app(settings: Settings, *, name: str = "pluginpool",
     transport class would hide.
     """
     app = Celery(name, broker=settings.effective_broker_url,
-                 backend=settings.effective_result_backend, set_as_current=False)
+                 backend=backend_url(settings.effective_result_backend), set_as_current=False)
     transport_options: dict[str, Any] = {"visibility_timeout": settings.visibility_timeout_s}
     if settings.redis_sentinel_master:
         transport_options["master_name"] = settings.redis_sentinel_master

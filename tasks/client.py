@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterable
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
@@ -47,10 +49,13 @@ from pluginpool.tasks.pause import pause_of
 from pluginpool.tasks.payload import nesting_depth
 from pluginpool.tasks.redis_conn import redis_client
 from pluginpool.tasks.registry import Registry, SpecCache, operator_name
+from pluginpool.tasks.result_store import same_database
 from pluginpool.tasks.routing import REVISION_HEADER, TRIAL_HEADER
 from pluginpool.tasks.settings import Settings
 from pluginpool.tasks.spec import PluginSpec
+from pluginpool.tasks.submit_step import SUBMIT_HEADER, SubmitStep
 from pluginpool.tasks.subscriptions import Handler, Subscriptions
+from pluginpool.tasks.transport import TRANSPORT_PATH
 
 MAX_FALLBACK_DEPTH = 3
 
@@ -163,8 +168,10 @@ class PluginClient(FleetOperations, Operations):
                operation: str = "run") -> Job | FallbackJob:
         """Enqueue one job and return at once. Bad input raises; nothing is enqueued then.
 
-        The plugin's breaker is consulted first (no round trip of its own while it is
-        closed: tasks/breaker_view.py). Refused: the plugin's
+        An operator's pause refuses it (PluginDisabledError). The plugin's breaker is
+        consulted (no round trip of its own while it is closed: tasks/breaker_view.py); the
+        pause check and the `queued` status travel in the publish (tasks/submit_step.py), so
+        a submit costs no round trip beyond Celery's own. Refused by the breaker: the plugin's
         fallback applies (a `FallbackJob` with a fixed value, or a `Job` of the fallback
         plugin, both with `is_fallback = True`); with no fallback, CircuitOpenError.
         `operation` names one of the manifest's `operations` (UnknownOperationError if not).
@@ -184,10 +191,9 @@ class PluginClient(FleetOperations, Operations):
             if instance.status == "failed":
                 raise InstanceFailedError(instance_id, instance.last_error)
         self._encode(plugin_id, payload)
-        with self._unavailable_as_error():
-            pause = pause_of(self.redis, self.settings.keys, plugin_id)
-        if pause is not None:  # an operator disabled or is draining it (tasks/operations.py)
-            raise PluginDisabledError(plugin_id, mode=pause.mode, by=pause.by)
+        in_publish = self._checks_in_publish
+        if not in_publish:
+            self._refuse_if_paused(plugin_id)
         try:
             # A closed breaker costs no round trip of its own (tasks/breaker_view.py).
             permit = self._breaker_view.admit(self.breakers, spec
@@ -196,6 +202,8 @@ class PluginClient(FleetOperations, Operations):
             raise BreakerUnavailableError(
                 f"breaker for {plugin_id!r} unreachable (fail mode closed): {exc}") from exc
         if not permit.allowed:
+            if in_publish:
+                self._refuse_if_paused(plugin_id)  # a pause is said first, as it always was
             refusal = CircuitOpenError.of(plugin_id, state=permit.state,
                                           retry_after_ms=permit.retry_after_ms)
             return self._fallback(spec, payload, refusal, depth=depth)
@@ -214,15 +222,38 @@ class PluginClient(FleetOperations, Operations):
             if operation != "run":
                 kwargs["operation"] = operation
             job_id = uuid()
-            # Before the publish, so `queued` is always the first change (tasks/job_status.py).
-            self.job_watcher.store.set(job_id, "queued", plugin_id=plugin_id,
-                                       instance_id=instance_id)
-            result = self.app.send_task(spec.task_name, kwargs=kwargs, task_id=job_id,
-                                        **options)
+            if in_publish:
+                # The pause check and `queued` ride on the publish (tasks/submit_step.py).
+                headers[SUBMIT_HEADER] = SubmitStep.for_job(
+                    self.settings.keys, plugin_id=plugin_id, job_id=job_id,
+                    instance_id=instance_id, ttl_s=self.settings.result_expires_s)
+            else:
+                # Before the publish, so `queued` is always the first change.
+                self.job_watcher.store.set(job_id, "queued", plugin_id=plugin_id,
+                                           instance_id=instance_id)
+            try:
+                result = self.app.send_task(spec.task_name, kwargs=kwargs, task_id=job_id,
+                                            **options)
+            except PluginDisabledError:  # refused by the publish: nothing was pushed
+                _stop_waiting(self.app, job_id)
+                raise
         isolation = spec.isolation
         return Job(result, plugin_id=plugin_id, instance_id=instance_id,
                    max_restarts=isolation.max_restarts if isolation.auto_restart else 0,
                    watcher=self.job_watcher)
+
+    @cached_property
+    def _checks_in_publish(self) -> bool:
+        """Whether the publish itself checks the pause and writes `queued`: pluginpool's
+        transport, with the broker's queues in pluginpool's Redis database."""
+        return (self.app.conf.broker_transport == TRANSPORT_PATH
+                and same_database(self.settings.effective_broker_url, self.settings.redis_url))
+
+    def _refuse_if_paused(self, plugin_id: str) -> None:
+        with self._unavailable_as_error():
+            pause = pause_of(self.redis, self.settings.keys, plugin_id)
+        if pause is not None:  # an operator disabled or is draining it (tasks/operations.py)
+            raise PluginDisabledError(plugin_id, mode=pause.mode, by=pause.by)
 
     def _fallback(self, spec: PluginSpec, payload: Any, refusal: CircuitOpenError, *,
                   depth: int) -> Job | FallbackJob:
@@ -325,6 +356,14 @@ class PluginClient(FleetOperations, Operations):
 
     def _unavailable_as_error(self) -> _UnavailableAsError:
         return _UnavailableAsError(self.settings.redis_url)
+
+
+def _stop_waiting(app: Celery, job_id: str) -> None:
+    """Drop the result subscription Celery took for a job that was never pushed."""
+    consumer = getattr(app.backend, "result_consumer", None)
+    if consumer is not None and hasattr(consumer, "cancel_for"):
+        with contextlib.suppress(redis.RedisError, OperationalError):  # lapses anyway
+            consumer.cancel_for(job_id)
 
 
 class _UnavailableAsError:

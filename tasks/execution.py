@@ -35,15 +35,17 @@ from pluginpool.policy.storage import InstanceStorage
 from pluginpool.tasks.context import PluginContext
 from pluginpool.tasks.gate import BreakerGate
 from pluginpool.tasks.instances import InstanceStore
-from pluginpool.tasks.job_guard import cancelled_error, check_before_run
+from pluginpool.tasks.job_guard import cancelled_error
 from pluginpool.tasks.job_request import parse_job
+from pluginpool.tasks.job_start import start_job
 from pluginpool.tasks.loader import PluginLoader, add_plugin_paths
-from pluginpool.tasks.recording import UsageEvents, record_restart, record_run
+from pluginpool.tasks.recording import UsageEvents, keep_run, record_restart, record_run
 from pluginpool.tasks.redis_conn import redis_client
 from pluginpool.tasks.registry import Registry, SpecCache
+from pluginpool.tasks.result_store import bind_result_store
 from pluginpool.tasks.routing import REVISION_HEADER, TRIAL_HEADER
 from pluginpool.tasks.runner import InProcessRunner, Runner
-from pluginpool.tasks.runs import after_run, without_logs
+from pluginpool.tasks.runs import without_logs
 from pluginpool.tasks.settings import Settings
 from pluginpool.tasks.spec import PluginSpec
 
@@ -104,6 +106,11 @@ def services_of(app: Celery) -> WorkerServices:
 def attach_services(app: Celery, services: WorkerServices) -> None:
     app.pluginpool_services = services  # type: ignore[attr-defined]
     worker_process_init.connect(_renew_redis_pool(services), weak=False)
+    settings = services.settings
+    # Final statuses and run logs ride on the MULTI that stores each result.
+    bind_result_store(app.backend, settings.keys, ttl_s=settings.result_expires_s,
+                      result_backend=settings.effective_result_backend,
+                      redis_url=settings.redis_url)
 
 
 def _renew_redis_pool(services: WorkerServices) -> Callable[..., None]:
@@ -159,13 +166,16 @@ def _run_plugin_job(task: PluginTask, args: tuple[Any, ...], kwargs: dict[str, A
     services = services_of(task.app)
     job_id = str(task.request.id)
     plugin_id = task.plugin_id
+    attempt = int(task.request.retries or 0) + 1
+    # Cancelled? Disabled? Else `started`: one round trip (tasks/job_start.py).
+    start_job(services.redis, services.settings.keys, plugin_id=plugin_id, job_id=job_id,
+              worker=task.request.hostname, attempt=attempt,
+              ttl_s=services.settings.result_expires_s)
     try:
         job = parse_job(args, kwargs, max_depth=services.settings.max_payload_depth)
     except InvalidJobError as exc:
         logger.warning("rejecting job %s on plugin %s: %s", job_id, plugin_id, exc)
         raise
-    check_before_run(services.redis, services.settings.keys, plugin_id=plugin_id,
-                     job_id=job_id)
     revision = _header(task, REVISION_HEADER)
     try:
         spec = services.specs.get(plugin_id, min_revision=int(revision or 0))
@@ -189,7 +199,6 @@ def _run_plugin_job(task: PluginTask, args: tuple[Any, ...], kwargs: dict[str, A
                 f"instance {job.instance_id} belongs to {instance.plugin_id}, not {plugin_id}")
         initial_data = instance.initial_data
     permit = _admit(services, spec, token=int(_header(task, TRIAL_HEADER) or 0), job_id=job_id)
-    attempt = int(task.request.retries or 0) + 1
     ctx = PluginContext(plugin_id=plugin_id, job_id=job_id, instance_id=job.instance_id,
                         attempt=attempt, limits=spec.resource_limits,
                         permissions=spec.permissions, initial_data=initial_data,
@@ -217,19 +226,16 @@ def _run_plugin_job(task: PluginTask, args: tuple[Any, ...], kwargs: dict[str, A
         if job.instance_id is not None and not spec.isolation.error_recovery:
             services.instances.mark_failed(job.instance_id, info.model_dump(mode="json"))
         error = PluginExecutionError(info)
-        after_run(services.redis, services.settings.keys, plugin_id, job_id=job_id, ok=False,
-                  duration_ms=(time.perf_counter() - started) * 1000,
-                  error=without_logs(error.info.model_dump(mode="json")),
-                  logs=str(info.details.get("logs", "")), worker=task.request.hostname,
-                  instance_id=job.instance_id, log_level=services.settings.run_log_level)
+        keep_run(task, services, plugin_id, job_id=job_id, ok=False,
+                 duration_ms=(time.perf_counter() - started) * 1000,
+                 error=without_logs(error.info.model_dump(mode="json")),
+                 logs=str(info.details.get("logs", "")), instance_id=job.instance_id)
         raise error from None
     duration_ms = (time.perf_counter() - started) * 1000
     record_run(task, services, spec, None, usage=report.usage, duration_ms=duration_ms,
                generation=permit.generation, instance_id=job.instance_id)
-    after_run(services.redis, services.settings.keys, plugin_id, job_id=job_id, ok=True,
-              duration_ms=duration_ms, error=None, logs=report.logs,
-              worker=task.request.hostname, instance_id=job.instance_id,
-              log_level=services.settings.run_log_level)
+    keep_run(task, services, plugin_id, job_id=job_id, ok=True, duration_ms=duration_ms,
+             error=None, logs=report.logs, instance_id=job.instance_id)
     return {
         "value": report.value,
         "meta": {

@@ -6,12 +6,15 @@ every event receiver of the fleet (a producer following one job would decode eve
 every job) and nothing keeps them (a producer that subscribes late, or another producer
 holding the job id, could not read the status). Here each change is stored in a small
 hash per job (seq → change) and published on the job's own channel in the same Lua step
-(`job_status.lua`), so a reader subscribes, then reads the list, and gets every change
-exactly once, in order, by its sequence number; nothing polls.
+(`write_status` in `job_status_lib.lua`), so a reader subscribes, then reads the list, and
+gets every change exactly once, in order, by its sequence number; nothing polls.
 
-Who writes: the producer `queued` before it publishes the job; the worker `started`,
-`retrying` and the final status once Celery has stored the result (`job_status_hooks.py`),
-so a subscriber that sees `succeeded` or `failed` can read the outcome at once.
+Who writes, each riding on a round trip that happens anyway (issue 16): the producer's
+publish writes `queued` in the same step as the push (`publish.lua`, tasks/submit_step.py);
+the worker's pre-run check writes `started` (`job_start.lua`); the final status is written
+in the same MULTI as Celery's result (tasks/result_store.py), so a subscriber that sees
+`succeeded` or `failed` can read the outcome at once. `retrying`, and every status when the
+result backend is not pluginpool's Redis database, come from `job_status_hooks.py`.
 """
 
 from __future__ import annotations
@@ -29,7 +32,15 @@ JobStatus = Literal["queued", "started", "retrying", "succeeded", "failed", "can
 STATUSES: Final[tuple[str, ...]] = ("queued", "started", "retrying", "succeeded", "failed",
                                     "cancelled")
 TERMINAL: Final[frozenset[str]] = frozenset({"succeeded", "failed", "cancelled"})
-LUA_SOURCE = (Path(__file__).with_name("job_status.lua")).read_text()
+LIB_SOURCE = Path(__file__).with_name("job_status_lib.lua").read_text()
+"""`write_status`, prepended to every script that writes a status."""
+LUA_SOURCE = LIB_SOURCE + Path(__file__).with_name("job_status.lua").read_text()
+
+
+def encode_change(job_id: str, **fields: Any) -> str:
+    """A change as the scripts take it: a compact JSON object without status and seq (the
+    script appends those, so it decodes nothing)."""
+    return json.dumps({**fields, "job_id": job_id, "at": time.time()}, separators=(",", ":"))
 
 
 def decode_change(raw: bytes | str) -> dict[str, Any]:
@@ -49,10 +60,9 @@ class JobStatusStore:
 
     def set(self, job_id: str, status: JobStatus, **fields: Any) -> int:
         """Record a change; its sequence number, or 0 if it changes nothing (see the script)."""
-        change = json.dumps({**fields, "job_id": job_id, "at": time.time()})
         return int(self._script(keys=[self._keys.job_status(job_id),
                                       self._keys.job_channel(job_id)],
-                                args=[status, change, self._ttl_s]))
+                                args=[status, encode_change(job_id, **fields), self._ttl_s]))
 
     def history(self, job_id: str) -> list[dict[str, Any]]:
         """Every change so far, oldest first (empty: unknown job, or expired)."""

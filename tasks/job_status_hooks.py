@@ -1,11 +1,14 @@
-"""The worker's side of job statuses: Celery's signals, in the process that sees each change.
+"""The worker's side of job statuses that ride on no other round trip: Celery's signals, in
+the process that sees each change.
 
-- `started`: task_prerun, in the pool process, before the plugin runs;
+- `started` is written by the pre-run check (tasks/job_start.py), not here;
 - `retrying`: task_retry, in the pool process (a restart after the run's process died) or in
   the main process (Celery's own retry of a job whose pool process died);
-- `succeeded` / `failed`: task_postrun in the pool process, which Celery sends after it
-  stored the result; task_failure in the main process for what the pool process could not
-  report (hard time limit, restarts exhausted), also after the result is stored.
+- `succeeded` / `failed` / `cancelled`: written in the same MULTI as Celery's result
+  (tasks/result_store.py) when the result backend is pluginpool's Redis database; only
+  otherwise here: task_postrun in the pool process, which Celery sends after it stored the
+  result, and task_failure in the main process for what the pool process could not report
+  (hard time limit, restarts exhausted), also after the result is stored.
 
 A status that cannot be written (Redis away) is logged; the job itself is never failed by it.
 """
@@ -19,10 +22,11 @@ import redis
 from billiard.exceptions import WorkerLostError
 from celery import states
 from celery.exceptions import TimeLimitExceeded
-from celery.signals import task_failure, task_postrun, task_prerun, task_retry
+from celery.signals import task_failure, task_postrun, task_retry
 
 from pluginpool.policy.errors import PluginExecutionError
 from pluginpool.tasks.job_status import JobStatus, JobStatusStore
+from pluginpool.tasks.result_store import writes_final_statuses
 from pluginpool.tasks.routing import plugin_of_task
 
 if TYPE_CHECKING:
@@ -45,18 +49,14 @@ def _write(sender: Any, job_id: Any, status: JobStatus, **fields: Any) -> None:
         logger.warning("could not record status %s of job %s: %s", status, job_id, exc)
 
 
-def _on_prerun(sender: Any = None, task_id: Any = None, task: Any = None, **_: Any) -> None:
-    request = getattr(task or sender, "request", None)
-    _write(sender, task_id, "started", worker=getattr(request, "hostname", None),
-           attempt=int(getattr(request, "retries", 0) or 0) + 1)
-
-
 def _on_retry(sender: Any = None, request: Any = None, reason: Any = None, **_: Any) -> None:
     _write(sender, getattr(request, "id", None), "retrying", reason=str(reason)[:500])
 
 
 def _on_postrun(sender: Any = None, task_id: Any = None, state: Any = None,
                 retval: Any = None, **_: Any) -> None:
+    if writes_final_statuses(getattr(sender, "backend", None)):
+        return  # written with the result
     if state == states.SUCCESS:
         _write(sender, task_id, "succeeded")
     elif state == states.FAILURE and type(retval).__name__ == "JobCancelledError":
@@ -69,13 +69,14 @@ def _on_postrun(sender: Any = None, task_id: Any = None, state: Any = None,
 
 def _on_failure_in_main_process(sender: Any = None, task_id: Any = None,
                                 exception: BaseException | None = None, **_: Any) -> None:
+    if writes_final_statuses(getattr(sender, "backend", None)):
+        return  # written with the result
     if isinstance(exception, TimeLimitExceeded | WorkerLostError):
         _write(sender, task_id, "failed", error=type(exception).__name__,
                error_type="timeout" if isinstance(exception, TimeLimitExceeded)
                else "runtime")
 
 
-task_prerun.connect(_on_prerun, weak=False)
 task_retry.connect(_on_retry, weak=False)
 task_postrun.connect(_on_postrun, weak=False)
 task_failure.connect(_on_failure_in_main_process, weak=False)

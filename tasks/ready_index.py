@@ -31,6 +31,7 @@ from pluginpool.tasks.delivery_record import (
     unprefixed,
     unprefixed_in_pipe,
 )
+from pluginpool.tasks.submit_step import take as take_submit_step
 
 logger = logging.getLogger("pluginpool.transport")
 
@@ -78,7 +79,10 @@ class ReadyIndexChannel:
         key = self._q_for_pri(queue, pri)  # type: ignore[attr-defined]
         expires = self._expires.get(queue) if self._expires else None
         batch = kwargs.pop("_publish_batch", None)
+        step, message = take_submit_step(message)  # a plugin job's submit (submit_step.py)
         keys, args = self._publish_args(queue, key, dumps(message), front=False)
+        if step is not None:
+            keys, args = keys + step.script_keys(), args + step.script_args()
         if batch is not None:
             # A batch is one non-transactional pipeline: EVAL carries its own source, so a
             # flushed script cache cannot fail it.
@@ -87,7 +91,9 @@ class ReadyIndexChannel:
                 batch.add("pexpire", self._q_for_pri(queue, pri_step), expires)  # type: ignore[attr-defined]
             return
         with self.conn_or_acquire() as client:  # type: ignore[attr-defined]
-            run_script(client, PUBLISH, keys, args)
+            reply = run_script(client, PUBLISH, keys, args)
+            if step is not None:
+                step.check(reply)  # PluginDisabledError: refused, nothing pushed
             if expires is not None:
                 with client.pipeline(transaction=False) as pipe:
                     for pri_step in self.priority_steps:

@@ -25,6 +25,9 @@ from pluginpool.policy.errors import ErrorInfo, UnknownPluginError
 from pluginpool.tasks import job_status_hooks  # noqa: F401  (connects the worker's status signals)
 from pluginpool.tasks.event_encoder import Encoded, EventEncoder, same_server
 from pluginpool.tasks.outcome import error_for_failure
+from pluginpool.tasks.result_store import JobResultBackend
+from pluginpool.tasks.run_logs import forward
+from pluginpool.tasks.runs import RecentRuns, after_run
 from pluginpool.tasks.spec import PluginSpec
 
 if TYPE_CHECKING:
@@ -60,6 +63,32 @@ def record_run(task: Task[Any, Any] | None, services: WorkerServices, spec: Plug
         services.usage_events.send(task, **event)
     if instance_id is not None:
         _record_instance(services, instance_id, error, usage)
+
+
+def keep_run(task: Task[Any, Any], services: WorkerServices, plugin_id: str, *, job_id: str,
+             ok: bool, duration_ms: float, error: dict[str, Any] | None, logs: str,
+             instance_id: str | None) -> None:
+    """The run in the plugin's recent runs (and its logs in the instance's last run): in the
+    MULTI that stores the job's result when the backend takes it (tasks/result_store.py), no
+    round trip of its own; else one (tasks/runs.py). Its logs go to the worker's log now."""
+    keys = services.settings.keys
+    worker = task.request.hostname
+
+    def write(pipe: Any) -> None:
+        RecentRuns(services.redis, keys).record(
+            pipe, plugin_id, job_id=job_id, ok=ok, duration_ms=duration_ms, error=error,
+            logs=logs, worker=worker, instance_id=instance_id)
+        if instance_id is not None:
+            pipe.hset(keys.instance_usage(instance_id), "last_logs", logs)
+
+    backend = task.backend
+    if isinstance(backend, JobResultBackend) and backend.with_result(job_id, write):
+        forward(logs, plugin_id=plugin_id, job_id=job_id,
+                level=services.settings.run_log_level)
+        return
+    after_run(services.redis, keys, plugin_id, job_id=job_id, ok=ok, duration_ms=duration_ms,
+              error=error, logs=logs, worker=worker, instance_id=instance_id,
+              log_level=services.settings.run_log_level)
 
 
 class UsageEvents:

@@ -1,0 +1,209 @@
+"""Celery's Redis result backend, with a plugin job's end written in the same MULTI as its
+result: the final status (`succeeded`, `failed`, `cancelled`, recorded and pushed by
+`job_status.lua`) and the bookkeeping the task left for it (the run log: tasks/runs.py).
+
+Why here: Celery stores every result with one MULTI (SETEX + PUBLISH) anyway, so what is
+written with it costs no round trip of its own (issue 16), and a watcher that sees
+`succeeded` or `failed` can read the outcome at once, since both land in one atomic step.
+Only when the result backend is pluginpool's own Redis database (`same_database`), and only
+in a worker (`bind_result_store`); otherwise the signal hooks write statuses as before
+(tasks/job_status_hooks.py) and the task writes its run log itself.
+
+If a worker dies after the run and before this write, the job is redelivered and run again
+(acks late); its status and run log are then written with that run's result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import redis
+from billiard.exceptions import WorkerLostError
+from celery import states
+from celery.backends.redis import RedisBackend
+from celery.exceptions import TimeLimitExceeded
+from redis.exceptions import NoScriptError
+
+from pluginpool.policy.errors import PluginExecutionError
+from pluginpool.policy.keys import RedisKeys
+from pluginpool.tasks.job_status import LUA_SOURCE, encode_change
+from pluginpool.tasks.routing import plugin_of_task
+
+logger = logging.getLogger("pluginpool.job_status")
+
+STATUS_SHA = hashlib.sha1(LUA_SOURCE.encode()).hexdigest()
+BACKEND_PATH = f"{__name__}:JobResultBackend"
+
+PipeWrite = Callable[[Any], None]
+"""Queues commands on a pipeline (the MULTI that stores a job's result)."""
+
+
+def backend_url(url: str) -> str:
+    """The result backend URL Celery is given: this backend for redis:// and rediss://
+    (Celery's `module:Class+url` form), any other URL unchanged."""
+    if url.startswith(("redis://", "rediss://")):
+        return f"{BACKEND_PATH}+{url}"
+    return url
+
+
+def same_database(a: str, b: str) -> bool:
+    """Two Redis URLs naming one database of one server."""
+    ua, ub = urlsplit(a), urlsplit(b)
+    return (ua.scheme, ua.hostname, ua.port, _db(ua.path, ua.query)) == \
+        (ub.scheme, ub.hostname, ub.port, _db(ub.path, ub.query))
+
+
+def _db(path: str, query: str) -> int:
+    number = path.strip("/") or parse_qs(query).get("db", ["0"])[0]
+    return int(number) if number.isdigit() else 0
+
+
+def writes_final_statuses(backend: Any) -> bool:
+    """True when `backend` writes plugin jobs' final statuses with their results."""
+    return isinstance(backend, JobResultBackend) and backend.statuses is not None
+
+
+def bind_result_store(backend: Any, keys: RedisKeys, *, ttl_s: int, result_backend: str,
+                      redis_url: str) -> bool:
+    """Let the worker's backend write final statuses and run logs with results, if it is
+    this backend on pluginpool's Redis database. Returns whether it does."""
+    if not isinstance(backend, JobResultBackend) or not same_database(result_backend,
+                                                                      redis_url):
+        return False
+    backend.statuses = _Statuses(keys, ttl_s)
+    return True
+
+
+def final_status(state: str, result: Any) -> tuple[str, dict[str, Any]] | None:
+    """The status a stored state ends a job with, and its fields; None: not an end."""
+    if state == states.SUCCESS:
+        return "succeeded", {}
+    if state != states.FAILURE:
+        return None
+    name = type(result).__name__
+    if name == "JobCancelledError":
+        return "cancelled", {}
+    if isinstance(result, PluginExecutionError):
+        return "failed", {"error_type": str(result.type), "error": name}
+    if isinstance(result, TimeLimitExceeded):
+        return "failed", {"error_type": "timeout", "error": name}
+    if isinstance(result, WorkerLostError):
+        return "failed", {"error_type": "runtime", "error": name}
+    return "failed", {"error_type": None, "error": name}
+
+
+@dataclass(frozen=True)
+class _Statuses:
+    keys: RedisKeys
+    ttl_s: int
+
+
+@dataclass
+class _End:
+    """What the MULTI storing one job's result carries besides it."""
+
+    job_id: str
+    status: tuple[str, str] | None  # (status, change JSON)
+    writes: list[PipeWrite] = field(default_factory=list)
+    written: bool = False
+
+
+class JobResultBackend(RedisBackend):  # type: ignore[misc]
+    """Celery's RedisBackend; see the module docstring."""
+
+    statuses: _Statuses | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._ending = threading.local()
+        self._pending: dict[str, list[PipeWrite]] = {}
+        self._lock = threading.Lock()
+
+    def with_result(self, job_id: str, write: PipeWrite) -> bool:
+        """Have `write` queued on the MULTI that stores the job's result. False (and
+        nothing kept) when this backend is not bound: the caller writes it itself."""
+        if self.statuses is None:
+            return False
+        with self._lock:
+            self._pending.setdefault(job_id, []).append(write)
+        return True
+
+    def _store_result(self, task_id: Any, result: Any, state: str, traceback: Any = None,
+                      request: Any = None, **kwargs: Any) -> Any:
+        job_id = str(task_id)
+        end = self._end_of(job_id, state, result, request)
+        if end is None:
+            return super()._store_result(  # type: ignore[misc]
+                task_id, result, state, traceback=traceback, request=request, **kwargs)
+        self._ending.end = end
+        try:
+            return super()._store_result(  # type: ignore[misc]
+                task_id, result, state, traceback=traceback, request=request, **kwargs)
+        finally:
+            self._ending.end = None
+            if end.writes and not end.written:
+                # Not stored (the job had succeeded already): keep its bookkeeping anyway.
+                self._write_alone(end.writes)
+
+    def _end_of(self, job_id: str, state: str, result: Any, request: Any) -> _End | None:
+        statuses = self.statuses
+        if statuses is None:
+            return None
+        plugin_id = plugin_of_task(str(getattr(request, "task", None) or ""))
+        ending = final_status(state, result) if plugin_id is not None else None
+        with self._lock:
+            writes = self._pending.pop(job_id, []) if ending is not None else []
+        if ending is None:
+            return None
+        status, fields = ending
+        return _End(job_id, (status, encode_change(job_id, plugin_id=plugin_id, **fields)),
+                    writes)
+
+    def _set(self, key: str, value: Any, expires: int | None = None) -> None:
+        end: _End | None = getattr(self._ending, "end", None)
+        statuses = self.statuses
+        if end is None or statuses is None:
+            super()._set(key, value, expires)  # type: ignore[misc]
+            return
+        if expires is None:
+            expires = self.expires  # type: ignore[attr-defined]
+        with self.client.pipeline() as pipe:
+            if expires:
+                pipe.setex(key, expires, value)
+            else:
+                pipe.set(key, value)
+            pipe.publish(key, value)
+            for write in end.writes:
+                write(pipe)
+            status_keys = [statuses.keys.job_status(end.job_id),
+                           statuses.keys.job_channel(end.job_id)]
+            if end.status is not None:
+                pipe.execute_command("EVALSHA", STATUS_SHA, 2, *status_keys, *end.status,
+                                     statuses.ttl_s)
+            replies = pipe.execute(raise_on_error=False)
+        end.written = True
+        if isinstance(replies[0], Exception):
+            raise replies[0]
+        for reply in replies[2:-1 if end.status is not None else None]:
+            if isinstance(reply, Exception):
+                logger.warning("could not record the run of job %s: %s", end.job_id, reply)
+        if end.status is not None and isinstance(replies[-1], NoScriptError):
+            self.client.eval(LUA_SOURCE, 2, *status_keys, *end.status, statuses.ttl_s)
+        elif end.status is not None and isinstance(replies[-1], Exception):
+            logger.warning("could not record status %s of job %s: %s", end.status[0],
+                           end.job_id, replies[-1])
+
+    def _write_alone(self, writes: list[PipeWrite]) -> None:
+        try:
+            with self.client.pipeline(transaction=False) as pipe:
+                for write in writes:
+                    write(pipe)
+                pipe.execute()
+        except redis.RedisError as exc:
+            logger.warning("could not record a run: %s", exc)
