@@ -5,8 +5,10 @@ Workers are started as subprocesses in their own session and stopped by PID.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import sys
 import uuid
 from collections.abc import Callable, Iterator
@@ -14,6 +16,8 @@ from pathlib import Path
 
 import pytest
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from pluginpool.pool.processes import ManagedProcess, wait_until
 from pluginpool.pool.redis_bootstrap import ensure_redis, with_db
@@ -39,6 +43,13 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> str:
     client.flushdb()
     client.close()
     return url
+
+
+def unreachable_redis() -> redis.Redis:
+    """A client of a port nothing listens on, failing at the first refusal: redis-py's
+    default retry (3 more attempts with backoff) would spend about 5 s per call on it."""
+    return redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.5,
+                       retry=Retry(NoBackoff(), 0))
 
 
 def make_settings(redis_url: str, **overrides: object) -> Settings:
@@ -88,7 +99,7 @@ def spawn_worker(client: PluginClient, log_dir: Path, *, plugins: str = "all",
     proc.nodename = nodename  # type: ignore[attr-defined]
     ready = wait_until(
         lambda: not proc.alive() or bool(
-            client.app.control.ping(destination=[nodename], timeout=0.5)),
+            client.app.control.ping(destination=[nodename], timeout=0.25)),
         timeout_s=60)
     if not ready or not proc.alive():
         proc.stop()
@@ -96,9 +107,38 @@ def spawn_worker(client: PluginClient, log_dir: Path, *, plugins: str = "all",
     return proc
 
 
+_retiring: list[ManagedProcess] = []
+
+
+def retire(*procs: ManagedProcess) -> None:
+    """End processes a test is done with without waiting for their shutdown: SIGTERM to
+    each process group now, reaped (SIGKILL after the usual grace) by the end of the run.
+
+    A worker's warm shutdown takes about 3 s (billiard's pool join, the listeners'
+    threads), but it stops consuming within milliseconds of the signal, so the next
+    module's worker can start beside it. For teardown only: a test that asserts on what a
+    stop does (warm shutdown, requeues, sandboxes torn down) calls `stop()` and waits."""
+    for proc in procs:
+        if proc.alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+        _retiring.append(proc)
+    for done in [proc for proc in _retiring if not proc.alive()]:
+        done.stop()  # closes its log
+        _retiring.remove(done)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _reap_retired() -> Iterator[None]:
+    """Every retired process is gone (by PID) before the run ends."""
+    yield
+    while _retiring:
+        _retiring.pop().stop()
+
+
 @pytest.fixture
 def start_worker(tmp_path: Path) -> Iterator[WorkerStarter]:
-    """Start workers for one test; all are stopped by PID at the end."""
+    """Start workers for one test; all are retired (stopped by PID) at the end."""
     started: list[ManagedProcess] = []
 
     def _start(client: PluginClient, **options: object) -> ManagedProcess:
@@ -107,8 +147,7 @@ def start_worker(tmp_path: Path) -> Iterator[WorkerStarter]:
         return proc
 
     yield _start
-    for proc in started:
-        proc.stop()
+    retire(*started)
 
 
 @pytest.fixture

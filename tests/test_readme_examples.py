@@ -32,7 +32,7 @@ from celery import Celery
 
 from pluginpool.tasks.client import PluginClient
 from pluginpool.tasks.settings import Settings
-from tests.conftest import EXAMPLES, ROOT, make_settings, spawn_worker, worker_env
+from tests.conftest import EXAMPLES, ROOT, make_settings, retire, spawn_worker, worker_env
 
 DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "deploy").rglob("*.md"))]
 MARKER = re.compile(r"<!--\s*not-a-test:\s*(?P<why>.+?)\s*-->")
@@ -141,7 +141,7 @@ def session(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         try:
             yield Session(settings, client, workdir)
         finally:
-            worker.stop()
+            retire(worker)
 
 
 def run_manifest(block: Block, session: Session) -> None:

@@ -19,6 +19,7 @@ from pluginpool.policy.breaker import (
 )
 from pluginpool.policy.errors import ErrorType
 from pluginpool.policy.keys import RedisKeys
+from tests.conftest import unreachable_redis
 
 RUNTIME = ErrorType.RUNTIME
 
@@ -179,7 +180,7 @@ def test_transitions_are_published(breaker: CircuitBreaker, redis_url: str) -> N
 
 
 def test_unreachable_redis_fails_closed_or_open_as_configured() -> None:
-    dead = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.5)
+    dead = unreachable_redis()
     with pytest.raises(BreakerUnavailable):
         CircuitBreaker(dead, RedisKeys(), fail_mode="closed").acquire(
             "p", config(), default_open_ms=1000)

@@ -20,7 +20,7 @@ from pluginpool.policy.errors import PluginExecutionError
 from pluginpool.pool.processes import ManagedProcess, wait_until
 from pluginpool.pool.redis_bootstrap import free_port
 from pluginpool.tasks.client import PluginClient
-from tests.conftest import TEST_PLUGINS, make_settings, spawn_worker, worker_env
+from tests.conftest import TEST_PLUGINS, make_settings, retire, spawn_worker, worker_env
 
 
 class Aggregator:
@@ -61,7 +61,7 @@ def env(redis_url: str, tmp_path_factory: pytest.TempPathFactory
     logs = tmp_path_factory.mktemp("health")
     worker = spawn_worker(client, logs, plugins="hl-good,hl-flaky,hl-missing", concurrency=2)
     yield client, worker, logs
-    worker.stop()
+    retire(worker)
     client.close()
 
 
@@ -284,7 +284,7 @@ def test_dashboard_in_headless_chromium(env: Any, aggregator: Aggregator,
     finally:
         if browser is not None:
             browser.stop()
-        dash_worker.stop()
+        retire(dash_worker)
 
 
 def test_health_is_paged_for_people_reading_many_plugins(env: Any,

@@ -24,7 +24,7 @@ from pluginpool.policy.errors import (
 from pluginpool.pool.processes import ManagedProcess, wait_until
 from pluginpool.tasks.client import PluginClient
 from pluginpool.tasks.spec import PluginSpec
-from tests.conftest import TEST_PLUGINS, make_settings, spawn_worker
+from tests.conftest import TEST_PLUGINS, make_settings, retire, spawn_worker
 from tests.pool.test_aggregator import Aggregator
 from tests.tasks.test_payload_bounds import nested
 
@@ -46,7 +46,7 @@ def env(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[En
     logs = tmp_path_factory.mktemp("bad-input")
     worker = spawn_worker(client, logs, plugins="echo,raises,stores", concurrency=2)
     yield client, worker, logs
-    worker.stop()
+    retire(worker)
     client.close()
 
 

@@ -11,7 +11,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import redis
 
 from pluginpool.policy.breaker import CircuitBreaker
 from pluginpool.policy.errors import (
@@ -22,7 +21,14 @@ from pluginpool.policy.errors import (
 from pluginpool.pool.processes import ManagedProcess, wait_until
 from pluginpool.tasks.client import PluginClient
 from pluginpool.tasks.jobs import FallbackJob, Job
-from tests.conftest import TEST_PLUGINS, make_settings, spawn_worker, worker_env
+from tests.conftest import (
+    TEST_PLUGINS,
+    make_settings,
+    retire,
+    spawn_worker,
+    unreachable_redis,
+    worker_env,
+)
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +39,7 @@ def env(redis_url: str, tmp_path_factory: pytest.TempPathFactory
     client.register(TEST_PLUGINS / "breaker_plugins.toml")
     worker = spawn_worker(client, tmp_path_factory.mktemp("breaker"), concurrency=2)
     yield client, worker
-    worker.stop()
+    retire(worker)
     client.close()
 
 
@@ -186,7 +192,7 @@ def test_unreachable_breaker_refuses_dispatch_by_default(
         env: tuple[PluginClient, ManagedProcess]) -> None:
     client, _ = env
     client.spec("brk-echo")  # cached: only the breaker's Redis is gone below
-    dead = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.5)
+    dead = unreachable_redis()
     saved = client.breakers
     client.breakers = CircuitBreaker(dead, client.settings.keys, fail_mode="closed")
     try:

@@ -26,7 +26,7 @@ from pluginpool.policy.health import LATENCY_BUCKETS_MS
 from pluginpool.pool.processes import ManagedProcess, wait_until
 from pluginpool.pool.redis_bootstrap import free_port
 from pluginpool.tasks.client import PluginClient
-from tests.conftest import TEST_PLUGINS, make_settings, spawn_worker, worker_env
+from tests.conftest import TEST_PLUGINS, make_settings, retire, spawn_worker, worker_env
 from tests.pool.test_aggregator import chromium
 
 OPERATOR = "op-" + uuid.uuid4().hex
@@ -125,8 +125,7 @@ def env(redis_url: str, tmp_path_factory: pytest.TempPathFactory
 
     assert wait_until(up, timeout_s=30), aggregator.log_text()
     yield client, base
-    aggregator.stop()
-    worker.stop()
+    retire(aggregator, worker)
     client.close()
 
 

@@ -23,7 +23,7 @@ from pluginpool.pool.worker import select_specs
 from pluginpool.tasks.client import PluginClient
 from pluginpool.tasks.settings import Settings
 from pluginpool.tasks.spec import PluginSpec
-from tests.conftest import worker_env
+from tests.conftest import retire, worker_env
 from tests.fleet_packages import manifest, variant, wheel_of, write_package
 
 QUIET_BREAKER = {"minimum_calls": 10_000, "open_at_once_types": []}
@@ -73,7 +73,7 @@ def fleet(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     wheels = {version: wheel_of(root / "wheels", version=version) for version in (1, 2)}
     worker, node = start_worker(client, root, plugins="all")
     yield Fleet(client, worker, node, root, wheels, root)
-    worker.stop()
+    retire(worker)
     client.close()
 
 
@@ -214,7 +214,7 @@ def test_glob_worker_follows_only_its_plugins_and_catches_up_without_events(
         assert wait_until(lambda: "plugins.glob-c" in consumed_queues(client, node),
                           timeout_s=15)
     finally:
-        worker.stop()
+        retire(worker)
 
 
 def test_selectors_all_ids_and_globs(client: PluginClient) -> None:

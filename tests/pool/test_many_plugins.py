@@ -18,7 +18,7 @@ from celery import Celery
 from pluginpool.pool.processes import ManagedProcess
 from pluginpool.tasks.client import PluginClient
 from pluginpool.tasks.spec import PluginSpec
-from tests.conftest import make_settings, spawn_worker
+from tests.conftest import make_settings, retire, spawn_worker
 
 PLUGINS = 300
 
@@ -39,7 +39,7 @@ def fleet(redis_url: str, tmp_path_factory: pytest.TempPathFactory
     worker = spawn_worker(client, tmp_path_factory.mktemp("many"), plugins="many-*",
                           concurrency=2)
     yield client, worker
-    worker.stop()
+    retire(worker)
     client.close()
 
 

@@ -26,7 +26,7 @@ from pluginpool.pool.processes import ManagedProcess, wait_until
 from pluginpool.pool.redis_bootstrap import free_port
 from pluginpool.tasks.audit import Actor
 from pluginpool.tasks.client import PluginClient
-from tests.conftest import TEST_PLUGINS, make_settings, spawn_worker, worker_env
+from tests.conftest import TEST_PLUGINS, make_settings, retire, spawn_worker, worker_env
 
 OPERATOR, VIEWER = "op-" + uuid.uuid4().hex, "view-" + uuid.uuid4().hex
 
@@ -80,8 +80,7 @@ def env(redis_url: str, tmp_path_factory: pytest.TempPathFactory
     worker = spawn_worker(client, logs, plugins="ops-*", concurrency=2)
     api = Api(client, logs)
     yield client, api
-    api.proc.stop()
-    worker.stop()
+    retire(api.proc, worker)
     client.close()
 
 

@@ -24,7 +24,7 @@ from pluginpool.policy.errors import PluginExecutionError, PluginPoolError
 from pluginpool.pool.processes import ManagedProcess, wait_until
 from pluginpool.tasks import AsyncPluginClient
 from pluginpool.tasks.client import PluginClient
-from tests.conftest import TEST_PLUGINS, make_settings, spawn_worker, worker_env
+from tests.conftest import TEST_PLUGINS, make_settings, retire, spawn_worker, worker_env
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,7 @@ def env(redis_url: str, tmp_path_factory: pytest.TempPathFactory
     worker = spawn_worker(client, tmp_path_factory.mktemp("producers"), concurrency=2,
                           extra_env={"PLUGINPOOL_BROKER_IDLE_WAIT_S": "10"})
     yield client, worker
-    worker.stop()
+    retire(worker)
     client.close()
 
 

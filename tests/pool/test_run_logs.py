@@ -15,7 +15,7 @@ from pluginpool.policy.errors import PluginExecutionError
 from pluginpool.pool.processes import ManagedProcess
 from pluginpool.tasks.client import PluginClient
 from pluginpool.tasks.runs import RecentRuns
-from tests.conftest import TEST_PLUGINS, make_settings, spawn_worker
+from tests.conftest import TEST_PLUGINS, make_settings, retire, spawn_worker
 
 CAP = 32_768
 
@@ -30,7 +30,7 @@ def env(redis_url: str, tmp_path_factory: pytest.TempPathFactory
     worker = spawn_worker(client, tmp_path_factory.mktemp("logs"),
                           plugins="ops-talks,ops-floods,ops-talks-trusted", concurrency=1)
     yield client, worker
-    worker.stop()
+    retire(worker)
     client.close()
 
 

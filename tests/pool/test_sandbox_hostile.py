@@ -23,7 +23,7 @@ from pluginpool.policy.errors import ErrorType, PluginExecutionError
 from pluginpool.pool.processes import ManagedProcess
 from pluginpool.tasks.client import PluginClient
 from pluginpool.tasks.spec import PluginSpec
-from tests.conftest import make_settings, spawn_worker
+from tests.conftest import make_settings, retire, spawn_worker
 
 MARGIN_S = 3.0
 """Generous margin for a limit to be enforced on a loaded 2-core CI machine."""
@@ -109,7 +109,7 @@ def env(redis_url: str, tmp_path_factory: pytest.TempPathFactory, sink: TcpSink
     ])
     worker = spawn_worker(client, tmp_path_factory.mktemp("hostile"), concurrency=1)
     yield client, worker, workspaces
-    worker.stop()
+    retire(worker)
     client.close()
 
 

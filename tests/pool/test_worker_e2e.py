@@ -16,7 +16,7 @@ from pluginpool.policy.errors import ErrorType, PluginExecutionError
 from pluginpool.pool.processes import ManagedProcess, wait_until
 from pluginpool.tasks.client import PluginClient
 from pluginpool.tasks.deadletter import DeadLetterStore
-from tests.conftest import TEST_PLUGINS, make_settings, spawn_worker
+from tests.conftest import TEST_PLUGINS, make_settings, retire, spawn_worker
 
 
 @pytest.fixture(scope="module", params=[True, False], ids=["sandboxed", "in-pool"])
@@ -36,7 +36,7 @@ def env(request: pytest.FixtureRequest, redis_url: str,
     client.register(TEST_PLUGINS / "test_plugins.toml")
     worker = spawn_worker(client, tmp_path_factory.mktemp("e2e"), concurrency=2)
     yield client, worker
-    worker.stop()
+    retire(worker)
     client.close()
 
 
@@ -247,4 +247,4 @@ def test_two_workers_share_a_queue(env: tuple[PluginClient, ManagedProcess],
             workers.add(job.meta["worker"])
         assert workers == {first.nodename, second.nodename}  # type: ignore[attr-defined]
     finally:
-        second.stop()
+        retire(second)
