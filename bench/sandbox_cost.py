@@ -45,6 +45,21 @@ def _zygote_faults(pid: int) -> tuple[int, int]:
     return int(fields[7]), int(fields[8])
 
 
+def run_workspace(sandbox: warm.WarmSandbox) -> str:
+    """The sandbox's one run workspace; a new directory per run for older code (a baseline
+    measured with BENCH_BASELINE_CODE)."""
+    return getattr(sandbox, "workspace", "") or tempfile.mkdtemp(prefix="run-",
+                                                                 dir=sandbox.home)
+
+
+def end_run(sandbox: warm.WarmSandbox, workspace: str) -> None:
+    """As the worker does after a run: the workspace emptied (or removed)."""
+    if workspace == getattr(sandbox, "workspace", None):
+        assert sandbox.clean_workspace(), "the run workspace could not be emptied"
+    else:
+        shutil.rmtree(workspace, ignore_errors=True)
+
+
 def _tree_cpu(proc: psutil.Process) -> float:
     times = proc.cpu_times()
     return times.user + times.system + times.children_user + times.children_system
@@ -77,7 +92,7 @@ def measure(code_path: Path, runs: int) -> dict[str, Any]:
         before_own = first.user + first.system
         started = time.perf_counter()
         for n in range(runs):
-            workspace = tempfile.mkdtemp(prefix="run-", dir=sandbox.home)
+            workspace = run_workspace(sandbox)
             ours, theirs = socket.socketpair()
             forked = sandbox.spawn(Spawn(
                 job_id=str(n), operation="run", payload={"i": n}, attempt=1,
@@ -94,7 +109,7 @@ def measure(code_path: Path, runs: int) -> dict[str, Any]:
                                      sandbox=sandbox, run_pid=forked.pid, setup=None)
             plugin_ms.append(usage.cpu_ms)
             ours.close()
-            shutil.rmtree(workspace, ignore_errors=True)
+            end_run(sandbox, workspace)
         wall_s = time.perf_counter() - started
         after_zygote, after_runs = _zygote_faults(sandbox.pid)
         faults = {"pool_child_side": round((_self_faults() - faults_self) / runs, 1),

@@ -24,6 +24,7 @@ from typing import Any
 import psutil
 
 from bench.common import write_result
+from bench.sandbox_cost import end_run, run_workspace
 from pluginpool.pool.sandbox import seccomp_filter, supervisor, warm
 from pluginpool.pool.sandbox.launcher import ZygoteLauncher
 from pluginpool.pool.sandbox.runner import read_paths
@@ -74,7 +75,7 @@ def supervise_one(function: str, payload: dict[str, Any], *, cpu_percent: int) -
     assert sandbox is not None, f"{function} did not set up"
     zygote = psutil.Process(sandbox.pid)
     try:
-        workspace = tempfile.mkdtemp(prefix="run-", dir=sandbox.home)
+        workspace = run_workspace(sandbox)
         ours, theirs = socket.socketpair()
         before_self, before_tree, before_wakeups = _self_cpu(), _tree_cpu(zygote), _wakeups()
         started = time.perf_counter()
@@ -93,7 +94,7 @@ def supervise_one(function: str, payload: dict[str, Any], *, cpu_percent: int) -
         sandbox_s = _tree_cpu(zygote) - before_tree
         wakeups = _wakeups() - before_wakeups
         ours.close()
-        shutil.rmtree(workspace, ignore_errors=True)
+        end_run(sandbox, workspace)
         assert out.result is not None, f"{function}: {out.killed_for or out.exit}"
     finally:
         sandbox.retire("benchmark done")

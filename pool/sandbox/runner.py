@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import os
-import shutil
 import socket
 import sys
 import tempfile
@@ -152,7 +151,7 @@ class SandboxRunner:
                     raise PluginExecutionError.of(
                         ErrorType.RUNTIME, "the warm sandbox died before the run started",
                         plugin_id=spec.id, sandbox_died=True) from None
-            dead = out.exit is not None and out.exit.sandbox_died
+            dead = (out.exit is not None and out.exit.sandbox_died) or sandbox.tainted
             usage = outcome.usage_of(out, baseline_rss=baseline, sandbox=sandbox,
                                      run_pid=pid, setup=setup)
             sandbox.runs += 1
@@ -198,7 +197,7 @@ class SandboxRunner:
         """One run forked from the sandbox: its supervision, pid and the zygote's size."""
         limits = spec.resource_limits
         deadlines = spec.deadlines
-        workspace = tempfile.mkdtemp(prefix="run-", dir=sandbox.home)
+        workspace = sandbox.workspace
         ours, theirs = socket.socketpair()
         try:
             try:
@@ -231,4 +230,5 @@ class SandboxRunner:
             return out, forked.pid, forked.zygote_rss_bytes
         finally:
             ours.close()
-            shutil.rmtree(workspace, ignore_errors=True)
+            if not sandbox.clean_workspace():
+                sandbox.retire("its run workspace could not be emptied")

@@ -119,10 +119,38 @@ class WarmSandbox:
     storage: StorageHandler | None = None
     """Serves `ctx.storage` for the teardown (close() may persist state)."""
     retired_for: str | None = None
+    workspace: str = ""
+    """Every run's workspace: one directory (its Landlock rule is built once, by the
+    zygote), emptied after each run; "" for a workspace per run."""
+    workspace_times: tuple[int, int] = (0, 0)
+    """Its (atime, mtime) when created, put back after each run."""
+    tainted: bool = False
+    """The workspace could not be emptied: the sandbox is retired, not used again."""
 
     @property
     def instance_id(self) -> str | None:
         return self.key[2]
+
+    def clean_workspace(self) -> bool:
+        """Empty the run workspace, as it was created (mode, times), so the next run sees
+        nothing this one left; False (and the sandbox tainted) if anything stays."""
+        path = self.workspace
+        try:
+            if _clear(path):
+                stat = os.stat(path)
+                if stat.st_mode & 0o7777 != 0o700:
+                    os.chmod(path, 0o700)
+                if (stat.st_atime_ns, stat.st_mtime_ns) != self.workspace_times:
+                    os.utime(path, ns=self.workspace_times)
+                return True
+            os.chmod(path, 0o700)  # a run may have made it unreadable
+            if _clear(path):
+                os.utime(path, ns=self.workspace_times)
+                return True
+        except OSError:
+            pass
+        self.tainted = True
+        return False
 
     def alive(self) -> bool:
         if _gone(self.pid):
@@ -185,6 +213,23 @@ class WarmSandbox:
         shutil.rmtree(self.home, ignore_errors=True)
 
 
+def _clear(path: str) -> bool:
+    """Remove everything in `path`; whether it is empty now."""
+    with os.scandir(path) as listing:
+        entries = list(listing)
+    if not entries:
+        return True
+    for entry in entries:
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                os.unlink(entry.path)
+        except OSError:
+            continue
+    return not os.listdir(path)
+
+
 @dataclass(frozen=True)
 class SetupPlan:
     """What the pool child decided for one zygote before starting it."""
@@ -213,6 +258,9 @@ def start(launcher: ZygoteLauncher, plan: SetupPlan, *,
     home = os.path.realpath(tempfile.mkdtemp(prefix=f"{spec.id}-", dir=plan.warm_root))
     setup_workspace = os.path.join(home, "setup")
     os.mkdir(setup_workspace, 0o700)
+    run_workspace = os.path.join(home, "run")
+    os.mkdir(run_workspace, 0o700)
+    created = os.stat(run_workspace)
     hello: Hello
     hello, control = launcher.start()
     config = ZygoteConfig(
@@ -227,10 +275,11 @@ def start(launcher: ZygoteLauncher, plan: SetupPlan, *,
         max_network_requests=limits.max_network_requests,
         allow_processes=spec.permissions.allow_processes,
         max_result_bytes=plan.max_result_bytes, limits=limits.model_dump(mode="json"),
-        permissions=spec.permissions.model_dump(mode="json"))
+        permissions=spec.permissions.model_dump(mode="json"), run_workspace=run_workspace)
     sandbox = WarmSandbox(key=(spec.id, spec.revision, plan.instance_id), pid=hello.pid,
                           control=control, home=home, setup_ms=0.0, rss_bytes=hello.rss_bytes,
-                          layers={})
+                          layers={}, workspace=run_workspace,
+                          workspace_times=(created.st_atime_ns, created.st_mtime_ns))
     try:
         channel.send_message(control.fileno(), config)
     except OSError:

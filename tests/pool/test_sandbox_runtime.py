@@ -59,3 +59,22 @@ def test_an_unknown_or_malformed_frame_is_a_protocol_error() -> None:
         messages.decode({"op": "pickle"})
     with pytest.raises(messages.ProtocolError):
         messages.decode({"op": "forked", "pid": 1})
+
+
+def test_frames_formatted_on_the_fast_path_decode_as_their_messages() -> None:
+    """The zygote and the run format their per-run frames directly (fewer pages touched
+    after a fork); each must be exactly the message encode() would have sent."""
+    layers = {"process": "fork", "rlimits": {"cpu_s": 3}, "landlock": False}
+    cases: list[tuple[bytes, messages.Message]] = [
+        (messages.forked_frame(12, 3456), messages.Forked(pid=12, zygote_rss_bytes=3456)),
+        (messages.exited_frame(12, 9, 0.25, 1024),
+         messages.Exited(pid=12, status=9, cpu_s=0.25, maxrss_kb=1024)),
+        (messages.started_frame(messages.started_prefix(layers), 0.001),
+         messages.Started(layers=layers, cpu_s=0.001)),
+        (messages.result_frame(json.dumps({"a": [1, "é"]}).encode(), network_requests=2,
+                               cpu_s=1e-05, wall_s=0.5),
+         messages.Result(ok=True, value={"a": [1, "é"]}, network_requests=2, cpu_s=1e-05,
+                         wall_s=0.5)),
+    ]
+    for frame, message in cases:
+        assert messages.decode(json.loads(frame)) == message

@@ -55,6 +55,7 @@ def env(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[En
              resource_limits={"max_memory_mb": 64, "setup_timeout_ms": 20_000}),
         spec("setup-thread", "hostile_setup:StartsThread"),
         spec("setup-forbidden", "hostile_setup:Forbidden"),
+        spec("traces", "workspace:leave_traces"),
     ])
     worker = spawn_worker(client, tmp_path_factory.mktemp("warm-worker"), concurrency=1)
     yield client, worker, warm_root
@@ -243,6 +244,20 @@ def test_forbidden_actions_during_setup_are_security_errors(env: Env, action: st
     assert_unharmed(env)
 
 
+def test_a_run_never_sees_what_an_earlier_run_left_in_its_workspace(env: Env) -> None:
+    """Every run of a warm sandbox gets the same directory (its Landlock rule is built once),
+    emptied and put back as it was created after each run."""
+    client = env[0]
+    first, second, third = (client.submit("traces", {}).result(timeout=30) for _ in range(3))
+    assert len({first["pid"], second["pid"], third["pid"]}) == 3
+    for seen in (first, second, third):
+        assert seen["entries"] == []
+        assert seen["mode"] == 0o700
+        assert seen["cwd"] == seen["workspace"] == first["workspace"]
+        assert seen["mtime_ns"] == first["mtime_ns"]
+    assert_unharmed(env)
+
+
 def test_nothing_is_left_in_the_warm_root_but_live_sandboxes(env: Env) -> None:
     warm_root = env[2]
     homes = {path.name for path in warm_root.iterdir()}
@@ -250,5 +265,8 @@ def test_nothing_is_left_in_the_warm_root_but_live_sandboxes(env: Env) -> None:
                if "pluginpool_sandbox_runtime" in " ".join(proc.info["cmdline"] or [])]
     assert len(homes) <= 4  # PLUGINPOOL_WARM_SANDBOXES, the default
     for home in warm_root.iterdir():
-        assert {entry.name for entry in home.iterdir()} <= {"setup"}  # run workspaces removed
+        assert {entry.name for entry in home.iterdir()} <= {"setup", "run"}
+        run_workspace = home / "run"
+        assert not run_workspace.exists() or list(run_workspace.iterdir()) == [], \
+            "the run workspace is emptied after every run"
     assert zygotes or not homes

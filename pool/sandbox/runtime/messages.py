@@ -78,6 +78,9 @@ class ZygoteConfig(Message):
     max_result_bytes: int
     limits: dict[str, Any]
     permissions: dict[str, Any]
+    run_workspace: str | None = None
+    """The one workspace every run gets (emptied by the pool child after each run), so its
+    Landlock layer is built once; a Spawn naming another workspace gets its own layer."""
 
 
 @dataclass

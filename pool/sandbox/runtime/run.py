@@ -77,6 +77,8 @@ class Prepared:
     touched page is a copy) only applies it."""
 
     ruleset_fd: int | None
+    ruleset_owned: bool
+    """The ruleset was built for this run alone: the zygote closes it after the fork."""
     seccomp: seccomp.Prepared | None
     rlimits: limits.RunLimits
     started: bytes
@@ -85,23 +87,35 @@ class Prepared:
     ctx: SandboxContext
 
 
+RunLayer = tuple[int, dict[str, object]]
+"""A run's Landlock ruleset (not enforced) and what it reports."""
+
+
+def run_layer(config: ZygoteConfig, workspace: str) -> RunLayer | None:
+    """The Landlock layer of a run in `workspace`: writes only there, no signals to the
+    zygote (None without Landlock)."""
+    if not config.landlock_abi:
+        return None
+    return landlock.build_ruleset(
+        read_paths=None, write_paths=(workspace, os.devnull),
+        tcp_ports=landlock_ports(config.network_hosts), abi=config.landlock_abi)
+
+
 def prepare(config: ZygoteConfig, spawn: Spawn, run_filter: seccomp.Prepared | None,
-            vms_bytes: int, policy: AuditPolicy) -> Prepared:
-    """In the zygote: the run's Landlock layer (writes only in its workspace, no signals to
-    the zygote), built but not enforced; its rlimits and the layers it reports; the run's
-    working directory and environment (inherited across the fork); its ctx and audit
-    policy."""
+            vms_bytes: int, policy: AuditPolicy, shared_layer: RunLayer | None) -> Prepared:
+    """In the zygote: the run's Landlock layer (`shared_layer`, built once, when the run
+    gets the sandbox's one run workspace), built but not enforced; its rlimits and the
+    layers it reports; the run's working directory and environment (inherited across the
+    fork); its ctx and audit policy."""
     os.chdir(spawn.workspace)
-    os.environ["HOME"] = os.environ["TMPDIR"] = spawn.workspace
-    tempfile = sys.modules.get("tempfile")  # not imported here: it seeds random at each fork
-    if tempfile is not None:
-        tempfile.tempdir = spawn.workspace  # type: ignore[attr-defined]
-    fd: int | None = None
-    info: dict[str, object] | None = None
-    if config.landlock_abi:
-        fd, info = landlock.build_ruleset(
-            read_paths=None, write_paths=(spawn.workspace, os.devnull),
-            tcp_ports=landlock_ports(config.network_hosts), abi=config.landlock_abi)
+    if os.environ.get("HOME") != spawn.workspace:
+        os.environ["HOME"] = os.environ["TMPDIR"] = spawn.workspace
+        tempfile = sys.modules.get("tempfile")  # not imported here: it seeds random at fork
+        if tempfile is not None:
+            tempfile.tempdir = spawn.workspace  # type: ignore[attr-defined]
+    owned = shared_layer is None or spawn.workspace != config.run_workspace
+    layer = run_layer(config, spawn.workspace) if owned else shared_layer
+    fd, info = layer if layer is not None else (None, None)
     rlimits, rlimit_layer = limits.plan_run(
         vms_bytes=vms_bytes, max_memory_mb=spawn.max_memory_mb,
         max_storage_kb=spawn.max_storage_kb, cpu_backstop_s=spawn.cpu_backstop_s)
@@ -118,7 +132,7 @@ def prepare(config: ZygoteConfig, spawn: Spawn, run_filter: seccomp.Prepared | N
         attempt=spawn.attempt, operation=spawn.operation, limits=config.limits,
         permissions=config.permissions, initial_data=config.initial_data,
         workspace=spawn.workspace, storage=ChannelStorage(CHANNEL_FD, policy))
-    return Prepared(ruleset_fd=fd, seccomp=run_filter, rlimits=rlimits,
+    return Prepared(ruleset_fd=fd, ruleset_owned=owned, seccomp=run_filter, rlimits=rlimits,
                     started=started_prefix(layers),
                     max_fds=resource.getrlimit(resource.RLIMIT_NOFILE)[1], ctx=ctx)
 

@@ -39,7 +39,15 @@ from .messages import (
     forked_frame,
 )
 from .plugin import LoadedPlugin, LoadError, import_target
-from .run import CHANNEL_FD, landlock_ports, prepare, reset_signals, run_child
+from .run import (
+    CHANNEL_FD,
+    RunLayer,
+    landlock_ports,
+    prepare,
+    reset_signals,
+    run_child,
+    run_layer,
+)
 
 CONTROL_FD = 3
 CONFIG_MAX_BYTES = 64 << 20
@@ -149,16 +157,16 @@ def _teardown(plugin: LoadedPlugin | None, policy: AuditPolicy, reason: str,
 
 def _serve_run(config: ZygoteConfig, spawn: Spawn, plugin: LoadedPlugin,
                policy: AuditPolicy, run_filter: seccomp.Prepared | None,
-               control: socket.socket) -> bool:
+               control: socket.socket, shared_layer: RunLayer | None) -> bool:
     """Fork one run, wait for it, report its exit. False: the pool child is gone."""
     run_fd = channel.receive_fd(control)
     rss, vms = _sizes()
-    prepared = prepare(config, spawn, run_filter, vms, policy)
+    prepared = prepare(config, spawn, run_filter, vms, policy, shared_layer)
     pid = os.fork()
     if pid == 0:
         run_child(config, spawn, run_fd, plugin, policy, prepared)
     os.close(run_fd)
-    if prepared.ruleset_fd is not None:
+    if prepared.ruleset_fd is not None and prepared.ruleset_owned:
         os.close(prepared.ruleset_fd)
     channel.send_frame(CONTROL_FD, forked_frame(pid, rss))
     pidfd = os.pidfd_open(pid)
@@ -252,6 +260,7 @@ def main() -> NoReturn:
     reset_signals()
     seccomp.set_no_new_privs()
     logs.prepare(CHANNEL_FD)
+    shared_layer = run_layer(config, config.run_workspace) if config.run_workspace else None
     program = config.run_seccomp_b64
     run_filter = seccomp.Prepared(base64.b64decode(program)) if program is not None else None
     # A socket object over a duplicate of the control descriptor, for passing descriptors.
@@ -270,5 +279,5 @@ def main() -> NoReturn:
         if isinstance(message, Close):
             _teardown(plugin, policy, message.reason, config.home)
         if isinstance(message, Spawn) and not _serve_run(config, message, plugin, policy,
-                                                         run_filter, control):
+                                                         run_filter, control, shared_layer):
             _teardown(plugin, policy, "pool child gone", config.home)
