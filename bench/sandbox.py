@@ -3,12 +3,16 @@
 1. Throughput of a no-op job: plain Celery, pluginpool unsandboxed, pluginpool sandboxed
    (warm sandboxes: a fork of a set-up zygote per run), same Redis, same worker
    concurrency, rounds alternating; the CPU every system's processes used per job.
-2. The CPU one sandboxed run costs on each side of the boundary (bench/sandbox_cost.py).
+2. The CPU and minor page faults one sandboxed run costs on each side of the boundary
+   (bench/sandbox_cost.py), and what supervising a run costs the pool child
+   (bench/supervision.py).
 3. A plugin whose setup takes 1 s: 100 runs on one instance against cold set-ups.
 4. Memory: each warm sandbox (RSS, USS) and a worker with PLUGINPOOL_WARM_SANDBOXES full.
 5. Time from a limit being crossed to the run being stopped: memory and wall clock; the
    CPU share a hog limited to 25 % actually got.
-Run: `python -m bench.sandbox` (or `make bench`).
+Run: `python -m bench.sandbox` (or `make bench`). With BENCH_BASELINE_CODE (a directory
+holding pluginpool/{tasks,pool,policy} of an older revision) the sandboxed throughput,
+the per-run cost and the supervision are also measured for that code, in the same run.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -35,7 +41,7 @@ from bench.common import (
     timed,
     write_result,
 )
-from bench.sandbox_cost import fleet_cpu_s, fleet_memory, measure
+from bench.sandbox_cost import fleet_cpu_s, fleet_memory
 from pluginpool.policy.errors import PluginExecutionError
 from pluginpool.tasks.client import PluginClient
 from pluginpool.tasks.settings import Settings
@@ -61,8 +67,9 @@ SPECS = [
 WARMUP_JOBS = 20
 
 
-def limits(client: PluginClient, samples: int) -> dict[str, Any]:
-    memory, wall, end_to_end, cpu = [], [], [], []
+def limits(client: PluginClient, samples: int, *, worker_pid: int,
+           warm_root: str) -> dict[str, Any]:
+    memory, wall, end_to_end, cpu, tree = [], [], [], [], []
     for _ in range(samples):
         iid = client.load("memory-crosser")
         try:
@@ -79,8 +86,12 @@ def limits(client: PluginClient, samples: int) -> dict[str, Any]:
         except PluginExecutionError as exc:
             end_to_end.append((time.monotonic() - started) * 1000 - 500)
             wall.append(exc.details["usage"]["wall_ms"] - 500)
+        before, started = fleet_cpu_s(worker_pid, warm_root), time.monotonic()
         job = client.submit("cpu-25", {"seconds": 3})
         job.result(timeout=60)
+        # The worker's whole tree (main process, pool child, zygote, run) over the job.
+        tree.append(100 * (fleet_cpu_s(worker_pid, warm_root) - before)
+                    / (time.monotonic() - started))
         cpu.append(job.meta["usage"]["cpu_percent"])
 
     def summary(values: list[float]) -> dict[str, float]:
@@ -90,7 +101,8 @@ def limits(client: PluginClient, samples: int) -> dict[str, Any]:
     return {"memory_stop_after_crossing_ms": summary(memory),
             "wall_clock_stop_after_timeout_ms": summary(wall),
             "wall_clock_error_seen_by_producer_after_timeout_ms": summary(end_to_end),
-            "cpu_percent_of_25_percent_hog": summary(cpu)}
+            "cpu_percent_of_25_percent_hog": summary(cpu),
+            "worker_tree_cpu_percent_during_25_percent_hog": summary(tree)}
 
 
 def throughput(client: PluginClient, env: dict[str, str], run_dir: Path, plain_app: Celery,
@@ -98,19 +110,24 @@ def throughput(client: PluginClient, env: dict[str, str], run_dir: Path, plain_a
     """Jobs/s and the CPU all of a system's processes used per job, rounds alternating."""
     rates: dict[str, list[float]] = {"plain_celery": [], "pluginpool_in_pool": [],
                                      "pluginpool_sandboxed": []}
+    if env.get("BENCH_BASELINE_CODE"):
+        rates["pluginpool_sandboxed_before"] = []
     cpu_ms: dict[str, list[float]] = {system: [] for system in rates}
     for _ in range(rounds):
         for system in rates:
             node = f"bench-{system}@localhost"
             warm_root = str(run_dir / f"warm-{system}")
             worker_env = {**env, "PLUGINPOOL_WARM_ROOT": warm_root}
+            if system.endswith("_before"):
+                worker_env["PYTHONPATH"] = os.pathsep.join(
+                    [env["BENCH_BASELINE_CODE"], env["PYTHONPATH"]])
             if system == "plain_celery":
                 proc = plain_celery_worker(client, worker_env, run_dir, concurrency=2, node=node)
                 plain_round(plain_app, WARMUP_JOBS)
                 before = fleet_cpu_s(proc.pid, warm_root)
                 elapsed = timed(lambda: plain_round(plain_app, jobs))
             else:
-                plugin = "noop-sandboxed" if system.endswith("sandboxed") else "noop-in-pool"
+                plugin = "noop-in-pool" if system.endswith("in_pool") else "noop-sandboxed"
                 proc = pluginpool_worker(client, worker_env, run_dir, plugins=plugin,
                                          concurrency=2, node=node)
                 pluginpool_round(client, plugin, WARMUP_JOBS)
@@ -121,8 +138,14 @@ def throughput(client: PluginClient, env: dict[str, str], run_dir: Path, plain_a
             rates[system].append(jobs / elapsed)
     medians = {system: round(median(values), 1) for system, values in rates.items()}
     cpu = {system: round(median(values), 2) for system, values in cpu_ms.items()}
+    extra: dict[str, Any] = {}
+    if "pluginpool_sandboxed_before" in medians:
+        extra["ratio_sandboxed_before_vs_plain"] = round(
+            medians["pluginpool_sandboxed_before"] / medians["plain_celery"], 3)
+        extra["sandbox_cpu_ms_per_job_before"] = round(
+            cpu["pluginpool_sandboxed_before"] - cpu["pluginpool_in_pool"], 2)
     return {
-        "jobs_per_round": jobs, "rounds": rounds, "worker_concurrency": 2,
+        "jobs_per_round": jobs, "rounds": rounds, "worker_concurrency": 2, **extra,
         "jobs_per_s_median": medians,
         "jobs_per_s_all": {k: [round(v, 1) for v in vs] for k, vs in rates.items()},
         "ratio_sandboxed_vs_plain": round(medians["pluginpool_sandboxed"]
@@ -133,6 +156,44 @@ def throughput(client: PluginClient, env: dict[str, str], run_dir: Path, plain_a
         "sandbox_cpu_ms_per_job": round(cpu["pluginpool_sandboxed"]
                                         - cpu["pluginpool_in_pool"], 2),
     }
+
+
+def _in_subprocess(code: str, env: dict[str, str], baseline: bool) -> Any:
+    """Run `code` (it prints JSON) in a fresh interpreter: this tree's code or the
+    baseline's (BENCH_BASELINE_CODE first on the path)."""
+    paths = [str(ROOT), *([env["BENCH_BASELINE_CODE"]] if baseline else [])]
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, text=True,
+                         capture_output=True, timeout=600,
+                         env={**env, "PYTHONPATH": os.pathsep.join(paths[::-1])})
+    return json.loads(out.stdout)
+
+
+def per_run_cost(env: dict[str, str], *, runs: int, rounds: int) -> dict[str, Any]:
+    """bench/sandbox_cost.py's figures, median of `rounds` (alternating with the baseline's
+    when there is one): CPU and minor faults per run on each side."""
+    code = ("import json; from pathlib import Path; from bench.sandbox_cost import measure; "
+            f"print(json.dumps(measure(Path('bench').resolve(), {runs})))")
+    versions = ["now", "before"] if env.get("BENCH_BASELINE_CODE") else ["now"]
+    samples: dict[str, list[dict[str, Any]]] = {v: [] for v in versions}
+    for _ in range(rounds):
+        for version in versions:
+            samples[version].append(_in_subprocess(code, env, version == "before"))
+    result: dict[str, Any] = {"runs": runs, "rounds": rounds}
+    for version, found in samples.items():
+        by_total = sorted(found, key=lambda r: r["cpu_ms_per_run"]["total"])
+        result[version] = {"median_round": by_total[len(by_total) // 2],
+                           "cpu_ms_total_all": [r["cpu_ms_per_run"]["total"] for r in found]}
+    return result
+
+
+def supervision_cost(env: dict[str, str], *, seconds: float) -> dict[str, Any]:
+    """bench/supervision.py: the pool child's CPU while it supervises a throttled, a busy
+    and an idle run (and the baseline's)."""
+    code = ("import json; from bench.supervision import measure; "
+            f"print(json.dumps(measure({seconds})))")
+    versions = ["now", "before"] if env.get("BENCH_BASELINE_CODE") else ["now"]
+    return {version: _in_subprocess(code, env, version == "before")["cases"]
+            for version in versions}
 
 
 def slow_setup(client: PluginClient, *, runs: int, cold_samples: int) -> dict[str, Any]:
@@ -180,6 +241,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--limit-samples", type=int, default=5)
     parser.add_argument("--cost-runs", type=int, default=500)
+    parser.add_argument("--cost-rounds", type=int, default=3)
+    parser.add_argument("--supervision-s", type=float, default=5.0)
     parser.add_argument("--cold-samples", type=int, default=5)
     args = parser.parse_args()
     run_dir = Path(tempfile.mkdtemp(prefix="pluginpool-bench-"))
@@ -195,7 +258,8 @@ def main() -> None:
     plain_app.conf.update(task_serializer="json", accept_content=["json"])
 
     rates = throughput(client, env, run_dir, plain_app, jobs=args.jobs, rounds=args.rounds)
-    cost = measure(ROOT / "bench", args.cost_runs)
+    cost = per_run_cost(env, runs=args.cost_runs, rounds=args.cost_rounds)
+    supervision = supervision_cost(env, seconds=args.supervision_s)
     proc = pluginpool_worker(client, {**env, "PLUGINPOOL_WARM_ROOT": str(run_dir / "w1")},
                              run_dir, plugins="slow-setup", concurrency=1,
                              node="bench-setup@localhost")
@@ -204,10 +268,13 @@ def main() -> None:
     finally:
         proc.stop()
     memory_figures = memory(client, env, run_dir, capacity=4)
-    proc = pluginpool_worker(client, env, run_dir, plugins="memory-crosser,wall-clock,cpu-25",
+    limits_root = str(run_dir / "warm-limits")
+    proc = pluginpool_worker(client, {**env, "PLUGINPOOL_WARM_ROOT": limits_root}, run_dir,
+                             plugins="memory-crosser,wall-clock,cpu-25",
                              concurrency=1, node="bench-limits@localhost")
     try:
-        limit_figures = limits(client, args.limit_samples)
+        limit_figures = limits(client, args.limit_samples, worker_pid=proc.pid,
+                               warm_root=limits_root)
     finally:
         proc.stop()
     write_result("sandbox", {
@@ -215,7 +282,9 @@ def main() -> None:
                      "memory; limit enforcement",
         "command": "python -m bench.sandbox " + " ".join(
             f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
-        "throughput": rates, "cpu_per_run_one_sandbox": cost, "slow_setup": setup,
+        "baseline_code": os.environ.get("BENCH_BASELINE_CODE"),
+        "throughput": rates, "cpu_per_run_one_sandbox": cost, "supervision": supervision,
+        "slow_setup": setup,
         "memory": memory_figures, "limits": limit_figures,
     })
     client.close()
