@@ -66,6 +66,8 @@ class ReadyIndexChannel:
     _dirty: set[str]
     _consumed: dict[str, str]
     _rescan_at = 0.0
+    _slice_at = 0.0
+    _slice_cursor = 0
     _keyevents: bool | None = None
 
     # --- publishing: push and index in one step ------------------------------------------
@@ -293,6 +295,11 @@ class ReadyIndexChannel:
         super()._subscribe()  # type: ignore[misc]
         if getattr(self, "_in_listen", None) and self._keyevents_on():
             self.subclient.subscribe(*self._keyevent_channels())  # type: ignore[attr-defined]
+            # Pub/sub keeps nothing while unsubscribed: what was pushed before this
+            # (re)subscribe is found by a full rescan at the next claim.
+            for channel in getattr(self.connection, "channels", None) or (self,):
+                if isinstance(channel, ReadyIndexChannel):
+                    channel._rescan_at = 0.0
 
     def _handle_message(self, client: Any, r: Any) -> Any:
         if (bytes_to_str(r[0]) == "message"

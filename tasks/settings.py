@@ -126,9 +126,11 @@ class Settings(BaseSettings):
                     "number of plugins.")
     broker_rescan_s: float = Field(
         default=60.0, gt=0,
-        description="With keyspace notifications on: how often a worker rescans its queues "
-                    "anyway, a safety net for notifications lost (pub/sub keeps none while a "
-                    "connection is down).")
+        description="With keyspace notifications on: how long a worker's rolling rescan of "
+                    "its queues takes for a full pass, a safety net for notifications lost. It "
+                    "rechecks at most 8 queue lists a second, so a worker with more than "
+                    "8 x this many lists (4 per queue) takes longer; every reconnect or "
+                    "resubscribe triggers a full rescan at once.")
     spec_cache_ttl_s: float = Field(
         default=5.0, ge=0, description="How long producers and workers cache a spec.")
     plugin_paths: list[str] = Field(

@@ -79,3 +79,31 @@ def test_a_deep_backlog_does_not_starve_the_other_plugins(
     # alone while the others were being submitted.
     assert left > 500, "the other plugins waited for the backlog"
     assert backlog[-1].result(timeout=120)["payload"] == 1499
+
+
+def test_a_push_whose_notification_was_lost_is_found_by_the_rolling_rescan(
+        redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The safety net: a message that reaches a queue without a list-push notification (here
+    moved in with RENAME, which raises none; in production a notification lost) is found by
+    the rolling rescan within its pass (`PLUGINPOOL_BROKER_RESCAN_S`, 1 s here)."""
+    settings = make_settings(redis_url, key_prefix=f"pprescan:{uuid.uuid4().hex[:8]}:",
+                             breaker_enabled=False, usage_events=False, broker_rescan_s=1.0)
+    client = PluginClient(settings)
+    client.register([echo(f"rescan-{i}") for i in range(3)])
+    worker = spawn_worker(client, tmp_path_factory.mktemp("rescan"), plugins="rescan-*",
+                          concurrency=1)
+    plain = Celery("plain-rescan", broker=settings.redis_url, backend=settings.redis_url,
+                   set_as_current=False)
+    plain.conf.update(task_serializer="json", accept_content=["json"],
+                      result_accept_content=["json"])
+    try:
+        assert client.submit("rescan-0", "warm").result(timeout=30)["payload"] == "warm"
+        staging = f"staging-{uuid.uuid4().hex[:6]}"
+        sent = plain.send_task("plugin.rescan-2", args=["unnotified"], queue=staging)
+        client.redis.rename(staging, "plugins.rescan-2")
+        assert sent.get(timeout=30)["value"]["payload"] == "unnotified"
+        assert worker.alive()
+    finally:
+        retire(worker)
+        plain.close()
+        client.close()
