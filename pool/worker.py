@@ -79,6 +79,14 @@ def plan_worker(settings: Settings, *, plugins: str = "all", concurrency: int | 
     )
 
 
+FOLLOWED_SPEC_TTL_S = 300.0
+"""How long a worker keeps a spec at most. The registry follower drops every cached spec
+on each change it hears of (at once on an event, within PLUGINPOOL_FLEET_RECONCILE_S
+otherwise) and a job that names a newer revision fetches it, so the age bound is a last
+resort. A short one made every job of a large fleet a registry read: with 1,000 plugins
+each plugin's spec was older than 5 s at nearly every job."""
+
+
 @dataclass(frozen=True)
 class FleetConfig:
     """What the registry follower of a worker app needs (see pool/fleet.py)."""
@@ -102,7 +110,8 @@ def build_worker_app(settings: Settings, specs: list[PluginSpec], *,
     register_plugin_tasks(app, specs)
     services = WorkerServices.build(settings, sandbox_runner=SandboxRunner.factory)
     generation = SharedGeneration()
-    services.specs = SpecCache(services.registry, ttl_s=settings.spec_cache_ttl_s,
+    services.specs = SpecCache(services.registry,
+                               ttl_s=max(settings.spec_cache_ttl_s, FOLLOWED_SPEC_TTL_S),
                                generation=generation)
     artifacts = ArtifactCache.from_settings(settings)
     for sandboxed, runner in list(services.runners.items()):

@@ -132,7 +132,10 @@ class Settings(BaseSettings):
                     "8 x this many lists (4 per queue) takes longer; every reconnect or "
                     "resubscribe triggers a full rescan at once.")
     spec_cache_ttl_s: float = Field(
-        default=5.0, ge=0, description="How long producers and workers cache a spec.")
+        default=5.0, ge=0,
+        description="How long a producer caches a spec (registry events drop it sooner). A "
+                    "worker drops its cached specs on every registry change its follower "
+                    "hears of, and keeps one at most max(this, 300 s).")
     plugin_paths: list[str] = Field(
         default_factory=list,
         description="Directories added to sys.path in workers, where plugin modules live.",
