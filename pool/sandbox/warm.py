@@ -153,10 +153,10 @@ class WarmSandbox:
         return False
 
     def alive(self) -> bool:
-        if _gone(self.pid):
-            return False
+        """Between runs the zygote sends nothing, so a readable control socket is its end
+        (EOF: a dead process's descriptors close at once, and no run holds this one)."""
         try:
-            return not select.select([self.control], [], [], 0)[0]  # readable idle: EOF
+            return not select.select([self.control], [], [], 0)[0]
         except (OSError, ValueError):
             return False
 
