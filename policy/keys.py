@@ -158,8 +158,15 @@ class RedisKeys:
 
     @property
     def workers(self) -> str:
-        """Hash: worker node → its queues and last heartbeat (written by each worker)."""
+        """Hash: worker node → its last heartbeat, pid, host and the digest of its queues
+        (written by each worker every few seconds; small whatever its plugin count)."""
         return f"{self.prefix}workers"
+
+    @property
+    def worker_queues(self) -> str:
+        """Hash: worker node → JSON list of the queues it consumes, written only when the
+        list changes (its digest rides on every heartbeat in `workers`)."""
+        return f"{self.prefix}workers:queues"
 
     def spec_revisions(self, plugin_id: str) -> str:
         """List: one record per revision of a plugin (revision, version, source hash, when,

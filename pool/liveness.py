@@ -19,6 +19,8 @@ from typing import Any
 import redis
 from celery import bootsteps
 
+from pluginpool.tasks.health import queues_digest
+
 logger = logging.getLogger("pluginpool.liveness")
 
 
@@ -32,6 +34,8 @@ class WorkerLiveness(bootsteps.StartStopStep):  # type: ignore[misc]
     def start(self, worker: Any) -> None:
         services = worker.app.pluginpool_services
         self._key = services.settings.keys.workers
+        self._queues_key = services.settings.keys.worker_queues
+        self._written_digest = ""
         self._redis: redis.Redis = services.redis
         self._node = worker.hostname
         self._app = worker.app
@@ -42,11 +46,17 @@ class WorkerLiveness(bootsteps.StartStopStep):  # type: ignore[misc]
     def _beat(self) -> None:
         # Read at every beat: the registry follower adds and cancels queues (fleet.py).
         queues = self._app.amqp.queues
-        entry = {"queues": sorted(queues.consume_from or queues), "at": time.time(),
-                 "pid": os.getpid(),
-                 "host": socket.gethostname()}
+        names = sorted(queues.consume_from or queues)
+        digest = queues_digest(names)
+        entry = {"queues_digest": digest, "queue_count": len(names), "at": time.time(),
+                 "pid": os.getpid(), "host": socket.gethostname()}
         try:
-            self._redis.hset(self._key, self._node, json.dumps(entry))
+            with self._redis.pipeline(transaction=True) as pipe:
+                if digest != self._written_digest:  # the list only when it changed
+                    pipe.hset(self._queues_key, self._node, json.dumps(names))
+                pipe.hset(self._key, self._node, json.dumps(entry))
+                pipe.execute()
+            self._written_digest = digest
         except redis.RedisError as exc:
             logger.warning("could not record this worker's heartbeat: %s", exc)
 
@@ -55,3 +65,4 @@ class WorkerLiveness(bootsteps.StartStopStep):  # type: ignore[misc]
             self._timer_entry.cancel()
         with contextlib.suppress(redis.RedisError, AttributeError):
             self._redis.hdel(self._key, self._node)
+            self._redis.hdel(self._queues_key, self._node)

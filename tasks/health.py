@@ -7,6 +7,7 @@ none of them needs the aggregator to be up to count runs and outcomes.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from typing import Any
@@ -27,19 +28,63 @@ HISTORY_MINUTES = 15
 LIVE_AFTER_MISSED_BEATS = 3
 
 
+def queues_digest(queues: list[str]) -> str:
+    """Names a worker's queue list on its heartbeat, so the list itself (10,000 names with
+    10,000 plugins) is written and read again only when it changes."""
+    return hashlib.sha1("\n".join(queues).encode(), usedforsecurity=False).hexdigest()[:16]
+
+
+class WorkerRoster:
+    """The workers' heartbeats with their queue lists, each list fetched once per digest.
+
+    A heartbeat carries only the digest of its worker's queues; the lists live in
+    `RedisKeys.worker_queues`. A long-lived reader (the aggregator, a producer) keeps the
+    lists it has seen, so a read costs one small HGETALL while no worker's queues change."""
+
+    def __init__(self, client: redis.Redis, keys: RedisKeys) -> None:
+        self._redis = client
+        self._keys = keys
+        self._lists: dict[str, tuple[str, list[str]]] = {}
+
+    def entries(self) -> dict[str, dict[str, Any]]:
+        """Worker node → its heartbeat entry, with `queues` filled in."""
+        entries: dict[str, dict[str, Any]] = {}
+        for node, raw in self._redis.hgetall(self._keys.workers).items():
+            try:
+                entry = json.loads(raw)
+            except ValueError:
+                continue
+            if isinstance(entry, dict):
+                entries[str(node)] = entry
+        missing = [node for node, entry in entries.items() if "queues" not in entry
+                   and self._lists.get(node, ("", []))[0] != entry.get("queues_digest")]
+        if missing:
+            listed = self._redis.hmget(self._keys.worker_queues, missing)
+            for node, names in zip(missing, listed, strict=True):
+                try:
+                    queues = [str(queue) for queue in json.loads(names)] if names else []
+                except (ValueError, TypeError):
+                    queues = []
+                self._lists[node] = (str(entries[node].get("queues_digest")), queues)
+        for node in list(self._lists):
+            if node not in entries:
+                del self._lists[node]
+        for node, entry in entries.items():
+            if "queues" not in entry:  # a worker of a release that wrote its list inline
+                entry["queues"] = self._lists.get(node, ("", []))[1]
+        return entries
+
+    def live(self, *, heartbeat_s: float, now: float | None = None) -> dict[str, list[str]]:
+        """Worker node → the queues it consumes, for workers whose heartbeat is recent."""
+        now = time.time() if now is None else now
+        return {node: list(entry["queues"]) for node, entry in self.entries().items()
+                if now - float(entry.get("at", 0)) <= heartbeat_s * LIVE_AFTER_MISSED_BEATS}
+
+
 def live_workers(client: redis.Redis, keys: RedisKeys, *, heartbeat_s: float,
                  now: float | None = None) -> dict[str, list[str]]:
     """Worker node → the queues it consumes, for workers whose heartbeat is recent."""
-    now = time.time() if now is None else now
-    live = {}
-    for node, raw in client.hgetall(keys.workers).items():
-        try:
-            entry = json.loads(raw)
-        except ValueError:
-            continue
-        if now - float(entry.get("at", 0)) <= heartbeat_s * LIVE_AFTER_MISSED_BEATS:
-            live[str(node)] = list(entry.get("queues", []))
-    return live
+    return WorkerRoster(client, keys).live(heartbeat_s=heartbeat_s, now=now)
 
 
 READ_BATCH = 200
@@ -58,6 +103,7 @@ class HealthReader:
         self._keys = keys
         self._thresholds = thresholds
         self._heartbeat_s = heartbeat_s
+        self.roster = WorkerRoster(client, keys)
 
     def read_all(self, specs: list[PluginSpec]) -> list[PluginHealth]:
         """Every plugin's health, READ_BATCH plugins per round trip: with 10,000 plugins a
@@ -67,7 +113,7 @@ class HealthReader:
         only of plugins that recorded something within it. Most of a large fleet is idle
         in any quarter hour; reading fifteen empty hashes for each idle plugin made three
         quarters of the commands of a full read."""
-        workers = live_workers(self._redis, self._keys, heartbeat_s=self._heartbeat_s)
+        workers = self.roster.live(heartbeat_s=self._heartbeat_s)
         now = time.time()
         minutes = self._minutes(now)
         empty_history: list[dict[str, str]] = [{} for _ in minutes]
@@ -100,7 +146,7 @@ class HealthReader:
     def read(self, spec: PluginSpec, *, workers: dict[str, list[str]] | None = None
              ) -> PluginHealth:
         if workers is None:
-            workers = live_workers(self._redis, self._keys, heartbeat_s=self._heartbeat_s)
+            workers = self.roster.live(heartbeat_s=self._heartbeat_s)
         now = time.time()
         minutes = self._minutes(now)
         with self._redis.pipeline(transaction=False) as pipe:

@@ -105,11 +105,7 @@ class Api:
         heartbeat_s = self.client.settings.worker_heartbeat_s
         load = self._load()
         out = []
-        for node, raw in sorted(self.client.redis.hgetall(self.keys.workers).items()):
-            try:
-                entry = json.loads(raw)
-            except ValueError:
-                continue
+        for node, entry in sorted(self.client.health_reader.roster.entries().items()):
             age = now - float(entry.get("at", 0))
             out.append({"node": str(node), "host": entry.get("host"), "pid": entry.get("pid"),
                         "queues": list(entry.get("queues", [])),

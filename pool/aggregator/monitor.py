@@ -72,6 +72,7 @@ class EventMonitor(threading.Thread):
                 self.worker_load.pop(hostname, None)
             try:
                 self._redis.hdel(self._keys.workers, hostname)
+                self._redis.hdel(self._keys.worker_queues, hostname)
             except redis.RedisError as exc:
                 logger.warning("could not remove offline worker %s: %s", hostname, exc)
 

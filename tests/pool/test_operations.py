@@ -85,8 +85,8 @@ def env(redis_url: str, tmp_path_factory: pytest.TempPathFactory
 
 
 def consuming(client: PluginClient, queue: str) -> bool:
-    raw = client.redis.hgetall(client.settings.keys.workers)
-    return any(queue in json.loads(entry)["queues"] for entry in raw.values())
+    workers = client.health_reader.roster.live(heartbeat_s=client.settings.worker_heartbeat_s)
+    return any(queue in queues for queues in workers.values())
 
 
 def test_disabled_plugin_refuses_submits_and_its_queued_jobs_run_after_enable(

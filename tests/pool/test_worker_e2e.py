@@ -16,6 +16,7 @@ from pluginpool.policy.errors import ErrorType, PluginExecutionError
 from pluginpool.pool.processes import ManagedProcess, wait_until
 from pluginpool.tasks.client import PluginClient
 from pluginpool.tasks.deadletter import DeadLetterStore
+from pluginpool.tasks.health import queues_digest
 from tests.conftest import TEST_PLUGINS, make_settings, retire, spawn_worker
 
 
@@ -248,3 +249,23 @@ def test_two_workers_share_a_queue(env: tuple[PluginClient, ManagedProcess],
         assert workers == {first.nodename, second.nodename}  # type: ignore[attr-defined]
     finally:
         retire(second)
+
+
+def test_heartbeat_carries_a_digest_and_the_queue_list_is_written_apart(
+        env: tuple[PluginClient, ManagedProcess]) -> None:
+    """A heartbeat stays small whatever the plugin count: the queue list is written beside
+    it, once per change, and readers resolve it by digest."""
+    client, worker = env
+    keys = client.settings.keys
+    node = worker.nodename  # type: ignore[attr-defined]
+    assert wait_until(lambda: client.redis.hexists(keys.workers, node), timeout_s=10)
+    raw = client.redis.hget(keys.workers, node)
+    assert raw is not None and len(raw) < 512
+    entry = json.loads(raw)
+    assert "queues" not in entry
+    listed = json.loads(client.redis.hget(keys.worker_queues, node) or "[]")
+    assert entry["queues_digest"] == queues_digest(listed)
+    assert entry["queue_count"] == len(listed)
+    live = client.health_reader.roster.live(heartbeat_s=client.settings.worker_heartbeat_s)
+    assert live[node] == listed
+    assert {spec.queue for spec in client.plugins()} <= set(listed)
