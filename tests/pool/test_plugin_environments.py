@@ -34,15 +34,18 @@ PLUGIN_CODE = '''\
 import sys
 
 
-def run(ctx, payload):
-    import ppdemo_dep
+def sees(ctx, payload):
     try:
         import celery  # installed in the worker's environment, not in the plugin's
         celery_visible = True
     except ImportError:
         celery_visible = False
-    return {"dep": ppdemo_dep.VERSION, "dep_file": ppdemo_dep.__file__,
-            "celery_visible": celery_visible, "no_site": bool(sys.flags.no_site)}
+    return {"celery_visible": celery_visible, "no_site": bool(sys.flags.no_site)}
+
+
+def run(ctx, payload):
+    import ppdemo_dep
+    return {"dep": ppdemo_dep.VERSION, "dep_file": ppdemo_dep.__file__, **sees(ctx, payload)}
 
 
 def plain(ctx, payload):
@@ -119,9 +122,10 @@ def test_conflicting_versions_each_see_their_own_on_one_worker(envs: Envs) -> No
     assert one["dep_file"].startswith(envs_dir) and two["dep_file"].startswith(envs_dir)
     assert Path(one["dep_file"]).parts[-4] != Path(two["dep_file"]).parts[-4]
     assert one["no_site"] and not one["celery_visible"]  # the worker's site-packages: hidden
-    # A third plugin with no requirements keeps the worker's interpreter as it was.
-    envs.register("env-none", [], entry="plain")
-    assert envs.client.submit("env-none", {}).result(timeout=30) == {"ok": True}
+    # A plugin without requirements sees the worker's site-packages, as it always did.
+    envs.register("env-none", [], entry="sees")
+    assert envs.client.submit("env-none", {}).result(timeout=30) == {
+        "celery_visible": True, "no_site": False}
 
 
 def test_a_second_run_reuses_the_environment(envs: Envs) -> None:
