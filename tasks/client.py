@@ -58,6 +58,11 @@ from pluginpool.tasks.subscriptions import Handler, Subscriptions
 from pluginpool.tasks.transport import TRANSPORT_PATH
 
 MAX_FALLBACK_DEPTH = 3
+FOLLOWED_SPEC_TTL_S = 60.0
+"""How long a producer that follows registry events keeps a spec at most: events drop it
+at once, and every entry when the subscription fails; the bound covers an event lost in
+the instant the subscription reconnects. A stale spec here is harmless to a job: workers
+run the newest revision they know of and refuse an unregistered plugin's job, typed."""
 
 
 class PluginClient(FleetOperations, Operations):
@@ -128,8 +133,10 @@ class PluginClient(FleetOperations, Operations):
             # unregister) reaches this producer's next submit, not one spec_cache_ttl_s later.
             self._following_registry = True
             with self._unavailable_as_error():
+                self._subscriptions.on_gap(self._specs.invalidate)
                 self._subscriptions.add(self.settings.keys.registry_channel, "*",
                                         lambda event: self._specs.invalidate(event["plugin_id"]))
+            self._specs.follow(FOLLOWED_SPEC_TTL_S)
         with self._unavailable_as_error():
             return self._specs.get(plugin_id)
 

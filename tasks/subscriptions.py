@@ -31,12 +31,19 @@ class Subscriptions:
         self._lock = threading.Lock()
         self._thread: Any = None
         self._pubsub: Any = None
+        self._gap_handlers: list[Callable[[], None]] = []
 
     def add(self, channel: str, plugin_id: str, handler: Handler) -> None:
         with self._lock:
             self._handlers[channel].append((plugin_id, handler))
             if self._thread is None:
                 self._start()
+
+    def on_gap(self, handler: Callable[[], None]) -> None:
+        """Call `handler` whenever events may have been missed (the subscription's
+        connection failed; pub/sub keeps nothing while it is down)."""
+        with self._lock:
+            self._gap_handlers.append(handler)
 
     def _start(self) -> None:
         pubsub = self._client.pubsub()  # type: ignore[no-untyped-call]
@@ -48,12 +55,29 @@ class Subscriptions:
             if message and message["type"] == "subscribe":
                 confirmed.add(_text(message["channel"]))
         self._pubsub = pubsub
+        if pubsub.connection is not None:
+            # redis-py reconnects and resubscribes on its own, often without surfacing an
+            # error: its connect callbacks are where a gap shows.
+            pubsub.connection.register_connect_callback(self._on_reconnect)
         self._thread = pubsub.run_in_thread(sleep_time=0.5, daemon=True,
                                             exception_handler=self._on_thread_error)
 
+    def _on_reconnect(self, connection: Any) -> None:
+        self._gap()
+
     def _on_thread_error(self, exc: BaseException, pubsub: Any, thread: Any) -> None:
         logger.warning("event subscription error, reconnecting: %r", exc)
+        self._gap()
         time.sleep(0.5)
+
+    def _gap(self) -> None:
+        with self._lock:
+            gap_handlers = list(self._gap_handlers)
+        for handler in gap_handlers:
+            try:
+                handler()
+            except Exception:
+                logger.exception("event gap handler %r failed", handler)
 
     def _dispatch(self, message: dict[str, Any]) -> None:
         channel = _text(message["channel"])

@@ -1,0 +1,38 @@
+"""A producer keeps specs while it follows registry events, and drops them all when its
+subscription's connection comes back (an event published while it was down is lost)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pluginpool.pool.processes import wait_until
+from pluginpool.tasks.client import FOLLOWED_SPEC_TTL_S, PluginClient
+from pluginpool.tasks.spec import PluginSpec
+
+
+def spec(version: str) -> PluginSpec:
+    return PluginSpec(id="follow-me", name="follow-me", version=version,
+                      entrypoint="pp_testplugins.basic:echo")
+
+
+def test_specs_are_kept_while_followed_and_dropped_when_the_subscription_reconnects(
+        client: PluginClient) -> None:
+    keys = client.settings.keys
+    client.register(spec("1.0.0"))
+    assert client.spec("follow-me").version == "1.0.0"  # starts following
+    assert client._specs._ttl_s >= FOLLOWED_SPEC_TTL_S
+    with PluginClient(client.settings) as other:  # a change heard of: dropped at once
+        other.register(spec("2.0.0"))
+    assert wait_until(lambda: client.spec("follow-me").version == "2.0.0", timeout_s=10)
+
+    # A change whose event never arrives (written without one, as if published while the
+    # subscription was down): the cached spec stays...
+    stored = json.loads(client.redis.hget(keys.specs, "follow-me") or "{}")
+    client.redis.hset(keys.specs, "follow-me", json.dumps({**stored, "version": "3.0.0"}))
+    assert client.spec("follow-me").version == "2.0.0"
+    # ...until the subscription's connection drops and comes back: every spec is dropped.
+    pubsub: Any = client._subscriptions._pubsub
+    host, port = pubsub.connection._sock.getsockname()[:2]
+    client.redis.client_kill(f"{host}:{port}")
+    assert wait_until(lambda: client.spec("follow-me").version == "3.0.0", timeout_s=10)
