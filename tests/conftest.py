@@ -16,8 +16,6 @@ from pathlib import Path
 
 import pytest
 import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from pluginpool.pool.processes import ManagedProcess, wait_until
 from pluginpool.pool.redis_bootstrap import ensure_redis, with_db
@@ -43,13 +41,6 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> str:
     client.flushdb()
     client.close()
     return url
-
-
-def unreachable_redis() -> redis.Redis:
-    """A client of a port nothing listens on, failing at the first refusal: redis-py's
-    default retry (3 more attempts with backoff) would spend about 5 s per call on it."""
-    return redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.5,
-                       retry=Retry(NoBackoff(), 0))
 
 
 def make_settings(redis_url: str, **overrides: object) -> Settings:

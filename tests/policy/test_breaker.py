@@ -19,7 +19,7 @@ from pluginpool.policy.breaker import (
 )
 from pluginpool.policy.errors import ErrorType
 from pluginpool.policy.keys import RedisKeys
-from tests.conftest import unreachable_redis
+from tests.unreachable import unreachable_redis
 
 RUNTIME = ErrorType.RUNTIME
 
@@ -189,11 +189,12 @@ def test_unreachable_redis_fails_closed_or_open_as_configured() -> None:
     assert permit.allowed and permit.unguarded
 
 
-def _race(url: str, prefix: str, start_at: float, out: Any) -> None:
+def _race(url: str, prefix: str, ready: Any, go: Any, out: Any) -> None:
     client = redis.Redis.from_url(url, decode_responses=True)
     breaker = CircuitBreaker(client, RedisKeys(prefix))
-    while time.time() < start_at:
-        time.sleep(0.001)
+    client.ping()
+    ready.release()
+    go.wait(60)
     allowed = 0
     for _ in range(50):
         allowed += breaker.acquire("p", config(), default_open_ms=1000).allowed
@@ -205,12 +206,19 @@ def test_half_open_permits_hold_under_16_racing_producer_processes(
     cfg = config()
     trip(breaker, cfg)
     wait_half_open(breaker, cfg)
-    out: Any = multiprocessing.get_context("spawn").Queue()
-    start_at = time.time() + 3
-    procs = [multiprocessing.get_context("spawn").Process(
-        target=_race, args=(redis_url, breaker._keys.prefix, start_at, out)) for _ in range(16)]
+    # Forked from a server that imported this module once (spawn re-imports it in each of
+    # the 16), all released together once every one is connected.
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    out: Any = context.Queue()
+    ready, go = context.Semaphore(0), context.Event()
+    procs = [context.Process(target=_race, args=(redis_url, breaker._keys.prefix, ready, go, out))
+             for _ in range(16)]
     for proc in procs:
         proc.start()
+    for _ in procs:
+        assert ready.acquire(timeout=60)
+    go.set()
     admitted = sum(out.get(timeout=60) for _ in procs)
     for proc in procs:
         proc.join(timeout=10)

@@ -21,14 +21,8 @@ from pluginpool.policy.errors import (
 from pluginpool.pool.processes import ManagedProcess, wait_until
 from pluginpool.tasks.client import PluginClient
 from pluginpool.tasks.jobs import FallbackJob, Job
-from tests.conftest import (
-    TEST_PLUGINS,
-    make_settings,
-    retire,
-    spawn_worker,
-    unreachable_redis,
-    worker_env,
-)
+from tests.conftest import TEST_PLUGINS, make_settings, retire, spawn_worker, worker_env
+from tests.unreachable import unreachable_redis
 
 
 @pytest.fixture(scope="module")
