@@ -69,7 +69,7 @@ def env(redis_url: str, tmp_path_factory: pytest.TempPathFactory
 def aggregator(env: tuple[PluginClient, ManagedProcess, Path]) -> Iterator[Aggregator]:
     agg = Aggregator(env[0], env[2])
     yield agg
-    agg.proc.stop()
+    retire(agg.proc)
 
 
 def health_of(agg: Aggregator, plugin: str) -> dict[str, Any]:
@@ -137,8 +137,7 @@ def test_counts_are_exact_across_an_aggregator_kill_and_two_replicas(
         for field in ("runs", "failures", "restarts", "latency_buckets", "usage"):
             assert first_view[field] == second_view[field], field
     finally:
-        restarted.proc.stop()
-        second.proc.stop()
+        retire(restarted.proc, second.proc)
 
 
 def test_metrics_parse_with_prometheus_clients_own_parser(env: Any,

@@ -101,7 +101,7 @@ def test_huge_error_messages_are_bounded_where_stored_and_served(env: Env) -> No
         assert len(raises["last_errors"]) == 10
         assert len(body) < 100_000  # ten 0.9 MB messages made it 9 MB before
     finally:
-        aggregator.proc.stop()
+        retire(aggregator.proc)
     assert worker.alive()
 
 
@@ -117,7 +117,7 @@ def test_an_idle_http_connection_is_closed_while_others_are_served(env: Env) -> 
             sock.close()
         assert aggregator.get("/livez")["ok"] is True
     finally:
-        aggregator.proc.stop()
+        retire(aggregator.proc)
 
 
 def test_unload_removes_the_instances_storage_usage_and_errors(env: Env) -> None:
