@@ -18,8 +18,9 @@ $(STAMP): pyproject.toml
 demo: install
 	$(BIN)/pluginpool demo
 
+# --durations: the 15 slowest steps are printed at the end, so time creeping in shows.
 test: install browser
-	PLUGINPOOL_REDIS_URL=$$($(BIN)/pluginpool ensure-redis) $(BIN)/python -m pytest
+	PLUGINPOOL_REDIS_URL=$$($(BIN)/pluginpool ensure-redis) $(BIN)/python -m pytest --durations=15
 
 # Only the fault tests (they also run in `make test`): workers, consumers and Redis killed
 # or restarted mid-stream, Sentinel, backlogs behind an open breaker, the consuming
