@@ -42,6 +42,7 @@ THROTTLE_SLICE_S = 0.05
 about slice * (100 / share - 1): 150 ms at 25 %)."""
 MB = 1024 * 1024
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 MAX_TREE = 4096
 """A bound on the processes one sample walks (a fork bomb is killed by the pids it shows)."""
 
@@ -136,9 +137,11 @@ def process_tree(pid: int) -> list[int]:
 
 
 def cpu_seconds(pid: int) -> float:
-    """CPU time one process has run (the scheduler's nanoseconds; 0 when it is gone)."""
+    """CPU time one process has used, all its threads (those that ended included), user and
+    system: /proc/<pid>/stat, in clock ticks (0 when it is gone)."""
     try:
-        return int(_read(f"/proc/{pid}/schedstat").split()[0]) / 1e9
+        fields = _read(f"/proc/{pid}/stat").rsplit(b")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
     except (OSError, IndexError, ValueError):
         return 0.0
 

@@ -64,15 +64,17 @@ def _cpu_s() -> float:
 
 @pytest.fixture(scope="module")
 def sandboxes() -> Iterator[dict[int, warm.WarmSandbox]]:
-    """Two warm sandboxes of the same test plugins: unthrottled and limited to 25 %."""
+    """Warm sandboxes of a CPU hog, unthrottled (100) and limited to 25 %, and of a hog
+    that spins in three threads, limited to 25 % (-25)."""
     root = tempfile.mkdtemp(prefix="pp-test-supervision-")
     started: dict[int, warm.WarmSandbox] = {}
     seccomp = seccomp_filter.available()
-    for percent in (100, 25):
+    for key, entrypoint in ((100, "hostile:cpu_hog"), (25, "hostile:cpu_hog"),
+                            (-25, "throttle:threaded_hog")):
         spec = PluginSpec.model_validate({
-            "id": f"supervised-{percent}", "name": "supervised",
-            "entrypoint": "pp_testplugins.hostile:cpu_hog",
-            "resource_limits": {"max_cpu_percent": percent, "timeout_ms": 30_000}})
+            "id": f"supervised{key}", "name": "supervised",
+            "entrypoint": f"pp_testplugins.{entrypoint}",
+            "resource_limits": {"max_cpu_percent": abs(key), "timeout_ms": 30_000}})
         plan = warm.SetupPlan(
             spec=spec, instance_id=None, initial_data={}, warm_root=root,
             read_paths=read_paths((str(TEST_PLUGINS),)), landlock_abi=landlock.abi_version(),
@@ -86,7 +88,7 @@ def sandboxes() -> Iterator[dict[int, warm.WarmSandbox]]:
         sandbox, out = warm.start(ZygoteLauncher(code_paths=(str(TEST_PLUGINS),)), plan,
                                   storage=lambda request: {"ok": False})
         assert sandbox is not None, out
-        started[percent] = sandbox
+        started[key] = sandbox
     yield started
     for sandbox in started.values():
         sandbox.retire("test done")
@@ -133,3 +135,11 @@ def test_supervising_a_throttled_run_stays_within_three_points(
     assert spent <= POOL_CHILD_MAX_PERCENT, spent
     assert isinstance(out.result, Result)
     assert 100 * out.result.cpu_s / out.result.wall_s <= 25 + 10  # the share itself holds
+
+
+def test_threads_share_their_process_budget(sandboxes: dict[int, warm.WarmSandbox]) -> None:
+    """Three spinning threads get 25 % of one core between them, not 25 % each."""
+    out, spent = supervise(sandboxes[-25], {"seconds": 2, "threads": 3}, cpu_percent=25)
+    assert spent <= POOL_CHILD_MAX_PERCENT, spent
+    assert isinstance(out.result, Result)
+    assert 100 * out.result.cpu_s / out.result.wall_s <= 25 + 10
