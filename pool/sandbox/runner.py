@@ -47,6 +47,7 @@ SYSTEM_READ_PATHS = (
     "/dev/urandom", "/dev/random", "/dev/null",
 )
 FRAME_OVERHEAD_BYTES = 64 * 1024
+STORAGES_KEPT = 256
 
 
 class SandboxGone(Exception):
@@ -72,10 +73,23 @@ class SandboxRunner:
         self._seccomp = seccomp_filter.available()
         self._pool = WarmPool(capacity=self._settings.warm_sandboxes,
                               idle_s=self._settings.warm_idle_s)
+        self._storages: dict[tuple[str, int], InstanceStorage] = {}
         self._housekeeper_of = 0
         self._housekeeper: Housekeeper | None = None
         self._warm_root = self._settings.warm_root or os.path.join(
             tempfile.gettempdir(), f"pluginpool-warm-{os.getuid()}")
+
+    def _storage(self, scope: str, *, quota_bytes: int) -> InstanceStorage:
+        """`ctx.storage` of an instance (or plugin), kept between runs: building one
+        registers (hashes) its two Lua scripts."""
+        key = (scope, quota_bytes)
+        found = self._storages.get(key)
+        if found is None:
+            if len(self._storages) >= STORAGES_KEPT:
+                self._storages.clear()
+            found = self._storages[key] = InstanceStorage(
+                self._services.redis, self._settings.keys, scope, quota_bytes=quota_bytes)
+        return found
 
     @classmethod
     def factory(cls, services: WorkerServices) -> SandboxRunner:
@@ -130,9 +144,8 @@ class SandboxRunner:
         check_requires(spec, registered=lambda pid: bool(
             client.hexists(self._settings.keys.specs, pid)), packages_here=False)
         self._ensure_housekeeper(ctx.worker or socket.gethostname())
-        storage = InstanceStorage(client, self._settings.keys,
-                                  ctx.instance_id or f"plugin:{spec.id}",
-                                  quota_bytes=spec.resource_limits.max_storage_kb * 1024)
+        storage = self._storage(ctx.instance_id or f"plugin:{spec.id}",
+                                quota_bytes=spec.resource_limits.max_storage_kb * 1024)
         key = (spec.id, spec.revision, ctx.instance_id)
         setup: Supervision | None = None
         sandbox = self._pool.take(key)
