@@ -13,7 +13,6 @@ marked as not runnable right before it (`<!-- not-a-test: why -->`), or this fai
 
 from __future__ import annotations
 
-import os
 import re
 import shlex
 import shutil
@@ -205,4 +204,3 @@ def test_readme_examples_run(session: Session, monkeypatch: pytest.MonkeyPatch,
               f"{', '.join(str(d.relative_to(ROOT)) for d in DOCUMENTS)}")
     assert ran["uncovered"] == 0
     assert ran["toml"] >= 3 and ran["python"] >= 4 and ran["sh"] >= 1, ran
-    assert os.environ["PLUGINPOOL_KEY_PREFIX"] == session.settings.key_prefix
