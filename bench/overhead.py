@@ -148,6 +148,23 @@ def script_names() -> dict[str, str]:
     return names
 
 
+def script_usec(store: redis.Redis, jobs: int) -> dict[str, float]:
+    """Redis µs per job by command, each script apart (from a SLOWLOG that logged every
+    command; a script's time includes the commands it ran, EXEC's those it queued)."""
+    names = script_names()
+    usec: Counter[str] = Counter()
+    entries: list[dict[str, Any]] = store.slowlog_get(1_000_000)  # type: ignore[assignment]
+    for entry in entries:
+        words = entry["command"].split() if isinstance(entry["command"], bytes) else []
+        name = words[0].decode().lower() if words else "?"
+        if name == "evalsha" and len(words) > 1:
+            name = "evalsha " + names.get(words[1].decode(), words[1].decode()[:10])
+        usec[name] += int(entry["duration"])
+    store.config_set("slowlog-log-slower-than", 10_000)
+    store.slowlog_reset()
+    return {k: round(v / jobs, 1) for k, v in usec.most_common(12)}
+
+
 class Monitor:
     """MONITOR in a thread: every command with the client address that sent it."""
 
@@ -271,6 +288,10 @@ def run_round(system: str, *, url: str, client: PluginClient, env: dict[str, str
             "port"]) if monitor else {}
         if profile_dir is not None:
             spy = _py_spy(worker, profile_dir / f"worker-{system}")
+        if monitor:  # every command's duration, to cost each Lua script apart
+            store.config_set("slowlog-log-slower-than", 0)
+            store.config_set("slowlog-max-len", 1_000_000)
+            store.slowlog_reset()
         store.config_resetstat()
         cpu_before = redis_cpu_s(store)
         worker_cpu_before = tree_cpu_s(worker.pid)
@@ -293,12 +314,14 @@ def run_round(system: str, *, url: str, client: PluginClient, env: dict[str, str
         if watcher is not None:
             watcher.stop()
         done = producers * (jobs // producers)
+        slow = script_usec(store, done) if monitor else {}
         result: dict[str, Any] = {"jobs_per_s": done / elapsed, "calls": calls, "reads": reads,
                                   "jobs": done, "elapsed_s": elapsed, "usec": usec,
                                   "redis_cpu_s": cpu_s, "producer_cpu_s": producer_cpu,
                                   "worker_cpu_s": worker_cpu}
         if watcher is not None:
             result["by_process"] = attribute(watcher.lines, ports, done, script_names())
+            result["redis_usec_per_job_by_script"] = slow
         idle_before = counters(store)
         time.sleep(2.0)
         idle_after = counters(store)
@@ -393,17 +416,20 @@ def main() -> None:
         for _ in range(args.rounds):
             for system in systems:
                 rounds[system].append(run_round(system, jobs=args.jobs, **common))
-        by_process = {}
+        by_process, by_script = {}, {}
         if args.attribute_jobs:
             for system in systems:
-                by_process[system] = run_round(system, jobs=args.attribute_jobs,
-                                               monitor=True, **common)["by_process"]
+                attributed = run_round(system, jobs=args.attribute_jobs, monitor=True,
+                                       **common)
+                by_process[system] = attributed["by_process"]
+                by_script[system] = attributed["redis_usec_per_job_by_script"]
         client.close()
     finally:
         server.stop()
     figures = {system: summarise(rs) for system, rs in rounds.items()}
     if not set(SYSTEMS) <= set(figures):
-        print(json.dumps({"systems": figures, "by_process": by_process}, indent=1))
+        print(json.dumps({"systems": figures, "by_process": by_process,
+                          "by_script": by_script}, indent=1))
         return
     pp, plain, reliable = (figures[s] for s in ("pluginpool", "plain_celery",
                                                 "plain_celery_reliable"))
@@ -427,6 +453,7 @@ def main() -> None:
                 - reliable["round_trips_per_job"], 2)}
            if "pluginpool_baseline" in figures else {}),
         "commands_per_job_by_process (MONITOR round)": by_process,
+        "redis_usec_per_job_by_script (MONITOR round, SLOWLOG of every command)": by_script,
     })
 
 

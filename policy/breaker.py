@@ -153,14 +153,23 @@ class CircuitBreaker:
 
     def _call(self, op: str, plugin_id: str, config: BreakerConfig, default_open_ms: int,
               *extra: str | int) -> Any:
+        keys, args = self._keys_args(op, plugin_id, config, default_open_ms, *extra)
+        return self._script(keys=keys, args=args)
+
+    def _keys_args(self, op: str, plugin_id: str, config: BreakerConfig,
+                   default_open_ms: int, *extra: str | int) -> tuple[list[str], list[Any]]:
         keys = self._keys
-        return self._script(
-            keys=[keys.breaker(plugin_id), keys.breaker_window(plugin_id),
-                  keys.breaker_window_failed(plugin_id), keys.breaker_window_slow(plugin_id),
-                  keys.breaker_history(plugin_id), keys.health(plugin_id),
-                  keys.recent_errors(plugin_id)],
-            args=[op, config.lua_json(default_open_ms=default_open_ms), keys.breaker_channel,
-                  plugin_id, *extra])
+        return ([keys.breaker(plugin_id), keys.breaker_window(plugin_id),
+                 keys.breaker_window_failed(plugin_id), keys.breaker_window_slow(plugin_id),
+                 keys.breaker_history(plugin_id), keys.health(plugin_id),
+                 keys.recent_errors(plugin_id)],
+                [op, config.lua_json(default_open_ms=default_open_ms), keys.breaker_channel,
+                 plugin_id, *extra])
+
+    @property
+    def script_sha(self) -> str:
+        """The SHA to EVALSHA a `record_call` with."""
+        return str(self._script.sha)
 
     def acquire(self, plugin_id: str, config: BreakerConfig, *, default_open_ms: int,
                 token: int = 0) -> Permit:
@@ -188,22 +197,40 @@ class CircuitBreaker:
 
         Returns the breaker's state afterwards (as a Permit without a trial generation),
         so a worker learns of a transition without asking again; None if Redis failed."""
+        keys, args = self.record_call(
+            plugin_id, config, default_open_ms=default_open_ms, error_type=error_type,
+            duration_ms=duration_ms, generation=generation, error_event=error_event,
+            figures=figures, breaker_enabled=breaker_enabled, notify=notify)
+        try:
+            reply = self._script(keys=keys, args=args)
+        except redis.RedisError as exc:
+            logger.error("could not record outcome of %s in its breaker: %s", plugin_id, exc)
+            return None
+        return self.record_reply(reply)
+
+    def record_call(self, plugin_id: str, config: BreakerConfig, *, default_open_ms: int,
+                    error_type: ErrorType | None, duration_ms: float, generation: int = 0,
+                    error_event: dict[str, Any] | None = None,
+                    figures: dict[str, Any] | None = None, breaker_enabled: bool = True,
+                    notify: tuple[str, str] | None = None) -> tuple[list[str], list[Any]]:
+        """The keys and arguments of `record`'s one script call, for a caller that sends it
+        (EVALSHA `script_sha`) in a transaction of its own; `record_reply` reads its reply."""
         slow = "1" if duration_ms >= config.slow_call_ms else "0"
         event = json.dumps(error_event) if error_event is not None else ""
         health = json.dumps({**(figures or {}), "wall_ms": duration_ms,
                              "error_type": str(error_type) if error_type else None})
-        try:
-            state, retry_after = self._call("record", plugin_id, config, default_open_ms,
-                                            generation, config.outcome_code(error_type), slow,
-                                            self._keys.error_channel, event, health,
-                                            self._keys.health_minute_prefix(plugin_id),
-                                            "0" if breaker_enabled else "1",
-                                            *(notify or ("", "")))
-        except redis.RedisError as exc:
-            logger.error("could not record outcome of %s in its breaker: %s", plugin_id, exc)
-            return None
-        state = BreakerState(_text(state))
-        return Permit(state is not BreakerState.OPEN, state, int(retry_after))
+        return self._keys_args("record", plugin_id, config, default_open_ms, generation,
+                               config.outcome_code(error_type), slow,
+                               self._keys.error_channel, event, health,
+                               self._keys.health_minute_prefix(plugin_id),
+                               "0" if breaker_enabled else "1", *(notify or ("", "")))
+
+    @staticmethod
+    def record_reply(reply: Any) -> Permit:
+        """The breaker's state after a record, from the script's reply."""
+        state, retry_after = reply
+        after = BreakerState(_text(state))
+        return Permit(after is not BreakerState.OPEN, after, int(retry_after))
 
     def override(self, plugin_id: str, config: BreakerConfig, *, default_open_ms: int,
                  action: Literal["reset", "force_open"]) -> BreakerState:

@@ -2,9 +2,15 @@
 health aggregator read it.
 
 - the breaker's window, the health figures, the `on_error` event and a custom Celery event
-  `task-plugin-usage` with the run's usage (for the aggregator): one Redis round trip
+  `task-plugin-usage` with the run's usage (for the aggregator): one script call
   (breaker.lua; the event is encoded here and published by the script, tasks/event_encoder.py);
-- for runs of an instance, its usage totals, last run and recent errors (`sandbox_info`).
+- for runs of an instance, its usage totals, last run and recent errors (`sandbox_info`);
+- the run in the plugin's recent runs, with its logs (`keep_run`).
+
+All of it travels in the MULTI that stores the job's result (tasks/result_store.py), with the
+job's final status: no round trip of its own, and all or nothing with the result. Where the
+result backend is not pluginpool's Redis database, the script call and the rest are sent
+as they were (a round trip each).
 """
 
 from __future__ import annotations
@@ -20,7 +26,9 @@ from billiard.exceptions import WorkerLostError
 from celery import Task
 from celery.exceptions import TimeLimitExceeded
 from celery.signals import task_failure, task_retry
+from redis.exceptions import NoScriptError
 
+from pluginpool.policy.breaker import CircuitBreaker
 from pluginpool.policy.errors import ErrorInfo, UnknownPluginError
 from pluginpool.tasks import job_status_hooks  # noqa: F401  (connects the worker's status signals)
 from pluginpool.tasks.event_encoder import Encoded, EventEncoder, same_server
@@ -57,12 +65,68 @@ def record_run(task: Task[Any, Any] | None, services: WorkerServices, spec: Plug
         settings = services.settings
         if same_server(settings.effective_broker_url, settings.redis_url):
             notify = services.usage_events.encode(task, **event)
+    if task is not None and _record_with_result(task, services, spec, error, usage=usage,
+                                                duration_ms=duration_ms, generation=generation,
+                                                instance_id=instance_id, event=event,
+                                                notify=notify):
+        return
     recorded = _record_outcome(services, spec, error, duration_ms=duration_ms,
                                generation=generation, usage=usage, notify=notify)
     if task is not None and event is not None and (notify is None or not recorded):
         services.usage_events.send(task, **event)
     if instance_id is not None:
         _record_instance(services, instance_id, error, usage)
+
+
+def _record_with_result(task: Task[Any, Any], services: WorkerServices, spec: PluginSpec,
+                        error: ErrorInfo | None, *, usage: dict[str, Any], duration_ms: float,
+                        generation: int, instance_id: str | None,
+                        event: dict[str, Any] | None, notify: Encoded | None) -> bool:
+    """The outcome record (and the instance's usage) queued on the MULTI that stores the
+    job's result (tasks/result_store.py): no round trip of its own, and a worker that dies
+    before the store records nothing of a run that is then run again. False: not possible
+    here (the result backend is not pluginpool's Redis database)."""
+    backend = task.backend
+    if not isinstance(backend, JobResultBackend):
+        return False
+    breakers, enabled = services.breakers, services.settings.breaker_enabled
+    keys, args = breakers.record_call(
+        spec.id, spec.breaker, default_open_ms=spec.default_open_ms,
+        error_type=error.type if error else None, duration_ms=duration_ms,
+        generation=generation, error_event=_error_event(error),
+        figures=_figures(usage), breaker_enabled=enabled, notify=notify)
+
+    def queue(pipe: Any) -> None:
+        pipe.execute_command("EVALSHA", breakers.script_sha, len(keys), *keys, *args)
+        if instance_id is not None:
+            _queue_instance(pipe, services, instance_id, error, usage)
+
+    def done(replies: list[Any]) -> None:
+        reply = replies[0] if replies else None
+        if isinstance(reply, NoScriptError):  # Redis lost its scripts: the usual call
+            recorded = _record_outcome(services, spec, error, duration_ms=duration_ms,
+                                       generation=generation, usage=usage, notify=notify)
+        elif reply is None or isinstance(reply, Exception):
+            logger.error("could not record outcome of %s in its breaker: %s", spec.id, reply)
+            recorded = False
+        else:
+            recorded = True
+            if enabled:
+                services.gate.learn(spec.id, CircuitBreaker.record_reply(reply))
+        if event is not None and (notify is None or not recorded):
+            services.usage_events.send(task, **event)
+        for failed in (r for r in replies[1:] if isinstance(r, Exception)):
+            logger.error("could not record the usage of instance %s: %s", instance_id, failed)
+
+    return backend.with_result(str(task.request.id), queue, done)
+
+
+def _error_event(error: ErrorInfo | None) -> dict[str, Any] | None:
+    return None if error is None else {**error.model_dump(mode="json"), "at": time.time()}
+
+
+def _figures(usage: dict[str, Any]) -> dict[str, Any]:
+    return {name: usage.get(source) for name, source in HEALTH_FIGURES.items()}
 
 
 def keep_run(task: Task[Any, Any], services: WorkerServices, plugin_id: str, *, job_id: str,
@@ -140,16 +204,12 @@ def record_restart(services: WorkerServices, plugin_id: str) -> None:
 def _record_outcome(services: WorkerServices, spec: PluginSpec, error: ErrorInfo | None, *,
                     duration_ms: float, generation: int, usage: dict[str, Any],
                     notify: Encoded | None = None) -> bool:
-    event = None
-    if error is not None:
-        event = {**error.model_dump(mode="json"), "at": time.time()}
-    figures = {name: usage.get(source) for name, source in HEALTH_FIGURES.items()}
     enabled = services.settings.breaker_enabled
     after = services.breakers.record(
         spec.id, spec.breaker, default_open_ms=spec.default_open_ms,
         error_type=error.type if error else None, duration_ms=duration_ms,
-        generation=generation, error_event=event, figures=figures, breaker_enabled=enabled,
-        notify=notify)
+        generation=generation, error_event=_error_event(error), figures=_figures(usage),
+        breaker_enabled=enabled, notify=notify)
     if enabled:
         services.gate.learn(spec.id, after)
     return after is not None
@@ -157,23 +217,28 @@ def _record_outcome(services: WorkerServices, spec: PluginSpec, error: ErrorInfo
 
 def _record_instance(services: WorkerServices, instance_id: str, error: ErrorInfo | None,
                      usage: dict[str, Any]) -> None:
-    keys = services.settings.keys
-    last = {"at": time.time(), "ok": error is None, "usage": usage,
-            "error": error.model_dump(mode="json") if error else None}
     try:
         with services.redis.pipeline(transaction=False) as pipe:
-            usage_key = keys.instance_usage(instance_id)
-            pipe.hincrby(usage_key, "runs", 1)
-            pipe.hincrby(usage_key, "failures", 1 if error else 0)
-            for name in SUMMED_USAGE:
-                pipe.hincrbyfloat(usage_key, name, float(usage.get(name) or 0))
-            pipe.hset(usage_key, "last_run", json.dumps(last))
-            if error is not None:
-                pipe.lpush(keys.instance_errors(instance_id), json.dumps(last))
-                pipe.ltrim(keys.instance_errors(instance_id), 0, RECENT_ERRORS - 1)
+            _queue_instance(pipe, services, instance_id, error, usage)
             pipe.execute()
     except redis.RedisError as exc:
         logger.error("could not record the usage of instance %s: %s", instance_id, exc)
+
+
+def _queue_instance(pipe: Any, services: WorkerServices, instance_id: str,
+                    error: ErrorInfo | None, usage: dict[str, Any]) -> None:
+    keys = services.settings.keys
+    last = {"at": time.time(), "ok": error is None, "usage": usage,
+            "error": error.model_dump(mode="json") if error else None}
+    usage_key = keys.instance_usage(instance_id)
+    pipe.hincrby(usage_key, "runs", 1)
+    pipe.hincrby(usage_key, "failures", 1 if error else 0)
+    for name in SUMMED_USAGE:
+        pipe.hincrbyfloat(usage_key, name, float(usage.get(name) or 0))
+    pipe.hset(usage_key, "last_run", json.dumps(last))
+    if error is not None:
+        pipe.lpush(keys.instance_errors(instance_id), json.dumps(last))
+        pipe.ltrim(keys.instance_errors(instance_id), 0, RECENT_ERRORS - 1)
 
 
 def _record_failure_seen_by_main_process(sender: Any = None, task_id: str | None = None,

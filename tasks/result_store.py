@@ -1,6 +1,8 @@
 """Celery's Redis result backend, with a plugin job's end written in the same MULTI as its
 result: the final status (`succeeded`, `failed`, `cancelled`, recorded and pushed by
-`job_status.lua`) and the bookkeeping the task left for it (the run log: tasks/runs.py).
+`job_status.lua`) and the bookkeeping the task left for it (tasks/recording.py: the outcome
+record, i.e. breaker window, health figures, usage and error events; the instance's usage;
+the run log).
 
 Why here: Celery stores every result with one MULTI (SETEX + PUBLISH) anyway, so what is
 written with it costs no round trip of its own (issue 16), and a watcher that sees
@@ -9,8 +11,10 @@ Only when the result backend is pluginpool's own Redis database (`same_database`
 in a worker (`bind_result_store`); otherwise the signal hooks write statuses as before
 (tasks/job_status_hooks.py) and the task writes its run log itself.
 
-If a worker dies after the run and before this write, the job is redelivered and run again
-(acks late); its status and run log are then written with that run's result.
+If a worker dies after the run and before this write, nothing of that run is recorded (it
+is all one transaction) and the job is redelivered and run again (acks late): it is then
+recorded once, with that run's result. A run whose job already has a stored success (a
+redelivery after the store, before the ack) is recorded without a second result.
 """
 
 from __future__ import annotations
@@ -42,6 +46,16 @@ BACKEND_PATH = f"{__name__}:JobResultBackend"
 
 PipeWrite = Callable[[Any], None]
 """Queues commands on a pipeline (the MULTI that stores a job's result)."""
+Replies = Callable[[list[Any]], None]
+"""Given the replies of the commands a `PipeWrite` queued (errors as exceptions)."""
+
+
+@dataclass(frozen=True)
+class ResultWrite:
+    """Bookkeeping a task leaves for the MULTI that stores its result."""
+
+    queue: PipeWrite
+    done: Replies | None = None
 
 
 def backend_url(url: str) -> str:
@@ -110,7 +124,7 @@ class _End:
 
     job_id: str
     status: tuple[str, str] | None  # (status, change JSON)
-    writes: list[PipeWrite] = field(default_factory=list)
+    writes: list[ResultWrite] = field(default_factory=list)
     written: bool = False
 
 
@@ -122,29 +136,32 @@ class JobResultBackend(RedisBackend):  # type: ignore[misc]
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._ending = threading.local()
-        self._pending: dict[str, list[PipeWrite]] = {}
+        self._pending: dict[str, list[ResultWrite]] = {}
         self._lock = threading.Lock()
 
-    def with_result(self, job_id: str, write: PipeWrite) -> bool:
-        """Have `write` queued on the MULTI that stores the job's result. False (and
-        nothing kept) when this backend is not bound: the caller writes it itself."""
+    def with_result(self, job_id: str, write: PipeWrite, done: Replies | None = None) -> bool:
+        """Have `write` queued on the MULTI that stores the job's result, and `done` given
+        its replies. False (and nothing kept) when this backend is not bound: the caller
+        writes it itself."""
         if self.statuses is None:
             return False
         with self._lock:
-            self._pending.setdefault(job_id, []).append(write)
+            self._pending.setdefault(job_id, []).append(ResultWrite(write, done))
         return True
 
-    def _store_result(self, task_id: Any, result: Any, state: str, traceback: Any = None,
-                      request: Any = None, **kwargs: Any) -> Any:
+    def store_result(self, task_id: Any, result: Any, state: str, traceback: Any = None,
+                     request: Any = None, **kwargs: Any) -> Any:
+        """Celery's store, with what the job's end writes (decided from the raw result,
+        before Celery encodes an exception) queued on its MULTI."""
         job_id = str(task_id)
         end = self._end_of(job_id, state, result, request)
         if end is None:
-            return super()._store_result(  # type: ignore[misc]
-                task_id, result, state, traceback=traceback, request=request, **kwargs)
+            return super().store_result(task_id, result, state, traceback=traceback,
+                                        request=request, **kwargs)
         self._ending.end = end
         try:
-            return super()._store_result(  # type: ignore[misc]
-                task_id, result, state, traceback=traceback, request=request, **kwargs)
+            return super().store_result(task_id, result, state, traceback=traceback,
+                                        request=request, **kwargs)
         finally:
             self._ending.end = None
             if end.writes and not end.written:
@@ -179,8 +196,11 @@ class JobResultBackend(RedisBackend):  # type: ignore[misc]
             else:
                 pipe.set(key, value)
             pipe.publish(key, value)
+            spans = []
             for write in end.writes:
-                write(pipe)
+                start = len(pipe.command_stack)
+                write.queue(pipe)
+                spans.append((write, start, len(pipe.command_stack)))
             status_keys = [statuses.keys.job_status(end.job_id),
                            statuses.keys.job_channel(end.job_id)]
             if end.status is not None:
@@ -190,20 +210,33 @@ class JobResultBackend(RedisBackend):  # type: ignore[misc]
         end.written = True
         if isinstance(replies[0], Exception):
             raise replies[0]
-        for reply in replies[2:-1 if end.status is not None else None]:
-            if isinstance(reply, Exception):
-                logger.warning("could not record the run of job %s: %s", end.job_id, reply)
+        for write, start, stop in spans:
+            _done(write, replies[start:stop], end.job_id)
         if end.status is not None and isinstance(replies[-1], NoScriptError):
             self.client.eval(LUA_SOURCE, 2, *status_keys, *end.status, statuses.ttl_s)
         elif end.status is not None and isinstance(replies[-1], Exception):
             logger.warning("could not record status %s of job %s: %s", end.status[0],
                            end.job_id, replies[-1])
 
-    def _write_alone(self, writes: list[PipeWrite]) -> None:
+    def _write_alone(self, writes: list[ResultWrite]) -> None:
+        for write in writes:
+            try:
+                with self.client.pipeline(transaction=False) as pipe:
+                    write.queue(pipe)
+                    replies = pipe.execute(raise_on_error=False)
+            except redis.RedisError as exc:
+                replies = [exc]
+            _done(write, replies, "")
+
+
+def _done(write: ResultWrite, replies: list[Any], job_id: str) -> None:
+    if write.done is not None:
         try:
-            with self.client.pipeline(transaction=False) as pipe:
-                for write in writes:
-                    write(pipe)
-                pipe.execute()
-        except redis.RedisError as exc:
-            logger.warning("could not record a run: %s", exc)
+            write.done(replies)
+        except Exception:  # the result is stored; a callback must not undo that
+            logger.exception("bookkeeping of job %s failed after its result was stored",
+                             job_id)
+        return
+    for reply in replies:
+        if isinstance(reply, Exception):
+            logger.warning("could not record the run of job %s: %s", job_id, reply)

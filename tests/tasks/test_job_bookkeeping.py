@@ -1,0 +1,137 @@
+"""Issue 16: a job's bookkeeping rides on round trips that happen anyway.
+
+- a submit's pause check and `queued` status travel in its publish (publish.lua): the
+  producer's own Redis client is not used at all, a paused plugin's job is not pushed;
+- the worker's pre-run check (cancelled? disabled?) writes `started` in the same step;
+- the final status, the outcome record and the run log go in the MULTI that stores Celery's
+  result, so a watcher that sees the status can read the result.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+from celery.app.task import Context
+from celery.exceptions import Reject
+
+from pluginpool.policy.errors import (
+    ErrorType,
+    JobCancelledError,
+    PluginDisabledError,
+    PluginExecutionError,
+)
+from pluginpool.tasks.client import PluginClient
+from pluginpool.tasks.job_start import start_job
+from pluginpool.tasks.job_status import JobStatusStore
+from pluginpool.tasks.pause import Pause
+from pluginpool.tasks.result_store import JobResultBackend, bind_result_store, final_status
+from pluginpool.tasks.settings import Settings
+from pluginpool.tasks.spec import PluginSpec
+from pluginpool.tasks.submit_step import SUBMIT_HEADER
+
+SPEC = PluginSpec.model_validate({"id": "books", "name": "books",
+                                  "entrypoint": "pluginpool_examples.text:noop",
+                                  "isolation": {"sandboxed": False}})
+
+
+@pytest.fixture
+def store(client: PluginClient) -> Iterator[redis.Redis]:
+    raw = redis.Redis.from_url(client.settings.redis_url, decode_responses=True)
+    yield raw
+    raw.close()
+
+
+def pause(client: PluginClient, mode: str) -> None:
+    client.redis.hset(client.settings.keys.paused, SPEC.id,
+                      Pause(mode=mode, by="test", at=0.0).model_dump_json())  # type: ignore[arg-type]
+
+
+def history(client: PluginClient, job_id: str) -> list[str]:
+    return [c["status"] for c in JobStatusStore(client.redis, client.settings.keys,
+                                                ttl_s=60).history(job_id)]
+
+
+def test_a_submit_uses_no_round_trip_of_the_producers_own(
+        client: PluginClient, store: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+    client.register(SPEC)
+    client.submit(SPEC.id, 0)  # warm: spec and breaker cached
+    calls: list[Any] = []
+    real = client.redis.execute_command
+    monkeypatch.setattr(client.redis, "execute_command",
+                        lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    job = client.submit(SPEC.id, 1)
+    assert calls == []  # no HGET of the pause, no status script: both are in the publish
+    changes = JobStatusStore(client.redis, client.settings.keys, ttl_s=60).history(job.id)
+    assert [(c["status"], c["seq"], c["plugin_id"]) for c in changes] == [
+        ("queued", 1, SPEC.id)]
+    queued = [json.loads(raw) for raw in store.lrange(SPEC.queue, 0, -1)]
+    assert queued[0]["headers"]["id"] == job.id  # newest first (LPUSH)
+    assert all(SUBMIT_HEADER not in m["headers"] for m in queued)  # never on the wire
+
+
+@pytest.mark.parametrize("mode", ["disabled", "draining"])
+def test_a_paused_plugins_job_is_refused_by_the_publish_and_not_pushed(
+        client: PluginClient, store: redis.Redis, mode: str) -> None:
+    client.register(SPEC)
+    client.submit(SPEC.id, 0)
+    pause(client, mode)
+    before = store.llen(SPEC.queue)
+    with pytest.raises(PluginDisabledError, match=mode):
+        client.submit(SPEC.id, 1)
+    assert store.llen(SPEC.queue) == before
+    assert len(store.keys(client.settings.keys.job_status("*"))) == 1  # the first job's
+
+
+def test_the_pre_run_check_writes_started_or_refuses(client: PluginClient,
+                                                     settings: Settings) -> None:
+    keys, ttl = settings.keys, 60
+    start_job(client.redis, keys, plugin_id=SPEC.id, job_id="j1", worker="w@h", attempt=1,
+              ttl_s=ttl)
+    [started] = JobStatusStore(client.redis, keys, ttl_s=ttl).history("j1")
+    assert (started["status"], started["worker"], started["attempt"]) == ("started", "w@h", 1)
+    client.redis.set(keys.cancelled("j2"), json.dumps({"job_id": "j2", "reason": "test"}))
+    with pytest.raises(JobCancelledError):
+        start_job(client.redis, keys, plugin_id=SPEC.id, job_id="j2", worker="w", attempt=1,
+                  ttl_s=ttl)
+    pause(client, "draining")  # draining refuses submits, not runs
+    start_job(client.redis, keys, plugin_id=SPEC.id, job_id="j3", worker="w", attempt=1,
+              ttl_s=ttl)
+    pause(client, "disabled")
+    with pytest.raises(Reject):
+        start_job(client.redis, keys, plugin_id=SPEC.id, job_id="j4", worker="w",
+                  attempt=1, ttl_s=ttl)
+    assert (history(client, "j2"), history(client, "j3"), history(client, "j4")) == (
+        [], ["started"], [])
+
+
+def test_the_final_status_and_the_bookkeeping_are_stored_with_the_result(
+        client: PluginClient, settings: Settings, store: redis.Redis) -> None:
+    backend = client.app.backend
+    assert isinstance(backend, JobResultBackend)
+    assert bind_result_store(backend, settings.keys, ttl_s=60,
+                             result_backend=settings.effective_result_backend,
+                             redis_url=settings.redis_url)
+    replies: list[Any] = []
+    key = settings.keys.prefix + "books-test"
+    backend.with_result("j5", lambda pipe: pipe.incr(key), replies.extend)
+    backend.mark_as_done("j5", {"value": 1}, request=Context(id="j5", task="plugin.books"))
+    assert client.job("j5").stored_outcome() == {"value": 1}
+    assert history(client, "j5") == ["succeeded"] and replies == [1]
+    error = PluginExecutionError.of(ErrorType.TIMEOUT, "slow", plugin_id="books")
+    backend.mark_as_failure("j6", error, request=Context(id="j6", task="plugin.books"))
+    [failed] = JobStatusStore(client.redis, settings.keys, ttl_s=60).history("j6")
+    assert (failed["status"], failed["error_type"]) == ("failed", "timeout")
+    backend.mark_as_done("j7", 1, request=Context(id="j7", task="not-a-plugin"))
+    assert history(client, "j7") == [] and store.get(key) == "1"
+
+
+def test_final_statuses_by_stored_state() -> None:
+    assert final_status("SUCCESS", 1) == ("succeeded", {})
+    assert final_status("STARTED", None) is None and final_status("RETRY", None) is None
+    assert final_status("FAILURE", JobCancelledError.of("x", plugin_id=None)) == ("cancelled", {})
+    assert final_status("FAILURE", ValueError())[1] == {"error_type": None,
+                                                        "error": "ValueError"}
