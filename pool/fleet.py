@@ -97,7 +97,9 @@ class RegistryFollower(ThreadStep):
         self._channel = services.settings.keys.registry_channel
         self._keys = services.settings.keys
         self._every_s: float = services.settings.fleet_reconcile_s
-        self._revisions: dict[str, int] = {}
+        self._revisions: dict[str, int] = dict(fleet.revisions)
+        self._wanted_pass = 0  # counts replacements of self._wanted
+        self._applied: tuple[int, frozenset[str], int] | None = None
         self._version: int | None = None
         self._wanted: dict[str, PluginSpec] = {}
         self._passes = 0
@@ -146,13 +148,14 @@ class RegistryFollower(ThreadStep):
             wanted = {spec.id: spec for spec in self._registry.all()
                       if self._selector.matches(spec.id)}
             self._version, self._wanted = version, wanted
+            self._wanted_pass += 1
         revisions = {pid: spec.revision for pid, spec in wanted.items()}
         if revisions != self._revisions:
             self._generation.bump()
             self._revisions = revisions
         # A plugin an operator disabled keeps its task, not its queue: jobs wait there.
         disabled = disabled_ids(self._redis, self._keys)
-        self._worker.consumer.call_soon(self._apply, wanted, disabled)
+        self._worker.consumer.call_soon(self._apply, wanted, disabled, self._wanted_pass)
         gone = {plugin_id: (queue_name(plugin_id), revision)
                 for plugin_id, revision in self._registry.unregistered().items()
                 if self._selector.matches(plugin_id)}
@@ -160,10 +163,16 @@ class RegistryFollower(ThreadStep):
 
     # -- in the event loop ----------------------------------------------------------------
 
-    def _apply(self, wanted: dict[str, PluginSpec], disabled: set[str]) -> None:
+    def _apply(self, wanted: dict[str, PluginSpec], disabled: set[str],
+               wanted_pass: int = 0) -> None:
         consumer = self._worker.consumer
         if consumer.task_consumer is None:
             return  # the consumer is (re)connecting; the next reconciliation applies it
+        # Nothing changed since the last pass applied (same registry read, same disabled
+        # plugins, same consumer): with 10,000 plugins a pass costs ~30 ms of the loop.
+        applied = (wanted_pass, frozenset(disabled), id(consumer.task_consumer))
+        if wanted_pass and applied == self._applied:
+            return
         app = self._worker.app
         new_tasks = [ensure_plugin_task(app, spec) for spec in wanted.values()]
         if any(new_tasks):
@@ -177,3 +186,4 @@ class RegistryFollower(ThreadStep):
         for queue in sorted(consuming - wanted_queues):
             consumer.cancel_task_queue(queue)
             logger.info("stopped consuming %s", queue)
+        self._applied = applied

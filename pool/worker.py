@@ -93,6 +93,9 @@ class FleetConfig:
 
     selector: PluginSelector
     generation: SharedGeneration
+    revisions: dict[str, int]
+    """The revisions of the plugins the worker started with (its spec cache holds them):
+    the follower bumps the generation only when the registry differs from these."""
 
 
 def build_worker_app(settings: Settings, specs: list[PluginSpec], *,
@@ -113,12 +116,14 @@ def build_worker_app(settings: Settings, specs: list[PluginSpec], *,
     services.specs = SpecCache(services.registry,
                                ttl_s=max(settings.spec_cache_ttl_s, FOLLOWED_SPEC_TTL_S),
                                generation=generation)
+    services.specs.prime(specs)  # before the pool forks: every child starts with them
     artifacts = ArtifactCache.from_settings(settings)
     for sandboxed, runner in list(services.runners.items()):
         services.runners[sandboxed] = ArtifactRunner(runner, artifacts)
     attach_services(app, services)
     app.pluginpool_fleet = FleetConfig(  # type: ignore[attr-defined]
-        selector=selector or PluginSelector(("*",)), generation=generation)
+        selector=selector or PluginSelector(("*",)), generation=generation,
+        revisions={spec.id: spec.revision for spec in specs})
     app.steps["worker"].add(WorkerLiveness)
     app.steps["worker"].add(RegistryFollower)
     app.steps["worker"].add(CancelListener)

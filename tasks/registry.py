@@ -14,7 +14,7 @@ import getpass
 import json
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 import redis
@@ -290,6 +290,14 @@ class SpecCache:
         spec = self._registry.get(plugin_id)
         self._entries[plugin_id] = (now, generation, spec)
         return spec
+
+    def prime(self, specs: Iterable[PluginSpec]) -> None:
+        """Hold these specs as if just fetched. A worker primes its cache with the specs it
+        read at start, before its pool forks: every pool process then starts with them,
+        instead of one registry read per plugin on its first job of each."""
+        now, generation = time.monotonic(), self._generation()
+        for spec in specs:
+            self._entries[spec.id] = (now, generation, spec)
 
     def follow(self, ttl_s: float) -> None:
         """Change events now drop entries as they happen: keep them up to `ttl_s`. A short
