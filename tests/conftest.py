@@ -21,6 +21,7 @@ from pluginpool.pool.processes import ManagedProcess, wait_until
 from pluginpool.pool.redis_bootstrap import ensure_redis, with_db
 from pluginpool.tasks.client import PluginClient
 from pluginpool.tasks.settings import Settings
+from tests.session_database import DatabaseClaim, describe_this_session
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_PLUGINS = ROOT / "tests" / "plugins"
@@ -32,15 +33,27 @@ jobs, messages and kills)."""
 
 
 @pytest.fixture(scope="session")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A dedicated database on a reachable Redis, flushed once per run. Fails if none."""
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A dedicated database on a reachable Redis, flushed once per run. Fails if none.
+
+    The run claims the database as it flushes it (tests/session_database.py): a second run
+    on the same database stops at once instead of flushing this one's data mid-run."""
     reachable = ensure_redis(os.environ.get("PLUGINPOOL_REDIS_URL"),
                              run_dir=tmp_path_factory.mktemp("redis"))
     url = with_db(reachable.url, TEST_DB)
     client = redis.Redis.from_url(url)
-    client.flushdb()
+    claim = DatabaseClaim(client, owner=describe_this_session())
+    holder = claim.flush_and_claim()
+    if holder is not None:
+        client.close()
+        pytest.exit(f"Redis database {TEST_DB} ({url}) is in use by another test "
+                    f"run ({holder}); flushing it would break that run. Give this run a "
+                    "database of its own: PLUGINPOOL_TEST_REDIS_DB=<n>.",
+                    returncode=pytest.ExitCode.USAGE_ERROR)
+    yield url
+    _reap_all()  # retired workers still hold connections to the database
+    claim.release()
     client.close()
-    return url
 
 
 def make_settings(redis_url: str, **overrides: object) -> Settings:
@@ -123,6 +136,10 @@ def retire(*procs: ManagedProcess) -> None:
 def _reap_retired() -> Iterator[None]:
     """Every retired process is gone (by PID) before the run ends."""
     yield
+    _reap_all()
+
+
+def _reap_all() -> None:
     while _retiring:
         _retiring.pop().stop()
 
