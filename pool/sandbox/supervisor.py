@@ -298,8 +298,12 @@ class Supervisor:
                     break
                 if now >= next_sample:
                     self._sample()
+                    if self.out.killed_for is not None:
+                        break
+                    # From the sample's end: a sample that ran late (a loaded host) must not
+                    # be followed by another at once, starving the throttle and the channel.
+                    now = self.clock()
                     next_sample = now + SAMPLE_S
-                    continue
                 wake = min(deadline, next_sample)
                 if throttle:
                     if now >= next_throttle:
