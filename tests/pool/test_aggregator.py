@@ -229,11 +229,13 @@ def chromium() -> str:
     return path
 
 
-def dump_dom(url: str, *, virtual_ms: int) -> str:
+def dump_dom(url: str, *, virtual_ms: int, profile: Path) -> str:
+    """The page's DOM after `virtual_ms` of page time; the profile goes in the test's own
+    directory (one under /tmp was left behind by every run)."""
     done = subprocess.run(
         [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
          "--no-first-run", "--disable-background-networking", "--disable-component-update",
-         "--disable-sync", f"--user-data-dir=/tmp/pp-chromium-{uuid.uuid4().hex[:8]}",
+         "--disable-sync", f"--user-data-dir={profile}",
          f"--virtual-time-budget={virtual_ms}", "--dump-dom", url],
         capture_output=True, text=True, timeout=90, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -263,7 +265,8 @@ def test_dashboard_in_headless_chromium(env: Any, aggregator: Aggregator,
         flag = tmp_path / "dash-broken"
         for i in range(5):
             client.submit("hl-dash", {"flag": str(flag), "i": i}).result(timeout=20)
-        dom = dump_dom(aggregator.base + "/", virtual_ms=5000)
+        dom = dump_dom(aggregator.base + "/", virtual_ms=5000,
+                       profile=tmp_path / "chromium-dump")
         assert 'data-plugin="hl-dash" data-status="healthy"' in dom
         assert 'data-plugin="hl-good"' in dom and 'data-plugin="hl-orphan"' in dom
         assert "memory vs limit" in dom and "<svg" in dom

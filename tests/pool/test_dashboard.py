@@ -26,6 +26,7 @@ from pluginpool.policy.health import LATENCY_BUCKETS_MS
 from pluginpool.pool.processes import ManagedProcess, wait_until
 from pluginpool.pool.redis_bootstrap import free_port
 from pluginpool.tasks.client import PluginClient
+from pluginpool.tasks.manifest import load_manifest
 from tests.conftest import TEST_PLUGINS, make_settings, retire, spawn_worker, worker_env
 from tests.pool.test_aggregator import chromium
 
@@ -107,9 +108,14 @@ def env(redis_url: str, tmp_path_factory: pytest.TempPathFactory
     settings = make_settings(redis_url, key_prefix=f"ppdash:{uuid.uuid4().hex[:8]}:",
                              api_tokens={OPERATOR: "operator"}, worker_heartbeat_s=1.0)
     client = PluginClient(settings)
-    client.register(TEST_PLUGINS / "ops_plugins.toml")
+    # Ids of its own: queues (`plugins.<id>`) are not under the key prefix, so with the
+    # manifest's ids this module's worker and test_operations' shared their queues.
+    specs = {spec.id: spec for spec in load_manifest(TEST_PLUGINS / "ops_plugins.toml")}
+    client.register([specs[source].model_copy(update={"id": own}) for source, own in
+                     (("ops-talks", "dash-talks"), ("ops-echo", "dash-echo"),
+                      ("idle-ops", "dash-idle"))])
     logs = tmp_path_factory.mktemp("dash")
-    worker = spawn_worker(client, logs, plugins="ops-talks,ops-echo", concurrency=2)
+    worker = spawn_worker(client, logs, plugins="dash-talks,dash-echo", concurrency=2)
     port = free_port()
     aggregator = ManagedProcess(
         [sys.executable, "-m", "pluginpool.pool.cli", "aggregator", "--port", str(port)],
@@ -133,9 +139,9 @@ def test_the_dashboard_manages_a_plugin_by_clicking(env: tuple[PluginClient, str
                                                     tmp_path: Path) -> None:
     client, base = env
     for i in range(4):
-        client.submit("ops-talks", {"tag": f"run {i}"}).result(timeout=30)
-        client.submit("ops-echo", {"i": i}).result(timeout=30)
-    failed = client.submit("ops-talks", {"tag": XSS, "fail": True})
+        client.submit("dash-talks", {"tag": f"run {i}"}).result(timeout=30)
+        client.submit("dash-echo", {"i": i}).result(timeout=30)
+    failed = client.submit("dash-talks", {"tag": XSS, "fail": True})
     with pytest.raises(PluginExecutionError):
         failed.result(timeout=30)
     browser = Browser(tmp_path)
@@ -144,31 +150,31 @@ def test_the_dashboard_manages_a_plugin_by_clicking(env: tuple[PluginClient, str
         browser.wait("!document.getElementById('login').hidden")
         browser.type("#token", OPERATOR)
         browser.click("#login-btn")
-        browser.wait("!!document.querySelector('tr[data-plugin=\"ops-talks\"]')")
+        browser.wait("!!document.querySelector('tr[data-plugin=\"dash-talks\"]')")
         assert browser.eval("document.querySelector('th:nth-child(7)').textContent") \
             == "memory vs limit"
         shoot(browser, tmp_path, "dashboard-overview.png")
 
-        browser.click('a[data-link="ops-talks"]')
-        browser.wait("!!document.querySelector('[data-view=plugin][data-plugin=\"ops-talks\"]')")
+        browser.click('a[data-link="dash-talks"]')
+        browser.wait("!!document.querySelector('[data-view=plugin][data-plugin=\"dash-talks\"]')")
         browser.click('button[data-action="disable"]')
         browser.wait("!document.getElementById('confirm').hidden")
         browser.click("#confirm-yes")
         browser.wait("!!document.querySelector('[data-pause=disabled]')")
         with pytest.raises(PluginDisabledError):
-            client.submit("ops-talks", {"tag": "refused"})
+            client.submit("dash-talks", {"tag": "refused"})
 
         browser.click('button[data-action="enable"]')
         browser.click("#confirm-yes")
         browser.wait("!!document.querySelector('[data-pause=enabled]')")
-        assert client.submit("ops-talks", {"tag": "back"}).result(timeout=30) == "said it"
+        assert client.submit("dash-talks", {"tag": "back"}).result(timeout=30) == "said it"
 
-        client.force_open_breaker("ops-talks")
+        client.force_open_breaker("dash-talks")
         browser.wait("!!document.querySelector('[data-breaker=open]')")
         browser.click('button[data-action="reset-breaker"]')
         browser.click("#confirm-yes")
         browser.wait("!!document.querySelector('[data-breaker=closed]')")
-        assert client.breaker("ops-talks").state == "closed"
+        assert client.breaker("dash-talks").state == "closed"
 
         logs = f'[data-error="{failed.id}"] details[data-key="log:{failed.id}"]'
         browser.click(logs + " summary")
@@ -184,7 +190,7 @@ def test_the_dashboard_manages_a_plugin_by_clicking(env: tuple[PluginClient, str
         shoot(browser, tmp_path, "dashboard-plugin.png")
     finally:
         browser.close()
-    actions = [e.action for e in client.audit_log(target="ops-talks")]
+    actions = [e.action for e in client.audit_log(target="dash-talks")]
     assert actions[:4] == ["breaker-reset", "breaker-force-open", "enable", "disable"]
 
 
@@ -197,7 +203,7 @@ def shoot(browser: Browser, tmp_path: Path, name: str) -> None:
 
 def test_metrics_histograms_have_one_fixed_bucket_set(env: tuple[PluginClient, str]) -> None:
     client, base = env
-    client.submit("ops-echo", {}).result(timeout=30)
+    client.submit("dash-echo", {}).result(timeout=30)
     with urllib.request.urlopen(base + "/metrics", timeout=10) as response:
         text = response.read().decode()
     bounds: dict[str, list[str]] = {}
@@ -207,5 +213,5 @@ def test_metrics_histograms_have_one_fixed_bucket_set(env: tuple[PluginClient, s
                 if sample.name.endswith("_bucket"):
                     bounds.setdefault(sample.labels["plugin"], []).append(sample.labels["le"])
     expected = [str(b) for b in LATENCY_BUCKETS_MS] + ["+Inf"]
-    assert set(bounds) >= {"ops-echo", "ops-talks", "idle-ops"}
+    assert set(bounds) >= {"dash-echo", "dash-talks", "dash-idle"}
     assert all(found == expected for found in bounds.values()), bounds
