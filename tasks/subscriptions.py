@@ -98,13 +98,15 @@ class Subscriptions:
 
     def close(self) -> None:
         with self._lock:
-            if self._thread is not None:
-                self._thread.stop()
-                self._thread.join(timeout=5)
-                self._thread = None
-            if self._pubsub is not None:
-                self._pubsub.close()
-                self._pubsub = None
+            thread, self._thread = self._thread, None
+            pubsub, self._pubsub = self._pubsub, None
+        # Joined without the lock: a message being dispatched takes it, and the join
+        # would wait out its whole timeout.
+        if thread is not None:
+            thread.stop()
+            thread.join(timeout=5)
+        if pubsub is not None:
+            pubsub.close()
 
 
 def _text(value: Any) -> str:

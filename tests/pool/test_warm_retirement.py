@@ -57,11 +57,14 @@ def test_a_worker_that_stops_tears_its_sandboxes_down_and_leaves_no_home(
     settings = make_settings(redis_url, key_prefix=f"ppstop:{uuid.uuid4().hex[:8]}:",
                              warm_root=str(warm_root))
     with PluginClient(settings) as client:
-        client.register(PluginSpec(id="stateful", name="stateful",
+        # Not "stateful": the module's worker consumes plugins.stateful (queue names are
+        # not prefixed) and would take this test's jobs, with instances it cannot see.
+        client.register(PluginSpec(id="stateful-stop", name="stateful",
                                    entrypoint="pp_testplugins.lifecycle:Stateful"))
         worker = spawn_worker(client, tmp_path, concurrency=1)
         try:
-            zygote = client.execute(client.load("stateful", {}), {"add": 1}, timeout=60)["zygote"]
+            zygote = client.execute(client.load("stateful-stop", {}), {"add": 1},
+                                    timeout=60)["zygote"]
             assert len(list(warm_root.iterdir())) == 1
             os.kill(worker.pid, signal.SIGTERM)
             worker.process.wait(timeout=30)
