@@ -39,27 +39,38 @@ class AsyncResultWaiter:
         self._pubsub: Any = None
         self._reader: asyncio.Task[None] | None = None
         self._waiters: dict[str, list[asyncio.Future[dict[str, Any]]]] = {}
+        self._closed = False
+        self._subscribing = asyncio.Lock()
+        """Serializes (un)subscribes: redis-py's asyncio PubSub takes a pool connection
+        for every command issued before its first connect completes, so a thousand waits
+        begun at once took a thousand (MaxConnectionsError past the pool's 100)."""
 
     async def wait(self, key: str, timeout: float | None) -> dict[str, Any]:
         """The stored meta (status, result, ...) once it is final; TimeoutError after
         `timeout`."""
+        if self._closed:
+            raise RuntimeError("this client is closed")
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         known = key in self._waiters
         self._waiters.setdefault(key, []).append(future)
         if self._pubsub is None:
             self._pubsub = self._client.pubsub()
+        pubsub = self._pubsub
         try:
             if not known:
-                await self._pubsub.subscribe(key)
-            if self._reader is None or self._reader.done():
-                self._reader = asyncio.get_running_loop().create_task(self._read())
+                async with self._subscribing:
+                    await pubsub.subscribe(key)
+            if not self._closed and (self._reader is None or self._reader.done()):
+                self._reader = asyncio.get_running_loop().create_task(self._read(pubsub))
             return await asyncio.wait_for(future, timeout)
         finally:
             waiting = [f for f in self._waiters.get(key, []) if f is not future]
             if waiting:
                 self._waiters[key] = waiting
-            elif self._waiters.pop(key, None) is not None and self._pubsub is not None:
-                await self._pubsub.unsubscribe(key)
+            elif (self._waiters.pop(key, None) is not None and not self._closed
+                  and self._pubsub is pubsub):
+                async with self._subscribing:
+                    await pubsub.unsubscribe(key)
 
     async def _recheck(self) -> None:
         """Read every awaited result once, in batches: what a missed publish left waiting
@@ -71,6 +82,7 @@ class AsyncResultWaiter:
                 self._settle(key, raw)
 
     async def close(self) -> None:
+        self._closed = True
         if self._reader is not None:
             self._reader.cancel()
             await asyncio.gather(self._reader, return_exceptions=True)
@@ -79,20 +91,21 @@ class AsyncResultWaiter:
             await self._pubsub.aclose()
             self._pubsub = None
 
-    async def _read(self) -> None:
+    async def _read(self, pubsub: Any) -> None:
+        """Reads `pubsub` until the waiter is closed (or given another subscription)."""
         loop = asyncio.get_running_loop()
         recheck_at = loop.time() + RECHECK_S
-        while True:
+        while not self._closed and self._pubsub is pubsub:
             try:
                 if loop.time() >= recheck_at:
                     recheck_at = loop.time() + RECHECK_S
                     await self._recheck()
-                if not self._pubsub.subscribed:
+                if not pubsub.subscribed:
                     # Every waiter is done: redis-py refuses to read a pubsub with no
                     # subscription ("connection not set"); wait for the next one.
                     await asyncio.sleep(IDLE_POLL_S)
                     continue
-                message = await self._pubsub.get_message(timeout=READ_WAIT_S)
+                message = await pubsub.get_message(timeout=READ_WAIT_S)
                 if message is None:
                     continue
                 key = _text(message["channel"])
