@@ -39,7 +39,7 @@ class CancelListener(ThreadStep):
     thread_name = "pluginpool-cancel"
 
     def setup(self, worker: Any) -> None:
-        services = worker.app.pluginpool_services
+        services = self.services
         self._redis: redis.Redis = services.redis
         self._channel = services.settings.keys.cancel_channel
 

@@ -80,15 +80,26 @@ class SharedGeneration:
         return int(self._value.value)
 
 
+@dataclass(frozen=True)
+class FleetConfig:
+    """What the registry follower of a worker app needs (see pool/fleet.py)."""
+
+    selector: PluginSelector
+    generation: SharedGeneration
+    revisions: dict[str, int]
+    """The revisions of the plugins the worker started with (its spec cache holds them):
+    the follower bumps the generation only when the registry differs from these."""
+
+
 class RegistryFollower(ThreadStep):
     """Keeps this worker's plugin queues and tasks in step with the registry."""
 
     thread_name = "pluginpool-fleet"
+    fleet: FleetConfig  # bound by the worker (`bound_step`)
 
     def setup(self, worker: Any) -> None:
-        app = worker.app
-        fleet = app.pluginpool_fleet
-        services = app.pluginpool_services
+        fleet = self.fleet
+        services = self.services
         self._worker = worker
         self._selector: PluginSelector = fleet.selector
         self._generation: SharedGeneration = fleet.generation
@@ -174,7 +185,8 @@ class RegistryFollower(ThreadStep):
         if wanted_pass and applied == self._applied:
             return
         app = self._worker.app
-        new_tasks = [ensure_plugin_task(app, spec) for spec in wanted.values()]
+        new_tasks = [ensure_plugin_task(app, spec, self.services)
+                     for spec in wanted.values()]
         if any(new_tasks):
             consumer.update_strategies()
         consuming = {q for q in app.amqp.queues.consume_from

@@ -20,19 +20,21 @@ import redis
 from celery import bootsteps
 
 from pluginpool.tasks.health import queues_digest
+from pluginpool.tasks.worker_services import WorkerServices
 
 logger = logging.getLogger("pluginpool.liveness")
 
 
 class WorkerLiveness(bootsteps.StartStopStep):  # type: ignore[misc]
     requires = ("celery.worker.components:Timer",)
+    services: WorkerServices  # bound by the worker (`bound_step`)
 
     def __init__(self, worker: Any, **kwargs: Any) -> None:
         super().__init__(worker, **kwargs)
         self._timer_entry: Any = None
 
     def start(self, worker: Any) -> None:
-        services = worker.app.pluginpool_services
+        services = self.services
         self._key = services.settings.keys.workers
         self._queues_key = services.settings.keys.worker_queues
         self._written_digest = ""

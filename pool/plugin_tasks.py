@@ -19,9 +19,10 @@ from celery.app.registry import TaskRegistry
 from celery.app.trace import build_tracer
 
 from pluginpool.policy.errors import UnknownPluginError
-from pluginpool.tasks.execution import register_plugin_task, services_of
+from pluginpool.tasks.execution import register_plugin_task
 from pluginpool.tasks.routing import plugin_of_task
 from pluginpool.tasks.spec import PluginSpec
+from pluginpool.tasks.worker_services import WorkerServices
 
 PLACEHOLDER_ENTRYPOINT = "pluginpool.unregistered:plugin"
 
@@ -29,10 +30,12 @@ PLACEHOLDER_ENTRYPOINT = "pluginpool.unregistered:plugin"
 class PluginTaskRegistry(TaskRegistry):  # type: ignore[misc]
     """Celery's task registry, building unknown `plugin.<id>` tasks on demand."""
 
-    def __init__(self, app: Celery, hostname: str, tasks: dict[str, Any]) -> None:
+    def __init__(self, app: Celery, hostname: str, tasks: dict[str, Any],
+                 services: WorkerServices) -> None:
         super().__init__(tasks)
         self._app = app
         self._hostname = hostname
+        self._services = services
 
     def __missing__(self, name: str) -> Any:
         plugin_id = plugin_of_task(name)
@@ -40,11 +43,11 @@ class PluginTaskRegistry(TaskRegistry):  # type: ignore[misc]
             raise self.NotRegistered(name)
         keep = True
         try:
-            spec = services_of(self._app).registry.get(plugin_id)
+            spec = self._services.registry.get(plugin_id)
         except UnknownPluginError:
             spec, keep = PluginSpec(id=plugin_id, name=plugin_id,
                                     entrypoint=PLACEHOLDER_ENTRYPOINT), False
-        task = register_plugin_task(self._app, spec)
+        task = register_plugin_task(self._app, spec, self._services)
         task.__trace__ = build_tracer(name, task, self._app.loader, self._hostname,
                                       app=self._app)
         if not keep:
@@ -52,17 +55,18 @@ class PluginTaskRegistry(TaskRegistry):  # type: ignore[misc]
         return task
 
 
-def install_task_registry(app: Celery, hostname: str) -> None:
+def install_task_registry(app: Celery, hostname: str, services: WorkerServices) -> None:
     """Give a worker app the fallback registry; before the app is finalized."""
-    app._tasks = PluginTaskRegistry(app, hostname, dict(app._tasks))  # type: ignore[attr-defined]
+    app._tasks = PluginTaskRegistry(app, hostname, dict(app._tasks),  # type: ignore[attr-defined]
+                                    services)
 
 
-def ensure_plugin_task(app: Celery, spec: PluginSpec) -> bool:
+def ensure_plugin_task(app: Celery, spec: PluginSpec, services: WorkerServices) -> bool:
     """Register the plugin's task, or bring its options up to date with this revision.
     True when the task is new (the consumer's strategies must then be updated)."""
     tasks: dict[str, Any] = app._tasks  # type: ignore[attr-defined]
     if spec.task_name not in tasks:
-        register_plugin_task(app, spec)
+        register_plugin_task(app, spec, services)
         return True
     task: Any = tasks[spec.task_name]  # a PluginTask; its stubs type limits as int
     isolation, limits = spec.isolation, spec.resource_limits

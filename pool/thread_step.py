@@ -8,9 +8,20 @@ bounded join so a stuck Redis call cannot hold up a warm shutdown.
 from __future__ import annotations
 
 import threading
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from celery import bootsteps
+
+from pluginpool.tasks.worker_services import WorkerServices
+
+Step = TypeVar("Step", bound=type)
+
+
+def bound_step(step: Step, **deps: Any) -> Step:
+    """`step` with what it needs bound as class attributes. Celery instantiates bootsteps
+    itself, from the class a worker adds, so that class carries the worker's services:
+    nothing is looked up on the app."""
+    return cast(Step, type(step.__name__, (step,), {"__module__": step.__module__, **deps}))
 
 JOIN_TIMEOUT_S = 5.0
 
@@ -21,6 +32,7 @@ class ThreadStep(bootsteps.StartStopStep):  # type: ignore[misc]
 
     requires = ("celery.worker.components:Timer",)
     thread_name = "pluginpool-step"
+    services: WorkerServices  # bound by the worker (`bound_step`)
 
     def __init__(self, worker: Any, **kwargs: Any) -> None:
         super().__init__(worker, **kwargs)

@@ -11,18 +11,26 @@ from celery import Celery
 from pluginpool.policy.errors import UnknownPluginError
 from pluginpool.pool import trace_filter
 from pluginpool.pool.cancel_listener import CancelListener
-from pluginpool.pool.fleet import IDLE_QUEUE, PluginSelector, RegistryFollower, SharedGeneration
+from pluginpool.pool.fleet import (
+    IDLE_QUEUE,
+    FleetConfig,
+    PluginSelector,
+    RegistryFollower,
+    SharedGeneration,
+)
 from pluginpool.pool.liveness import WorkerLiveness
 from pluginpool.pool.plugin_tasks import install_task_registry
 from pluginpool.pool.sandbox.runner import SandboxRunner
+from pluginpool.pool.thread_step import bound_step
 from pluginpool.tasks.app import create_app
 from pluginpool.tasks.artifact_cache import ArtifactCache, ArtifactRunner
 from pluginpool.tasks.delivery_record import DELIVERY_OPTION
-from pluginpool.tasks.execution import WorkerServices, attach_services, register_plugin_tasks
+from pluginpool.tasks.execution import bind_worker_app, register_plugin_tasks
 from pluginpool.tasks.redis_conn import redis_client
 from pluginpool.tasks.registry import Registry, SpecCache
 from pluginpool.tasks.settings import Settings
 from pluginpool.tasks.spec import PluginSpec
+from pluginpool.tasks.worker_services import WorkerServices
 
 WORKER_BASELINE_MB = 128
 """Headroom for the pool child itself (Celery, Python) above the plugins' max_memory_mb."""
@@ -87,30 +95,17 @@ resort. A short one made every job of a large fleet a registry read: with 1,000 
 each plugin's spec was older than 5 s at nearly every job."""
 
 
-@dataclass(frozen=True)
-class FleetConfig:
-    """What the registry follower of a worker app needs (see pool/fleet.py)."""
-
-    selector: PluginSelector
-    generation: SharedGeneration
-    revisions: dict[str, int]
-    """The revisions of the plugins the worker started with (its spec cache holds them):
-    the follower bumps the generation only when the registry differs from these."""
-
-
 def build_worker_app(settings: Settings, specs: list[PluginSpec], *,
                      selector: PluginSelector | None = None,
                      nodename: str = "pluginpool@localhost") -> Celery:
-    """The app with one task per plugin, the worker services attached, and the steps that
-    keep its heartbeat and follow the registry."""
+    """The app with one task per plugin bound to the worker's services, and the steps that
+    keep its heartbeat, follow the registry and hear cancels, each given those services."""
     app = create_app(settings)
     # Workers with the same selector consume the same queues: one ready index and one
     # wake-up list for all of them (see tasks/reliable_fetch.py).
     chosen = selector or PluginSelector(("*",))
     app.conf.broker_transport_options[DELIVERY_OPTION]["group"] = (
         "plugins:" + ",".join(sorted(chosen.patterns)))
-    install_task_registry(app, nodename)
-    register_plugin_tasks(app, specs)
     services = WorkerServices.build(settings, sandbox_runner=SandboxRunner.factory)
     generation = SharedGeneration()
     services.specs = SpecCache(services.registry,
@@ -120,13 +115,14 @@ def build_worker_app(settings: Settings, specs: list[PluginSpec], *,
     artifacts = ArtifactCache.from_settings(settings)
     for sandboxed, runner in list(services.runners.items()):
         services.runners[sandboxed] = ArtifactRunner(runner, artifacts)
-    attach_services(app, services)
-    app.pluginpool_fleet = FleetConfig(  # type: ignore[attr-defined]
-        selector=selector or PluginSelector(("*",)), generation=generation,
-        revisions={spec.id: spec.revision for spec in specs})
-    app.steps["worker"].add(WorkerLiveness)
-    app.steps["worker"].add(RegistryFollower)
-    app.steps["worker"].add(CancelListener)
+    install_task_registry(app, nodename, services)
+    register_plugin_tasks(app, specs, services)
+    bind_worker_app(app, services)
+    fleet = FleetConfig(selector=chosen, generation=generation,
+                        revisions={spec.id: spec.revision for spec in specs})
+    app.steps["worker"].add(bound_step(WorkerLiveness, services=services))
+    app.steps["worker"].add(bound_step(RegistryFollower, services=services, fleet=fleet))
+    app.steps["worker"].add(bound_step(CancelListener, services=services))
     return app
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from typing import Any, cast
 
 import redis
@@ -20,7 +19,7 @@ from celery import Celery, Task
 from celery.exceptions import Reject, SoftTimeLimitExceeded
 from celery.signals import worker_process_init
 
-from pluginpool.policy.breaker import UNGUARDED, CircuitBreaker, Permit
+from pluginpool.policy.breaker import UNGUARDED, Permit
 from pluginpool.policy.errors import (
     CircuitOpenError,
     ErrorInfo,
@@ -33,84 +32,39 @@ from pluginpool.policy.errors import (
 )
 from pluginpool.policy.storage import InstanceStorage
 from pluginpool.tasks.context import PluginContext
-from pluginpool.tasks.gate import BreakerGate
-from pluginpool.tasks.instances import InstanceStore
 from pluginpool.tasks.job_guard import cancelled_error
 from pluginpool.tasks.job_request import parse_job
 from pluginpool.tasks.job_start import start_job
-from pluginpool.tasks.loader import PluginLoader, add_plugin_paths
-from pluginpool.tasks.recording import UsageEvents, keep_run, record_restart, record_run
+from pluginpool.tasks.job_status_hooks import connect_status_signals
+from pluginpool.tasks.recording import (
+    connect_outcome_signals,
+    keep_run,
+    record_restart,
+    record_run,
+)
 from pluginpool.tasks.redis_conn import redis_client
-from pluginpool.tasks.registry import Registry, SpecCache
 from pluginpool.tasks.result_store import bind_result_store
 from pluginpool.tasks.routing import REVISION_HEADER, TRIAL_HEADER
-from pluginpool.tasks.runner import InProcessRunner, Runner
 from pluginpool.tasks.runs import without_logs
-from pluginpool.tasks.settings import Settings
 from pluginpool.tasks.spec import PluginSpec
+from pluginpool.tasks.worker_services import WorkerServices
 
 logger = logging.getLogger("pluginpool.execution")
 
-RunnerFactory = Callable[["WorkerServices"], Runner]
 
-
-@dataclass
-class WorkerServices:
-    """What the task needs in a worker process, built once per process from settings."""
-
-    settings: Settings
-    redis: redis.Redis
-    registry: Registry
-    specs: SpecCache
-    instances: InstanceStore
-    loader: PluginLoader
-    breakers: CircuitBreaker
-    gate: BreakerGate
-    usage_events: UsageEvents = field(default_factory=UsageEvents)
-    runners: dict[bool, Runner] = field(default_factory=dict)
-
-    @classmethod
-    def build(cls, settings: Settings,
-              sandbox_runner: RunnerFactory | None = None) -> WorkerServices:
-        add_plugin_paths(settings.plugin_paths)
-        client = redis_client(settings)
-        registry = Registry(client, settings.keys,
-                            visibility_timeout_s=settings.visibility_timeout_s)
-        loader = PluginLoader(registered=lambda pid: client.hexists(settings.keys.specs, pid))
-        # A job reaching a worker was admitted by its producer: if the breaker's Redis is
-        # unreachable here, run it (fail open).
-        breakers = CircuitBreaker(client, settings.keys, fail_mode="open")
-        services = cls(settings=settings, redis=client, registry=registry,
-                       specs=SpecCache(registry, ttl_s=settings.spec_cache_ttl_s),
-                       instances=InstanceStore(client, settings.keys), loader=loader,
-                       breakers=breakers,
-                       gate=BreakerGate(breakers, cache_ms=settings.breaker_gate_cache_ms))
-        in_process = InProcessRunner(loader, max_result_bytes=settings.max_result_bytes,
-                                     max_log_bytes=settings.max_log_bytes)
-        services.runners[False] = in_process
-        services.runners[True] = sandbox_runner(services) if sandbox_runner else in_process
-        return services
-
-    def runner_for(self, spec: PluginSpec) -> Runner:
-        return self.runners[spec.isolation.sandboxed]
-
-
-def services_of(app: Celery) -> WorkerServices:
-    """The services attached to this app by `attach_services`."""
-    services: WorkerServices | None = getattr(app, "pluginpool_services", None)
-    if services is None:
-        raise RuntimeError("pluginpool services are not attached to this Celery app")
-    return services
-
-
-def attach_services(app: Celery, services: WorkerServices) -> None:
-    app.pluginpool_services = services  # type: ignore[attr-defined]
+def bind_worker_app(app: Celery, services: WorkerServices) -> None:
+    """What a worker app needs of its services, done once by the worker that builds it:
+    each pool child renews its Redis pool after the fork, the result backend stores final
+    statuses, the run log and the outcome record with each result, and the signals that
+    record what only Celery's main process sees are connected for this app (never as an
+    import side effect)."""
     worker_process_init.connect(_renew_redis_pool(services), weak=False)
     settings = services.settings
-    # Final statuses and run logs ride on the MULTI that stores each result.
     bind_result_store(app.backend, settings.keys, ttl_s=settings.result_expires_s,
                       result_backend=settings.effective_result_backend,
                       redis_url=settings.redis_url)
+    connect_outcome_signals(app, services)
+    connect_status_signals(app, services)
 
 
 def _renew_redis_pool(services: WorkerServices) -> Callable[..., None]:
@@ -127,6 +81,9 @@ class PluginTask(Task[Any, Any]):
     """Base of every `plugin.<id>` task; per-plugin options are class attributes."""
 
     plugin_id: str = ""
+    services: WorkerServices
+    """Bound when the task is registered (`register_plugin_task`): a task knows its worker's
+    services without looking them up on the app."""
     typing = False  # arguments are validated by parse_job, with a clear error
     # Expected failures: logged without a traceback, recorded as failures all the same.
     throws = (PluginExecutionError, InvalidJobError, CircuitOpenError, JobCancelledError)
@@ -155,15 +112,15 @@ def run_plugin_job(task: PluginTask, args: tuple[Any, ...], kwargs: dict[str, An
         raise Reject(f"Redis unavailable: {exc}", requeue=True) from exc
     except SoftTimeLimitExceeded:
         # The cancel listener's signal can land outside the run (its bookkeeping).
-        cancelled = cancelled_error(services_of(task.app).redis,
-                                    services_of(task.app).settings.keys, str(task.request.id))
+        cancelled = cancelled_error(task.services.redis, task.services.settings.keys,
+                                    str(task.request.id))
         if cancelled is not None:
             raise cancelled from None
         raise
 
 
 def _run_plugin_job(task: PluginTask, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    services = services_of(task.app)
+    services = task.services
     job_id = str(task.request.id)
     plugin_id = task.plugin_id
     attempt = int(task.request.retries or 0) + 1
@@ -258,7 +215,7 @@ def _restart_or_give_up(task: PluginTask, spec: PluginSpec, info: ErrorInfo) -> 
     isolation = spec.isolation
     restarts = int(task.request.retries or 0)
     if isolation.auto_restart and restarts < isolation.max_restarts:
-        record_restart(services_of(task.app), spec.id)
+        record_restart(task.services, spec.id)
         logger.warning("restarting %s[%s] in %d ms: %s", task.name, task.request.id,
                        isolation.restart_cooldown_ms, info.message)
         raise task.retry(countdown=isolation.restart_cooldown_ms / 1000,
@@ -278,8 +235,10 @@ def _admit(services: WorkerServices, spec: PluginSpec, *, token: int, job_id: st
     return permit
 
 
-def register_plugin_task(app: Celery, spec: PluginSpec) -> PluginTask:
-    """Register `plugin.<id>` with the plugin's restart policy and default time limits."""
+def register_plugin_task(app: Celery, spec: PluginSpec, services: WorkerServices
+                         ) -> PluginTask:
+    """Register `plugin.<id>` with the plugin's restart policy and default time limits,
+    bound to the worker's services."""
     isolation = spec.isolation
     deadlines = spec.deadlines
 
@@ -291,6 +250,7 @@ def register_plugin_task(app: Celery, spec: PluginSpec) -> PluginTask:
         "bind": True,
         "name": spec.task_name,
         "plugin_id": spec.id,
+        "services": services,
         "acks_late": True,
         "reject_on_worker_lost": True,
         # Celery retries a job whose pool child died, bounded by max_retries, with
@@ -304,5 +264,6 @@ def register_plugin_task(app: Celery, spec: PluginSpec) -> PluginTask:
     return cast(PluginTask, app.task(**options)(run))
 
 
-def register_plugin_tasks(app: Celery, specs: Iterable[PluginSpec]) -> list[str]:
-    return [register_plugin_task(app, spec).name for spec in specs]
+def register_plugin_tasks(app: Celery, specs: Iterable[PluginSpec],
+                          services: WorkerServices) -> list[str]:
+    return [register_plugin_task(app, spec, services).name for spec in specs]

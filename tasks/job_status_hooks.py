@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 from billiard.exceptions import WorkerLostError
-from celery import states
+from celery import Celery, states
 from celery.exceptions import TimeLimitExceeded
 from celery.signals import task_failure, task_postrun, task_retry
 
@@ -30,53 +30,53 @@ from pluginpool.tasks.result_store import writes_final_statuses
 from pluginpool.tasks.routing import plugin_of_task
 
 if TYPE_CHECKING:
-    from pluginpool.tasks.execution import WorkerServices
+    from pluginpool.tasks.worker_services import WorkerServices
 
 logger = logging.getLogger("pluginpool.job_status")
 
 
-def _write(sender: Any, job_id: Any, status: JobStatus, **fields: Any) -> None:
-    plugin_id = plugin_of_task(str(getattr(sender, "name", "")))
-    services: WorkerServices | None = getattr(getattr(sender, "app", None),
-                                              "pluginpool_services", None)
-    if plugin_id is None or services is None or not job_id:
-        return
+def connect_status_signals(app: Celery, services: WorkerServices) -> None:
+    """Connect the status writes above for this app's plugin tasks; done by the worker
+    that builds the app (`bind_worker_app`), never as an import side effect."""
     store = JobStatusStore(services.redis, services.settings.keys,
                            ttl_s=services.settings.result_expires_s)
-    try:
-        store.set(str(job_id), status, plugin_id=plugin_id, **fields)
-    except redis.RedisError as exc:
-        logger.warning("could not record status %s of job %s: %s", status, job_id, exc)
 
+    def write(sender: Any, job_id: Any, status: JobStatus, **fields: Any) -> None:
+        plugin_id = plugin_of_task(str(getattr(sender, "name", "")))
+        if plugin_id is None or getattr(sender, "app", None) is not app or not job_id:
+            return
+        try:
+            store.set(str(job_id), status, plugin_id=plugin_id, **fields)
+        except redis.RedisError as exc:
+            logger.warning("could not record status %s of job %s: %s", status, job_id, exc)
 
-def _on_retry(sender: Any = None, request: Any = None, reason: Any = None, **_: Any) -> None:
-    _write(sender, getattr(request, "id", None), "retrying", reason=str(reason)[:500])
+    def on_retry(sender: Any = None, request: Any = None, reason: Any = None,
+                 **_: Any) -> None:
+        write(sender, getattr(request, "id", None), "retrying", reason=str(reason)[:500])
 
+    def on_postrun(sender: Any = None, task_id: Any = None, state: Any = None,
+                   retval: Any = None, **_: Any) -> None:
+        if writes_final_statuses(getattr(sender, "backend", None)):
+            return  # written with the result
+        if state == states.SUCCESS:
+            write(sender, task_id, "succeeded")
+        elif state == states.FAILURE and type(retval).__name__ == "JobCancelledError":
+            write(sender, task_id, "cancelled")  # usually recorded already, by the canceller
+        elif state == states.FAILURE:
+            error_type = retval.type if isinstance(retval, PluginExecutionError) else None
+            write(sender, task_id, "failed", error_type=error_type,
+                  error=type(retval).__name__)
 
-def _on_postrun(sender: Any = None, task_id: Any = None, state: Any = None,
-                retval: Any = None, **_: Any) -> None:
-    if writes_final_statuses(getattr(sender, "backend", None)):
-        return  # written with the result
-    if state == states.SUCCESS:
-        _write(sender, task_id, "succeeded")
-    elif state == states.FAILURE and type(retval).__name__ == "JobCancelledError":
-        _write(sender, task_id, "cancelled")  # usually recorded already, by the canceller
-    elif state == states.FAILURE:
-        error_type = retval.type if isinstance(retval, PluginExecutionError) else None
-        _write(sender, task_id, "failed", error_type=error_type,
-               error=type(retval).__name__)
+    def on_failure_in_main_process(sender: Any = None, task_id: Any = None,
+                                   exception: BaseException | None = None,
+                                   **_: Any) -> None:
+        if writes_final_statuses(getattr(sender, "backend", None)):
+            return  # written with the result
+        if isinstance(exception, TimeLimitExceeded | WorkerLostError):
+            write(sender, task_id, "failed", error=type(exception).__name__,
+                  error_type="timeout" if isinstance(exception, TimeLimitExceeded)
+                  else "runtime")
 
-
-def _on_failure_in_main_process(sender: Any = None, task_id: Any = None,
-                                exception: BaseException | None = None, **_: Any) -> None:
-    if writes_final_statuses(getattr(sender, "backend", None)):
-        return  # written with the result
-    if isinstance(exception, TimeLimitExceeded | WorkerLostError):
-        _write(sender, task_id, "failed", error=type(exception).__name__,
-               error_type="timeout" if isinstance(exception, TimeLimitExceeded)
-               else "runtime")
-
-
-task_retry.connect(_on_retry, weak=False)
-task_postrun.connect(_on_postrun, weak=False)
-task_failure.connect(_on_failure_in_main_process, weak=False)
+    task_retry.connect(on_retry, weak=False)
+    task_postrun.connect(on_postrun, weak=False)
+    task_failure.connect(on_failure_in_main_process, weak=False)

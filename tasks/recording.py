@@ -23,23 +23,23 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 from billiard.exceptions import WorkerLostError
-from celery import Task
+from celery import Celery, Task
 from celery.exceptions import TimeLimitExceeded
 from celery.signals import task_failure, task_retry
 from redis.exceptions import NoScriptError
 
 from pluginpool.policy.breaker import CircuitBreaker
 from pluginpool.policy.errors import ErrorInfo, UnknownPluginError
-from pluginpool.tasks import job_status_hooks  # noqa: F401  (connects the worker's status signals)
 from pluginpool.tasks.event_encoder import Encoded, EventEncoder, same_server
 from pluginpool.tasks.outcome import error_for_failure
 from pluginpool.tasks.result_store import JobResultBackend
+from pluginpool.tasks.routing import plugin_of_task
 from pluginpool.tasks.run_logs import forward
 from pluginpool.tasks.runs import RecentRuns, after_run
 from pluginpool.tasks.spec import PluginSpec
 
 if TYPE_CHECKING:
-    from pluginpool.tasks.execution import WorkerServices
+    from pluginpool.tasks.worker_services import WorkerServices
 
 logger = logging.getLogger("pluginpool.recording")
 
@@ -241,21 +241,32 @@ def _queue_instance(pipe: Any, services: WorkerServices, instance_id: str,
         pipe.ltrim(keys.instance_errors(instance_id), 0, RECENT_ERRORS - 1)
 
 
-def _record_failure_seen_by_main_process(sender: Any = None, task_id: str | None = None,
-                                         exception: BaseException | None = None,
-                                         **_: Any) -> None:
-    """Hard time limits and exhausted restarts are recorded by Celery's main process, not by
-    the task body (its process is gone): record those outcomes from here."""
-    from pluginpool.tasks.execution import PluginTask
+def connect_outcome_signals(app: Celery, services: WorkerServices) -> None:
+    """Record what only Celery's main process sees, for this app's plugin tasks: hard time
+    limits and exhausted restarts (the task body's process is gone), and Celery's own retry
+    of a job whose pool child died. Connected by the worker that builds the app."""
 
-    if not isinstance(sender, PluginTask) or not isinstance(
-            exception, TimeLimitExceeded | WorkerLostError):
-        return
-    services: WorkerServices | None = getattr(sender.app, "pluginpool_services", None)
-    if services is None:
+    def on_failure(sender: Any = None, task_id: str | None = None,
+                   exception: BaseException | None = None, **_: Any) -> None:
+        if getattr(sender, "app", None) is app:
+            _record_failure_seen_by_main_process(services, sender, task_id, exception)
+
+    def on_retry(sender: Any = None, reason: Any = None, **_: Any) -> None:
+        if getattr(sender, "app", None) is app:
+            _count_worker_lost_restart(services, sender, reason)
+
+    task_failure.connect(on_failure, weak=False)
+    task_retry.connect(on_retry, weak=False)
+
+
+def _record_failure_seen_by_main_process(services: WorkerServices, sender: Any,
+                                         task_id: str | None,
+                                         exception: BaseException | None) -> None:
+    plugin_id = plugin_of_task(str(getattr(sender, "name", "")))
+    if plugin_id is None or not isinstance(exception, TimeLimitExceeded | WorkerLostError):
         return
     try:
-        spec = services.specs.get(sender.plugin_id)
+        spec = services.specs.get(plugin_id)
     except (UnknownPluginError, redis.RedisError) as exc:
         logger.error("cannot record the failure of %s[%s]: %s", sender.name, task_id, exc)
         return
@@ -266,17 +277,7 @@ def _record_failure_seen_by_main_process(sender: Any = None, task_id: str | None
                generation=0, instance_id=None)
 
 
-def _count_worker_lost_restart(sender: Any = None, reason: Any = None, **_: Any) -> None:
-    """Celery's own retry of a job whose pool child died (retry_on_worker_lost)."""
-    from pluginpool.tasks.execution import PluginTask
-
-    if not isinstance(sender, PluginTask) or not isinstance(getattr(reason, "exc", None),
-                                                            WorkerLostError):
-        return
-    services: WorkerServices | None = getattr(sender.app, "pluginpool_services", None)
-    if services is not None:
-        record_restart(services, sender.plugin_id)
-
-
-task_failure.connect(_record_failure_seen_by_main_process, weak=False)
-task_retry.connect(_count_worker_lost_restart, weak=False)
+def _count_worker_lost_restart(services: WorkerServices, sender: Any, reason: Any) -> None:
+    plugin_id = plugin_of_task(str(getattr(sender, "name", "")))
+    if plugin_id is not None and isinstance(getattr(reason, "exc", None), WorkerLostError):
+        record_restart(services, plugin_id)

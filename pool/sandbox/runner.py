@@ -35,10 +35,10 @@ from pluginpool.pool.sandbox.runtime.run import CHANNEL_FD
 from pluginpool.pool.sandbox.supervisor import MB, Bounds, Supervision, Supervisor
 from pluginpool.pool.sandbox.warm_pool import WarmPool
 from pluginpool.tasks.context import PluginContext
-from pluginpool.tasks.execution import WorkerServices
 from pluginpool.tasks.loader import check_requires
 from pluginpool.tasks.runner import RunReport
 from pluginpool.tasks.spec import PluginSpec
+from pluginpool.tasks.worker_services import WorkerServices
 
 SYSTEM_READ_PATHS = (
     "/usr/lib", "/usr/lib64", "/lib", "/lib64", "/usr/share/zoneinfo", "/etc/ssl",
