@@ -24,8 +24,8 @@ from typing import Any
 import psutil
 
 from bench.common import bench_redis_url, write_result
-from pluginpool.pool.processes import ManagedProcess, wait_until
-from pluginpool.pool.redis_bootstrap import free_port
+from pluginpool.pool.tools.processes import ManagedProcess, wait_until
+from pluginpool.pool.tools.redis_bootstrap import free_port
 from pluginpool.tasks.app import create_app
 from pluginpool.tasks.settings import Settings
 
@@ -82,7 +82,7 @@ def main() -> None:
     url = bench_redis_url(run_dir)
     settings = Settings(_env_file=None, redis_url=url)  # type: ignore[call-arg]
     env = {**os.environ, "PLUGINPOOL_REDIS_URL": url}
-    cli = [sys.executable, "-m", "pluginpool.pool.cli"]
+    cli = [sys.executable, "-m", "pluginpool.pool.tools.cli"]
     agg_port, flower_port = free_port(), free_port()
     agg_base, flower_base = f"http://127.0.0.1:{agg_port}", f"http://127.0.0.1:{flower_port}"
     aggregator = ManagedProcess([*cli, "aggregator", "--port", str(agg_port)], env=env,

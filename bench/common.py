@@ -13,8 +13,8 @@ from typing import Any
 
 import redis
 
-from pluginpool.pool.processes import ManagedProcess, wait_until
-from pluginpool.pool.redis_bootstrap import ensure_redis, free_port, ping, with_db
+from pluginpool.pool.tools.processes import ManagedProcess, wait_until
+from pluginpool.pool.tools.redis_bootstrap import ensure_redis, free_port, ping, with_db
 
 BENCH_DB = int(os.environ.get("PLUGINPOOL_BENCH_REDIS_DB", "12"))
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,7 +54,7 @@ def start(argv: list[str], env: dict[str, str], log: Path,
 def pluginpool_worker(client: Any, env: dict[str, str], run_dir: Path, *, plugins: str,
                       concurrency: int, node: str, timeout_s: float = 60) -> ManagedProcess:
     """A `pluginpool worker` for the given plugins, started and answering pings."""
-    argv = [sys.executable, "-m", "pluginpool.pool.cli", "worker", "--plugins", plugins,
+    argv = [sys.executable, "-m", "pluginpool.pool.tools.cli", "worker", "--plugins", plugins,
             "--concurrency", str(concurrency), "--name", node, "--loglevel", "WARNING"]
     return start(argv, env, run_dir / f"{node}.log", lambda: bool(
         client.app.control.ping(destination=[node], timeout=0.5)), timeout_s=timeout_s)

@@ -25,7 +25,7 @@ from pathlib import Path
 import redis
 
 from bench.common import ROOT, pluginpool_worker, private_redis, write_result
-from pluginpool.pool.processes import ManagedProcess
+from pluginpool.pool.tools.processes import ManagedProcess
 from pluginpool.tasks.client import PluginClient
 from pluginpool.tasks.settings import Settings
 from pluginpool.tasks.spec import PluginSpec

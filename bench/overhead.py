@@ -39,7 +39,7 @@ import redis
 
 from bench.common import ROOT, median, plain_celery_worker, pluginpool_worker, write_result
 from bench.many_plugins import private_redis
-from pluginpool.pool.processes import ManagedProcess
+from pluginpool.pool.tools.processes import ManagedProcess
 from pluginpool.tasks.client import PluginClient
 from pluginpool.tasks.settings import Settings
 from pluginpool.tasks.spec import PluginSpec
@@ -129,8 +129,8 @@ def redis_usec(store: redis.Redis) -> dict[str, int]:
 def script_names() -> dict[str, str]:
     """SHA → script, for every Lua script pluginpool sends by EVALSHA."""
     from pluginpool.policy.breaker import LUA_SOURCE as BREAKER
+    from pluginpool.pool.job_start import SHA as JOB_START
     from pluginpool.tasks import delivery_record as d
-    from pluginpool.tasks.job_start import SHA as JOB_START
     from pluginpool.tasks.job_status import LUA_SOURCE as JOB_STATUS
     names = {hashlib.sha1(BREAKER.encode()).hexdigest(): "breaker.lua (acquire/record)",
              hashlib.sha1(JOB_STATUS.encode()).hexdigest(): "job_status.lua",

@@ -16,8 +16,8 @@ import urllib.request
 from pathlib import Path
 
 from bench.common import ROOT, private_redis, write_result
-from pluginpool.pool.processes import ManagedProcess, wait_until
-from pluginpool.pool.redis_bootstrap import free_port
+from pluginpool.pool.tools.processes import ManagedProcess, wait_until
+from pluginpool.pool.tools.redis_bootstrap import free_port
 from pluginpool.tasks.client import PluginClient
 from pluginpool.tasks.registry import SpecCache
 from pluginpool.tasks.settings import Settings
@@ -55,7 +55,7 @@ def one_point(url: str, run_dir: Path, plugins: int) -> dict[str, object]:
     figures["client_health_all_ms"] = round((time.perf_counter() - started) * 1000, 1)
     port = free_port()
     env = {**os.environ, "PLUGINPOOL_REDIS_URL": url}
-    aggregator = ManagedProcess([sys.executable, "-m", "pluginpool.pool.cli", "aggregator",
+    aggregator = ManagedProcess([sys.executable, "-m", "pluginpool.pool.tools.cli", "aggregator",
                                  "--port", str(port)], env=env,
                                 log_path=run_dir / f"aggregator-{plugins}.log")
     base = f"http://127.0.0.1:{port}"

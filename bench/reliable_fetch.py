@@ -30,7 +30,7 @@ from kombu import Connection, Exchange, Queue
 
 from bench.common import ROOT, bench_redis_url, median, pluginpool_worker, write_result
 from bench.throughput import NOOP
-from pluginpool.pool.processes import ManagedProcess, wait_until
+from pluginpool.pool.tools.processes import ManagedProcess, wait_until
 from pluginpool.tasks.client import PluginClient
 from pluginpool.tasks.settings import Settings
 from pluginpool.tasks.transport import TRANSPORT_PATH

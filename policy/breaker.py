@@ -17,13 +17,14 @@ import logging
 from dataclasses import dataclass, field
 from enum import StrEnum
 from importlib import resources
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import redis
 from pydantic import BaseModel, ConfigDict, Field
 
 from pluginpool.policy.errors import BreakerUnavailableError, ErrorType
 from pluginpool.policy.keys import RedisKeys
+from pluginpool.policy.redis_text import as_text
 
 logger = logging.getLogger("pluginpool.breaker")
 
@@ -131,12 +132,6 @@ class BreakerStatus:
         return {k: (str(v) if isinstance(v, StrEnum) else v) for k, v in self.__dict__.items()}
 
 
-class BreakerListener(Protocol):
-    """Called with each transition event (plugin, from, to, reason, at_ms, open_ms)."""
-
-    def __call__(self, event: dict[str, Any]) -> None: ...
-
-
 BreakerUnavailable = BreakerUnavailableError
 """The name this module used before the exception tree was one; kept for callers."""
 
@@ -183,7 +178,8 @@ class CircuitBreaker:
                 return Permit(True, BreakerState.CLOSED, unguarded=True)
             raise BreakerUnavailableError(
                 f"breaker for {plugin_id!r} unreachable (fail mode closed): {exc}") from exc
-        return Permit(bool(allowed), BreakerState(_text(state)), int(retry_after), int(generation))
+        return Permit(bool(allowed), BreakerState(as_text(state)), int(retry_after),
+                      int(generation))
 
     def record(self, plugin_id: str, config: BreakerConfig, *, default_open_ms: int,
                error_type: ErrorType | None, duration_ms: float, generation: int = 0,
@@ -229,17 +225,17 @@ class CircuitBreaker:
     def record_reply(reply: Any) -> Permit:
         """The breaker's state after a record, from the script's reply."""
         state, retry_after = reply
-        after = BreakerState(_text(state))
+        after = BreakerState(as_text(state))
         return Permit(after is not BreakerState.OPEN, after, int(retry_after))
 
     def override(self, plugin_id: str, config: BreakerConfig, *, default_open_ms: int,
                  action: Literal["reset", "force_open"]) -> BreakerState:
         [state] = self._call("override", plugin_id, config, default_open_ms, 0, action)
-        return BreakerState(_text(state))
+        return BreakerState(as_text(state))
 
     def status(self, plugin_id: str, config: BreakerConfig, *,
                default_open_ms: int) -> BreakerStatus:
-        raw = json.loads(_text(self._call("status", plugin_id, config, default_open_ms, 0)))
+        raw = json.loads(as_text(self._call("status", plugin_id, config, default_open_ms, 0)))
         history = raw["history"] if isinstance(raw["history"], list) else []
         total = int(raw["window_total"])
         return BreakerStatus(
@@ -250,7 +246,3 @@ class CircuitBreaker:
             open_ms=int(raw["open_ms"]), permits_left=int(raw["permits"]),
             trial_successes=int(raw["trial_ok"]), reason=raw["reason"],
             history=[json.loads(item) for item in history])
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

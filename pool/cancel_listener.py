@@ -5,7 +5,7 @@ A Celery bootstep in the worker's main process: one thread listens for cancelled
 process running that job. There the run is stopped as at its soft limit (a sandbox's
 supervisor kills the run's process group; an in-process run gets SoftTimeLimitExceeded),
 and the task, finding the job's cancel marker, ends it as JobCancelledError
-(tasks/job_guard.py). Jobs not yet started never run: the task checks the marker first.
+(pool/job_guard.py). Jobs not yet started never run: the task checks the marker first.
 """
 
 from __future__ import annotations

@@ -19,8 +19,8 @@ from typing import Any
 import redis
 from celery import bootsteps
 
+from pluginpool.pool.worker_services import WorkerServices
 from pluginpool.tasks.health import queues_digest
-from pluginpool.tasks.worker_services import WorkerServices
 
 logger = logging.getLogger("pluginpool.liveness")
 

@@ -19,10 +19,10 @@ from celery.app.registry import TaskRegistry
 from celery.app.trace import build_tracer
 
 from pluginpool.policy.errors import UnknownPluginError
-from pluginpool.tasks.execution import register_plugin_task
+from pluginpool.pool.execution import register_plugin_task
+from pluginpool.pool.worker_services import WorkerServices
 from pluginpool.tasks.routing import plugin_of_task
 from pluginpool.tasks.spec import PluginSpec
-from pluginpool.tasks.worker_services import WorkerServices
 
 PLACEHOLDER_ENTRYPOINT = "pluginpool.unregistered:plugin"
 

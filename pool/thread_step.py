@@ -12,7 +12,7 @@ from typing import Any, TypeVar, cast
 
 from celery import bootsteps
 
-from pluginpool.tasks.worker_services import WorkerServices
+from pluginpool.pool.worker_services import WorkerServices
 
 Step = TypeVar("Step", bound=type)
 

@@ -10,7 +10,9 @@ from celery import Celery
 
 from pluginpool.policy.errors import UnknownPluginError
 from pluginpool.pool import trace_filter
+from pluginpool.pool.artifact_cache import ArtifactCache, ArtifactRunner
 from pluginpool.pool.cancel_listener import CancelListener
+from pluginpool.pool.execution import bind_worker_app, register_plugin_tasks
 from pluginpool.pool.fleet import (
     IDLE_QUEUE,
     FleetConfig,
@@ -22,15 +24,13 @@ from pluginpool.pool.liveness import WorkerLiveness
 from pluginpool.pool.plugin_tasks import install_task_registry
 from pluginpool.pool.sandbox.runner import SandboxRunner
 from pluginpool.pool.thread_step import bound_step
+from pluginpool.pool.worker_services import WorkerServices
 from pluginpool.tasks.app import create_app
-from pluginpool.tasks.artifact_cache import ArtifactCache, ArtifactRunner
 from pluginpool.tasks.delivery_record import DELIVERY_OPTION
-from pluginpool.tasks.execution import bind_worker_app, register_plugin_tasks
 from pluginpool.tasks.redis_conn import redis_client
 from pluginpool.tasks.registry import Registry, SpecCache
 from pluginpool.tasks.settings import Settings
 from pluginpool.tasks.spec import PluginSpec
-from pluginpool.tasks.worker_services import WorkerServices
 
 WORKER_BASELINE_MB = 128
 """Headroom for the pool child itself (Celery, Python) above the plugins' max_memory_mb."""

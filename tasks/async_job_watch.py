@@ -19,6 +19,7 @@ import redis
 import redis.asyncio as aioredis
 
 from pluginpool.policy.keys import RedisKeys
+from pluginpool.policy.redis_text import as_text
 from pluginpool.tasks.job_status import TERMINAL, decode_change, in_order
 from pluginpool.tasks.job_watch import Follower, deliver
 
@@ -106,7 +107,7 @@ class AsyncJobWatcher:
                 await self._on_message(message)
 
     async def _on_message(self, message: dict[str, Any]) -> None:
-        channel = _text(message["channel"])
+        channel = as_text(message["channel"])
         followers = list(self._followers.get(channel, []))
         if message["type"] == "subscribe":
             self._confirmed.add(channel)
@@ -138,7 +139,3 @@ class AsyncJobWatcher:
         self._followers.pop(channel, None)
         self._confirmed.discard(channel)
         await self._pubsub.unsubscribe(channel)
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

@@ -18,6 +18,8 @@ import redis
 import redis.asyncio as aioredis
 from celery import states
 
+from pluginpool.policy.redis_text import as_text
+
 logger = logging.getLogger("pluginpool.async_results")
 
 Decode = Callable[[bytes], dict[str, Any]]
@@ -108,7 +110,7 @@ class AsyncResultWaiter:
                 message = await pubsub.get_message(timeout=READ_WAIT_S)
                 if message is None:
                     continue
-                key = _text(message["channel"])
+                key = as_text(message["channel"])
                 if message["type"] == "subscribe":  # stored before we listened?
                     self._settle(key, await self._client.get(key))
                 elif message["type"] == "message":
@@ -131,7 +133,3 @@ class AsyncResultWaiter:
         for future in self._waiters.get(key, []):
             if not future.done():
                 future.set_result(meta)
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

@@ -3,7 +3,7 @@
 A producer remembers what its last `acquire` answered and forgets it the moment a
 transition of that plugin arrives on the breaker channel (`breaker.lua` publishes every
 one). "closed" is then trusted for `breaker_gate_cache_ms`, the bound the worker's gate
-(tasks/gate.py) uses, and "open" until its wait is over; "half_open" is never remembered,
+(pool/gate.py) uses, and "open" until its wait is over; "half_open" is never remembered,
 so every trial permit is still handed out by Redis, exactly. The bound matters only when a
 transition event is lost or late (the subscriber reconnecting): a producer may then admit
 jobs for at most `breaker_gate_cache_ms` after the breaker opened, and the worker's gate

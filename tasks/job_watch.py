@@ -21,6 +21,7 @@ import redis
 
 from pluginpool.policy.errors import PluginPoolError
 from pluginpool.policy.keys import RedisKeys
+from pluginpool.policy.redis_text import as_text
 from pluginpool.tasks.job_status import TERMINAL, JobStatusStore, decode_change
 
 if TYPE_CHECKING:
@@ -160,7 +161,7 @@ class JobWatcher:
                 self._on_message(pubsub, message)
 
     def _on_message(self, pubsub: Any, message: dict[str, Any]) -> None:
-        channel = _text(message["channel"])
+        channel = as_text(message["channel"])
         with self._lock:
             followers = list(self._followers.get(channel, []))
         if message["type"] == "subscribe":
@@ -191,7 +192,3 @@ class JobWatcher:
             history = self.store.history(follower.job_id)
             if history:
                 deliver(follower, history[-1], partial(list, history))
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

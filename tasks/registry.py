@@ -28,6 +28,7 @@ from pluginpool.policy.errors import (
     UnknownPluginError,
 )
 from pluginpool.policy.keys import RedisKeys
+from pluginpool.policy.redis_text import as_text
 from pluginpool.tasks.manifest import spec_issues
 from pluginpool.tasks.spec import PluginSpec
 
@@ -196,7 +197,7 @@ class Registry:
     def page(self, *, offset: int, limit: int | None) -> tuple[list[PluginSpec], int]:
         """A page of specs in id order and how many there are: reads the ids, then only the
         page's specs, so a person's view of 10,000 plugins decodes what it shows."""
-        ids = sorted(_text(key) for key in self._redis.hkeys(self._keys.specs))
+        ids = sorted(as_text(key) for key in self._redis.hkeys(self._keys.specs))
         chosen = ids[offset:] if limit is None else ids[offset:offset + limit]
         if not chosen:
             return [], len(ids)
@@ -211,7 +212,7 @@ class Registry:
     def unregistered(self) -> dict[str, int]:
         """Unregistered plugins (not registered again since) and their last revision."""
         raw = self._redis.hgetall(self._keys.unregistered)
-        return {_text(key): int(value) for key, value in raw.items()}
+        return {as_text(key): int(value) for key, value in raw.items()}
 
     def history(self, plugin_id: str) -> list[PluginSpec]:
         """Earlier revisions, newest first."""
@@ -235,7 +236,7 @@ class Registry:
                 for spec in specs]
 
     def _decode_all(self, raw: Any) -> list[PluginSpec]:
-        return [self._decode(_text(key), value) for key, value in raw.items()]
+        return [self._decode(as_text(key), value) for key, value in raw.items()]
 
     def _decode(self, plugin_id: str, raw: bytes | str) -> PluginSpec:
         """A spec from its stored JSON, decoded (and validated) once per revision: reading
@@ -310,7 +311,3 @@ class SpecCache:
             self._entries.clear()
         else:
             self._entries.pop(plugin_id, None)
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

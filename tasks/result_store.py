@@ -1,6 +1,6 @@
 """Celery's Redis result backend, with a plugin job's end written in the same MULTI as its
 result: the final status (`succeeded`, `failed`, `cancelled`, recorded and pushed by
-`job_status.lua`) and the bookkeeping the task left for it (tasks/recording.py: the outcome
+`job_status.lua`) and the bookkeeping the task left for it (pool/recording.py: the outcome
 record, i.e. breaker window, health figures, usage and error events; the instance's usage;
 the run log).
 
@@ -9,7 +9,7 @@ written with it costs no round trip of its own (issue 16), and a watcher that se
 `succeeded` or `failed` can read the outcome at once, since both land in one atomic step.
 Only when the result backend is pluginpool's own Redis database (`same_database`), and only
 in a worker (`bind_result_store`); otherwise the signal hooks write statuses as before
-(tasks/job_status_hooks.py) and the task writes its run log itself.
+(pool/job_status_hooks.py) and the task writes its run log itself.
 
 If a worker dies after the run and before this write, nothing of that run is recorded (it
 is all one transaction) and the job is redelivered and run again (acks late): it is then

@@ -15,6 +15,8 @@ from typing import Any
 
 import redis
 
+from pluginpool.policy.redis_text import as_text
+
 logger = logging.getLogger("pluginpool.subscriptions")
 
 Handler = Callable[[dict[str, Any]], None]
@@ -53,7 +55,7 @@ class Subscriptions:
         while confirmed != set(self._channels) and time.monotonic() < deadline:
             message = pubsub.get_message(timeout=0.5)
             if message and message["type"] == "subscribe":
-                confirmed.add(_text(message["channel"]))
+                confirmed.add(as_text(message["channel"]))
         self._pubsub = pubsub
         if pubsub.connection is not None:
             # redis-py reconnects and resubscribes on its own, often without surfacing an
@@ -80,9 +82,9 @@ class Subscriptions:
                 logger.exception("event gap handler %r failed", handler)
 
     def _dispatch(self, message: dict[str, Any]) -> None:
-        channel = _text(message["channel"])
+        channel = as_text(message["channel"])
         try:
-            event = json.loads(_text(message["data"]))
+            event = json.loads(as_text(message["data"]))
         except ValueError:
             logger.warning("ignoring a non-JSON event on %s", channel)
             return
@@ -107,7 +109,3 @@ class Subscriptions:
             thread.join(timeout=5)
         if pubsub is not None:
             pubsub.close()
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

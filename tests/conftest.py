@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from pluginpool.pool.processes import ManagedProcess, wait_until
-from pluginpool.pool.redis_bootstrap import ensure_redis, with_db
+from pluginpool.pool.tools.processes import ManagedProcess, wait_until
+from pluginpool.pool.tools.redis_bootstrap import ensure_redis, with_db
 from pluginpool.tasks.client import PluginClient
 from pluginpool.tasks.settings import Settings
 from tests.session_database import DatabaseClaim, describe_this_session
@@ -95,7 +95,7 @@ def spawn_worker(client: PluginClient, log_dir: Path, *, plugins: str = "all",
     """Start `pluginpool worker` and wait until it answers a ping; fail with its log if not."""
     nodename = name or f"test-{uuid.uuid4().hex[:6]}@localhost"
     proc = ManagedProcess(
-        [sys.executable, "-m", "pluginpool.pool.cli", "worker", "--plugins", plugins,
+        [sys.executable, "-m", "pluginpool.pool.tools.cli", "worker", "--plugins", plugins,
          "--concurrency", str(concurrency), "--name", nodename, "--loglevel", "INFO"],
         env={**worker_env(client.settings), **(extra_env or {})},
         log_path=log_dir / f"{nodename}.log",

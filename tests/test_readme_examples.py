@@ -160,7 +160,7 @@ def run_manifest(block: Block, session: Session) -> None:
 
 def run_commands(block: Block, session: Session) -> None:
     for argv in shell_commands(block.text):
-        done = subprocess.run([sys.executable, "-m", "pluginpool.pool.cli", *argv[1:]],
+        done = subprocess.run([sys.executable, "-m", "pluginpool.pool.tools.cli", *argv[1:]],
                               env=worker_env(session.settings), cwd=ROOT, timeout=120,
                               capture_output=True, text=True, check=False)
         assert done.returncode == 0, f"{block.where}: {argv}: {done.stdout}{done.stderr}"

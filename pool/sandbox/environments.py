@@ -27,9 +27,9 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from pluginpool.policy.errors import ArtifactError, ErrorType, PluginExecutionError
+from pluginpool.pool.artifact_cache import default_cache_dir, owned_directory
 from pluginpool.pool.sandbox import env_install
 from pluginpool.pool.sandbox.env_install import InstallRequest, InstallResult
-from pluginpool.tasks.artifact_cache import default_cache_dir, owned_directory
 from pluginpool.tasks.settings import Settings, child_process_env
 from pluginpool.tasks.spec import PluginSpec
 

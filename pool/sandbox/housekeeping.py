@@ -19,6 +19,7 @@ import psutil
 import redis
 
 from pluginpool.policy.keys import RedisKeys
+from pluginpool.pool.sandbox.runtime.limits import MB
 from pluginpool.pool.sandbox.warm import WarmSandbox
 from pluginpool.pool.sandbox.warm_pool import WarmPool
 
@@ -29,7 +30,6 @@ PUBLISH_EVERY_S = 2.0
 PUBLISHED_TTL_S = 15
 SWEEP_EVERY_S = 60.0
 STALE_HOME_S = 60.0
-MB = 1024 * 1024
 
 
 class Housekeeper(threading.Thread):

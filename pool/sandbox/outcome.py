@@ -9,10 +9,11 @@ from collections.abc import Callable
 from typing import Any
 
 from pluginpool.policy.errors import ErrorInfo, ErrorType, PluginExecutionError
+from pluginpool.pool.runner import RunReport, Usage
+from pluginpool.pool.sandbox.runtime.limits import MB
 from pluginpool.pool.sandbox.runtime.messages import Result, RunError, SetupFailed
-from pluginpool.pool.sandbox.supervisor import MB, Supervision
+from pluginpool.pool.sandbox.supervisor import Supervision
 from pluginpool.pool.sandbox.warm import WarmSandbox
-from pluginpool.tasks.runner import RunReport, Usage
 from pluginpool.tasks.spec import PluginSpec
 
 Fail = Callable[..., PluginExecutionError]

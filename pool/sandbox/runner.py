@@ -25,20 +25,21 @@ from celery.signals import worker_process_shutdown
 
 from pluginpool.policy.errors import ErrorType, PluginExecutionError
 from pluginpool.policy.storage import InstanceStorage
+from pluginpool.pool.loader import check_requires
+from pluginpool.pool.runner import RunReport
 from pluginpool.pool.sandbox import outcome, seccomp_filter, warm
 from pluginpool.pool.sandbox.environments import Environments, code_found_in
 from pluginpool.pool.sandbox.housekeeping import Housekeeper
 from pluginpool.pool.sandbox.launcher import ZygoteLauncher, ZygoteStartError
 from pluginpool.pool.sandbox.runtime import channel, landlock
+from pluginpool.pool.sandbox.runtime.limits import MB
 from pluginpool.pool.sandbox.runtime.messages import Spawn
 from pluginpool.pool.sandbox.runtime.run import CHANNEL_FD
-from pluginpool.pool.sandbox.supervisor import MB, Bounds, Supervision, Supervisor
+from pluginpool.pool.sandbox.supervisor import Bounds, Supervision, Supervisor
 from pluginpool.pool.sandbox.warm_pool import WarmPool
+from pluginpool.pool.worker_services import WorkerServices
 from pluginpool.tasks.context import PluginContext
-from pluginpool.tasks.loader import check_requires
-from pluginpool.tasks.runner import RunReport
 from pluginpool.tasks.spec import PluginSpec
-from pluginpool.tasks.worker_services import WorkerServices
 
 SYSTEM_READ_PATHS = (
     "/usr/lib", "/usr/lib64", "/lib", "/lib64", "/usr/share/zoneinfo", "/etc/ssl",
@@ -62,7 +63,7 @@ def read_paths(extra: tuple[str, ...]) -> tuple[str, ...]:
 
 
 class SandboxRunner:
-    """Implements the Runner protocol of pluginpool.tasks.runner with warm sandboxes."""
+    """Implements the Runner protocol of pluginpool.pool.runner with warm sandboxes."""
 
     def __init__(self, services: WorkerServices, *, interpreter: str = sys.executable) -> None:
         self._services = services

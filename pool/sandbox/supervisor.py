@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from pluginpool.pool.sandbox.runtime import channel
+from pluginpool.pool.sandbox.runtime.limits import MB
 from pluginpool.pool.sandbox.runtime.messages import (
     Log,
     Message,
@@ -40,7 +41,6 @@ DEFAULT_LOG_BYTES = 65_536
 THROTTLE_SLICE_S = 0.05
 """The shortest a throttled run runs between two looks at its CPU (then it is stopped for
 about slice * (100 / share - 1): 150 ms at 25 %)."""
-MB = 1024 * 1024
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 MAX_TREE = 4096

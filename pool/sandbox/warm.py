@@ -21,6 +21,7 @@ from typing import Any
 
 from pluginpool.pool.sandbox.launcher import ZygoteLauncher
 from pluginpool.pool.sandbox.runtime import channel
+from pluginpool.pool.sandbox.runtime.limits import MB
 from pluginpool.pool.sandbox.runtime.messages import (
     Close,
     Closed,
@@ -33,7 +34,6 @@ from pluginpool.pool.sandbox.runtime.messages import (
     ZygoteConfig,
 )
 from pluginpool.pool.sandbox.supervisor import (
-    MB,
     Bounds,
     Exit,
     StorageHandler,

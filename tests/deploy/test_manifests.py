@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from pluginpool.pool.cli import build_parser
+from pluginpool.pool.tools.cli import build_parser
 from pluginpool.tasks.manifest import load_manifest
 
 ROOT = Path(__file__).resolve().parents[2]

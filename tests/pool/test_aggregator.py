@@ -17,8 +17,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from pluginpool.policy.errors import PluginExecutionError
-from pluginpool.pool.processes import ManagedProcess, wait_until
-from pluginpool.pool.redis_bootstrap import free_port
+from pluginpool.pool.tools.processes import ManagedProcess, wait_until
+from pluginpool.pool.tools.redis_bootstrap import free_port
 from pluginpool.tasks.client import PluginClient
 from tests.conftest import TEST_PLUGINS, make_settings, retire, spawn_worker, worker_env
 
@@ -28,7 +28,8 @@ class Aggregator:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.proc = ManagedProcess(
-            [sys.executable, "-m", "pluginpool.pool.cli", "aggregator", "--port", str(self.port)],
+            [sys.executable, "-m", "pluginpool.pool.tools.cli", "aggregator",
+             "--port", str(self.port)],
             env=worker_env(client.settings), log_path=log_dir / f"aggregator-{self.port}.log")
         assert wait_until(self.ready, timeout_s=30), self.proc.log_text()
 
@@ -191,13 +192,13 @@ def test_unknown_plugin_is_a_404(aggregator: Aggregator) -> None:
 def test_client_health_and_cli_agree_with_the_api(env: Any, aggregator: Aggregator) -> None:
     client = env[0]
     from_client = client.health("hl-good")
-    cli = subprocess.run([sys.executable, "-m", "pluginpool.pool.cli", "health", "hl-good",
+    cli = subprocess.run([sys.executable, "-m", "pluginpool.pool.tools.cli", "health", "hl-good",
                           "--json"], env=worker_env(client.settings), capture_output=True,
                          text=True, timeout=30, check=False)
     from_cli = json.loads(cli.stdout)
     from_api = health_of(aggregator, "hl-good")
     assert from_client.runs == from_cli["runs"] == from_api["runs"]  # type: ignore[union-attr]
-    table = subprocess.run([sys.executable, "-m", "pluginpool.pool.cli", "health"],
+    table = subprocess.run([sys.executable, "-m", "pluginpool.pool.tools.cli", "health"],
                            env=worker_env(client.settings), capture_output=True, text=True,
                            timeout=30, check=False)
     assert table.returncode == 0 and "hl-good" in table.stdout
@@ -207,7 +208,7 @@ def test_check_health_exit_codes(env: Any) -> None:
     client, worker, _ = env
 
     def check(*args: str) -> int:
-        return subprocess.run([sys.executable, "-m", "pluginpool.pool.cli", "check-health",
+        return subprocess.run([sys.executable, "-m", "pluginpool.pool.tools.cli", "check-health",
                                *args], env=worker_env(client.settings), capture_output=True,
                               timeout=30, check=False).returncode
 
@@ -217,7 +218,7 @@ def test_check_health_exit_codes(env: Any) -> None:
     assert check("--plugin", "hl-orphan") == 1
     dead = {**worker_env(client.settings), "PLUGINPOOL_REDIS_URL": "redis://127.0.0.1:1/0",
             "PLUGINPOOL_REDIS_SOCKET_TIMEOUT_S": "1"}
-    assert subprocess.run([sys.executable, "-m", "pluginpool.pool.cli", "check-health"],
+    assert subprocess.run([sys.executable, "-m", "pluginpool.pool.tools.cli", "check-health"],
                           env=dead, capture_output=True, timeout=30,
                           check=False).returncode == 1
 

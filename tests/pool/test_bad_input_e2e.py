@@ -21,7 +21,7 @@ from pluginpool.policy.errors import (
     MAX_TRACEBACK_CHARS,
     PluginExecutionError,
 )
-from pluginpool.pool.processes import ManagedProcess, wait_until
+from pluginpool.pool.tools.processes import ManagedProcess, wait_until
 from pluginpool.tasks.client import PluginClient
 from pluginpool.tasks.spec import PluginSpec
 from tests.conftest import TEST_PLUGINS, make_settings, retire, spawn_worker

@@ -18,7 +18,7 @@ from pluginpool.policy.errors import (
     CircuitOpenError,
     PluginExecutionError,
 )
-from pluginpool.pool.processes import ManagedProcess, wait_until
+from pluginpool.pool.tools.processes import ManagedProcess, wait_until
 from pluginpool.tasks.client import PluginClient
 from pluginpool.tasks.jobs import FallbackJob, Job
 from tests.conftest import TEST_PLUGINS, make_settings, retire, spawn_worker, worker_env
@@ -167,7 +167,7 @@ def test_cli_shows_and_overrides_the_breaker(env: tuple[PluginClient, ManagedPro
     client, _ = env
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "pluginpool.pool.cli", "breaker", *args],
+        return subprocess.run([sys.executable, "-m", "pluginpool.pool.tools.cli", "breaker", *args],
                               env=worker_env(client.settings), capture_output=True, text=True,
                               timeout=30, check=False)
 

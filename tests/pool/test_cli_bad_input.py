@@ -16,7 +16,7 @@ ODD_TEXT = ["[/x]", "[bold red]loud", ":thumbs_up:", "[link=http://evil]x[/link]
 
 def wide_cli(client: PluginClient, *args: str) -> subprocess.CompletedProcess[str]:
     """The CLI with a terminal wide enough that no table cell is wrapped."""
-    return subprocess.run([sys.executable, "-m", "pluginpool.pool.cli", *args],
+    return subprocess.run([sys.executable, "-m", "pluginpool.pool.tools.cli", *args],
                           env={**worker_env(client.settings), "COLUMNS": "300"},
                           capture_output=True, text=True, timeout=60, check=False)
 

@@ -12,18 +12,18 @@ import sys
 
 import pytest
 
-from pluginpool.pool.cli import build_parser, main
-from pluginpool.pool.cli_output import options_without_help
+from pluginpool.pool.tools.cli import build_parser, main
+from pluginpool.pool.tools.cli_output import options_without_help
 from pluginpool.tasks.client import PluginClient
 from tests.conftest import worker_env
 
 OPERATOR_COMMANDS = ("disable", "enable", "drain", "purge", "cancel", "audit")
-"""Being written now by the operator-actions work (pool/ops_cli.py); checked once it lands."""
+"""Being written now by the operator-actions work (pool/tools/ops_cli.py); checked once it lands."""
 
 
 def cli(client: PluginClient, *args: str, **options: object
         ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "pluginpool.pool.cli", *args],
+    return subprocess.run([sys.executable, "-m", "pluginpool.pool.tools.cli", *args],
                           env=worker_env(client.settings), capture_output=True, text=True,
                           timeout=60, check=False, **options)  # type: ignore[call-overload]
 
@@ -76,7 +76,7 @@ def test_exit_codes_bad_input_timeout_unreachable(test_plugins: PluginClient) ->
 def test_the_global_redis_url_wins_over_the_environment(test_plugins: PluginClient) -> None:
     env = {**worker_env(test_plugins.settings), "PLUGINPOOL_REDIS_URL": "redis://127.0.0.1:1/0"}
     done = subprocess.run(
-        [sys.executable, "-m", "pluginpool.pool.cli", "--redis-url",
+        [sys.executable, "-m", "pluginpool.pool.tools.cli", "--redis-url",
          test_plugins.settings.redis_url, "plugins", "--json"],
         env=env, capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr
@@ -87,7 +87,7 @@ def test_errors_on_a_terminal_are_readable_and_json_with_the_flag(
         test_plugins: PluginClient) -> None:
     def on_terminal(*args: str) -> str:
         leader, follower = pty.openpty()
-        subprocess.run([sys.executable, "-m", "pluginpool.pool.cli", *args],
+        subprocess.run([sys.executable, "-m", "pluginpool.pool.tools.cli", *args],
                        env=worker_env(test_plugins.settings), stdout=subprocess.DEVNULL,
                        stderr=follower, timeout=60, check=False)
         os.close(follower)

@@ -23,8 +23,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pluginpool.policy.errors import PluginDisabledError, PluginExecutionError
 from pluginpool.policy.health import LATENCY_BUCKETS_MS
-from pluginpool.pool.processes import ManagedProcess, wait_until
-from pluginpool.pool.redis_bootstrap import free_port
+from pluginpool.pool.tools.processes import ManagedProcess, wait_until
+from pluginpool.pool.tools.redis_bootstrap import free_port
 from pluginpool.tasks.client import PluginClient
 from pluginpool.tasks.manifest import load_manifest
 from tests.conftest import TEST_PLUGINS, make_settings, retire, spawn_worker, worker_env
@@ -118,7 +118,7 @@ def env(redis_url: str, tmp_path_factory: pytest.TempPathFactory
     worker = spawn_worker(client, logs, plugins="dash-talks,dash-echo", concurrency=2)
     port = free_port()
     aggregator = ManagedProcess(
-        [sys.executable, "-m", "pluginpool.pool.cli", "aggregator", "--port", str(port)],
+        [sys.executable, "-m", "pluginpool.pool.tools.cli", "aggregator", "--port", str(port)],
         env=worker_env(settings), log_path=logs / "aggregator.log")
     base = f"http://127.0.0.1:{port}"
 

@@ -12,7 +12,7 @@ from tests.conftest import worker_env
 
 def test_demo_runs_and_reports_every_kind_of_outcome(client: PluginClient) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "pluginpool.pool.cli", "demo", "--duration", "15", "--json"],
+        [sys.executable, "-m", "pluginpool.pool.tools.cli", "demo", "--duration", "15", "--json"],
         env=worker_env(client.settings), capture_output=True, text=True, timeout=120,
         check=False)
     assert done.returncode == 0, done.stderr[-3000:]

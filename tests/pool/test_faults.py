@@ -15,8 +15,8 @@ import pytest
 import redis
 
 from pluginpool.policy.errors import CircuitOpenError, PluginExecutionError
-from pluginpool.pool.processes import ManagedProcess, wait_until
-from pluginpool.pool.redis_bootstrap import free_port, ping
+from pluginpool.pool.tools.processes import ManagedProcess, wait_until
+from pluginpool.pool.tools.redis_bootstrap import free_port, ping
 from pluginpool.tasks.client import PluginClient
 from pluginpool.tasks.jobs import Job
 from pluginpool.tasks.spec import PluginSpec

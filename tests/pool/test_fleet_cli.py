@@ -12,7 +12,7 @@ from tests.conftest import worker_env
 
 
 def cli(client: PluginClient, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "pluginpool.pool.cli", *args],
+    return subprocess.run([sys.executable, "-m", "pluginpool.pool.tools.cli", *args],
                           env=worker_env(client.settings), capture_output=True, text=True,
                           timeout=60, check=False)
 

@@ -18,7 +18,7 @@ import pytest
 
 from pluginpool.policy.errors import ErrorType, PluginExecutionError, PluginUnregisteredError
 from pluginpool.pool.fleet import PluginSelector
-from pluginpool.pool.processes import ManagedProcess, wait_until
+from pluginpool.pool.tools.processes import ManagedProcess, wait_until
 from pluginpool.pool.worker import select_specs
 from pluginpool.tasks.client import PluginClient
 from pluginpool.tasks.settings import Settings
@@ -46,7 +46,7 @@ def start_worker(client: PluginClient, root: Path, *, plugins: str) -> tuple[Man
     cwd = root / f"cwd-{node.split('@')[0]}"
     cwd.mkdir()
     proc = ManagedProcess(
-        [sys.executable, "-m", "pluginpool.pool.cli", "worker", "--plugins", plugins,
+        [sys.executable, "-m", "pluginpool.pool.tools.cli", "worker", "--plugins", plugins,
          "--concurrency", "2", "--name", node, "--loglevel", "INFO"],
         env=worker_env(client.settings), log_path=root / f"{node}.log", cwd=str(cwd))
     ready = wait_until(lambda: not proc.alive() or bool(

@@ -8,8 +8,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from pluginpool.pool.processes import ManagedProcess, wait_until
-from pluginpool.pool.redis_bootstrap import free_port
+from pluginpool.pool.tools.processes import ManagedProcess, wait_until
+from pluginpool.pool.tools.redis_bootstrap import free_port
 from pluginpool.tasks.client import PluginClient
 from tests.conftest import WorkerStarter, worker_env
 
@@ -33,7 +33,7 @@ def test_flower_api_lists_plugin_tasks_and_queues(test_plugins: PluginClient,
     worker = start_worker(test_plugins, plugins="echo,raises")
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    flower = ManagedProcess([sys.executable, "-m", "pluginpool.pool.cli", "flower", "--port",
+    flower = ManagedProcess([sys.executable, "-m", "pluginpool.pool.tools.cli", "flower", "--port",
                              str(port)], env=worker_env(test_plugins.settings),
                             log_path=tmp_path / "flower.log")
     try:

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import pytest
 from celery import Celery
 
-from pluginpool.pool.processes import ManagedProcess
+from pluginpool.pool.tools.processes import ManagedProcess
 from pluginpool.tasks.client import PluginClient
 from pluginpool.tasks.spec import PluginSpec
 from tests.conftest import make_settings, retire, spawn_worker

@@ -22,8 +22,8 @@ import pytest
 
 from pluginpool.policy.errors import JobCancelledError, PluginDisabledError
 from pluginpool.pool.aggregator.auth import csrf_token
-from pluginpool.pool.processes import ManagedProcess, wait_until
-from pluginpool.pool.redis_bootstrap import free_port
+from pluginpool.pool.tools.processes import ManagedProcess, wait_until
+from pluginpool.pool.tools.redis_bootstrap import free_port
 from pluginpool.tasks.audit import Actor
 from pluginpool.tasks.client import PluginClient
 from tests.conftest import TEST_PLUGINS, make_settings, retire, spawn_worker, worker_env
@@ -38,7 +38,7 @@ class Api:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.proc = ManagedProcess(
-            [sys.executable, "-m", "pluginpool.pool.cli", "aggregator", "--port",
+            [sys.executable, "-m", "pluginpool.pool.tools.cli", "aggregator", "--port",
              str(self.port)],
             env=worker_env(client.settings), log_path=log_dir / f"aggregator-{self.port}.log")
         assert wait_until(lambda: self.call("GET", "/livez")[0] == 200, timeout_s=30), \
@@ -237,7 +237,7 @@ def test_cli_actions_are_audited_as_the_cli(env: tuple[PluginClient, Api]) -> No
     client, _ = env
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "pluginpool.pool.cli", *args],
+        return subprocess.run([sys.executable, "-m", "pluginpool.pool.tools.cli", *args],
                               env=worker_env(client.settings), capture_output=True,
                               text=True, timeout=60, check=False)
 

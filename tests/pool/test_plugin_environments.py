@@ -22,9 +22,9 @@ from typing import Any
 import pytest
 
 from pluginpool.policy.errors import CircuitOpenError, ErrorType, PluginExecutionError
-from pluginpool.pool.processes import ManagedProcess, wait_until
 from pluginpool.pool.sandbox import env_install
 from pluginpool.pool.sandbox.env_install import InstallRequest, InstallResult
+from pluginpool.pool.tools.processes import ManagedProcess, wait_until
 from pluginpool.tasks.client import PluginClient
 from pluginpool.tasks.settings import Settings
 from tests.conftest import spawn_worker

@@ -20,7 +20,7 @@ import pytest
 from celery import Celery
 
 from pluginpool.policy.errors import InvalidPayloadError
-from pluginpool.pool.processes import ManagedProcess, wait_until
+from pluginpool.pool.tools.processes import ManagedProcess, wait_until
 from pluginpool.tasks.client import PluginClient
 from pluginpool.tasks.deadletter import DeadLetterStore
 from tests.conftest import TEST_PLUGINS, make_settings, spawn_worker, worker_env
@@ -153,7 +153,7 @@ def test_dead_letters_can_be_requeued_and_discarded(
 
 
 def _cli(client: PluginClient, *args: str) -> str:
-    done = subprocess.run([sys.executable, "-m", "pluginpool.pool.cli", *args],
+    done = subprocess.run([sys.executable, "-m", "pluginpool.pool.tools.cli", *args],
                           env=worker_env(client.settings), capture_output=True, text=True,
                           timeout=60)
     assert done.returncode == 0, done.stderr
@@ -179,7 +179,7 @@ def test_a_message_that_kills_its_worker_is_quarantined_after_bounded_deliveries
         while store.count() == 0 and deaths < 5:
             # Started without waiting for a ping: it may die before it could answer.
             worker = ManagedProcess(
-                [sys.executable, "-m", "pluginpool.pool.cli", "worker", "--plugins",
+                [sys.executable, "-m", "pluginpool.pool.tools.cli", "worker", "--plugins",
                  "kills-worker", "--concurrency", "1", "--name", f"crash{deaths}@localhost"],
                 env=worker_env(settings), log_path=tmp_path / f"crash{deaths}.log")
             workers.append(worker)

@@ -21,7 +21,7 @@ import pytest
 from celery import Celery
 
 from pluginpool.policy.errors import PluginExecutionError, PluginPoolError
-from pluginpool.pool.processes import ManagedProcess, wait_until
+from pluginpool.pool.tools.processes import ManagedProcess, wait_until
 from pluginpool.tasks import AsyncPluginClient
 from pluginpool.tasks.client import PluginClient
 from tests.conftest import TEST_PLUGINS, make_settings, retire, spawn_worker, worker_env
@@ -97,7 +97,7 @@ def test_another_process_follows_a_job_it_did_not_submit(
     client, _ = env
     job = client.submit("sleeps", {"seconds": 0.3})
     follower = subprocess.run(
-        [sys.executable, "-m", "pluginpool.pool.cli", "--json", "job", job.id, "--follow",
+        [sys.executable, "-m", "pluginpool.pool.tools.cli", "--json", "job", job.id, "--follow",
          "--timeout", "30"],
         env=worker_env(client.settings), capture_output=True, text=True, timeout=60)
     assert follower.returncode == 0, follower.stderr

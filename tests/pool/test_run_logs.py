@@ -12,7 +12,7 @@ import psutil
 import pytest
 
 from pluginpool.policy.errors import PluginExecutionError
-from pluginpool.pool.processes import ManagedProcess
+from pluginpool.pool.tools.processes import ManagedProcess
 from pluginpool.tasks.client import PluginClient
 from pluginpool.tasks.runs import RecentRuns
 from tests.conftest import TEST_PLUGINS, make_settings, retire, spawn_worker

@@ -20,7 +20,7 @@ import psutil
 import pytest
 
 from pluginpool.policy.errors import ErrorType, PluginExecutionError
-from pluginpool.pool.processes import ManagedProcess
+from pluginpool.pool.tools.processes import ManagedProcess
 from pluginpool.tasks.client import PluginClient
 from pluginpool.tasks.spec import PluginSpec
 from tests.conftest import make_settings, retire, spawn_worker

@@ -15,7 +15,6 @@ from typing import Any
 
 import pytest
 
-from pluginpool.pool.processes import wait_until
 from pluginpool.pool.sandbox import seccomp_filter, warm
 from pluginpool.pool.sandbox.launcher import ZygoteLauncher
 from pluginpool.pool.sandbox.runner import read_paths
@@ -30,6 +29,7 @@ from pluginpool.pool.sandbox.supervisor import (
     process_tree,
     resident_bytes,
 )
+from pluginpool.pool.tools.processes import wait_until
 from pluginpool.tasks.spec import PluginSpec
 from tests.conftest import TEST_PLUGINS
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from pluginpool.pool.processes import ManagedProcess, wait_until
+from pluginpool.pool.tools.processes import ManagedProcess, wait_until
 from pluginpool.tasks.client import PluginClient
 from pluginpool.tasks.spec import PluginSpec
 from tests.conftest import make_settings, spawn_worker

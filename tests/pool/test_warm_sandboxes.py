@@ -21,7 +21,7 @@ from pluginpool.policy.errors import (
     PluginExecutionError,
     UnknownOperationError,
 )
-from pluginpool.pool.processes import ManagedProcess, wait_until
+from pluginpool.pool.tools.processes import ManagedProcess, wait_until
 from pluginpool.tasks.client import PluginClient
 from pluginpool.tasks.spec import PluginSpec
 from tests.conftest import make_settings, spawn_worker

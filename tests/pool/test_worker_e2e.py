@@ -13,7 +13,7 @@ import pytest
 from celery import Celery
 
 from pluginpool.policy.errors import ErrorType, PluginExecutionError
-from pluginpool.pool.processes import ManagedProcess, wait_until
+from pluginpool.pool.tools.processes import ManagedProcess, wait_until
 from pluginpool.tasks.client import PluginClient
 from pluginpool.tasks.deadletter import DeadLetterStore
 from pluginpool.tasks.health import queues_digest

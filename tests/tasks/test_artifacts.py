@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from pluginpool.policy.errors import ArtifactError, ArtifactTooLargeError
-from pluginpool.tasks.artifact_cache import ArtifactCache, artifact_code_paths
+from pluginpool.pool.artifact_cache import ArtifactCache, artifact_code_paths
 from pluginpool.tasks.artifacts import ArtifactStore
 from pluginpool.tasks.client import PluginClient
 from pluginpool.tasks.settings import Settings

@@ -33,7 +33,7 @@ import pytest
 import redis
 from kombu.asynchronous.hub import Hub
 
-from pluginpool.pool.redis_bootstrap import start_local_redis
+from pluginpool.pool.tools.redis_bootstrap import start_local_redis
 from pluginpool.tasks.transport import TRANSPORT_PATH
 
 HEALTH_CHECK_S = 1

@@ -87,7 +87,7 @@ def test_cli_discover_and_register_entry_points(client: PluginClient, installed:
     env["PYTHONPATH"] = ":".join(p for p in (str(installed), env.get("PYTHONPATH")) if p)
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "pluginpool.pool.cli", *args], env=env,
+        return subprocess.run([sys.executable, "-m", "pluginpool.pool.tools.cli", *args], env=env,
                               capture_output=True, text=True, timeout=60, check=False)
 
     listed = cli("discover", "--json")

@@ -24,8 +24,8 @@ from pluginpool.policy.errors import (
     PluginDisabledError,
     PluginExecutionError,
 )
+from pluginpool.pool.job_start import start_job
 from pluginpool.tasks.client import PluginClient
-from pluginpool.tasks.job_start import start_job
 from pluginpool.tasks.job_status import JobStatusStore
 from pluginpool.tasks.pause import Pause
 from pluginpool.tasks.result_store import JobResultBackend, bind_result_store, final_status

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pluginpool.policy.errors import InvalidJobError
-from pluginpool.tasks.job_request import parse_job
+from pluginpool.pool.job_request import parse_job
 
 
 def test_keyword_and_positional_forms() -> None:

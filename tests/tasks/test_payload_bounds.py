@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 
 from pluginpool.policy.errors import InvalidJobError, InvalidPayloadError, PayloadTooDeepError
+from pluginpool.pool.job_request import parse_job
 from pluginpool.tasks.client import PluginClient
-from pluginpool.tasks.job_request import parse_job
 from pluginpool.tasks.payload import nesting_depth
 from pluginpool.tasks.spec import PluginSpec
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from pluginpool.pool.processes import wait_until
+from pluginpool.pool.tools.processes import wait_until
 from pluginpool.tasks.client import FOLLOWED_SPEC_TTL_S, PluginClient
 from pluginpool.tasks.spec import PluginSpec
 

@@ -12,6 +12,10 @@ import ctypes
 import os
 from collections.abc import Iterable
 
+from .libc import open_libc
+
+_libc = open_libc()
+
 SYS_CREATE_RULESET, SYS_ADD_RULE, SYS_RESTRICT_SELF = 444, 445, 446
 CREATE_RULESET_VERSION = 1
 RULE_PATH_BENEATH, RULE_NET_PORT = 1, 2
@@ -43,10 +47,6 @@ class _NetPort(ctypes.Structure):
     _fields_ = [("allowed_access", ctypes.c_uint64), ("port", ctypes.c_uint64)]
 
 
-# The process's own C library: ctypes.util.find_library would import subprocess, tempfile
-# and random into every zygote (and random's fork handler costs every run).
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
 
 
 def abi_version() -> int:

@@ -19,6 +19,7 @@ from . import channel, landlock, limits, logs, seccomp
 from .audit import AuditPolicy
 from .classify import error_of
 from .context import ChannelStorage, SandboxContext
+from .libc import open_libc
 from .messages import (
     RESOURCE,
     RUNTIME,
@@ -32,6 +33,8 @@ from .messages import (
 )
 from .plugin import LoadedPlugin
 
+_libc = open_libc()
+
 CHANNEL_FD = 3
 """The run's channel is moved here (over the zygote's control socket, which the run must
 not keep), so the seccomp filter that protects it can be compiled once."""
@@ -40,7 +43,6 @@ RESET_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, s
                  signal.SIGALRM, signal.SIGCHLD)
 """Reset to their defaults once, in the set-up zygote (runs inherit them): a run starts
 with default signal dispositions whatever the setup installed."""
-_libc = ctypes.CDLL(None, use_errno=True)
 _prctl = _libc.prctl
 _prctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
                    ctypes.c_ulong)

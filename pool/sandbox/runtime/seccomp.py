@@ -9,6 +9,10 @@ from __future__ import annotations
 import ctypes
 import os
 
+from .libc import open_libc
+
+_libc = open_libc()
+
 PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 38, 22, 2
 BPF_INSTRUCTION_BYTES = 8
 
@@ -17,7 +21,6 @@ class _SockFprog(ctypes.Structure):
     _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 class Prepared:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import ctypes
 import gc
 import os
 import select
@@ -25,6 +24,7 @@ from . import channel, landlock, limits, logs, seccomp
 from .audit import AuditPolicy, install, parse_hosts
 from .classify import error_of
 from .context import ChannelStorage, SandboxContext
+from .libc import open_libc
 from .messages import (
     RUNTIME,
     Close,
@@ -49,10 +49,11 @@ from .run import (
     run_layer,
 )
 
+_libc = open_libc()
+
 CONTROL_FD = 3
 CONFIG_MAX_BYTES = 64 << 20
 PR_SET_CHILD_SUBREAPER = 36
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")

@@ -17,8 +17,8 @@ from rich.table import Table
 from rich.text import Text
 
 from pluginpool.policy.errors import JobWaitTimeoutError, PluginExecutionError, PluginPoolError
-from pluginpool.pool import fleet_cli, job_cli, ops_cli
-from pluginpool.pool.cli_output import (
+from pluginpool.pool.tools import fleet_cli, job_cli, ops_cli
+from pluginpool.pool.tools.cli_output import (
     EXIT_BAD_INPUT,
     EXIT_CODES_HELP,
     EXIT_WAIT_TIMEOUT,
@@ -26,7 +26,7 @@ from pluginpool.pool.cli_output import (
     report_error,
     report_exception,
 )
-from pluginpool.pool.deadletter_cli import add_parser as add_deadletter_parser
+from pluginpool.pool.tools.deadletter_cli import add_parser as add_deadletter_parser
 from pluginpool.tasks.audit import Actor
 from pluginpool.tasks.client import PluginClient
 from pluginpool.tasks.jobs import FallbackJob, Job
@@ -55,7 +55,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_flower(args: argparse.Namespace) -> int:
-    from pluginpool.pool.flower import run_flower
+    from pluginpool.pool.tools.flower import run_flower
 
     run_flower(Settings.from_env(), port=args.port, address=args.address)
     return 0
@@ -85,7 +85,7 @@ def _outcome(job: Job | FallbackJob, timeout: float, *,
         return {"job_id": job.id, "ok": False, "error": exc.info.model_dump(mode="json")}
     except JobWaitTimeoutError:
         if not count_timeouts:
-            raise  # exit 3 (pool/cli_output.py)
+            raise  # exit 3 (pool/tools/cli_output.py)
         return {"job_id": job.id, "ok": False, "timed_out": True}
 
 
@@ -180,7 +180,7 @@ def cmd_breaker(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from pluginpool.pool.demo import run_demo
+    from pluginpool.pool.tools.demo import run_demo
 
     return run_demo(duration_s=args.duration, as_json=args.json,
                     examples=Path(args.examples) if args.examples else None,
@@ -188,7 +188,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_ensure_redis(args: argparse.Namespace) -> int:
-    from pluginpool.pool.redis_bootstrap import ensure_redis
+    from pluginpool.pool.tools.redis_bootstrap import ensure_redis
 
     settings = Settings.from_env()
     reachable = ensure_redis(settings.redis_url, run_dir=Path(args.run_dir))
@@ -281,12 +281,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
     p.add_argument("--interval", type=float, default=2.0, metavar="S",
                    help="with --watch: seconds between refreshes")
-    p.set_defaults(func=_lazy("pluginpool.pool.health_cli", "cmd_health"))
+    p.set_defaults(func=_lazy("pluginpool.pool.tools.health_cli", "cmd_health"))
 
     p = sub.add_parser("check-health", help="exit 0 or 1, for liveness and readiness probes")
     p.add_argument("--worker", default=None, help="also require this worker's heartbeat")
     p.add_argument("--plugin", default=None, help="also require this plugin not unhealthy")
-    p.set_defaults(func=_lazy("pluginpool.pool.health_cli", "cmd_check_health"))
+    p.set_defaults(func=_lazy("pluginpool.pool.tools.health_cli", "cmd_check_health"))
 
     p = sub.add_parser("aggregator", help="run the health aggregator and its HTTP API")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
@@ -323,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         export_setting("redis_url", args.redis_url)
     try:
         return int(args.func(args))
-    except PluginPoolError as exc:  # exit codes: pool/cli_output.py
+    except PluginPoolError as exc:  # exit codes: pool/tools/cli_output.py
         return report_exception(exc, as_json=args.json_output)
 
 

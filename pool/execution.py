@@ -31,23 +31,23 @@ from pluginpool.policy.errors import (
     UnknownPluginError,
 )
 from pluginpool.policy.storage import InstanceStorage
-from pluginpool.tasks.context import PluginContext
-from pluginpool.tasks.job_guard import cancelled_error
-from pluginpool.tasks.job_request import parse_job
-from pluginpool.tasks.job_start import start_job
-from pluginpool.tasks.job_status_hooks import connect_status_signals
-from pluginpool.tasks.recording import (
+from pluginpool.pool.job_guard import cancelled_error
+from pluginpool.pool.job_request import parse_job
+from pluginpool.pool.job_start import start_job
+from pluginpool.pool.job_status_hooks import connect_status_signals
+from pluginpool.pool.recording import (
     connect_outcome_signals,
     keep_run,
     record_restart,
     record_run,
 )
+from pluginpool.pool.worker_services import WorkerServices
+from pluginpool.tasks.context import PluginContext
 from pluginpool.tasks.redis_conn import redis_client
 from pluginpool.tasks.result_store import bind_result_store
 from pluginpool.tasks.routing import REVISION_HEADER, TRIAL_HEADER
 from pluginpool.tasks.runs import without_logs
 from pluginpool.tasks.spec import PluginSpec
-from pluginpool.tasks.worker_services import WorkerServices
 
 logger = logging.getLogger("pluginpool.execution")
 
@@ -124,7 +124,7 @@ def _run_plugin_job(task: PluginTask, args: tuple[Any, ...], kwargs: dict[str, A
     job_id = str(task.request.id)
     plugin_id = task.plugin_id
     attempt = int(task.request.retries or 0) + 1
-    # Cancelled? Disabled? Else `started`: one round trip (tasks/job_start.py).
+    # Cancelled? Disabled? Else `started`: one round trip (pool/job_start.py).
     start_job(services.redis, services.settings.keys, plugin_id=plugin_id, job_id=job_id,
               worker=task.request.hostname, attempt=attempt,
               ttl_s=services.settings.result_expires_s)

@@ -24,8 +24,8 @@ from rich.live import Live
 from rich.table import Table
 
 from pluginpool.policy.errors import CircuitOpenError, PluginExecutionError
-from pluginpool.pool.processes import ManagedProcess, wait_until
-from pluginpool.pool.redis_bootstrap import ReachableRedis, ensure_redis, free_port
+from pluginpool.pool.tools.processes import ManagedProcess, wait_until
+from pluginpool.pool.tools.redis_bootstrap import ReachableRedis, ensure_redis, free_port
 from pluginpool.tasks.client import PluginClient
 from pluginpool.tasks.jobs import FallbackJob, Job
 from pluginpool.tasks.settings import Settings
@@ -50,7 +50,7 @@ class Tally:
 
 
 def default_examples_dir() -> Path:
-    here = Path(__file__).resolve().parent.parent / "examples"
+    here = Path(__file__).resolve().parents[2] / "examples"
     return here if here.is_dir() else Path.cwd() / "examples"
 
 
@@ -147,7 +147,7 @@ def run_demo(*, duration_s: float | None, as_json: bool, examples: Path | None =
     nodename = f"demo-{os.getpid()}@localhost"
     flower_port = free_port()
     flower_url = f"http://127.0.0.1:{flower_port}"
-    cli = [sys.executable, "-m", "pluginpool.pool.cli"]
+    cli = [sys.executable, "-m", "pluginpool.pool.tools.cli"]
     worker = ManagedProcess([*cli, "worker", "--plugins", "all", "--concurrency", "2",
                              "--name", nodename], env=env, log_path=run_dir / "worker.log")
     flower = ManagedProcess([*cli, "flower", "--port", str(flower_port)], env=env,

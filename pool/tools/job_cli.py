@@ -11,7 +11,7 @@ from datetime import datetime
 from typing import Any
 
 from pluginpool.policy.errors import JobWaitTimeoutError, PluginExecutionError, PluginPoolError
-from pluginpool.pool.cli_output import EXIT_JOB_FAILED, EXIT_OK
+from pluginpool.pool.tools.cli_output import EXIT_JOB_FAILED, EXIT_OK
 from pluginpool.tasks.client import PluginClient
 from pluginpool.tasks.job_status import TERMINAL
 from pluginpool.tasks.jobs import FallbackJob, Job

@@ -1,7 +1,7 @@
 """The worker's side of job statuses that ride on no other round trip: Celery's signals, in
 the process that sees each change.
 
-- `started` is written by the pre-run check (tasks/job_start.py), not here;
+- `started` is written by the pre-run check (pool/job_start.py), not here;
 - `retrying`: task_retry, in the pool process (a restart after the run's process died) or in
   the main process (Celery's own retry of a job whose pool process died);
 - `succeeded` / `failed` / `cancelled`: written in the same MULTI as Celery's result
@@ -30,7 +30,7 @@ from pluginpool.tasks.result_store import writes_final_statuses
 from pluginpool.tasks.routing import plugin_of_task
 
 if TYPE_CHECKING:
-    from pluginpool.tasks.worker_services import WorkerServices
+    from pluginpool.pool.worker_services import WorkerServices
 
 logger = logging.getLogger("pluginpool.job_status")
 

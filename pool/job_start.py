@@ -4,7 +4,7 @@ and the job's `started` status, in one Lua step (`job_start.lua`).
 A cancelled job never runs (JobCancelledError); a job of a disabled plugin, fetched before
 its worker heard of the disable, goes back to its queue (Reject with requeue, after
 `REQUEUE_PAUSE_S`); any other job is recorded as `started` and pushed to its watchers.
-This replaces the cancel/pause pipeline (tasks/job_guard.py) and the `started` write of a
+This replaces the cancel/pause pipeline (pool/job_guard.py) and the `started` write of a
 signal hook: one round trip instead of two.
 """
 
@@ -23,7 +23,7 @@ from redis.exceptions import NoScriptError
 
 from pluginpool.policy.errors import JobCancelledError
 from pluginpool.policy.keys import RedisKeys
-from pluginpool.tasks.job_guard import REQUEUE_PAUSE_S
+from pluginpool.pool.job_guard import REQUEUE_PAUSE_S
 from pluginpool.tasks.job_status import LIB_SOURCE, encode_change
 
 logger = logging.getLogger("pluginpool.execution")

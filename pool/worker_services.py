@@ -10,13 +10,13 @@ from dataclasses import dataclass, field
 import redis
 
 from pluginpool.policy.breaker import CircuitBreaker
-from pluginpool.tasks.gate import BreakerGate
+from pluginpool.pool.gate import BreakerGate
+from pluginpool.pool.loader import PluginLoader, add_plugin_paths
+from pluginpool.pool.recording import UsageEvents
+from pluginpool.pool.runner import InProcessRunner, Runner
 from pluginpool.tasks.instances import InstanceStore
-from pluginpool.tasks.loader import PluginLoader, add_plugin_paths
-from pluginpool.tasks.recording import UsageEvents
 from pluginpool.tasks.redis_conn import redis_client
 from pluginpool.tasks.registry import Registry, SpecCache
-from pluginpool.tasks.runner import InProcessRunner, Runner
 from pluginpool.tasks.settings import Settings
 from pluginpool.tasks.spec import PluginSpec
 

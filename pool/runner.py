@@ -20,8 +20,8 @@ from typing import Any, Protocol
 from celery.exceptions import SoftTimeLimitExceeded
 
 from pluginpool.policy.errors import ErrorType, PluginExecutionError
+from pluginpool.pool.loader import PluginLoader
 from pluginpool.tasks.context import PluginContext
-from pluginpool.tasks.loader import PluginLoader
 from pluginpool.tasks.run_logs import captured
 from pluginpool.tasks.spec import PluginSpec
 

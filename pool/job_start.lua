@@ -1,4 +1,4 @@
--- The worker's one round trip before a run (tasks/job_start.py), loaded behind
+-- The worker's one round trip before a run (pool/job_start.py), loaded behind
 -- job_status_lib.lua: is the job cancelled, is its plugin disabled, and if neither, the job
 -- is `started` (recorded and pushed).
 -- KEYS[1] the job's cancel marker, KEYS[2] the paused hash, KEYS[3] the job's status hash,

@@ -30,9 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from pluginpool.policy.errors import ArtifactError, ErrorType, PluginExecutionError
+from pluginpool.pool.runner import Runner, RunReport
 from pluginpool.tasks.artifacts import ArtifactStore
 from pluginpool.tasks.context import PluginContext
-from pluginpool.tasks.runner import Runner, RunReport
 from pluginpool.tasks.settings import Settings
 from pluginpool.tasks.spec import ArtifactRef, PluginSpec
 
