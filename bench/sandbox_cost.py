@@ -19,12 +19,10 @@ from typing import Any
 
 import psutil
 
-from pluginpool.pool.sandbox import outcome, seccomp_filter, warm
+from pluginpool.pool.sandbox import outcome, warm
 from pluginpool.pool.sandbox.launcher import ZygoteLauncher
-from pluginpool.pool.sandbox.runner import read_paths
-from pluginpool.pool.sandbox.runtime import landlock
+from pluginpool.pool.sandbox.runner import standalone_plan
 from pluginpool.pool.sandbox.runtime.messages import Spawn
-from pluginpool.pool.sandbox.runtime.run import CHANNEL_FD
 from pluginpool.pool.sandbox.supervisor import MB, Bounds, Supervisor
 from pluginpool.tasks.spec import PluginSpec
 
@@ -68,18 +66,8 @@ def _tree_cpu(proc: psutil.Process) -> float:
 def measure(code_path: Path, runs: int) -> dict[str, Any]:
     """Per-run CPU (ms) of the pool child's side, the zygote, the run, and the plugin."""
     spec = PluginSpec(id="noop", name="noop", entrypoint="bench_plugins:noop")
-    seccomp = seccomp_filter.available()
-    plan = warm.SetupPlan(
-        spec=spec, instance_id=None, initial_data={},
-        warm_root=tempfile.mkdtemp(prefix="pp-bench-warm-"),
-        read_paths=read_paths((str(code_path),)), landlock_abi=landlock.abi_version(),
-        zygote_seccomp=seccomp_filter.compile_filter(
-            allow_processes=False, allow_network=False, channel_fd=None, allow_fork=True)
-        if seccomp else None,
-        run_seccomp=seccomp_filter.compile_filter(
-            allow_processes=False, allow_network=False, channel_fd=CHANNEL_FD)
-        if seccomp else None,
-        max_result_bytes=1 << 20)
+    plan = standalone_plan(spec, code_paths=(str(code_path),),
+                           warm_root=tempfile.mkdtemp(prefix="pp-bench-warm-"))
     sandbox, _ = warm.start(ZygoteLauncher(code_paths=(str(code_path),)), plan,
                             storage=lambda request: {"ok": False})
     assert sandbox is not None, "the no-op plugin did not set up"

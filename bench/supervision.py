@@ -25,12 +25,10 @@ import psutil
 
 from bench.common import write_result
 from bench.sandbox_cost import end_run, run_workspace
-from pluginpool.pool.sandbox import seccomp_filter, supervisor, warm
+from pluginpool.pool.sandbox import supervisor, warm
 from pluginpool.pool.sandbox.launcher import ZygoteLauncher
-from pluginpool.pool.sandbox.runner import read_paths
-from pluginpool.pool.sandbox.runtime import landlock
+from pluginpool.pool.sandbox.runner import standalone_plan
 from pluginpool.pool.sandbox.runtime.messages import Spawn
-from pluginpool.pool.sandbox.runtime.run import CHANNEL_FD
 from pluginpool.pool.sandbox.supervisor import MB, Bounds, Supervisor
 from pluginpool.tasks.spec import PluginSpec
 
@@ -58,18 +56,8 @@ def supervise_one(function: str, payload: dict[str, Any], *, cpu_percent: int) -
     spec = PluginSpec.model_validate({
         "id": function, "name": function, "entrypoint": f"bench_plugins:{function}",
         "resource_limits": {"max_cpu_percent": cpu_percent, "timeout_ms": 60_000}})
-    seccomp = seccomp_filter.available()
-    plan = warm.SetupPlan(
-        spec=spec, instance_id=None, initial_data={},
-        warm_root=tempfile.mkdtemp(prefix="pp-bench-supervision-"),
-        read_paths=read_paths((str(CODE),)), landlock_abi=landlock.abi_version(),
-        zygote_seccomp=seccomp_filter.compile_filter(
-            allow_processes=False, allow_network=False, channel_fd=None, allow_fork=True)
-        if seccomp else None,
-        run_seccomp=seccomp_filter.compile_filter(
-            allow_processes=False, allow_network=False, channel_fd=CHANNEL_FD)
-        if seccomp else None,
-        max_result_bytes=1 << 20)
+    plan = standalone_plan(spec, code_paths=(str(CODE),),
+                           warm_root=tempfile.mkdtemp(prefix="pp-bench-supervision-"))
     sandbox, _ = warm.start(ZygoteLauncher(code_paths=(str(CODE),)), plan,
                             storage=lambda request: {"ok": False})
     assert sandbox is not None, f"{function} did not set up"

@@ -62,6 +62,24 @@ def read_paths(extra: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(sorted({os.path.realpath(p) for p in (*SYSTEM_READ_PATHS, *extra)}))
 
 
+def standalone_plan(spec: PluginSpec, *, code_paths: tuple[str, ...], warm_root: str,
+                    max_result_bytes: int = 1 << 20) -> warm.SetupPlan:
+    """A warm sandbox's setup plan outside a worker, for tools that start a zygote directly
+    (benchmarks, tests): the filters a worker uses where seccomp is available, this
+    kernel's Landlock ABI, and read access to the code."""
+    seccomp = seccomp_filter.available()
+    return warm.SetupPlan(
+        spec=spec, instance_id=None, initial_data={}, warm_root=warm_root,
+        read_paths=read_paths(code_paths), landlock_abi=landlock.abi_version(),
+        zygote_seccomp=seccomp_filter.compile_filter(
+            allow_processes=False, allow_network=False, channel_fd=None, allow_fork=True)
+        if seccomp else None,
+        run_seccomp=seccomp_filter.compile_filter(
+            allow_processes=False, allow_network=False, channel_fd=CHANNEL_FD)
+        if seccomp else None,
+        max_result_bytes=max_result_bytes)
+
+
 class SandboxRunner:
     """Implements the Runner protocol of pluginpool.pool.runner with warm sandboxes."""
 

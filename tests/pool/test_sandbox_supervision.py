@@ -15,12 +15,10 @@ from typing import Any
 
 import pytest
 
-from pluginpool.pool.sandbox import seccomp_filter, warm
+from pluginpool.pool.sandbox import warm
 from pluginpool.pool.sandbox.launcher import ZygoteLauncher
-from pluginpool.pool.sandbox.runner import read_paths
-from pluginpool.pool.sandbox.runtime import landlock
+from pluginpool.pool.sandbox.runner import standalone_plan
 from pluginpool.pool.sandbox.runtime.messages import Result, Spawn
-from pluginpool.pool.sandbox.runtime.run import CHANNEL_FD
 from pluginpool.pool.sandbox.supervisor import (
     MB,
     Bounds,
@@ -68,23 +66,13 @@ def sandboxes() -> Iterator[dict[int, warm.WarmSandbox]]:
     that spins in three threads, limited to 25 % (-25)."""
     root = tempfile.mkdtemp(prefix="pp-test-supervision-")
     started: dict[int, warm.WarmSandbox] = {}
-    seccomp = seccomp_filter.available()
     for key, entrypoint in ((100, "hostile:cpu_hog"), (25, "hostile:cpu_hog"),
                             (-25, "throttle:threaded_hog")):
         spec = PluginSpec.model_validate({
             "id": f"supervised{key}", "name": "supervised",
             "entrypoint": f"pp_testplugins.{entrypoint}",
             "resource_limits": {"max_cpu_percent": abs(key), "timeout_ms": 30_000}})
-        plan = warm.SetupPlan(
-            spec=spec, instance_id=None, initial_data={}, warm_root=root,
-            read_paths=read_paths((str(TEST_PLUGINS),)), landlock_abi=landlock.abi_version(),
-            zygote_seccomp=seccomp_filter.compile_filter(
-                allow_processes=False, allow_network=False, channel_fd=None, allow_fork=True)
-            if seccomp else None,
-            run_seccomp=seccomp_filter.compile_filter(
-                allow_processes=False, allow_network=False, channel_fd=CHANNEL_FD)
-            if seccomp else None,
-            max_result_bytes=1 << 20)
+        plan = standalone_plan(spec, code_paths=(str(TEST_PLUGINS),), warm_root=root)
         sandbox, out = warm.start(ZygoteLauncher(code_paths=(str(TEST_PLUGINS),)), plan,
                                   storage=lambda request: {"ok": False})
         assert sandbox is not None, out
