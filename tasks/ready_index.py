@@ -224,6 +224,7 @@ class ReadyIndexChannel:
         waiters = prefix + config.waiters_key(queue)
         lists = self._list_keys(queue)
         consumed.update(dict.fromkeys(lists, waiters))
+        self.__dict__.pop("_rescan_order", None)  # the rolling rescan's order, rebuilt
         self.__dict__.setdefault("_dirty", set()).update(lists)
         with self.conn_or_acquire() as client, client.pipeline() as pipe:  # type: ignore[attr-defined]
             unprefixed_in_pipe(pipe, "SADD", prefix + config.consumes_key(self.consumer_id),
@@ -261,6 +262,7 @@ class ReadyIndexChannel:
         consumed = self.__dict__.setdefault("_consumed", {})
         for key in lists:
             consumed.pop(key, None)
+        self.__dict__.pop("_rescan_order", None)
         with self.conn_or_acquire() as client, client.pipeline() as pipe:  # type: ignore[attr-defined]
             unprefixed_in_pipe(pipe, "SREM", prefix + config.consumes_key(self.consumer_id),
                                 *lists)

@@ -122,8 +122,8 @@ class ReliableFetchChannel(ReadyIndexChannel):
         whatever the plugin count (10,000 plugins: a pass in about 80 minutes). Lost
         notifications are rare (a reconnect or a resubscribe triggers a full rescan); this
         only bounds how long one can go unnoticed."""
-        order: list[str] = self.__dict__.get("_rescan_order") or []
-        if len(order) != len(consumed):
+        order: list[str] | None = self.__dict__.get("_rescan_order")
+        if order is None:  # dropped whenever a queue is registered or unregistered
             order = list(consumed)
             self.__dict__["_rescan_order"] = order
         if not order:
