@@ -82,7 +82,7 @@ class SharedGeneration:
 
 @dataclass(frozen=True)
 class FleetConfig:
-    """What the registry follower of a worker app needs (see pool/fleet.py)."""
+    """What the registry follower (below) needs of the worker that adds it."""
 
     selector: PluginSelector
     generation: SharedGeneration
