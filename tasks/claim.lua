@@ -9,6 +9,13 @@
 -- the worker consumes, so a claim costs the same with 1 plugin or 10,000. The served queue
 -- moves to the back of the index (round robin between ready queues).
 --
+-- An indexed queue this consumer does not consume (a plugin an operator disabled with jobs
+-- waiting, or the group's members not all caught up with a registry change) is left to
+-- those that serve it, moved to the back of its priority step as if served, and the claim
+-- reads on past it: however many such queues there are, they never hide a ready queue
+-- this consumer serves (they once filled the whole window the claim read, and the group
+-- stopped claiming anything while a plugin's backlog waited behind them).
+--
 -- The unacknowledged record of one delivery (shared by poison detection, dead-worker
 -- rescue and ack) is, keyed by the message's delivery tag:
 --   kombu's unacked hash entry and index score (so kombu's restore sweep still works),
@@ -29,7 +36,7 @@
 -- ARGV[4]  dead-letter store bound
 -- ARGV[5]  '1' to record the delivery, '0' for a consumer that does not acknowledge
 -- ARGV[6]  ready prefix   ARGV[7] wake prefix   ARGV[8] wake list depth
--- ARGV[9]  how many ready queues to look at
+-- ARGV[9]  how many ready queues to read from the index at a time
 --
 -- Returns {queue key, raw item, status, tag, quarantined ids...}; status 1: recorded, 0: handed
 -- over unrecorded (not a kombu message this script can index, or not acknowledged; the
@@ -88,58 +95,76 @@ local function served(queue)
     end
 end
 
-local candidates = redis.call('ZRANGE', ready, 0, tonumber(ARGV[9]) - 1)
-for _, queue in ipairs(candidates) do
-    if redis.call('SISMEMBER', KEYS[10], queue) == 0 then
-        -- Not this consumer's (the group's membership is changing: a plugin registered or
-        -- unregistered and not every member has caught up). Leave it to those that serve
-        -- it; drop it only once it is empty, so stale entries cannot fill the window.
-        if redis.call('LLEN', queue) == 0 then
-            redis.call('ZREM', ready, queue)
-        end
-    else
-        while true do
-            local item = redis.call('RPOP', queue)
-            if not item then
-                redis.call('ZREM', ready, queue)
-                break
-            end
-            local tag, exchange, routing_key = nil, nil, nil
-            if record then
-                tag, exchange, routing_key = index_fields(item)
-            end
-            if tag == nil then
+local window = tonumber(ARGV[9])
+local seen = {}
+local start = 0
+while true do
+    local candidates = redis.call('ZRANGE', ready, start, start + window - 1)
+    if #candidates == 0 then
+        break
+    end
+    -- Entries seen earlier in this claim at the head of the window keep their place (an
+    -- entry is changed only the first time it is seen): read on after them.
+    local leading = 0
+    while leading < #candidates and seen[candidates[leading + 1]] do
+        leading = leading + 1
+    end
+    start = start + leading
+    for i = leading + 1, #candidates do
+        local queue = candidates[i]
+        if not seen[queue] then
+            seen[queue] = true
+            if redis.call('SISMEMBER', KEYS[10], queue) == 0 then
+                -- Not this consumer's (see the top): drop it once empty, else to the back.
                 served(queue)
-                return reply(queue, item, 0, '')
-            end
-            local count = redis.call('HINCRBY', KEYS[3], tag, 1)
-            if count == 1 then
-                redis.call('HSET', KEYS[3], tag .. '|t', ARGV[1])
-            end
-            if max_deliveries > 0 and count > max_deliveries then
-                -- Poison: every earlier delivery ended without an outcome (its consumer died).
-                local first = tonumber(redis.call('HGET', KEYS[3], tag .. '|t')) or now
-                local entry = cjson.encode({
-                    id = tag, queue = queue, raw = item, requeueable = true,
-                    reason = 'delivered ' .. (count - 1) .. ' times without an outcome '
-                        .. '(its consumer died each time); quarantined by the poison rule',
-                    first_seen = first, at = now, deliveries = count - 1,
-                    last_consumer = redis.call('HGET', KEYS[4], tag) or cjson.null})
-                add_dead_letter(KEYS[6], KEYS[7], tag, entry, now, dead_letter_max)
-                redis.call('HDEL', KEYS[3], tag, tag .. '|t')
-                redis.call('HDEL', KEYS[4], tag)
-                table.insert(quarantined, tag)
             else
-                -- The stored entry embeds the raw item verbatim: no re-encoding can alter it.
-                redis.call('HSET', KEYS[1], tag,
-                           '[' .. item .. ',' .. exchange .. ',' .. routing_key .. ']')
-                redis.call('ZADD', KEYS[2], now, tag)
-                redis.call('HSET', KEYS[4], tag, consumer)
-                redis.call('HSET', KEYS[5], tag, queue)
-                -- A consumer holds nothing before it is known (its heartbeat may not have run).
-                redis.call('ZADD', KEYS[8], 'NX', now, consumer)
-                served(queue)
-                return reply(queue, item, 1, tag)
+                while true do
+                    local item = redis.call('RPOP', queue)
+                    if not item then
+                        redis.call('ZREM', ready, queue)
+                        break
+                    end
+                    local tag, exchange, routing_key = nil, nil, nil
+                    if record then
+                        tag, exchange, routing_key = index_fields(item)
+                    end
+                    if tag == nil then
+                        served(queue)
+                        return reply(queue, item, 0, '')
+                    end
+                    local count = redis.call('HINCRBY', KEYS[3], tag, 1)
+                    if count == 1 then
+                        redis.call('HSET', KEYS[3], tag .. '|t', ARGV[1])
+                    end
+                    if max_deliveries > 0 and count > max_deliveries then
+                        -- Poison: every earlier delivery ended without an outcome (its
+                        -- consumer died).
+                        local first = tonumber(redis.call('HGET', KEYS[3], tag .. '|t')) or now
+                        local entry = cjson.encode({
+                            id = tag, queue = queue, raw = item, requeueable = true,
+                            reason = 'delivered ' .. (count - 1) .. ' times without an outcome '
+                                .. '(its consumer died each time); quarantined by the poison rule',
+                            first_seen = first, at = now, deliveries = count - 1,
+                            last_consumer = redis.call('HGET', KEYS[4], tag) or cjson.null})
+                        add_dead_letter(KEYS[6], KEYS[7], tag, entry, now, dead_letter_max)
+                        redis.call('HDEL', KEYS[3], tag, tag .. '|t')
+                        redis.call('HDEL', KEYS[4], tag)
+                        table.insert(quarantined, tag)
+                    else
+                        -- The stored entry embeds the raw item verbatim: no re-encoding can
+                        -- alter it.
+                        redis.call('HSET', KEYS[1], tag,
+                                   '[' .. item .. ',' .. exchange .. ',' .. routing_key .. ']')
+                        redis.call('ZADD', KEYS[2], now, tag)
+                        redis.call('HSET', KEYS[4], tag, consumer)
+                        redis.call('HSET', KEYS[5], tag, queue)
+                        -- A consumer holds nothing before it is known (its heartbeat may not
+                        -- have run).
+                        redis.call('ZADD', KEYS[8], 'NX', now, consumer)
+                        served(queue)
+                        return reply(queue, item, 1, tag)
+                    end
+                end
             end
         end
     end

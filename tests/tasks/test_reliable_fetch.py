@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 import uuid
 from pathlib import Path
 
@@ -171,3 +172,25 @@ def test_a_dead_consumers_messages_are_returned_once_by_concurrent_rescuers(
     assert h.store.hget(h.key("count"), "t0") == b"1", "the count survives for the poison rule"
     assert h.store.hget(h.key("stats"), "rescued") == b"3"
     assert h.store.zcard(h.key("ready:g")) == 1, "the returned queue is ready again"
+
+
+def test_queues_a_consumer_does_not_serve_never_hide_one_it_does(redis_url: str) -> None:
+    """More ready queues that this consumer does not consume (plugins disabled with jobs
+    waiting, in a group that serves them otherwise) than the claim reads at a time, all
+    ahead of a queue it does consume: it claims that queue's message, leaves theirs queued
+    and indexed for those that serve them, and drops from the index those that are empty."""
+    h = ClaimHarness(redis.Redis.from_url(redis_url), "rfstale")
+    stale = [f"off{i:03d}" for i in range(150)]
+    h.consume("other", "g", *stale)  # a member of the group that serves them
+    h.consume("me", "g", "on")
+    for queue in stale:
+        h.push(queue, message(f"t-{queue}"))
+    h.store.rpop(h.key(stale[-1]))  # taken by someone: its entry is stale and empty
+    time.sleep(0.005)  # "on" becomes ready after them all
+    h.push("on", message("mine"))
+    assert h.take("me", "g")[3] == b"mine"
+    assert all(h.store.llen(h.key(queue)) == 1 for queue in stale[:-1])
+    ready = {raw.decode() for raw in h.store.zrange(h.key("ready:g"), 0, -1)}
+    assert ready == {h.key(queue) for queue in stale[:-1]}
+    assert h.take("me", "g")[2] == -1
+    assert h.take("other", "g")[3] == b"t-off000", "the others still serve theirs in order"
