@@ -17,20 +17,26 @@ import json
 import os
 import random
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import redis
 
 from bench.common import ROOT, pluginpool_worker, private_redis, write_result
+from bench.job_whereabouts import describe, whereabouts
+from pluginpool.policy.errors import JobWaitTimeoutError
 from pluginpool.pool.tools.processes import ManagedProcess
 from pluginpool.tasks.client import PluginClient
 from pluginpool.tasks.settings import Settings
 from pluginpool.tasks.spec import PluginSpec
 
 IDLE_S = 10.0
+WAIT_S = 300.0
+"""How long a batch waits for one job's outcome before it says where the job is."""
 
 
 def noop(plugin_id: str) -> PluginSpec:
@@ -66,6 +72,7 @@ class Setup:
     ids: list[str]
     register_s: float
     worker_start_s: float
+    run_dir: Path
 
     @classmethod
     def start(cls, run_dir: Path, plugins: int) -> Setup:
@@ -83,15 +90,32 @@ class Setup:
                                    concurrency=2, node=f"bench-many-{plugins}@localhost",
                                    timeout_s=900)
         return cls(plugins, server, redis.Redis.from_url(url), client, worker, ids,
-                   register_s, time.perf_counter() - started)
+                   register_s, time.perf_counter() - started, own_dir)
 
     def batch(self, rng: random.Random, jobs: int) -> float:
         """Jobs per second for one batch spread at random over the plugins."""
         started = time.perf_counter()
         submitted = [self.client.submit(rng.choice(self.ids), i) for i in range(jobs)]
         for job in submitted:
-            job.result(timeout=300)
+            try:
+                job.result(timeout=WAIT_S)
+            except JobWaitTimeoutError:
+                self.explain_missing(submitted)
+                raise
         return jobs / (time.perf_counter() - started)
+
+    def explain_missing(self, submitted: list[Any]) -> None:
+        """Say where every job without an outcome is (queued, indexed, held, dead-lettered,
+        or done and missed by the waiter), on stderr and in the run's directory."""
+        keys = self.client.settings.keys
+        lines = [describe(whereabouts(self.store, keys, job_id=job.id,
+                                      queue=f"plugins.{job.plugin_id}"))
+                 for job in submitted if not job.ready()]
+        report = (f"{len(lines)} job(s) without an outcome after {WAIT_S:.0f} s, "
+                  f"{self.plugins} plugins (worker log: {self.worker.log_path}):\n"
+                  + "\n".join(lines))
+        print(report, file=sys.stderr)
+        (self.run_dir / "missing-jobs.txt").write_text(report + "\n")
 
     def idle_commands_per_s(self) -> float:
         before = commands(self.store)
