@@ -36,6 +36,9 @@ HISTORY_LENGTH = 20
 """Earlier spec contents kept per plugin: the revisions a rollback can reach."""
 REVISION_LOG_LENGTH = 200
 """Revision records kept per plugin (records are small; contents are in the history)."""
+SNAPSHOT_MAX_SPECS = 50_000
+"""A following spec cache holds every spec's stored JSON when there are at most this many
+(10,000 no-op plugins: about 4 MB); beyond, it reads each plugin's as it is first used."""
 
 Action = Literal["register", "rollback", "unregister"]
 
@@ -205,6 +208,13 @@ class Registry:
         return [self._decode(key, raw) for key, raw in zip(chosen, raws, strict=True)
                 if raw is not None], len(ids)
 
+    def raw_specs(self, *, limit: int) -> dict[str, bytes | str] | None:
+        """Every spec's stored JSON by plugin id (decode with `_decode`), or None when more
+        than `limit` are registered."""
+        if int(self._redis.hlen(self._keys.specs)) > limit:
+            return None
+        return {as_text(key): raw for key, raw in self._redis.hgetall(self._keys.specs).items()}
+
     def version(self) -> int:
         """The registry's change counter (see RedisKeys.registry_version)."""
         return int(self._redis.get(self._keys.registry_version) or 0)
@@ -269,7 +279,14 @@ def parse_event(data: bytes | str) -> RegistryEvent | None:
 class SpecCache:
     """A per-process cache of specs for the hot path, refreshed after `ttl_s`, when a newer
     revision is asked for, or when `generation()` changes (a worker bumps it, in memory
-    shared with its pool children, on every registry change it hears of)."""
+    shared with its pool children, on every registry change it hears of).
+
+    A cache that follows registry events (`follow`: a producer) also holds every spec's
+    stored JSON from one bulk read (the snapshot), decoded as each plugin is first used:
+    with jobs spread over 10,000 plugins nearly every submit met a plugin new to it, and
+    each cost a registry read. Events drop a plugin from the snapshot as from the cache;
+    once `ttl_s` old, the snapshot is kept if the registry's change counter did not move
+    (one GET) and read again in bulk if it did."""
 
     def __init__(self, registry: Registry, *, ttl_s: float,
                  generation: Callable[[], int] | None = None) -> None:
@@ -277,6 +294,10 @@ class SpecCache:
         self._ttl_s = ttl_s
         self._generation = generation or (lambda: 0)
         self._entries: dict[str, tuple[float, int, PluginSpec]] = {}
+        self._bulk = False
+        self._snapshot: dict[str, bytes | str] | None = None
+        self._snapshot_version = -1
+        self._snapshot_at = float("-inf")
 
     def get(self, plugin_id: str, *, min_revision: int = 0) -> PluginSpec:
         """The spec, fetched again if stale (see the class) or older than `min_revision`."""
@@ -288,9 +309,22 @@ class SpecCache:
             if (now - fetched_at < self._ttl_s and seen == generation
                     and spec.revision >= min_revision):
                 return spec
-        spec = self._registry.get(plugin_id)
+        found = self._from_snapshot(plugin_id, now) if self._bulk else None
+        spec = (found if found is not None and found.revision >= min_revision
+                else self._registry.get(plugin_id))
         self._entries[plugin_id] = (now, generation, spec)
         return spec
+
+    def _from_snapshot(self, plugin_id: str, now: float) -> PluginSpec | None:
+        if now - self._snapshot_at >= self._ttl_s:
+            version = self._registry.version()  # read first: a change after it is seen next
+            if self._snapshot is None or version != self._snapshot_version:
+                self._snapshot = self._registry.raw_specs(limit=SNAPSHOT_MAX_SPECS)
+                self._snapshot_version = version
+            self._snapshot_at = now
+        snapshot = self._snapshot
+        raw = snapshot.get(plugin_id) if snapshot is not None else None
+        return None if raw is None else self._registry._decode(plugin_id, raw)
 
     def prime(self, specs: Iterable[PluginSpec]) -> None:
         """Hold these specs as if just fetched. A worker primes its cache with the specs it
@@ -301,13 +335,19 @@ class SpecCache:
             self._entries[spec.id] = (now, generation, spec)
 
     def follow(self, ttl_s: float) -> None:
-        """Change events now drop entries as they happen: keep them up to `ttl_s`. A short
-        age bound made every job of a large fleet a registry read (1,000 plugins: each
-        plugin's entry was older than 5 s at nearly every submit)."""
+        """Change events now drop entries as they happen: keep them up to `ttl_s`, and hold
+        the snapshot (see the class). A short age bound made every job of a large fleet a
+        registry read (1,000 plugins: each plugin's entry was older than 5 s at nearly
+        every submit)."""
         self._ttl_s = max(self._ttl_s, ttl_s)
+        self._bulk = True
 
     def invalidate(self, plugin_id: str | None = None) -> None:
         if plugin_id is None:
             self._entries.clear()
+            self._snapshot, self._snapshot_at = None, float("-inf")
         else:
             self._entries.pop(plugin_id, None)
+            snapshot = self._snapshot
+            if snapshot is not None:
+                snapshot.pop(plugin_id, None)

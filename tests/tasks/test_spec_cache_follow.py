@@ -6,6 +6,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pytest
+
+from pluginpool.policy.errors import PluginUnregisteredError
 from pluginpool.pool.tools.processes import wait_until
 from pluginpool.tasks.client import FOLLOWED_SPEC_TTL_S, PluginClient
 from pluginpool.tasks.spec import PluginSpec
@@ -36,3 +39,28 @@ def test_specs_are_kept_while_followed_and_dropped_when_the_subscription_reconne
     host, port = pubsub.connection._sock.getsockname()[:2]
     client.redis.client_kill(f"{host}:{port}")
     assert wait_until(lambda: client.spec("follow-me").version == "3.0.0", timeout_s=10)
+
+
+def test_a_following_producer_reads_every_spec_at_once_not_one_per_plugin(
+        client: PluginClient) -> None:
+    """Jobs spread over many plugins: the first submit's spec read brings every spec (one
+    bulk read), so no later plugin costs a registry read of its own; a plugin registered
+    since is read on its own, and an unregistered one is refused as before."""
+    client.register([PluginSpec(id=f"bulk-{i:02d}", name=f"bulk-{i:02d}",
+                                entrypoint="pp_testplugins.basic:echo") for i in range(20)])
+    assert client.spec("bulk-00").id == "bulk-00"
+    reads: list[str] = []
+    registry: Any = client._specs._registry
+    read_one = registry.get
+    registry.get = lambda plugin_id: reads.append(plugin_id) or read_one(plugin_id)
+    assert [client.spec(f"bulk-{i:02d}").id for i in range(1, 20)] == [
+        f"bulk-{i:02d}" for i in range(1, 20)]
+    assert reads == []
+    with PluginClient(client.settings) as other:
+        other.register(PluginSpec(id="bulk-new", name="bulk-new",
+                                  entrypoint="pp_testplugins.basic:echo"))
+        other.unregister("bulk-05")
+    assert client.spec("bulk-new").id == "bulk-new" and reads == ["bulk-new"]
+    assert wait_until(lambda: "bulk-05" not in (client._specs._snapshot or {}), timeout_s=10)
+    with pytest.raises(PluginUnregisteredError):
+        client.spec("bulk-05")
