@@ -55,7 +55,7 @@ from pluginpool.tasks.settings import Settings
 from pluginpool.tasks.spec import PluginSpec
 from pluginpool.tasks.submit_step import SUBMIT_HEADER, SubmitStep
 from pluginpool.tasks.subscriptions import Handler, Subscriptions
-from pluginpool.tasks.transport import TRANSPORT_PATH
+from pluginpool.tasks.transport import SENTINEL_TRANSPORT_PATH, TRANSPORT_PATH
 
 MAX_FALLBACK_DEPTH = 3
 FOLLOWED_SPEC_TTL_S = 60.0
@@ -120,7 +120,8 @@ class PluginClient(FleetOperations, Operations):
         with self._unavailable_as_error():
             specs = publish_sources(specs, self.artifacts)
             published = self.registry.publish(specs, source=origin, by=by or operator_name())
-        self._specs.invalidate()
+        for spec in published:  # the others' cached specs and the snapshot stay good
+            self._specs.invalidate(spec.id)
         return published
 
     def plugins(self) -> list[PluginSpec]:
@@ -225,6 +226,8 @@ class PluginClient(FleetOperations, Operations):
                 "time_limit": deadlines.celery_hard_s,
                 "headers": headers,
             }
+            if self._declare_free:
+                options["declare"] = []
             kwargs: dict[str, Any] = {"payload": payload, "instance_id": instance_id}
             if operation != "run":
                 kwargs["operation"] = operation
@@ -248,6 +251,17 @@ class PluginClient(FleetOperations, Operations):
         return Job(result, plugin_id=plugin_id, instance_id=instance_id,
                    max_restarts=isolation.max_restarts if isolation.auto_restart else 0,
                    watcher=self.job_watcher)
+
+    @cached_property
+    def _declare_free(self) -> bool:
+        """Whether a submit can skip kombu's queue declare: on pluginpool's Redis transports
+        a declare only answers the queue's length (4 LLEN) and records an exchange binding
+        (an SADD), each in a transaction of its own, and Celery publishes plugin jobs
+        through the anonymous exchange, which never reads that binding; workers declare
+        the queues they consume. kombu declares a queue at the first publish to it on each
+        connection: with jobs spread over 10,000 plugins that was nearly every submit's
+        (1.8 ms of its 6)."""
+        return self.app.conf.broker_transport in (TRANSPORT_PATH, SENTINEL_TRANSPORT_PATH)
 
     @cached_property
     def _checks_in_publish(self) -> bool:
