@@ -19,8 +19,13 @@ demo: install
 	$(BIN)/pluginpool demo
 
 # --durations: the 15 slowest steps are printed at the end, so time creeping in shows.
+# TEST_SESSIONS: the suite is split by file over that many pytest-xdist sessions (most of a
+# test's time is spent waiting on workers and Redis); each session takes its own Redis
+# database, PLUGINPOOL_TEST_REDIS_DB (9) + its number. TEST_SESSIONS=0 runs it in one.
+TEST_SESSIONS ?= 2
 test: install browser
-	PLUGINPOOL_REDIS_URL=$$($(BIN)/pluginpool ensure-redis) $(BIN)/python -m pytest --durations=15
+	PLUGINPOOL_REDIS_URL=$$($(BIN)/pluginpool ensure-redis) $(BIN)/python -m pytest \
+	  --durations=15 $(if $(filter 0,$(TEST_SESSIONS)),,-n $(TEST_SESSIONS) --dist loadfile)
 
 # Only the fault tests (they also run in `make test`): workers, consumers and Redis killed
 # or restarted mid-stream, Sentinel, backlogs behind an open breaker, the consuming

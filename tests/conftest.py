@@ -26,7 +26,12 @@ from tests.session_database import DatabaseClaim, describe_this_session
 ROOT = Path(__file__).resolve().parent.parent
 TEST_PLUGINS = ROOT / "tests" / "plugins"
 EXAMPLES = ROOT / "examples"
-TEST_DB = int(os.environ.get("PLUGINPOOL_TEST_REDIS_DB", "9"))
+TEST_DB_BASE = int(os.environ.get("PLUGINPOOL_TEST_REDIS_DB", "9"))
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
+TEST_DB = TEST_DB_BASE + (int(XDIST_WORKER[2:]) if XDIST_WORKER.startswith("gw") else 0)
+"""`make test` splits the suite over pytest-xdist workers (gw0, gw1, ...): each is a test
+session of its own with its own database, PLUGINPOOL_TEST_REDIS_DB + its number, so their
+flushes and claims (tests/session_database.py) never meet."""
 CHAOS_SCALE = int(os.environ.get("PLUGINPOOL_CHAOS_SCALE", "1"))
 """How much harder the fault tests push: 1 in `make test`, 2 in `make chaos` (twice the
 jobs, messages and kills)."""

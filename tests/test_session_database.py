@@ -35,7 +35,8 @@ def test_a_second_pytest_on_the_same_database_stops_at_once(redis_url: str) -> N
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     marker = f"pptest-claim:{uuid.uuid4().hex[:8]}"
     client.set(marker, "kept", ex=60)
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("PLUGINPOOL_")},
+    env = {**{k: v for k, v in os.environ.items()
+              if not k.startswith(("PLUGINPOOL_", "PYTEST_XDIST"))},
            "PLUGINPOOL_TEST_REDIS_DB": str(TEST_DB),
            "PLUGINPOOL_REDIS_URL": redis_url.rsplit("/", 1)[0]}
     second = subprocess.run(

@@ -12,7 +12,7 @@ import psutil
 import pytest
 
 from pluginpool.policy.errors import PluginExecutionError
-from pluginpool.pool.tools.processes import ManagedProcess
+from pluginpool.pool.tools.processes import ManagedProcess, wait_until
 from pluginpool.tasks.client import PluginClient
 from pluginpool.tasks.runs import RecentRuns
 from tests.conftest import TEST_PLUGINS, make_settings, retire, spawn_worker
@@ -63,9 +63,11 @@ def test_stdout_stderr_and_logger_come_back_in_meta_and_are_kept(
     assert run["job_id"] == job.id and run["ok"] and run["logs"] == job.meta["logs"]
     last = client.sandbox_info(instance).last_run
     assert last is not None and last["logs"] == job.meta["logs"]
+    # The pool child stores the result before the worker's main process logs the success.
+    assert wait_until(lambda: f"plugin.ops-talks[{job.id}] succeeded in" in worker.log_text(),
+                      timeout_s=30)
     log = worker.log_text()
     assert f"[ops-talks {job.id}] stdout: to stdout ok-1" in log
-    assert f"plugin.ops-talks[{job.id}] succeeded in" in log
     assert "said it" not in log and "(value not logged)" in log  # a success, not its value
 
 
