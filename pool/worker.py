@@ -12,6 +12,7 @@ from pluginpool.policy.errors import UnknownPluginError
 from pluginpool.pool import trace_filter
 from pluginpool.pool.artifact_cache import ArtifactCache, ArtifactRunner
 from pluginpool.pool.cancel_listener import CancelListener
+from pluginpool.pool.env_sweeper import EnvironmentSweeper
 from pluginpool.pool.execution import bind_worker_app, register_plugin_tasks
 from pluginpool.pool.fleet import (
     IDLE_QUEUE,
@@ -123,6 +124,7 @@ def build_worker_app(settings: Settings, specs: list[PluginSpec], *,
     app.steps["worker"].add(bound_step(WorkerLiveness, services=services))
     app.steps["worker"].add(bound_step(RegistryFollower, services=services, fleet=fleet))
     app.steps["worker"].add(bound_step(CancelListener, services=services))
+    app.steps["worker"].add(bound_step(EnvironmentSweeper, services=services))
     return app
 
 

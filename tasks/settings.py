@@ -172,6 +172,14 @@ class Settings(BaseSettings):
         description="Longest one environment install may take; a longer one is killed and "
                     "is a `dependency` error. It runs on even when the job that started it "
                     "stopped waiting, so a later job finds it done.")
+    env_keep_s: float = Field(
+        default=86_400.0, gt=0,
+        description="A per-revision environment no registered revision uses, and unused "
+                    "this long, is removed from the host's disk (a later job of that "
+                    "revision installs it again).")
+    env_sweep_s: float = Field(
+        default=600.0, ge=0,
+        description="How often each worker sweeps its host's unused environments; 0: never.")
     fleet_reconcile_s: float = Field(
         default=5.0, gt=0,
         description="How often a worker compares its queues with the registry, so one that "

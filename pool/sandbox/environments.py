@@ -20,6 +20,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from packaging.utils import canonicalize_name
 
 from pluginpool.policy.errors import ArtifactError, ErrorType, PluginExecutionError
 from pluginpool.pool.artifact_cache import default_cache_dir, owned_directory
-from pluginpool.pool.sandbox import env_install
+from pluginpool.pool.sandbox import env_gc, env_install
 from pluginpool.pool.sandbox.env_install import InstallRequest, InstallResult
 from pluginpool.tasks.settings import Settings, child_process_env
 from pluginpool.tasks.spec import PluginSpec
@@ -127,6 +128,7 @@ class Environments:
         self.interpreter = interpreter
         self.install_timeout_s = install_timeout_s
         self._ready: dict[str, str] = {}
+        self._marked: dict[str, float] = {}
         self._uv: str | None = None
         self._uv_looked_up = False
 
@@ -145,7 +147,8 @@ class Environments:
         `dependency` error when it cannot be installed, `timeout` when still installing."""
         key = environment_key(spec, sources=self.sources, interpreter=self.interpreter)
         site = self._ready.get(key)
-        if site is not None:
+        if site is not None and os.path.isdir(site):  # (unless swept: env_gc.py)
+            self._mark_used(key)
             return site
         try:
             owned_directory(self.root)
@@ -165,7 +168,20 @@ class Environments:
             result = self._install(spec, key, wait_s=wait_s)
             site = result.site or site
         self._ready[key] = site
+        self._mark_used(key)
         return site
+
+    def _mark_used(self, key: str) -> None:
+        """Its last use, for the sweep of unused environments (env_gc.py); once a minute."""
+        now = time.monotonic()
+        if now - self._marked.get(key, -env_gc.TOUCH_EVERY_S) >= env_gc.TOUCH_EVERY_S:
+            self._marked[key] = now
+            env_gc.mark_used(str(self.envs_dir), key)
+
+    def current_keys(self, specs: list[PluginSpec]) -> set[str]:
+        """The environments the registered revisions resolve to (never swept)."""
+        return {environment_key(spec, sources=self.sources, interpreter=self.interpreter)
+                for spec in specs if spec.isolation.sandboxed and spec.requires.packages}
 
     def _install(self, spec: PluginSpec, key: str, *, wait_s: float) -> InstallResult:
         if not self._uv_looked_up:

@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -51,6 +52,11 @@ def run(ctx, payload):
 def plain(ctx, payload):
     return {"ok": True}
 '''
+
+
+SWEEP_KEEP_S = 3.0
+"""The module's worker sweeps every second the environments unused for this long that no
+registered revision uses (pool/sandbox/env_gc.py): every other test's are current."""
 
 
 @dataclass
@@ -101,7 +107,8 @@ def envs(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[E
     settings = Settings(_env_file=None, redis_url=redis_url,  # type: ignore[call-arg]
                         key_prefix=f"ppenv:{uuid.uuid4().hex[:8]}:", plugin_paths=[],
                         artifact_cache_dir=str(root / "cache"), package_index_url="none",
-                        find_links=[str(wheels)], fleet_reconcile_s=2.0)
+                        find_links=[str(wheels)], fleet_reconcile_s=2.0,
+                        env_keep_s=SWEEP_KEEP_S, env_sweep_s=1.0)
     client = PluginClient(settings)
     worker = spawn_worker(client, root, concurrency=2)
     yield Envs(client, worker, root, wheels, plugin_wheel(root))
@@ -306,3 +313,25 @@ def test_a_requirement_naming_a_url_is_refused(tmp_path: Path) -> None:
     assert info.value.type is ErrorType.DEPENDENCY
     assert info.value.details["install_error"] == "direct_reference"
     assert not (tmp_path / "cache" / "envs").exists()
+
+
+def test_an_environment_no_registered_revision_uses_is_swept_once_unused(envs: Envs) -> None:
+    """A new revision with other requirements gets a new environment; the old revision's is
+    removed from disk once unused for env_keep_s, the current one stays and is reused."""
+    wheel = variant(envs.plugin_wheel, envs.root / "sweep.whl", tag="sweep")
+    envs.register("env-sweep", ["ppdemo_dep==1.0"], wheel=wheel)
+    old = Path(envs.client.submit("env-sweep", {}).result(timeout=30)["dep_file"]).parents[2]
+    envs.register("env-sweep", ["ppdemo_dep==2.0"], wheel=wheel)
+    assert wait_until(lambda: envs.client.submit("env-sweep", {}).result(timeout=30)[
+        "dep"] == "2.0", timeout_s=30)
+    new = Path(envs.client.submit("env-sweep", {}).result(timeout=30)["dep_file"]).parents[2]
+    assert new != old and old.is_dir()
+    assert wait_until(lambda: not old.exists(), timeout_s=SWEEP_KEEP_S + 30), \
+        "the old revision's environment was not swept"
+    assert not [p for p in envs.envs_dir.iterdir() if p.name.startswith(f".{old.name}")]
+    installs = [i for i in envs.installs() if i["key"] == new.name and i["installed"]]
+    time.sleep(SWEEP_KEEP_S + 2)  # past its keep time: still there, being current
+    assert new.is_dir()
+    assert envs.client.submit("env-sweep", {}, instance_id=envs.client.load("env-sweep")
+                              ).result(timeout=30)["dep"] == "2.0"
+    assert [i for i in envs.installs() if i["key"] == new.name and i["installed"]] == installs
