@@ -162,8 +162,7 @@ class WarmSandbox:
 
     def spawn(self, spawn: Spawn, run_end: socket.socket) -> Forked:
         """Hand the zygote one run and its channel; it answers with the run's pid."""
-        channel.send_message(self.control.fileno(), spawn)
-        channel.send_fd(self.control, run_end.fileno())
+        channel.send_message_with_fd(self.control, spawn, run_end.fileno())
         if not select.select([self.control], [], [], EXIT_WAIT_S)[0]:
             raise channel.ChannelClosed
         forked = channel.receive_message(self.control.fileno(), max_bytes=CONTROL_MAX_BYTES)
@@ -275,7 +274,8 @@ def start(launcher: ZygoteLauncher, plan: SetupPlan, *,
         max_network_requests=limits.max_network_requests,
         allow_processes=spec.permissions.allow_processes,
         max_result_bytes=plan.max_result_bytes, limits=limits.model_dump(mode="json"),
-        permissions=spec.permissions.model_dump(mode="json"), run_workspace=run_workspace)
+        permissions=spec.permissions.model_dump(mode="json"), run_workspace=run_workspace,
+        run_cpu_backstop_s=spec.deadlines.cpu_backstop_s)
     sandbox = WarmSandbox(key=(spec.id, spec.revision, plan.instance_id), pid=hello.pid,
                           control=control, home=home, setup_ms=0.0, rss_bytes=hello.rss_bytes,
                           layers={}, workspace=run_workspace,

@@ -9,14 +9,15 @@ from __future__ import annotations
 import os
 import socket as _socket
 import struct
-from json import dumps as _dumps
-from json import loads as _loads
+from json import JSONEncoder, loads
 from typing import Any
 
 from .messages import Message, decode, encode
 
 HEADER = struct.Struct(">I")
 _pack = HEADER.pack
+_encode = JSONEncoder(allow_nan=False).encode
+"""json.dumps(message, allow_nan=False) without building an encoder per frame."""
 
 
 class ChannelClosed(EOFError):
@@ -33,7 +34,7 @@ class FrameTooLarge(ValueError):
 def send(fd: int, message: dict[str, Any]) -> None:
     # json's functions are bound at import: a plugin that patches the json module in its
     # own process cannot change what the channel sends.
-    send_frame(fd, _dumps(message, allow_nan=False).encode())
+    send_frame(fd, _encode(message).encode())
 
 
 def send_frame(fd: int, data: bytes) -> None:
@@ -44,7 +45,7 @@ def send_frame(fd: int, data: bytes) -> None:
         view = view[written:]
 
 
-def _read_exactly(fd: int, size: int) -> bytes:
+def read_exactly(fd: int, size: int) -> bytes:
     chunks = []
     while size:
         chunk = os.read(fd, min(size, 1 << 20))
@@ -57,10 +58,10 @@ def _read_exactly(fd: int, size: int) -> bytes:
 
 def receive(fd: int, *, max_bytes: int) -> dict[str, Any]:
     """One frame. A frame over `max_bytes` is refused before it is read."""
-    (size,) = HEADER.unpack(_read_exactly(fd, HEADER.size))
+    (size,) = HEADER.unpack(read_exactly(fd, HEADER.size))
     if size > max_bytes:
         raise FrameTooLarge(size, max_bytes)
-    message = _loads(_read_exactly(fd, size))
+    message = loads(read_exactly(fd, size))
     if not isinstance(message, dict):
         raise ValueError("frame is not a JSON object")
     return message
@@ -72,6 +73,16 @@ def send_message(fd: int, message: Message) -> None:
 
 def receive_message(fd: int, *, max_bytes: int) -> Message:
     return decode(receive(fd, max_bytes=max_bytes))
+
+
+def send_message_with_fd(sock: _socket.socket, message: Message, passed: int) -> None:
+    """One frame and a descriptor with it (SCM_RIGHTS), in one sendmsg: the receiver
+    gets the descriptor with the frame's first bytes."""
+    data = _encode(encode(message)).encode()
+    frame = _pack(len(data)) + data
+    sent = _socket.send_fds(sock, [frame], [passed])
+    if sent < len(frame):
+        sock.sendall(frame[sent:])
 
 
 def send_fd(sock: _socket.socket, passed: int) -> None:

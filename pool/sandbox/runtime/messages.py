@@ -81,6 +81,9 @@ class ZygoteConfig(Message):
     run_workspace: str | None = None
     """The one workspace every run gets (emptied by the pool child after each run), so its
     Landlock layer is built once; a Spawn naming another workspace gets its own layer."""
+    run_cpu_backstop_s: int = 0
+    """The runs' CPU-seconds backstop, so their whole lock-down is worked out once (0: each
+    run works out its own from its Spawn)."""
 
 
 @dataclass

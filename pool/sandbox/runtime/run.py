@@ -1,6 +1,12 @@
 """One run's process: forked from the zygote, narrowed further, the operation, one result.
 
 Nothing here returns: the process ends with os._exit, whatever the plugin does.
+
+Every page a run writes after the fork is a copy-on-write fault (about 2 µs each here), and
+so is every page its zygote writes while preparing the next one. So the zygote builds what
+all its runs share once (`Runs`: the Landlock layer, the rlimits, the Started frame's
+layers, the ctx), and per run it only reads the Spawn frame's bytes and forks: the run
+decodes its own Spawn, fills in the ctx's three per-run fields and applies the rest.
 """
 
 from __future__ import annotations
@@ -12,7 +18,8 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
-from json import dumps as _dumps
+from json import JSONEncoder
+from json import loads as _loads
 from typing import Any, NoReturn
 
 from . import channel, landlock, limits, logs, seccomp
@@ -27,6 +34,7 @@ from .messages import (
     RunError,
     Spawn,
     ZygoteConfig,
+    decode,
     result_frame,
     started_frame,
     started_prefix,
@@ -43,17 +51,18 @@ RESET_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, s
                  signal.SIGALRM, signal.SIGCHLD)
 """Reset to their defaults once, in the set-up zygote (runs inherit them): a run starts
 with default signal dispositions whatever the setup installed."""
+BAD_SPAWN_EXIT = 4
+"""A run's exit code when its Spawn frame is not one (the pool child reports the code)."""
 _prctl = _libc.prctl
 _prctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
                    ctypes.c_ulong)
-_getrusage = resource.getrusage
-_RUSAGE_SELF = resource.RUSAGE_SELF
+_cpu_s = time.process_time
+"""CPU of the whole process, user and system: the same kernel figure as getrusage's and
+wait4's, without building a struct per reading."""
 _perf = time.perf_counter
-
-
-def _cpu_s() -> float:
-    usage = _getrusage(_RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+_encode_result = JSONEncoder(allow_nan=False).encode
+"""Built once in the zygote: a run only calls it (json.dumps with allow_nan=False builds an
+encoder per call)."""
 
 
 def reset_signals() -> None:
@@ -63,34 +72,35 @@ def reset_signals() -> None:
             signal.signal(signum, signal.SIG_DFL)
 
 
-def _isolate(run_fd: int, prepared: Prepared) -> None:
+def _isolate(run_fd: int, max_fds: int) -> None:
     """Own session, dies with its zygote, only its channel open (its working directory,
     environment and signal dispositions were set by the zygote before the fork)."""
     os.setsid()
     _prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     os.dup2(run_fd, CHANNEL_FD, inheritable=False)
     # /proc is not readable here (Landlock); the zygote's RLIMIT_NOFILE bounds the fds.
-    os.closerange(CHANNEL_FD + 1, prepared.max_fds)
+    os.closerange(CHANNEL_FD + 1, max_fds)
+
+
+RunLayer = tuple[int, dict[str, object]]
+"""A run's Landlock ruleset (not enforced) and what it reports."""
+
+LimitsKey = tuple[str, int, int, int, int]
+"""(workspace, cpu_backstop_s, max_memory_mb, max_storage_kb, the zygote's virtual size):
+what a run's lock-down depends on."""
 
 
 @dataclass
 class Prepared:
-    """What the zygote builds for a run before forking it, so that the run (whose every
-    touched page is a copy) only applies it."""
+    """A run's lock-down, worked out before it is applied: the run itself only applies it."""
 
+    key: LimitsKey
     ruleset_fd: int | None
-    ruleset_owned: bool
-    """The ruleset was built for this run alone: the zygote closes it after the fork."""
     seccomp: seccomp.Prepared | None
     rlimits: limits.RunLimits
     started: bytes
     """The Started frame up to its CPU figure (messages.started_prefix)."""
     max_fds: int
-    ctx: SandboxContext
-
-
-RunLayer = tuple[int, dict[str, object]]
-"""A run's Landlock ruleset (not enforced) and what it reports."""
 
 
 def run_layer(config: ZygoteConfig, workspace: str) -> RunLayer | None:
@@ -103,40 +113,79 @@ def run_layer(config: ZygoteConfig, workspace: str) -> RunLayer | None:
         tcp_ports=landlock_ports(config.network_hosts), abi=config.landlock_abi)
 
 
-def prepare(config: ZygoteConfig, spawn: Spawn, run_filter: seccomp.Prepared | None,
-            vms_bytes: int, policy: AuditPolicy, shared_layer: RunLayer | None) -> Prepared:
-    """In the zygote: the run's Landlock layer (`shared_layer`, built once, when the run
-    gets the sandbox's one run workspace), built but not enforced; its rlimits and the
-    layers it reports; the run's working directory and environment (inherited across the
-    fork); its ctx and audit policy."""
-    os.chdir(spawn.workspace)
-    if os.environ.get("HOME") != spawn.workspace:
-        os.environ["HOME"] = os.environ["TMPDIR"] = spawn.workspace
-        tempfile = sys.modules.get("tempfile")  # not imported here: it seeds random at fork
-        if tempfile is not None:
-            tempfile.tempdir = spawn.workspace  # type: ignore[attr-defined]
-    owned = shared_layer is None or spawn.workspace != config.run_workspace
-    layer = run_layer(config, spawn.workspace) if owned else shared_layer
+def prepare(config: ZygoteConfig, key: LimitsKey, run_filter: seccomp.Prepared | None,
+            layer: RunLayer | None) -> Prepared:
+    """A run's rlimits, the layers it reports and its Landlock ruleset (`layer`, built
+    but not enforced)."""
+    _workspace, cpu_backstop_s, max_memory_mb, max_storage_kb, vms_bytes = key
     fd, info = layer if layer is not None else (None, None)
     rlimits, rlimit_layer = limits.plan_run(
-        vms_bytes=vms_bytes, max_memory_mb=spawn.max_memory_mb,
-        max_storage_kb=spawn.max_storage_kb, cpu_backstop_s=spawn.cpu_backstop_s)
+        vms_bytes=vms_bytes, max_memory_mb=max_memory_mb, max_storage_kb=max_storage_kb,
+        cpu_backstop_s=cpu_backstop_s)
     layers: dict[str, Any] = {
         "process": "fork", "zygote": True, "rlimits": rlimit_layer,
         "landlock": info or False,
         "seccomp": {"processes": not config.allow_processes,
                     "network": not config.network_hosts} if run_filter is not None else False,
         "audit_hook": True}
-    policy.narrow(workspace=spawn.workspace)
-    policy.allow_processes = config.allow_processes
-    ctx = SandboxContext(
-        plugin_id=config.plugin_id, job_id=spawn.job_id, instance_id=config.instance_id,
-        attempt=spawn.attempt, operation=spawn.operation, limits=config.limits,
-        permissions=config.permissions, initial_data=config.initial_data,
-        workspace=spawn.workspace, storage=ChannelStorage(CHANNEL_FD, policy))
-    return Prepared(ruleset_fd=fd, ruleset_owned=owned, seccomp=run_filter, rlimits=rlimits,
+    return Prepared(key=key, ruleset_fd=fd, seccomp=run_filter, rlimits=rlimits,
                     started=started_prefix(layers),
-                    max_fds=resource.getrlimit(resource.RLIMIT_NOFILE)[1], ctx=ctx)
+                    max_fds=resource.getrlimit(resource.RLIMIT_NOFILE)[1])
+
+
+def enter_workspace(workspace: str) -> None:
+    """The working directory and environment a run in `workspace` starts with."""
+    os.chdir(workspace)
+    if os.environ.get("HOME") != workspace:
+        os.environ["HOME"] = os.environ["TMPDIR"] = workspace
+        tempfile = sys.modules.get("tempfile")  # not imported here: it seeds random at fork
+        if tempfile is not None:
+            tempfile.tempdir = workspace  # type: ignore[attr-defined]
+
+
+class Runs:
+    """What every run of one zygote shares, built in the zygote once after the setup: the
+    run workspace entered, the audit policy narrowed to it, the ctx (a run fills in its job,
+    attempt and operation), its Landlock layer, and the rest of its lock-down for the
+    zygote's current size (`refresh`)."""
+
+    def __init__(self, config: ZygoteConfig, plugin: LoadedPlugin, policy: AuditPolicy,
+                 run_filter: seccomp.Prepared | None) -> None:
+        self.config = config
+        self.plugin = plugin
+        self.policy = policy
+        self.run_filter = run_filter
+        self.workspace = config.run_workspace
+        self.layer: RunLayer | None = None
+        self.prepared: Prepared | None = None
+        self.ctx: SandboxContext | None = None
+        self.may_leave_processes = run_filter is None or config.allow_processes
+        """Whether a run can start processes of its own (its seccomp filter lets it)."""
+        policy.allow_processes = config.allow_processes
+        if self.workspace:
+            self.layer = run_layer(config, self.workspace)
+            enter_workspace(self.workspace)
+            policy.narrow(workspace=self.workspace)
+            self.ctx = new_ctx(config, policy, self.workspace)
+
+    def refresh(self, vms_bytes: int) -> None:
+        """In the zygote before a fork: the shared lock-down for its size now (rebuilt only
+        when its size changed)."""
+        config = self.config
+        if not self.workspace or not config.run_cpu_backstop_s or (
+                self.prepared is not None and self.prepared.key[4] == vms_bytes):
+            return
+        self.prepared = prepare(config, (self.workspace, config.run_cpu_backstop_s,
+                                         config.max_memory_mb, config.max_storage_kb,
+                                         vms_bytes), self.run_filter, self.layer)
+
+
+def new_ctx(config: ZygoteConfig, policy: AuditPolicy, workspace: str) -> SandboxContext:
+    return SandboxContext(
+        plugin_id=config.plugin_id, job_id=None, instance_id=config.instance_id, attempt=0,
+        operation=None, limits=config.limits, permissions=config.permissions,
+        initial_data=config.initial_data, workspace=workspace,
+        storage=ChannelStorage(CHANNEL_FD, policy))
 
 
 def landlock_ports(entries: list[str]) -> list[int] | None:
@@ -151,7 +200,7 @@ def landlock_ports(entries: list[str]) -> list[int] | None:
 def _encoded(value: Any, max_bytes: int) -> bytes | RunError:
     """The value as JSON, encoded once, or why it cannot be the result."""
     try:
-        data = _dumps(value, allow_nan=False).encode()
+        data = _encode_result(value).encode()
     except (TypeError, ValueError) as exc:
         return RunError(RUNTIME, f"result is not JSON-serialisable: {exc}",
                         {"result_type": type(value).__name__})
@@ -162,27 +211,60 @@ def _encoded(value: Any, max_bytes: int) -> bytes | RunError:
     return data
 
 
-def run_child(config: ZygoteConfig, spawn: Spawn, run_fd: int, plugin: LoadedPlugin,
-              policy: AuditPolicy, prepared: Prepared) -> NoReturn:
-    """Narrow, call the operation, send one Result frame, exit (no interpreter teardown)."""
+def _spawn_of(body: bytes) -> Spawn:
+    spawn = decode(_loads(body))
+    if not isinstance(spawn, Spawn):
+        raise TypeError(f"{spawn.op} is not a spawn")
+    return spawn
+
+
+def _own_lock_down(runs: Runs, spawn: Spawn, key: LimitsKey) -> tuple[Prepared, SandboxContext]:
+    """A run whose Spawn differs from what its zygote prepared (another workspace, other
+    limits, a zygote that has not prepared any): it works out its own lock-down."""
+    config, policy = runs.config, runs.policy
+    workspace = spawn.workspace
+    layer = runs.layer if workspace == runs.workspace else run_layer(config, workspace)
+    if workspace != runs.workspace or runs.ctx is None:
+        enter_workspace(workspace)
+        policy.narrow(workspace=workspace)
+        ctx = new_ctx(config, policy, workspace)
+    else:
+        ctx = runs.ctx
+    return prepare(config, key, runs.run_filter, layer), ctx
+
+
+def run_child(runs: Runs, body: bytes, run_fd: int, vms_bytes: int) -> NoReturn:
+    """Decode the Spawn, narrow, call the operation, send one Result frame, exit (no
+    interpreter teardown)."""
+    try:
+        spawn = _spawn_of(body)
+    except BaseException:
+        os._exit(BAD_SPAWN_EXIT)
+    config, policy = runs.config, runs.policy
     failed: Result | None = None
     value_json = b"null"
     spent = (0.0, 0.0)
     try:
+        key = (spawn.workspace, spawn.cpu_backstop_s, spawn.max_memory_mb,
+               spawn.max_storage_kb, vms_bytes)
+        prepared, ctx = runs.prepared, runs.ctx
+        if prepared is None or ctx is None or prepared.key != key:
+            prepared, ctx = _own_lock_down(runs, spawn, key)
+        ctx.job_id, ctx.attempt, ctx.operation = spawn.job_id, spawn.attempt, spawn.operation
         if prepared.ruleset_fd is not None:
             # no_new_privs is already set: the zygote set it after its setup.
             landlock.restrict(prepared.ruleset_fd)  # _isolate closes its descriptor
-        _isolate(run_fd, prepared)
+        _isolate(run_fd, prepared.max_fds)
         limits.apply_run(prepared.rlimits)
         if prepared.seccomp is not None:
             prepared.seccomp.load(no_new_privs_set=True)
         channel.send_frame(CHANNEL_FD, started_frame(prepared.started, _cpu_s()))
         logs.capture()
-        operation = plugin.operations[spawn.operation]
+        operation = runs.plugin.operations[spawn.operation]
         policy.enforcing = True
         op_cpu, op_started = _cpu_s(), _perf()
         try:
-            value = operation(prepared.ctx, spawn.payload)
+            value = operation(ctx, spawn.payload)
         finally:  # the run alone: the plugin's call, not the sandbox around it
             spent = (_cpu_s() - op_cpu, _perf() - op_started)
         policy.enforcing = False

@@ -18,6 +18,7 @@ import signal
 import socket
 import sys
 import time
+from json import loads as _loads
 from typing import Any, NoReturn
 
 from . import channel, landlock, limits, logs, seccomp
@@ -33,20 +34,18 @@ from .messages import (
     Ready,
     RunError,
     SetupFailed,
-    Spawn,
     ZygoteConfig,
+    decode,
     exited_frame,
     forked_frame,
 )
 from .plugin import LoadedPlugin, LoadError, import_target
 from .run import (
     CHANNEL_FD,
-    RunLayer,
+    Runs,
     landlock_ports,
-    prepare,
     reset_signals,
     run_child,
-    run_layer,
 )
 
 _libc = open_libc()
@@ -57,6 +56,9 @@ PR_SET_CHILD_SUBREAPER = 36
 
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+HEADER_BYTES = channel.HEADER.size
+FD_SPACE = socket.CMSG_SPACE(4)
+"""Ancillary room for the one descriptor a Spawn carries."""
 
 
 def _sizes() -> tuple[int, int]:
@@ -156,39 +158,75 @@ def _teardown(plugin: LoadedPlugin | None, policy: AuditPolicy, reason: str,
     os._exit(0)
 
 
-def _serve_run(config: ZygoteConfig, spawn: Spawn, plugin: LoadedPlugin,
-               policy: AuditPolicy, run_filter: seccomp.Prepared | None,
-               control: socket.socket, shared_layer: RunLayer | None) -> bool:
-    """Fork one run, wait for it, report its exit. False: the pool child is gone."""
-    run_fd = channel.receive_fd(control)
-    rss, vms = _sizes()
-    prepared = prepare(config, spawn, run_filter, vms, policy, shared_layer)
+class Control:
+    """The zygote's end of its control socket: frames in, with the descriptor a Spawn
+    carries (SCM_RIGHTS, sent with the frame), and the poller a run is waited on with."""
+
+    def __init__(self) -> None:
+        # A socket object over a duplicate of the descriptor, for recvmsg.
+        self.sock = socket.socket(fileno=os.dup(CONTROL_FD))
+        self.poller = select.poll()
+        self.poller.register(CONTROL_FD, select.POLLIN | select.POLLHUP)
+
+    def receive(self) -> tuple[bytes, int | None]:
+        """One frame's bytes and the descriptor that came with it (only a Spawn has one)."""
+        header, ancillary, _flags, _addr = self.sock.recvmsg(HEADER_BYTES, FD_SPACE)
+        if not header:
+            raise channel.ChannelClosed
+        fd: int | None = None
+        for level, kind, data in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                for offset in range(0, len(data) - len(data) % 4, 4):
+                    passed = int.from_bytes(data[offset:offset + 4], sys.byteorder)
+                    if fd is None:
+                        fd = passed
+                    else:
+                        os.close(passed)
+        if len(header) < HEADER_BYTES:
+            header += channel.read_exactly(CONTROL_FD, HEADER_BYTES - len(header))
+        size = int.from_bytes(header, "big")
+        if size > CONFIG_MAX_BYTES:
+            raise channel.FrameTooLarge(size, CONFIG_MAX_BYTES)
+        return channel.read_exactly(CONTROL_FD, size), fd
+
+
+def _statm(fd: int) -> tuple[int, int]:
+    """(resident, virtual) bytes of this process, from its statm kept open."""
+    fields = os.pread(fd, 128, 0).split()
+    return int(fields[1]) * PAGE_SIZE, int(fields[0]) * PAGE_SIZE
+
+
+def _serve_run(runs: Runs, body: bytes, run_fd: int, control: Control, statm: int) -> bool:
+    """Fork one run (it decodes its own Spawn), wait for it, report its exit. False: the
+    pool child is gone."""
+    rss, vms = _statm(statm)
+    runs.refresh(vms)
     pid = os.fork()
     if pid == 0:
-        run_child(config, spawn, run_fd, plugin, policy, prepared)
+        run_child(runs, body, run_fd, vms)
     os.close(run_fd)
-    if prepared.ruleset_fd is not None and prepared.ruleset_owned:
-        os.close(prepared.ruleset_fd)
     channel.send_frame(CONTROL_FD, forked_frame(pid, rss))
     pidfd = os.pidfd_open(pid)
-    poller = select.poll()
+    poller = control.poller
     poller.register(pidfd, select.POLLIN)
-    poller.register(CONTROL_FD, select.POLLIN | select.POLLHUP)
     alive = True
     try:
-        while True:
-            ready = dict(poller.poll())
-            if pidfd in ready:
-                break
-            if CONTROL_FD in ready:
+        while alive:
+            for fd, _events in poller.poll():
+                if fd == pidfd:
+                    break
                 alive = False  # the pool child died mid-run: so does the run
                 with contextlib.suppress(OSError):
                     os.kill(pid, signal.SIGKILL)
-                break
+            else:
+                continue
+            break
     finally:
+        poller.unregister(pidfd)
         os.close(pidfd)
     _pid, status, usage = os.wait4(pid, 0)
-    _kill_leftovers()
+    if runs.may_leave_processes:
+        _kill_leftovers()
     if alive:
         channel.send_frame(CONTROL_FD, exited_frame(
             pid, status, usage.ru_utime + usage.ru_stime, usage.ru_maxrss))
@@ -257,15 +295,17 @@ def main() -> NoReturn:
     limits.after_setup()
     # Done once here rather than in every run (each run inherits them): default signal
     # dispositions, no privilege gain (the runs' Landlock and seccomp layers need it),
-    # the run's log streams.
+    # the run's log streams, its workspace, ctx, Landlock layer and limits.
     reset_signals()
     seccomp.set_no_new_privs()
     logs.prepare(CHANNEL_FD)
-    shared_layer = run_layer(config, config.run_workspace) if config.run_workspace else None
     program = config.run_seccomp_b64
     run_filter = seccomp.Prepared(base64.b64decode(program)) if program is not None else None
-    # A socket object over a duplicate of the control descriptor, for passing descriptors.
-    control = socket.socket(fileno=os.dup(CONTROL_FD))
+    runs = Runs(config, plugin, policy, run_filter)
+    control = Control()
+    statm = os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC)
+    runs.refresh(_statm(statm)[1])
+    _kill_leftovers()  # whatever the setup started: runs that cannot start any skip this
     gc.collect()
     gc.freeze()  # runs then never dirty (copy) the set-up heap's pages in their GC
     channel.send_message(CONTROL_FD, Ready(
@@ -274,11 +314,13 @@ def main() -> NoReturn:
         layers=layers))
     while True:
         try:
-            message = channel.receive_message(CONTROL_FD, max_bytes=CONFIG_MAX_BYTES)
+            body, run_fd = control.receive()
+            if run_fd is None:  # anything but a Spawn
+                message = decode(_loads(body))
         except (channel.ChannelClosed, OSError, ValueError):
             _teardown(plugin, policy, "pool child gone", config.home)
-        if isinstance(message, Close):
+        if run_fd is not None:
+            if not _serve_run(runs, body, run_fd, control, statm):
+                _teardown(plugin, policy, "pool child gone", config.home)
+        elif isinstance(message, Close):
             _teardown(plugin, policy, message.reason, config.home)
-        if isinstance(message, Spawn) and not _serve_run(config, message, plugin, policy,
-                                                         run_filter, control, shared_layer):
-            _teardown(plugin, policy, "pool child gone", config.home)
