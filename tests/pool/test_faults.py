@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
 import uuid
 from pathlib import Path
@@ -209,6 +210,18 @@ def test_redis_restarted_with_aof_mid_stream(redis_url: str, tmp_path: Path) -> 
         local.stop()
 
 
+def warm_shutdown_code(worker: ManagedProcess, *, timeout_s: float) -> int:
+    """The exit code of a worker told to stop; if it is still stopping after `timeout_s`,
+    its threads' stacks (Celery's SIGUSR1 handler writes them to its log) in the failure."""
+    try:
+        return worker.process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        worker.signal(signal.SIGUSR1)
+        time.sleep(2)
+        pytest.fail(f"the warm shutdown took over {timeout_s:.0f} s; the worker's log and "
+                    f"stacks:\n{worker.log_text()[-12_000:]}")
+
+
 def test_rolling_restart_loses_no_job(redis_url: str, tmp_path: Path) -> None:
     """SIGTERM: the worker stops consuming, finishes what runs, and returns what it had
     reserved; a replacement picks up the rest."""
@@ -223,7 +236,7 @@ def test_rolling_restart_loses_no_job(redis_url: str, tmp_path: Path) -> None:
         first.signal(signal.SIGTERM)
         second = spawn_worker(client, tmp_path, plugins="counter-roll", concurrency=2)
         try:
-            assert first.process.wait(timeout=30) == 0  # a warm shutdown, not a kill
+            assert warm_shutdown_code(first, timeout_s=30) == 0  # a warm shutdown, not a kill
             results = outcomes(jobs, timeout_s=90)
         finally:
             second.stop()
