@@ -66,6 +66,7 @@ def _tree_cpu(proc: psutil.Process) -> float:
 def measure(code_path: Path, runs: int) -> dict[str, Any]:
     """Per-run CPU (ms) of the pool child's side, the zygote, the run, and the plugin."""
     spec = PluginSpec(id="noop", name="noop", entrypoint="bench_plugins:noop")
+    limits = spec.resource_limits
     plan = standalone_plan(spec, code_paths=(str(code_path),),
                            warm_root=tempfile.mkdtemp(prefix="pp-bench-warm-"))
     sandbox, _ = warm.start(ZygoteLauncher(code_paths=(str(code_path),)), plan,
@@ -82,15 +83,19 @@ def measure(code_path: Path, runs: int) -> dict[str, Any]:
         for n in range(runs):
             workspace = run_workspace(sandbox)
             ours, theirs = socket.socketpair()
+            # The limits the worker's runner sends for this spec (runner._run_once).
             forked = sandbox.spawn(Spawn(
                 job_id=str(n), operation="run", payload={"i": n}, attempt=1,
-                workspace=workspace, cpu_backstop_s=11, max_memory_mb=256,
-                max_storage_kb=1024), theirs)
+                workspace=workspace, cpu_backstop_s=spec.deadlines.cpu_backstop_s,
+                max_memory_mb=limits.max_memory_mb, max_storage_kb=limits.max_storage_kb),
+                theirs)
             theirs.close()
             out = Supervisor(
                 forked.pid, ours.fileno(),
-                bounds=Bounds(timeout_s=10, max_memory_bytes=256 * MB,
-                              max_storage_bytes=1 << 20, cpu_percent=100),
+                bounds=Bounds(timeout_s=spec.deadlines.run_kill_s,
+                              max_memory_bytes=limits.max_memory_mb * MB,
+                              max_storage_bytes=limits.max_storage_kb * 1024,
+                              cpu_percent=limits.max_cpu_percent),
                 workspace=workspace, baseline_rss=forked.zygote_rss_bytes, storage=None,
                 max_frame_bytes=2 << 20, reaper=sandbox.run_reaper(forked.pid)).run()
             usage = outcome.usage_of(out, baseline_rss=forked.zygote_rss_bytes,

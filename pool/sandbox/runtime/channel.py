@@ -39,7 +39,11 @@ def send(fd: int, message: dict[str, Any]) -> None:
 
 def send_frame(fd: int, data: bytes) -> None:
     """One frame whose JSON is already encoded (messages.py's *_frame helpers)."""
-    view = memoryview(_pack(len(data)) + data)
+    frame = _pack(len(data)) + data
+    written = os.write(fd, frame)
+    if written == len(frame):  # the usual case: one write, nothing more built
+        return
+    view = memoryview(frame)[written:]
     while view:
         written = os.write(fd, view)
         view = view[written:]

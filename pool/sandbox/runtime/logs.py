@@ -25,15 +25,19 @@ FLUSH_S = 0.2
 
 
 class Outbox:
-    """The run's pending output, in order: (stream, text) segments."""
+    """The run's pending output, in order: (stream, text) segments. Inactive in the zygote
+    (what it writes goes nowhere, like its descriptors 1 and 2); a run activates it."""
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
+        self.active = False
         self._segments: list[list[str]] = []
         self._size = 0
         self._flushed_at = time.monotonic()
 
     def add(self, stream: str, text: str) -> None:
+        if not self.active:
+            return
         if self._segments and self._segments[-1][0] == stream:
             self._segments[-1].append(text)
         else:
@@ -44,6 +48,8 @@ class Outbox:
             self.flush()
 
     def flush(self) -> None:
+        if not self.active:
+            return
         segments, self._segments, self._size = self._segments, [], 0
         for stream, *parts in segments:
             channel.send_message(self.fd, Log(stream=stream, text="".join(parts)))
@@ -70,24 +76,24 @@ class ChannelStream(io.TextIOBase):
 
 
 _outbox: list[Outbox] = []
-"""The run's outbox, once captured (empty in the zygote: its own writes go nowhere)."""
-_prepared: list[tuple[Outbox, ChannelStream, ChannelStream]] = []
+"""The runs' outbox, once prepared (empty during the setup)."""
 
 
 def prepare(fd: int) -> None:
-    """In the zygote, once: the run's outbox and streams, built before any fork so a run
-    only installs them (objects built in the run are pages copied in the run)."""
+    """In the zygote after its setup, once: sys.stdout and sys.stderr become the runs'
+    streams, inactive until a run captures them (every object a run builds or rebinds
+    after the fork is a page copied in the run, so a run only flips a flag)."""
     outbox = Outbox(fd)
-    _prepared[:] = [(outbox, ChannelStream(outbox, "stdout"), ChannelStream(outbox, "stderr"))]
+    _outbox[:] = [outbox]
+    sys.stdout = ChannelStream(outbox, "stdout")
+    sys.stderr = ChannelStream(outbox, "stderr")
 
 
 def capture() -> None:
-    """In the run, before plugin code: sys.stdout and sys.stderr become the channel."""
-    outbox, stdout, stderr = _prepared[0]
+    """In the run, before plugin code: its stdout and stderr go to its channel."""
+    outbox = _outbox[0]
     outbox._flushed_at = time.monotonic()
-    _outbox[:] = [outbox]
-    sys.stdout = stdout
-    sys.stderr = stderr
+    outbox.active = True
 
 
 def flush_all() -> None:

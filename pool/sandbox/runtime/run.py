@@ -11,16 +11,15 @@ decodes its own Spawn, fills in the ctx's three per-run fields and applies the r
 
 from __future__ import annotations
 
-import ctypes
 import os
 import resource
 import signal
 import sys
 import time
+from _json import encode_basestring_ascii, make_encoder, make_scanner
 from dataclasses import dataclass
-from json import JSONEncoder
-from json import loads as _loads
-from typing import Any, NoReturn
+from json import JSONDecoder, JSONEncoder
+from typing import Any, NoReturn, cast
 
 from . import channel, landlock, limits, logs, seccomp
 from .audit import AuditPolicy
@@ -34,7 +33,6 @@ from .messages import (
     RunError,
     Spawn,
     ZygoteConfig,
-    decode,
     result_frame,
     started_frame,
     started_prefix,
@@ -54,15 +52,24 @@ with default signal dispositions whatever the setup installed."""
 BAD_SPAWN_EXIT = 4
 """A run's exit code when its Spawn frame is not one (the pool child reports the code)."""
 _prctl = _libc.prctl
-_prctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
-                   ctypes.c_ulong)
+"""Called with small ints only (as C ints: no argument converters run in the run)."""
+_SIGKILL = int(signal.SIGKILL)
 _cpu_s = time.process_time
 """CPU of the whole process, user and system: the same kernel figure as getrusage's and
 wait4's, without building a struct per reading."""
 _perf = time.perf_counter
-_encode_result = JSONEncoder(allow_nan=False).encode
-"""Built once in the zygote: a run only calls it (json.dumps with allow_nan=False builds an
-encoder per call)."""
+_c_encode = make_encoder(  # what JSONEncoder(allow_nan=False).encode builds on every call
+    {}, JSONEncoder().default, encode_basestring_ascii, None, ": ", ", ", False, False, False)
+_scan = make_scanner(cast(Any, JSONDecoder()))
+"""json.loads without its Python layers: the run parses its Spawn with the C scanner."""
+
+
+def _encode_result(value: Any) -> str:
+    """json.dumps(value, allow_nan=False), with an encoder built once in the zygote (the
+    cycle markers it keeps are the run's own copy: one value per process)."""
+    if isinstance(value, str):
+        return encode_basestring_ascii(value)
+    return "".join(_c_encode(value, 0))
 
 
 def reset_signals() -> None:
@@ -76,7 +83,7 @@ def _isolate(run_fd: int, max_fds: int) -> None:
     """Own session, dies with its zygote, only its channel open (its working directory,
     environment and signal dispositions were set by the zygote before the fork)."""
     os.setsid()
-    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    _prctl(PR_SET_PDEATHSIG, _SIGKILL, 0, 0, 0)
     os.dup2(run_fd, CHANNEL_FD, inheritable=False)
     # /proc is not readable here (Landlock); the zygote's RLIMIT_NOFILE bounds the fds.
     os.closerange(CHANNEL_FD + 1, max_fds)
@@ -212,10 +219,11 @@ def _encoded(value: Any, max_bytes: int) -> bytes | RunError:
 
 
 def _spawn_of(body: bytes) -> Spawn:
-    spawn = decode(_loads(body))
-    if not isinstance(spawn, Spawn):
-        raise TypeError(f"{spawn.op} is not a spawn")
-    return spawn
+    """The run's Spawn frame, decoded in the run (the zygote only forwards its bytes)."""
+    frame, _end = _scan(body.decode(), 0)
+    if not isinstance(frame, dict) or frame.pop("op", None) != Spawn.op:
+        raise TypeError("the frame is not a spawn")
+    return Spawn(**frame)
 
 
 def _own_lock_down(runs: Runs, spawn: Spawn, key: LimitsKey) -> tuple[Prepared, SandboxContext]:
