@@ -15,7 +15,8 @@ from collections.abc import Iterator
 import pytest
 from celery import Celery
 
-from pluginpool.pool.tools.processes import ManagedProcess
+from pluginpool.policy.redis_text import as_text
+from pluginpool.pool.tools.processes import ManagedProcess, wait_until
 from pluginpool.tasks.client import PluginClient
 from pluginpool.tasks.spec import PluginSpec
 from tests.conftest import make_settings, retire, spawn_worker
@@ -107,3 +108,42 @@ def test_a_push_whose_notification_was_lost_is_found_by_the_rolling_rescan(
         retire(worker)
         plain.close()
         client.close()
+
+
+def consumed_lists(client: PluginClient) -> set[str]:
+    """The queue lists the module's worker consumes (its consumed-lists sets)."""
+    keys = client.settings.keys
+    lists: set[str] = set()
+    for key in client.redis.scan_iter(match=keys.consumes_prefix + "*", count=1000):
+        lists.update(as_text(member) for member in client.redis.smembers(key))
+    return lists
+
+
+def test_plugins_disabled_with_jobs_waiting_do_not_hide_the_others(
+        fleet: tuple[PluginClient, ManagedProcess]) -> None:
+    """70 plugins disabled while a job of each waits, indexed as ready for the worker group
+    (more than a claim reads at a time, all ahead of the next job): the worker no longer
+    serves them, and still finds and runs the job of a plugin it serves; enabled again,
+    theirs run too."""
+    client, worker = fleet
+    client.register(PluginSpec.model_validate({
+        "id": "many-slow", "name": "many-slow", "entrypoint": "pp_testplugins.basic:sleeps",
+        "isolation": {"sandboxed": False}, "resource_limits": {"timeout_ms": 30_000}}))
+    assert wait_until(lambda: "plugins.many-slow" in consumed_lists(client), timeout_s=20)
+    # Both pool processes busy: the jobs below wait on their queues, indexed as ready.
+    slow = [client.submit("many-slow", {"seconds": 8}) for _ in range(2)]
+    assert wait_until(lambda: all(job.status() == "started" for job in slow), timeout_s=20)
+    disabled = [f"many-{p:03d}" for p in range(200, 270)]
+    waiting = [client.submit(plugin_id, plugin_id) for plugin_id in disabled]
+    for plugin_id in disabled:
+        client.disable(plugin_id)
+    assert wait_until(lambda: not {f"plugins.{p}" for p in disabled} & consumed_lists(client),
+                      timeout_s=20)
+    assert all(client.redis.llen(f"plugins.{p}") == 1 for p in disabled), \
+        "the disabled plugins' jobs must still wait when the worker is free again"
+    assert client.submit("many-050", "served").result(timeout=60)["payload"] == "served"
+    assert [job.result(timeout=60) for job in slow] == ["woke up"] * 2
+    for plugin_id in disabled:
+        client.enable(plugin_id)
+    assert [job.result(timeout=60)["payload"] for job in waiting] == disabled
+    assert worker.alive()
