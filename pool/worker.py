@@ -113,6 +113,7 @@ def build_worker_app(settings: Settings, specs: list[PluginSpec], *,
                                ttl_s=max(settings.spec_cache_ttl_s, FOLLOWED_SPEC_TTL_S),
                                generation=generation)
     services.specs.prime(specs)  # before the pool forks: every child starts with them
+    services.specs.follow(FOLLOWED_SPEC_TTL_S)  # past the age bound: the bulk snapshot
     artifacts = ArtifactCache.from_settings(settings)
     for sandboxed, runner in list(services.runners.items()):
         services.runners[sandboxed] = ArtifactRunner(runner, artifacts)

@@ -281,12 +281,14 @@ class SpecCache:
     revision is asked for, or when `generation()` changes (a worker bumps it, in memory
     shared with its pool children, on every registry change it hears of).
 
-    A cache that follows registry events (`follow`: a producer) also holds every spec's
-    stored JSON from one bulk read (the snapshot), decoded as each plugin is first used:
-    with jobs spread over 10,000 plugins nearly every submit met a plugin new to it, and
-    each cost a registry read. Events drop a plugin from the snapshot as from the cache;
-    once `ttl_s` old, the snapshot is kept if the registry's change counter did not move
-    (one GET) and read again in bulk if it did."""
+    A cache that follows registry changes (`follow`: a producer hears events, a worker's
+    pool process sees the generation move) also holds every spec's stored JSON from one
+    bulk read (the snapshot), decoded as each plugin is first used: with jobs spread over
+    10,000 plugins nearly every submit met a plugin new to it, and in a long-running
+    worker every job found its plugin's entry past the age bound, and each cost a registry
+    read. Events drop a plugin from the snapshot as from the cache, a new generation the
+    whole snapshot; once `ttl_s` old, the snapshot is kept if the registry's change counter
+    did not move (one GET) and read again in bulk if it did."""
 
     def __init__(self, registry: Registry, *, ttl_s: float,
                  generation: Callable[[], int] | None = None) -> None:
@@ -298,6 +300,7 @@ class SpecCache:
         self._snapshot: dict[str, bytes | str] | None = None
         self._snapshot_version = -1
         self._snapshot_at = float("-inf")
+        self._snapshot_generation = 0
 
     def get(self, plugin_id: str, *, min_revision: int = 0) -> PluginSpec:
         """The spec, fetched again if stale (see the class) or older than `min_revision`."""
@@ -309,13 +312,17 @@ class SpecCache:
             if (now - fetched_at < self._ttl_s and seen == generation
                     and spec.revision >= min_revision):
                 return spec
-        found = self._from_snapshot(plugin_id, now) if self._bulk else None
+        found = self._from_snapshot(plugin_id, now, generation) if self._bulk else None
         spec = (found if found is not None and found.revision >= min_revision
                 else self._registry.get(plugin_id))
         self._entries[plugin_id] = (now, generation, spec)
         return spec
 
-    def _from_snapshot(self, plugin_id: str, now: float) -> PluginSpec | None:
+    def _from_snapshot(self, plugin_id: str, now: float, generation: int
+                       ) -> PluginSpec | None:
+        if generation != self._snapshot_generation:  # the worker heard of a change
+            self._snapshot, self._snapshot_at = None, float("-inf")
+            self._snapshot_generation = generation
         if now - self._snapshot_at >= self._ttl_s:
             version = self._registry.version()  # read first: a change after it is seen next
             if self._snapshot is None or version != self._snapshot_version:
@@ -335,10 +342,10 @@ class SpecCache:
             self._entries[spec.id] = (now, generation, spec)
 
     def follow(self, ttl_s: float) -> None:
-        """Change events now drop entries as they happen: keep them up to `ttl_s`, and hold
-        the snapshot (see the class). A short age bound made every job of a large fleet a
-        registry read (1,000 plugins: each plugin's entry was older than 5 s at nearly
-        every submit)."""
+        """Changes now drop entries as they happen (events, or the generation): keep them
+        up to `ttl_s`, and hold the snapshot (see the class). A short age bound made every
+        job of a large fleet a registry read (1,000 plugins: each plugin's entry was older
+        than 5 s at nearly every submit)."""
         self._ttl_s = max(self._ttl_s, ttl_s)
         self._bulk = True
 

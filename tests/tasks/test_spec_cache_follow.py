@@ -4,6 +4,7 @@ subscription's connection comes back (an event published while it was down is lo
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import pytest
@@ -11,6 +12,7 @@ import pytest
 from pluginpool.policy.errors import PluginUnregisteredError
 from pluginpool.pool.tools.processes import wait_until
 from pluginpool.tasks.client import FOLLOWED_SPEC_TTL_S, PluginClient
+from pluginpool.tasks.registry import SpecCache
 from pluginpool.tasks.spec import PluginSpec
 
 
@@ -64,3 +66,29 @@ def test_a_following_producer_reads_every_spec_at_once_not_one_per_plugin(
     assert wait_until(lambda: "bulk-05" not in (client._specs._snapshot or {}), timeout_s=10)
     with pytest.raises(PluginUnregisteredError):
         client.spec("bulk-05")
+
+
+def test_a_worker_cache_past_its_age_bound_reads_specs_in_bulk_until_the_generation_moves(
+        client: PluginClient) -> None:
+    """A pool process's cache (generation-driven, as the worker builds it): entries past
+    the age bound come back from one bulk read, not one registry read each, while the
+    registry's change counter stands still; a new generation (a change the worker heard
+    of) brings the changed spec."""
+    client.register([PluginSpec(id=f"aged-{i}", name=f"aged-{i}",
+                                entrypoint="pp_testplugins.basic:echo") for i in range(5)])
+    generation = [0]
+    cache = SpecCache(client.registry, ttl_s=0.05, generation=lambda: generation[0])
+    cache.follow(0.05)
+    cache.prime(client.registry.all())
+    reads: list[str] = []
+    registry: Any = client.registry
+    read_one = registry.get
+    registry.get = lambda plugin_id: reads.append(plugin_id) or read_one(plugin_id)
+    for _ in range(3):
+        time.sleep(0.1)  # every entry past its age bound
+        assert [cache.get(f"aged-{i}").id for i in range(5)] == [f"aged-{i}" for i in range(5)]
+    assert reads == []
+    client.register(PluginSpec(id="aged-2", name="aged-2", version="2.0.0",
+                               entrypoint="pp_testplugins.basic:echo"))
+    generation[0] += 1
+    assert cache.get("aged-2").version == "2.0.0"
