@@ -33,6 +33,7 @@ from .messages import (
     RunError,
     Spawn,
     ZygoteConfig,
+    forked_frame,
     result_frame,
     started_frame,
     started_prefix,
@@ -41,6 +42,9 @@ from .plugin import LoadedPlugin
 
 _libc = open_libc()
 
+CONTROL_FD = 3
+"""The zygote's control socket: a run inherits it, says Forked on it first thing (so the
+zygote touches nothing between the fork and the run's exit), then replaces it."""
 CHANNEL_FD = 3
 """The run's channel is moved here (over the zygote's control socket, which the run must
 not keep), so the seccomp filter that protects it can be compiled once."""
@@ -50,7 +54,8 @@ RESET_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, s
 """Reset to their defaults once, in the set-up zygote (runs inherit them): a run starts
 with default signal dispositions whatever the setup installed."""
 BAD_SPAWN_EXIT = 4
-"""A run's exit code when its Spawn frame is not one (the pool child reports the code)."""
+"""A run's exit code when it fails before it has its channel (a Spawn that is not one):
+the pool child sees the zygote report an exit instead of Forked."""
 _prctl = _libc.prctl
 """Called with small ints only (as C ints: no argument converters run in the run)."""
 _SIGKILL = int(signal.SIGKILL)
@@ -79,14 +84,15 @@ def reset_signals() -> None:
             signal.signal(signum, signal.SIG_DFL)
 
 
-def _isolate(run_fd: int, max_fds: int) -> None:
-    """Own session, dies with its zygote, only its channel open (its working directory,
-    environment and signal dispositions were set by the zygote before the fork)."""
+def _isolate(run_fd: int, forked: bytes) -> None:
+    """Own session, dies with its zygote, says Forked on the zygote's control socket and
+    replaces that socket with its channel (its working directory, environment and signal
+    dispositions were set by the zygote before the fork). Forked goes out this late so
+    that the pool child, woken by it, usually finds Started already sent."""
     os.setsid()
     _prctl(PR_SET_PDEATHSIG, _SIGKILL, 0, 0, 0)
+    channel.send_frame(CONTROL_FD, forked)
     os.dup2(run_fd, CHANNEL_FD, inheritable=False)
-    # /proc is not readable here (Landlock); the zygote's RLIMIT_NOFILE bounds the fds.
-    os.closerange(CHANNEL_FD + 1, max_fds)
 
 
 RunLayer = tuple[int, dict[str, object]]
@@ -241,17 +247,19 @@ def _own_lock_down(runs: Runs, spawn: Spawn, key: LimitsKey) -> tuple[Prepared, 
     return prepare(config, key, runs.run_filter, layer), ctx
 
 
-def run_child(runs: Runs, body: bytes, run_fd: int, vms_bytes: int) -> NoReturn:
-    """Decode the Spawn, narrow, call the operation, send one Result frame, exit (no
-    interpreter teardown)."""
+def run_child(runs: Runs, body: bytes, run_fd: int, rss_bytes: int,
+              vms_bytes: int) -> NoReturn:
+    """Decode the Spawn, narrow (saying Forked on the way), call the operation, send one
+    Result frame, exit (no interpreter teardown)."""
     try:
         spawn = _spawn_of(body)
-    except BaseException:
+    except BaseException:  # without Forked: the pool child reports the sandbox broken
         os._exit(BAD_SPAWN_EXIT)
     config, policy = runs.config, runs.policy
     failed: Result | None = None
     value_json = b"null"
     spent = (0.0, 0.0)
+    channel_ready = False
     try:
         key = (spawn.workspace, spawn.cpu_backstop_s, spawn.max_memory_mb,
                spawn.max_storage_kb, vms_bytes)
@@ -259,10 +267,13 @@ def run_child(runs: Runs, body: bytes, run_fd: int, vms_bytes: int) -> NoReturn:
         if prepared is None or ctx is None or prepared.key != key:
             prepared, ctx = _own_lock_down(runs, spawn, key)
         ctx.job_id, ctx.attempt, ctx.operation = spawn.job_id, spawn.attempt, spawn.operation
+        _isolate(run_fd, forked_frame(os.getpid(), rss_bytes))
+        channel_ready = True  # from here on a failure is reported on the run's channel
         if prepared.ruleset_fd is not None:
             # no_new_privs is already set: the zygote set it after its setup.
-            landlock.restrict(prepared.ruleset_fd)  # _isolate closes its descriptor
-        _isolate(run_fd, prepared.max_fds)
+            landlock.restrict(prepared.ruleset_fd)
+        # /proc is not readable here (Landlock); the zygote's RLIMIT_NOFILE bounds the fds.
+        os.closerange(CHANNEL_FD + 1, prepared.max_fds)
         limits.apply_run(prepared.rlimits)
         if prepared.seccomp is not None:
             prepared.seccomp.load(no_new_privs_set=True)
@@ -285,6 +296,8 @@ def run_child(runs: Runs, body: bytes, run_fd: int, vms_bytes: int) -> NoReturn:
             value_json = encoded
     except BaseException as exc:  # everything the plugin raises ends as a typed error
         policy.enforcing = False
+        if not channel_ready:  # fd 3 is still the zygote's: the pool child sees the exit
+            os._exit(BAD_SPAWN_EXIT)
         failed = Result(ok=False, error=error_of(
             exc, policy=policy, max_memory_mb=spawn.max_memory_mb,
             max_storage_kb=spawn.max_storage_kb, timeout_ms=int(config.limits["timeout_ms"])))

@@ -37,11 +37,11 @@ from .messages import (
     ZygoteConfig,
     decode,
     exited_frame,
-    forked_frame,
 )
 from .plugin import LoadedPlugin, LoadError, import_target
 from .run import (
     CHANNEL_FD,
+    CONTROL_FD,
     Runs,
     landlock_ports,
     reset_signals,
@@ -50,7 +50,6 @@ from .run import (
 
 _libc = open_libc()
 
-CONTROL_FD = 3
 CONFIG_MAX_BYTES = 64 << 20
 PR_SET_CHILD_SUBREAPER = 36
 
@@ -197,15 +196,15 @@ def _statm(fd: int) -> tuple[int, int]:
 
 
 def _serve_run(runs: Runs, body: bytes, run_fd: int, control: Control, statm: int) -> bool:
-    """Fork one run (it decodes its own Spawn), wait for it, report its exit. False: the
-    pool child is gone."""
+    """Fork one run (it says Forked and decodes its own Spawn), wait for it, report its
+    exit. False: the pool child is gone."""
     rss, vms = _statm(statm)
     runs.refresh(vms)
     pid = os.fork()
     if pid == 0:
-        run_child(runs, body, run_fd, vms)
+        run_child(runs, body, run_fd, rss, vms)  # it says Forked itself
+    # Every page written here while the run lives is a copy: as little as possible.
     os.close(run_fd)
-    channel.send_frame(CONTROL_FD, forked_frame(pid, rss))
     pidfd = os.pidfd_open(pid)
     poller = control.poller
     poller.register(pidfd, select.POLLIN)
