@@ -16,10 +16,10 @@ from kombu.utils.encoding import bytes_to_str
 
 from pluginpool.tasks.delivery_record import (
     ACK,
+    HANDBACK,
     RESCUE,
     run_script,
     unprefixed,
-    unprefixed_in_pipe,
 )
 
 logger = logging.getLogger("pluginpool.transport")
@@ -114,18 +114,16 @@ class ClaimAwareQoS(RedisQoS):
             run_script(client, ACK, keys, [delivery_tag, self.channel.consumer_id])
 
     def hand_back(self, delivery_tag: Any, *, client: Any = None, leftmost: bool = True) -> None:
-        """Return a message to its queue from a live worker: not a delivery without outcome."""
+        """Return a message to its queue from a live worker: not a delivery without outcome.
+        `leftmost` (a requeue) puts it behind the queue's other messages, else (a warm
+        shutdown's reserved messages) in front. One script (`handback.lua`) for what a
+        claim recorded; kombu's restore for anything else."""
         config = self.channel.delivery_config
         prefix = self.channel.global_keyprefix or ""
         with self.channel.conn_or_acquire(client) as client:
-            with client.pipeline() as pipe:
-                unprefixed_in_pipe(
-                    pipe, "HINCRBY", prefix + config.deliveries_key, delivery_tag, -1)
-                unprefixed_in_pipe(
-                    pipe, "HDEL", prefix + config.owner_key, delivery_tag)
-                unprefixed_in_pipe(
-                    pipe, "HDEL", prefix + config.held_key(self.channel.consumer_id),
-                    delivery_tag)
-                pipe.execute()
-            self.restore_by_tag(delivery_tag, client=client, leftmost=leftmost)
-
+            handed = int(run_script(client, HANDBACK, self.channel.record_keys()[:5], [
+                delivery_tag, self.channel.consumer_id, "back" if leftmost else "front",
+                prefix, prefix + config.waiters_prefix, prefix + config.ready_prefix,
+                prefix + config.wake_prefix, config.wake_depth]))
+            if handed < 0:
+                self.restore_by_tag(delivery_tag, client=client, leftmost=leftmost)

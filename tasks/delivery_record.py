@@ -13,7 +13,8 @@ and acknowledgement. For one delivery tag it is:
 `claim.lua` writes the whole record atomically with the pop; `ack.lua` drops it (or
 counts a late acknowledgement from a consumer that was declared dead); `deadletter.lua`
 sets a message aside and drops its record in one step; `rescue.lua` returns all that a
-dead consumer held to the front of its queues, once.
+dead consumer held to the front of its queues, once; `handback.lua` returns one message a
+live consumer gives back, and drops its record, in one step.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ DEAD_LETTER = LuaScript.load("deadletter.lua")
 RESCUE = LuaScript.load("rescue.lua")
 PUBLISH = LuaScript.load("publish.lua")
 INDEX = LuaScript.load("index.lua")
+HANDBACK = LuaScript.load("handback.lua")
 
 DELIVERY_OPTION = "pluginpool_delivery"
 """kombu transport option carrying a `DeliveryConfig` as a dict."""

@@ -16,7 +16,7 @@ from pathlib import Path
 import redis
 
 from bench.reliable_fetch import kill_round
-from pluginpool.tasks.delivery_record import PUBLISH, RESCUE
+from pluginpool.tasks.delivery_record import HANDBACK, PUBLISH, RESCUE
 from pluginpool.tasks.reliable_fetch import CLAIM_SOURCE
 from tests.conftest import CHAOS_SCALE
 
@@ -46,6 +46,7 @@ class ClaimHarness:
         self.claim = store.register_script(CLAIM_SOURCE)
         self.publish = store.register_script(PUBLISH.source)
         self.rescue = store.register_script(RESCUE.source)
+        self.handback = store.register_script(HANDBACK.source)
 
     def key(self, name: str) -> str:
         return self.prefix + name
@@ -194,3 +195,49 @@ def test_queues_a_consumer_does_not_serve_never_hide_one_it_does(redis_url: str)
     assert ready == {h.key(queue) for queue in stale[:-1]}
     assert h.take("me", "g")[2] == -1
     assert h.take("other", "g")[3] == b"t-off000", "the others still serve theirs in order"
+
+
+def test_a_hand_back_returns_the_message_and_drops_its_record_in_one_step(
+        redis_url: str) -> None:
+    """handback.lua: a live consumer's requeue (behind the others) or warm shutdown (in
+    front) puts the message back verbatim, indexed, its record gone and its delivery
+    uncounted, in one step (two round trips left a window where a consumer killed in
+    between left the message unacked with no owner, out of every rescue's reach for the
+    visibility timeout). A consumer whose message was rescued and claimed by another hands
+    back nothing."""
+    h = ClaimHarness(redis.Redis.from_url(redis_url), "rfhandback")
+    h.consume("me", "g", "q")
+    h.consume("other", "g", "q")
+    first, second = message("t1"), message("t2")
+    h.push("q", first)
+    h.push("q", second)
+    assert h.take("me", "g")[3] == b"t1"
+
+    def hand_back(consumer: str, tag: str, where: str) -> object:
+        return h.handback(keys=[h.key(n) for n in ("unacked", "index", "count", "owner",
+                                                   f"held:{consumer}")],
+                          args=[tag, consumer, where, h.prefix, h.key("waiters:"),
+                                h.key("ready:"), h.key("wake:"), 64])
+
+    assert hand_back("me", "t1", "back") == 1
+    assert h.store.lrange(h.key("q"), 0, -1) == [first.encode(), second.encode()]
+    assert h.store.zscore(h.key("ready:g"), h.key("q")) is not None
+    assert not h.store.hexists(h.key("unacked"), "t1")
+    assert not h.store.hexists(h.key("owner"), "t1")
+    assert not h.store.hexists(h.key("held:me"), "t1")
+    assert h.store.hget(h.key("count"), "t1") == b"0"
+    assert h.take("me", "g")[3] == b"t2"
+    assert hand_back("me", "t2", "front") == 1
+    assert h.store.lrange(h.key("q"), 0, -1) == [first.encode(), second.encode()]
+    assert h.take("me", "g")[3] == b"t2", "handed back in front: next out"
+    # "me" is declared dead: its message goes back and "other" claims it.
+    keys = [h.key(n) for n in ("unacked", "index", "owner", "held:me", "beats", "stats",
+                                "consumes:me")]
+    assert h.rescue(keys=keys, args=["me", "1e12", h.prefix, h.key("waiters:"),
+                                     h.key("ready:"), h.key("wake:"), 64]) == 1
+    assert h.take("other", "g")[3] == b"t2"
+    h.store.hset(h.key("held:me"), "t2", h.key("q"))  # as if "me" still believed it held it
+    assert hand_back("me", "t2", "front") == 0
+    assert h.store.llen(h.key("q")) == 1, "nothing pushed twice"
+    assert h.store.hget(h.key("owner"), "t2") == b"other", "the new holder's record stays"
+    assert hand_back("me", "never-claimed", "back") == -1
