@@ -9,8 +9,9 @@ from __future__ import annotations
 import os
 import socket as _socket
 import struct
-from json import JSONEncoder, loads
-from typing import Any
+from _json import make_scanner
+from json import JSONDecoder, JSONEncoder
+from typing import Any, cast
 
 from .messages import Message, decode, encode
 
@@ -18,6 +19,20 @@ HEADER = struct.Struct(">I")
 _pack = HEADER.pack
 _encode = JSONEncoder(allow_nan=False).encode
 """json.dumps(message, allow_nan=False) without building an encoder per frame."""
+_scan = make_scanner(cast(Any, JSONDecoder()))
+"""json's C scanner, without json.loads's Python layers around it."""
+
+
+def loads(data: bytes) -> Any:
+    """json.loads for a frame: one JSON document, nothing before or after it."""
+    text = data.decode()
+    try:
+        value, end = _scan(text, 0)
+    except StopIteration:
+        raise ValueError("frame is not JSON") from None
+    if end != len(text):
+        raise ValueError("frame has data after its JSON")
+    return value
 
 
 class ChannelClosed(EOFError):

@@ -16,10 +16,10 @@ import resource
 import signal
 import sys
 import time
-from _json import encode_basestring_ascii, make_encoder, make_scanner
+from _json import encode_basestring_ascii, make_encoder
 from dataclasses import dataclass
-from json import JSONDecoder, JSONEncoder
-from typing import Any, NoReturn, cast
+from json import JSONEncoder
+from typing import Any, NoReturn
 
 from . import channel, landlock, limits, logs, seccomp
 from .audit import AuditPolicy
@@ -65,8 +65,6 @@ wait4's, without building a struct per reading."""
 _perf = time.perf_counter
 _c_encode = make_encoder(  # what JSONEncoder(allow_nan=False).encode builds on every call
     {}, JSONEncoder().default, encode_basestring_ascii, None, ": ", ", ", False, False, False)
-_scan = make_scanner(cast(Any, JSONDecoder()))
-"""json.loads without its Python layers: the run parses its Spawn with the C scanner."""
 
 
 def _encode_result(value: Any) -> str:
@@ -226,7 +224,7 @@ def _encoded(value: Any, max_bytes: int) -> bytes | RunError:
 
 def _spawn_of(body: bytes) -> Spawn:
     """The run's Spawn frame, decoded in the run (the zygote only forwards its bytes)."""
-    frame, _end = _scan(body.decode(), 0)
+    frame = channel.loads(body)
     if not isinstance(frame, dict) or frame.pop("op", None) != Spawn.op:
         raise TypeError("the frame is not a spawn")
     return Spawn(**frame)

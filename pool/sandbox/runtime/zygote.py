@@ -18,7 +18,6 @@ import signal
 import socket
 import sys
 import time
-from json import loads as _loads
 from typing import Any, NoReturn
 
 from . import channel, landlock, limits, logs, seccomp
@@ -315,7 +314,7 @@ def main() -> NoReturn:
         try:
             body, run_fd = control.receive()
             if run_fd is None:  # anything but a Spawn
-                message = decode(_loads(body))
+                message = decode(channel.loads(body))
         except (channel.ChannelClosed, OSError, ValueError):
             _teardown(plugin, policy, "pool child gone", config.home)
         if run_fd is not None:
