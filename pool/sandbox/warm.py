@@ -39,6 +39,7 @@ from pluginpool.pool.sandbox.supervisor import (
     StorageHandler,
     Supervision,
     Supervisor,
+    entries_of,
     storage_reply,
 )
 from pluginpool.tasks.spec import PluginSpec
@@ -213,20 +214,20 @@ class WarmSandbox:
 
 
 def _clear(path: str) -> bool:
-    """Remove everything in `path`; whether it is empty now."""
-    with os.scandir(path) as listing:
-        entries = list(listing)
+    """Remove everything in `path`; whether it is empty now (listed without stamping its
+    access time: supervisor.entries_of)."""
+    entries = entries_of(path, sizes=False)
     if not entries:
         return True
-    for entry in entries:
+    for name, is_dir, _size in entries:
         try:
-            if entry.is_dir(follow_symlinks=False):
-                shutil.rmtree(entry.path, ignore_errors=True)
+            if is_dir:
+                shutil.rmtree(os.path.join(path, name), ignore_errors=True)
             else:
-                os.unlink(entry.path)
+                os.unlink(os.path.join(path, name))
         except OSError:
             continue
-    return not os.listdir(path)
+    return not entries_of(path, sizes=False)
 
 
 @dataclass(frozen=True)
