@@ -23,6 +23,7 @@ from pluginpool.pool.fleet import (
 )
 from pluginpool.pool.liveness import WorkerLiveness
 from pluginpool.pool.plugin_tasks import install_task_registry
+from pluginpool.pool.quarantine import fail_quarantined
 from pluginpool.pool.sandbox.runner import SandboxRunner
 from pluginpool.pool.thread_step import bound_step
 from pluginpool.pool.worker_services import WorkerServices
@@ -30,6 +31,7 @@ from pluginpool.tasks.app import create_app
 from pluginpool.tasks.delivery_record import DELIVERY_OPTION
 from pluginpool.tasks.redis_conn import redis_client
 from pluginpool.tasks.registry import Registry, SpecCache
+from pluginpool.tasks.reliable_fetch import QUARANTINE_HOOK_OPTION
 from pluginpool.tasks.settings import Settings
 from pluginpool.tasks.spec import PluginSpec
 
@@ -118,6 +120,8 @@ def build_worker_app(settings: Settings, specs: list[PluginSpec], *,
     for sandboxed, runner in list(services.runners.items()):
         services.runners[sandboxed] = ArtifactRunner(runner, artifacts)
     install_task_registry(app, nodename, services)
+    # A job the poison rule quarantines gets its failure as an outcome (pool/quarantine.py).
+    app.conf.broker_transport_options[QUARANTINE_HOOK_OPTION] = fail_quarantined(app, services)
     register_plugin_tasks(app, specs, services)
     bind_worker_app(app, services)
     fleet = FleetConfig(selector=chosen, generation=generation,

@@ -49,6 +49,9 @@ from pluginpool.tasks.ready_index import ReadyIndexChannel
 logger = logging.getLogger("pluginpool.transport")
 
 IDLE_WAIT_OPTION = "pluginpool_idle_wait_s"
+QUARANTINE_HOOK_OPTION = "pluginpool_on_quarantine"
+"""Transport option: called with the delivery tag (the dead letter's id) of each message the
+poison rule quarantines, so its job gets an outcome (the worker stores its failure)."""
 CLAIM_SOURCE = CLAIM.source
 CLAIM_SHA = CLAIM.sha
 RAW_PREVIEW_CHARS = 2_000
@@ -172,6 +175,7 @@ class ReliableFetchChannel(ReadyIndexChannel):
                 logger.error("quarantined message %s in the dead-letter list: delivered %d "
                              "times without an outcome (poison rule)",
                              bytes_to_str(poisoned), self.delivery_config.max_deliveries)
+                self._on_quarantined(bytes_to_str(poisoned))
             if int(status) < 0:
                 # Nothing ready: wait on the wake-up list, unless a push was reported while
                 # this claim was under way.
@@ -183,6 +187,18 @@ class ReliableFetchChannel(ReadyIndexChannel):
             self._claim_in_flight = False
             self._in_poll = None
             self._flush_brpop_reauth()  # type: ignore[attr-defined]
+
+    def _on_quarantined(self, tag: str) -> None:
+        """Hand a quarantined message to the worker's hook (`QUARANTINE_HOOK_OPTION`): its
+        producer is waiting for an outcome. A failing hook is logged; the message stays a
+        dead letter an operator can requeue."""
+        hook = self._option(QUARANTINE_HOOK_OPTION, None)
+        if hook is None:
+            return
+        try:
+            hook(tag)
+        except Exception:
+            logger.exception("could not record the outcome of quarantined message %s", tag)
 
     def _claim_failed(self, exc: Exception) -> Any:
         """The claim's reply after an error reply, or Empty.

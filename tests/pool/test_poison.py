@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from celery import Celery
 
-from pluginpool.policy.errors import InvalidPayloadError
+from pluginpool.policy.errors import InvalidPayloadError, PluginExecutionError
 from pluginpool.pool.tools.processes import ManagedProcess, wait_until
 from pluginpool.tasks.client import PluginClient
 from pluginpool.tasks.deadletter import DeadLetterStore
@@ -164,8 +164,9 @@ def test_a_message_that_kills_its_worker_is_quarantined_after_bounded_deliveries
         redis_url: str, tmp_path: Path) -> None:
     """The crash loop: a job whose run SIGKILLs the worker's main process comes back (its
     consumer's heartbeat stops, the next worker returns it) and kills each restarted
-    worker, until the poison rule quarantines it at its (max_deliveries + 1)th claim; the
-    queue's other jobs all complete."""
+    worker, until the poison rule quarantines it at its (max_deliveries + 1)th claim; its
+    producer gets a failure naming the dead letter, and the queue's other jobs all
+    complete."""
     settings = make_settings(redis_url, key_prefix=f"ppcrash:{uuid.uuid4().hex[:8]}:",
                              restore_sweep_s=0.5, consumer_dead_after_s=2, max_deliveries=2)
     client = PluginClient(settings)
@@ -192,6 +193,10 @@ def test_a_message_that_kills_its_worker_is_quarantined_after_bounded_deliveries
         entry = store.list()[0]
         assert killer.id in entry.raw and entry.deliveries == 2
         assert "poison rule" in entry.reason
+        with pytest.raises(PluginExecutionError) as failed:  # its producer gets an outcome
+            killer.result(timeout=30)
+        assert failed.value.details["quarantined"] is True
+        assert failed.value.details["dead_letter_id"] == entry.id
         assert [job.result(timeout=40) for job in others] == list(range(5))
         assert workers[-1].alive()
     finally:
