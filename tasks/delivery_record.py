@@ -56,6 +56,7 @@ RESCUE = LuaScript.load("rescue.lua")
 PUBLISH = LuaScript.load("publish.lua")
 INDEX = LuaScript.load("index.lua")
 HANDBACK = LuaScript.load("handback.lua")
+RETIRE = LuaScript.load("retire.lua")
 
 DELIVERY_OPTION = "pluginpool_delivery"
 """kombu transport option carrying a `DeliveryConfig` as a dict."""
