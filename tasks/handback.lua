@@ -13,13 +13,21 @@
 -- Returns 1: handed back; 0: not this consumer's any more (rescued, maybe claimed again:
 -- nothing to do); -1: not a delivery claim.lua recorded (the caller restores it as kombu
 -- does).
+--
+-- A consumer declared dead and back has no held entry any more (its rescuer deleted them
+-- all) while the message may be on its queue again or held by another consumer: only an
+-- unacknowledged entry with no owner at all is a message kombu recorded itself (the rule
+-- ack.lua applies); anything else is not this consumer's to restore.
 local tag = ARGV[1]
 local queue = redis.call('HGET', KEYS[5], tag)
-if not queue then
-    return -1
-end
 local owner = redis.call('HGET', KEYS[4], tag)
 local entry = redis.call('HGET', KEYS[1], tag)
+if not queue then
+    if entry and not owner then
+        return -1
+    end
+    return 0
+end
 if owner ~= ARGV[2] or not entry then
     redis.call('HDEL', KEYS[5], tag)
     return 0

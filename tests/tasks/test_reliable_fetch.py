@@ -236,8 +236,26 @@ def test_a_hand_back_returns_the_message_and_drops_its_record_in_one_step(
     assert h.rescue(keys=keys, args=["me", "1e12", h.prefix, h.key("waiters:"),
                                      h.key("ready:"), h.key("wake:"), 64]) == 1
     assert h.take("other", "g")[3] == b"t2"
-    h.store.hset(h.key("held:me"), "t2", h.key("q"))  # as if "me" still believed it held it
+    # "me" is back and hands t2 back (a warm shutdown): its held entries are gone with the
+    # rescue, and t2 is "other"'s now: nothing is pushed, "other"'s record stays whole.
+    assert not h.store.hexists(h.key("held:me"), "t2")
+    waiting = h.store.lrange(h.key("q"), 0, -1)
     assert hand_back("me", "t2", "front") == 0
-    assert h.store.llen(h.key("q")) == 1, "nothing pushed twice"
+    assert h.store.lrange(h.key("q"), 0, -1) == waiting, \
+        "nothing pushed while another consumer runs it"
     assert h.store.hget(h.key("owner"), "t2") == b"other", "the new holder's record stays"
-    assert hand_back("me", "never-claimed", "back") == -1
+    assert h.store.hexists(h.key("unacked"), "t2")
+    assert h.store.hexists(h.key("held:other"), "t2")
+    # The same after a rescue nobody has claimed from yet: the message waits on its queue.
+    h.store.hset(h.key("held:other"), "t2", h.key("q"))
+    keys = [h.key(n) for n in ("unacked", "index", "owner", "held:other", "beats", "stats",
+                                "consumes:other")]
+    assert h.rescue(keys=keys, args=["other", "1e12", h.prefix, h.key("waiters:"),
+                                     h.key("ready:"), h.key("wake:"), 64]) == 1
+    assert hand_back("other", "t2", "front") == 0
+    assert h.store.lrange(h.key("q"), 0, -1).count(second.encode()) == 1, \
+        "once on its queue, not twice"
+    # A message kombu recorded itself (an unacked entry with no owner) is kombu's to restore.
+    h.store.hset(h.key("unacked"), "kombu-only", "[{}, \"\", \"q\"]")
+    assert hand_back("me", "kombu-only", "back") == -1
+    assert hand_back("me", "never-claimed", "back") == 0
