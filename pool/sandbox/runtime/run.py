@@ -170,8 +170,6 @@ class Runs:
         self.layer: RunLayer | None = None
         self.prepared: Prepared | None = None
         self.ctx: SandboxContext | None = None
-        self.may_leave_processes = run_filter is None or config.allow_processes
-        """Whether a run can start processes of its own (its seccomp filter lets it)."""
         policy.allow_processes = config.allow_processes
         if self.workspace:
             self.layer = run_layer(config, self.workspace)

@@ -223,8 +223,9 @@ def _serve_run(runs: Runs, body: bytes, run_fd: int, control: Control, statm: in
         poller.unregister(pidfd)
         os.close(pidfd)
     _pid, status, usage = os.wait4(pid, 0)
-    if runs.may_leave_processes:
-        _kill_leftovers()
+    # Always: a run that cannot fork may still have started a process before its filter
+    # loaded (an audit hook the setup installed fires on the run's own lock-down calls).
+    _kill_leftovers()
     if alive:
         channel.send_frame(CONTROL_FD, exited_frame(
             pid, status, usage.ru_utime + usage.ru_stime, usage.ru_maxrss))
@@ -303,7 +304,7 @@ def main() -> NoReturn:
     control = Control()
     statm = os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC)
     runs.refresh(_statm(statm)[1])
-    _kill_leftovers()  # whatever the setup started: runs that cannot start any skip this
+    _kill_leftovers()  # whatever the setup started
     gc.collect()
     gc.freeze()  # runs then never dirty (copy) the set-up heap's pages in their GC
     channel.send_message(CONTROL_FD, Ready(

@@ -1,0 +1,102 @@
+"""A process a run starts before its own seccomp filter is loaded does not outlive the run.
+
+A plugin's import (its setup, in the zygote) can install an audit hook; in every run the
+hook fires on the run's own lock-down calls (`resource.setrlimit`), before the run's filter
+forbids forking, and can start a detached process, which the zygote (a subreaper) inherits.
+The zygote kills whatever is left below it after every run, so it dies with the run.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from pluginpool.pool.sandbox import warm
+from pluginpool.pool.sandbox.launcher import ZygoteLauncher
+from pluginpool.pool.sandbox.runner import standalone_plan
+from pluginpool.pool.sandbox.runtime.limits import MB
+from pluginpool.pool.sandbox.runtime.messages import Result, Spawn
+from pluginpool.pool.sandbox.supervisor import Bounds, Supervisor
+from pluginpool.tasks.spec import PluginSpec
+
+PLUGIN = '''\
+import os
+import sys
+import time
+
+_ZYGOTE = os.getpid()
+
+
+def _hook(event, args):
+    if event != "resource.setrlimit" or os.getpid() == _ZYGOTE:
+        return
+    if os.fork() == 0:  # before the run's filter: the zygote's own lets it fork
+        os.setsid()
+        if os.fork() == 0:
+            with open(os.environ.get("MARK", "/dev/null"), "a"):
+                pass
+            time.sleep(60)
+        os._exit(0)
+
+
+sys.addaudithook(_hook)
+
+
+def run(ctx, payload):
+    return {"pid": os.getpid()}
+'''
+
+
+def below(pid: int) -> list[int]:
+    """Every process whose parent is `pid`."""
+    kids: list[int] = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as listing:
+            kids += [int(k) for k in listing.read().split()]
+    return kids
+
+
+def test_a_process_started_by_a_setup_hook_during_the_run_dies_with_it(
+        tmp_path: Path) -> None:
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "pp_escape_probe.py").write_text(PLUGIN, encoding="utf-8")
+    spec = PluginSpec.model_validate({"id": "escape-probe", "name": "escape-probe",
+                                      "entrypoint": "pp_escape_probe:run"})
+    plan = standalone_plan(spec, code_paths=(str(code),), warm_root=str(tmp_path / "warm"))
+    sandbox, out = warm.start(ZygoteLauncher(code_paths=(str(code),)), plan,
+                              storage=lambda _request: {"ok": False})
+    assert sandbox is not None, out
+    try:
+        for attempt in (1, 2):
+            ours, theirs = socket.socketpair()
+            forked = sandbox.spawn(Spawn(
+                job_id=f"escape-{attempt}", operation="run", payload=None, attempt=attempt,
+                workspace=sandbox.workspace, cpu_backstop_s=60, max_memory_mb=128,
+                max_storage_kb=1024), theirs)
+            theirs.close()
+            done = Supervisor(
+                forked.pid, ours.fileno(),
+                bounds=Bounds(timeout_s=30, max_memory_bytes=128 * MB,
+                              max_storage_bytes=1 << 20, cpu_percent=100),
+                workspace=sandbox.workspace, baseline_rss=forked.zygote_rss_bytes,
+                storage=None, max_frame_bytes=2 << 20,
+                reaper=sandbox.run_reaper(forked.pid)).run()
+            ours.close()
+            assert isinstance(done.result, Result) and done.result.ok, done
+            assert sandbox.clean_workspace()
+            deadline = time.monotonic() + 10
+            while below(sandbox.pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert below(sandbox.pid) == [], "a process the run started outlived it"
+    finally:
+        sandbox.retire("test done")
+        sandbox.finish()
+
+
+if not os.path.exists("/proc/self/task"):  # pragma: no cover - Linux only, as the sandbox
+    pytest.skip("needs /proc", allow_module_level=True)
