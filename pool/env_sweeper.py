@@ -45,6 +45,11 @@ class EnvironmentSweeper(ThreadStep):
         self._keep_s = settings.env_keep_s
         self._environments = Environments.from_settings(settings, interpreter=sys.executable)
         self._registry = self.services.registry
+        if self._every_s > 0 and self._keep_s < settings.warm_idle_s + env_gc.TOUCH_EVERY_S:
+            logger.warning("PLUGINPOOL_ENV_KEEP_S (%.0f s) is shorter than an idle warm "
+                           "sandbox may live (PLUGINPOOL_WARM_IDLE_S + %.0f s): an environment "
+                           "an idle warm sandbox still uses may be removed under it",
+                           self._keep_s, env_gc.TOUCH_EVERY_S)
 
     def run(self) -> None:
         if self._every_s <= 0:

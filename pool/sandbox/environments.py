@@ -36,6 +36,7 @@ from pluginpool.tasks.spec import PluginSpec
 
 INTERPRETER_QUERY = ("import sys, sysconfig; print(sys.implementation.cache_tag,"
                      " sys.version.split()[0], sysconfig.get_platform())")
+KEYS_REMEMBERED = 4096
 HELPER_START_S = 1.0
 """Beyond the wait for the install: the helper's own start and its answer (the whole wait
 stays inside Celery's soft limit, setup + run + 2 s)."""
@@ -129,6 +130,7 @@ class Environments:
         self.install_timeout_s = install_timeout_s
         self._ready: dict[str, str] = {}
         self._marked: dict[str, float] = {}
+        self._key_of: dict[tuple[str, int], str] = {}
         self._uv: str | None = None
         self._uv_looked_up = False
 
@@ -170,6 +172,20 @@ class Environments:
         self._ready[key] = site
         self._mark_used(key)
         return site
+
+    def note_use(self, spec: PluginSpec) -> None:
+        """A run of the revision on a warm sandbox: its environment is in use (env_gc.py
+        removes only environments unused for `env_keep_s`), marked once a minute."""
+        if not spec.requires.packages:
+            return
+        revision = (spec.id, spec.revision)
+        key = self._key_of.get(revision)
+        if key is None:
+            if len(self._key_of) >= KEYS_REMEMBERED:
+                self._key_of.clear()
+            key = self._key_of[revision] = environment_key(
+                spec, sources=self.sources, interpreter=self.interpreter)
+        self._mark_used(key)
 
     def _mark_used(self, key: str) -> None:
         """Its last use, for the sweep of unused environments (env_gc.py); once a minute."""

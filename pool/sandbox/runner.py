@@ -170,6 +170,8 @@ class SandboxRunner:
         sandbox = self._pool.take(key)
         if sandbox is None:
             sandbox, setup = self._set_up(spec, ctx, storage)
+        else:
+            self._environments.note_use(spec)  # its environment stays on disk (env_gc.py)
         dead = True  # unless the run comes back: a sandbox is never left marked busy
         try:
             try:

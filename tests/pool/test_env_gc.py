@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import fcntl
 import os
+import sys
 import time
 from pathlib import Path
 
 from pluginpool.pool.sandbox import env_gc
+from pluginpool.pool.sandbox.environments import Environments, PackageSources, environment_key
+from pluginpool.tasks.spec import PluginSpec
 
 DAY = 86_400.0
 
@@ -59,3 +62,18 @@ def test_use_is_marked_and_an_environment_without_a_marker_ages_from_its_build(
     env_gc.mark_used(str(envs), built.name)
     assert env_gc.stale_keys(str(envs), keep_s=DAY) == []
     assert env_gc.stale_keys(str(envs / "missing"), keep_s=DAY) == []
+
+
+def test_a_run_on_a_warm_sandbox_marks_its_environment_used(tmp_path: Path) -> None:
+    """A warm sandbox can serve runs for days after it started: each run (at most once a
+    minute per process) keeps its environment from being swept under it."""
+    spec = PluginSpec.model_validate({"id": "busy", "name": "busy", "entrypoint": "m:run",
+                                      "requires": {"packages": ["ppdemo_dep==1.0"]}})
+    envs = Environments(tmp_path, sources=PackageSources(index_url="none"),
+                        interpreter=sys.executable, install_timeout_s=60)
+    key = environment_key(spec, sources=envs.sources, interpreter=envs.interpreter)
+    environment(envs.envs_dir, key, used_ago_s=2 * DAY)
+    assert env_gc.stale_keys(str(envs.envs_dir), keep_s=DAY) == [key]
+    envs.note_use(spec)
+    assert env_gc.stale_keys(str(envs.envs_dir), keep_s=DAY) == []
+
