@@ -42,6 +42,12 @@ class RedisKeys:
         return f"{self.prefix}deadletter:index"
 
     @property
+    def quarantine_pending(self) -> str:
+        """Set: dead-letter ids the poison rule quarantined whose job's failure is not yet
+        stored (claim.lua adds, the worker removes once stored, sweeps retry)."""
+        return f"{self.prefix}deadletter:outcome-pending"
+
+    @property
     def deliveries(self) -> str:
         """Hash: delivery tag → deliveries without an outcome (and `<tag>|t`: first one).
 

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from celery import Celery
 
-from pluginpool.policy.errors import ErrorType, PluginExecutionError
+from pluginpool.policy.errors import DeadLetterNotFoundError, ErrorType, PluginExecutionError
 from pluginpool.pool.worker_services import WorkerServices
 from pluginpool.tasks.deadletter import DeadLetterStore
 from pluginpool.tasks.retire import job_id_of
@@ -29,7 +29,10 @@ def fail_quarantined(app: Celery, services: WorkerServices) -> Callable[[str], N
     store = DeadLetterStore(services.redis, services.settings.keys)
 
     def fail(entry_id: str) -> None:
-        entry = store.get(entry_id)
+        try:
+            entry = store.get(entry_id)
+        except DeadLetterNotFoundError:
+            return  # requeued or discarded by an operator meanwhile: nothing is owed
         job_id = job_id_of(entry.raw.encode())
         if job_id is None:
             return  # not a task message: nobody waits for it

@@ -31,7 +31,9 @@
 -- KEYS[3]  deliveries hash      KEYS[4] owner hash        KEYS[5] this consumer's held hash
 -- KEYS[6]  dead-letter hash     KEYS[7] dead-letter index KEYS[8] consumer heartbeats
 -- KEYS[9]  this group's ready index   KEYS[10] the queue lists this consumer consumes (set)
--- KEYS[11..] pairs (queue list, waiters set) to index first: lists a keyspace notification
+-- KEYS[11] quarantined messages whose job's failure is not stored yet (set; the worker
+--          stores it and removes the id, its restore sweep retries what is left)
+-- KEYS[12..] pairs (queue list, waiters set) to index first: lists a keyspace notification
 --          or a rescan says may hold messages nobody indexed
 -- ARGV[1]  now, in seconds since the epoch (the worker's clock, as kombu uses)
 -- ARGV[2]  this consumer's id
@@ -52,7 +54,7 @@ local dead_letter_max = tonumber(ARGV[4])
 local record = ARGV[5] ~= '0'
 local ready = KEYS[9]
 
-for i = 11, #KEYS, 2 do
+for i = 12, #KEYS, 2 do
     if redis.call('LLEN', KEYS[i]) > 0 then
         mark_ready(KEYS[i], KEYS[i + 1], ARGV[6], ARGV[7], tonumber(ARGV[8]))
     end
@@ -152,6 +154,7 @@ while true do
                             first_seen = first, at = now, deliveries = count - 1,
                             last_consumer = redis.call('HGET', KEYS[4], tag) or cjson.null})
                         add_dead_letter(KEYS[6], KEYS[7], tag, entry, now, dead_letter_max)
+                redis.call('SADD', KEYS[11], tag)
                         redis.call('HDEL', KEYS[3], tag, tag .. '|t')
                         redis.call('HDEL', KEYS[4], tag)
                         table.insert(quarantined, tag)

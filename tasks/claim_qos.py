@@ -88,6 +88,7 @@ class ClaimAwareQoS(RedisQoS):
         with self.channel.conn_or_acquire() as client:
             unprefixed(client, "ZADD", consumers, now, self.channel.consumer_id)
             self.channel.reregister_if_declared_dead(client)
+            self.channel.retry_quarantine_outcomes(client)
             dead = unprefixed(client, "ZRANGEBYSCORE", consumers, "-inf", f"({bound}",
                                "LIMIT", 0, 20)
             for raw in dead or []:

@@ -80,6 +80,7 @@ class DeliveryConfig:
     stats_key: str = _KEYS.delivery_stats
     dead_letter_key: str = _KEYS.dead_letter
     dead_letter_index_key: str = _KEYS.dead_letter_index
+    quarantine_pending_key: str = _KEYS.quarantine_pending
     ready_prefix: str = _KEYS.ready_prefix
     wake_prefix: str = _KEYS.wake_prefix
     waiters_prefix: str = _KEYS.waiters_prefix
@@ -102,7 +103,8 @@ class DeliveryConfig:
             deliveries_key=keys.deliveries, owner_key=keys.delivery_owner,
             held_prefix=keys.held_prefix, consumers_key=keys.consumers,
             stats_key=keys.delivery_stats, dead_letter_key=keys.dead_letter,
-            dead_letter_index_key=keys.dead_letter_index, ready_prefix=keys.ready_prefix,
+            dead_letter_index_key=keys.dead_letter_index,
+            quarantine_pending_key=keys.quarantine_pending, ready_prefix=keys.ready_prefix,
             wake_prefix=keys.wake_prefix, waiters_prefix=keys.waiters_prefix,
             consumes_prefix=keys.consumes_prefix, **bounds)
 

@@ -97,7 +97,8 @@ class ReliableFetchChannel(ReadyIndexChannel):
             dirty.clear()
             keys = [*self.record_keys()[:5], prefix + config.dead_letter_key,
                     prefix + config.dead_letter_index_key, prefix + config.consumers_key,
-                    self._ready_key(), prefix + config.consumes_key(self.consumer_id), *pairs]
+                    self._ready_key(), prefix + config.consumes_key(self.consumer_id),
+                    prefix + config.quarantine_pending_key, *pairs]
             record = "0" if self._all_without_ack() else "1"
             command: list[Any] = ["EVALSHA", CLAIM.sha, len(keys), *keys, repr(time()),
                                   self.consumer_id, config.max_deliveries,
@@ -188,17 +189,36 @@ class ReliableFetchChannel(ReadyIndexChannel):
             self._in_poll = None
             self._flush_brpop_reauth()  # type: ignore[attr-defined]
 
-    def _on_quarantined(self, tag: str) -> None:
+    def _on_quarantined(self, tag: str) -> bool:
         """Hand a quarantined message to the worker's hook (`QUARANTINE_HOOK_OPTION`): its
-        producer is waiting for an outcome. A failing hook is logged; the message stays a
-        dead letter an operator can requeue."""
+        producer is waiting for an outcome. Once the hook has stored it, the id leaves the
+        pending set claim.lua put it in; a failing hook (or a worker that dies first)
+        leaves it there for the next restore sweep (`retry_quarantine_outcomes`)."""
         hook = self._option(QUARANTINE_HOOK_OPTION, None)
         if hook is None:
-            return
+            return False
         try:
             hook(tag)
         except Exception:
-            logger.exception("could not record the outcome of quarantined message %s", tag)
+            logger.exception("could not record the outcome of quarantined message %s (the "
+                             "restore sweep tries again)", tag)
+            return False
+        prefix = self.global_keyprefix or ""
+        with self.conn_or_acquire() as client:
+            unprefixed(client, "SREM", prefix + self.delivery_config.quarantine_pending_key,
+                       tag)
+        return True
+
+    def retry_quarantine_outcomes(self, client: Any) -> None:
+        """Store the outcome of quarantined messages whose quarantining worker did not (it
+        died, or Redis failed it): one SCARD when there are none."""
+        if self._option(QUARANTINE_HOOK_OPTION, None) is None:
+            return
+        key = (self.global_keyprefix or "") + self.delivery_config.quarantine_pending_key
+        if not unprefixed(client, "SCARD", key):
+            return
+        for raw in unprefixed(client, "SRANDMEMBER", key, 100) or []:
+            self._on_quarantined(bytes_to_str(raw))
 
     def _claim_failed(self, exc: Exception) -> Any:
         """The claim's reply after an error reply, or Empty.

@@ -152,6 +152,29 @@ def test_dead_letters_can_be_requeued_and_discarded(
     plain.close()
 
 
+def test_a_quarantined_job_whose_quarantining_worker_died_gets_its_outcome_from_a_sweep(
+        served: tuple[PluginClient, ManagedProcess]) -> None:
+    """claim.lua marks a quarantined message's outcome as pending in the same step; the
+    worker that quarantined it stores the job's failure and clears the mark. If it died in
+    between (or Redis failed the write), any worker's restore sweep stores it."""
+    client, _worker = served
+    job_id = str(uuid.uuid4())
+    raw, tag = envelope([[], {"payload": "x"}, {}], headers={"id": job_id})
+    entry = {"id": tag, "queue": "plugins.echo", "reason": "quarantined by the poison rule",
+             "raw": raw, "requeueable": True, "first_seen": 1.0, "at": 1.0, "deliveries": 3}
+    keys = client.settings.keys
+    client.redis.hset(keys.dead_letter, tag, json.dumps(entry))
+    client.redis.zadd(keys.dead_letter_index, {tag: 1.0})
+    client.redis.sadd(keys.quarantine_pending, tag)  # and then its worker died
+    with pytest.raises(PluginExecutionError) as failed:
+        client.job(job_id, plugin_id="echo").result(timeout=30)
+    assert failed.value.details["quarantined"] is True
+    assert failed.value.details["dead_letter_id"] == tag
+    assert wait_until(lambda: not client.redis.sismember(keys.quarantine_pending, tag),
+                      timeout_s=10)
+    DeadLetterStore(client.redis, keys).discard(tag)
+
+
 def _cli(client: PluginClient, *args: str) -> str:
     done = subprocess.run([sys.executable, "-m", "pluginpool.pool.tools.cli", *args],
                           env=worker_env(client.settings), capture_output=True, text=True,
@@ -197,6 +220,7 @@ def test_a_message_that_kills_its_worker_is_quarantined_after_bounded_deliveries
             killer.result(timeout=30)
         assert failed.value.details["quarantined"] is True
         assert failed.value.details["dead_letter_id"] == entry.id
+        assert not client.redis.sismember(settings.keys.quarantine_pending, entry.id)
         assert [job.result(timeout=40) for job in others] == list(range(5))
         assert workers[-1].alive()
     finally:

@@ -67,7 +67,7 @@ class ClaimHarness:
     def take(self, consumer: str, group: str, *, now: str = "100.5", max_deliveries: int = 3,
              dirty: tuple[str, ...] = ()) -> list[object]:
         keys = [*self.record_keys(consumer), self.key(f"ready:{group}"),
-                self.key(f"consumes:{consumer}")]
+                self.key(f"consumes:{consumer}"), self.key("outcome-pending")]
         for queue in dirty:
             keys += [self.key(queue), self.key(f"waiters:{queue}")]
         return self.claim(keys=keys, args=[now, consumer, max_deliveries, 100, "1",
@@ -141,6 +141,7 @@ def test_claim_quarantines_a_message_delivered_too_often(redis_url: str) -> None
     h.push("q", good)
     reply = h.take("c2", "g", now="5", max_deliveries=2)
     assert reply[3:] == [b"g", b"p"]  # delivered the good one, quarantined the poison
+    assert h.store.smembers(h.key("outcome-pending")) == {b"p"}, "its outcome is owed"
     entry = json.loads(h.store.hget(h.key("dl"), "p"))
     assert entry["deliveries"] == 2 and entry["last_consumer"] == "c1"
     assert entry["first_seen"] == 0 and entry["raw"] == poison
