@@ -51,6 +51,26 @@ def run(ctx, payload):
 '''
 
 
+STDIO_PLUGIN = '''\
+import os
+import stat
+
+os.dup2(3, 2)  # the setup puts a copy of its zygote's control socket on stderr
+
+
+def run(ctx, payload):
+    kinds = {}
+    for fd in (0, 1, 2):
+        try:
+            mode = os.fstat(fd).st_mode
+        except OSError:
+            kinds[fd] = "closed"
+            continue
+        kinds[fd] = "socket" if stat.S_ISSOCK(mode) else "other"
+    return kinds
+'''
+
+
 def below(pid: int) -> list[int]:
     """Every process whose parent is `pid`."""
     kids: list[int] = []
@@ -60,39 +80,61 @@ def below(pid: int) -> list[int]:
     return kids
 
 
-def test_a_process_started_by_a_setup_hook_during_the_run_dies_with_it(
-        tmp_path: Path) -> None:
+def warm_sandbox(tmp_path: Path, module: str, source: str) -> warm.WarmSandbox:
     code = tmp_path / "code"
     code.mkdir()
-    (code / "pp_escape_probe.py").write_text(PLUGIN, encoding="utf-8")
-    spec = PluginSpec.model_validate({"id": "escape-probe", "name": "escape-probe",
-                                      "entrypoint": "pp_escape_probe:run"})
+    (code / f"{module}.py").write_text(source, encoding="utf-8")
+    spec = PluginSpec.model_validate({"id": module.replace("_", "-"), "name": module,
+                                      "entrypoint": f"{module}:run"})
     plan = standalone_plan(spec, code_paths=(str(code),), warm_root=str(tmp_path / "warm"))
     sandbox, out = warm.start(ZygoteLauncher(code_paths=(str(code),)), plan,
                               storage=lambda _request: {"ok": False})
     assert sandbox is not None, out
+    return sandbox
+
+
+def run_once(sandbox: warm.WarmSandbox, attempt: int) -> Result:
+    ours, theirs = socket.socketpair()
+    forked = sandbox.spawn(Spawn(
+        job_id=f"escape-{attempt}", operation="run", payload=None, attempt=attempt,
+        workspace=sandbox.workspace, cpu_backstop_s=60, max_memory_mb=128,
+        max_storage_kb=1024), theirs)
+    theirs.close()
+    done = Supervisor(
+        forked.pid, ours.fileno(),
+        bounds=Bounds(timeout_s=30, max_memory_bytes=128 * MB,
+                      max_storage_bytes=1 << 20, cpu_percent=100),
+        workspace=sandbox.workspace, baseline_rss=forked.zygote_rss_bytes,
+        storage=None, max_frame_bytes=2 << 20, reaper=sandbox.run_reaper(forked.pid)).run()
+    ours.close()
+    assert isinstance(done.result, Result) and done.result.ok, done
+    assert sandbox.clean_workspace()
+    return done.result
+
+
+def test_a_process_started_by_a_setup_hook_during_the_run_dies_with_it(
+        tmp_path: Path) -> None:
+    sandbox = warm_sandbox(tmp_path, "pp_escape_probe", PLUGIN)
     try:
         for attempt in (1, 2):
-            ours, theirs = socket.socketpair()
-            forked = sandbox.spawn(Spawn(
-                job_id=f"escape-{attempt}", operation="run", payload=None, attempt=attempt,
-                workspace=sandbox.workspace, cpu_backstop_s=60, max_memory_mb=128,
-                max_storage_kb=1024), theirs)
-            theirs.close()
-            done = Supervisor(
-                forked.pid, ours.fileno(),
-                bounds=Bounds(timeout_s=30, max_memory_bytes=128 * MB,
-                              max_storage_bytes=1 << 20, cpu_percent=100),
-                workspace=sandbox.workspace, baseline_rss=forked.zygote_rss_bytes,
-                storage=None, max_frame_bytes=2 << 20,
-                reaper=sandbox.run_reaper(forked.pid)).run()
-            ours.close()
-            assert isinstance(done.result, Result) and done.result.ok, done
-            assert sandbox.clean_workspace()
+            run_once(sandbox, attempt)
             deadline = time.monotonic() + 10
             while below(sandbox.pid) and time.monotonic() < deadline:
                 time.sleep(0.05)
             assert below(sandbox.pid) == [], "a process the run started outlived it"
+    finally:
+        sandbox.retire("test done")
+        sandbox.finish()
+
+
+def test_a_run_never_holds_the_control_socket_a_setup_put_on_its_stdio(
+        tmp_path: Path) -> None:
+    """A setup that dup2s its zygote's control socket onto stderr would hand every run a
+    way to write frames the pool child takes for the zygote's: the run closes it."""
+    sandbox = warm_sandbox(tmp_path, "pp_stdio_probe", STDIO_PLUGIN)
+    try:
+        result = run_once(sandbox, 1)
+        assert result.value == {"0": "other", "1": "other", "2": "closed"}, result.value
     finally:
         sandbox.retire("test done")
         sandbox.finish()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import resource
 import signal
+import stat
 import sys
 import time
 from _json import encode_basestring_ascii, make_encoder
@@ -82,6 +83,22 @@ def reset_signals() -> None:
             signal.signal(signum, signal.SIG_DFL)
 
 
+DEV_NULL = os.makedev(1, 3)
+
+
+def _only_null_stdio() -> None:
+    """Close any of fds 0-2 that is not /dev/null: a setup that put a copy of the control
+    socket there would otherwise let every run write frames the pool child takes for the
+    zygote's. Three fstats when nothing is wrong."""
+    for fd in (0, 1, 2):
+        try:
+            info = os.fstat(fd)
+        except OSError:
+            continue
+        if not (stat.S_ISCHR(info.st_mode) and info.st_rdev == DEV_NULL):
+            os.close(fd)
+
+
 def _isolate(run_fd: int, forked: bytes) -> None:
     """Own session, dies with its zygote, says Forked on the zygote's control socket and
     replaces that socket with its channel (its working directory, environment and signal
@@ -89,6 +106,7 @@ def _isolate(run_fd: int, forked: bytes) -> None:
     that the pool child, woken by it, usually finds Started already sent."""
     os.setsid()
     _prctl(PR_SET_PDEATHSIG, _SIGKILL, 0, 0, 0)
+    _only_null_stdio()
     channel.send_frame(CONTROL_FD, forked)
     os.dup2(run_fd, CHANNEL_FD, inheritable=False)
 
