@@ -154,7 +154,9 @@ def resident_bytes(pid: int) -> int:
         return 0
 
 
-_LIST_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+_LIST_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW
+"""O_NOFOLLOW: a run that swaps a directory of its workspace for a symlink does not make
+the pool child walk and count what it points to."""
 
 
 def entries_of(path: str, *, sizes: bool = True) -> list[tuple[str, bool, int]]:

@@ -36,7 +36,8 @@ def test_a_result_json_cannot_hold_fails_as_json_dumps_would() -> None:
 def test_a_frame_is_one_json_document_and_nothing_else() -> None:
     assert channel.loads(b'{"op": "log", "stream": "stdout", "text": "\\u00e9"}') == {
         "op": "log", "stream": "stdout", "text": "é"}
-    for bad in (b"", b"{", b'{"a": 1} trailing', b'{"a": 1}{"b": 2}', b"\xff", b"nope"):
+    for bad in (b"", b"{", b'{"a": 1} trailing', b'{"a": 1}{"b": 2}', b"\xff", b"nope",
+                b"[" * 100_000 + b"]" * 100_000):  # nested too deep: ValueError too
         with pytest.raises(ValueError):
             channel.loads(bad)
 

@@ -30,6 +30,8 @@ def loads(data: bytes) -> Any:
         value, end = _scan(text, 0)
     except StopIteration:
         raise ValueError("frame is not JSON") from None
+    except RecursionError:  # a run's frame nested too deep: refused like any bad frame
+        raise ValueError("frame is nested too deeply") from None
     if end != len(text):
         raise ValueError("frame has data after its JSON")
     return value
