@@ -314,8 +314,12 @@ class SpecCache:
                     and spec.revision >= min_revision):
                 return spec
         found = self._from_snapshot(plugin_id, now, generation) if self._bulk else None
-        spec = (found if found is not None and found.revision >= min_revision
-                else self._registry.get(plugin_id))
+        if found is not None and found.revision >= min_revision:
+            # As old as the snapshot's last check, not as the lookup: a spec is never kept
+            # longer than `ttl_s` past the moment the registry was last seen unchanged.
+            self._entries[plugin_id] = (self._snapshot_at, generation, found)
+            return found
+        spec = self._registry.get(plugin_id)
         self._entries[plugin_id] = (now, generation, spec)
         return spec
 

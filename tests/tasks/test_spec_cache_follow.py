@@ -92,3 +92,36 @@ def test_a_worker_cache_past_its_age_bound_reads_specs_in_bulk_until_the_generat
                                entrypoint="pp_testplugins.basic:echo"))
     generation[0] += 1
     assert cache.get("aged-2").version == "2.0.0"
+
+
+def test_a_spec_from_the_snapshot_is_kept_no_longer_than_the_snapshot_is_trusted(
+        client: PluginClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A spec first taken from the bulk snapshot is as old as the snapshot's last check:
+    a change whose event was missed is seen `ttl_s` after that check, not `ttl_s` after
+    the plugin was first looked up (which kept it up to twice as long)."""
+    import pluginpool.tasks.registry as registry_module
+
+    class Clock:
+        now = 1_000.0
+
+        def monotonic(self) -> float:
+            return self.now
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(time, name)
+
+    clock = Clock()
+    monkeypatch.setattr(registry_module, "time", clock)
+    one = PluginSpec(id="snap-one", name="one", entrypoint="pp_testplugins.basic:echo")
+    two = PluginSpec(id="snap-two", name="two", version="1.0.0",
+                     entrypoint="pp_testplugins.basic:echo")
+    client.register([one, two])
+    cache = SpecCache(client.registry, ttl_s=10)
+    cache.follow(10)
+    assert cache.get("snap-one").id == "snap-one"  # the snapshot is read at 1,000
+    with PluginClient(client.settings) as other:  # a change this cache hears nothing of
+        other.register(two.model_copy(update={"version": "2.0.0"}))
+    clock.now = 1_005.0
+    assert cache.get("snap-two").version == "1.0.0"  # from the snapshot, still trusted
+    clock.now = 1_011.0  # past the snapshot's check by ttl, not past this lookup
+    assert cache.get("snap-two").version == "2.0.0"
