@@ -29,6 +29,7 @@ import redis
 from pluginpool.pool.plugin_tasks import ensure_plugin_task
 from pluginpool.pool.thread_step import ThreadStep
 from pluginpool.tasks.pause import disabled_ids
+from pluginpool.tasks.ready_index import ReadyIndexChannel
 from pluginpool.tasks.registry import Registry, parse_event
 from pluginpool.tasks.retire import sweep_unregistered
 from pluginpool.tasks.routing import PLUGIN_QUEUE_PREFIX, queue_name
@@ -195,7 +196,10 @@ class RegistryFollower(ThreadStep):
         for queue in sorted(wanted_queues - consuming):
             consumer.add_task_queue(queue)
             logger.info("now consuming %s", queue)
+        channel = getattr(consumer.task_consumer, "channel", None)
         for queue in sorted(consuming - wanted_queues):
             consumer.cancel_task_queue(queue)
+            if isinstance(channel, ReadyIndexChannel):
+                channel.withdraw_queue(queue)  # the whole group stops serving it
             logger.info("stopped consuming %s", queue)
         self._applied = applied

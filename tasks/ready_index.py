@@ -271,6 +271,21 @@ class ReadyIndexChannel:
                                     self.group)
             pipe.execute()
 
+    def withdraw_queue(self, queue: str) -> None:
+        """The whole group stops serving `queue` (its plugin disabled or unregistered: every
+        member follows the same registry with the same selector), so it leaves the group's
+        waiters and ready index: no publish or claim of the group meets it again until a
+        member consumes it again (`_register_queue` joins and rescans it). Left there, its
+        waiting jobs made every idle claim of every member read past it."""
+        if not self.ack_emulation:
+            return
+        prefix = self.global_keyprefix or ""
+        with self.conn_or_acquire() as client, client.pipeline() as pipe:  # type: ignore[attr-defined]
+            unprefixed_in_pipe(pipe, "SREM", prefix + self.delivery_config.waiters_key(queue),
+                                self.group)
+            unprefixed_in_pipe(pipe, "ZREM", self._ready_key(), *self._list_keys(queue))
+            pipe.execute()
+
     def _ready_key(self) -> str:
         return (self.global_keyprefix or "") + self.delivery_config.ready_prefix + self.group
 

@@ -141,6 +141,10 @@ def test_plugins_disabled_with_jobs_waiting_do_not_hide_the_others(
                       timeout_s=20)
     assert all(client.redis.llen(f"plugins.{p}") == 1 for p in disabled), \
         "the disabled plugins' jobs must still wait when the worker is free again"
+    # They left the group's ready index: no claim reads past them while they wait.
+    indexed = {raw.decode() for key in client.redis.scan_iter(
+        f"{client.settings.keys.ready_prefix}*") for raw in client.redis.zrange(key, 0, -1)}
+    assert not {f"plugins.{p}" for p in disabled} & indexed
     assert client.submit("many-050", "served").result(timeout=60)["payload"] == "served"
     assert [job.result(timeout=60) for job in slow] == ["woke up"] * 2
     for plugin_id in disabled:
