@@ -55,8 +55,9 @@ RESET_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, s
 """Reset to their defaults once, in the set-up zygote (runs inherit them): a run starts
 with default signal dispositions whatever the setup installed."""
 BAD_SPAWN_EXIT = 4
-"""A run's exit code when it fails before it has its channel (a Spawn that is not one):
-the pool child sees the zygote report an exit instead of Forked."""
+"""A run's exit code when it fails before it has its channel (a Spawn that is not one, a
+zygote gone before the run's death signal was armed): the pool child sees the zygote
+report an exit instead of Forked."""
 _prctl = _libc.prctl
 """Called with small ints only (as C ints: no argument converters run in the run)."""
 _SIGKILL = int(signal.SIGKILL)
@@ -99,13 +100,15 @@ def _only_null_stdio() -> None:
             os.close(fd)
 
 
-def _isolate(run_fd: int, forked: bytes) -> None:
+def _isolate(run_fd: int, forked: bytes, zygote_pid: int) -> None:
     """Own session, dies with its zygote, says Forked on the zygote's control socket and
     replaces that socket with its channel (its working directory, environment and signal
     dispositions were set by the zygote before the fork). Forked goes out this late so
     that the pool child, woken by it, usually finds Started already sent."""
     os.setsid()
     _prctl(PR_SET_PDEATHSIG, _SIGKILL, 0, 0, 0)
+    if os.getppid() != zygote_pid:  # the zygote died before the death signal was armed
+        os._exit(BAD_SPAWN_EXIT)
     _only_null_stdio()
     channel.send_frame(CONTROL_FD, forked)
     os.dup2(run_fd, CHANNEL_FD, inheritable=False)
@@ -184,6 +187,7 @@ class Runs:
         self.plugin = plugin
         self.policy = policy
         self.run_filter = run_filter
+        self.zygote_pid = os.getpid()  # built in the zygote: a run's parent
         self.workspace = config.run_workspace
         self.layer: RunLayer | None = None
         self.prepared: Prepared | None = None
@@ -281,7 +285,7 @@ def run_child(runs: Runs, body: bytes, run_fd: int, rss_bytes: int,
         if prepared is None or ctx is None or prepared.key != key:
             prepared, ctx = _own_lock_down(runs, spawn, key)
         ctx.job_id, ctx.attempt, ctx.operation = spawn.job_id, spawn.attempt, spawn.operation
-        _isolate(run_fd, forked_frame(os.getpid(), rss_bytes))
+        _isolate(run_fd, forked_frame(os.getpid(), rss_bytes), runs.zygote_pid)
         channel_ready = True  # from here on a failure is reported on the run's channel
         if prepared.ruleset_fd is not None:
             # no_new_privs is already set: the zygote set it after its setup.
