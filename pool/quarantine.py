@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from celery import Celery
+from celery import Celery, states
 
 from pluginpool.policy.errors import DeadLetterNotFoundError, ErrorType, PluginExecutionError
 from pluginpool.pool.worker_services import WorkerServices
@@ -36,6 +36,8 @@ def fail_quarantined(app: Celery, services: WorkerServices) -> Callable[[str], N
         job_id = job_id_of(entry.raw.encode())
         if job_id is None:
             return  # not a task message: nobody waits for it
+        if app.backend.get_task_meta(job_id).get("status") in states.READY_STATES:
+            return  # an earlier delivery's run stored an outcome before its worker died
         queue = (entry.queue or "").split(PRIORITY_SEPARATOR, 1)[0]
         plugin_id = queue.rsplit(PLUGIN_QUEUE_PREFIX, 1)[-1] if PLUGIN_QUEUE_PREFIX in queue \
             else None

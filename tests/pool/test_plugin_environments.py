@@ -328,7 +328,8 @@ def test_an_environment_no_registered_revision_uses_is_swept_once_unused(envs: E
     assert new != old and old.is_dir()
     assert wait_until(lambda: not old.exists(), timeout_s=SWEEP_KEEP_S + 30), \
         "the old revision's environment was not swept"
-    assert not [p for p in envs.envs_dir.iterdir() if p.name.startswith(f".{old.name}")]
+    assert wait_until(lambda: not [p for p in envs.envs_dir.iterdir()  # renamed, then deleted
+                                   if p.name.startswith(f".{old.name}")], timeout_s=30)
     installs = [i for i in envs.installs() if i["key"] == new.name and i["installed"]]
     time.sleep(SWEEP_KEEP_S + 2)  # past its keep time: still there, being current
     assert new.is_dir()

@@ -173,6 +173,18 @@ def test_a_quarantined_job_whose_quarantining_worker_died_gets_its_outcome_from_
     assert wait_until(lambda: not client.redis.sismember(keys.quarantine_pending, tag),
                       timeout_s=10)
     DeadLetterStore(client.redis, keys).discard(tag)
+    # A job an earlier delivery completed before its worker died keeps that outcome.
+    done_id = str(uuid.uuid4())
+    client.app.backend.mark_as_done(done_id, "ran once")
+    raw, done_tag = envelope([[], {"payload": "x"}, {}], headers={"id": done_id})
+    client.redis.hset(keys.dead_letter, done_tag, json.dumps({**entry, "id": done_tag,
+                                                              "raw": raw}))
+    client.redis.zadd(keys.dead_letter_index, {done_tag: 1.0})
+    client.redis.sadd(keys.quarantine_pending, done_tag)
+    assert wait_until(lambda: not client.redis.sismember(keys.quarantine_pending, done_tag),
+                      timeout_s=10)
+    assert client.app.AsyncResult(done_id).get(timeout=5) == "ran once"
+    DeadLetterStore(client.redis, keys).discard(done_tag)
 
 
 def _cli(client: PluginClient, *args: str) -> str:
