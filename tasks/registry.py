@@ -302,6 +302,8 @@ class SpecCache:
         self._snapshot_version = -1
         self._snapshot_at = float("-inf")
         self._snapshot_generation = 0
+        self._invalidations = 0
+        """Counts `invalidate` calls (a producer's subscriber thread makes them)."""
 
     def get(self, plugin_id: str, *, min_revision: int = 0) -> PluginSpec:
         """The spec, fetched again if stale (see the class) or older than `min_revision`."""
@@ -331,7 +333,13 @@ class SpecCache:
         if now - self._snapshot_at >= self._ttl_s:
             version = self._registry.version()  # read first: a change after it is seen next
             if self._snapshot is None or version != self._snapshot_version:
-                self._snapshot = self._registry.raw_specs(limit=SNAPSHOT_MAX_SPECS)
+                heard = self._invalidations
+                snapshot = self._registry.raw_specs(limit=SNAPSHOT_MAX_SPECS)
+                if heard != self._invalidations:
+                    # A change was heard of while the read was under way: what it read of
+                    # that plugin may be older than the change. Not kept; read again later.
+                    return None
+                self._snapshot = snapshot
                 self._snapshot_version = version
             self._snapshot_at = now
         snapshot = self._snapshot
@@ -355,6 +363,7 @@ class SpecCache:
         self._bulk = True
 
     def invalidate(self, plugin_id: str | None = None) -> None:
+        self._invalidations += 1
         if plugin_id is None:
             self._entries.clear()
             self._snapshot, self._snapshot_at = None, float("-inf")

@@ -125,3 +125,25 @@ def test_a_spec_from_the_snapshot_is_kept_no_longer_than_the_snapshot_is_trusted
     assert cache.get("snap-two").version == "1.0.0"  # from the snapshot, still trusted
     clock.now = 1_011.0  # past the snapshot's check by ttl, not past this lookup
     assert cache.get("snap-two").version == "2.0.0"
+
+
+def test_a_snapshot_read_while_a_change_is_heard_of_is_not_kept(
+        client: PluginClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An event handled (on the subscriber thread) while the bulk read is under way: the
+    read may hold the plugin as it was before the change, so it is not kept."""
+    plugin = PluginSpec(id="snap-raced", name="raced", version="1.0.0",
+                        entrypoint="pp_testplugins.basic:echo")
+    client.register(plugin)
+    cache = SpecCache(client.registry, ttl_s=60)
+    cache.follow(60)
+    read = client.registry.raw_specs
+
+    def read_then_hear_a_change(*, limit: int) -> Any:
+        before = read(limit=limit)  # holds 1.0.0
+        with PluginClient(client.settings) as other:
+            other.register(plugin.model_copy(update={"version": "2.0.0"}))
+        cache.invalidate("snap-raced")  # the event, heard while this read was under way
+        return before
+
+    monkeypatch.setattr(client.registry, "raw_specs", read_then_hear_a_change)
+    assert cache.get("snap-raced").version == "2.0.0"
