@@ -16,7 +16,9 @@ import argparse
 import json
 import os
 import random
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -113,9 +115,24 @@ class Setup:
                  for job in submitted if not job.ready()]
         report = (f"{len(lines)} job(s) without an outcome after {WAIT_S:.0f} s, "
                   f"{self.plugins} plugins (worker log: {self.worker.log_path}):\n"
-                  + "\n".join(lines))
+                  + "\n".join(lines) + "\n" + self.worker_state())
         print(report, file=sys.stderr)
         (self.run_dir / "missing-jobs.txt").write_text(report + "\n")
+
+    def worker_state(self) -> str:
+        """What the worker is doing: each Redis connection's last command and idle time
+        (the consumer's claim or wait among them), and its main process's stacks when
+        py-spy is installed (it is not a dependency)."""
+        lines = ["connections:"]
+        for conn in self.store.client_list():
+            lines.append(" ".join(f"{key}={conn.get(key)}" for key in (
+                "id", "name", "age", "idle", "cmd", "sub", "psub", "multi", "qbuf", "oll")))
+        spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+        if Path(spy).exists():
+            dump = subprocess.run([spy, "dump", "--pid", str(self.worker.pid)],
+                                  capture_output=True, text=True, timeout=60, check=False)
+            lines += ["main process stacks (py-spy):", dump.stdout[-20_000:], dump.stderr[-2_000:]]
+        return "\n".join(lines)
 
     def idle_commands_per_s(self) -> float:
         before = commands(self.store)
