@@ -6,6 +6,7 @@ from __future__ import annotations
 import socket
 from dataclasses import dataclass, field
 
+from billiard import pool as billiard_pool
 from celery import Celery
 
 from pluginpool.policy.errors import UnknownPluginError
@@ -133,9 +134,25 @@ def build_worker_app(settings: Settings, specs: list[PluginSpec], *,
     return app
 
 
+POOL_EXIT_WAIT_S = 3.0
+"""How long a pool process that is leaving waits for the main process to read its last
+results (billiard waits 30 s: `GUARANTEE_MESSAGE_CONSUMPTION_RETRY_LIMIT` x 0.1 s)."""
+
+
+def shorten_pool_exit_wait() -> None:
+    """At a warm shutdown the main process has stopped reading its pool processes' results
+    before it joins them, so a pool process whose last result was still unread waited out
+    billiard's 30 s for a read that never came, and the shutdown took 32 s instead of 2
+    (stacks: `Pool.join` in `waitpid`; seen in about 1 rolling restart in 5 under load).
+    What it wrote stays in the pipe either way. Set before the pool forks."""
+    billiard_pool.GUARANTEE_MESSAGE_CONSUMPTION_RETRY_LIMIT = int(
+        POOL_EXIT_WAIT_S / billiard_pool.GUARANTEE_MESSAGE_CONSUMPTION_RETRY_INTERVAL)
+
+
 def run_worker(settings: Settings, plan: WorkerPlan, *, loglevel: str = "INFO") -> None:
     """Run the worker in this process until it is stopped (SIGTERM: warm shutdown)."""
     app = build_worker_app(settings, plan.specs, selector=plan.selector,
                            nodename=plan.nodename)
     trace_filter.install()  # Celery's success lines without plugin values
+    shorten_pool_exit_wait()
     app.worker_main(argv=plan.argv(loglevel=loglevel))
