@@ -17,11 +17,9 @@ from celery import Celery, states
 
 from pluginpool.policy.errors import DeadLetterNotFoundError, ErrorType, PluginExecutionError
 from pluginpool.pool.worker_services import WorkerServices
-from pluginpool.tasks.deadletter import DeadLetterStore
+from pluginpool.tasks.deadletter import DeadLetterStore, queue_of_list
 from pluginpool.tasks.retire import job_id_of
 from pluginpool.tasks.routing import PLUGIN_QUEUE_PREFIX
-
-PRIORITY_SEPARATOR = "\x06\x16"
 
 
 def fail_quarantined(app: Celery, services: WorkerServices) -> Callable[[str], None]:
@@ -38,7 +36,7 @@ def fail_quarantined(app: Celery, services: WorkerServices) -> Callable[[str], N
             return  # not a task message: nobody waits for it
         if app.backend.get_task_meta(job_id).get("status") in states.READY_STATES:
             return  # an earlier delivery's run stored an outcome before its worker died
-        queue = (entry.queue or "").split(PRIORITY_SEPARATOR, 1)[0]
+        queue = queue_of_list(entry.queue or "")
         plugin_id = queue.rsplit(PLUGIN_QUEUE_PREFIX, 1)[-1] if PLUGIN_QUEUE_PREFIX in queue \
             else None
         error = PluginExecutionError.of(

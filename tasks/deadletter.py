@@ -71,7 +71,7 @@ class DeadLetterStore:
         entry = self.get(entry_id)
         if not entry.requeueable or not entry.queue:
             raise DeadLetterNotRequeueableError(entry_id)
-        queue_name = _queue_name(entry.queue)
+        queue_name = queue_of_list(entry.queue)
         # Pushed and indexed as ready in one step, like any publish (publish.lua).
         self._redis.eval(PUBLISH.source, 2, entry.queue, self._keys.waiters_prefix + queue_name,
                          entry.raw, "L", self._keys.ready_prefix, self._keys.wake_prefix,
@@ -103,7 +103,7 @@ def _parse(raw: bytes | str) -> DeadLetter:
     return DeadLetter.model_validate(json.loads(raw))
 
 
-def _queue_name(key: str) -> str:
+def queue_of_list(key: str) -> str:
     """kombu's priority queues are `<queue>\\x06\\x16<priority>`; bells are per queue."""
     return key.split(PRIORITY_SEPARATOR, 1)[0]
 

@@ -26,11 +26,11 @@ from typing import Any
 from celery import Celery
 
 from pluginpool.policy.errors import ErrorType, PluginExecutionError
+from pluginpool.tasks.deadletter import PRIORITY_SEPARATOR
 from pluginpool.tasks.delivery_record import RETIRE, run_script, unprefixed_in_pipe
 
 logger = logging.getLogger("pluginpool.retire")
 
-PRIORITY_SEPARATOR = "\x06\x16"
 PRIORITY_STEPS = (0, 3, 6, 9)
 """kombu's Redis transport keeps one list per priority step: `<queue>`, `<queue>\\x06\\x163`..."""
 BATCH = 100
