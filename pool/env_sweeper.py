@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -17,6 +18,7 @@ import redis
 from pluginpool.pool.sandbox import env_gc, env_install
 from pluginpool.pool.sandbox.environments import Environments
 from pluginpool.pool.thread_step import ThreadStep
+from pluginpool.tasks.spec import PluginSpec
 
 logger = logging.getLogger("pluginpool.sandbox.environments")
 
@@ -25,7 +27,8 @@ SCRATCH_GRACE_S = 60.0
 counts as left behind."""
 
 
-def sweep_once(environments: Environments, specs: Any, *, keep_s: float) -> env_gc.SweepReport:
+def sweep_once(environments: Environments, specs: Callable[[], list[PluginSpec]], *,
+               keep_s: float) -> env_gc.SweepReport:
     """One sweep; `specs` is called (a registry read) only when something is stale."""
     envs_dir = str(environments.envs_dir)
     scratch_age = environments.install_timeout_s + env_install.KILL_GRACE_S + SCRATCH_GRACE_S

@@ -189,25 +189,24 @@ class ReliableFetchChannel(ReadyIndexChannel):
             self._in_poll = None
             self._flush_brpop_reauth()  # type: ignore[attr-defined]
 
-    def _on_quarantined(self, tag: str) -> bool:
+    def _on_quarantined(self, tag: str) -> None:
         """Hand a quarantined message to the worker's hook (`QUARANTINE_HOOK_OPTION`): its
         producer is waiting for an outcome. Once the hook has stored it, the id leaves the
         pending set claim.lua put it in; a failing hook (or a worker that dies first)
         leaves it there for the next restore sweep (`retry_quarantine_outcomes`)."""
         hook = self._option(QUARANTINE_HOOK_OPTION, None)
         if hook is None:
-            return False
+            return
         try:
             hook(tag)
         except Exception:
             logger.exception("could not record the outcome of quarantined message %s (the "
                              "restore sweep tries again)", tag)
-            return False
+            return
         prefix = self.global_keyprefix or ""
         with self.conn_or_acquire() as client:
             unprefixed(client, "SREM", prefix + self.delivery_config.quarantine_pending_key,
                        tag)
-        return True
 
     def retry_quarantine_outcomes(self, client: Any) -> None:
         """Store the outcome of quarantined messages whose quarantining worker did not (it
