@@ -22,7 +22,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 logger = logging.getLogger("pluginpool.sandbox.environments")
@@ -97,16 +97,28 @@ def sweep(envs_dir: str, *, keep_s: float, current: Iterable[str], scratch_max_a
     return report
 
 
-def _remove_unless_busy(envs_dir: str, key: str, *, keep_s: float,
-                        now: float) -> tuple[str, float]:
-    """("removed", its last use), ("recent", ...) if used again meanwhile (or it cannot be
-    moved), or ("busy", 0) if an install or another sweep holds its lock."""
-    lock = os.path.join(envs_dir, f"{key}.lock")
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+@contextlib.contextmanager
+def _lock_if_free(envs_dir: str, key: str) -> Iterator[bool]:
+    """The key's install lock (env_install.py) taken without waiting: False if an install
+    or another sweep holds it."""
+    fd = os.open(os.path.join(envs_dir, f"{key}.lock"), os.O_RDWR | os.O_CREAT, 0o600)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _remove_unless_busy(envs_dir: str, key: str, *, keep_s: float,
+                        now: float) -> tuple[str, float]:
+    """("removed", its last use), ("recent", ...) if used again meanwhile (or it cannot be
+    moved), or ("busy", 0) if an install or another sweep holds its lock."""
+    with _lock_if_free(envs_dir, key) as locked:
+        if not locked:
             return "busy", 0.0
         used = last_used(envs_dir, key)
         if now - used < keep_s:
@@ -119,8 +131,6 @@ def _remove_unless_busy(envs_dir: str, key: str, *, keep_s: float,
             return "recent", used
         shutil.rmtree(doomed, ignore_errors=True)
         return "removed", used
-    finally:
-        os.close(fd)
 
 
 def _remove_old_scratch(envs_dir: str, *, max_age_s: float, now: float) -> int:
@@ -136,14 +146,8 @@ def _remove_old_scratch(envs_dir: str, *, max_age_s: float, now: float) -> int:
             with contextlib.suppress(OSError):
                 if now - entry.stat(follow_symlinks=False).st_mtime < max_age_s:
                     continue
-                fd = os.open(os.path.join(envs_dir, f"{key}.lock"), os.O_RDWR | os.O_CREAT,
-                             0o600)
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    shutil.rmtree(entry.path, ignore_errors=True)
-                    removed += 1
-                except BlockingIOError:
-                    pass
-                finally:
-                    os.close(fd)
+                with _lock_if_free(envs_dir, key) as locked:
+                    if locked:
+                        shutil.rmtree(entry.path, ignore_errors=True)
+                        removed += 1
     return removed
