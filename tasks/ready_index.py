@@ -37,6 +37,9 @@ from pluginpool.tasks.submit_step import take as take_submit_step
 
 logger = logging.getLogger("pluginpool.transport")
 
+REGISTER_CHUNK = 1_000
+"""Members per SADD when a consumer's whole registration is written at once."""
+
 KEYEVENT_CHANNELS = ("lpush", "rpush")
 """Keyspace events that put a message on a list (Redis `notify-keyspace-events` E + l)."""
 
@@ -236,19 +239,33 @@ class ReadyIndexChannel:
         self._claim_next = True
 
     def reregister_if_declared_dead(self, client: Any) -> None:
-        """A consumer declared dead (paused past the bound) and back finds its consumed-lists
-        set removed by its rescuer: register its queues again and rescan them."""
+        """Put this consumer's registration back when Redis no longer holds all of it.
+
+        A consumer declared dead (its heartbeat stopped: paused past the bound, or a start
+        longer than `consumer_dead_after_s` between kombu's first sweep at connect and the
+        event loop, as with 10,000 plugins) loses its consumed-lists set to its rescuer. If
+        that happened while it was still registering its queues, the later registrations
+        re-created part of the set: its claims then deferred the rest as someone else's,
+        and their jobs waited for ever. So the check is the set's size against what this
+        consumer consumes (one SCARD a sweep), and the repair rewrites the whole set in one
+        transaction, with the waiters, and rescans."""
         consumed: dict[str, str] = self.__dict__.get("_consumed", {})
         if not consumed:
             return
         prefix = self.global_keyprefix or ""
         key = prefix + self.delivery_config.consumes_key(self.consumer_id)
-        if unprefixed(client, "EXISTS", key):
+        held = int(unprefixed(client, "SCARD", key))
+        if held == len(consumed):
             return
-        logger.warning("this consumer was declared dead (its heartbeat stopped) and is back: "
-                       "its jobs ran elsewhere; registering its queues again")
-        with client.pipeline() as pipe:
-            unprefixed_in_pipe(pipe, "SADD", key, *consumed)
+        logger.warning("this consumer's registration in Redis holds %d of its %d queue lists "
+                       "(it was declared dead: its heartbeat stopped for longer than the "
+                       "bound, and what it held ran elsewhere): registering its queues again",
+                       held, len(consumed))
+        lists = list(consumed)
+        with client.pipeline() as pipe:  # MULTI: no claim sees the set half rewritten
+            unprefixed_in_pipe(pipe, "DEL", key)
+            for start in range(0, len(lists), REGISTER_CHUNK):
+                unprefixed_in_pipe(pipe, "SADD", key, *lists[start:start + REGISTER_CHUNK])
             for waiters in set(consumed.values()):
                 unprefixed_in_pipe(pipe, "SADD", waiters, self.group)
             pipe.execute()

@@ -151,3 +151,25 @@ def test_plugins_disabled_with_jobs_waiting_do_not_hide_the_others(
         client.enable(plugin_id)
     assert [job.result(timeout=60)["payload"] for job in waiting] == disabled
     assert worker.alive()
+
+
+def test_a_consumer_whose_registration_was_cut_short_registers_again(
+        fleet: tuple[PluginClient, ManagedProcess]) -> None:
+    """A worker whose start outlasts `consumer_dead_after_s` (10,000 plugins) is declared
+    dead by a live consumer while it is still registering its queues: the rescuer removes
+    its consumed-lists set, and its later registrations re-create only part of it. Here the
+    first 40 plugins' lists are taken out of the set, as that left them. Its claims took
+    those queues for another consumer's and their jobs waited for ever; the worker's next
+    sweep now sees the set short and writes it whole again."""
+    client, worker = fleet
+    keys = client.settings.keys
+    sets = list(client.redis.scan_iter(match=keys.consumes_prefix + "*", count=1000))
+    assert len(sets) == 1, "one consumer: the module's worker"
+    cut = [as_text(member) for member in client.redis.smembers(sets[0])
+           if as_text(member).split("\x06")[0] < "plugins.many-040"]
+    assert len(cut) >= 40
+    client.redis.srem(sets[0], *cut)
+    jobs = [client.submit(f"many-{p:03d}", p) for p in range(40)]
+    assert [job.result(timeout=60)["payload"] for job in jobs] == list(range(40))
+    assert set(cut) <= consumed_lists(client)
+    assert worker.alive()
