@@ -76,6 +76,8 @@ def _detach(control_fd: int) -> None:
     if os.fork() > 0:
         os._exit(0)
     os.setsid()
+    # The linker has read it (launcher.ZYGOTE_ENV); the plugin and its processes never see it.
+    os.environ.pop("LD_BIND_NOW", None)
     if control_fd != CONTROL_FD:
         os.dup2(control_fd, CONTROL_FD, inheritable=False)
     null = os.open(os.devnull, os.O_RDWR)
