@@ -218,25 +218,48 @@ class ReadyIndexChannel:
                 for pri in self.priority_steps]
 
     def _register_queue(self, queue: str) -> None:
-        """Join the queue's waiters, add its lists to this consumer's set and index them."""
+        """Join the queue's waiters, add its lists to this consumer's set and index them.
+
+        At start (before this channel's first claim) registrations are gathered and written
+        in a few pipelines (`flush_registrations`): one round trip per queue made a start on
+        10,000 queues seconds longer. Afterwards (a plugin added while running) each is
+        written at once and wakes the group's wait."""
         if not self.ack_emulation:
             return
         prefix = self.global_keyprefix or ""
-        config = self.delivery_config
         consumed = self.__dict__.setdefault("_consumed", {})
-        waiters = prefix + config.waiters_key(queue)
         lists = self._list_keys(queue)
-        consumed.update(dict.fromkeys(lists, waiters))
+        consumed.update(dict.fromkeys(lists, prefix + self.delivery_config.waiters_key(queue)))
         self.__dict__.pop("_rescan_order", None)  # the rolling rescan's order, rebuilt
         self.__dict__.setdefault("_dirty", set()).update(lists)
+        pending: list[str] = self.__dict__.setdefault("_pending_registration", [])
+        pending.append(queue)
+        if self.__dict__.get("_claimed_once") or len(pending) >= REGISTER_CHUNK:
+            self.flush_registrations()
+        self._claim_next = True
+
+    def flush_registrations(self) -> None:
+        """Write the gathered registrations: the lists into this consumer's set, the group
+        into each queue's waiters, a heartbeat (a start on 10,000 queues takes longer than
+        `consumer_dead_after_s`: a live consumer must not declare this one dead meanwhile)
+        and a ring of the group's wake-up list, so a new queue's backlog is claimed now."""
+        pending: list[str] = self.__dict__.get("_pending_registration") or []
+        if not pending:
+            return
+        self.__dict__["_pending_registration"] = []
+        prefix = self.global_keyprefix or ""
+        config = self.delivery_config
+        lists = [key for queue in pending for key in self._list_keys(queue)]
         with self.conn_or_acquire() as client, client.pipeline() as pipe:  # type: ignore[attr-defined]
-            unprefixed_in_pipe(pipe, "SADD", prefix + config.consumes_key(self.consumer_id),
-                                *lists)
-            unprefixed_in_pipe(pipe, "SADD", waiters, self.group)
-            # Wake this group's wait, so the new queue's backlog is indexed and claimed now.
+            for start in range(0, len(lists), REGISTER_CHUNK):
+                unprefixed_in_pipe(pipe, "SADD", prefix + config.consumes_key(self.consumer_id),
+                                    *lists[start:start + REGISTER_CHUNK])
+            for queue in pending:
+                unprefixed_in_pipe(pipe, "SADD", prefix + config.waiters_key(queue), self.group)
+            unprefixed_in_pipe(pipe, "ZADD", prefix + config.consumers_key, time(),
+                                self.consumer_id)
             unprefixed_in_pipe(pipe, "LPUSH", self._wake_key(), 1)
             pipe.execute()
-        self._claim_next = True
 
     def reregister_if_declared_dead(self, client: Any) -> None:
         """Put this consumer's registration back when Redis no longer holds all of it.
@@ -252,6 +275,7 @@ class ReadyIndexChannel:
         consumed: dict[str, str] = self.__dict__.get("_consumed", {})
         if not consumed:
             return
+        self.flush_registrations()
         prefix = self.global_keyprefix or ""
         key = prefix + self.delivery_config.consumes_key(self.consumer_id)
         held = int(unprefixed(client, "SCARD", key))
@@ -273,6 +297,7 @@ class ReadyIndexChannel:
         self._claim_next = True
 
     def _unregister_queue(self, queue: str) -> None:
+        self.flush_registrations()  # in order: a gathered registration is written first
         prefix = self.global_keyprefix or ""
         config = self.delivery_config
         lists = self._list_keys(queue)

@@ -80,6 +80,8 @@ class ReliableFetchChannel(ReadyIndexChannel):
         config = self.delivery_config
         if self._claim_next or self.__dict__.get("_dirty"):
             self._claim_next = True
+            self.flush_registrations()  # gathered at start: written before the first claim
+            self.__dict__["_claimed_once"] = True
             prefix = self.global_keyprefix or ""
             consumed: dict[str, str] = self.__dict__.setdefault("_consumed", {})
             dirty: set[str] = self.__dict__.setdefault("_dirty", set())
