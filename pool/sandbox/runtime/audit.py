@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass, field
-from typing import Any
 
 from .messages import RESOURCE, SECURITY
+from .records import field, record
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 PROCESS_EVENTS = frozenset({
     "subprocess.Popen", "os.system", "os.exec", "os.fork", "os.forkpty", "os.posix_spawn",
@@ -26,7 +29,7 @@ class SandboxViolation(PermissionError):
     """Raised inside the plugin when it attempts something its spec does not allow."""
 
 
-@dataclass
+@record
 class AuditPolicy:
     """What the run may touch. Paths are absolute and normalised."""
 

@@ -7,19 +7,22 @@ by garbage collection (seccomp refuses it anyway).
 from __future__ import annotations
 
 import os
-import socket as _socket
 import struct
 from _json import make_scanner
 from json import JSONDecoder, JSONEncoder
-from typing import Any, cast
 
 from .messages import Message, decode, encode
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import socket
+    from typing import Any
 
 HEADER = struct.Struct(">I")
 _pack = HEADER.pack
 _encode = JSONEncoder(allow_nan=False).encode
 """json.dumps(message, allow_nan=False) without building an encoder per frame."""
-_scan = make_scanner(cast(Any, JSONDecoder()))
+_scan = make_scanner(JSONDecoder())  # type: ignore[arg-type]  # typeshed: any decoder-like
 """json's C scanner, without json.loads's Python layers around it."""
 
 
@@ -96,24 +99,31 @@ def receive_message(fd: int, *, max_bytes: int) -> Message:
     return decode(receive(fd, max_bytes=max_bytes))
 
 
-def send_message_with_fd(sock: _socket.socket, message: Message, passed: int) -> None:
+# The pool child's side of descriptor passing. `socket` is imported where it is used: the
+# zygote imports this module too, and socket.py (with selectors, array and math) would be
+# mapped into every fork for nothing; the zygote receives with _socket (zygote.Control).
+
+def send_message_with_fd(sock: socket.socket, message: Message, passed: int) -> None:
     """One frame and a descriptor with it (SCM_RIGHTS), in one sendmsg: the receiver
     gets the descriptor with the frame's first bytes."""
+    import socket
     data = _encode(encode(message)).encode()
     frame = _pack(len(data)) + data
-    sent = _socket.send_fds(sock, [frame], [passed])
+    sent = socket.send_fds(sock, [frame], [passed])
     if sent < len(frame):
         sock.sendall(frame[sent:])
 
 
-def send_fd(sock: _socket.socket, passed: int) -> None:
+def send_fd(sock: socket.socket, passed: int) -> None:
     """Pass a descriptor over a Unix socket (SCM_RIGHTS), with one marker byte."""
-    _socket.send_fds(sock, [b"F"], [passed])
+    import socket
+    socket.send_fds(sock, [b"F"], [passed])
 
 
-def receive_fd(sock: _socket.socket) -> int:
+def receive_fd(sock: socket.socket) -> int:
     """The descriptor sent by send_fd."""
-    data, fds, _flags, _addr = _socket.recv_fds(sock, 1, 1)
+    import socket
+    data, fds, _flags, _addr = socket.recv_fds(sock, 1, 1)
     if not data or not fds:
         raise ChannelClosed
     return fds[0]

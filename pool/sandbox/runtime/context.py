@@ -8,14 +8,15 @@ from __future__ import annotations
 
 from pathlib import Path
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    import logging
 
 from . import channel
 from .audit import AuditPolicy
 from .messages import RESOURCE, StorageReply, StorageRequest
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import logging
+    from typing import Any
 
 STORAGE_REPLY_MAX_BYTES = 64 << 20
 

@@ -12,11 +12,11 @@ from __future__ import annotations
 import io
 import sys
 import time
-from typing import TYPE_CHECKING
 
 from . import channel
 from .messages import Log
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     import logging
 

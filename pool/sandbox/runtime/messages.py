@@ -14,10 +14,13 @@ the worker's. The worker side imports the same module as pluginpool.pool.sandbox
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import asdict, dataclass, field
 from json import dumps as _dumps
-from typing import Any, ClassVar
+
+from .records import field, fields_of, record
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, ClassVar
 
 RUNTIME = "runtime"
 RESOURCE = "resource"
@@ -27,7 +30,7 @@ DEPENDENCY = "dependency"
 """Error types, spelled as pluginpool.policy.errors.ErrorType spells them."""
 
 
-@dataclass
+@record
 class RunError:
     """A failure seen inside the sandbox: during setup, a run or the teardown."""
 
@@ -36,14 +39,14 @@ class RunError:
     details: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass
+@record
 class Message:
     """Base of every frame; `op` names the concrete class on the wire."""
 
     op: ClassVar[str] = ""
 
 
-@dataclass
+@record
 class Hello(Message):
     """The zygote's first frame, once it has detached: who it is, its bare size."""
 
@@ -52,7 +55,7 @@ class Hello(Message):
     rss_bytes: int
 
 
-@dataclass
+@record
 class ZygoteConfig(Message):
     """Everything a zygote needs, passed explicitly: it reads no environment, no settings."""
 
@@ -86,7 +89,7 @@ class ZygoteConfig(Message):
     run works out its own from its Spawn)."""
 
 
-@dataclass
+@record
 class Ready(Message):
     op: ClassVar[str] = "ready"
     pid: int
@@ -96,13 +99,13 @@ class Ready(Message):
     layers: dict[str, Any]
 
 
-@dataclass
+@record
 class SetupFailed(Message):
     op: ClassVar[str] = "setup_failed"
     error: RunError
 
 
-@dataclass
+@record
 class Spawn(Message):
     """Fork one run. Its channel descriptor travels right before this frame (SCM_RIGHTS)."""
 
@@ -117,14 +120,14 @@ class Spawn(Message):
     max_storage_kb: int
 
 
-@dataclass
+@record
 class Forked(Message):
     op: ClassVar[str] = "forked"
     pid: int
     zygote_rss_bytes: int
 
 
-@dataclass
+@record
 class Exited(Message):
     """The run's process was reaped by the zygote (its parent): exact kernel accounting."""
 
@@ -135,13 +138,13 @@ class Exited(Message):
     maxrss_kb: int
 
 
-@dataclass
+@record
 class Close(Message):
     op: ClassVar[str] = "close"
     reason: str
 
 
-@dataclass
+@record
 class Closed(Message):
     op: ClassVar[str] = "closed"
     error: RunError | None = None
@@ -149,7 +152,7 @@ class Closed(Message):
     """The plugin defines close() and it was called."""
 
 
-@dataclass
+@record
 class Started(Message):
     """The run is locked down; plugin code starts now. CPU so far is the sandbox's own."""
 
@@ -158,7 +161,7 @@ class Started(Message):
     cpu_s: float
 
 
-@dataclass
+@record
 class StorageRequest(Message):
     op: ClassVar[str] = "storage"
     action: str
@@ -166,7 +169,7 @@ class StorageRequest(Message):
     value: Any = None
 
 
-@dataclass
+@record
 class StorageReply(Message):
     op: ClassVar[str] = "storage_reply"
     ok: bool
@@ -177,7 +180,7 @@ class StorageReply(Message):
     message: str = ""
 
 
-@dataclass
+@record
 class Result(Message):
     op: ClassVar[str] = "result"
     ok: bool
@@ -191,7 +194,7 @@ class Result(Message):
     """Wall time of the operation's call, measured in the run."""
 
 
-@dataclass
+@record
 class Log(Message):
     """Some of the run's output: stream is stdout, stderr or log (ctx.logger)."""
 
@@ -204,8 +207,8 @@ _TYPES: dict[str, type[Message]] = {cls.op: cls for cls in (
     Hello, ZygoteConfig, Ready, SetupFailed, Spawn, Forked, Exited, Close, Closed, Started,
     StorageRequest, StorageReply, Result, Log)}
 _NESTED_ERRORS = ("error",)
-_FIELDS: dict[type[Message], tuple[str, ...]] = {
-    cls: tuple(f.name for f in dataclasses.fields(cls)) for cls in _TYPES.values()}
+_FIELDS: dict[type[Message], tuple[str, ...]] = {cls: fields_of(cls) for cls in _TYPES.values()}
+_ERROR_FIELDS = fields_of(RunError)
 
 
 class ProtocolError(ValueError):
@@ -214,11 +217,13 @@ class ProtocolError(ValueError):
 
 def encode(message: Message) -> dict[str, Any]:
     """The JSON object for a message (channel.py turns it into bytes). Shallow: a run's
-    value is not copied (dataclasses.asdict would deep-copy it)."""
+    value is not copied."""
     frame: dict[str, Any] = {"op": message.op}
     for name in _FIELDS[type(message)]:
         value = getattr(message, name)
-        frame[name] = asdict(value) if isinstance(value, RunError) else value
+        if isinstance(value, RunError):
+            value = {key: getattr(value, key) for key in _ERROR_FIELDS}
+        frame[name] = value
     return frame
 
 

@@ -8,13 +8,15 @@ operations, each called as `method(ctx, payload)`; `close()`, if defined, is its
 from __future__ import annotations
 
 import importlib
-import inspect
-from collections.abc import Callable
-from typing import Any
 
 from .messages import DEPENDENCY, RunError
 
-Operation = Callable[[Any, Any], Any]
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any
+
+    Operation = Callable[[Any, Any], Any]
 
 
 class LoadError(Exception):
@@ -47,7 +49,7 @@ class LoadedPlugin:
     def __init__(self, target: Any, operations: list[str], setup_ctx: Any) -> None:
         self.instance: Any = None
         self.operations: dict[str, Operation] = {}
-        if inspect.isclass(target):
+        if isinstance(target, type):
             factory: Any = target
             self.instance = factory(setup_ctx)  # the setup; raises are setup failures
             for name in operations:

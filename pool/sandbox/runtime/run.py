@@ -18,9 +18,7 @@ import stat
 import sys
 import time
 from _json import encode_basestring_ascii, make_encoder
-from dataclasses import dataclass
 from json import JSONEncoder
-from typing import Any, NoReturn
 
 from . import channel, landlock, limits, logs, seccomp
 from .audit import AuditPolicy
@@ -40,6 +38,11 @@ from .messages import (
     started_prefix,
 )
 from .plugin import LoadedPlugin
+from .records import record
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, NoReturn
 
 _libc = open_libc()
 
@@ -122,7 +125,7 @@ LimitsKey = tuple[str, int, int, int, int]
 what a run's lock-down depends on."""
 
 
-@dataclass
+@record
 class Prepared:
     """A run's lock-down, worked out before it is applied: the run itself only applies it."""
 

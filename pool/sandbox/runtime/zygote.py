@@ -15,10 +15,10 @@ import gc
 import os
 import select
 import signal
-import socket
 import sys
 import time
-from typing import Any, NoReturn
+from _socket import CMSG_SPACE, SCM_RIGHTS, SOL_SOCKET
+from _socket import socket as raw_socket
 
 from . import channel, landlock, limits, logs, seccomp
 from .audit import AuditPolicy, install, parse_hosts
@@ -49,13 +49,17 @@ from .run import (
 
 _libc = open_libc()
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, NoReturn
+
 CONFIG_MAX_BYTES = 64 << 20
 PR_SET_CHILD_SUBREAPER = 36
 
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 HEADER_BYTES = channel.HEADER.size
-FD_SPACE = socket.CMSG_SPACE(4)
+FD_SPACE = CMSG_SPACE(4)
 """Ancillary room for the one descriptor a Spawn carries."""
 
 
@@ -164,7 +168,7 @@ class Control:
 
     def __init__(self) -> None:
         # A socket object over a duplicate of the descriptor, for recvmsg.
-        self.sock = socket.socket(fileno=os.dup(CONTROL_FD))
+        self.sock = raw_socket(fileno=os.dup(CONTROL_FD))  # _socket's: see channel.py
         self.poller = select.poll()
         self.poller.register(CONTROL_FD, select.POLLIN | select.POLLHUP)
 
@@ -175,7 +179,7 @@ class Control:
             raise channel.ChannelClosed
         fd: int | None = None
         for level, kind, data in ancillary:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            if level == SOL_SOCKET and kind == SCM_RIGHTS:
                 for offset in range(0, len(data) - len(data) % 4, 4):
                     passed = int.from_bytes(data[offset:offset + 4], sys.byteorder)
                     if fd is None:
