@@ -8,6 +8,8 @@ in its children's times). The plugin's own CPU (`usage.cpu_ms`) is reported besi
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import resource
 import shutil
 import socket
@@ -22,8 +24,9 @@ import psutil
 from pluginpool.pool.sandbox import outcome, warm
 from pluginpool.pool.sandbox.launcher import ZygoteLauncher
 from pluginpool.pool.sandbox.runner import standalone_plan
+from pluginpool.pool.sandbox.runtime.limits import MB
 from pluginpool.pool.sandbox.runtime.messages import Spawn
-from pluginpool.pool.sandbox.supervisor import MB, Bounds, Supervisor
+from pluginpool.pool.sandbox.supervisor import Bounds, Supervisor
 from pluginpool.tasks.spec import PluginSpec
 
 
@@ -63,14 +66,17 @@ def _tree_cpu(proc: psutil.Process) -> float:
     return times.user + times.system + times.children_user + times.children_system
 
 
-def measure(code_path: Path, runs: int) -> dict[str, Any]:
-    """Per-run CPU (ms) of the pool child's side, the zygote, the run, and the plugin."""
+def measure(code_path: Path, runs: int, *, runtime_dir: str | None = None) -> dict[str, Any]:
+    """Per-run CPU (ms) of the pool child's side, the zygote, the run, and the plugin
+    (`runtime_dir`: the zygote runs another copy of pool/sandbox/runtime, for an A/B)."""
     spec = PluginSpec(id="noop", name="noop", entrypoint="bench_plugins:noop")
     limits = spec.resource_limits
     plan = standalone_plan(spec, code_paths=(str(code_path),),
                            warm_root=tempfile.mkdtemp(prefix="pp-bench-warm-"))
-    sandbox, _ = warm.start(ZygoteLauncher(code_paths=(str(code_path),)), plan,
-                            storage=lambda request: {"ok": False})
+    launcher = ZygoteLauncher(code_paths=(str(code_path),))
+    if runtime_dir is not None:
+        launcher = dataclasses.replace(launcher, runtime_dir=runtime_dir)
+    sandbox, _ = warm.start(launcher, plan, storage=lambda request: {"ok": False})
     assert sandbox is not None, "the no-op plugin did not set up"
     zygote = psutil.Process(sandbox.pid)
     plugin_ms: list[float] = []
@@ -136,12 +142,54 @@ def measure(code_path: Path, runs: int) -> dict[str, Any]:
     }
 
 
+FIGURES = ("pool_child_side", "zygote", "run_process", "total")
+
+
+def compare(variants: dict[str, str], *, runs: int, rounds: int) -> dict[str, Any]:
+    """Zygote runtimes side by side (name → a copy of pool/sandbox/runtime; this process's
+    side is this tree's), rounds alternating, the order flipped every round. CPU figures
+    here swing by 20 % or more with the machine's load: compare the paired differences
+    (each round against the first variant's in the same round) and the faults."""
+    names = list(variants)
+    found: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+    for n in range(rounds):
+        for name in names if n % 2 == 0 else names[::-1]:
+            found[name].append(measure(Path(__file__).resolve().parent, runs,
+                                       runtime_dir=os.path.abspath(variants[name])))
+    first = found[names[0]]
+    report: dict[str, Any] = {"runs": runs, "rounds": rounds}
+    for name, rows in found.items():
+        cpu = [row["cpu_ms_per_run"] for row in rows]
+        report[name] = {
+            "runtime_dir": variants[name],
+            "cpu_ms_median": {f: round(statistics.median(c[f] for c in cpu), 3) for f in FIGURES},
+            "cpu_ms_min": {f: round(min(c[f] for c in cpu), 3) for f in FIGURES},
+            "cpu_ms_paired_difference_median": {f: round(statistics.median(
+                c[f] - base["cpu_ms_per_run"][f] for c, base in zip(cpu, first, strict=True)),
+                3) for f in FIGURES},
+            "minor_faults_median": {f: round(statistics.median(
+                row["minor_faults_per_run"][f] for row in rows), 1)
+                for f in ("zygote", "run_process", "total")},
+            "zygote_rss_mb": rows[0]["zygote_rss_mb"]}
+    return report
+
+
 def main() -> None:
-    """`python -m bench.sandbox_cost [runs]`: the per-run figures alone, printed."""
+    """`python -m bench.sandbox_cost [runs]`: the per-run figures alone, printed; with
+    `--ab NAME=DIR ...`, runtimes compared (see compare)."""
+    import argparse
     import json
-    import sys
-    runs = int(sys.argv[1]) if len(sys.argv) > 1 else 500
-    print(json.dumps(measure(Path(__file__).resolve().parent, runs), indent=2))
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("runs", type=int, nargs="?", default=500)
+    parser.add_argument("--ab", action="append", default=[], metavar="NAME=DIR",
+                        help="a copy of pool/sandbox/runtime to compare (two or more)")
+    parser.add_argument("--rounds", type=int, default=10, help="rounds of an --ab comparison")
+    args = parser.parse_args()
+    if args.ab:
+        variants = dict(entry.split("=", 1) for entry in args.ab)
+        print(json.dumps(compare(variants, runs=args.runs, rounds=args.rounds), indent=2))
+    else:
+        print(json.dumps(measure(Path(__file__).resolve().parent, args.runs), indent=2))
 
 
 def zygotes_under(warm_root: str) -> list[psutil.Process]:

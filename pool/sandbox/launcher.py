@@ -57,6 +57,8 @@ class ZygoteLauncher:
     site_packages: bool = True
     """False: start without the interpreter's site-packages (`-S`), so the zygote imports
     only the standard library and its code paths (a plugin revision's own environment)."""
+    runtime_dir: str = RUNTIME_DIR
+    """The sandbox runtime the zygote runs (another copy only in benchmarks' A/B)."""
 
     def start(self) -> tuple[Hello, socket.socket]:
         """Start a zygote; returns its Hello (pid, bare size) and the control socket."""
@@ -64,7 +66,7 @@ class ZygoteLauncher:
         try:
             proc = subprocess.Popen(
                 [self.interpreter, "-I", *(() if self.site_packages else ("-S",)), "-c",
-                 BOOTSTRAP, RUNTIME_DIR, str(theirs.fileno())],
+                 BOOTSTRAP, self.runtime_dir, str(theirs.fileno())],
                 pass_fds=[theirs.fileno()], env=ZYGOTE_ENV, stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL, close_fds=True, start_new_session=True)
         except OSError as exc:
