@@ -36,17 +36,17 @@ if not TYPE_CHECKING:
 
     def record(cls: Any) -> Any:
         """`cls` with the __init__, __repr__ and __eq__ a dataclass would have."""
-        names: list[str] = []
-        defaults: dict[str, Any] = {}
-        for klass in reversed(cls.__mro__):
-            own = vars(klass)
-            for name, annotation in own.get("__annotations__", {}).items():
-                if str(annotation).startswith(("ClassVar", "typing.ClassVar")):
-                    continue
-                if name not in names:
-                    names.append(name)
-                if name in own:
-                    defaults[name] = own[name]
+        # As dataclasses: the fields of record bases first (a redefined one keeps its
+        # place), then this class's own annotations, whose default is looked up on the class.
+        found: dict[str, Any] = {}
+        for base in cls.__mro__[-1:0:-1]:
+            found.update(vars(base).get("__record_defaults__", {}))
+        for name, annotation in vars(cls).get("__annotations__", {}).items():
+            if str(annotation).startswith(("ClassVar", "typing.ClassVar")):
+                continue
+            found[name] = getattr(cls, name, _MISSING)
+        names = list(found)
+        defaults = {name: default for name, default in found.items() if default is not _MISSING}
         params, body = [], []
         namespace: dict[str, Any] = {"_MISSING": _MISSING}
         for name in names:
@@ -79,13 +79,17 @@ if not TYPE_CHECKING:
         def __eq__(self: Any, other: object) -> bool:
             if other.__class__ is not self.__class__:
                 return NotImplemented
-            return all(getattr(self, name) == getattr(other, name) for name in fields)
+            # Tuples, as dataclasses compare: a field holding the same object on both sides
+            # is equal even if it is not equal to itself (a NaN).
+            return (tuple(getattr(self, name) for name in fields)
+                    == tuple(getattr(other, name) for name in fields))
 
         cls.__init__ = init
         cls.__repr__ = __repr__
         cls.__eq__ = __eq__
         cls.__hash__ = None
         cls.__record_fields__ = fields
+        cls.__record_defaults__ = found  # factories kept, for subclasses
         return cls
 
 
