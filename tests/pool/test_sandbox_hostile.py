@@ -280,6 +280,7 @@ def test_signalling_the_worker_is_refused(env: Any) -> None:
 def test_the_workers_environment_is_not_visible(env: Any) -> None:
     seen = env[0].submit("environment", {}).result(timeout=30)
     assert not any(name.startswith("PLUGINPOOL_") for name in seen)
+    assert "LD_BIND_NOW" not in seen, "the zygote's linker setting leaked to the plugin"
     assert_unharmed(env)
 
 
