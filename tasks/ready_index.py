@@ -152,6 +152,8 @@ class ReadyIndexChannel:
                 unprefixed_in_pipe(pipe, "ZADD", prefix + config.ready_prefix + group, "NX",
                                     time() * 1000 + pri * 1e14, key)
                 unprefixed_in_pipe(pipe, "LPUSH", prefix + config.wake_prefix + group, 1)
+                unprefixed_in_pipe(pipe, "LTRIM", prefix + config.wake_prefix + group, 0,
+                                    config.wake_depth - 1)
 
     # --- the group's queues: what this consumer serves, registered for the index ----------
 
@@ -259,6 +261,9 @@ class ReadyIndexChannel:
             unprefixed_in_pipe(pipe, "ZADD", prefix + config.consumers_key, time(),
                                 self.consumer_id)
             unprefixed_in_pipe(pipe, "LPUSH", self._wake_key(), 1)
+            # Bounded as publish.lua bounds it: one ring per queue added while running
+            # would otherwise pile up into as many empty claims.
+            unprefixed_in_pipe(pipe, "LTRIM", self._wake_key(), 0, config.wake_depth - 1)
             pipe.execute()
 
     def reregister_if_declared_dead(self, client: Any) -> None:
