@@ -26,7 +26,7 @@ from pluginpool.pool.sandbox.launcher import ZygoteLauncher
 from pluginpool.pool.sandbox.runner import standalone_plan
 from pluginpool.pool.sandbox.runtime.limits import MB
 from pluginpool.pool.sandbox.runtime.messages import Spawn
-from pluginpool.pool.sandbox.supervisor import Bounds, Supervisor
+from pluginpool.pool.sandbox.supervisor import Bounds, Supervision, Supervisor
 from pluginpool.tasks.spec import PluginSpec
 
 
@@ -61,6 +61,25 @@ def end_run(sandbox: warm.WarmSandbox, workspace: str) -> None:
         shutil.rmtree(workspace, ignore_errors=True)
 
 
+def supervised(sandbox: warm.WarmSandbox, spawn: Spawn, ours: socket.socket,
+               theirs: socket.socket, bounds: Bounds) -> tuple[Supervision, int, int]:
+    """One run handed over and supervised as runner._run_once does (its Forked read by the
+    supervisor when needed; older code, measured as a baseline: awaited first)."""
+    if not hasattr(sandbox, "start_run"):
+        forked = sandbox.spawn(spawn, theirs)
+        theirs.close()
+        return Supervisor(
+            forked.pid, ours.fileno(), bounds=bounds, workspace=spawn.workspace,
+            baseline_rss=forked.zygote_rss_bytes, storage=None, max_frame_bytes=2 << 20,
+            reaper=sandbox.run_reaper(forked.pid)).run(), forked.pid, forked.zygote_rss_bytes
+    pending = sandbox.start_run(spawn, theirs)
+    theirs.close()
+    out = Supervisor(None, ours.fileno(), bounds=bounds, workspace=spawn.workspace,
+                     baseline_rss=0, storage=None, max_frame_bytes=2 << 20, reaper=pending,
+                     pending=pending).run()
+    return out, pending.pid or 0, pending.zygote_rss_bytes
+
+
 def _tree_cpu(proc: psutil.Process) -> float:
     times = proc.cpu_times()
     return times.user + times.system + times.children_user + times.children_system
@@ -90,22 +109,17 @@ def measure(code_path: Path, runs: int, *, runtime_dir: str | None = None) -> di
             workspace = run_workspace(sandbox)
             ours, theirs = socket.socketpair()
             # The limits the worker's runner sends for this spec (runner._run_once).
-            forked = sandbox.spawn(Spawn(
+            spawn = Spawn(
                 job_id=str(n), operation="run", payload={"i": n}, attempt=1,
                 workspace=workspace, cpu_backstop_s=spec.deadlines.cpu_backstop_s,
-                max_memory_mb=limits.max_memory_mb, max_storage_kb=limits.max_storage_kb),
-                theirs)
-            theirs.close()
-            out = Supervisor(
-                forked.pid, ours.fileno(),
-                bounds=Bounds(timeout_s=spec.deadlines.run_kill_s,
-                              max_memory_bytes=limits.max_memory_mb * MB,
-                              max_storage_bytes=limits.max_storage_kb * 1024,
-                              cpu_percent=limits.max_cpu_percent),
-                workspace=workspace, baseline_rss=forked.zygote_rss_bytes, storage=None,
-                max_frame_bytes=2 << 20, reaper=sandbox.run_reaper(forked.pid)).run()
-            usage = outcome.usage_of(out, baseline_rss=forked.zygote_rss_bytes,
-                                     sandbox=sandbox, run_pid=forked.pid, setup=None)
+                max_memory_mb=limits.max_memory_mb, max_storage_kb=limits.max_storage_kb)
+            bounds = Bounds(timeout_s=spec.deadlines.run_kill_s,
+                            max_memory_bytes=limits.max_memory_mb * MB,
+                            max_storage_bytes=limits.max_storage_kb * 1024,
+                            cpu_percent=limits.max_cpu_percent)
+            out, pid, baseline = supervised(sandbox, spawn, ours, theirs, bounds)
+            usage = outcome.usage_of(out, baseline_rss=baseline, sandbox=sandbox,
+                                     run_pid=pid, setup=None)
             plugin_ms.append(usage.cpu_ms)
             ours.close()
             end_run(sandbox, workspace)

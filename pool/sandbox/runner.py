@@ -35,7 +35,7 @@ from pluginpool.pool.sandbox.runtime import channel, landlock
 from pluginpool.pool.sandbox.runtime.limits import MB
 from pluginpool.pool.sandbox.runtime.messages import Spawn
 from pluginpool.pool.sandbox.runtime.run import CHANNEL_FD
-from pluginpool.pool.sandbox.supervisor import Bounds, Supervision, Supervisor
+from pluginpool.pool.sandbox.supervisor import Bounds, NotForked, Supervision, Supervisor
 from pluginpool.pool.sandbox.warm_pool import WarmPool
 from pluginpool.pool.worker_services import WorkerServices
 from pluginpool.tasks.context import PluginContext
@@ -235,7 +235,7 @@ class SandboxRunner:
         ours, theirs = socket.socketpair()
         try:
             try:
-                forked = sandbox.spawn(Spawn(
+                pending = sandbox.start_run(Spawn(
                     job_id=ctx.job_id, operation=ctx.operation, payload=payload,
                     attempt=ctx.attempt, workspace=workspace,
                     cpu_backstop_s=deadlines.cpu_backstop_s, max_memory_mb=limits.max_memory_mb,
@@ -244,24 +244,25 @@ class SandboxRunner:
                 raise SandboxGone from exc
             finally:
                 theirs.close()
+            # Its Forked is read when the supervisor first needs the pid (supervisor.py).
             supervisor = Supervisor(
-                forked.pid, ours.fileno(),
+                None, ours.fileno(),
                 bounds=Bounds(timeout_s=deadlines.run_kill_s,
                               max_memory_bytes=limits.max_memory_mb * MB,
                               max_storage_bytes=limits.max_storage_kb * 1024,
                               cpu_percent=limits.max_cpu_percent),
-                workspace=workspace, baseline_rss=forked.zygote_rss_bytes,
-                storage=storage.handle,
+                workspace=workspace, baseline_rss=0, storage=storage.handle,
                 max_frame_bytes=self._settings.max_result_bytes + FRAME_OVERHEAD_BYTES,
-                reaper=sandbox.run_reaper(forked.pid),
-                max_log_bytes=self._settings.max_log_bytes)
+                reaper=pending, pending=pending, max_log_bytes=self._settings.max_log_bytes)
             try:
                 out = supervisor.run()
+            except NotForked as exc:
+                raise SandboxGone from exc
             except SoftTimeLimitExceeded:
                 # Celery's soft limit reached the pool child: same meaning as our clock.
                 out = supervisor.out
                 out.killed_for, out.observed = "timeout", float(limits.timeout_ms)
-            return out, forked.pid, forked.zygote_rss_bytes
+            return out, pending.pid or 0, pending.zygote_rss_bytes
         finally:
             ours.close()
             if not sandbox.clean_workspace():

@@ -36,6 +36,7 @@ from pluginpool.pool.sandbox.runtime.messages import (
 from pluginpool.pool.sandbox.supervisor import (
     Bounds,
     Exit,
+    NotForked,
     StorageHandler,
     Supervision,
     Supervisor,
@@ -101,6 +102,41 @@ class RunExitFromZygote:
         if not isinstance(message, Exited) or message.pid != self.run_pid:
             return Exit(sandbox_died=True)
         return Exit(status=message.status, cpu_s=message.cpu_s, maxrss_kb=message.maxrss_kb)
+
+
+class PendingRun:
+    """A run handed to the zygote, its Forked not read yet: the supervisor reads it when it
+    first needs the run's pid (supervisor.PendingFork), then reaps the run through the
+    zygote's Exited. Forked is awaited until EXIT_WAIT_S after the Spawn, as spawn() does."""
+
+    def __init__(self, control: socket.socket, deadline: float) -> None:
+        self.control = control
+        self.deadline = deadline
+        self.pid: int | None = None
+        self.zygote_rss_bytes = 0
+        self._failed = False
+
+    def forked(self) -> tuple[int, int]:
+        if self.pid is None:
+            if self._failed:
+                raise NotForked
+            self._failed = True
+            try:
+                left = max(self.deadline - time.monotonic(), 0.0)
+                if not select.select([self.control], [], [], left)[0]:
+                    raise NotForked
+                message = channel.receive_message(self.control.fileno(),
+                                                  max_bytes=CONTROL_MAX_BYTES)
+            except (channel.ChannelClosed, OSError, ValueError) as exc:
+                raise NotForked from exc
+            if not isinstance(message, Forked):
+                raise NotForked
+            self._failed = False
+            self.pid, self.zygote_rss_bytes = message.pid, message.zygote_rss_bytes
+        return self.pid, self.zygote_rss_bytes
+
+    def reap(self, *, block: bool) -> Exit | None:
+        return RunExitFromZygote(self.control, self.forked()[0]).reap(block=block)
 
 
 @dataclass
@@ -170,6 +206,12 @@ class WarmSandbox:
         if not isinstance(forked, Forked):
             raise channel.ChannelClosed
         return forked
+
+    def start_run(self, spawn: Spawn, run_end: socket.socket) -> PendingRun:
+        """Hand the zygote one run and its channel, without waiting for its Forked: the
+        Supervisor given this PendingRun (as `pending` and `reaper`) reads it."""
+        channel.send_message_with_fd(self.control, spawn, run_end.fileno())
+        return PendingRun(self.control, time.monotonic() + EXIT_WAIT_S)
 
     def run_reaper(self, run_pid: int) -> RunExitFromZygote:
         return RunExitFromZygote(self.control, run_pid)
