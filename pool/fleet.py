@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
-from celery.app.trace import build_tracer
 
 from pluginpool.pool.plugin_tasks import ensure_plugin_task
 from pluginpool.pool.thread_step import ThreadStep
@@ -93,19 +92,15 @@ class FleetConfig:
     the follower bumps the generation only when the registry differs from these."""
 
 
-def start_strategies(consumer: Any, task_names: list[str]) -> None:
-    """Celery's `Consumer.update_strategies` for the new tasks only.
+def forget_strategies(consumer: Any, task_names: list[str]) -> None:
+    """New tasks get their strategy at their first message (`lazy_strategies.py`).
 
-    Celery's rebuilds the strategy (a Request class each) and the tracer of every task:
-    about 1 ms each, so with 10,000 plugins each new plugin held every worker's event loop
-    for 10 s or more (no claims, no acks, no heartbeat, long enough to be declared dead)."""
-    if not task_names:
-        return
-    app = consumer.app
+    Celery's `Consumer.update_strategies` rebuilt the strategy (a Request class each) and
+    the tracer of every task: with 10,000 plugins each new plugin held every worker's event
+    loop for seconds (no claims, acks or heartbeat). Dropping any entry under a new task's
+    name keeps a table that did not build lazily from serving a stale one."""
     for name in task_names:
-        task = app.tasks[name]
-        consumer.strategies[name] = task.start_strategy(app, consumer)
-        task.__trace__ = build_tracer(name, task, app.loader, consumer.hostname, app=app)
+        consumer.strategies.pop(name, None)
 
 
 class RegistryFollower(ThreadStep):
@@ -204,7 +199,7 @@ class RegistryFollower(ThreadStep):
         app = self._worker.app
         new_tasks = [spec.task_name for spec in wanted.values()
                      if ensure_plugin_task(app, spec, self.services)]
-        start_strategies(consumer, new_tasks)
+        forget_strategies(consumer, new_tasks)
         consuming = {q for q in app.amqp.queues.consume_from
                      if q.startswith(PLUGIN_QUEUE_PREFIX)}
         wanted_queues = {spec.queue for spec in wanted.values() if spec.id not in disabled}

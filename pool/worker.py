@@ -22,6 +22,7 @@ from pluginpool.pool.fleet import (
     RegistryFollower,
     SharedGeneration,
 )
+from pluginpool.pool.lazy_strategies import CONSUMER_PATH as LAZY_CONSUMER_PATH
 from pluginpool.pool.liveness import WorkerLiveness
 from pluginpool.pool.plugin_tasks import install_task_registry
 from pluginpool.pool.quarantine import fail_quarantined
@@ -121,6 +122,7 @@ def build_worker_app(settings: Settings, specs: list[PluginSpec], *,
     for sandboxed, runner in list(services.runners.items()):
         services.runners[sandboxed] = ArtifactRunner(runner, artifacts)
     install_task_registry(app, nodename, services)
+    app.conf.worker_consumer = LAZY_CONSUMER_PATH  # strategies built at first use
     # A job the poison rule quarantines gets its failure as an outcome (pool/quarantine.py).
     app.conf.broker_transport_options[QUARANTINE_HOOK_OPTION] = fail_quarantined(app, services)
     register_plugin_tasks(app, specs, services)
