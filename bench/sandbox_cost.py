@@ -8,11 +8,11 @@ in its children's times). The plugin's own CPU (`usage.cpu_ms`) is reported besi
 
 from __future__ import annotations
 
+import _socket
 import dataclasses
 import os
 import resource
 import shutil
-import socket
 import statistics
 import tempfile
 import time
@@ -53,20 +53,22 @@ def run_workspace(sandbox: warm.WarmSandbox) -> str:
                                                                  dir=sandbox.home)
 
 
-def end_run(sandbox: warm.WarmSandbox, workspace: str) -> None:
+def end_run(sandbox: warm.WarmSandbox, workspace: str, out: Supervision) -> None:
     """As the worker does after a run: the workspace emptied (or removed)."""
     if workspace == getattr(sandbox, "workspace", None):
-        assert sandbox.clean_workspace(), "the run workspace could not be emptied"
+        cleaned = (sandbox.clean_workspace(found_empty=out.workspace_empty)
+                   if hasattr(out, "workspace_empty") else sandbox.clean_workspace())
+        assert cleaned, "the run workspace could not be emptied"
     else:
         shutil.rmtree(workspace, ignore_errors=True)
 
 
-def supervised(sandbox: warm.WarmSandbox, spawn: Spawn, ours: socket.socket,
-               theirs: socket.socket, bounds: Bounds) -> tuple[Supervision, int, int]:
+def supervised(sandbox: warm.WarmSandbox, spawn: Spawn, ours: _socket.socket,
+               theirs: _socket.socket, bounds: Bounds) -> tuple[Supervision, int, int]:
     """One run handed over and supervised as runner._run_once does (its Forked read by the
     supervisor when needed; older code, measured as a baseline: awaited first)."""
     if not hasattr(sandbox, "start_run"):
-        forked = sandbox.spawn(spawn, theirs)
+        forked = sandbox.spawn(spawn, theirs)  # type: ignore[arg-type]  # older code
         theirs.close()
         return Supervisor(
             forked.pid, ours.fileno(), bounds=bounds, workspace=spawn.workspace,
@@ -107,7 +109,7 @@ def measure(code_path: Path, runs: int, *, runtime_dir: str | None = None) -> di
         started = time.perf_counter()
         for n in range(runs):
             workspace = run_workspace(sandbox)
-            ours, theirs = socket.socketpair()
+            ours, theirs = _socket.socketpair()  # as runner._run_once
             # The limits the worker's runner sends for this spec (runner._run_once).
             spawn = Spawn(
                 job_id=str(n), operation="run", payload={"i": n}, attempt=1,
@@ -122,7 +124,7 @@ def measure(code_path: Path, runs: int, *, runtime_dir: str | None = None) -> di
                                      run_pid=pid, setup=None)
             plugin_ms.append(usage.cpu_ms)
             ours.close()
-            end_run(sandbox, workspace)
+            end_run(sandbox, workspace, out)
         wall_s = time.perf_counter() - started
         after_zygote, after_runs = _zygote_faults(sandbox.pid)
         faults = {"pool_child_side": round((_self_faults() - faults_self) / runs, 1),

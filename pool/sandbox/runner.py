@@ -13,6 +13,7 @@ code; a run sees the set-up state and nothing any earlier run did.
 
 from __future__ import annotations
 
+import _socket
 import functools
 import os
 import socket
@@ -232,7 +233,8 @@ class SandboxRunner:
         limits = spec.resource_limits
         deadlines = spec.deadlines
         workspace = sandbox.workspace
-        ours, theirs = socket.socketpair()
+        ours, theirs = _socket.socketpair()
+        found_empty = False
         try:
             try:
                 pending = sandbox.start_run(Spawn(
@@ -256,6 +258,7 @@ class SandboxRunner:
                 reaper=pending, pending=pending, max_log_bytes=self._settings.max_log_bytes)
             try:
                 out = supervisor.run()
+                found_empty = out.workspace_empty
             except NotForked as exc:
                 raise SandboxGone from exc
             except SoftTimeLimitExceeded:
@@ -265,5 +268,5 @@ class SandboxRunner:
             return out, pending.pid or 0, pending.zygote_rss_bytes
         finally:
             ours.close()
-            if not sandbox.clean_workspace():
+            if not sandbox.clean_workspace(found_empty=found_empty):
                 sandbox.retire("its run workspace could not be emptied")

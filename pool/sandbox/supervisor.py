@@ -108,6 +108,9 @@ class Supervision:
     stopped_at: float | None = None
     stopped_at_unix: float | None = None
     descendants: set[int] = field(default_factory=set)
+    workspace_empty: bool = False
+    """The workspace was found empty once the run had ended and was reaped (its result
+    came): warm.WarmSandbox.clean_workspace need not list it again."""
     logs: LogTail = field(default_factory=lambda: LogTail(DEFAULT_LOG_BYTES))
     """The run's stdout, stderr and ctx.logger, kept to their last max_log_bytes."""
 
@@ -195,19 +198,27 @@ def entries_of(path: str, *, sizes: bool = True) -> list[tuple[str, bool, int]]:
 
 
 def directory_bytes(path: str) -> int:
+    return directory_usage(path)[0]
+
+
+def directory_usage(path: str) -> tuple[int, bool]:
+    """(bytes under `path`, whether `path` itself could be listed and was empty)."""
     total = 0
     stack = [path]
+    empty = False
     while stack:
         top = stack.pop()
         try:
             entries = entries_of(top)
         except OSError:
             continue
+        if top is path:
+            empty = not entries
         for name, is_dir, size in entries:
             if is_dir:
                 stack.append(os.path.join(top, name))
             total += size
-    return total
+    return total, empty
 
 
 FINAL = (Result, Ready, SetupFailed)
@@ -399,13 +410,16 @@ class Supervisor:
             self.out.wall_s = self.clock() - started
             if self.pid is None:
                 self._pid()  # NotForked: nothing was forked, nothing to stop or reap
-            if self.out.result is not None:
-                self.out.storage_bytes = max(self.out.storage_bytes,
-                                             directory_bytes(self.workspace))
             if self._stopped:
                 self._signal_group(signal.SIGCONT)
             # A setup that ended well leaves its zygote running; anything else is killed.
             if self.kill_after or self.out.result is None:
                 self.kill()
                 self.out.exit = self.out.exit or self.reaper.reap(block=True)
+            if self.out.result is not None:
+                # Once nothing of the run can still write (a run is reaped, and its
+                # leftovers killed, before its zygote reports its exit): its final size, and
+                # the listing the workspace's cleaning would make again.
+                stored, self.out.workspace_empty = directory_usage(self.workspace)
+                self.out.storage_bytes = max(self.out.storage_bytes, stored)
         return self.out

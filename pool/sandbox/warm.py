@@ -7,6 +7,7 @@ clock `setup_timeout_ms`, memory, storage, CPU share); `spawn` hands it one run;
 
 from __future__ import annotations
 
+import _socket
 import base64
 import contextlib
 import os
@@ -168,12 +169,14 @@ class WarmSandbox:
     def instance_id(self) -> str | None:
         return self.key[2]
 
-    def clean_workspace(self) -> bool:
+    def clean_workspace(self, *, found_empty: bool = False) -> bool:
         """Empty the run workspace, as it was created (mode, times), so the next run sees
-        nothing this one left; False (and the sandbox tainted) if anything stays."""
+        nothing this one left; False (and the sandbox tainted) if anything stays.
+        `found_empty`: the supervisor listed it after the run ended (Supervision's
+        workspace_empty), so it is not listed again."""
         path = self.workspace
         try:
-            if _clear(path):
+            if found_empty or _clear(path):
                 stat = os.stat(path)
                 if stat.st_mode & 0o7777 != 0o700:
                     os.chmod(path, 0o700)
@@ -207,7 +210,7 @@ class WarmSandbox:
             raise channel.ChannelClosed
         return forked
 
-    def start_run(self, spawn: Spawn, run_end: socket.socket) -> PendingRun:
+    def start_run(self, spawn: Spawn, run_end: _socket.socket) -> PendingRun:
         """Hand the zygote one run and its channel, without waiting for its Forked: the
         Supervisor given this PendingRun (as `pending` and `reaper`) reads it."""
         channel.send_message_with_fd(self.control, spawn, run_end.fileno())
