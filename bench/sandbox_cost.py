@@ -53,8 +53,9 @@ def run_workspace(sandbox: warm.WarmSandbox) -> str:
                                                                  dir=sandbox.home)
 
 
-def end_run(sandbox: warm.WarmSandbox, workspace: str, out: Supervision) -> None:
-    """As the worker does after a run: the workspace emptied (or removed)."""
+def end_run(sandbox: warm.WarmSandbox, workspace: str, out: Supervision | None = None) -> None:
+    """As the worker does after a run: the workspace emptied (or removed); with the run's
+    Supervision, not listed again if the supervisor found it empty (runner._run_once)."""
     if workspace == getattr(sandbox, "workspace", None):
         cleaned = (sandbox.clean_workspace(found_empty=out.workspace_empty)
                    if hasattr(out, "workspace_empty") else sandbox.clean_workspace())
