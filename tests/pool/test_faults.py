@@ -4,6 +4,7 @@ Redis restarted, a rolling restart, a breaker draining a backlog, Redis through 
 from __future__ import annotations
 
 import os
+import random
 import signal
 import subprocess
 import time
@@ -127,6 +128,48 @@ def test_workers_killed_mid_stream_lose_no_job(redis_url: str, tmp_path: Path) -
         duplicates = sum(count - 1 for count in executions.values())
         print(f"{jobs_n} jobs, {duplicates} duplicate executions (at-least-once)")
         assert duplicates < 200
+
+
+@pytest.mark.timeout(300)
+def test_workers_killed_mid_stream_lose_no_job_spread_over_many_plugins(
+        redis_url: str, tmp_path: Path) -> None:
+    """The same faults with jobs spread at random over 150 plugins (the ready index and the
+    group's one wake-up list, not one queue): two workers serve them as one group; one is
+    SIGKILLed mid-stream, the other's pool children are killed, and a third starts while
+    the first's heartbeat runs out. Every job ends with one outcome."""
+    settings = make_settings(redis_url, key_prefix=f"ppmanyk:{uuid.uuid4().hex[:8]}:",
+                             restore_sweep_s=0.5, consumer_dead_after_s=3,
+                             breaker_enabled=False, usage_events=False)
+    plugins = [f"counter-mk{i:03d}" for i in range(150)]
+    with PluginClient(settings) as client:
+        client.register([counter(plugin_id) for plugin_id in plugins])
+        workers = [spawn_worker(client, tmp_path, plugins="counter-mk*", concurrency=2)
+                   for _ in range(2)]
+        key = f"{settings.key_prefix}executions"
+        rng = random.Random(11)
+        try:
+            jobs_n = 600 * CHAOS_SCALE
+            jobs = [client.submit(rng.choice(plugins), {"redis_url": redis_url, "key": key,
+                                                        "n": i, "seconds": 0.01})
+                    for i in range(jobs_n)]
+            assert wait_until(lambda: client.redis.hlen(key) >= 20, timeout_s=30)
+            workers[0].signal(signal.SIGKILL)  # its jobs return once its heartbeat stops
+            workers.append(spawn_worker(client, tmp_path, plugins="counter-mk*",
+                                        concurrency=2))
+            for _ in range(3):
+                for child in psutil.Process(workers[1].pid).children():
+                    child.kill()
+                time.sleep(0.5)
+            results = outcomes(jobs, timeout_s=120)
+        finally:
+            for worker in workers:
+                worker.stop()
+        executions = {k: int(v) for k, v in client.redis.hgetall(key).items()}
+        assert len(results) == jobs_n
+        assert all(kind == "ok" for kind, _ in results.values())
+        assert set(executions) == set(results)
+        duplicates = sum(count - 1 for count in executions.values())
+        print(f"{jobs_n} jobs over {len(plugins)} plugins, {duplicates} duplicate executions")
 
 
 @pytest.mark.timeout(300)
