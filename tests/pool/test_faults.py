@@ -90,6 +90,24 @@ def outcomes(jobs: list[Job], *, timeout_s: float) -> dict[str, Any]:
     return results
 
 
+def kill_pool_children(worker: ManagedProcess, *, times: int) -> None:
+    """Kill the worker's pool children, `times` times half a second apart."""
+    for _ in range(times):
+        for child in psutil.Process(worker.pid).children():
+            child.kill()
+        time.sleep(0.5)
+
+
+def duplicate_runs(client: PluginClient, key: str, results: dict[str, Any],
+                   jobs_n: int) -> int:
+    """Check every job ran and ended `ok`; the number of extra runs (at-least-once)."""
+    executions = {k: int(v) for k, v in client.redis.hgetall(key).items()}
+    assert len(results) == jobs_n
+    assert all(kind == "ok" for kind, _ in results.values())
+    assert set(executions) == set(results)
+    return sum(count - 1 for count in executions.values())
+
+
 @pytest.mark.timeout(300)
 def test_workers_killed_mid_stream_lose_no_job(redis_url: str, tmp_path: Path) -> None:
     """3 workers share a queue; one main process is SIGKILLed, another's pool children are
@@ -112,20 +130,13 @@ def test_workers_killed_mid_stream_lose_no_job(redis_url: str, tmp_path: Path) -
                                               "seconds": 0.01}) for i in range(jobs_n)]
             time.sleep(2)
             workers[0].signal(signal.SIGKILL)  # its jobs return once its heartbeat stops
-            for _ in range(5):
-                for child in psutil.Process(workers[1].pid).children():
-                    child.kill()
-                time.sleep(0.5)
+            kill_pool_children(workers[1], times=5)
             results = outcomes(jobs, timeout_s=100)
         finally:
             for worker in workers:
                 worker.stop()
-        executions = {k: int(v) for k, v in client.redis.hgetall(key).items()}
-        assert len(results) == jobs_n
-        assert all(kind == "ok" for kind, _ in results.values())
+        duplicates = duplicate_runs(client, key, results, jobs_n)
         assert len({value for _, value in results.values()}) == len(results)
-        assert set(executions) == set(results)
-        duplicates = sum(count - 1 for count in executions.values())
         print(f"{jobs_n} jobs, {duplicates} duplicate executions (at-least-once)")
         assert duplicates < 200
 
@@ -156,19 +167,12 @@ def test_workers_killed_mid_stream_lose_no_job_spread_over_many_plugins(
             workers[0].signal(signal.SIGKILL)  # its jobs return once its heartbeat stops
             workers.append(spawn_worker(client, tmp_path, plugins="counter-mk*",
                                         concurrency=2))
-            for _ in range(3):
-                for child in psutil.Process(workers[1].pid).children():
-                    child.kill()
-                time.sleep(0.5)
+            kill_pool_children(workers[1], times=3)
             results = outcomes(jobs, timeout_s=120)
         finally:
             for worker in workers:
                 worker.stop()
-        executions = {k: int(v) for k, v in client.redis.hgetall(key).items()}
-        assert len(results) == jobs_n
-        assert all(kind == "ok" for kind, _ in results.values())
-        assert set(executions) == set(results)
-        duplicates = sum(count - 1 for count in executions.values())
+        duplicates = duplicate_runs(client, key, results, jobs_n)
         print(f"{jobs_n} jobs over {len(plugins)} plugins, {duplicates} duplicate executions")
 
 
