@@ -13,9 +13,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from celery import Celery, states
+from celery import Celery
 
 from pluginpool.policy.errors import DeadLetterNotFoundError, ErrorType, PluginExecutionError
+from pluginpool.pool.stored_outcome import has_outcome
 from pluginpool.pool.worker_services import WorkerServices
 from pluginpool.tasks.deadletter import DeadLetterStore, queue_of_list
 from pluginpool.tasks.retire import job_id_of
@@ -34,7 +35,7 @@ def fail_quarantined(app: Celery, services: WorkerServices) -> Callable[[str], N
         job_id = job_id_of(entry.raw.encode())
         if job_id is None:
             return  # not a task message: nobody waits for it
-        if app.backend.get_task_meta(job_id).get("status") in states.READY_STATES:
+        if has_outcome(app, job_id):
             return  # an earlier delivery's run stored an outcome before its worker died
         queue = queue_of_list(entry.queue or "")
         plugin_id = queue.rsplit(PLUGIN_QUEUE_PREFIX, 1)[-1] if PLUGIN_QUEUE_PREFIX in queue \

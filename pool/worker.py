@@ -27,9 +27,11 @@ from pluginpool.pool.liveness import WorkerLiveness
 from pluginpool.pool.plugin_tasks import install_task_registry
 from pluginpool.pool.quarantine import fail_quarantined
 from pluginpool.pool.sandbox.runner import SandboxRunner
+from pluginpool.pool.stored_outcome import reserved_message_done
 from pluginpool.pool.thread_step import bound_step
 from pluginpool.pool.worker_services import WorkerServices
 from pluginpool.tasks.app import create_app
+from pluginpool.tasks.claim_qos import OUTCOME_STORED_OPTION
 from pluginpool.tasks.delivery_record import DELIVERY_OPTION
 from pluginpool.tasks.redis_conn import redis_client
 from pluginpool.tasks.registry import Registry, SpecCache
@@ -125,6 +127,8 @@ def build_worker_app(settings: Settings, specs: list[PluginSpec], *,
     app.conf.worker_consumer = LAZY_CONSUMER_PATH  # strategies built at first use
     # A job the poison rule quarantines gets its failure as an outcome (pool/quarantine.py).
     app.conf.broker_transport_options[QUARANTINE_HOOK_OPTION] = fail_quarantined(app, services)
+    # A warm shutdown acknowledges, not hands back, a reserved job whose outcome is stored.
+    app.conf.broker_transport_options[OUTCOME_STORED_OPTION] = reserved_message_done(app)
     register_plugin_tasks(app, specs, services)
     bind_worker_app(app, services)
     fleet = FleetConfig(selector=chosen, generation=generation,

@@ -24,6 +24,10 @@ from pluginpool.tasks.delivery_record import (
 
 logger = logging.getLogger("pluginpool.transport")
 
+OUTCOME_STORED_OPTION = "pluginpool_outcome_stored"
+"""Transport option: called with a reserved kombu message at a warm shutdown; True when its
+job's outcome is stored already, so the message is acknowledged instead of handed back."""
+
 
 class ClaimAwareQoS(RedisQoS):
     """kombu's QoS over the whole unacknowledged record (see `delivery_record`).
@@ -55,17 +59,27 @@ class ClaimAwareQoS(RedisQoS):
         virtual.QoS.ack(self, delivery_tag)
 
     def restore_unacked(self, client: Any = None) -> None:
-        """Warm shutdown: hand every reserved message back. If the connection is already
-        gone the records stay, and the next sweep of another worker returns them once this
-        channel's heartbeat has stopped."""
+        """Warm shutdown: hand every reserved message back, except those whose job already
+        has its outcome stored (`OUTCOME_STORED_OPTION`): their run finished as the worker
+        stopped, but the main process had stopped reading its pool processes' results, so
+        their acknowledgement never came, and handed back they ran a second time (seen in
+        the rolling-restart test). If the connection is already gone the records stay, and
+        the next sweep of another worker returns them once this channel's heartbeat has
+        stopped."""
         if getattr(self.channel.connection, "client", None) is None:
             logger.warning("connection lost before %d reserved messages could be handed "
                            "back: they return once this consumer's heartbeat stops",
                            len(self._delivered or {}))
             return
+        done = self.channel._option(OUTCOME_STORED_OPTION, None)
         with self.channel.conn_or_acquire(client) as client:
             delivered: dict[str, Any] = self._delivered or {}
-            for tag in delivered:
+            for tag, message in delivered.items():
+                if done is not None and done(message):
+                    logger.info("reserved message %s: its job's outcome is stored, so it is "
+                                "acknowledged, not handed back", tag)
+                    self.forget(tag, client=client)
+                    continue
                 self.hand_back(tag, client=client, leftmost=False)
             delivered.clear()
         # The heartbeat entry is left to age: a sweep then finds nothing held and drops it,
