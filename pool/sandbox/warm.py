@@ -105,6 +105,17 @@ class RunExitFromZygote:
         return Exit(status=message.status, cpu_s=message.cpu_s, maxrss_kb=message.maxrss_kb)
 
 
+def read_forked(control: socket.socket, timeout_s: float) -> Forked:
+    """The zygote's answer to a Spawn, the run's Forked; ChannelClosed if none comes within
+    `timeout_s` or it answers something else."""
+    if not select.select([control], [], [], timeout_s)[0]:
+        raise channel.ChannelClosed
+    forked = channel.receive_message(control.fileno(), max_bytes=CONTROL_MAX_BYTES)
+    if not isinstance(forked, Forked):
+        raise channel.ChannelClosed
+    return forked
+
+
 class PendingRun:
     """A run handed to the zygote, its Forked not read yet: the supervisor reads it when it
     first needs the run's pid (supervisor.PendingFork), then reaps the run through the
@@ -123,15 +134,9 @@ class PendingRun:
                 raise NotForked
             self._failed = True
             try:
-                left = max(self.deadline - time.monotonic(), 0.0)
-                if not select.select([self.control], [], [], left)[0]:
-                    raise NotForked
-                message = channel.receive_message(self.control.fileno(),
-                                                  max_bytes=CONTROL_MAX_BYTES)
+                message = read_forked(self.control, max(self.deadline - time.monotonic(), 0.0))
             except (channel.ChannelClosed, OSError, ValueError) as exc:
                 raise NotForked from exc
-            if not isinstance(message, Forked):
-                raise NotForked
             self._failed = False
             self.pid, self.zygote_rss_bytes = message.pid, message.zygote_rss_bytes
         return self.pid, self.zygote_rss_bytes
@@ -203,12 +208,7 @@ class WarmSandbox:
     def spawn(self, spawn: Spawn, run_end: socket.socket) -> Forked:
         """Hand the zygote one run and its channel; it answers with the run's pid."""
         channel.send_message_with_fd(self.control, spawn, run_end.fileno())
-        if not select.select([self.control], [], [], EXIT_WAIT_S)[0]:
-            raise channel.ChannelClosed
-        forked = channel.receive_message(self.control.fileno(), max_bytes=CONTROL_MAX_BYTES)
-        if not isinstance(forked, Forked):
-            raise channel.ChannelClosed
-        return forked
+        return read_forked(self.control, EXIT_WAIT_S)
 
     def start_run(self, spawn: Spawn, run_end: _socket.socket) -> PendingRun:
         """Hand the zygote one run and its channel, without waiting for its Forked: the
