@@ -40,6 +40,20 @@ logger = logging.getLogger("pluginpool.transport")
 REGISTER_CHUNK = 1_000
 """Members per SADD when a consumer's whole registration is written at once."""
 
+def sadd_chunked(pipe: Any, key: str, members: list[str]) -> None:
+    """SADD `members` to `key` in the pipeline, REGISTER_CHUNK members per command."""
+    for start in range(0, len(members), REGISTER_CHUNK):
+        unprefixed_in_pipe(pipe, "SADD", key, *members[start:start + REGISTER_CHUNK])
+
+
+def ring(pipe: Any, wake_key: str, depth: int) -> None:
+    """Ring a group's wake-up list in the pipeline, bounded as publish.lua bounds it (one
+    ring per queue added while running would otherwise pile up into as many empty
+    claims)."""
+    unprefixed_in_pipe(pipe, "LPUSH", wake_key, 1)
+    unprefixed_in_pipe(pipe, "LTRIM", wake_key, 0, depth - 1)
+
+
 KEYEVENT_CHANNELS = ("lpush", "rpush")
 """Keyspace events that put a message on a list (Redis `notify-keyspace-events` E + l)."""
 
@@ -151,9 +165,7 @@ class ReadyIndexChannel:
                 group = bytes_to_str(raw)
                 unprefixed_in_pipe(pipe, "ZADD", prefix + config.ready_prefix + group, "NX",
                                     time() * 1000 + pri * 1e14, key)
-                unprefixed_in_pipe(pipe, "LPUSH", prefix + config.wake_prefix + group, 1)
-                unprefixed_in_pipe(pipe, "LTRIM", prefix + config.wake_prefix + group, 0,
-                                    config.wake_depth - 1)
+                ring(pipe, prefix + config.wake_prefix + group, config.wake_depth)
 
     # --- the group's queues: what this consumer serves, registered for the index ----------
 
@@ -253,17 +265,12 @@ class ReadyIndexChannel:
         config = self.delivery_config
         lists = [key for queue in pending for key in self._list_keys(queue)]
         with self.conn_or_acquire() as client, client.pipeline() as pipe:  # type: ignore[attr-defined]
-            for start in range(0, len(lists), REGISTER_CHUNK):
-                unprefixed_in_pipe(pipe, "SADD", prefix + config.consumes_key(self.consumer_id),
-                                    *lists[start:start + REGISTER_CHUNK])
+            sadd_chunked(pipe, prefix + config.consumes_key(self.consumer_id), lists)
             for queue in pending:
                 unprefixed_in_pipe(pipe, "SADD", prefix + config.waiters_key(queue), self.group)
             unprefixed_in_pipe(pipe, "ZADD", prefix + config.consumers_key, time(),
                                 self.consumer_id)
-            unprefixed_in_pipe(pipe, "LPUSH", self._wake_key(), 1)
-            # Bounded as publish.lua bounds it: one ring per queue added while running
-            # would otherwise pile up into as many empty claims.
-            unprefixed_in_pipe(pipe, "LTRIM", self._wake_key(), 0, config.wake_depth - 1)
+            ring(pipe, self._wake_key(), config.wake_depth)
             pipe.execute()
 
     def reregister_if_declared_dead(self, client: Any) -> None:
@@ -290,11 +297,9 @@ class ReadyIndexChannel:
                        "(it was declared dead: its heartbeat stopped for longer than the "
                        "bound, and what it held ran elsewhere): registering its queues again",
                        held, len(consumed))
-        lists = list(consumed)
         with client.pipeline() as pipe:  # MULTI: no claim sees the set half rewritten
             unprefixed_in_pipe(pipe, "DEL", key)
-            for start in range(0, len(lists), REGISTER_CHUNK):
-                unprefixed_in_pipe(pipe, "SADD", key, *lists[start:start + REGISTER_CHUNK])
+            sadd_chunked(pipe, key, list(consumed))
             for waiters in set(consumed.values()):
                 unprefixed_in_pipe(pipe, "SADD", waiters, self.group)
             pipe.execute()
