@@ -11,7 +11,7 @@ event (a reconnect, a restart of Redis) catch up on its own.
 The thread changes nothing in the consumer itself: it hands the wanted set to the event
 loop with `consumer.call_soon` (thread-safe, wakes the loop), where Celery's own consumer
 control does the work, as the `add_consumer`/`cancel_consumer` control commands do:
-register the plugin's task and update the consumer's strategies, `add_task_queue`,
+register the plugin's task (its strategy is built at its first message), `add_task_queue`,
 `cancel_task_queue`. A registry change also bumps a counter in memory shared with the
 pool children, so their spec caches fetch the new revision on their next job.
 """
@@ -90,17 +90,6 @@ class FleetConfig:
     revisions: dict[str, int]
     """The revisions of the plugins the worker started with (its spec cache holds them):
     the follower bumps the generation only when the registry differs from these."""
-
-
-def forget_strategies(consumer: Any, task_names: list[str]) -> None:
-    """New tasks get their strategy at their first message (`lazy_strategies.py`).
-
-    Celery's `Consumer.update_strategies` rebuilt the strategy (a Request class each) and
-    the tracer of every task: with 10,000 plugins each new plugin held every worker's event
-    loop for seconds (no claims, acks or heartbeat). Dropping any entry under a new task's
-    name keeps a table that did not build lazily from serving a stale one."""
-    for name in task_names:
-        consumer.strategies.pop(name, None)
 
 
 class RegistryFollower(ThreadStep):
@@ -197,9 +186,11 @@ class RegistryFollower(ThreadStep):
         if wanted_pass and applied == self._applied:
             return
         app = self._worker.app
-        new_tasks = [spec.task_name for spec in wanted.values()
-                     if ensure_plugin_task(app, spec, self.services)]
-        forget_strategies(consumer, new_tasks)
+        for spec in wanted.values():
+            # A new task gets its strategy at its first message (lazy_strategies.py): Celery's
+            # update_strategies rebuilt every task's for one new task, holding the event
+            # loop for seconds with 10,000 plugins.
+            ensure_plugin_task(app, spec, self.services)
         consuming = {q for q in app.amqp.queues.consume_from
                      if q.startswith(PLUGIN_QUEUE_PREFIX)}
         wanted_queues = {spec.queue for spec in wanted.values() if spec.id not in disabled}

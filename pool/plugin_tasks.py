@@ -63,7 +63,7 @@ def install_task_registry(app: Celery, hostname: str, services: WorkerServices) 
 
 def ensure_plugin_task(app: Celery, spec: PluginSpec, services: WorkerServices) -> bool:
     """Register the plugin's task, or bring its options up to date with this revision.
-    True when the task is new (the consumer's strategies must then be updated)."""
+    True when the task is new."""
     tasks: dict[str, Any] = app._tasks  # type: ignore[attr-defined]
     if spec.task_name not in tasks:
         register_plugin_task(app, spec, services)
