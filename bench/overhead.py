@@ -132,9 +132,11 @@ def script_names() -> dict[str, str]:
     from pluginpool.pool.job_start import SHA as JOB_START
     from pluginpool.tasks import delivery_record as d
     from pluginpool.tasks.job_status import LUA_SOURCE as JOB_STATUS
+    from pluginpool.tasks.result_store import STORE_SHA
     names = {hashlib.sha1(BREAKER.encode()).hexdigest(): "breaker.lua (acquire/record)",
              hashlib.sha1(JOB_STATUS.encode()).hexdigest(): "job_status.lua",
-             JOB_START: "job_start.lua (pre-run check + started)"}
+             JOB_START: "job_start.lua (pre-run check + started)",
+             STORE_SHA: "store_result.lua (result + final status)"}
     baseline = os.environ.get("BENCH_BASELINE_CODE")
     if baseline:
         policy = Path(baseline) / "pluginpool" / "policy"

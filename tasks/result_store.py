@@ -1,12 +1,15 @@
 """Celery's Redis result backend, with a plugin job's end written in the same MULTI as its
 result: the final status (`succeeded`, `failed`, `cancelled`, recorded and pushed by
-`job_status.lua`) and the bookkeeping the task left for it (pool/recording.py: the outcome
-record, i.e. breaker window, health figures, usage and error events; the instance's usage;
-the run log).
+`job_status_lib.lua`'s `write_status`) and the bookkeeping the task left for it
+(pool/recording.py: the outcome record, i.e. breaker window, health figures, usage and error
+events; the instance's usage; the run log).
 
-Why here: Celery stores every result with one MULTI (SETEX + PUBLISH) anyway, so what is
-written with it costs no round trip of its own (issue 16), and a watcher that sees
-`succeeded` or `failed` can read the outcome at once, since both land in one atomic step.
+Why here: Celery stores every result with a GET (is a SUCCESS stored already?) and one
+MULTI (SETEX + PUBLISH) anyway, so what is written with it costs no round trip of its own
+(issue 16). For a plugin job's end the GET goes too: one script in that MULTI
+(`store_result.lua`) checks for a stored SUCCESS, stores and publishes the result and
+writes the final status, so a watcher that sees `succeeded` or `failed` can read the
+outcome at once, and the check and the store have no gap between them.
 Only when the result backend is pluginpool's own Redis database (`same_database`), and only
 in a worker (`bind_result_store`); otherwise the signal hooks write statuses as before
 (pool/job_status_hooks.py) and the task writes its run log itself.
@@ -24,6 +27,7 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -31,17 +35,20 @@ import redis
 from billiard.exceptions import WorkerLostError
 from celery import states
 from celery.backends.redis import RedisBackend
-from celery.exceptions import TimeLimitExceeded
+from celery.exceptions import BackendStoreError, TimeLimitExceeded
+from kombu.utils.encoding import bytes_to_str
 from redis.exceptions import NoScriptError
 
 from pluginpool.policy.errors import PluginExecutionError
 from pluginpool.policy.keys import RedisKeys
-from pluginpool.tasks.job_status import LUA_SOURCE, encode_change
+from pluginpool.tasks.job_status import LIB_SOURCE, encode_change
 from pluginpool.tasks.routing import plugin_of_task
 
 logger = logging.getLogger("pluginpool.job_status")
 
-STATUS_SHA = hashlib.sha1(LUA_SOURCE.encode()).hexdigest()
+STORE_SOURCE = LIB_SOURCE + Path(__file__).with_name("store_result.lua").read_text()
+"""A plugin job's result and final status, stored unless it has a stored success."""
+STORE_SHA = hashlib.sha1(STORE_SOURCE.encode()).hexdigest()
 BACKEND_PATH = f"{__name__}:JobResultBackend"
 
 PipeWrite = Callable[[Any], None]
@@ -123,7 +130,7 @@ class _End:
     """What the MULTI storing one job's result carries besides it."""
 
     job_id: str
-    status: tuple[str, str] | None  # (status, change JSON)
+    status: tuple[str, str]  # (status, change JSON)
     writes: list[ResultWrite] = field(default_factory=list)
     written: bool = False
 
@@ -182,6 +189,24 @@ class JobResultBackend(RedisBackend):  # type: ignore[misc]
         return _End(job_id, (status, encode_change(job_id, plugin_id=plugin_id, **fields)),
                     writes)
 
+    def _store_result(self, task_id: Any, result: Any, state: str, traceback: Any = None,
+                      request: Any = None, **kwargs: Any) -> Any:
+        """Celery's, without its GET of the stored state first: for a job's end, the store
+        script itself refuses to overwrite a stored SUCCESS (one round trip less per job)."""
+        if getattr(self._ending, "end", None) is None:
+            return super()._store_result(  # type: ignore[misc]
+                task_id, result, state, traceback=traceback, request=request, **kwargs)
+        meta = self._get_result_meta(  # type: ignore[attr-defined]
+            result=result, state=state, traceback=traceback, request=request)
+        meta["task_id"] = bytes_to_str(task_id)
+        try:
+            self._set_with_state(  # type: ignore[attr-defined]
+                self.get_key_for_task(task_id), self.encode(meta), state)
+        except BackendStoreError as exc:
+            raise BackendStoreError(  # Celery takes them as keywords; its stubs do not say
+                str(exc), state=state, task_id=task_id) from exc  # type: ignore[call-arg]
+        return result
+
     def _set(self, key: str, value: Any, expires: int | None = None) -> None:
         end: _End | None = getattr(self._ending, "end", None)
         statuses = self.statuses
@@ -190,33 +215,24 @@ class JobResultBackend(RedisBackend):  # type: ignore[misc]
             return
         if expires is None:
             expires = self.expires  # type: ignore[attr-defined]
+        store = (3, key, statuses.keys.job_status(end.job_id),
+                 statuses.keys.job_channel(end.job_id), value, int(expires or 0),
+                 *end.status, statuses.ttl_s)
         with self.client.pipeline() as pipe:
-            if expires:
-                pipe.setex(key, expires, value)
-            else:
-                pipe.set(key, value)
-            pipe.publish(key, value)
+            pipe.execute_command("EVALSHA", STORE_SHA, *store)
             spans = []
             for write in end.writes:
                 start = len(pipe.command_stack)
                 write.queue(pipe)
                 spans.append((write, start, len(pipe.command_stack)))
-            status_keys = [statuses.keys.job_status(end.job_id),
-                           statuses.keys.job_channel(end.job_id)]
-            if end.status is not None:
-                pipe.execute_command("EVALSHA", STATUS_SHA, 2, *status_keys, *end.status,
-                                     statuses.ttl_s)
             replies = pipe.execute(raise_on_error=False)
         end.written = True
-        if isinstance(replies[0], Exception):
+        if isinstance(replies[0], NoScriptError):  # a Redis restarted since: load it
+            self.client.eval(STORE_SOURCE, *store)
+        elif isinstance(replies[0], Exception):
             raise replies[0]
         for write, start, stop in spans:
             _done(write, replies[start:stop], end.job_id)
-        if end.status is not None and isinstance(replies[-1], NoScriptError):
-            self.client.eval(LUA_SOURCE, 2, *status_keys, *end.status, statuses.ttl_s)
-        elif end.status is not None and isinstance(replies[-1], Exception):
-            logger.warning("could not record status %s of job %s: %s", end.status[0],
-                           end.job_id, replies[-1])
 
     def _write_alone(self, writes: list[ResultWrite]) -> None:
         for write in writes:

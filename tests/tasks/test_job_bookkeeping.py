@@ -129,6 +129,57 @@ def test_the_final_status_and_the_bookkeeping_are_stored_with_the_result(
     assert history(client, "j7") == [] and store.get(key) == "1"
 
 
+def bound_backend(client: PluginClient, settings: Settings) -> JobResultBackend:
+    backend = client.app.backend
+    assert isinstance(backend, JobResultBackend)
+    assert bind_result_store(backend, settings.keys, ttl_s=60,
+                             result_backend=settings.effective_result_backend,
+                             redis_url=settings.redis_url)
+    return backend
+
+
+@pytest.mark.parametrize("stored_by", ["celery", "another writer"])
+def test_a_stored_success_is_never_overwritten_and_is_not_read_first(
+        client: PluginClient, settings: Settings, store: redis.Redis,
+        monkeypatch: pytest.MonkeyPatch, stored_by: str) -> None:
+    """A run of a job redelivered after its success was stored (before its ack) fails:
+    the success stays, the status stays `succeeded`, the run is still recorded. No GET
+    of the stored state precedes the store (the store script checks it)."""
+    backend = bound_backend(client, settings)
+
+    def no_read(task_id: str) -> None:
+        raise AssertionError(f"the stored state of {task_id} was read before the store")
+
+    monkeypatch.setattr(backend, "_get_task_meta_for", no_read)
+    job = f"j-again-{stored_by[0]}"
+    request = Context(id=job, task="plugin.books")
+    if stored_by == "celery":
+        backend.mark_as_done(job, {"value": 1}, request=request)
+    else:  # `status` not first: the script decodes it
+        store.set(backend.get_key_for_task(job), json.dumps(
+            {"result": {"value": 1}, "task_id": job, "status": "SUCCESS"}))
+    replies: list[Any] = []
+    key = settings.keys.prefix + f"books-again-{stored_by[0]}"
+    backend.with_result(job, lambda pipe: pipe.incr(key), replies.extend)
+    backend.mark_as_failure(job, PluginExecutionError.of(ErrorType.RUNTIME, "again",
+                                                         plugin_id="books"), request=request)
+    monkeypatch.undo()  # the checks below read it
+    assert client.job(job).stored_outcome() == {"value": 1}
+    assert history(client, job) == (["succeeded"] if stored_by == "celery" else [])
+    assert replies == [1] and store.get(key) == "1"
+
+
+def test_the_store_script_is_loaded_again_when_redis_lost_it(
+        client: PluginClient, settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pluginpool.tasks.result_store as result_store
+    backend = bound_backend(client, settings)
+    monkeypatch.setattr(result_store, "STORE_SHA", "0" * 40)  # as after a Redis restart
+    backend.mark_as_done("j-noscript", {"value": 2},
+                         request=Context(id="j-noscript", task="plugin.books"))
+    assert client.job("j-noscript").stored_outcome() == {"value": 2}
+    assert history(client, "j-noscript") == ["succeeded"]
+
+
 def test_final_statuses_by_stored_state() -> None:
     assert final_status("SUCCESS", 1) == ("succeeded", {})
     assert final_status("STARTED", None) is None and final_status("RETRY", None) is None
