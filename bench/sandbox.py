@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -41,7 +42,7 @@ from bench.common import (
     timed,
     write_result,
 )
-from bench.sandbox_cost import fleet_cpu_s, fleet_memory
+from bench.sandbox_cost import fleet_cpu_by_role, fleet_cpu_s, fleet_memory
 from pluginpool.policy.errors import PluginExecutionError
 from pluginpool.tasks.client import PluginClient
 from pluginpool.tasks.settings import Settings
@@ -105,14 +106,25 @@ def limits(client: PluginClient, samples: int, *, worker_pid: int,
             "worker_tree_cpu_percent_during_25_percent_hog": summary(tree)}
 
 
+def _cpu_s(worker_pid: int, warm_root: str, store: Any) -> dict[str, float]:
+    """CPU (s) so far of every process a job crosses: this producer, the worker by role,
+    and Redis (whose database is the benchmark's own; the server is shared)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    redis_cpu: dict[str, Any] = store.info("cpu")
+    return {"producer": usage.ru_utime + usage.ru_stime,
+            **fleet_cpu_by_role(worker_pid, warm_root),
+            "redis": float(redis_cpu["used_cpu_user"]) + float(redis_cpu["used_cpu_sys"])}
+
+
 def throughput(client: PluginClient, env: dict[str, str], run_dir: Path, plain_app: Celery,
                *, jobs: int, rounds: int) -> dict[str, Any]:
-    """Jobs/s and the CPU all of a system's processes used per job, rounds alternating."""
+    """Jobs/s and the CPU every process used per job (the worker's by role), rounds
+    alternating."""
     rates: dict[str, list[float]] = {"plain_celery": [], "pluginpool_in_pool": [],
                                      "pluginpool_sandboxed": []}
     if env.get("BENCH_BASELINE_CODE"):
         rates["pluginpool_sandboxed_before"] = []
-    cpu_ms: dict[str, list[float]] = {system: [] for system in rates}
+    cpu_ms: dict[str, list[dict[str, float]]] = {system: [] for system in rates}
     for _ in range(rounds):
         for system in rates:
             node = f"bench-{system}@localhost"
@@ -124,20 +136,25 @@ def throughput(client: PluginClient, env: dict[str, str], run_dir: Path, plain_a
             if system == "plain_celery":
                 proc = plain_celery_worker(client, worker_env, run_dir, concurrency=2, node=node)
                 plain_round(plain_app, WARMUP_JOBS)
-                before = fleet_cpu_s(proc.pid, warm_root)
+                before = _cpu_s(proc.pid, warm_root, client.redis)
                 elapsed = timed(lambda: plain_round(plain_app, jobs))
             else:
                 plugin = "noop-in-pool" if system.endswith("in_pool") else "noop-sandboxed"
                 proc = pluginpool_worker(client, worker_env, run_dir, plugins=plugin,
                                          concurrency=2, node=node)
                 pluginpool_round(client, plugin, WARMUP_JOBS)
-                before = fleet_cpu_s(proc.pid, warm_root)
+                before = _cpu_s(proc.pid, warm_root, client.redis)
                 elapsed = timed(lambda p=plugin: pluginpool_round(client, p, jobs))
-            cpu_ms[system].append((fleet_cpu_s(proc.pid, warm_root) - before) * 1000 / jobs)
+            after = _cpu_s(proc.pid, warm_root, client.redis)
+            cpu_ms[system].append({k: (after[k] - before[k]) * 1000 / jobs for k in after})
             proc.stop()
             rates[system].append(jobs / elapsed)
     medians = {system: round(median(values), 1) for system, values in rates.items()}
-    cpu = {system: round(median(values), 2) for system, values in cpu_ms.items()}
+    by_process = {system: {k: round(median([r[k] for r in rows]), 3) for k in rows[0]}
+                  for system, rows in cpu_ms.items()}
+    worker = {system: sum(v for k, v in figures.items() if k not in ("producer", "redis"))
+              for system, figures in by_process.items()}
+    cpu = {system: round(value, 2) for system, value in worker.items()}
     extra: dict[str, Any] = {}
     if "pluginpool_sandboxed_before" in medians:
         extra["ratio_sandboxed_before_vs_plain"] = round(
@@ -153,6 +170,9 @@ def throughput(client: PluginClient, env: dict[str, str], run_dir: Path, plain_a
         "ratio_in_pool_vs_plain": round(medians["pluginpool_in_pool"]
                                         / medians["plain_celery"], 3),
         "worker_cpu_ms_per_job_median": cpu,
+        "cpu_ms_per_job_by_process_median": by_process,
+        "cpu_ms_per_job_all_processes": {system: round(sum(figures.values()), 2)
+                                         for system, figures in by_process.items()},
         "sandbox_cpu_ms_per_job": round(cpu["pluginpool_sandboxed"]
                                         - cpu["pluginpool_in_pool"], 2),
     }

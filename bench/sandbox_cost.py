@@ -221,21 +221,42 @@ def zygotes_under(warm_root: str) -> list[psutil.Process]:
     return found
 
 
+ROLES = ("worker_main", "pool_processes", "zygotes", "runs")
+
+
+def fleet_cpu_by_role(worker_pid: int, warm_root: str) -> dict[str, float]:
+    """CPU (s) used so far by a worker's main process, its pool processes (each with what it
+    reaped), its zygotes (their own) and their runs (what the zygotes reaped)."""
+    found = dict.fromkeys(ROLES, 0.0)
+
+    def add(role: str, proc: psutil.Process, *, own: bool = False) -> None:
+        try:
+            times = proc.cpu_times()
+        except psutil.Error:
+            return
+        if own:
+            found[role] += times.user + times.system
+            found["runs"] += times.children_user + times.children_system
+        else:
+            found[role] += _tree_cpu(proc)
+
+    try:
+        main = psutil.Process(worker_pid)
+        pool = main.children(recursive=True)
+    except psutil.Error:
+        return found
+    add("worker_main", main)
+    for proc in pool:
+        add("pool_processes", proc)
+    for proc in zygotes_under(warm_root):
+        add("zygotes", proc, own=True)
+    return found
+
+
 def fleet_cpu_s(worker_pid: int, warm_root: str) -> float:
     """CPU used so far by a worker's processes (its pool children and what they reaped)
     and by its zygotes and their runs."""
-    total = 0.0
-    try:
-        main = psutil.Process(worker_pid)
-        procs = [main, *main.children(recursive=True), *zygotes_under(warm_root)]
-    except psutil.Error:
-        return total
-    for proc in procs:
-        try:
-            total += _tree_cpu(proc)
-        except psutil.Error:
-            continue
-    return total
+    return sum(fleet_cpu_by_role(worker_pid, warm_root).values())
 
 
 def fleet_memory(worker_pid: int, warm_root: str) -> dict[str, Any]:
