@@ -45,6 +45,17 @@ class LogTail:
             self._size -= old_size
             self.dropped_bytes += old_size
 
+    def followed_by(self, later: LogTail) -> LogTail:
+        """One tail of this output then `later`'s (a warm sandbox's setup, then the run it
+        was set up for), kept to this tail's bound; what either dropped stays counted."""
+        joined = LogTail(self.max_bytes)
+        for tail in (self, later):
+            joined.dropped_bytes += tail.dropped_bytes
+            for stream, text in tail._chunks:
+                joined.add(stream, text)
+        joined.total_bytes = self.total_bytes + later.total_bytes
+        return joined
+
     def text(self) -> str:
         """The kept logs, each line prefixed with its stream."""
         lines: list[str] = [DROPPED.format(self.dropped_bytes)] if self.dropped_bytes else []

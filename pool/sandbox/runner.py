@@ -192,7 +192,8 @@ class SandboxRunner:
             sandbox.runs += 1
         finally:
             self._pool.give_back(sandbox, dead=dead)
-        logs = out.logs.text()
+        # The job that set the sandbox up shows what its setup wrote first, as in process.
+        logs = (setup.logs.followed_by(out.logs) if setup is not None else out.logs).text()
         try:
             report = outcome.run_report(spec, out, usage,
                                         max_result_bytes=self._settings.max_result_bytes)
@@ -210,7 +211,8 @@ class SandboxRunner:
             read_paths=read_paths((*self._settings.plugin_paths, *ctx.code_paths,
                                    *spec.permissions.read_paths)),
             landlock_abi=self._landlock_abi, zygote_seccomp=zygote_filter,
-            run_seccomp=run_filter, max_result_bytes=self._settings.max_result_bytes)
+            run_seccomp=run_filter, max_result_bytes=self._settings.max_result_bytes,
+            max_log_bytes=self._settings.max_log_bytes)
         try:
             sandbox, out = warm.start(self.launcher_for(spec, ctx), plan, storage=storage.handle)
         except ZygoteStartError as exc:
@@ -223,7 +225,9 @@ class SandboxRunner:
                 phase="setup", limit="setup_timeout_ms",
                 limit_value=spec.resource_limits.setup_timeout_ms) from None
         if sandbox is None:
-            raise outcome.setup_error(spec, out)
+            error = outcome.setup_error(spec, out)
+            error.info.details["logs"] = out.logs.text()
+            raise error
         self._pool.add(sandbox)
         return sandbox, out
 

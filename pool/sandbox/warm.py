@@ -35,6 +35,7 @@ from pluginpool.pool.sandbox.runtime.messages import (
     ZygoteConfig,
 )
 from pluginpool.pool.sandbox.supervisor import (
+    DEFAULT_LOG_BYTES,
     Bounds,
     Exit,
     NotForked,
@@ -288,6 +289,8 @@ class SetupPlan:
     zygote_seccomp: bytes | None
     run_seccomp: bytes | None
     max_result_bytes: int
+    max_log_bytes: int = DEFAULT_LOG_BYTES
+    """The setup's output kept (shown with its error, or with the first job's logs)."""
 
 
 def _b64(program: bytes | None) -> str | None:
@@ -338,7 +341,8 @@ def start(launcher: ZygoteLauncher, plan: SetupPlan, *,
                       max_storage_bytes=limits.max_storage_kb * 1024,
                       cpu_percent=limits.max_cpu_percent, clock_name="setup_timeout_ms"),
         workspace=setup_workspace, baseline_rss=hello.rss_bytes, storage=storage,
-        max_frame_bytes=CONTROL_MAX_BYTES, reaper=ProcessGone(hello.pid), kill_after=False)
+        max_frame_bytes=CONTROL_MAX_BYTES, reaper=ProcessGone(hello.pid), kill_after=False,
+        max_log_bytes=plan.max_log_bytes)
     out = supervisor.run()
     if not isinstance(out.result, Ready):
         sandbox.kill()

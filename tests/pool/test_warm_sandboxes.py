@@ -56,6 +56,7 @@ def env(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[En
         spec("setup-thread", "hostile_setup:StartsThread"),
         spec("setup-forbidden", "hostile_setup:Forbidden"),
         spec("traces", "workspace:leave_traces"),
+        spec("chatty", "lifecycle:Chatty"),
     ])
     worker = spawn_worker(client, tmp_path_factory.mktemp("warm-worker"), concurrency=1)
     yield client, worker, warm_root
@@ -199,9 +200,30 @@ def test_a_setup_that_raises_is_typed_and_counts_toward_the_breaker(env: Env) ->
         assert error.type is ErrorType.RUNTIME
         assert error.details["phase"] == "setup"
         assert error.details["exception_type"] == "ValueError"
+        # What the setup wrote before it failed comes with its error.
+        assert "stdout: setup is looking for its model" in error.details["logs"]
+        assert "WARNING" in error.details["logs"] and "no model under" in error.details["logs"]
     with pytest.raises(CircuitOpenError):
         env[0].submit("setup-raises", {})
     assert_unharmed(env)
+
+
+def test_what_a_setup_writes_shows_in_the_logs_of_the_job_that_set_it_up(env: Env) -> None:
+    client = env[0]
+    iid = client.load("chatty")
+    logs = []
+    for n in (1, 2):
+        job = client.submit("chatty", {"n": n}, instance_id=iid)
+        assert job.result(timeout=60) == n
+        logs.append(str(job.meta["logs"]))
+    first, second = logs
+    assert "stdout: setup is loading its table" in first and "setup logger says hello" in first
+    assert first.index("setup is loading") < first.index("stdout: run 1")
+    assert "run logger 1" in first
+    # Later runs show their own output only, though the setup rebound sys.stdout.
+    assert "setup" not in second
+    assert "stdout: run 2" in second and "run logger 2" in second
+    client.unload(iid)
 
 
 def test_a_setup_that_hangs_stops_at_setup_timeout(env: Env) -> None:

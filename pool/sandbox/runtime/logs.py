@@ -1,4 +1,5 @@
-"""A run's stdout, stderr and `ctx.logger`, sent to the supervisor as Log frames.
+"""A run's (and a setup's) stdout, stderr and `ctx.logger`, sent to the supervisor as Log
+frames.
 
 Standard library only (imported in the zygote). The three streams share one buffer, so
 their lines arrive in the order they were written; it is sent every CHUNK_CHARS, on a
@@ -25,8 +26,9 @@ FLUSH_S = 0.2
 
 
 class Outbox:
-    """The run's pending output, in order: (stream, text) segments. Inactive in the zygote
-    (what it writes goes nowhere, like its descriptors 1 and 2); a run activates it."""
+    """Pending output, in order: (stream, text) segments. Active during the zygote's setup
+    and in a run; otherwise what the zygote writes goes nowhere, like its descriptors 1
+    and 2."""
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
@@ -76,21 +78,33 @@ class ChannelStream(io.TextIOBase):
 
 
 _outbox: list[Outbox] = []
-"""The runs' outbox, once prepared (empty during the setup)."""
+"""The zygote's one outbox, once prepared: its setup's, then its runs'."""
 
 
 def prepare(fd: int) -> None:
-    """In the zygote after its setup, once: sys.stdout and sys.stderr become the runs'
-    streams, inactive until a run captures them (every object a run builds or rebinds
-    after the fork is a page copied in the run, so a run only flips a flag)."""
-    outbox = Outbox(fd)
-    _outbox[:] = [outbox]
+    """In the zygote, before its setup (whose output goes to the pool child's setup
+    supervisor) and again after it: sys.stdout and sys.stderr are the channel's streams
+    (whatever the setup put there), inactive until a run captures them (every object a
+    run builds or rebinds after the fork is a page copied in the run, so a run only flips
+    a flag). One outbox for both, so a `ctx.logger` the setup attached keeps working."""
+    if not _outbox or _outbox[0].fd != fd:
+        _outbox[:] = [Outbox(fd)]
+    outbox = _outbox[0]
     sys.stdout = ChannelStream(outbox, "stdout")
     sys.stderr = ChannelStream(outbox, "stderr")
 
 
+def release() -> None:
+    """In the zygote after its setup: what the setup wrote goes out, then nothing more
+    until a run captures (the zygote's own output, and a teardown's, go nowhere)."""
+    flush_all()
+    for outbox in _outbox:
+        outbox.active = False
+
+
 def capture() -> None:
-    """In the run, before plugin code: its stdout and stderr go to its channel."""
+    """In the zygote before its setup, and in a run before plugin code: stdout, stderr and
+    `ctx.logger` go to the channel."""
     outbox = _outbox[0]
     outbox._flushed_at = time.monotonic()
     outbox.active = True
@@ -102,7 +116,7 @@ def flush_all() -> None:
     try:
         for outbox in _outbox:
             outbox.flush()
-    except (OSError, EOFError, ValueError):
+    except Exception:  # also a MemoryError: a setup that failed for memory still reports
         return
 
 

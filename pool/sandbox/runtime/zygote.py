@@ -269,6 +269,10 @@ def main() -> NoReturn:
             sys.path.insert(0, path)
     config.read_paths = own_read_paths(config.read_paths)
     policy.read_paths = tuple(config.read_paths)
+    # The setup's output goes to the pool child's setup supervisor (shown with the error
+    # of a setup that fails, and with the logs of the job that set the sandbox up).
+    logs.prepare(CONTROL_FD)
+    logs.capture()
     try:
         layers = _lock_down(config, policy)
         ctx = SandboxContext(
@@ -288,15 +292,18 @@ def main() -> NoReturn:
                 {"phase": "setup", "threads": _threads()}))
     except LoadError as exc:
         policy.enforcing = False
+        logs.flush_all()
         channel.send_message(CONTROL_FD, SetupFailed(error=exc.error))
         os._exit(0)
     except BaseException as exc:  # the setup's failure is typed like a run's
         policy.enforcing = False
+        logs.flush_all()
         error = error_of(exc, policy=policy, max_memory_mb=config.max_memory_mb,
                          max_storage_kb=config.max_storage_kb,
                          timeout_ms=int(config.limits["setup_timeout_ms"]))
         channel.send_message(CONTROL_FD, SetupFailed(error=error))
         os._exit(0)
+    logs.release()
     limits.after_setup()
     # Done once here rather than in every run (each run inherits them): default signal
     # dispositions, no privilege gain (the runs' Landlock and seccomp layers need it),

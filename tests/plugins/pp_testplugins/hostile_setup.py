@@ -12,6 +12,8 @@ from typing import Any
 
 class Raises:
     def __init__(self, ctx: Any) -> None:
+        print("setup is looking for its model")
+        ctx.logger.warning("no model under %s", ctx.workspace)
         raise ValueError("setup cannot find its model")
 
     def run(self, ctx: Any, payload: Any) -> Any:

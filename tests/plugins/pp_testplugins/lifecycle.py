@@ -51,3 +51,19 @@ class Stateful:
         """The teardown: the worker logs that it ran (the instance's storage is already
         gone when it was unloaded)."""
         self.items.clear()
+
+
+class Chatty:
+    """Writes in its setup (then takes sys.stdout for itself) and in each run."""
+
+    def __init__(self, ctx: Any) -> None:
+        import io
+        import sys
+        print("setup is loading its table")
+        ctx.logger.info("setup logger says hello")
+        sys.stdout = io.StringIO()  # a setup that keeps stdout: runs still reach the logs
+
+    def run(self, ctx: Any, payload: Any) -> Any:
+        print("run", payload["n"])
+        ctx.logger.info("run logger %s", payload["n"])
+        return payload["n"]
