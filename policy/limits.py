@@ -7,8 +7,6 @@ import re
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from pluginpool.policy.deadlines import Deadlines
-
 MAX_MEMORY_MB = 65_536
 """64 GiB: far more than one sandboxed run should get; the address-space rlimit (limit plus
 headroom, in bytes) and the worker's max-memory-per-child stay exact far below it."""
@@ -42,21 +40,6 @@ class ResourceLimits(_Strict):
     timeout_ms: int = Field(default=30_000, ge=10, le=MAX_TIMEOUT_MS)
     setup_timeout_ms: int = Field(default=30_000, ge=10, le=MAX_TIMEOUT_MS)
     """Bounds a warm sandbox's setup (import and the class's __init__), like timeout_ms a run."""
-
-    @property
-    def deadlines(self) -> Deadlines:
-        """Every clock of a job, each with its margin (policy/deadlines.py)."""
-        return Deadlines.of(timeout_ms=self.timeout_ms, setup_timeout_ms=self.setup_timeout_ms)
-
-    @property
-    def soft_time_limit_s(self) -> float:
-        """Celery's soft limit: above the setup and the run (see Deadlines)."""
-        return self.deadlines.celery_soft_s
-
-    @property
-    def hard_time_limit_s(self) -> float:
-        """Celery's hard limit: a grace above the soft one (10%, at least 1 s, at most 30 s)."""
-        return self.deadlines.celery_hard_s
 
 
 class IsolationConfig(_Strict):

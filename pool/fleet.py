@@ -186,11 +186,14 @@ class RegistryFollower(ThreadStep):
         if wanted_pass and applied == self._applied:
             return
         app = self._worker.app
+        strategies = consumer.strategies
         for spec in wanted.values():
             # A new task gets its strategy at its first message (lazy_strategies.py): Celery's
             # update_strategies rebuilt every task's for one new task, holding the event
-            # loop for seconds with 10,000 plugins.
-            ensure_plugin_task(app, spec, self.services)
+            # loop for seconds with 10,000 plugins. A task whose time limits changed has its
+            # strategy dropped, to be built again with them at its next message.
+            if ensure_plugin_task(app, spec, self.services):
+                strategies.pop(spec.task_name, None)
         consuming = {q for q in app.amqp.queues.consume_from
                      if q.startswith(PLUGIN_QUEUE_PREFIX)}
         wanted_queues = {spec.queue for spec in wanted.values() if spec.id not in disabled}

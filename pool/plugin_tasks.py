@@ -63,15 +63,18 @@ def install_task_registry(app: Celery, hostname: str, services: WorkerServices) 
 
 def ensure_plugin_task(app: Celery, spec: PluginSpec, services: WorkerServices) -> bool:
     """Register the plugin's task, or bring its options up to date with this revision.
-    True when the task is new."""
+    True when the task is new or its time limits changed: the consumer's strategy for it
+    (which holds them as the defaults for messages that carry none, as a plain Celery
+    producer's) must be built again."""
     tasks: dict[str, Any] = app._tasks  # type: ignore[attr-defined]
     if spec.task_name not in tasks:
         register_plugin_task(app, spec, services)
         return True
     task: Any = tasks[spec.task_name]  # a PluginTask; its stubs type limits as int
-    isolation, limits = spec.isolation, spec.resource_limits
+    isolation, deadlines = spec.isolation, spec.deadlines
     task.max_retries = isolation.max_restarts if isolation.auto_restart else 0
     task.default_retry_delay = isolation.restart_cooldown_ms / 1000
-    task.soft_time_limit = limits.soft_time_limit_s
-    task.time_limit = limits.hard_time_limit_s
-    return False
+    limits = (deadlines.celery_soft_s, deadlines.celery_hard_s)
+    changed = (task.soft_time_limit, task.time_limit) != limits
+    task.soft_time_limit, task.time_limit = limits
+    return bool(changed)

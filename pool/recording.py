@@ -271,7 +271,7 @@ def _record_failure_seen_by_main_process(services: WorkerServices, sender: Any,
         logger.error("cannot record the failure of %s[%s]: %s", sender.name, task_id, exc)
         return
     error = error_for_failure(exception, plugin_id=spec.id, job_id=str(task_id))
-    limit_s = spec.resource_limits.hard_time_limit_s
+    limit_s = spec.deadlines.celery_hard_s
     duration_ms = limit_s * 1000 if isinstance(exception, TimeLimitExceeded) else 0.0
     record_run(None, services, spec, error.info, usage={}, duration_ms=duration_ms,
                generation=0, instance_id=None)

@@ -169,7 +169,7 @@ class Registry:
                 issues.append(ManifestIssue(
                     file=source, plugin_id=spec.id, field="fallback.plugin",
                     problem=f"{spec.fallback.plugin!r} is neither registered nor in the manifest"))
-            hard_s = spec.resource_limits.hard_time_limit_s
+            hard_s = spec.deadlines.celery_hard_s
             if hard_s >= self._visibility_timeout_s:
                 issues.append(ManifestIssue(
                     file=source, plugin_id=spec.id, field="resource_limits.timeout_ms",

@@ -24,6 +24,7 @@ from pluginpool.policy.errors import PluginExecutionError, PluginPoolError
 from pluginpool.pool.tools.processes import ManagedProcess, wait_until
 from pluginpool.tasks import AsyncPluginClient
 from pluginpool.tasks.client import PluginClient
+from pluginpool.tasks.spec import PluginSpec
 from tests.conftest import TEST_PLUGINS, make_settings, retire, spawn_worker, worker_env
 
 
@@ -187,6 +188,50 @@ def test_a_plain_celery_producers_job_reaches_an_idle_worker_fast(
             assert time.monotonic() - started < 2.0
     finally:
         plain.close()
+
+
+def registered_limits(client: PluginClient, node: str, task: str) -> str:
+    """What the worker's main process holds as a task's default time limits."""
+    replies = client.app.control.inspect(destination=[node], timeout=1.0).registered(
+        "soft_time_limit", "time_limit") or {}
+    return next((entry for entry in replies.get(node, []) if entry.startswith(task + " ")), "")
+
+
+def test_a_plain_producers_job_gets_the_time_limits_of_the_plugins_current_revision(
+        env: tuple[PluginClient, ManagedProcess]) -> None:
+    """A plain Celery producer sends no time limits, so the worker's defaults for the task
+    apply: they follow the plugin's revisions without a restart (the task's strategy, which
+    holds them, is built again), and an unsandboxed plugin's soft limit is its timeout_ms."""
+    client, worker = env
+    node = worker.nodename  # type: ignore[attr-defined]
+    spec = {"id": "limits-live", "name": "limits-live", "isolation": {"sandboxed": False},
+            "entrypoint": "pp_testplugins.basic:sleeps"}
+    client.register(PluginSpec.model_validate({**spec, "resource_limits": {"timeout_ms": 60_000}}))
+    url = client.settings.redis_url
+    plain = Celery("plain-limits", broker=url, backend=url, set_as_current=False)
+    plain.conf.update(task_serializer="json", accept_content=["json"],
+                      result_accept_content=["json"])
+    try:
+        assert wait_until(lambda: "soft_time_limit=60.0" in registered_limits(
+            client, node, "plugin.limits-live"), timeout_s=20)
+        # Its strategy is built, with a 60 s soft limit, at its first plain message.
+        first = plain.send_task("plugin.limits-live", args=[{"seconds": 0}],
+                                queue="plugins.limits-live")
+        assert first.get(timeout=20)["value"] == "woke up"
+        client.register(PluginSpec.model_validate(
+            {**spec, "resource_limits": {"timeout_ms": 1000}}))
+        assert wait_until(lambda: "soft_time_limit=1.0" in registered_limits(
+            client, node, "plugin.limits-live"), timeout_s=20)
+        started = time.monotonic()
+        slow = plain.send_task("plugin.limits-live", args=[{"seconds": 8}],
+                               queue="plugins.limits-live")
+        with pytest.raises(Exception) as failed:
+            slow.get(timeout=30)
+        assert time.monotonic() - started < 6, "the old revision's 60 s limit applied"
+        assert "time" in f"{type(failed.value).__name__} {failed.value}".lower()
+    finally:
+        plain.close()
+        client.unregister("limits-live")
 
 
 def celery_cli(client: PluginClient, *args: str) -> subprocess.CompletedProcess[str]:
