@@ -77,9 +77,10 @@ def supervised(sandbox: warm.WarmSandbox, spawn: Spawn, ours: _socket.socket,
             reaper=sandbox.run_reaper(forked.pid)).run(), forked.pid, forked.zygote_rss_bytes
     pending = sandbox.start_run(spawn, theirs)
     theirs.close()
+    extra = {"output": sandbox.output} if hasattr(sandbox, "output") else {}  # older code
     out = Supervisor(None, ours.fileno(), bounds=bounds, workspace=spawn.workspace,
                      baseline_rss=0, storage=None, max_frame_bytes=2 << 20, reaper=pending,
-                     pending=pending).run()
+                     pending=pending, **extra).run()
     return out, pending.pid or 0, pending.zygote_rss_bytes
 
 

@@ -19,6 +19,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 
+from pluginpool.pool.sandbox.output import OutputPipes
 from pluginpool.pool.sandbox.runtime import channel
 from pluginpool.pool.sandbox.runtime.messages import Hello
 
@@ -60,20 +61,25 @@ class ZygoteLauncher:
     runtime_dir: str = RUNTIME_DIR
     """The sandbox runtime the zygote runs (another copy only in benchmarks' A/B)."""
 
-    def start(self) -> tuple[Hello, socket.socket]:
-        """Start a zygote; returns its Hello (pid, bare size) and the control socket."""
+    def start(self) -> tuple[Hello, socket.socket, OutputPipes]:
+        """Start a zygote; returns its Hello (pid, bare size), the control socket and the
+        pipes its descriptors 1 and 2 write to (output.py)."""
         ours, theirs = socket.socketpair()
+        output, (stdout_w, stderr_w) = OutputPipes.create()
         try:
             proc = subprocess.Popen(
                 [self.interpreter, "-I", *(() if self.site_packages else ("-S",)), "-c",
                  BOOTSTRAP, self.runtime_dir, str(theirs.fileno())],
                 pass_fds=[theirs.fileno()], env=ZYGOTE_ENV, stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL, close_fds=True, start_new_session=True)
+                stdout=stdout_w, stderr=stderr_w, close_fds=True, start_new_session=True)
         except OSError as exc:
             ours.close()
+            output.close()
             raise ZygoteStartError(f"cannot start {self.interpreter}: {exc}") from exc
         finally:
             theirs.close()
+            os.close(stdout_w)
+            os.close(stderr_w)
         try:
             # The first process forks the zygote and exits, so the zygote is nobody's
             # child in the worker: reap the intermediate here.
@@ -81,10 +87,14 @@ class ZygoteLauncher:
             if not select.select([ours], [], [], HELLO_TIMEOUT_S)[0]:
                 raise ZygoteStartError("the zygote did not say hello in time")
             hello = channel.receive_message(ours.fileno(), max_bytes=HELLO_MAX_BYTES)
-        except (subprocess.TimeoutExpired, channel.ChannelClosed, OSError, ValueError) as exc:
+            if not isinstance(hello, Hello):
+                raise ZygoteStartError(f"the zygote said {hello.op!r} first")
+        except (ZygoteStartError, subprocess.TimeoutExpired, channel.ChannelClosed, OSError,
+                ValueError) as exc:
             ours.close()
-            raise ZygoteStartError(f"the zygote did not start: {exc!r}") from exc
-        if not isinstance(hello, Hello):
-            ours.close()
-            raise ZygoteStartError(f"the zygote said {hello.op!r} first")
-        return hello, ours
+            said = output.text()  # the interpreter's own error, if it wrote one
+            output.close()
+            reason = str(exc) if isinstance(exc, ZygoteStartError) else \
+                f"the zygote did not start: {exc!r}"
+            raise ZygoteStartError(reason + (f"; it wrote:\n{said}" if said else "")) from exc
+        return hello, ours, output

@@ -259,7 +259,8 @@ class SandboxRunner:
                               cpu_percent=limits.max_cpu_percent),
                 workspace=workspace, baseline_rss=0, storage=storage.handle,
                 max_frame_bytes=self._settings.max_result_bytes + FRAME_OVERHEAD_BYTES,
-                reaper=pending, pending=pending, max_log_bytes=self._settings.max_log_bytes)
+                reaper=pending, pending=pending, max_log_bytes=self._settings.max_log_bytes,
+                output=sandbox.output)
             try:
                 out = supervisor.run()
                 found_empty = out.workspace_empty

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from pluginpool.pool.sandbox.output import OutputPipes
 from pluginpool.pool.sandbox.runtime import channel
 from pluginpool.pool.sandbox.runtime.limits import MB
 from pluginpool.pool.sandbox.runtime.messages import (
@@ -245,7 +246,8 @@ class Supervisor:
                  reaper: Reaper, kill_after: bool = True,
                  clock: Callable[[], float] = time.monotonic,
                  max_log_bytes: int = DEFAULT_LOG_BYTES,
-                 pending: PendingFork | None = None) -> None:
+                 pending: PendingFork | None = None, output: OutputPipes | None = None
+                 ) -> None:
         if pid is None and pending is None:
             raise ValueError("a pid, or the pending fork that gives it")
         self.pid = pid
@@ -260,6 +262,8 @@ class Supervisor:
         self.kill_after = kill_after
         self.clock = clock
         self.out = Supervision(logs=LogTail(max_log_bytes))
+        self.output = output
+        """Read with the channel while the process lives, drained once it is reaped."""
         self._stopped = False
 
     def _pid(self) -> int:
@@ -347,6 +351,18 @@ class Supervisor:
             self.out.result = message
             self.out.finished_at = self.clock()
 
+    def _read_output(self, output: OutputPipes, events: list[tuple[int, int]],
+                     poller: select.poll) -> bool:
+        """Read the output pipes that are ready; True when the channel is not among
+        `events` (nothing else to do this round)."""
+        channel_ready = False
+        for fd, _event in events:
+            if fd == self.fd:
+                channel_ready = True
+            elif not output.read(fd, self.out.logs):
+                poller.unregister(fd)  # its end: the zygote is gone
+        return not channel_ready
+
     def run(self) -> Supervision:
         """Supervise to the end; NotForked (nothing supervised, nothing to kill) when a
         pending run's zygote did not fork it."""
@@ -366,6 +382,10 @@ class Supervisor:
         next_throttle = started
         poller = select.poll()
         poller.register(self.fd, select.POLLIN | select.POLLHUP | select.POLLERR)
+        output = self.output
+        if output is not None:
+            for fd in output.fds:
+                poller.register(fd, select.POLLIN)
         channel_open = True
         try:
             while self.out.result is None and self.out.killed_for is None:
@@ -393,8 +413,11 @@ class Supervisor:
                         break
                     time.sleep(min(max(wake - now, 0), 0.01))
                     continue
-                if not poller.poll(max(wake - now, 0) * 1000):
+                events = poller.poll(max(wake - now, 0) * 1000)
+                if not events:
                     continue
+                if output is not None and self._read_output(output, events, poller):
+                    continue  # only output: the channel has nothing yet
                 if self.pid is None:  # the run wrote Forked before anything here
                     self._pid()
                 try:
@@ -416,6 +439,8 @@ class Supervisor:
             if self.kill_after or self.out.result is None:
                 self.kill()
                 self.out.exit = self.out.exit or self.reaper.reap(block=True)
+            if output is not None:  # a set-up zygote lives on: what it wrote so far
+                output.drain(self.out.logs)
             if self.out.result is not None:
                 # Once nothing of the run can still write (a run is reaped, and its
                 # leftovers killed, before its zygote reports its exit): its final size, and

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pluginpool.pool.sandbox.launcher import ZygoteLauncher
+from pluginpool.pool.sandbox.output import OutputPipes
 from pluginpool.pool.sandbox.runtime import channel
 from pluginpool.pool.sandbox.runtime.limits import MB
 from pluginpool.pool.sandbox.runtime.messages import (
@@ -170,6 +171,8 @@ class WarmSandbox:
     """Its (atime, mtime) when created, put back after each run."""
     tainted: bool = False
     """The workspace could not be emptied: the sandbox is retired, not used again."""
+    output: OutputPipes | None = None
+    """The pipes the zygote's descriptors 1 and 2 write to (output.py)."""
 
     @property
     def instance_id(self) -> str | None:
@@ -256,6 +259,8 @@ class WarmSandbox:
             os.kill(self.pid, signal.SIGKILL)
         with contextlib.suppress(OSError):
             self.control.close()
+        if self.output is not None:
+            self.output.close()
         shutil.rmtree(self.home, ignore_errors=True)
 
 
@@ -310,7 +315,7 @@ def start(launcher: ZygoteLauncher, plan: SetupPlan, *,
     os.mkdir(run_workspace, 0o700)
     created = os.stat(run_workspace)
     hello: Hello
-    hello, control = launcher.start()
+    hello, control, output = launcher.start()
     config = ZygoteConfig(
         plugin_id=spec.id, entrypoint=spec.entrypoint, operations=list(spec.operations),
         instance_id=plan.instance_id, initial_data=plan.initial_data,
@@ -328,7 +333,8 @@ def start(launcher: ZygoteLauncher, plan: SetupPlan, *,
     sandbox = WarmSandbox(key=(spec.id, spec.revision, plan.instance_id), pid=hello.pid,
                           control=control, home=home, setup_ms=0.0, rss_bytes=hello.rss_bytes,
                           layers={}, workspace=run_workspace,
-                          workspace_times=(created.st_atime_ns, created.st_mtime_ns))
+                          workspace_times=(created.st_atime_ns, created.st_mtime_ns),
+                          output=output)
     try:
         channel.send_message(control.fileno(), config)
     except OSError:
@@ -342,7 +348,7 @@ def start(launcher: ZygoteLauncher, plan: SetupPlan, *,
                       cpu_percent=limits.max_cpu_percent, clock_name="setup_timeout_ms"),
         workspace=setup_workspace, baseline_rss=hello.rss_bytes, storage=storage,
         max_frame_bytes=CONTROL_MAX_BYTES, reaper=ProcessGone(hello.pid), kill_after=False,
-        max_log_bytes=plan.max_log_bytes)
+        max_log_bytes=plan.max_log_bytes, output=output)
     out = supervisor.run()
     if not isinstance(out.result, Ready):
         sandbox.kill()

@@ -28,7 +28,8 @@ def env(redis_url: str, tmp_path_factory: pytest.TempPathFactory
     client = PluginClient(settings)
     client.register(TEST_PLUGINS / "ops_plugins.toml")
     worker = spawn_worker(client, tmp_path_factory.mktemp("logs"),
-                          plugins="ops-talks,ops-floods,ops-talks-trusted", concurrency=1)
+                          plugins="ops-talks,ops-floods,ops-talks-trusted,ops-writes-fds,"
+                                  "ops-setup-writes-fd", concurrency=1)
     yield client, worker
     retire(worker)
     client.close()
@@ -101,3 +102,41 @@ def test_a_run_printing_100_mb_keeps_the_worker_and_redis_within_the_cap(
     tree = psutil.Process(worker.pid)
     rss_mb = max(p.memory_info().rss for p in [tree, *tree.children(recursive=True)]) / 2**20
     assert rss_mb < 250, rss_mb  # no process held the 100 MB
+
+
+def test_output_written_straight_to_descriptors_1_and_2_is_kept_too(
+        env: tuple[PluginClient, ManagedProcess]) -> None:
+    """What a run writes to fds 1 and 2 directly (C code, a process it starts) and what a
+    setup writes there reach the logs like print's output, each under its stream."""
+    client, worker = env
+    job = client.submit("ops-writes-fds", {"tag": "a", "child": True})
+    assert job.result(timeout=30) == "wrote"
+    lines = set(job.meta["logs"].splitlines())
+    assert {"stdout: fd 1 a", "stderr: fd 2 a", "stdout: child a",
+            "stderr: child error a"} <= lines
+    # The next run's logs hold its own output only.
+    again = client.submit("ops-writes-fds", {"tag": "b"})
+    assert again.result(timeout=30) == "wrote"
+    assert again.meta["logs"].splitlines() == ["stdout: fd 1 b", "stderr: fd 2 b"] or \
+        sorted(again.meta["logs"].splitlines()) == ["stderr: fd 2 b", "stdout: fd 1 b"]
+    failed = client.submit("ops-writes-fds", {"tag": "c", "fail": True})
+    with pytest.raises(PluginExecutionError) as caught:
+        failed.result(timeout=30)
+    assert "stdout: fd 1 c" in caught.value.details["logs"]
+    set_up = client.submit("ops-setup-writes-fd", {"tag": "d"})
+    assert set_up.result(timeout=30) == "wrote"
+    assert "stderr: setup wrote to fd 2" in set_up.meta["logs"]
+    assert "stdout: fd 1 d" in set_up.meta["logs"]
+    later = client.submit("ops-setup-writes-fd", {"tag": "e"})
+    assert later.result(timeout=30) == "wrote" and "setup" not in later.meta["logs"]
+    assert worker.alive()
+
+
+def test_a_run_flooding_descriptor_1_is_kept_within_the_cap(
+        env: tuple[PluginClient, ManagedProcess]) -> None:
+    client, _ = env
+    job = client.submit("ops-writes-fds", {"tag": "flood", "mb": 20})
+    assert job.result(timeout=120) == "wrote"
+    logs = job.meta["logs"]
+    assert "bytes of earlier output dropped" in logs
+    assert len(logs.encode()) <= CAP * 1.2

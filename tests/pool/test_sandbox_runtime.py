@@ -6,10 +6,16 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from pluginpool.pool.sandbox.launcher import RUNTIME_DIR, RUNTIME_MODULE
+from pluginpool.pool.sandbox.launcher import (
+    RUNTIME_DIR,
+    RUNTIME_MODULE,
+    ZygoteLauncher,
+    ZygoteStartError,
+)
 from pluginpool.pool.sandbox.runtime import messages
 
 LOAD_ALL = (
@@ -78,3 +84,15 @@ def test_frames_formatted_on_the_fast_path_decode_as_their_messages() -> None:
     ]
     for frame, message in cases:
         assert messages.decode(json.loads(frame)) == message
+
+
+def test_a_zygote_that_cannot_start_says_why_with_what_its_interpreter_wrote(
+        tmp_path: Path) -> None:
+    """Its descriptor 2 is a pipe the pool child reads: the interpreter's own error (here a
+    runtime directory that does not exist) comes with ZygoteStartError, not into the
+    worker's log."""
+    launcher = ZygoteLauncher(runtime_dir=str(tmp_path / "no-runtime-here"))
+    with pytest.raises(ZygoteStartError) as failed:
+        launcher.start()
+    assert "it wrote" in str(failed.value) and "Traceback" in str(failed.value)
+    assert "no-runtime-here" in str(failed.value)

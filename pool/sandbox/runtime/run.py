@@ -88,18 +88,33 @@ def reset_signals() -> None:
 
 
 DEV_NULL = os.makedev(1, 3)
+_stdio: list[tuple[int, int] | None] = [None, None, None]
+"""What descriptors 0-2 are in the zygote when it starts: /dev/null, and the pipes of its
+stdout and stderr that the pool child reads (their device and inode)."""
 
 
-def _only_null_stdio() -> None:
-    """Close any of fds 0-2 that is not /dev/null: a setup that put a copy of the control
-    socket there would otherwise let every run write frames the pool child takes for the
-    zygote's. Three fstats when nothing is wrong."""
+def note_stdio() -> None:
+    """In the zygote, before any plugin code: remember what 0, 1 and 2 are."""
     for fd in (0, 1, 2):
         try:
             info = os.fstat(fd)
         except OSError:
             continue
-        if not (stat.S_ISCHR(info.st_mode) and info.st_rdev == DEV_NULL):
+        if fd == 0 and not (stat.S_ISCHR(info.st_mode) and info.st_rdev == DEV_NULL):
+            continue
+        _stdio[fd] = (info.st_dev, info.st_ino)
+
+
+def _only_own_stdio() -> None:
+    """Close any of fds 0-2 that is not what it was when the zygote started: a setup that
+    put a copy of the control socket there would otherwise let every run write frames the
+    pool child takes for the zygote's. Three fstats when nothing is wrong."""
+    for fd in (0, 1, 2):
+        try:
+            info = os.fstat(fd)
+        except OSError:
+            continue
+        if _stdio[fd] != (info.st_dev, info.st_ino):
             os.close(fd)
 
 
@@ -112,7 +127,7 @@ def _isolate(run_fd: int, forked: bytes, zygote_pid: int) -> None:
     _prctl(PR_SET_PDEATHSIG, _SIGKILL, 0, 0, 0)
     if os.getppid() != zygote_pid:  # the zygote died before the death signal was armed
         os._exit(BAD_SPAWN_EXIT)
-    _only_null_stdio()
+    _only_own_stdio()
     channel.send_frame(CONTROL_FD, forked)
     os.dup2(run_fd, CHANNEL_FD, inheritable=False)
 

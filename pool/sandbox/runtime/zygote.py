@@ -43,6 +43,7 @@ from .run import (
     CONTROL_FD,
     Runs,
     landlock_ports,
+    note_stdio,
     reset_signals,
     run_child,
 )
@@ -84,9 +85,10 @@ def _detach(control_fd: int) -> None:
     os.environ.pop("LD_BIND_NOW", None)
     if control_fd != CONTROL_FD:
         os.dup2(control_fd, CONTROL_FD, inheritable=False)
-    null = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
-        os.dup2(null, fd)
+    # 1 and 2 stay the pipes the pool child reads (pool/sandbox/output.py): what the setup
+    # and the runs write there directly is logged too. Runs check they still are.
+    os.dup2(os.open(os.devnull, os.O_RDWR), 0)
+    note_stdio()
     for name in os.listdir("/proc/self/fd"):
         fd = int(name)
         if fd > CONTROL_FD:

@@ -1,0 +1,86 @@
+"""A zygote's descriptors 1 and 2: pipes the pool child reads, so what a setup or a run
+writes to them directly (a C extension, a process it started, `sys.__stdout__`) reaches the
+run's logs like its `print` and `ctx.logger` output, which travel as frames on its channel.
+
+Each zygote gets two pipes when it starts; it and every run it forks hold the write ends,
+the pool child the read ends (non-blocking). A zygote serves one run at a time and kills
+what a run leaves before it reports the run's exit, so what is read while a run is watched,
+and drained once it has exited, is that run's. The order between these bytes and the
+channel's frames is the order they arrived in, not always the order they were written.
+"""
+
+from __future__ import annotations
+
+import codecs
+import contextlib
+import os
+
+from pluginpool.tasks.run_logs import LogTail
+
+READ_BYTES = 65_536
+DRAIN_READS = 16
+"""At most this many reads per pipe once a run has ended (1 MiB): its writers are gone, so
+this bounds only a pipe some escaped process still feeds."""
+
+
+class OutputPipes:
+    """The read ends of one zygote's stdout and stderr pipes."""
+
+    def __init__(self, stdout_fd: int, stderr_fd: int) -> None:
+        self.fds = (stdout_fd, stderr_fd)
+        self._streams = {stdout_fd: "stdout", stderr_fd: "stderr"}
+        self._decoders = {fd: codecs.getincrementaldecoder("utf-8")(errors="replace")
+                          for fd in self.fds}
+        for fd in self.fds:
+            os.set_blocking(fd, False)
+
+    @classmethod
+    def create(cls) -> tuple[OutputPipes, tuple[int, int]]:
+        """New pipes: the pool child's ends, and the write ends for the zygote's 1 and 2
+        (the caller closes them once the zygote holds them)."""
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        return cls(out_r, err_r), (out_w, err_w)
+
+    def read(self, fd: int, logs: LogTail) -> bool:
+        """One read of `fd` into `logs`; False at its end (every writer gone) or error."""
+        try:
+            data = os.read(fd, READ_BYTES)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+        text = self._decoders[fd].decode(data, final=not data)
+        if text:
+            logs.add(self._streams[fd], text)
+        return bool(data)
+
+    def drain(self, logs: LogTail) -> None:
+        """What is left in both pipes, into `logs` (after the run has exited)."""
+        for fd in self.fds:
+            for _ in range(DRAIN_READS):
+                try:
+                    data = os.read(fd, READ_BYTES)
+                except OSError:  # BlockingIOError: nothing left
+                    break
+                text = self._decoders[fd].decode(data, final=not data)
+                if text:
+                    logs.add(self._streams[fd], text)
+                if not data:
+                    break
+            # A run's last partial character does not run into the next run's output.
+            text = self._decoders[fd].decode(b"", final=True)
+            if text:
+                logs.add(self._streams[fd], text)
+
+    def text(self, limit: int = 4096) -> str:
+        """What is in the pipes now, as text, its last `limit` characters (a zygote that
+        did not start: its interpreter's own error)."""
+        tail = LogTail(limit)
+        self.drain(tail)
+        return tail.text()[-limit:]
+
+    def close(self) -> None:
+        for fd in self.fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
