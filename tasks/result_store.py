@@ -219,18 +219,21 @@ class JobResultBackend(RedisBackend):  # type: ignore[misc]
                  statuses.keys.job_channel(end.job_id), value, int(expires or 0),
                  *end.status, statuses.ttl_s)
         with self.client.pipeline() as pipe:
-            pipe.execute_command("EVALSHA", STORE_SHA, *store)
             spans = []
             for write in end.writes:
                 start = len(pipe.command_stack)
                 write.queue(pipe)
                 spans.append((write, start, len(pipe.command_stack)))
+            # Last: what the bookkeeping publishes (a breaker transition) goes out before the
+            # status a producer waits on, so a producer that saw `failed` has, on its other
+            # subscription, usually seen the breaker open too.
+            pipe.execute_command("EVALSHA", STORE_SHA, *store)
             replies = pipe.execute(raise_on_error=False)
         end.written = True
-        if isinstance(replies[0], NoScriptError):  # a Redis restarted since: load it
+        if isinstance(replies[-1], NoScriptError):  # a Redis restarted since: load it
             self.client.eval(STORE_SOURCE, *store)
-        elif isinstance(replies[0], Exception):
-            raise replies[0]
+        elif isinstance(replies[-1], Exception):
+            raise replies[-1]
         for write, start, stop in spans:
             _done(write, replies[start:stop], end.job_id)
 
