@@ -65,7 +65,12 @@ class ZygoteLauncher:
         """Start a zygote; returns its Hello (pid, bare size), the control socket and the
         pipes its descriptors 1 and 2 write to (output.py)."""
         ours, theirs = socket.socketpair()
-        output, (stdout_w, stderr_w) = OutputPipes.create()
+        try:
+            output, (stdout_w, stderr_w) = OutputPipes.create()
+        except OSError as exc:  # out of descriptors
+            ours.close()
+            theirs.close()
+            raise ZygoteStartError(f"cannot make the zygote's pipes: {exc}") from exc
         try:
             proc = subprocess.Popen(
                 [self.interpreter, "-I", *(() if self.site_packages else ("-S",)), "-c",

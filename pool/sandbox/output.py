@@ -27,7 +27,7 @@ class OutputPipes:
     """The read ends of one zygote's stdout and stderr pipes."""
 
     def __init__(self, stdout_fd: int, stderr_fd: int) -> None:
-        self.fds = (stdout_fd, stderr_fd)
+        self.fds: tuple[int, ...] = (stdout_fd, stderr_fd)
         self._streams = {stdout_fd: "stdout", stderr_fd: "stderr"}
         self._decoders = {fd: codecs.getincrementaldecoder("utf-8")(errors="replace")
                           for fd in self.fds}
@@ -80,7 +80,14 @@ class OutputPipes:
         self.drain(tail)
         return tail.text()[-limit:]
 
-    def close(self) -> None:
+    def poll_read(self, logs: LogTail) -> None:
+        """One read of each pipe, whatever poll says (while the channel is closed)."""
         for fd in self.fds:
+            self.read(fd, logs)
+
+    def close(self) -> None:
+        """Once: a second call must not close descriptors that reuse the numbers."""
+        fds, self.fds = self.fds, ()
+        for fd in fds:
             with contextlib.suppress(OSError):
                 os.close(fd)

@@ -174,12 +174,15 @@ class SandboxRunner:
         else:
             self._environments.note_use(spec)  # its environment stays on disk (env_gc.py)
         dead = True  # unless the run comes back: a sandbox is never left marked busy
+        held: warm.WarmSandbox | None = sandbox  # given back once, whatever happens
         try:
             try:
                 out, pid, baseline = self._run_once(sandbox, spec, ctx, payload, storage)
             except SandboxGone:  # it died since its last run: replaced, and the run goes on
+                held = None
                 self._pool.give_back(sandbox, dead=True)
                 sandbox, setup = self._set_up(spec, ctx, storage)
+                held = sandbox
                 try:
                     out, pid, baseline = self._run_once(sandbox, spec, ctx, payload, storage)
                 except SandboxGone:
@@ -191,7 +194,8 @@ class SandboxRunner:
                                      run_pid=pid, setup=setup)
             sandbox.runs += 1
         finally:
-            self._pool.give_back(sandbox, dead=dead)
+            if held is not None:
+                self._pool.give_back(held, dead=dead)
         # The job that set the sandbox up shows what its setup wrote first, as in process.
         logs = (setup.logs.followed_by(out.logs) if setup is not None else out.logs).text()
         try:

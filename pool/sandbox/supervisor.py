@@ -407,6 +407,8 @@ class Supervisor:
                         next_throttle = self._throttle(now, started)
                     wake = min(wake, next_throttle)
                 if not channel_open:
+                    if output is not None:  # a run still writing must not block on them
+                        output.poll_read(self.out.logs)
                     self._pid()
                     self.out.exit = self.reaper.reap(block=False)
                     if self.out.exit is not None:

@@ -349,7 +349,11 @@ def start(launcher: ZygoteLauncher, plan: SetupPlan, *,
         workspace=setup_workspace, baseline_rss=hello.rss_bytes, storage=storage,
         max_frame_bytes=CONTROL_MAX_BYTES, reaper=ProcessGone(hello.pid), kill_after=False,
         max_log_bytes=plan.max_log_bytes, output=output)
-    out = supervisor.run()
+    try:
+        out = supervisor.run()
+    except BaseException:  # Celery's soft limit, a storage call failing: nothing kept
+        sandbox.kill()
+        raise
     if not isinstance(out.result, Ready):
         sandbox.kill()
         return None, out

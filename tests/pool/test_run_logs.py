@@ -132,6 +132,15 @@ def test_output_written_straight_to_descriptors_1_and_2_is_kept_too(
     assert worker.alive()
 
 
+def test_output_left_in_stdio_buffers_is_flushed_before_the_result(
+        env: tuple[PluginClient, ManagedProcess]) -> None:
+    client, _ = env
+    job = client.submit("ops-writes-fds", {"tag": "f", "buffered": True})
+    assert job.result(timeout=30) == "wrote"
+    lines = job.meta["logs"].splitlines()
+    assert "stdout: buffered python f" in lines and "stdout: buffered c f" in lines
+
+
 def test_a_run_flooding_descriptor_1_is_kept_within_the_cap(
         env: tuple[PluginClient, ManagedProcess]) -> None:
     client, _ = env

@@ -71,6 +71,30 @@ def run(ctx, payload):
 '''
 
 
+RLIMIT_PLUGIN = '''\
+import ctypes
+import os
+import resource
+
+
+class _Limit(ctypes.Structure):
+    _fields_ = [("cur", ctypes.c_ulong), ("max", ctypes.c_ulong)]
+
+
+os.dup2(3, 60)  # a copy of its zygote's control socket, above the limit set next
+# Through ctypes, unseen by the audit hook: RLIMIT_NOFILE lowered below that copy.
+ctypes.CDLL(None).setrlimit(resource.RLIMIT_NOFILE, ctypes.byref(_Limit(8, 8)))
+
+
+def run(ctx, payload):
+    try:
+        os.fstat(60)
+    except OSError:
+        return "closed"
+    return "open"
+'''
+
+
 def below(pid: int) -> list[int]:
     """Every process whose parent is `pid`."""
     kids: list[int] = []
@@ -142,3 +166,16 @@ def test_a_run_never_holds_the_control_socket_a_setup_put_on_its_stdio(
 
 if not os.path.exists("/proc/self/task"):  # pragma: no cover - Linux only, as the sandbox
     pytest.skip("needs /proc", allow_module_level=True)
+
+
+def test_a_run_never_holds_a_control_socket_copy_hidden_above_a_lowered_fd_limit(
+        tmp_path: Path) -> None:
+    """A run closes every descriptor above its channel, whatever RLIMIT_NOFILE says: a
+    setup that lowered it (through ctypes) above a copy of the control socket does not
+    hand that copy to its runs."""
+    sandbox = warm_sandbox(tmp_path, "pp_rlimit_probe", RLIMIT_PLUGIN)
+    try:
+        assert run_once(sandbox, 1).value == "closed"
+    finally:
+        sandbox.retire("test done")
+        sandbox.finish()

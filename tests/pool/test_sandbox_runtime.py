@@ -4,6 +4,7 @@ and one typed definition of every message, encoded and decoded in one place."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ from pluginpool.pool.sandbox.launcher import (
     ZygoteLauncher,
     ZygoteStartError,
 )
+from pluginpool.pool.sandbox.output import OutputPipes
 from pluginpool.pool.sandbox.runtime import messages
 
 LOAD_ALL = (
@@ -96,3 +98,18 @@ def test_a_zygote_that_cannot_start_says_why_with_what_its_interpreter_wrote(
         launcher.start()
     assert "it wrote" in str(failed.value) and "Traceback" in str(failed.value)
     assert "no-runtime-here" in str(failed.value)
+
+
+def test_output_pipes_closed_twice_leave_reused_descriptor_numbers_alone() -> None:
+    pipes, writers = OutputPipes.create()
+    for fd in writers:
+        os.close(fd)
+    pipes.close()
+    read_end, write_end = os.pipe()  # may reuse the numbers just closed
+    try:
+        pipes.close()
+        os.fstat(read_end)
+        os.fstat(write_end)
+    finally:
+        os.close(read_end)
+        os.close(write_end)

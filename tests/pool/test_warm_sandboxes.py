@@ -57,6 +57,8 @@ def env(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[En
         spec("setup-forbidden", "hostile_setup:Forbidden"),
         spec("traces", "workspace:leave_traces"),
         spec("chatty", "lifecycle:Chatty"),
+        spec("huge-setup-print", "lifecycle:PrintsHugeSetup"),
+        spec("loud-teardown", "lifecycle:LoudTeardown"),
     ])
     worker = spawn_worker(client, tmp_path_factory.mktemp("warm-worker"), concurrency=1)
     yield client, worker, warm_root
@@ -233,6 +235,25 @@ def test_what_a_setup_writes_shows_in_the_logs_of_the_job_that_set_it_up(env: En
     assert "setup" not in second
     assert "stdout: run 2" in second and "run logger 2" in second
     client.unload(iid)
+
+
+def test_a_setup_printing_one_huge_string_still_sets_up(env: Env) -> None:
+    job = env[0].submit("huge-setup-print", {})
+    assert job.result(timeout=60) == "ran"
+    assert "stdout: setup done" in job.meta["logs"]
+    assert "bytes of earlier output dropped" in job.meta["logs"]
+
+
+def test_a_teardown_writing_past_a_pipes_capacity_finishes(env: Env) -> None:
+    """Nobody reads a zygote's output pipes during its teardown: its writes to
+    descriptor 1 go nowhere rather than block it until it is killed."""
+    client = env[0]
+    iid = client.load("loud-teardown", {})
+    zygote = client.execute(iid, {}, timeout=60)["zygote"]
+    client.unload(iid)
+    retired = f"(pid {zygote}) retired (instance unloaded); teardown ran"
+    assert wait_until(lambda: retired in env[1].log_text(), timeout_s=15)
+    assert_unharmed(env)
 
 
 def test_a_setup_that_hangs_stops_at_setup_timeout(env: Env) -> None:

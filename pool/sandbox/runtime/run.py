@@ -12,7 +12,6 @@ decodes its own Spawn, fills in the ctx's three per-run fields and applies the r
 from __future__ import annotations
 
 import os
-import resource
 import signal
 import stat
 import sys
@@ -88,6 +87,8 @@ def reset_signals() -> None:
 
 
 DEV_NULL = os.makedev(1, 3)
+ALL_FDS = 2**31 - 1
+"""closerange's bound: past any descriptor number."""
 _stdio: list[tuple[int, int] | None] = [None, None, None]
 """What descriptors 0-2 are in the zygote when it starts: /dev/null, and the pipes of its
 stdout and stderr that the pool child reads (their device and inode)."""
@@ -150,7 +151,6 @@ class Prepared:
     rlimits: limits.RunLimits
     started: bytes
     """The Started frame up to its CPU figure (messages.started_prefix)."""
-    max_fds: int
 
 
 def run_layer(config: ZygoteConfig, workspace: str) -> RunLayer | None:
@@ -179,8 +179,7 @@ def prepare(config: ZygoteConfig, key: LimitsKey, run_filter: seccomp.Prepared |
                     "network": not config.network_hosts} if run_filter is not None else False,
         "audit_hook": True}
     return Prepared(key=key, ruleset_fd=fd, seccomp=run_filter, rlimits=rlimits,
-                    started=started_prefix(layers),
-                    max_fds=resource.getrlimit(resource.RLIMIT_NOFILE)[1])
+                    started=started_prefix(layers))
 
 
 def enter_workspace(workspace: str) -> None:
@@ -308,8 +307,10 @@ def run_child(runs: Runs, body: bytes, run_fd: int, rss_bytes: int,
         if prepared.ruleset_fd is not None:
             # no_new_privs is already set: the zygote set it after its setup.
             landlock.restrict(prepared.ruleset_fd)
-        # /proc is not readable here (Landlock); the zygote's RLIMIT_NOFILE bounds the fds.
-        os.closerange(CHANNEL_FD + 1, prepared.max_fds)
+        # Every descriptor above the channel, whatever RLIMIT_NOFILE says now (a setup may
+        # have lowered it, ctypes unseen, above a copy of the control socket): one
+        # close_range call.
+        os.closerange(CHANNEL_FD + 1, ALL_FDS)
         limits.apply_run(prepared.rlimits)
         if prepared.seccomp is not None:
             prepared.seccomp.load(no_new_privs_set=True)

@@ -146,6 +146,12 @@ def _teardown(plugin: LoadedPlugin | None, policy: AuditPolicy, reason: str,
               home: str) -> NoReturn:
     error: RunError | None = None
     teardown = False
+    # Nobody reads the output pipes now (and after the pool child's end nobody can): what
+    # the teardown writes to 1 and 2 must neither block it nor kill it with SIGPIPE.
+    null = os.open(os.devnull, os.O_WRONLY)
+    for fd in (1, 2):
+        with contextlib.suppress(OSError):
+            os.dup2(null, fd)
     if plugin is not None:
         policy.enforcing = True
         try:
@@ -273,6 +279,7 @@ def main() -> NoReturn:
     policy.read_paths = tuple(config.read_paths)
     # The setup's output goes to the pool child's setup supervisor (shown with the error
     # of a setup that fails, and with the logs of the job that set the sandbox up).
+    logs.unbuffer_descriptors()
     logs.prepare(CONTROL_FD)
     logs.capture()
     try:

@@ -67,3 +67,27 @@ class Chatty:
         print("run", payload["n"])
         ctx.logger.info("run logger %s", payload["n"])
         return payload["n"]
+
+
+class PrintsHugeSetup:
+    """Its setup prints one 2 MB string (one write, more than a frame may hold)."""
+
+    def __init__(self, ctx: Any) -> None:
+        print("z" * 2_000_000)
+        print("setup done")
+
+    def run(self, ctx: Any, payload: Any) -> Any:
+        return "ran"
+
+
+class LoudTeardown:
+    """Its teardown writes more than a pipe holds straight to descriptor 1."""
+
+    def __init__(self, ctx: Any) -> None:
+        self.zygote = os.getpid()
+
+    def run(self, ctx: Any, payload: Any) -> Any:
+        return {"zygote": self.zygote}
+
+    def close(self) -> None:
+        os.write(1, b"t" * 300_000)
