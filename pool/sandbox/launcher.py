@@ -17,11 +17,13 @@ import select
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 
 from pluginpool.pool.sandbox.output import OutputPipes
 from pluginpool.pool.sandbox.runtime import channel
 from pluginpool.pool.sandbox.runtime.messages import Hello
+from pluginpool.tasks.run_logs import LogTail
 
 RUNTIME_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "runtime")
 RUNTIME_MODULE = "pluginpool_sandbox_runtime"
@@ -43,6 +45,23 @@ and copied the pages it wrote doing so (bench/sandbox_cost.py: about 15 faults a
 of CPU a run). The zygote drops it from its environment once started (zygote._detach)."""
 HELLO_TIMEOUT_S = 30.0
 HELLO_MAX_BYTES = 4096
+
+
+def _await_hello(proc: subprocess.Popen[bytes], ours: socket.socket, output: OutputPipes,
+                 early: LogTail) -> None:
+    """Until the zygote's Hello is readable and the intermediate process is reaped, with
+    its pipes read into `early` meanwhile (an interpreter writing more than a pipe holds at
+    start would otherwise wait for us, and we for its Hello)."""
+    control = ours.fileno()
+    deadline = time.monotonic() + HELLO_TIMEOUT_S
+    watched = [control, *output.fds]
+    while control in watched or proc.poll() is None:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise ZygoteStartError("the zygote did not say hello in time")
+        for fd in select.select(watched, [], [], min(left, 0.005))[0]:
+            if fd == control or not output.read(fd, early):
+                watched.remove(fd)  # Hello (or its end) is there; a pipe at its end
 
 
 class ZygoteStartError(RuntimeError):
@@ -85,19 +104,19 @@ class ZygoteLauncher:
             theirs.close()
             os.close(stdout_w)
             os.close(stderr_w)
+        early = LogTail(4096)
         try:
             # The first process forks the zygote and exits, so the zygote is nobody's
             # child in the worker: reap the intermediate here.
-            proc.wait(timeout=HELLO_TIMEOUT_S)
-            if not select.select([ours], [], [], HELLO_TIMEOUT_S)[0]:
-                raise ZygoteStartError("the zygote did not say hello in time")
+            _await_hello(proc, ours, output, early)
             hello = channel.receive_message(ours.fileno(), max_bytes=HELLO_MAX_BYTES)
             if not isinstance(hello, Hello):
                 raise ZygoteStartError(f"the zygote said {hello.op!r} first")
         except (ZygoteStartError, subprocess.TimeoutExpired, channel.ChannelClosed, OSError,
                 ValueError) as exc:
             ours.close()
-            said = output.text()  # the interpreter's own error, if it wrote one
+            # The interpreter's own error, if it wrote one.
+            said = early.text() + output.text()
             output.close()
             reason = str(exc) if isinstance(exc, ZygoteStartError) else \
                 f"the zygote did not start: {exc!r}"

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -113,3 +114,19 @@ def test_output_pipes_closed_twice_leave_reused_descriptor_numbers_alone() -> No
     finally:
         os.close(read_end)
         os.close(write_end)
+
+
+def test_an_interpreter_writing_more_than_a_pipe_holds_at_start_is_not_stalled(
+        tmp_path: Path) -> None:
+    """Its pipes are read while its Hello is awaited: 200 KB on stderr before it fails
+    still ends at once, with the end of what it wrote."""
+    runtime = tmp_path / "noisy-runtime"
+    runtime.mkdir()
+    (runtime / "__init__.py").write_text(
+        "import sys\nsys.stderr.write('w' * 200_000 + '\\n')\n"
+        "raise SystemExit('this runtime refuses to start')\n")
+    started = time.monotonic()
+    with pytest.raises(ZygoteStartError) as failed:
+        ZygoteLauncher(runtime_dir=str(runtime)).start()
+    assert time.monotonic() - started < 10  # the Hello timeout is 30 s
+    assert "this runtime refuses to start" in str(failed.value)
