@@ -54,14 +54,20 @@ def _await_hello(proc: subprocess.Popen[bytes], ours: socket.socket, output: Out
     start would otherwise wait for us, and we for its Hello)."""
     control = ours.fileno()
     deadline = time.monotonic() + HELLO_TIMEOUT_S
-    watched = [control, *output.fds]
-    while control in watched or proc.poll() is None:
+    poller = select.poll()  # not select(): descriptor numbers may pass 1024
+    for fd in (control, *output.fds):
+        poller.register(fd, select.POLLIN)
+    hello_ready = False
+    while not hello_ready or proc.poll() is None:
         left = deadline - time.monotonic()
         if left <= 0:
             raise ZygoteStartError("the zygote did not say hello in time")
-        for fd in select.select(watched, [], [], min(left, 0.005))[0]:
-            if fd == control or not output.read(fd, early):
-                watched.remove(fd)  # Hello (or its end) is there; a pipe at its end
+        for fd, _event in poller.poll(min(left, 0.005) * 1000):
+            if fd == control:
+                hello_ready = True
+            elif output.read(fd, early):
+                continue
+            poller.unregister(fd)  # Hello (or its end) is there; a pipe at its end
 
 
 class ZygoteStartError(RuntimeError):

@@ -139,6 +139,10 @@ def test_output_left_in_stdio_buffers_is_flushed_before_the_result(
     assert job.result(timeout=30) == "wrote"
     lines = job.meta["logs"].splitlines()
     assert "stdout: buffered python f" in lines and "stdout: buffered c f" in lines
+    # One write larger than the pipe, on a descriptor the plugin made non-blocking: whole.
+    big = client.submit("ops-writes-fds", {"tag": "g", "nonblocking_big": True})
+    assert big.result(timeout=30) == "wrote"
+    assert "stdout: end of the big write g" in big.meta["logs"].splitlines()
 
 
 def test_a_run_flooding_descriptor_1_is_kept_within_the_cap(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import io
+import select
 import sys
 import time
 
@@ -23,6 +24,7 @@ from .messages import Log
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import logging
+    from typing import Any
 
 _libc = open_libc()
 _IONBF = 2
@@ -138,6 +140,22 @@ def flush_all(*, stdio: bool = False) -> None:
         return
 
 
+class _WholeWrites(io.FileIO):
+    """A descriptor whose every write is written whole: TextIOWrapper ignores a short write
+    (a signal mid-write to a full pipe, or a descriptor a plugin made non-blocking)."""
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        done = 0
+        while done < len(view):
+            written = super().write(view[done:])
+            if written is None:  # non-blocking and full: wait until it can take more
+                select.select([], [self], [], 1.0)
+                continue
+            done += written
+        return done
+
+
 def unbuffer_descriptors() -> None:
     """In the zygote, before its setup: what is written to descriptors 1 and 2 through
     Python's original streams (`sys.__stdout__`) or C's stdio (`printf`) goes out at once.
@@ -146,7 +164,7 @@ def unbuffer_descriptors() -> None:
     for name, fd in (("__stdout__", 1), ("__stderr__", 2)):
         with contextlib.suppress(OSError, ValueError):
             setattr(sys, name, io.TextIOWrapper(
-                io.FileIO(fd, "w", closefd=False), encoding="utf-8",  # type: ignore[arg-type]
+                _WholeWrites(fd, "w", closefd=False), encoding="utf-8",  # type: ignore[arg-type]
                 errors="backslashreplace", write_through=True))
     with contextlib.suppress(Exception):
         for name in ("stdout", "stderr"):

@@ -12,6 +12,7 @@ decodes its own Spawn, fills in the ctx's three per-run fields and applies the r
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import stat
 import sys
@@ -87,8 +88,17 @@ def reset_signals() -> None:
 
 
 DEV_NULL = os.makedev(1, 3)
-ALL_FDS = 2**31 - 1
-"""closerange's bound: past any descriptor number."""
+_fd_bound = [2**31 - 1]
+"""Past any descriptor the zygote or a run can hold: RLIMIT_NOFILE's hard limit before the
+setup (note_fd_bound). A bound, not 2**31: without close_range (older kernels, some
+container profiles) CPython closes every number up to it one by one."""
+
+
+def note_fd_bound() -> None:
+    """In the zygote after its own limits, before any plugin code."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if 0 < hard < _fd_bound[0]:
+        _fd_bound[0] = hard
 _stdio: list[tuple[int, int] | None] = [None, None, None]
 """What descriptors 0-2 are in the zygote when it starts: /dev/null, and the pipes of its
 stdout and stderr that the pool child reads (their device and inode)."""
@@ -307,10 +317,10 @@ def run_child(runs: Runs, body: bytes, run_fd: int, rss_bytes: int,
         if prepared.ruleset_fd is not None:
             # no_new_privs is already set: the zygote set it after its setup.
             landlock.restrict(prepared.ruleset_fd)
-        # Every descriptor above the channel, whatever RLIMIT_NOFILE says now (a setup may
-        # have lowered it, ctypes unseen, above a copy of the control socket): one
-        # close_range call.
-        os.closerange(CHANNEL_FD + 1, ALL_FDS)
+        # Every descriptor above the channel, up to the limit the zygote had before its
+        # setup: a setup may since have lowered RLIMIT_NOFILE (through ctypes, unseen)
+        # above a copy of the control socket, and cannot have raised it.
+        os.closerange(CHANNEL_FD + 1, _fd_bound[0])
         limits.apply_run(prepared.rlimits)
         if prepared.seccomp is not None:
             prepared.seccomp.load(no_new_privs_set=True)

@@ -43,6 +43,7 @@ from .run import (
     CONTROL_FD,
     Runs,
     landlock_ports,
+    note_fd_bound,
     note_stdio,
     reset_signals,
     run_child,
@@ -148,10 +149,16 @@ def _teardown(plugin: LoadedPlugin | None, policy: AuditPolicy, reason: str,
     teardown = False
     # Nobody reads the output pipes now (and after the pool child's end nobody can): what
     # the teardown writes to 1 and 2 must neither block it nor kill it with SIGPIPE.
-    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+    except OSError:  # out of descriptors, or a hook the setup installed: writes just fail
+        null = -1
     for fd in (1, 2):
         with contextlib.suppress(OSError):
-            os.dup2(null, fd)
+            if null >= 0:
+                os.dup2(null, fd)
+            else:
+                os.close(fd)
     if plugin is not None:
         policy.enforcing = True
         try:
@@ -284,6 +291,7 @@ def main() -> NoReturn:
     logs.capture()
     try:
         layers = _lock_down(config, policy)
+        note_fd_bound()
         ctx = SandboxContext(
             plugin_id=config.plugin_id, job_id=None, instance_id=config.instance_id,
             attempt=0, operation=None, limits=config.limits, permissions=config.permissions,

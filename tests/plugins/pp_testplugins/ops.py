@@ -49,6 +49,12 @@ def writes_fds(ctx: Any, payload: Any) -> Any:
         import ctypes
         sys.__stdout__.write(f"buffered python {tag}\n")
         ctypes.CDLL(None).printf(f"buffered c {tag}\n".encode())
+    if payload.get("nonblocking_big"):  # one write, more than the pipe holds
+        os.set_blocking(1, False)
+        try:
+            sys.__stdout__.write("x" * 200_000 + f"\nend of the big write {tag}\n")
+        finally:
+            os.set_blocking(1, True)
     if payload.get("mb"):
         block = b"y" * 1023 + b"\n"
         for _ in range(int(payload["mb"]) * 1024):
