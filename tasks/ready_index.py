@@ -40,6 +40,7 @@ logger = logging.getLogger("pluginpool.transport")
 REGISTER_CHUNK = 1_000
 """Members per SADD when a consumer's whole registration is written at once."""
 
+
 def sadd_chunked(pipe: Any, key: str, members: list[str]) -> None:
     """SADD `members` to `key` in the pipeline, REGISTER_CHUNK members per command."""
     for start in range(0, len(members), REGISTER_CHUNK):

@@ -172,7 +172,8 @@ class JobResultBackend(RedisBackend):  # type: ignore[misc]
         finally:
             self._ending.end = None
             if end.writes and not end.written:
-                # Not stored (the job had succeeded already): keep its bookkeeping anyway.
+                # Its MULTI never ran (a value too large, Redis failing): the run's
+                # bookkeeping is written anyway. A stored success is checked in the MULTI.
                 self._write_alone(end.writes)
 
     def _end_of(self, job_id: str, state: str, result: Any, request: Any) -> _End | None:

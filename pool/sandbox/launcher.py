@@ -121,8 +121,8 @@ class ZygoteLauncher:
         except (ZygoteStartError, subprocess.TimeoutExpired, channel.ChannelClosed, OSError,
                 ValueError) as exc:
             ours.close()
-            # The interpreter's own error, if it wrote one.
-            said = early.text() + output.text()
+            output.drain(early)  # the interpreter's own error, if it wrote one
+            said = early.text()
             output.close()
             reason = str(exc) if isinstance(exc, ZygoteStartError) else \
                 f"the zygote did not start: {exc!r}"

@@ -50,9 +50,7 @@ class OutputPipes:
             return True
         except OSError:
             return False
-        text = self._decoders[fd].decode(data, final=not data)
-        if text:
-            logs.add(self._streams[fd], text)
+        self._decode(fd, data, logs, final=not data)
         return bool(data)
 
     def drain(self, logs: LogTail) -> None:
@@ -63,22 +61,16 @@ class OutputPipes:
                     data = os.read(fd, READ_BYTES)
                 except OSError:  # BlockingIOError: nothing left
                     break
-                text = self._decoders[fd].decode(data, final=not data)
-                if text:
-                    logs.add(self._streams[fd], text)
+                self._decode(fd, data, logs)
                 if not data:
                     break
             # A run's last partial character does not run into the next run's output.
-            text = self._decoders[fd].decode(b"", final=True)
-            if text:
-                logs.add(self._streams[fd], text)
+            self._decode(fd, b"", logs, final=True)
 
-    def text(self, limit: int = 4096) -> str:
-        """What is in the pipes now, as text, its last `limit` characters (a zygote that
-        did not start: its interpreter's own error)."""
-        tail = LogTail(limit)
-        self.drain(tail)
-        return tail.text()[-limit:]
+    def _decode(self, fd: int, data: bytes, logs: LogTail, *, final: bool = False) -> None:
+        text = self._decoders[fd].decode(data, final=final)
+        if text:
+            logs.add(self._streams[fd], text)
 
     def poll_read(self, logs: LogTail) -> None:
         """One read of each pipe, whatever poll says (while the channel is closed)."""

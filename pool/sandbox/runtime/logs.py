@@ -112,7 +112,9 @@ def prepare(fd: int) -> None:
 def release() -> None:
     """In the zygote after its setup: what the setup wrote goes out, then nothing more
     until a run captures (the zygote's own output, and a teardown's, go nowhere)."""
-    flush_all(stdio=True)
+    with contextlib.suppress(Exception):  # C's buffers, if the setup buffered them again:
+        _libc.fflush(None)  # a fork would copy them into every run
+    flush_all()
     for outbox in _outbox:
         outbox.active = False
 
@@ -125,14 +127,9 @@ def capture() -> None:
     outbox.active = True
 
 
-def flush_all(*, stdio: bool = False) -> None:
+def flush_all() -> None:
     """Before the Result frame: what is buffered goes first. A channel that is gone fails
-    the Result's send the same way, so it is not reported here. `stdio` (the zygote, after
-    its setup): also C's stdio buffers, which a setup may have set up again, and which a
-    fork would otherwise copy into every run."""
-    if stdio:
-        with contextlib.suppress(Exception):
-            _libc.fflush(None)
+    the Result's send the same way, so it is not reported here."""
     try:
         for outbox in _outbox:
             outbox.flush()

@@ -99,6 +99,8 @@ def note_fd_bound() -> None:
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     if 0 < hard < _fd_bound[0]:
         _fd_bound[0] = hard
+
+
 _stdio: list[tuple[int, int] | None] = [None, None, None]
 """What descriptors 0-2 are in the zygote when it starts: /dev/null, and the pipes of its
 stdout and stderr that the pool child reads (their device and inode)."""
