@@ -45,9 +45,18 @@ from pluginpool.tasks.settings import Settings
 from pluginpool.tasks.spec import PluginSpec
 
 SYSTEMS = ("plain_celery", "plain_celery_reliable", "pluginpool")
+OPTIONAL_SYSTEMS = ("pluginpool_sandboxed",)  # only when named in --systems
 NOOP = PluginSpec.model_validate({
     "id": "bench-noop", "name": "Bench no-op", "entrypoint": "pluginpool_examples.text:noop",
     "isolation": {"sandboxed": False}, "resource_limits": {"timeout_ms": 10_000}})
+SANDBOXED_NOOP = PluginSpec.model_validate({
+    "id": "bench-noop-sandboxed", "name": "Bench no-op, sandboxed",
+    "entrypoint": "pluginpool_examples.text:noop",
+    "isolation": {"sandboxed": True}, "resource_limits": {"timeout_ms": 10_000}})
+
+
+def plugin_of(system: str) -> PluginSpec:
+    return SANDBOXED_NOOP if system == "pluginpool_sandboxed" else NOOP
 WARMUP_JOBS = 20
 
 
@@ -59,7 +68,7 @@ def produce(system: str, jobs: int, url: str, profile: str | None) -> None:
         client = PluginClient(_settings(url))
 
         def one_round(n: int) -> None:
-            submitted = [client.submit(NOOP.id, {"i": i}) for i in range(n)]
+            submitted = [client.submit(plugin_of(system).id, {"i": i}) for i in range(n)]
             for job in submitted:
                 job.result(timeout=300)
     else:
@@ -251,7 +260,7 @@ def start_worker(system: str, client: PluginClient, env: dict[str, str], run_dir
     node = f"bench-{system}-{time.monotonic_ns()}@localhost"
     env = code_env(system, env)
     if system.startswith("pluginpool"):
-        return pluginpool_worker(client, env, run_dir, plugins=NOOP.id,
+        return pluginpool_worker(client, env, run_dir, plugins=plugin_of(system).id,
                                  concurrency=concurrency, node=node)
     worker_env = {**env, "BENCH_PLAIN_RELIABLE": "1" if "reliable" in system else "0"}
     return plain_celery_worker(client, worker_env, run_dir, concurrency=concurrency,
@@ -392,7 +401,8 @@ def main() -> None:
     systems = SYSTEMS + (("pluginpool_baseline",) if os.environ.get("BENCH_BASELINE_CODE")
                          else ())
     if args.systems:
-        systems = tuple(name for name in systems if name in args.systems.split(","))
+        systems = tuple(name for name in systems + OPTIONAL_SYSTEMS
+                        if name in args.systems.split(","))
     if args.produce:
         produce(args.produce, args.jobs, args.url, args.profile_to)
         return
@@ -402,6 +412,7 @@ def main() -> None:
     try:
         client = PluginClient(_settings(url))
         client.register(NOOP)
+        client.register(SANDBOXED_NOOP)
         env = {**os.environ, "PLUGINPOOL_REDIS_URL": url, "BENCH_REDIS_URL": url,
                "PLUGINPOOL_PLUGIN_PATHS": json.dumps([str(ROOT / "examples")]),
                "PYTHONPATH": os.pathsep.join(

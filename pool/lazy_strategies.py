@@ -15,9 +15,6 @@ from typing import Any
 from celery.app.trace import build_tracer
 from celery.worker.consumer import Consumer
 
-CONSUMER_PATH = "pluginpool.pool.lazy_strategies:LazyStrategyConsumer"
-"""For `app.conf.worker_consumer`."""
-
 
 class LazyStrategies(dict[str, Any]):
     """The consumer's strategy table, filled on first use."""

@@ -14,6 +14,7 @@ from pluginpool.pool import trace_filter
 from pluginpool.pool.artifact_cache import ArtifactCache, ArtifactRunner
 from pluginpool.pool.cancel_listener import CancelListener
 from pluginpool.pool.env_sweeper import EnvironmentSweeper
+from pluginpool.pool.event_batching import CONSUMER_PATH, EVENT_BATCH_CONF
 from pluginpool.pool.execution import bind_worker_app, register_plugin_tasks
 from pluginpool.pool.fleet import (
     IDLE_QUEUE,
@@ -22,7 +23,6 @@ from pluginpool.pool.fleet import (
     RegistryFollower,
     SharedGeneration,
 )
-from pluginpool.pool.lazy_strategies import CONSUMER_PATH as LAZY_CONSUMER_PATH
 from pluginpool.pool.liveness import WorkerLiveness
 from pluginpool.pool.plugin_tasks import install_task_registry
 from pluginpool.pool.quarantine import fail_quarantined
@@ -124,7 +124,9 @@ def build_worker_app(settings: Settings, specs: list[PluginSpec], *,
     for sandboxed, runner in list(services.runners.items()):
         services.runners[sandboxed] = ArtifactRunner(runner, artifacts)
     install_task_registry(app, nodename, services)
-    app.conf.worker_consumer = LAZY_CONSUMER_PATH  # strategies built at first use
+    # Strategies built at first use, task events batched (pool/event_batching.py).
+    app.conf.worker_consumer = CONSUMER_PATH
+    app.conf[EVENT_BATCH_CONF] = settings.event_batch_ms / 1000
     # A job the poison rule quarantines gets its failure as an outcome (pool/quarantine.py).
     app.conf.broker_transport_options[QUARANTINE_HOOK_OPTION] = fail_quarantined(app, services)
     # A warm shutdown acknowledges, not hands back, a reserved job whose outcome is stored.

@@ -60,6 +60,10 @@ class Settings(BaseSettings):
         description="When the breaker's Redis is unreachable: refuse dispatch, or allow it.")
     usage_events: bool = Field(
         default=True, description="Send a task-plugin-usage Celery event after every run.")
+    event_batch_ms: int = Field(
+        default=50, ge=0, le=5_000,
+        description="A worker's task events that follow one another within this window go "
+                    "to Redis as one message (0: Celery's own, one per loop turn).")
     workspace_root: str | None = Field(
         default=None, description="Where run workspaces are made (default: the system temp).")
     warm_sandboxes: int = Field(

@@ -1,0 +1,107 @@
+"""A worker's task events go out in batches (pool/event_batching.py), and none is lost:
+a real prefork worker, real Redis, Celery's own event receiver."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from celery.events.receiver import EventReceiver
+
+from pluginpool.pool.event_batching import FlushWindow
+from pluginpool.pool.tools.processes import wait_until
+from pluginpool.tasks.client import PluginClient
+from tests.conftest import TEST_PLUGINS, make_settings, spawn_worker
+
+
+def test_the_first_event_after_a_quiet_spell_goes_at_once_the_rest_wait_for_the_window() -> None:
+    window = FlushWindow(0.05)
+    assert window.due(10.0) == 10.0
+    window.flushed(10.0)
+    assert window.due(10.01) == pytest.approx(10.05)
+    assert window.due(10.2) == 10.2
+    assert FlushWindow(0.0).due(3.0) == 3.0
+
+
+class CountingReceiver(EventReceiver):  # type: ignore[misc]
+    """Celery's receiver, also counting the batches (`task.multi` messages, a list of
+    events each) that a worker's buffered task events came in."""
+
+    batches = 0
+
+    def _receive(self, body: Any, message: Any, *args: Any, **kwargs: Any) -> None:
+        if isinstance(body, list):
+            type(self).batches += 1
+        super()._receive(body, message, *args, **kwargs)
+
+
+class Events:
+    """Every event the worker publishes, heard from a thread until `close`."""
+
+    def __init__(self, client: PluginClient) -> None:
+        self.seen: list[dict[str, Any]] = []
+        self._connection = client.app.connection_for_read()
+        CountingReceiver.batches = 0
+        self._receiver = CountingReceiver(self._connection, app=client.app,
+                                          handlers={"*": self.seen.append})
+        self._thread = threading.Thread(target=self._receiver.capture, daemon=True,
+                                        kwargs={"limit": None, "timeout": None,
+                                                "wakeup": False})
+        self._thread.start()
+        assert wait_until(lambda: self._receiver.consumer_connected, timeout_s=10) \
+            if hasattr(self._receiver, "consumer_connected") else True
+
+    def of(self, kind: str, job_ids: set[str]) -> set[str]:
+        return {e["uuid"] for e in list(self.seen)
+                if e.get("type") == kind and e.get("uuid") in job_ids}
+
+    def close(self) -> None:
+        self._receiver.should_stop = True
+        self._thread.join(10)
+        self._connection.release()
+
+
+@pytest.fixture
+def batching_client(redis_url: str) -> Iterator[PluginClient]:
+    settings = make_settings(redis_url, key_prefix=f"ppev:{uuid.uuid4().hex[:8]}:",
+                             event_batch_ms=5000,
+                             default_isolation={"sandboxed": False})
+    with PluginClient(settings) as client:
+        client.register(TEST_PLUGINS / "test_plugins.toml")
+        yield client
+
+
+def test_events_of_many_jobs_arrive_all_in_fewer_messages_and_the_last_at_shutdown(
+        batching_client: PluginClient, tmp_path: Path) -> None:
+    client = batching_client
+    events = Events(client)
+    worker = spawn_worker(client, tmp_path, concurrency=2)
+    try:
+        wait_until(lambda: bool(events.seen), timeout_s=10)  # the worker's first heartbeat
+        jobs = [client.submit("echo", {"i": i}) for i in range(30)]
+        for job in jobs:
+            job.result(timeout=30)
+        ids = {job.id for job in jobs}
+        # Every job's events arrive: the last batch when its window ends.
+        assert wait_until(lambda: events.of("task-succeeded", ids) == ids, timeout_s=10)
+        assert events.of("task-received", ids) == ids
+        assert events.of("task-started", ids) == ids
+        # Batched: the worker's 90 events came in a few messages (Celery alone publishes
+        # a batch at each turn of its loop: two or three a job here).
+        assert CountingReceiver.batches < len(jobs) / 2, CountingReceiver.batches
+
+        # A job that ends inside a window: its events are still buffered when the worker
+        # is stopped, and the shutdown publishes them.
+        client.submit("echo", {"warm": 1}).result(timeout=30)
+        last = client.submit("echo", {"last": 1})
+        last.result(timeout=30)
+        worker.stop()  # SIGTERM, warm shutdown, waited for
+        assert wait_until(lambda: events.of("task-succeeded", {last.id}) == {last.id},
+                          timeout_s=10)
+    finally:
+        worker.stop()
+        events.close()
