@@ -49,10 +49,13 @@ def json_depth(text: str) -> int:
 
 
 def _decode_json(text: str, what: str, limits: DeliveryLimits) -> Any:
-    depth = json_depth(text)
-    if depth > limits.max_depth:
-        raise MalformedMessageError(
-            f"{what} is nested {depth} deep, over the {limits.max_depth}-level limit")
+    # The count of opening brackets bounds the depth and costs two C scans: the walk
+    # (about 0.1 ms a message in the main process) only when the bound says it may matter.
+    if text.count("[") + text.count("{") > limits.max_depth:
+        depth = json_depth(text)
+        if depth > limits.max_depth:
+            raise MalformedMessageError(
+                f"{what} is nested {depth} deep, over the {limits.max_depth}-level limit")
     try:
         return loads(text)
     except ValueError as exc:
