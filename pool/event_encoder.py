@@ -6,11 +6,20 @@ channel. The encoder owns a dispatcher on a connection of its own whose channel 
 what it would publish instead of sending it; receivers (the aggregator, Flower) cannot
 tell the difference. Only for a broker on the same Redis server as pluginpool's own
 (`same_server`); otherwise events are sent the usual way.
+
+kombu's whole publish path costs about 90 us an event, once a job in every pool process.
+So the first event of each type goes through it, and its envelope is kept: later events
+of that type reuse the envelope (exchange, routing key, headers, encodings exactly as
+kombu made them) with their own body, encoded as kombu does (its JSON, then base64), and
+a fresh delivery tag: about a quarter of the cost.
 """
 
 from __future__ import annotations
 
 import os
+import uuid
+from base64 import b64encode
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -27,24 +36,57 @@ def same_server(broker_url: str, redis_url: str) -> bool:
     return (a.scheme, a.netloc) == (b.scheme, b.netloc)
 
 
+@dataclass(frozen=True)
+class Envelope:
+    """What kombu published for the first event of a type, less its body and tag."""
+
+    topic: str
+    message: dict[str, Any]
+    properties: dict[str, Any]
+
+    @classmethod
+    def of(cls, topic: str, message: dict[str, Any]) -> Envelope | None:
+        """None for an envelope this module does not know how to fill (kept on kombu)."""
+        properties = message.get("properties")
+        if (not isinstance(properties, dict) or properties.get("body_encoding") != "base64"
+                or message.get("content-type") != "application/json"
+                or "delivery_tag" not in properties):
+            return None
+        return cls(topic, {k: v for k, v in message.items() if k not in ("body", "properties")},
+                   {k: v for k, v in properties.items() if k != "delivery_tag"})
+
+    def fill(self, event: dict[str, Any]) -> Encoded:
+        body = b64encode(dumps(event).encode("utf-8")).decode("ascii")
+        properties = {**self.properties, "delivery_tag": str(uuid.uuid4())}
+        return self.topic, dumps({**self.message, "body": body, "properties": properties})
+
+
 class EventEncoder:
     """One per worker process (rebuilt after a fork); not thread-safe, like a pool child."""
 
     def __init__(self) -> None:
         self._dispatcher: Any = None
         self._pid = 0
-        self._captured: list[Encoded] = []
+        self._captured: list[tuple[str, dict[str, Any]]] = []
+        self._envelopes: dict[str, Envelope | None] = {}
 
     def encode(self, app: Celery, hostname: str, type_: str, **fields: Any) -> Encoded:
         """The event's one PUBLISH (clock, pid, hostname and timestamp set as Celery does)."""
-        if self._dispatcher is None or self._pid != os.getpid():
-            self._dispatcher = self._build(app, hostname)
+        dispatcher = self._dispatcher
+        if dispatcher is None or self._pid != os.getpid() or dispatcher.hostname != hostname:
+            dispatcher = self._dispatcher = self._build(app, hostname)
             self._pid = os.getpid()
+            self._envelopes.clear()
+        envelope = self._envelopes.get(type_)
+        if envelope is not None:  # the event made as the dispatcher's publish makes it
+            return envelope.fill(dispatcher._prepare_event(type_, fields))
         self._captured.clear()
-        self._dispatcher.send(type_, **fields)
+        dispatcher.send(type_, **fields)
         if len(self._captured) != 1:
             raise RuntimeError(f"expected one publish for {type_}, got {len(self._captured)}")
-        return self._captured[0]
+        topic, message = self._captured[0]
+        self._envelopes.setdefault(type_, Envelope.of(topic, message))
+        return topic, dumps(message)
 
     def _build(self, app: Celery, hostname: str) -> Any:
         dispatcher = app.events.Dispatcher(app.connection_for_write(), hostname=hostname,
@@ -53,7 +95,7 @@ class EventEncoder:
 
         def keep(exchange: str, message: Any, routing_key: str, **_: Any) -> None:
             for topic in channel._get_publish_topics(exchange, routing_key):
-                self._captured.append((topic, dumps(message)))
+                self._captured.append((topic, message))
 
         channel._put_fanout = keep  # this channel only ever encodes
         return dispatcher

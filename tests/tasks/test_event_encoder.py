@@ -3,6 +3,8 @@ dispatcher had sent it, and the encoder itself sends nothing."""
 
 from __future__ import annotations
 
+import base64
+import json
 import threading
 import time
 from typing import Any
@@ -29,7 +31,7 @@ def test_an_encoded_event_published_by_hand_is_received_as_a_celery_event(
         with app.connection_for_read() as conn:
             def handle(event: dict[str, Any]) -> None:
                 received.append(event)
-                receiver.should_stop = True
+                receiver.should_stop = len(received) == 2
 
             receiver = app.events.Receiver(conn, handlers={"task-plugin-usage": handle})
             ready.set()
@@ -39,16 +41,45 @@ def test_an_encoded_event_published_by_hand_is_received_as_a_celery_event(
     thread.start()
     ready.wait(5)
     encoder = EventEncoder()
+    # The first through kombu's publish path, the second on the envelope kept from it.
     channel, message = encoder.encode(app, "w1@host", "task-plugin-usage", uuid="j1",
                                       plugin_id="p", usage={"cpu_ms": 1.5})
+    channel2, message2 = encoder.encode(app, "w1@host", "task-plugin-usage", uuid="j2",
+                                        plugin_id="p", usage={"cpu_ms": 2.5})
+    assert channel2 == channel
     time.sleep(0.3)
     assert received == []  # encoding sent nothing
     publisher = redis.Redis.from_url(redis_url)
     deadline = time.monotonic() + 10
     while not publisher.publish(channel, message) and time.monotonic() < deadline:
         time.sleep(0.1)  # until the receiver has subscribed
+    publisher.publish(channel2, message2)
     thread.join(10)
-    [event] = received
+    [event, event2] = received
     assert event["type"] == "task-plugin-usage" and event["hostname"] == "w1@host"
     assert event["plugin_id"] == "p" and event["usage"] == {"cpu_ms": 1.5}
     assert event["uuid"] == "j1" and "clock" in event and "timestamp" in event
+    assert event2["uuid"] == "j2" and event2["usage"] == {"cpu_ms": 2.5}
+    assert event2["clock"] > event["clock"] and event2["timestamp"] >= event["timestamp"]
+    assert {k: v for k, v in event2.items() if k not in ("uuid", "usage", "clock",
+                                                          "timestamp", "local_received")} \
+        == {k: v for k, v in event.items() if k not in ("uuid", "usage", "clock", "timestamp",
+                                                         "local_received")}
+
+
+def test_a_kept_envelope_is_kombus_own_less_its_body_and_tag(redis_url: str) -> None:
+    app = Celery("enc", broker=redis_url, set_as_current=False)
+    app.conf.update(event_serializer="json", accept_content=["json"])
+    encoder = EventEncoder()
+    kombu_made = json.loads(encoder.encode(app, "w1@host", "task-x", uuid="a")[1])
+    kept = json.loads(encoder.encode(app, "w1@host", "task-x", uuid="b")[1])
+    fresh = json.loads(EventEncoder().encode(app, "w1@host", "task-x", uuid="b")[1])
+    for message in (kombu_made, kept, fresh):
+        message["properties"].pop("delivery_tag")
+        body = json.loads(base64.b64decode(message.pop("body")))
+        assert body["type"] == "task-x"
+    assert kept == kombu_made == fresh
+    # Another hostname or another type goes through kombu again.
+    other = json.loads(encoder.encode(app, "w2@host", "task-x", uuid="c")[1])
+    assert json.loads(base64.b64decode(other["body"]))["hostname"] == "w2@host"
+    assert other["headers"] == {"hostname": "w2@host"}
