@@ -14,7 +14,7 @@ import signal
 import time
 import traceback
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Protocol
 
 from celery.exceptions import SoftTimeLimitExceeded
@@ -55,7 +55,21 @@ class Usage:
     stopped_at_unix: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if v is not None or k == "max_rss_mb"}
+        """Each field (`max_rss_mb` even when None), its dicts copied one level down: what
+        dataclasses.asdict gave, without its recursive deepcopy (a tenth of a millisecond
+        a job in the pool child)."""
+        out: dict[str, Any] = {}
+        for name in _USAGE_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                out[name] = {k: dict(v) if isinstance(v, dict) else v
+                             for k, v in value.items()}
+            elif value is not None or name == "max_rss_mb":
+                out[name] = value
+        return out
+
+
+_USAGE_FIELDS = tuple(f.name for f in fields(Usage))
 
 
 @dataclass(frozen=True)
