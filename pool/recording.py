@@ -3,7 +3,7 @@ health aggregator read it.
 
 - the breaker's window, the health figures, the `on_error` event and a custom Celery event
   `task-plugin-usage` with the run's usage (for the aggregator): one script call
-  (breaker.lua; the event is encoded here and published by the script, pool/event_encoder.py);
+  (breaker.lua; the event is encoded here and published by the script, tasks/event_encoder.py);
 - for runs of an instance, its usage totals, last run and recent errors (`sandbox_info`);
 - the run in the plugin's recent runs, with its logs (`keep_run`).
 
@@ -30,7 +30,7 @@ from redis.exceptions import NoScriptError
 
 from pluginpool.policy.breaker import CircuitBreaker
 from pluginpool.policy.errors import ErrorInfo, UnknownPluginError
-from pluginpool.pool.event_encoder import Encoded, EventEncoder, same_server
+from pluginpool.tasks.event_encoder import Encoded, EventEncoder, same_server
 from pluginpool.tasks.outcome import error_for_failure
 from pluginpool.tasks.result_store import JobResultBackend
 from pluginpool.tasks.routing import plugin_of_task

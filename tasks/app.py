@@ -11,6 +11,7 @@ from pluginpool.tasks.delivery_record import DELIVERY_OPTION, DeliveryConfig
 from pluginpool.tasks.reliable_fetch import IDLE_WAIT_OPTION
 from pluginpool.tasks.result_store import backend_url
 from pluginpool.tasks.routing import route_plugin_task
+from pluginpool.tasks.sent_event import AMQP_PATH as SENT_EVENT_AMQP_PATH
 from pluginpool.tasks.settings import Settings
 from pluginpool.tasks.transport import SENTINEL_TRANSPORT_PATH, TRANSPORT_PATH
 
@@ -49,7 +50,8 @@ def create_app(settings: Settings, *, name: str = "pluginpool",
     transport class would hide.
     """
     app = Celery(name, broker=settings.effective_broker_url,
-                 backend=backend_url(settings.effective_result_backend), set_as_current=False)
+                 backend=backend_url(settings.effective_result_backend), set_as_current=False,
+                 amqp=SENT_EVENT_AMQP_PATH)  # a job's task-sent rides on its publish
     transport_options: dict[str, Any] = {"visibility_timeout": settings.visibility_timeout_s}
     if settings.redis_sentinel_master:
         transport_options["master_name"] = settings.redis_sentinel_master

@@ -28,7 +28,7 @@ SUBMIT_HEADER = "pluginpool_submit_step"
 
 @dataclass(frozen=True)
 class SubmitStep:
-    """What publish.lua checks and writes for one plugin job (its KEYS[3..5], ARGV[6..8])."""
+    """What publish.lua checks and writes for one plugin job (its KEYS[3..5], ARGV[6..10])."""
 
     plugin_id: str
     paused_key: str
@@ -37,6 +37,9 @@ class SubmitStep:
     queued: str
     """The `queued` change, complete (status and seq 1): the script only stores it."""
     ttl_s: int
+    sent_event: tuple[str, str] | None = None
+    """The job's `task-sent` event (channel, message) for the script to PUBLISH after the
+    push (tasks/sent_event.py); None: Celery sends it."""
 
     @classmethod
     def for_job(cls, keys: RedisKeys, *, plugin_id: str, job_id: str,
@@ -50,7 +53,8 @@ class SubmitStep:
         return [self.paused_key, self.status_key, self.channel]
 
     def script_args(self) -> list[Any]:
-        return [self.plugin_id, self.queued, self.ttl_s]
+        event = list(self.sent_event) if self.sent_event is not None else []
+        return [self.plugin_id, self.queued, self.ttl_s, *event]
 
     def check(self, reply: Any) -> None:
         """Raise PluginDisabledError if the script refused the push (it returns the pause)."""

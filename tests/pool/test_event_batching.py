@@ -3,19 +3,17 @@ a real prefork worker, real Redis, Celery's own event receiver."""
 
 from __future__ import annotations
 
-import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-from celery.events.receiver import EventReceiver
 
 from pluginpool.pool.event_batching import FlushWindow
 from pluginpool.pool.tools.processes import wait_until
 from pluginpool.tasks.client import PluginClient
 from tests.conftest import TEST_PLUGINS, make_settings, spawn_worker
+from tests.events import CountingReceiver, Events
 
 
 def test_the_first_event_after_a_quiet_spell_goes_at_once_the_rest_wait_for_the_window() -> None:
@@ -25,44 +23,6 @@ def test_the_first_event_after_a_quiet_spell_goes_at_once_the_rest_wait_for_the_
     assert window.due(10.01) == pytest.approx(10.05)
     assert window.due(10.2) == 10.2
     assert FlushWindow(0.0).due(3.0) == 3.0
-
-
-class CountingReceiver(EventReceiver):  # type: ignore[misc]
-    """Celery's receiver, also counting the batches (`task.multi` messages, a list of
-    events each) that a worker's buffered task events came in."""
-
-    batches = 0
-
-    def _receive(self, body: Any, message: Any, *args: Any, **kwargs: Any) -> None:
-        if isinstance(body, list):
-            type(self).batches += 1
-        super()._receive(body, message, *args, **kwargs)
-
-
-class Events:
-    """Every event the worker publishes, heard from a thread until `close`."""
-
-    def __init__(self, client: PluginClient) -> None:
-        self.seen: list[dict[str, Any]] = []
-        self._connection = client.app.connection_for_read()
-        CountingReceiver.batches = 0
-        self._receiver = CountingReceiver(self._connection, app=client.app,
-                                          handlers={"*": self.seen.append})
-        self._thread = threading.Thread(target=self._receiver.capture, daemon=True,
-                                        kwargs={"limit": None, "timeout": None,
-                                                "wakeup": False})
-        self._thread.start()
-        assert wait_until(lambda: self._receiver.consumer_connected, timeout_s=10) \
-            if hasattr(self._receiver, "consumer_connected") else True
-
-    def of(self, kind: str, job_ids: set[str]) -> set[str]:
-        return {e["uuid"] for e in list(self.seen)
-                if e.get("type") == kind and e.get("uuid") in job_ids}
-
-    def close(self) -> None:
-        self._receiver.should_stop = True
-        self._thread.join(10)
-        self._connection.release()
 
 
 @pytest.fixture
@@ -81,7 +41,7 @@ def test_events_of_many_jobs_arrive_all_in_fewer_messages_and_the_last_at_shutdo
     events = Events(client)
     worker = spawn_worker(client, tmp_path, concurrency=2)
     try:
-        wait_until(lambda: bool(events.seen), timeout_s=10)  # the worker's first heartbeat
+        assert events.listening()
         jobs = [client.submit("echo", {"i": i}) for i in range(30)]
         for job in jobs:
             job.result(timeout=30)

@@ -12,7 +12,7 @@ from typing import Any
 import redis
 from celery import Celery
 
-from pluginpool.pool.event_encoder import EventEncoder, same_server
+from pluginpool.tasks.event_encoder import EventEncoder, same_server
 
 
 def test_same_server_ignores_the_database() -> None:

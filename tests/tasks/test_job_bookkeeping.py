@@ -17,6 +17,7 @@ import pytest
 import redis
 from celery.app.task import Context
 from celery.exceptions import Reject
+from kombu.transport.redis import Channel
 
 from pluginpool.policy.errors import (
     ErrorType,
@@ -25,6 +26,7 @@ from pluginpool.policy.errors import (
     PluginExecutionError,
 )
 from pluginpool.pool.job_start import start_job
+from pluginpool.pool.tools.processes import wait_until
 from pluginpool.tasks.client import PluginClient
 from pluginpool.tasks.job_status import JobStatusStore
 from pluginpool.tasks.pause import Pause
@@ -32,6 +34,7 @@ from pluginpool.tasks.result_store import JobResultBackend, bind_result_store, f
 from pluginpool.tasks.settings import Settings
 from pluginpool.tasks.spec import PluginSpec
 from pluginpool.tasks.submit_step import SUBMIT_HEADER
+from tests.events import Events
 
 SPEC = PluginSpec.model_validate({"id": "books", "name": "books",
                                   "entrypoint": "pluginpool_examples.text:noop",
@@ -186,3 +189,38 @@ def test_final_statuses_by_stored_state() -> None:
     assert final_status("FAILURE", JobCancelledError.of("x", plugin_id=None)) == ("cancelled", {})
     assert final_status("FAILURE", ValueError())[1] == {"error_type": None,
                                                         "error": "ValueError"}
+
+
+def test_a_jobs_task_sent_event_rides_on_its_publish_with_celerys_fields(
+        client: PluginClient, store: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+    client.register(SPEC)
+    client.submit(SPEC.id, 0)  # warm
+    events = Events(client)
+    try:
+        assert events.listening()
+        fanout: list[str] = []
+        real = Channel._put_fanout
+        monkeypatch.setattr(Channel, "_put_fanout", lambda self, exchange, message, key, **kw: (
+            fanout.append(key), real(self, exchange, message, key, **kw))[1])
+        job = client.submit(SPEC.id, {"title": "Dune"})
+        assert wait_until(lambda: events.of("task-sent", {job.id}) == {job.id}, timeout_s=10)
+        assert "task.sent" not in fanout  # not a PUBLISH of its own: publish.lua sent it
+        [sent] = [e for e in events.seen if e.get("type") == "task-sent"
+                  and e.get("uuid") == job.id]
+        assert (sent["name"], sent["queue"], sent["routing_key"], sent["exchange"]) == (
+            SPEC.task_name, SPEC.queue, SPEC.queue, "")
+        assert "Dune" in sent["kwargs"] and sent["args"] == "()"  # Celery's own reprs
+        assert sent["retries"] == 0 and sent["root_id"] == job.id
+        assert sent["hostname"] and isinstance(sent["clock"], int) and sent["timestamp"]
+
+        # A refused job sends none; the next accepted one does.
+        pause(client, "disabled")
+        with pytest.raises(PluginDisabledError):
+            client.submit(SPEC.id, {"title": "refused"})
+        store.hdel(client.settings.keys.paused, SPEC.id)
+        later = client.submit(SPEC.id, {"title": "after"})
+        assert wait_until(lambda: events.of("task-sent", {later.id}) == {later.id}, timeout_s=10)
+        assert not [e for e in events.seen if e.get("type") == "task-sent"
+                    and "refused" in str(e.get("kwargs"))]
+    finally:
+        events.close()
