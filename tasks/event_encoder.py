@@ -17,6 +17,7 @@ a fresh delivery tag: about a quarter of the cost.
 from __future__ import annotations
 
 import os
+import threading
 import uuid
 from base64 import b64encode
 from dataclasses import dataclass
@@ -62,31 +63,40 @@ class Envelope:
 
 
 class EventEncoder:
-    """One per worker process (rebuilt after a fork); not thread-safe, like a pool child."""
+    """One per process (rebuilt after a fork). Thread-safe: a producer's client may be
+    shared by threads, and the first event of a type is captured from a shared channel."""
 
     def __init__(self) -> None:
         self._dispatcher: Any = None
         self._pid = 0
         self._captured: list[tuple[str, dict[str, Any]]] = []
         self._envelopes: dict[str, Envelope | None] = {}
+        self._lock = threading.Lock()
 
     def encode(self, app: Celery, hostname: str, type_: str, **fields: Any) -> Encoded:
         """The event's one PUBLISH (clock, pid, hostname and timestamp set as Celery does)."""
-        dispatcher = self._dispatcher
-        if dispatcher is None or self._pid != os.getpid() or dispatcher.hostname != hostname:
-            dispatcher = self._dispatcher = self._build(app, hostname)
-            self._pid = os.getpid()
-            self._envelopes.clear()
-        envelope = self._envelopes.get(type_)
-        if envelope is not None:  # the event made as the dispatcher's publish makes it
-            return envelope.fill(dispatcher._prepare_event(type_, fields))
-        self._captured.clear()
-        dispatcher.send(type_, **fields)
-        if len(self._captured) != 1:
-            raise RuntimeError(f"expected one publish for {type_}, got {len(self._captured)}")
-        topic, message = self._captured[0]
-        self._envelopes.setdefault(type_, Envelope.of(topic, message))
-        return topic, dumps(message)
+        with self._lock:
+            dispatcher = self._dispatcher
+            if (dispatcher is None or self._pid != os.getpid()
+                    or dispatcher.hostname != hostname):
+                if dispatcher is not None and self._pid == os.getpid():
+                    dispatcher.connection.release()  # another hostname: this one is done
+                dispatcher = self._dispatcher = self._build(app, hostname)
+                self._pid = os.getpid()
+                self._envelopes.clear()
+            envelope = self._envelopes.get(type_)
+            if envelope is not None:  # the event made as the dispatcher's publish makes it
+                event = dispatcher._prepare_event(type_, fields)
+            else:
+                self._captured.clear()
+                dispatcher.send(type_, **fields)
+                if len(self._captured) != 1:
+                    raise RuntimeError(
+                        f"expected one publish for {type_}, got {len(self._captured)}")
+                topic, message = self._captured[0]
+                self._envelopes.setdefault(type_, Envelope.of(topic, message))
+                return topic, dumps(message)
+        return envelope.fill(event)
 
     def _build(self, app: Celery, hostname: str) -> Any:
         dispatcher = app.events.Dispatcher(app.connection_for_write(), hostname=hostname,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import sys
 import threading
 import time
 from typing import Any
@@ -83,3 +84,40 @@ def test_a_kept_envelope_is_kombus_own_less_its_body_and_tag(redis_url: str) -> 
     other = json.loads(encoder.encode(app, "w2@host", "task-x", uuid="c")[1])
     assert json.loads(base64.b64decode(other["body"]))["hostname"] == "w2@host"
     assert other["headers"] == {"hostname": "w2@host"}
+
+
+def test_threads_sharing_an_encoder_each_get_their_own_event(redis_url: str) -> None:
+    """A producer's client may be shared by threads: the first event of a type is captured
+    from one channel, so two threads there at once once raised."""
+    app = Celery("enc", broker=redis_url, set_as_current=False)
+    app.conf.update(event_serializer="json", accept_content=["json"])
+    bodies: list[dict[str, Any]] = []
+    errors: list[BaseException] = []
+    start = threading.Barrier(8)
+    encoder = EventEncoder()
+
+    def send(n: int) -> None:
+        start.wait()
+        for i in range(50):
+            if i % 10 == 0 and n == 0:
+                encoder._envelopes.clear()  # back to kombu's path: the shared capture
+            try:
+                message = json.loads(encoder.encode(app, "w1@host", "task-x", uuid=f"{n}-{i}")[1])
+                bodies.append(json.loads(base64.b64decode(message["body"])))
+            except BaseException as exc:
+                errors.append(exc)
+
+    threads = [threading.Thread(target=send, args=(n,)) for n in range(8)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads interleave inside the capture, as under load
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+    finally:
+        sys.setswitchinterval(interval)
+    assert errors == []
+    assert sorted(b["uuid"] for b in bodies) == sorted(f"{n}-{i}" for n in range(8)
+                                                        for i in range(50))
+    assert len({b["clock"] for b in bodies}) == 400
