@@ -12,6 +12,7 @@ code and its environment, nothing installed in the worker's.
 
 from __future__ import annotations
 
+import logging
 import os
 import select
 import socket
@@ -43,6 +44,8 @@ when the zygote starts, instead of at first call; lazily, every run resolved aga
 only runs make (setsid, close_range, dup3, ...: each run starts from the zygote's memory)
 and copied the pages it wrote doing so (bench/sandbox_cost.py: about 15 faults and 0.1 ms
 of CPU a run). The zygote drops it from its environment once started (zygote._detach)."""
+logger = logging.getLogger("pluginpool.sandbox.launcher")
+
 HELLO_TIMEOUT_S = 30.0
 HELLO_MAX_BYTES = 4096
 
@@ -127,4 +130,8 @@ class ZygoteLauncher:
             reason = str(exc) if isinstance(exc, ZygoteStartError) else \
                 f"the zygote did not start: {exc!r}"
             raise ZygoteStartError(reason + (f"; it wrote:\n{said}" if said else "")) from exc
+        said = early.text()
+        if said:  # the interpreter's or its site's, before any plugin code: for operators
+            logger.warning("zygote %d wrote at start (its interpreter, not a plugin): %s",
+                           hello.pid, said)
         return hello, ours, output

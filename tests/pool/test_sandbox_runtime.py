@@ -4,7 +4,10 @@ and one typed definition of every message, encoded and decoded in one place."""
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -130,3 +133,24 @@ def test_an_interpreter_writing_more_than_a_pipe_holds_at_start_is_not_stalled(
         ZygoteLauncher(runtime_dir=str(runtime)).start()
     assert time.monotonic() - started < 10  # the Hello timeout is 30 s
     assert "this runtime refuses to start" in str(failed.value)
+
+
+def test_what_a_zygotes_interpreter_writes_before_its_hello_goes_to_the_worker_log(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Before, a zygote that started was silent about it: a site hook's warning was lost."""
+    runtime = tmp_path / "runtime"
+    shutil.copytree(RUNTIME_DIR, runtime, ignore=shutil.ignore_patterns("__pycache__"))
+    init = runtime / "__init__.py"
+    init.write_text("import sys\nsys.stderr.write('site hook: deprecated option\\n')\n"
+                    + init.read_text())
+    with caplog.at_level(logging.WARNING, logger="pluginpool.sandbox.launcher"):
+        hello, control, output = ZygoteLauncher(runtime_dir=str(runtime)).start()
+    try:
+        [record] = [r for r in caplog.records if r.name == "pluginpool.sandbox.launcher"]
+        assert str(hello.pid) in record.getMessage()
+        assert "stderr: site hook: deprecated option" in record.getMessage()
+    finally:
+        os.kill(hello.pid, signal.SIGKILL)
+        control.close()
+        output.close()
+
