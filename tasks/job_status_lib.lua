@@ -6,11 +6,18 @@
 local JOB_TERMINAL = {succeeded = true, failed = true, cancelled = true}
 
 -- The status of a stored change. Changes end in `"status":"...","seq":N}` (appended below,
--- so nothing is decoded per write); anything else (an older writer) is decoded.
+-- so nothing is decoded per write); anything else (an older writer) is decoded. A change
+-- that is missing or does not decode has no status: a script that already wrote (a
+-- result's SET) must not fail after it, since Redis keeps a script's writes on an error.
 local function job_status_of(encoded)
+  if type(encoded) ~= 'string' then return nil end
   local status = string.match(encoded, '"status":"(%a+)","seq":%d+}$')
   if status then return status end
-  return cjson.decode(encoded)['status']
+  local ok, decoded = pcall(cjson.decode, encoded)
+  if ok and type(decoded) == 'table' and type(decoded['status']) == 'string' then
+    return decoded['status']
+  end
+  return nil
 end
 
 -- Record one status change and push it on the job's channel, atomically. `change` is a

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -224,3 +225,21 @@ def test_a_jobs_task_sent_event_rides_on_its_publish_with_celerys_fields(
                     and "refused" in str(e.get("kwargs"))]
     finally:
         events.close()
+
+
+@pytest.mark.parametrize("stored", ["not json {", "[1, 2]", None])
+def test_a_damaged_status_history_does_not_fail_the_store_after_its_write(
+        client: PluginClient, settings: Settings, store: redis.Redis,
+        stored: str | None) -> None:
+    """Redis keeps a script's writes when it fails later: the status write that follows
+    the result's SET must not raise on a change it cannot read (damaged, or missing from a
+    hash whose length says it is there)."""
+    backend = bound_backend(client, settings)
+    job_id = f"damaged-{uuid.uuid4().hex}"  # results are not under the test's prefix
+    status_key = settings.keys.job_status(job_id)
+    store.hset(status_key, "2" if stored is None else "1", stored or "{}")
+    backend.mark_as_done(job_id, {"value": 9},
+                         request=Context(id=job_id, task="plugin.books"))
+    assert client.job(job_id).stored_outcome() == {"value": 9}
+    # One change was there (HLEN 1): the final status is the second.
+    assert json.loads(store.hget(status_key, "2"))["status"] == "succeeded"
