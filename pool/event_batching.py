@@ -7,7 +7,9 @@ so every job paid two or three PUBLISH round trips and their encoding in the mai
 (about a third of its CPU per job in `bench.overhead`'s profile). Here the first event
 after a quiet spell still goes at the end of its turn; events that follow within
 `PLUGINPOOL_EVENT_BATCH_MS` of a publish wait for that window to end and go together.
-Celery's own bound still holds: a buffer of 24 events is published at once. Receivers
+Celery's own bound still holds: a buffer of 24 events is published at once. What is held
+when the broker connection drops is published after the reconnect, and what is held at a
+warm shutdown before the dispatcher closes. Receivers
 (Flower, the health aggregator, `celery events`) already read `task.multi` lists, each
 event keeping its own timestamp; what they see is at most one window late.
 """
@@ -75,6 +77,20 @@ class WorkerConsumer(LazyStrategyConsumer):  # type: ignore[misc]
     def _publish_buffered(self) -> None:
         if self.event_dispatcher:
             self.event_dispatcher.flush()
+
+    def on_close(self) -> None:
+        """Before Celery restarts the consumer (a lost broker connection): the events held
+        for the window go to the dispatcher's outbound buffer, which Celery carries over to
+        the next dispatcher and publishes once connected (it drops the batch buffer). No
+        I/O here: the connection is gone."""
+        dispatcher = self.event_dispatcher
+        if dispatcher is not None:
+            with dispatcher.mutex:
+                for group, events in dispatcher._group_buffer.items():
+                    if events:
+                        dispatcher._outbound_buffer.append((list(events), f"{group}.multi"))
+                        del events[:]
+        super().on_close()
 
     def shutdown(self) -> None:
         """Publish what is still buffered before Celery closes the dispatcher (it does not

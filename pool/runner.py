@@ -55,9 +55,10 @@ class Usage:
     stopped_at_unix: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        """Each field (`max_rss_mb` even when None), its dicts copied one level down: what
-        dataclasses.asdict gave, without its recursive deepcopy (a tenth of a millisecond
-        a job in the pool child)."""
+        """Each set field (`max_rss_mb` even when None): what dataclasses.asdict gave,
+        without its recursive deepcopy (a tenth of a millisecond a job in the pool child).
+        The `layers` and `warm` dicts and the dicts directly in them are copied; anything
+        deeper (lists) is shared, so the caller must not change it in place."""
         out: dict[str, Any] = {}
         for name in _USAGE_FIELDS:
             value = getattr(self, name)

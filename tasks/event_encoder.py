@@ -72,9 +72,12 @@ class EventEncoder:
         self._captured: list[tuple[str, dict[str, Any]]] = []
         self._envelopes: dict[str, Envelope | None] = {}
         self._lock = threading.Lock()
+        self._lock_pid = os.getpid()
 
     def encode(self, app: Celery, hostname: str, type_: str, **fields: Any) -> Encoded:
         """The event's one PUBLISH (clock, pid, hostname and timestamp set as Celery does)."""
+        if self._lock_pid != os.getpid():  # a lock copied by fork may be held forever
+            self._lock, self._lock_pid = threading.Lock(), os.getpid()
         with self._lock:
             dispatcher = self._dispatcher
             if (dispatcher is None or self._pid != os.getpid()

@@ -8,8 +8,8 @@
 -- A plugin job's submit adds (tasks/submit_step.py): KEYS[3] the paused hash, KEYS[4] the
 -- job's status hash, KEYS[5] its channel; ARGV[6] plugin id, ARGV[7] its `queued` change
 -- (complete, seq 1), ARGV[8] the status ttl in seconds, and maybe ARGV[9] and ARGV[10]
--- its `task-sent` event's channel and message (tasks/sent_event.py), published after the
--- push. A paused plugin's job is not pushed (nor its event sent): the pause is returned
+-- its `task-sent` event's channel and message (tasks/sent_event.py), published with
+-- `queued`. A paused plugin's job is not pushed (nor its event sent): the pause is returned
 -- instead of 1.
 if KEYS[3] then
     local pause = redis.call('HGET', KEYS[3], ARGV[6])
@@ -25,8 +25,10 @@ mark_ready(KEYS[1], KEYS[2], ARGV[3], ARGV[4], tonumber(ARGV[5]))
 if KEYS[4] and redis.call('HSETNX', KEYS[4], '1', ARGV[7]) == 1 then
     redis.call('EXPIRE', KEYS[4], tonumber(ARGV[8]))
     redis.call('PUBLISH', KEYS[5], ARGV[7])
-end
-if ARGV[10] then
-    redis.call('PUBLISH', ARGV[9], ARGV[10])
+    -- Once, like `queued`: a publish kombu retries after a lost reply pushes again, but the
+    -- job was sent once.
+    if ARGV[10] then
+        redis.call('PUBLISH', ARGV[9], ARGV[10])
+    end
 end
 return 1

@@ -120,7 +120,8 @@ class ReadyIndexChannel:
         step, message = take_submit_step(message)  # a plugin job's submit (submit_step.py)
         keys, args = self._publish_args(queue, key, dumps(message), front=False)
         if step is not None:
-            keys, args = keys + step.script_keys(), args + step.script_args()
+            keys = keys + step.script_keys()
+            args = args + step.script_args(broker_prefix=self.global_keyprefix or "")
         if batch is not None:
             # A batch is one non-transactional pipeline: EVAL carries its own source, so a
             # flushed script cache cannot fail it.

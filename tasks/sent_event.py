@@ -9,8 +9,11 @@ it (its own repr of the arguments, its clock, its anonymous hostname), with the 
 exchange and routing key Celery would add, and `publish.lua` PUBLISHes it right after
 the push, in the same step. A job the script refuses (a paused plugin) sends no event, as
 before: Celery's publish raised before its event. Anything else (a message without a
-step, a named exchange or routing key, an event that cannot be encoded) is left to
-Celery.
+step, a named exchange or routing key, a dispatcher of the caller's, an event that cannot
+be encoded) is left to Celery. The event goes once, with the job's `queued` status: a
+publish kombu retries after a lost reply pushes the job again but does not send it again.
+One difference: the event's `pid` is the sending process's own, where Celery's cached
+dispatcher keeps the pid of the process that first sent (a producer that forks).
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ class SentEventInPublishAMQP(AMQP):  # type: ignore[misc]
             if isinstance(queue, str):
                 queue = self.queues[queue]
             if (sent_event is None or not isinstance(step, SubmitStep)
+                    or options.get("event_dispatcher") is not None
                     or not isinstance(queue, Queue) or options.get("exchange")
                     or options.get("routing_key") or queue.exchange.type != "direct"):
                 return send(producer, name, message, **options)

@@ -52,9 +52,13 @@ class SubmitStep:
     def script_keys(self) -> list[str]:
         return [self.paused_key, self.status_key, self.channel]
 
-    def script_args(self) -> list[Any]:
-        event = list(self.sent_event) if self.sent_event is not None else []
-        return [self.plugin_id, self.queued, self.ttl_s, *event]
+    def script_args(self, *, broker_prefix: str = "") -> list[Any]:
+        """`broker_prefix`: kombu's `global_keyprefix`, which its fanout channels (the
+        event's) carry; pluginpool's own keys here do not."""
+        if self.sent_event is None:
+            return [self.plugin_id, self.queued, self.ttl_s]
+        channel, message = self.sent_event
+        return [self.plugin_id, self.queued, self.ttl_s, broker_prefix + channel, message]
 
     def check(self, reply: Any) -> None:
         """Raise PluginDisabledError if the script refused the push (it returns the pause)."""

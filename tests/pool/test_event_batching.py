@@ -6,8 +6,11 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
+import psutil
 import pytest
+import redis
 
 from pluginpool.pool.event_batching import FlushWindow
 from pluginpool.pool.tools.processes import wait_until
@@ -35,7 +38,7 @@ def batching_client(redis_url: str) -> Iterator[PluginClient]:
         yield client
 
 
-def test_events_of_many_jobs_arrive_all_in_fewer_messages_and_the_last_at_shutdown(
+def test_events_of_many_jobs_arrive_all_in_fewer_messages_after_a_reconnect_and_at_shutdown(
         batching_client: PluginClient, tmp_path: Path) -> None:
     client = batching_client
     events = Events(client)
@@ -54,6 +57,15 @@ def test_events_of_many_jobs_arrive_all_in_fewer_messages_and_the_last_at_shutdo
         # a batch at each turn of its loop: two or three a job here).
         assert CountingReceiver.batches < len(jobs) / 2, CountingReceiver.batches
 
+        # A job that ends inside a window, then the worker's Redis connections drop: what
+        # was held is published once it has reconnected (Celery drops its batch buffer).
+        held = client.submit("echo", {"held": 1})
+        held.result(timeout=30)
+        assert drop_redis_connections(worker.pid, client.settings.redis_url) > 0
+        assert wait_until(lambda: events.of("task-succeeded", {held.id}) == {held.id},
+                          timeout_s=30)
+        assert events.of("task-started", {held.id}) == {held.id}
+
         # A job that ends inside a window: its events are still buffered when the worker
         # is stopped, and the shutdown publishes them.
         client.submit("echo", {"warm": 1}).result(timeout=30)
@@ -65,3 +77,20 @@ def test_events_of_many_jobs_arrive_all_in_fewer_messages_and_the_last_at_shutdo
     finally:
         worker.stop()
         events.close()
+
+
+def drop_redis_connections(pid: int, redis_url: str) -> int:
+    """Kill, on the server, every connection the process has to Redis (as a network
+    partition would); returns how many."""
+    port = urlsplit(redis_url).port or 6379
+    ours = {c.laddr.port for c in psutil.Process(pid).net_connections("tcp")
+            if c.raddr and c.raddr.port == port}
+    server = redis.Redis.from_url(redis_url)
+    killed = 0
+    for client in server.client_list():
+        if int(client["addr"].rsplit(":", 1)[1]) in ours:
+            server.client_kill_filter(_id=client["id"])
+            killed += 1
+    server.close()
+    return killed
+

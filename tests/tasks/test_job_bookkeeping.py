@@ -9,7 +9,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -28,13 +30,14 @@ from pluginpool.policy.errors import (
 )
 from pluginpool.pool.job_start import start_job
 from pluginpool.pool.tools.processes import wait_until
+from pluginpool.tasks import ready_index
 from pluginpool.tasks.client import PluginClient
 from pluginpool.tasks.job_status import JobStatusStore
 from pluginpool.tasks.pause import Pause
 from pluginpool.tasks.result_store import JobResultBackend, bind_result_store, final_status
 from pluginpool.tasks.settings import Settings
 from pluginpool.tasks.spec import PluginSpec
-from pluginpool.tasks.submit_step import SUBMIT_HEADER
+from pluginpool.tasks.submit_step import SUBMIT_HEADER, SubmitStep
 from tests.events import Events
 
 SPEC = PluginSpec.model_validate({"id": "books", "name": "books",
@@ -243,3 +246,47 @@ def test_a_damaged_status_history_does_not_fail_the_store_after_its_write(
     assert client.job(job_id).stored_outcome() == {"value": 9}
     # One change was there (HLEN 1): the final status is the second.
     assert json.loads(store.hget(status_key, "2"))["status"] == "succeeded"
+
+
+def test_a_publish_retried_after_a_lost_reply_sends_task_sent_once(
+        client: PluginClient, store: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+    """kombu retries a publish whose reply was lost: the job is pushed again (as with
+    Celery's own sender), its `task-sent` goes once, with its single `queued`."""
+    client.register(SPEC)
+    client.submit(SPEC.id, 0)  # warm
+    events = Events(client)
+    try:
+        assert events.listening()
+        real = ready_index.run_script
+        lost = {"once": True}
+
+        def reply_lost(redis_client: Any, script: Any, keys: Any, args: Any) -> Any:
+            reply = real(redis_client, script, keys, args)
+            if lost["once"] and len(keys) > 2:  # a plugin job's publish
+                lost["once"] = False
+                raise redis.ConnectionError("the reply was lost")
+            return reply
+
+        monkeypatch.setattr(ready_index, "run_script", reply_lost)
+        before = store.llen(SPEC.queue)
+        job = client.submit(SPEC.id, {"title": "twice pushed"})
+        assert not lost["once"] and store.llen(SPEC.queue) == before + 2
+        time.sleep(1.0)  # anything sent has arrived by now
+        assert [e["uuid"] for e in events.seen if e.get("type") == "task-sent"
+                and e.get("uuid") == job.id] == [job.id]
+        assert history(client, job.id) == ["queued"]
+    finally:
+        events.close()
+
+
+def test_the_events_channel_carries_kombus_key_prefix_and_pluginpools_keys_do_not() -> None:
+    """kombu's `global_keyprefix` prefixes its fanout channels (PUBLISH and PSUBSCRIBE
+    alike): the event the script publishes must go where receivers listen."""
+    step = SubmitStep(plugin_id="p", paused_key="pp:paused", status_key="pp:job:j:status",
+                      channel="pp:events:job:j", queued="{}", ttl_s=60,
+                      sent_event=("/0.celeryev/task.sent", "message"))
+    assert step.script_keys() == ["pp:paused", "pp:job:j:status", "pp:events:job:j"]
+    assert step.script_args(broker_prefix="tenant:") == [
+        "p", "{}", 60, "tenant:/0.celeryev/task.sent", "message"]
+    assert dataclasses.replace(step, sent_event=None).script_args(
+        broker_prefix="tenant:") == ["p", "{}", 60]
