@@ -122,9 +122,11 @@ class ReadyIndexChannel:
         if step is not None:
             keys = keys + step.script_keys()
             args = args + step.script_args(broker_prefix=self.global_keyprefix or "")
-        if batch is not None:
+        if batch is not None and step is None:
             # A batch is one non-transactional pipeline: EVAL carries its own source, so a
-            # flushed script cache cannot fail it.
+            # flushed script cache cannot fail it. A plugin job's submit is not batched: its
+            # refusal (a paused plugin) must reach its caller, which a batch's flush cannot
+            # tell apart.
             batch.add("eval", PUBLISH.source, len(keys), *keys, *args)
             for pri_step in self.priority_steps if expires is not None else ():
                 batch.add("pexpire", self._q_for_pri(queue, pri_step), expires)  # type: ignore[attr-defined]

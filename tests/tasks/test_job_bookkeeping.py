@@ -290,3 +290,25 @@ def test_the_events_channel_carries_kombus_key_prefix_and_pluginpools_keys_do_no
         "p", "{}", 60, "tenant:/0.celeryev/task.sent", "message"]
     assert dataclasses.replace(step, sent_event=None).script_args(
         broker_prefix="tenant:") == ["p", "{}", 60]
+
+
+def test_a_plugin_jobs_publish_is_not_batched_so_its_refusal_reaches_the_caller(
+        client: PluginClient, store: redis.Redis) -> None:
+    """kombu's publish batches send many messages in one pipeline and read no reply per
+    message: a paused plugin's job must still be refused, not silently dropped."""
+    client.register(SPEC)
+    pause(client, "disabled")
+    step = SubmitStep.for_job(client.settings.keys, plugin_id=SPEC.id, job_id="batched",
+                              instance_id=None, ttl_s=60)
+    message = {"body": "e30=", "content-type": "application/json",
+               "content-encoding": "utf-8", "headers": {SUBMIT_HEADER: step},
+               "properties": {"delivery_tag": "t", "body_encoding": "base64",
+                              "delivery_info": {"exchange": "", "routing_key": SPEC.queue},
+                              "priority": 0}}
+    with client.app.connection_for_write() as connection:
+        channel = connection.default_channel
+        batch = channel.create_publish_batch(max_size=10)
+        with pytest.raises(PluginDisabledError):
+            channel._put(SPEC.queue, message, _publish_batch=batch)
+        batch.flush()
+    assert store.llen(SPEC.queue) == 0
