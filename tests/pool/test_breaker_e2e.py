@@ -82,11 +82,18 @@ def test_backlog_fails_fast_once_open_and_a_second_producer_sees_it(
 
 
 def test_value_and_plugin_fallbacks(env: tuple[PluginClient, ManagedProcess]) -> None:
+    """A submit is refused at once (here: its fallback applies) once this producer has heard
+    the breaker open; until then the worker's gate refuses it (the documented bound: the
+    transition and the failed job's result are published together, but a producer hears
+    them on two connections)."""
     client, _ = env
+    view = client._breaker_view
     for plugin in ("brk-value-fallback", "brk-plugin-fallback"):
+        heard = view._epoch.get(plugin, 0)
         for _ in range(2):
             with pytest.raises(PluginExecutionError):
                 client.submit(plugin, "x").result(timeout=20)
+        assert wait_until(lambda p=plugin, n=heard: view._epoch.get(p, 0) > n, timeout_s=10)
     value_job = client.submit("brk-value-fallback", "x")
     assert isinstance(value_job, FallbackJob) and value_job.is_fallback
     assert value_job.result() == {"cached": True}
