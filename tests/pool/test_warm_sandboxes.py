@@ -55,6 +55,7 @@ def env(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[En
              resource_limits={"max_memory_mb": 64, "setup_timeout_ms": 20_000}),
         spec("setup-thread", "hostile_setup:StartsThread"),
         spec("setup-forbidden", "hostile_setup:Forbidden"),
+        spec("setup-breaks-pipes", "hostile_setup:BreaksThePipes"),
         spec("traces", "workspace:leave_traces"),
         spec("chatty", "lifecycle:Chatty"),
         spec("huge-setup-print", "lifecycle:PrintsHugeSetup"),
@@ -293,6 +294,17 @@ def test_forbidden_actions_during_setup_are_security_errors(env: Env, action: st
     assert error.details["phase"] == "setup"
     assert not target.exists()
     client.unload(iid)
+    assert_unharmed(env)
+
+
+def test_a_setup_that_breaks_what_the_zygotes_rehearsal_uses_still_serves_runs(
+        env: Env) -> None:
+    """The zygote rehearses a run's pure steps after the setup (runtime/run.py: rehearse);
+    a setup that broke them leaves runs colder, not failing."""
+    client = env[0]
+    for n in range(3):
+        assert client.submit("setup-breaks-pipes", {"n": n}).result(timeout=30) == {
+            "ran": {"n": n}}
     assert_unharmed(env)
 
 

@@ -45,6 +45,7 @@ from .run import (
     landlock_ports,
     note_fd_bound,
     note_stdio,
+    rehearse,
     reset_signals,
     run_child,
 )
@@ -334,6 +335,7 @@ def main() -> NoReturn:
     control = Control()
     statm = os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC)
     runs.refresh(_statm(statm)[1])
+    rehearse(runs, next(iter(plugin.operations), "run"))  # before the heap is frozen
     _kill_leftovers()  # whatever the setup started
     gc.collect()
     gc.freeze()  # runs then never dirty (copy) the set-up heap's pages in their GC

@@ -65,3 +65,16 @@ class Forbidden:
 
     def run(self, ctx: Any, payload: Any) -> Any:
         return "never"
+
+
+class BreaksThePipes:
+    """A setup that leaves the process unable to make pipes (as one holding every descriptor
+    would): the zygote's rehearsal of a run needs one; its runs do not."""
+
+    def __init__(self, ctx: Any) -> None:
+        def refuse() -> tuple[int, int]:
+            raise OSError(24, "Too many open files")
+        os.pipe = refuse  # type: ignore[assignment]
+
+    def run(self, ctx: Any, payload: Any) -> Any:
+        return {"ran": payload}
