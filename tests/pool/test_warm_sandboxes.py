@@ -54,6 +54,7 @@ def env(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[En
         spec("setup-allocates", "hostile_setup:Allocates",
              resource_limits={"max_memory_mb": 64, "setup_timeout_ms": 20_000}),
         spec("setup-thread", "hostile_setup:StartsThread"),
+        spec("setup-thread-at-gc", "hostile_setup:StartsThreadAtCollection"),
         spec("setup-forbidden", "hostile_setup:Forbidden"),
         spec("setup-breaks-pipes", "hostile_setup:BreaksThePipes"),
         spec("traces", "workspace:leave_traces"),
@@ -274,8 +275,11 @@ def test_a_setup_that_allocates_past_the_limit_is_a_resource_error(env: Env) -> 
     assert_unharmed(env)
 
 
-def test_a_setup_that_leaves_threads_is_refused(env: Env) -> None:
-    error = failure(env, "setup-thread")
+@pytest.mark.parametrize("plugin", ["setup-thread", "setup-thread-at-gc"])
+def test_a_setup_that_leaves_threads_is_refused(env: Env, plugin: str) -> None:
+    """Also one whose thread starts from a gc callback, at the zygote's collection after
+    the setup's own check."""
+    error = failure(env, plugin)
     assert error.type is ErrorType.RUNTIME
     assert error.details["threads"] >= 2
     assert_unharmed(env)

@@ -52,8 +52,9 @@ class FrameTooLarge(ValueError):
 
 
 def send(fd: int, message: dict[str, Any]) -> None:
-    # json's functions are bound at import: a plugin that patches the json module in its
-    # own process cannot change what the channel sends.
+    # The encoder is built at import, but json.encoder's C helpers are looked up at each
+    # call: plugin code in this process can change what it sends, as it can by writing to
+    # the descriptor itself. The pool child checks every frame (messages.decode).
     send_frame(fd, _encode(message).encode())
 
 

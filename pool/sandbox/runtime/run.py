@@ -303,25 +303,25 @@ REHEARSALS = 16
 until then writing to its code object) and its specialisation of the rehearsed lines."""
 
 
-def rehearse(runs: Runs, operation: str, times: int = REHEARSALS) -> None:
+def rehearse(runs: Runs, times: int = REHEARSALS) -> None:
     """In the zygote, once, after its setup: the steps of a run that change nothing outside
     this process (decoding a Spawn, the frames it sends, its result's encoding, a ctypes
-    call and the audit hook it fires, the log flush, filling in the ctx), done `times`
-    times so that the interpreter has warmed them up: each run then writes less of the
-    zygote's memory, and every page written after the fork is a copy-on-write fault
+    call, filling in the ctx), done `times` times so that the interpreter has warmed them
+    up: each run then writes less of the zygote's memory, and every page written after the
+    fork is a copy-on-write fault
     (`bench.sandbox_cost 500 --rounds 6 --ab`, three A/Bs: 18 to 21 faults fewer of 368 a
     no-op run, zygote and run together; 0.06 to 0.19 ms of CPU). The frames go to a
     pipe of its own, read back and closed; the ctx is left as it was. Whatever fails here
     (a setup may have broken what these steps use) only leaves the runs colder: the runs'
     own failures are reported by the runs."""
-    with contextlib.suppress(Exception):  # an optimisation only; see above
-        _rehearse(runs, operation, times)
+    with contextlib.suppress(BaseException):  # an optimisation only; see above
+        _rehearse(runs, times)
 
 
-def _rehearse(runs: Runs, operation: str, times: int) -> None:
+def _rehearse(runs: Runs, times: int) -> None:
     config = runs.config
-    spawn = Spawn(job_id="rehearsal", operation=operation, payload={"rehearsal": [1, "a"]},
-                  attempt=1, workspace=runs.workspace or "",
+    spawn = Spawn(job_id="rehearsal", operation=next(iter(runs.plugin.operations), "run"),
+                  payload={"rehearsal": [1, "a"]}, attempt=1, workspace=runs.workspace or "",
                   cpu_backstop_s=int(config.run_cpu_backstop_s or 0),
                   max_memory_mb=config.max_memory_mb, max_storage_kb=config.max_storage_kb)
     body = channel._encode(encode(spawn)).encode()
@@ -337,7 +337,7 @@ def _rehearse(runs: Runs, operation: str, times: int) -> None:
             if ctx is not None:
                 ctx.job_id, ctx.attempt, ctx.operation = (
                     decoded.job_id, decoded.attempt, decoded.operation)
-            _prctl(PR_GET_DUMPABLE, 0, 0, 0, 0)  # a ctypes call, as a run's first ones
+            _prctl(PR_GET_DUMPABLE, 0, 0, 0, 0)  # a ctypes call, as a run's first one
             channel.send_frame(write_end, forked_frame(os.getpid(), 0))
             if prepared is not None:
                 channel.send_frame(write_end, started_frame(prepared.started, _cpu_s()))
@@ -346,13 +346,12 @@ def _rehearse(runs: Runs, operation: str, times: int) -> None:
                 channel.send_frame(write_end, result_frame(
                     value, network_requests=0, cpu_s=_cpu_s() - _cpu_s(),
                     wall_s=_perf() - _perf()))
-            logs.flush_all()  # nothing buffered in the zygote: writes nothing
             os.read(read_end, 65536)
     finally:
-        os.close(read_end)
-        os.close(write_end)
         if ctx is not None and saved is not None:
             ctx.job_id, ctx.attempt, ctx.operation = saved
+        os.close(read_end)
+        os.close(write_end)
 
 
 def run_child(runs: Runs, body: bytes, run_fd: int, rss_bytes: int,

@@ -267,6 +267,13 @@ def _threads() -> int:
     return len(os.listdir("/proc/self/task"))
 
 
+def _threads_left() -> RunError:
+    return RunError(
+        RUNTIME, f"setup left {_threads() - 1} thread(s) running; a warm sandbox forks its "
+        "runs and must be single-threaded when set up",
+        {"phase": "setup", "threads": _threads()})
+
+
 def main() -> NoReturn:
     _detach(int(sys.argv[1]))
     channel.send_message(CONTROL_FD, Hello(pid=os.getpid(), rss_bytes=_rss_bytes()))
@@ -304,10 +311,7 @@ def main() -> NoReturn:
         if policy.violations:
             raise PermissionError("the setup attempted what its permissions forbid")
         if _threads() > 1:
-            raise LoadError(RunError(
-                RUNTIME, f"setup left {_threads() - 1} thread(s) running; a warm sandbox "
-                "forks its runs and must be single-threaded when set up",
-                {"phase": "setup", "threads": _threads()}))
+            raise LoadError(_threads_left())
     except LoadError as exc:
         policy.enforcing = False
         logs.flush_all()
@@ -335,10 +339,15 @@ def main() -> NoReturn:
     control = Control()
     statm = os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC)
     runs.refresh(_statm(statm)[1])
-    rehearse(runs, next(iter(plugin.operations), "run"))  # before the heap is frozen
-    _kill_leftovers()  # whatever the setup started
+    rehearse(runs)  # before the heap is frozen
     gc.collect()
     gc.freeze()  # runs then never dirty (copy) the set-up heap's pages in their GC
+    # After the collection: a setup's finalizers and gc callbacks run there, plugin code
+    # that could start a process or a thread after the checks above.
+    _kill_leftovers()  # whatever the setup started
+    if _threads() > 1:
+        channel.send_message(CONTROL_FD, SetupFailed(error=_threads_left()))
+        os._exit(0)
     channel.send_message(CONTROL_FD, Ready(
         pid=os.getpid(), setup_ms=(time.perf_counter() - started) * 1000,
         setup_cpu_ms=(time.process_time() - cpu_started) * 1000, rss_bytes=_rss_bytes(),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 import subprocess
@@ -78,3 +79,20 @@ class BreaksThePipes:
 
     def run(self, ctx: Any, payload: Any) -> Any:
         return {"ran": payload}
+
+
+class StartsThreadAtCollection:
+    """Starts its thread from a gc callback: after the setup's own thread check, at the
+    zygote's last collection before it serves runs."""
+
+    def __init__(self, ctx: Any) -> None:
+        def start(phase: str, info: Any) -> None:
+            if phase == "stop" and not started:
+                started.append(True)
+                threading.Thread(target=time.sleep, args=(3600,), daemon=True).start()
+
+        started: list[bool] = []
+        gc.callbacks.append(start)
+
+    def run(self, ctx: Any, payload: Any) -> Any:
+        return "never"
