@@ -71,14 +71,18 @@ def test_a_deep_backlog_does_not_starve_the_other_plugins(
     client, _ = fleet
     backlog = [client.submit("many-deep", i) for i in range(1500)]
     others = [client.submit(f"many-{p:03d}", p) for p in range(20) for _ in range(5)]
+    waiting = client.redis.llen("plugins.many-deep")  # what the worker had not run yet
     for job in others:
         job.result(timeout=60)
     left = client.redis.llen("plugins.many-deep")
-    print(f"others done with {left} of 1500 backlog jobs still queued")
-    # First in, first out would finish the 1,500 first (left == 0). Round robin gives the
-    # backlog one turn in two while others wait (about 100 of its jobs), plus what it ran
-    # alone while the others were being submitted.
-    assert left > 500, "the other plugins waited for the backlog"
+    print(f"others done with {left} of the {waiting} backlog jobs then waiting still queued")
+    # First in, first out would run all `waiting` first (left == 0). Round robin gives the
+    # backlog at most one turn per other job while the others wait (about 100 of its jobs).
+    # Relative, not absolute: how much of the backlog ran alone while the others were
+    # being submitted depends on how fast the worker is.
+    assert waiting > 3 * len(others), "the worker kept up with the submits: nothing to show"
+    assert left > 0 and waiting - left <= 3 * len(others), (
+        "the other plugins waited for the backlog")
     assert backlog[-1].result(timeout=120)["payload"] == 1499
 
 
