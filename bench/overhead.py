@@ -54,10 +54,11 @@ SANDBOXED_NOOP = PluginSpec.model_validate({
     "entrypoint": "pluginpool_examples.text:noop",
     "isolation": {"sandboxed": True}, "resource_limits": {"timeout_ms": 10_000}})
 
+WARMUP_JOBS = 20
+
 
 def plugin_of(system: str) -> PluginSpec:
     return SANDBOXED_NOOP if system == "pluginpool_sandboxed" else NOOP
-WARMUP_JOBS = 20
 
 
 # -- the producer, run as its own process ------------------------------------------------

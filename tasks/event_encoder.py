@@ -68,24 +68,21 @@ class EventEncoder:
 
     def __init__(self) -> None:
         self._dispatcher: Any = None
-        self._pid = 0
+        self._pid = os.getpid()
         self._captured: list[tuple[str, dict[str, Any]]] = []
         self._envelopes: dict[str, Envelope | None] = {}
         self._lock = threading.Lock()
-        self._lock_pid = os.getpid()
 
     def encode(self, app: Celery, hostname: str, type_: str, **fields: Any) -> Encoded:
         """The event's one PUBLISH (clock, pid, hostname and timestamp set as Celery does)."""
-        if self._lock_pid != os.getpid():  # a lock copied by fork may be held forever
-            self._lock, self._lock_pid = threading.Lock(), os.getpid()
+        if self._pid != os.getpid():  # a fork: the parent's lock (maybe held) and connection
+            self._lock, self._dispatcher, self._pid = threading.Lock(), None, os.getpid()
         with self._lock:
             dispatcher = self._dispatcher
-            if (dispatcher is None or self._pid != os.getpid()
-                    or dispatcher.hostname != hostname):
-                if dispatcher is not None and self._pid == os.getpid():
+            if dispatcher is None or dispatcher.hostname != hostname:
+                if dispatcher is not None:
                     dispatcher.connection.release()  # another hostname: this one is done
                 dispatcher = self._dispatcher = self._build(app, hostname)
-                self._pid = os.getpid()
                 self._envelopes.clear()
             envelope = self._envelopes.get(type_)
             if envelope is not None:  # the event made as the dispatcher's publish makes it

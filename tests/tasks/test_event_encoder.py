@@ -4,7 +4,11 @@ dispatcher had sent it, and the encoder itself sends nothing."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
+import os
+import select
+import signal
 import sys
 import threading
 import time
@@ -121,3 +125,32 @@ def test_threads_sharing_an_encoder_each_get_their_own_event(redis_url: str) -> 
     assert sorted(b["uuid"] for b in bodies) == sorted(f"{n}-{i}" for n in range(8)
                                                         for i in range(50))
     assert len({b["clock"] for b in bodies}) == 400
+
+
+def test_a_forked_child_encodes_even_while_the_parent_held_the_lock(redis_url: str) -> None:
+    """A producer that forks (a prefork pool, a multiprocessing server) while another of its
+    threads is inside `encode`: the child's copy of the lock would stay held forever."""
+    app = Celery("enc", broker=redis_url, set_as_current=False)
+    app.conf.update(event_serializer="json", accept_content=["json"])
+    encoder = EventEncoder()
+    encoder.encode(app, "w1@host", "task-x", uuid="parent")
+    read_end, write_end = os.pipe()
+    with encoder._lock:  # as if another thread were encoding at the fork
+        pid = os.fork()
+        if pid == 0:
+            try:
+                _, message = encoder.encode(app, "w1@host", "task-x", uuid="child")
+                body = json.loads(base64.b64decode(json.loads(message)["body"]))
+                os.write(write_end, json.dumps([body["uuid"], body["pid"]]).encode())
+            finally:
+                os._exit(0)
+    os.close(write_end)
+    try:
+        ready, _, _ = select.select([read_end], [], [], 20)
+        assert ready, "the child hung on the lock it copied"
+        assert json.loads(os.read(read_end, 4096)) == ["child", pid]
+    finally:
+        os.close(read_end)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)  # a hung child is stopped by its pid
+        os.waitpid(pid, 0)
