@@ -20,7 +20,8 @@ import redis
 
 from pluginpool.policy.keys import RedisKeys
 from pluginpool.pool.sandbox.runtime.limits import MB
-from pluginpool.pool.sandbox.warm import WarmSandbox
+from pluginpool.pool.sandbox.runtime.messages import Closed
+from pluginpool.pool.sandbox.warm import CLOSE_WAIT_S, WarmSandbox
 from pluginpool.pool.sandbox.warm_pool import WarmPool
 
 logger = logging.getLogger("pluginpool.sandbox.housekeeping")
@@ -60,7 +61,10 @@ class Housekeeper(threading.Thread):
                 logger.warning("warm sandboxes: unload channel unavailable: %r", exc)
                 pubsub = None
                 time.sleep(TICK_S)
-            self.tick()
+            try:
+                self.tick()
+            except Exception:  # one bad tick must not end retirement for good
+                logger.exception("warm sandboxes: housekeeping failed; going on")
 
     def tick(self) -> None:
         self.pool.retire_idle()
@@ -76,14 +80,19 @@ class Housekeeper(threading.Thread):
     def finish_retiring(self) -> None:
         """See every retired sandbox to its end (teardown bounded), log it, unpublish it."""
         for sandbox in self.pool.take_retiring():
-            closed = sandbox.finish()
+            try:
+                closed = sandbox.finish()
+            except Exception:  # finish() kills it whatever happens
+                logger.exception("warm sandbox %s (pid %d): teardown broke", sandbox.key,
+                                 sandbox.pid)
+                closed = None
+            reason = sandbox.retired_for or "died"
             if closed is not None and closed.error is not None:
-                logger.warning("warm sandbox %s (pid %d) retired; teardown failed: %s",
-                               sandbox.key, sandbox.pid, closed.error.message)
+                logger.warning("warm sandbox %s (pid %d) retired (%s); %s", sandbox.key,
+                               sandbox.pid, reason, closed.error.message[:500])
             else:
-                logger.info("warm sandbox %s (pid %d) retired (%s); teardown %s", sandbox.key,
-                            sandbox.pid, sandbox.retired_for or "died",
-                            "ran" if closed is not None and closed.teardown else "none")
+                logger.info("warm sandbox %s (pid %d) retired (%s); %s", sandbox.key,
+                            sandbox.pid, reason, teardown_outcome(closed))
             self._unpublish(sandbox)
 
     def _field(self, sandbox: WarmSandbox) -> str:
@@ -109,6 +118,14 @@ class Housekeeper(threading.Thread):
             with contextlib.suppress(redis.RedisError):
                 self.redis.hdel(self.keys.warm_sandboxes(sandbox.instance_id),
                                 self._field(sandbox))
+
+
+def teardown_outcome(closed: Closed | None) -> str:
+    """How a retired sandbox's teardown went, for its log line."""
+    if closed is None:
+        return (f"teardown cut short (no answer within {CLOSE_WAIT_S:.0f} s, or the zygote "
+                "was gone)")
+    return "teardown ran" if closed.teardown else "no teardown (the plugin defines no close)"
 
 
 def sweep_stale_homes(warm_root: str) -> None:

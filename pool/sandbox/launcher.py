@@ -12,6 +12,7 @@ code and its environment, nothing installed in the worker's.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import select
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 from pluginpool.pool.sandbox.output import OutputPipes
 from pluginpool.pool.sandbox.runtime import channel
 from pluginpool.pool.sandbox.runtime.messages import Hello
+from pluginpool.pool.sandbox.runtime.run import CONTROL_FD
 from pluginpool.tasks.run_logs import LogTail
 
 RUNTIME_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "runtime")
@@ -73,6 +75,19 @@ def _await_hello(proc: subprocess.Popen[bytes], ours: socket.socket, output: Out
             poller.unregister(fd)  # Hello (or its end) is there; a pipe at its end
 
 
+def holds_socket(pid: int, fd: int, inode: int) -> bool:
+    """Whether process `pid` has socket `inode` as its descriptor `fd`: a zygote's Hello
+    names its own pid, which the pool child signals from then on, so it must be the
+    process at the other end of the control socket (checked before any plugin code runs,
+    while the zygote's /proc entries are still readable), never 0, 1 or the pool child."""
+    if pid <= 1 or pid == os.getpid():
+        return False
+    try:
+        return os.readlink(f"/proc/{pid}/fd/{fd}") == f"socket:[{inode}]"
+    except OSError:
+        return False
+
+
 class ZygoteStartError(RuntimeError):
     """The interpreter did not come up as a zygote (bad interpreter path, crash)."""
 
@@ -93,6 +108,7 @@ class ZygoteLauncher:
         """Start a zygote; returns its Hello (pid, bare size), the control socket and the
         pipes its descriptors 1 and 2 write to (output.py)."""
         ours, theirs = socket.socketpair()
+        control_inode = os.fstat(theirs.fileno()).st_ino
         try:
             output, (stdout_w, stderr_w) = OutputPipes.create()
         except OSError as exc:  # out of descriptors
@@ -121,6 +137,9 @@ class ZygoteLauncher:
             hello = channel.receive_message(ours.fileno(), max_bytes=HELLO_MAX_BYTES)
             if not isinstance(hello, Hello):
                 raise ZygoteStartError(f"the zygote said {hello.op!r} first")
+            if not holds_socket(hello.pid, CONTROL_FD, control_inode):
+                raise ZygoteStartError(f"the zygote named pid {hello.pid}, a process that "
+                                       "does not hold its control socket")
         except (ZygoteStartError, subprocess.TimeoutExpired, channel.ChannelClosed, OSError,
                 ValueError) as exc:
             ours.close()
@@ -130,6 +149,12 @@ class ZygoteLauncher:
             reason = str(exc) if isinstance(exc, ZygoteStartError) else \
                 f"the zygote did not start: {exc!r}"
             raise ZygoteStartError(reason + (f"; it wrote:\n{said}" if said else "")) from exc
+        except BaseException:  # interrupted (Celery's soft limit): nothing of it is kept; a
+            ours.close()  # zygote already forked reads the end of its control and exits
+            output.close()
+            with contextlib.suppress(OSError):
+                proc.kill()
+            raise
         said = early.text()
         if said:  # the interpreter's or its site's, before any plugin code: for operators
             logger.warning("zygote %d wrote at start (its interpreter, not a plugin): %s",

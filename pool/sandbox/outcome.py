@@ -72,9 +72,17 @@ def _failer(spec: PluginSpec, usage: dict[str, Any] | None, **extra: Any) -> Fai
     return fail
 
 
+RESERVED_DETAILS = frozenset(("type_", "message", "usage"))
+"""Keys of a sandbox's error details the pool child sets itself (the run's usage) or that
+name fail()'s own arguments: a run's details cannot replace or collide with them."""
+
+
+def _run_details(error: RunError, *, drop: frozenset[str] = RESERVED_DETAILS) -> dict[str, Any]:
+    return {key: value for key, value in error.details.items() if key not in drop}
+
+
 def _from_run_error(error: RunError, fail: Fail) -> PluginExecutionError:
-    details = dict(error.details)
-    return fail(ErrorType(error.type), error.message, **details)
+    return fail(ErrorType(error.type), error.message, **_run_details(error))
 
 
 def run_report(spec: PluginSpec, out: Supervision, usage: Usage, *,
@@ -92,6 +100,9 @@ def run_report(spec: PluginSpec, out: Supervision, usage: Usage, *,
         raise fail(ErrorType.RESOURCE, f"run crossed its {out.killed_for} limit and was killed",
                    limit=limit, limit_value=value, observed=round(out.observed or 0, 1),
                    restartable=True)
+    if out.killed_for == "protocol":
+        raise fail(ErrorType.RUNTIME, "the run broke the sandbox protocol and was killed",
+                   protocol_error=True, reason=out.protocol_error)
     if out.killed_for == "result_size":
         raise fail(ErrorType.RESOURCE, "result is larger than the result limit",
                    limit="max_result_bytes", limit_value=max_result_bytes,
@@ -146,9 +157,12 @@ def setup_error(spec: PluginSpec, out: Supervision) -> PluginExecutionError:
         return fail(ErrorType.RESOURCE, f"setup crossed its {out.killed_for} limit and was "
                     "killed", limit=limit, limit_value=value,
                     observed=round(out.observed or 0, 1))
+    if out.killed_for == "protocol":
+        return fail(ErrorType.RUNTIME, "the setup broke the sandbox protocol and was killed",
+                    protocol_error=True, reason=out.protocol_error)
     if isinstance(out.result, SetupFailed):
         error = out.result.error
-        details = {k: v for k, v in error.details.items() if k != "restartable"}
-        return fail(ErrorType(error.type), error.message, **details)
+        return fail(ErrorType(error.type), error.message,
+                    **_run_details(error, drop=RESERVED_DETAILS | {"restartable"}))
     return fail(ErrorType.RUNTIME, "the warm sandbox died during its setup",
                 sandbox_died=True)

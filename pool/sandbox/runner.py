@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import _socket
 import functools
+import logging
 import os
 import socket
 import sys
@@ -23,6 +24,7 @@ from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import worker_process_shutdown
+from redis.exceptions import RedisError
 
 from pluginpool.policy.errors import ErrorType, PluginExecutionError
 from pluginpool.policy.storage import InstanceStorage
@@ -49,6 +51,8 @@ SYSTEM_READ_PATHS = (
     "/dev/urandom", "/dev/random", "/dev/null",
 )
 FRAME_OVERHEAD_BYTES = 64 * 1024
+PROTOCOL_REASON_CHARS = 500
+logger = logging.getLogger(__name__)
 STORAGES_KEPT = 256
 
 
@@ -160,6 +164,22 @@ class SandboxRunner:
         return zygote, run
 
     def run(self, spec: PluginSpec, ctx: PluginContext, payload: Any) -> RunReport:
+        """One run, its value or its typed error. Whatever a sandbox sends is checked
+        (messages.decode); should anything it sent still break the pool child's side, the
+        run fails `runtime` (`protocol_error`) like any run, counted by the breaker, and
+        that sandbox is not used again (`run` gives it back dead)."""
+        try:
+            return self._run(spec, ctx, payload)
+        except (PluginExecutionError, SoftTimeLimitExceeded, RedisError):
+            raise
+        except Exception as exc:
+            logger.exception("sandboxed run of %s broke the sandbox protocol", spec.id)
+            raise PluginExecutionError.of(
+                ErrorType.RUNTIME, "the sandbox broke its protocol with the worker",
+                plugin_id=spec.id, protocol_error=True,
+                reason=f"{type(exc).__name__}: {exc}"[:PROTOCOL_REASON_CHARS]) from None
+
+    def _run(self, spec: PluginSpec, ctx: PluginContext, payload: Any) -> RunReport:
         client = self._services.redis
         check_requires(spec, registered=lambda pid: bool(
             client.hexists(self._settings.keys.specs, pid)), packages_here=False)

@@ -22,7 +22,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from pluginpool.pool.sandbox.frames import FrameDeadline, FrameReader, send_by
 from pluginpool.pool.sandbox.output import OutputPipes
+from pluginpool.pool.sandbox.process_handle import ProcessHandle
 from pluginpool.pool.sandbox.runtime import channel
 from pluginpool.pool.sandbox.runtime.limits import MB
 from pluginpool.pool.sandbox.runtime.messages import (
@@ -44,6 +46,7 @@ THROTTLE_SLICE_S = 0.05
 about slice * (100 / share - 1): 150 ms at 25 %)."""
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+PROTOCOL_ERROR_CHARS = 300
 MAX_TREE = 4096
 """A bound on the processes one sample walks (a fork bomb is killed by the pids it shows)."""
 
@@ -67,14 +70,15 @@ class Reaper(Protocol):
 
 
 class NotForked(Exception):
-    """The zygote did not fork the run: it is gone, or answered something else than Forked
-    (nothing of the run was left to kill)."""
+    """The zygote did not fork the run: it is gone, answered something else than Forked, or
+    named a pid that is not its child (nothing of the run was left to kill)."""
 
 
 class PendingFork(Protocol):
-    def forked(self) -> tuple[int, int]:
-        """(the run's pid, the zygote's resident bytes when it forked), waiting for the
-        zygote's Forked if it has not been read yet; NotForked if it never comes."""
+    def forked(self) -> tuple[ProcessHandle, int]:
+        """(the run, checked to be the zygote's child, and the zygote's resident bytes when
+        it forked), waiting for the zygote's Forked if it has not been read yet; NotForked
+        if it never comes or names another process."""
 
 
 @dataclass(frozen=True)
@@ -99,7 +103,9 @@ class Supervision:
     started_at: float | None = None
     finished_at: float | None = None
     killed_for: str | None = None
-    """timeout, memory, storage or result_size, when the supervisor stopped it."""
+    """timeout, memory, storage, result_size or protocol, when the supervisor stopped it."""
+    protocol_error: str | None = None
+    """What was wrong with a frame it sent (killed_for protocol)."""
     observed: float | None = None
     exit: Exit | None = None
     peak_memory_bytes: int = 0
@@ -108,7 +114,9 @@ class Supervision:
     limit_crossed_at: float | None = None
     stopped_at: float | None = None
     stopped_at_unix: float | None = None
-    descendants: set[int] = field(default_factory=set)
+    descendants: dict[int, bytes] = field(default_factory=dict)
+    """Processes seen below the watched one, with their start times (a pid reused by
+    another process after one ended is not killed in its place)."""
     workspace_empty: bool = False
     """The workspace was found empty once the run had ended and was reaped (its result
     came): warm.WarmSandbox.clean_workspace need not list it again."""
@@ -149,6 +157,15 @@ def process_tree(pid: int) -> list[int]:
             except OSError:
                 continue
     return tree
+
+
+def start_time(pid: int) -> bytes | None:
+    """When a process started (clock ticks since boot, /proc/<pid>/stat), as it reads; None
+    when it is gone."""
+    try:
+        return _read(f"/proc/{pid}/stat").rsplit(b")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
 
 
 def cpu_seconds(pid: int) -> float:
@@ -251,6 +268,7 @@ class Supervisor:
         if pid is None and pending is None:
             raise ValueError("a pid, or the pending fork that gives it")
         self.pid = pid
+        self.process: ProcessHandle | None = None if pid is None else ProcessHandle.open(pid)
         self.pending = pending
         self.fd = fd
         self.bounds = bounds
@@ -265,13 +283,20 @@ class Supervisor:
         self.output = output
         """Read with the channel while the process lives, drained once it is reaped."""
         self._stopped = False
+        self._deadline = 0.0
 
     def _pid(self) -> int:
         """The watched process (a pending run's Forked read, if it was not yet)."""
         if self.pid is None:
             assert self.pending is not None
-            self.pid, self.baseline_rss = self.pending.forked()
+            self.process, self.baseline_rss = self.pending.forked()
+            self.pid = self.process.pid
         return self.pid
+
+    def _process(self) -> ProcessHandle:
+        self._pid()
+        assert self.process is not None
+        return self.process
 
     # -- limits ---------------------------------------------------------------------------
 
@@ -280,8 +305,12 @@ class Supervisor:
         if not tree:
             return
         rss = 0
+        descendants = self.out.descendants
         for pid in tree:
-            self.out.descendants.add(pid)
+            if pid != self.pid and pid not in descendants:
+                started = start_time(pid)
+                if started is not None:
+                    descendants[pid] = started
             rss += resident_bytes(pid)
         used = max(rss - self.baseline_rss, 0)
         self.out.peak_memory_bytes = max(self.out.peak_memory_bytes, used)
@@ -322,16 +351,18 @@ class Supervisor:
         return now + max(THROTTLE_SLICE_S, (share * (now - started) - used) / (1 - share))
 
     def _signal_group(self, signum: int) -> None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self._pid(), signum)
+        self._process().send_group(signum)
 
     def kill(self) -> None:
         """Kill the process group, the process (it may not lead a group yet) and any
-        descendant seen escaping it."""
-        self._signal_group(signal.SIGKILL)
-        for pid in self.out.descendants | {self._pid()}:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
+        descendant seen escaping it that is still the process seen (same start time)."""
+        process = self._process()
+        process.send_group(signal.SIGKILL)
+        process.send(signal.SIGKILL)
+        for pid, started in self.out.descendants.items():
+            if start_time(pid) == started:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
 
     # -- the loop -------------------------------------------------------------------------
 
@@ -346,7 +377,9 @@ class Supervisor:
                                                  "value": message.value})
                                    if self.storage is not None else
                                    {"ok": False, "message": "no storage here"})
-            channel.send_message(self.fd, storage_reply(raw))
+            # Bounded by the wall clock: a sandbox that asks and never reads the replies
+            # fills the socket, and then it is the deadline that ends it (FrameDeadline).
+            send_by(self.fd, storage_reply(raw), self._deadline)
         elif isinstance(message, FINAL):
             self.out.result = message
             self.out.finished_at = self.clock()
@@ -375,9 +408,12 @@ class Supervisor:
         except NotForked:
             self.out.wall_s = self.clock() - started
             raise
+        finally:
+            if self.process is not None:
+                self.process.close()
 
     def _run(self, started: float, throttle: bool) -> Supervision:
-        deadline = started + self.bounds.timeout_s
+        deadline = self._deadline = started + self.bounds.timeout_s
         next_sample = started + SAMPLE_S
         next_throttle = started
         poller = select.poll()
@@ -387,6 +423,7 @@ class Supervisor:
             for fd in output.fds:
                 poller.register(fd, select.POLLIN)
         channel_open = True
+        reader = FrameReader(self.fd, max_bytes=self.max_frame_bytes)
         try:
             while self.out.result is None and self.out.killed_for is None:
                 now = self.clock()
@@ -422,14 +459,23 @@ class Supervisor:
                     continue  # only output: the channel has nothing yet
                 if self.pid is None:  # the run wrote Forked before anything here
                     self._pid()
+                # What has arrived: whole frames are handled, a partial one waits for the
+                # rest while the clocks above keep running.
                 try:
-                    self._handle(channel.receive_message(self.fd,
-                                                         max_bytes=self.max_frame_bytes))
-                except channel.ChannelClosed:
-                    channel_open = False
+                    for message in reader.read():
+                        self._handle(message)
+                        if self.out.result is not None:
+                            break  # anything after the final frame is not read
                 except channel.FrameTooLarge as exc:
                     self._stop("result_size", exc.size)
-                except (ValueError, OSError):
+                except FrameDeadline:  # a storage reply the sandbox would not take
+                    self._stop("timeout", (self.clock() - started) * 1000)
+                except ValueError as exc:  # not JSON, not a message, a field mistyped
+                    self.out.protocol_error = str(exc)[:PROTOCOL_ERROR_CHARS]
+                    self._stop("protocol", 0.0)
+                except OSError:
+                    channel_open = False
+                if reader.closed and self.out.result is None:
                     channel_open = False
         finally:
             self.out.wall_s = self.clock() - started

@@ -20,8 +20,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from pluginpool.pool.sandbox.launcher import ZygoteLauncher
+from pluginpool.pool.sandbox.frames import FrameDeadline, receive_by, send_by
+from pluginpool.pool.sandbox.launcher import ZygoteLauncher, ZygoteStartError
 from pluginpool.pool.sandbox.output import OutputPipes
+from pluginpool.pool.sandbox.process_handle import ProcessHandle, UnverifiedProcess
 from pluginpool.pool.sandbox.runtime import channel
 from pluginpool.pool.sandbox.runtime.limits import MB
 from pluginpool.pool.sandbox.runtime.messages import (
@@ -94,25 +96,34 @@ class RunExitFromZygote:
         self.run_pid = run_pid
 
     def reap(self, *, block: bool) -> Exit | None:
-        ready = select.select([self.control], [], [], EXIT_WAIT_S if block else 0)[0]
-        if not ready:
-            return Exit(sandbox_died=True) if block else None
+        if not block and not _readable(self.control):
+            return None
         try:
-            message = channel.receive_message(self.control.fileno(),
-                                              max_bytes=CONTROL_MAX_BYTES)
-        except (channel.ChannelClosed, OSError, ValueError):
+            message = receive_by(self.control.fileno(), max_bytes=CONTROL_MAX_BYTES,
+                                 deadline=time.monotonic() + EXIT_WAIT_S)
+        except (channel.ChannelClosed, OSError, ValueError):  # FrameDeadline included
             return Exit(sandbox_died=True)
         if not isinstance(message, Exited) or message.pid != self.run_pid:
             return Exit(sandbox_died=True)
         return Exit(status=message.status, cpu_s=message.cpu_s, maxrss_kb=message.maxrss_kb)
 
 
+def _readable(sock: socket.socket, timeout_s: float = 0.0) -> bool:
+    """Something (or its end) can be read (poll, not select: descriptor numbers may pass
+    1024)."""
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN | select.POLLHUP)
+    return bool(poller.poll(timeout_s * 1000))
+
+
 def read_forked(control: socket.socket, timeout_s: float) -> Forked:
-    """The zygote's answer to a Spawn, the run's Forked; ChannelClosed if none comes within
-    `timeout_s` or it answers something else."""
-    if not select.select([control], [], [], timeout_s)[0]:
-        raise channel.ChannelClosed
-    forked = channel.receive_message(control.fileno(), max_bytes=CONTROL_MAX_BYTES)
+    """The zygote's answer to a Spawn, the run's Forked, whole within `timeout_s`;
+    ChannelClosed if none comes or it answers something else."""
+    try:
+        forked = receive_by(control.fileno(), max_bytes=CONTROL_MAX_BYTES,
+                            deadline=time.monotonic() + timeout_s)
+    except FrameDeadline:
+        raise channel.ChannelClosed from None
     if not isinstance(forked, Forked):
         raise channel.ChannelClosed
     return forked
@@ -123,28 +134,33 @@ class PendingRun:
     first needs the run's pid (supervisor.PendingFork), then reaps the run through the
     zygote's Exited. Forked is awaited until EXIT_WAIT_S after the Spawn, as spawn() does."""
 
-    def __init__(self, control: socket.socket, deadline: float) -> None:
+    def __init__(self, control: socket.socket, deadline: float, zygote_pid: int) -> None:
         self.control = control
         self.deadline = deadline
+        self.zygote_pid = zygote_pid
         self.pid: int | None = None
+        self.process: ProcessHandle | None = None
         self.zygote_rss_bytes = 0
         self._failed = False
 
-    def forked(self) -> tuple[int, int]:
-        if self.pid is None:
+    def forked(self) -> tuple[ProcessHandle, int]:
+        """The run, checked to be the zygote's child (a setup can make its zygote name any
+        pid: process_handle.py); NotForked otherwise."""
+        if self.process is None:
             if self._failed:
                 raise NotForked
             self._failed = True
             try:
                 message = read_forked(self.control, max(self.deadline - time.monotonic(), 0.0))
-            except (channel.ChannelClosed, OSError, ValueError) as exc:
+                self.process = ProcessHandle.open(message.pid, parent=self.zygote_pid)
+            except (channel.ChannelClosed, OSError, ValueError, UnverifiedProcess) as exc:
                 raise NotForked from exc
             self._failed = False
             self.pid, self.zygote_rss_bytes = message.pid, message.zygote_rss_bytes
-        return self.pid, self.zygote_rss_bytes
+        return self.process, self.zygote_rss_bytes
 
     def reap(self, *, block: bool) -> Exit | None:
-        return RunExitFromZygote(self.control, self.forked()[0]).reap(block=block)
+        return RunExitFromZygote(self.control, self.forked()[0].pid).reap(block=block)
 
 
 @dataclass
@@ -173,6 +189,8 @@ class WarmSandbox:
     """The workspace could not be emptied: the sandbox is retired, not used again."""
     output: OutputPipes | None = None
     """The pipes the zygote's descriptors 1 and 2 write to (output.py)."""
+    process: ProcessHandle | None = None
+    """The zygote, signalled through its pidfd (its pid may be reused once it is gone)."""
 
     @property
     def instance_id(self) -> str | None:
@@ -205,7 +223,7 @@ class WarmSandbox:
         """Between runs the zygote sends nothing, so a readable control socket is its end
         (EOF: a dead process's descriptors close at once, and no run holds this one)."""
         try:
-            return not select.select([self.control], [], [], 0)[0]
+            return not _readable(self.control)
         except (OSError, ValueError):
             return False
 
@@ -218,7 +236,7 @@ class WarmSandbox:
         """Hand the zygote one run and its channel, without waiting for its Forked: the
         Supervisor given this PendingRun (as `pending` and `reaper`) reads it."""
         channel.send_message_with_fd(self.control, spawn, run_end.fileno())
-        return PendingRun(self.control, time.monotonic() + EXIT_WAIT_S)
+        return PendingRun(self.control, time.monotonic() + EXIT_WAIT_S, self.pid)
 
     def run_reaper(self, run_pid: int) -> RunExitFromZygote:
         return RunExitFromZygote(self.control, run_pid)
@@ -234,29 +252,32 @@ class WarmSandbox:
         sure the zygote is gone and remove its home."""
         deadline = time.monotonic() + wait_s
         closed: Closed | None = None
-        with contextlib.suppress(OSError, ValueError, channel.ChannelClosed):
+        control = self.control.fileno()
+        try:
             while closed is None:
-                left = deadline - time.monotonic()
-                if left <= 0 or not select.select([self.control], [], [], left)[0]:
-                    break
-                message = channel.receive_message(self.control.fileno(),
-                                                  max_bytes=CONTROL_MAX_BYTES)
+                # Every read and write bounded by the deadline: a teardown that sends half a
+                # frame, or asks for storage and never reads the reply, cannot hold the
+                # housekeeper (or a pool process's exit) past it.
+                message = receive_by(control, max_bytes=CONTROL_MAX_BYTES, deadline=deadline)
                 if isinstance(message, Closed):
                     closed = message
                 elif isinstance(message, StorageRequest) and self.storage is not None:
                     raw = self.storage({"action": message.action, "key": message.key,
                                         "value": message.value})
-                    channel.send_message(self.control.fileno(), storage_reply(raw))
+                    send_by(control, storage_reply(raw), deadline)
                 else:
                     break
-        self.kill()
+        except Exception:  # whatever the teardown sent: it ends here
+            closed = None
+        finally:
+            self.kill()
         return closed
 
     def kill(self) -> None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.pid, signal.SIGKILL)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(self.pid, signal.SIGKILL)
+        process = self.process or ProcessHandle(self.pid, None)
+        process.send_group(signal.SIGKILL)
+        process.send(signal.SIGKILL)
+        process.close()
         with contextlib.suppress(OSError):
             self.control.close()
         if self.output is not None:
@@ -306,9 +327,19 @@ def start(launcher: ZygoteLauncher, plan: SetupPlan, *,
           storage: StorageHandler) -> tuple[WarmSandbox | None, Supervision]:
     """Launch a zygote and supervise its setup; the sandbox, or None and what went wrong."""
     spec = plan.spec
-    limits = spec.resource_limits
     os.makedirs(plan.warm_root, mode=0o700, exist_ok=True)
     home = os.path.realpath(tempfile.mkdtemp(prefix=f"{spec.id}-", dir=plan.warm_root))
+    try:
+        return _start_in(home, launcher, plan, storage=storage)
+    except BaseException:  # a start interrupted (Celery's soft limit) or that could not
+        shutil.rmtree(home, ignore_errors=True)  # start: its home goes with it
+        raise
+
+
+def _start_in(home: str, launcher: ZygoteLauncher, plan: SetupPlan, *,
+              storage: StorageHandler) -> tuple[WarmSandbox | None, Supervision]:
+    spec = plan.spec
+    limits = spec.resource_limits
     setup_workspace = os.path.join(home, "setup")
     os.mkdir(setup_workspace, 0o700)
     run_workspace = os.path.join(home, "run")
@@ -335,6 +366,12 @@ def start(launcher: ZygoteLauncher, plan: SetupPlan, *,
                           layers={}, workspace=run_workspace,
                           workspace_times=(created.st_atime_ns, created.st_mtime_ns),
                           output=output)
+    try:
+        sandbox.process = ProcessHandle.open(hello.pid)
+    except (UnverifiedProcess, OSError) as exc:
+        sandbox.kill()
+        raise ZygoteStartError(f"the zygote (pid {hello.pid}) cannot be watched: {exc}") \
+            from exc
     try:
         channel.send_message(control.fileno(), config)
     except OSError:

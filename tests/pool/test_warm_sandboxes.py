@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -61,6 +62,10 @@ def env(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[En
         spec("chatty", "lifecycle:Chatty"),
         spec("huge-setup-print", "lifecycle:PrintsHugeSetup"),
         spec("loud-teardown", "lifecycle:LoudTeardown"),
+        spec("forges-pid", "protocol:ForgesRunPid"),
+        spec("breaks-channel", "protocol:BreaksTheChannel",
+             operations=["run", "mistyped", "half_frame", "storage_flood"],
+             resource_limits={"timeout_ms": 1000, "setup_timeout_ms": 20_000}),
     ])
     worker = spawn_worker(client, tmp_path_factory.mktemp("warm-worker"), concurrency=1)
     yield client, worker, warm_root
@@ -338,3 +343,73 @@ def test_nothing_is_left_in_the_warm_root_but_live_sandboxes(env: Env) -> None:
         assert not run_workspace.exists() or list(run_workspace.iterdir()) == [], \
             "the run workspace is emptied after every run"
     assert zygotes or not homes
+
+
+@pytest.mark.parametrize("victim", ["the pool child's process group", "the worker",
+                                    "a bystander"])
+def test_a_setup_that_makes_its_zygote_name_another_process_harms_nobody(
+        env: Env, victim: str) -> None:
+    """Before, the pool child signalled whatever pid the zygote's Forked named: 0 (its own
+    process group) took the whole worker down, any other pid was killed at the run's end."""
+    client, worker, _ = env
+    bystander = subprocess.Popen(["sleep", "120"], start_new_session=True)
+    try:
+        pid = {"the pool child's process group": 0, "the worker": worker.pid,
+               "a bystander": bystander.pid}[victim]
+        iid = client.load("forges-pid", {"pid": pid})
+        error = failure(env, "forges-pid", instance_id=iid)
+        assert error.type is ErrorType.RUNTIME and error.details["sandbox_died"]
+        assert bystander.poll() is None
+        assert_unharmed(env)
+        client.unload(iid)
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+@pytest.mark.parametrize("error_type", ["bogus", "runtime"])
+def test_a_run_that_sends_a_mistyped_frame_gets_a_typed_error(env: Env,
+                                                               error_type: str) -> None:
+    """Before: an untyped TypeError or ValueError in the pool child, past the breaker and
+    the run records."""
+    error = failure(env, "breaks-channel", operation="mistyped", payload={"type": error_type})
+    assert error.type is ErrorType.RUNTIME
+    if error_type == "bogus":
+        assert error.details["protocol_error"] is True
+        assert "bogus" in error.details["reason"]
+    else:  # its details cannot replace the error's own fields or the pool child's usage
+        assert error.message == "forged"
+        assert "type_" not in error.details
+        assert error.details["usage"]["sandboxed"] is True
+    assert_unharmed(env)
+
+
+@pytest.mark.parametrize("operation", ["half_frame", "storage_flood"])
+def test_a_run_that_stalls_its_channel_still_stops_at_its_wall_clock(env: Env,
+                                                                     operation: str) -> None:
+    """Before, the pool child blocked reading the rest of the frame (or writing replies
+    nobody read) until Celery's soft limit: setup_timeout_ms + timeout_ms + 2 s = 23 s."""
+    started = time.monotonic()
+    error = failure(env, "breaks-channel", operation=operation)
+    assert error.type is ErrorType.TIMEOUT
+    assert time.monotonic() - started < 1 + 8
+    assert_unharmed(env)
+
+
+def test_a_teardown_that_stalls_its_channel_is_cut_at_the_teardown_bound(env: Env) -> None:
+    """Before, the housekeeper thread blocked for good on the half frame: no sandbox of that
+    pool process was retired again."""
+    client, worker, _ = env
+    iid = client.load("breaks-channel", {"teardown": "half_frame"})
+    assert client.execute(iid, {}, timeout=60) == "fine"
+    assert wait_until(lambda: bool(client.sandbox_info(iid).warm_sandboxes), timeout_s=10)
+    zygote = client.sandbox_info(iid).warm_sandboxes[0].pid
+    client.unload(iid)
+    cut = f"(pid {zygote}) retired (instance unloaded); teardown cut short"
+    assert wait_until(lambda: cut in worker.log_text(), timeout_s=20)
+    other = client.load("stateful", {})
+    second = client.execute(other, {"add": 1}, timeout=60)["zygote"]
+    client.unload(other)
+    ran = f"(pid {second}) retired (instance unloaded); teardown ran"
+    assert wait_until(lambda: ran in worker.log_text(), timeout_s=15)
+    assert_unharmed(env)

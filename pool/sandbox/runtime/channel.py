@@ -92,6 +92,12 @@ def receive(fd: int, *, max_bytes: int) -> dict[str, Any]:
     return message
 
 
+def frame_of(message: Message) -> bytes:
+    """A message's whole frame: header and JSON."""
+    data = _encode(encode(message)).encode()
+    return _pack(len(data)) + data
+
+
 def send_message(fd: int, message: Message) -> None:
     send(fd, encode(message))
 
@@ -108,8 +114,7 @@ def send_message_with_fd(sock: socket.socket, message: Message, passed: int) -> 
     """One frame and a descriptor with it (SCM_RIGHTS), in one sendmsg: the receiver
     gets the descriptor with the frame's first bytes."""
     import socket
-    data = _encode(encode(message)).encode()
-    frame = _pack(len(data)) + data
+    frame = frame_of(message)
     sent = socket.send_fds(sock, [frame], [passed])
     if sent < len(frame):
         sock.sendall(frame[sent:])

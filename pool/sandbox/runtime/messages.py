@@ -259,17 +259,83 @@ def result_frame(value_json: bytes, *, network_requests: int, cpu_s: float,
         value_json, network_requests, cpu_s, wall_s)
 
 
+ERROR_TYPES = frozenset((RUNTIME, RESOURCE, TIMEOUT, SECURITY, DEPENDENCY))
+_INT_RANGES = {"pid": (1, (1 << 31) - 1), "status": (0, 0xFFFF)}
+"""Fields a kernel call takes: a pid, a wait status (os.WIFSIGNALED and friends)."""
+_WIDEST_INT = 1 << 63
+_KINDS: dict[str, tuple[type, ...]] = {
+    "int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "dict": (dict,),
+    "list": (list,)}
+_CHECKS: dict[type, tuple[tuple[tuple[type, ...] | None, bool, str], ...]] = {}
+"""Per record class: (the types each field's value may have, None: any; whether it may be
+null; its name)."""
+
+
+def _checks_of(cls: type) -> tuple[tuple[tuple[type, ...] | None, bool, str], ...]:
+    """A record's field checks, from its annotations (strings: `from __future__ import
+    annotations`); worked out at the first decode of the class, not at import (the zygote
+    and its runs never need most of them)."""
+    found = _CHECKS.get(cls)
+    if found is None:
+        annotations: dict[str, str] = {}
+        for base in reversed(cls.__mro__):
+            annotations.update(vars(base).get("__annotations__", {}))
+        checks: list[tuple[tuple[type, ...] | None, bool, str]] = []
+        for name in fields_of(cls):
+            parts = [part.strip() for part in str(annotations[name]).split("|")]
+            nullable = "None" in parts
+            kinds = [part.split("[")[0] for part in parts if part != "None"]
+            if "Any" in kinds:
+                checks.append((None, True, name))
+            elif kinds == ["RunError"]:
+                checks.append(((RunError,), nullable, name))
+            else:
+                checks.append((tuple(k for kind in kinds for k in _KINDS[kind]), nullable,
+                               name))
+        found = _CHECKS[cls] = tuple(checks)
+    return found
+
+
+def _check(item: Any) -> None:
+    """Each field of a decoded record has its annotated type (ints within what the kernel
+    takes): a frame from a run or a zygote is written by code that may be hostile, and a
+    field of the wrong type must be a ProtocolError here, not a TypeError wherever the
+    pool child first uses it."""
+    for kinds, nullable, name in _checks_of(type(item)):
+        value = getattr(item, name)
+        if value is None:
+            if nullable:
+                continue
+            raise ProtocolError(f"{name} must not be null")
+        if kinds is None:
+            continue
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            raise ProtocolError(f"{name} is a {type(value).__name__}")
+        if isinstance(value, int) and not isinstance(value, bool):
+            low, high = _INT_RANGES.get(name, (-_WIDEST_INT, _WIDEST_INT))
+            if not low <= value <= high:
+                raise ProtocolError(f"{name} {value} is out of range")
+        elif isinstance(value, list) and not all(isinstance(item, str) for item in value):
+            raise ProtocolError(f"{name} must be a list of strings")
+
+
 def decode(frame: dict[str, Any]) -> Message:
-    """A typed message from a frame; anything else is a ProtocolError."""
+    """A typed message from a frame, every field of its annotated type; anything else is a
+    ProtocolError."""
     cls = _TYPES.get(str(frame.get("op")))
     if cls is None:
-        raise ProtocolError(f"unknown message {frame.get('op')!r}")
+        raise ProtocolError(f"unknown message {str(frame.get('op'))[:64]!r}")
     fields = _FIELDS[cls]
     values = {k: v for k, v in frame.items() if k in fields}
-    for name in _NESTED_ERRORS:
-        if isinstance(values.get(name), dict):
-            values[name] = RunError(**values[name])
     try:
-        return cls(**values)
+        for name in _NESTED_ERRORS:
+            if isinstance(values.get(name), dict):
+                error = values[name] = RunError(**values[name])
+                _check(error)
+                if error.type not in ERROR_TYPES:
+                    raise ProtocolError(f"unknown error type {error.type[:64]!r}")
+        message = cls(**values)
     except TypeError as exc:
         raise ProtocolError(f"bad {cls.op} message: {exc}") from None
+    _check(message)
+    return message

@@ -144,6 +144,10 @@ def _kill_leftovers() -> None:
                 os.waitpid(pid, 0)
 
 
+TEARDOWN_ALONE_S = 5
+"""The longest a teardown runs (the pool child's own bound, warm.CLOSE_WAIT_S, is the same)."""
+
+
 def _teardown(plugin: LoadedPlugin | None, policy: AuditPolicy, reason: str,
               home: str) -> NoReturn:
     error: RunError | None = None
@@ -161,6 +165,11 @@ def _teardown(plugin: LoadedPlugin | None, policy: AuditPolicy, reason: str,
             else:
                 os.close(fd)
     if plugin is not None:
+        # Bounded here too: with the pool child gone nobody else would stop a close() that
+        # hangs (SIGALRM's default action ends the process).
+        with contextlib.suppress(OSError, ValueError):
+            signal.signal(signal.SIGALRM, signal.SIG_DFL)
+            signal.alarm(TEARDOWN_ALONE_S)
         policy.enforcing = True
         try:
             teardown = plugin.close()

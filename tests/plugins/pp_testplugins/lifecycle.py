@@ -91,3 +91,17 @@ class LoudTeardown:
 
     def close(self) -> None:
         os.write(1, b"t" * 300_000)
+
+
+class HangsAtClose:
+    """Its teardown never returns."""
+
+    def __init__(self, ctx: Any) -> None:
+        pass
+
+    def run(self, ctx: Any, payload: Any) -> Any:
+        return "ran"
+
+    def close(self) -> None:
+        import time
+        time.sleep(3600)

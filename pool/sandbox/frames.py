@@ -1,0 +1,121 @@
+"""The pool child's reads and writes on a sandbox's sockets, never blocked by the sandbox.
+
+A zygote or a run may be hostile: it can send half a frame and stop, or ask for storage and
+never read the replies. channel.py's own reads and writes block until a whole frame has
+passed (right inside the sandbox, whose peer is the worker); here every read and write has a
+deadline, and a run's channel is read as bytes arrive, so the supervisor's clocks (wall
+clock, samples, CPU share) keep running while a frame is incomplete.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import time
+
+from pluginpool.pool.sandbox.runtime import channel
+from pluginpool.pool.sandbox.runtime.messages import Message, decode
+
+HEADER_BYTES = channel.HEADER.size
+READ_CHUNK = 1 << 16
+
+
+class FrameDeadline(TimeoutError):
+    """A frame was not read (or written) whole before the deadline."""
+
+
+class FrameReader:
+    """Frames from one socket, decoded as they complete: `read` takes what has arrived
+    (call it when poll says the socket is readable) and returns the whole frames in it; a
+    partial frame waits in the buffer. A header over `max_bytes` is refused at once
+    (FrameTooLarge), before its body is read; a frame that is not a message is a
+    ProtocolError (ValueError)."""
+
+    def __init__(self, fd: int, *, max_bytes: int) -> None:
+        self.fd = fd
+        self.max_bytes = max_bytes
+        self.closed = False
+        """The other end is gone (what it sent whole before was returned)."""
+        self._buffer = bytearray()
+
+    def read(self) -> list[Message]:
+        try:
+            chunk = os.read(self.fd, READ_CHUNK)
+        except BlockingIOError:
+            return []
+        if not chunk:
+            self.closed = True
+            return []
+        buffer = self._buffer
+        buffer += chunk
+        messages: list[Message] = []
+        while len(buffer) >= HEADER_BYTES:
+            (size,) = channel.HEADER.unpack_from(buffer)
+            if size > self.max_bytes:
+                raise channel.FrameTooLarge(size, self.max_bytes)
+            end = HEADER_BYTES + size
+            if len(buffer) < end:
+                break
+            body = bytes(buffer[HEADER_BYTES:end])
+            del buffer[:end]
+            frame = channel.loads(body)
+            if not isinstance(frame, dict):
+                raise ValueError("frame is not a JSON object")
+            messages.append(decode(frame))
+        return messages
+
+
+def _wait(fd: int, events: int, deadline: float) -> None:
+    poller = select.poll()  # not select(): descriptor numbers may pass 1024
+    poller.register(fd, events)
+    left = deadline - time.monotonic()
+    if left <= 0 or not poller.poll(left * 1000):
+        raise FrameDeadline(f"no frame within the deadline on descriptor {fd}")
+
+
+def read_exactly_by(fd: int, size: int, deadline: float) -> bytes:
+    """`size` bytes, waiting at most until `deadline` (monotonic) for them."""
+    chunks = []
+    while size:
+        _wait(fd, select.POLLIN | select.POLLHUP, deadline)
+        try:
+            chunk = os.read(fd, min(size, 1 << 20))
+        except BlockingIOError:
+            continue
+        if not chunk:
+            raise channel.ChannelClosed
+        chunks.append(chunk)
+        size -= len(chunk)
+    return b"".join(chunks)
+
+
+def receive_by(fd: int, *, max_bytes: int, deadline: float) -> Message:
+    """One message, whole before `deadline` or FrameDeadline; it reads no byte past its
+    frame (the next one stays for the next reader)."""
+    (size,) = channel.HEADER.unpack(read_exactly_by(fd, HEADER_BYTES, deadline))
+    if size > max_bytes:
+        raise channel.FrameTooLarge(size, max_bytes)
+    frame = channel.loads(read_exactly_by(fd, size, deadline))
+    if not isinstance(frame, dict):
+        raise ValueError("frame is not a JSON object")
+    return decode(frame)
+
+
+def send_by(fd: int, message: Message, deadline: float) -> None:
+    """One message, written whole before `deadline` or FrameDeadline (a sandbox that does
+    not read its replies fills the socket: the writer must not wait for it for ever)."""
+    view = memoryview(channel.frame_of(message))
+    was_blocking = os.get_blocking(fd)
+    if was_blocking:
+        os.set_blocking(fd, False)
+    try:
+        while view:
+            try:
+                written = os.write(fd, view)
+            except BlockingIOError:
+                _wait(fd, select.POLLOUT, deadline)
+                continue
+            view = view[written:]
+    finally:
+        if was_blocking:
+            os.set_blocking(fd, True)

@@ -1,0 +1,91 @@
+"""A sandbox process the pool child may signal, held by a pidfd.
+
+The pool child learns a run's pid from its zygote (Forked), and a zygote runs plugin code:
+a setup can make it name any pid, 0 (the pool child's own process group) included. So a
+pid is taken only if it is plausible (above 1, not the pool child) and, for a run, a child
+of its zygote; and every signal goes through a pidfd opened when the pid was checked, so a
+process that has ended and whose pid was reused is never hit. A process group is signalled
+(killpg) only while its leader is alive: the kernel gives no new process a pid that is a
+living process's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+
+
+class UnverifiedProcess(Exception):
+    """A pid the pool child will not signal: not a child of the sandbox's zygote, or one
+    that can never be a sandbox's (0, 1, the pool child itself)."""
+
+
+def parent_of(pid: int) -> int | None:
+    """The parent pid from /proc/<pid>/stat; None when the process is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return int(stat.read().rsplit(b")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+class ProcessHandle:
+    """One sandbox process: its pid, and a pidfd while it could be opened."""
+
+    __slots__ = ("_pidfd", "pid")
+
+    def __init__(self, pid: int, pidfd: int | None) -> None:
+        self.pid = pid
+        self._pidfd = pidfd
+
+    @classmethod
+    def open(cls, pid: int, *, parent: int | None = None) -> ProcessHandle:
+        """A handle on `pid`, checked: UnverifiedProcess if it cannot be a sandbox process,
+        or (with `parent`) is alive but not `parent`'s child. A process already gone (a
+        fast run its zygote has reaped) gives a handle that signals nothing."""
+        if pid <= 1 or pid == os.getpid():
+            raise UnverifiedProcess(f"pid {pid} cannot be a sandbox's")
+        try:
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            return cls(pid, None)
+        handle = cls(pid, pidfd)
+        if parent is not None:
+            found = parent_of(pid)
+            if not handle.alive():  # gone since the pidfd was opened: /proc was not its
+                handle.close()
+                return cls(pid, None)
+            if found != parent:
+                handle.close()
+                raise UnverifiedProcess(f"pid {pid} is not a child of {parent}")
+        return handle
+
+    def alive(self) -> bool:
+        """The process has not been reaped (a zombie is alive here)."""
+        if self._pidfd is None:
+            return False
+        try:
+            signal.pidfd_send_signal(self._pidfd, 0)
+        except (ProcessLookupError, OSError):
+            return False
+        return True
+
+    def send(self, signum: int) -> None:
+        """Signal the process itself, if it is still the one checked."""
+        if self._pidfd is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError, OSError):
+                signal.pidfd_send_signal(self._pidfd, signum)
+
+    def send_group(self, signum: int) -> None:
+        """Signal the process group it leads, while it is alive (a run leads its own group
+        once it has called setsid; before, no group has its pid and nothing is sent)."""
+        if self.alive():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.pid, signum)
+
+    def close(self) -> None:
+        pidfd, self._pidfd = self._pidfd, None
+        if pidfd is not None:
+            with contextlib.suppress(OSError):
+                os.close(pidfd)
