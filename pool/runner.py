@@ -7,19 +7,18 @@ same `Runner` protocol and report the same `Usage`.
 
 from __future__ import annotations
 
-import inspect
 import json
 import resource
 import signal
 import time
 import traceback
-from collections import OrderedDict
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Protocol
 
 from celery.exceptions import SoftTimeLimitExceeded
 
 from pluginpool.policy.errors import ErrorType, PluginExecutionError
+from pluginpool.pool.in_process_instances import InProcessInstances, Loaded, operation_of
 from pluginpool.pool.loader import PluginLoader
 from pluginpool.tasks.context import PluginContext
 from pluginpool.tasks.run_logs import captured
@@ -28,7 +27,6 @@ from pluginpool.tasks.spec import PluginSpec
 TRACEBACK_LIMIT_CHARS = 8_000
 BILLIARD_SIGTERM_EXIT = -(256 - signal.SIGTERM)
 """The SystemExit code billiard raises in a pool child it is killing (hard time limit)."""
-IN_PROCESS_INSTANCES = 16
 
 
 @dataclass
@@ -128,59 +126,51 @@ def error_from_exception(spec: PluginSpec, exc: BaseException) -> PluginExecutio
     )
 
 
-class _Loaded:
-    """A plugin set up in this process: its operations by name and its teardown."""
-
-    def __init__(self, spec: PluginSpec, target: Any, ctx: PluginContext) -> None:
-        factory: Any = target
-        self.instance: Any = factory(ctx) if inspect.isclass(target) else None
-        self.operations: dict[str, Any] = (
-            {name: getattr(self.instance, name) for name in spec.operations
-             if callable(getattr(self.instance, name, None))}
-            if self.instance is not None else {"run": target})
-
-    def close(self) -> None:
-        close = getattr(self.instance, "close", None)
-        if callable(close):
-            close()
-
-
 class InProcessRunner:
     """Runs the plugin in the calling process: trusted plugins, fastest path. A class
-    plugin is set up once per (plugin, revision, instance) in each pool process and kept
-    for the last IN_PROCESS_INSTANCES of them; its runs share its state (no fork here)."""
+    plugin is set up once per (plugin, revision, instance) in each pool process, its runs
+    share its state (no fork here), and it is torn down as a warm sandbox is
+    (in_process_instances.py)."""
 
     def __init__(self, loader: PluginLoader, *, max_result_bytes: int,
-                 max_log_bytes: int = 65_536) -> None:
+                 max_log_bytes: int = 65_536, instances: InProcessInstances | None = None
+                 ) -> None:
         self._loader = loader
         self._max_result_bytes = max_result_bytes
         self._max_log_bytes = max_log_bytes
-        self._loaded: OrderedDict[tuple[str, int, str | None], _Loaded] = OrderedDict()
+        self._instances = instances or InProcessInstances(idle_s=float("inf"))
 
     def _operation(self, spec: PluginSpec, ctx: PluginContext) -> Any:
         key = (spec.id, spec.revision, ctx.instance_id)
-        loaded = self._loaded.get(key)
+        loaded = self._instances.get(key)
         if loaded is None:
-            loaded = _Loaded(spec, self._loader.load(spec), ctx)
-            self._loaded[key] = loaded
-            while len(self._loaded) > IN_PROCESS_INSTANCES:
-                self._loaded.popitem(last=False)[1].close()
-        self._loaded.move_to_end(key)
-        operation = loaded.operations.get(ctx.operation)
-        if operation is None:
-            raise PluginExecutionError.of(
-                ErrorType.DEPENDENCY, f"operation {ctx.operation!r} is not a method of the "
-                "plugin", plugin_id=spec.id, operation=ctx.operation)
-        return operation
+            # The setup sees no job, as in a warm sandbox: it serves every later one.
+            setup_ctx = replace(ctx, job_id=None, operation=None)  # type: ignore[arg-type]
+            try:
+                loaded = Loaded(spec, self._loader.load(spec), setup_ctx)
+            except PluginExecutionError as exc:
+                exc.info.details.setdefault("phase", "setup")
+                raise
+            except (Exception, GeneratorExit) as exc:
+                error = error_from_exception(spec, exc)
+                error.info.details["phase"] = "setup"
+                raise error from None
+            finally:
+                setup_ctx.remove_workspace()
+            self._instances.add(key, loaded)
+        return operation_of(loaded, spec, ctx.operation)
 
     def run(self, spec: PluginSpec, ctx: PluginContext, payload: Any) -> RunReport:
         """`_run` with its stdout, stderr and ctx.logger kept (tasks/run_logs.py)."""
-        with captured(spec.id, max_bytes=self._max_log_bytes) as logs:
-            try:
-                report = self._run(spec, ctx, payload)
-            except PluginExecutionError as exc:
-                exc.info.details["logs"] = logs.text()
-                raise
+        try:
+            with self._instances.lock, captured(spec.id, max_bytes=self._max_log_bytes) as logs:
+                try:
+                    report = self._run(spec, ctx, payload)
+                except PluginExecutionError as exc:
+                    exc.info.details["logs"] = logs.text()
+                    raise
+        finally:  # what this job pushed out of the LRU, outside its logs and its errors
+            self._instances.close_pushed_out()
         return replace(report, logs=logs.text())
 
     def _run(self, spec: PluginSpec, ctx: PluginContext, payload: Any) -> RunReport:

@@ -11,6 +11,7 @@ import redis
 
 from pluginpool.policy.breaker import CircuitBreaker
 from pluginpool.pool.gate import BreakerGate
+from pluginpool.pool.in_process_instances import InProcessInstances
 from pluginpool.pool.loader import PluginLoader, add_plugin_paths
 from pluginpool.pool.recording import UsageEvents
 from pluginpool.pool.runner import InProcessRunner, Runner
@@ -54,8 +55,11 @@ class WorkerServices:
                        instances=InstanceStore(client, settings.keys), loader=loader,
                        breakers=breakers,
                        gate=BreakerGate(breakers, cache_ms=settings.breaker_gate_cache_ms))
-        in_process = InProcessRunner(loader, max_result_bytes=settings.max_result_bytes,
-                                     max_log_bytes=settings.max_log_bytes)
+        in_process = InProcessRunner(
+            loader, max_result_bytes=settings.max_result_bytes,
+            max_log_bytes=settings.max_log_bytes,
+            instances=InProcessInstances(idle_s=settings.warm_idle_s, redis_client=client,
+                                         unload_channel=settings.keys.unload_channel))
         services.runners[False] = in_process
         services.runners[True] = sandbox_runner(services) if sandbox_runner else in_process
         return services

@@ -25,8 +25,12 @@ def env(redis_url: str, tmp_path_factory: pytest.TempPathFactory
     settings = make_settings(redis_url, key_prefix=f"ppretire:{uuid.uuid4().hex[:8]}:",
                              warm_root=str(tmp_path_factory.mktemp("warm")))
     client = PluginClient(settings)
-    client.register(PluginSpec(id="stateful", name="stateful",
-                               entrypoint="pp_testplugins.lifecycle:Stateful"))
+    client.register([PluginSpec(id="stateful", name="stateful",
+                                entrypoint="pp_testplugins.lifecycle:Stateful"),
+                     PluginSpec.model_validate({
+                         "id": "stateful-in", "name": "stateful in process",
+                         "entrypoint": "pp_testplugins.lifecycle:Stateful",
+                         "isolation": {"sandboxed": False}})])
     worker = spawn_worker(client, tmp_path_factory.mktemp("retire-worker"), concurrency=1,
                           extra_env={"PLUGINPOOL_WARM_SANDBOXES": "1",
                                      "PLUGINPOOL_WARM_IDLE_S": "2"})
@@ -47,6 +51,23 @@ def test_least_recently_used_then_idle_sandboxes_are_retired_with_their_teardown
     idle = f"(pid {second}) retired (idle); teardown ran"
     assert wait_until(lambda: idle in worker.log_text(), timeout_s=15)
     assert wait_until(lambda: not psutil.pid_exists(second), timeout_s=10)
+
+
+def test_a_class_set_up_in_the_pool_child_is_torn_down_on_unload_and_when_idle(
+        env: tuple[PluginClient, ManagedProcess]) -> None:
+    """`sandboxed = false`: before, its close() ran only when 16 newer instances pushed it
+    out, inside whichever job did."""
+    client, worker = env
+    unloaded = client.load("stateful-in", {})
+    assert client.execute(unloaded, {"add": 1}, timeout=60)["items"] == [1]
+    client.unload(unloaded)
+    said = f"'{unloaded}') retired (instance unloaded); teardown ran"
+    assert wait_until(lambda: said in worker.log_text(), timeout_s=15)
+    idle = client.load("stateful-in", {})
+    client.execute(idle, {"add": 1}, timeout=60)
+    said = f"'{idle}') retired (idle); teardown ran"
+    assert wait_until(lambda: said in worker.log_text(), timeout_s=15)
+    client.unload(idle)
 
 
 def test_a_worker_that_stops_tears_its_sandboxes_down_and_leaves_no_home(

@@ -105,3 +105,25 @@ class HangsAtClose:
     def close(self) -> None:
         import time
         time.sleep(3600)
+
+
+class ClosesBadly:
+    """Its teardown prints, then raises."""
+
+    def __init__(self, ctx: Any) -> None:
+        self.job_in_setup = ctx.job_id
+
+    def run(self, ctx: Any, payload: Any) -> Any:
+        return {"job_in_setup": self.job_in_setup}
+
+    def close(self) -> None:
+        print("closing badly")
+        raise RuntimeError("close exploded")
+
+
+class FailsSetup:
+    def __init__(self, ctx: Any) -> None:
+        raise KeyError("missing config")
+
+    def run(self, ctx: Any, payload: Any) -> Any:
+        return "never"

@@ -1,0 +1,172 @@
+"""Class plugins set up in the pool child itself (`sandboxed = false`): the same lifecycle
+as a warm sandbox. An instance is set up once per (plugin, revision, instance) and pool
+process, kept for the last IN_PROCESS_INSTANCES of them, and torn down (its `close()`) when
+it is the least recently used past that, idle for `PLUGINPOOL_WARM_IDLE_S`, unloaded (heard
+on the unload channel, on every worker), or its pool process shuts down.
+
+A teardown never runs inside another job: an instance pushed out by a job is closed after
+that job's run, outside its log capture and its error handling; unloads and idle ones are
+closed by a daemon thread of the pool process, between jobs (the run holds the lock), so a
+teardown and a run of the same trusted code never overlap. A teardown that raises is logged
+and counts for nothing.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict
+from typing import Any
+
+import redis
+
+from pluginpool.policy.errors import ErrorType, PluginExecutionError
+from pluginpool.tasks.spec import PluginSpec
+
+logger = logging.getLogger("pluginpool.in_process")
+
+IN_PROCESS_INSTANCES = 16
+TICK_S = 1.0
+InstanceKey = tuple[str, int, str | None]
+"""(plugin id, revision, instance id)."""
+
+
+class Loaded:
+    """A plugin set up in this process: its operations by name and its teardown."""
+
+    def __init__(self, spec: PluginSpec, target: Any, ctx: Any) -> None:
+        factory: Any = target
+        self.instance: Any = factory(ctx) if inspect.isclass(target) else None
+        self.operations: dict[str, Any] = (
+            {name: getattr(self.instance, name) for name in spec.operations
+             if callable(getattr(self.instance, name, None))}
+            if self.instance is not None else {"run": target})
+        self.last_used = time.monotonic()
+
+    def close(self) -> bool:
+        """Run the teardown if the class defines one; whether it did."""
+        close = getattr(self.instance, "close", None)
+        if not callable(close):
+            return False
+        close()
+        return True
+
+
+def operation_of(loaded: Loaded, spec: PluginSpec, operation: str) -> Any:
+    found = loaded.operations.get(operation)
+    if found is None:
+        raise PluginExecutionError.of(
+            ErrorType.DEPENDENCY, f"operation {operation!r} is not a method of the plugin",
+            plugin_id=spec.id, operation=operation)
+    return found
+
+
+class InProcessInstances:
+    """The set-up plugins of one pool process, their LRU and their teardowns."""
+
+    def __init__(self, *, idle_s: float, capacity: int = IN_PROCESS_INSTANCES,
+                 redis_client: redis.Redis | None = None, unload_channel: str | None = None
+                 ) -> None:
+        self.idle_s = idle_s
+        self.capacity = capacity
+        self._redis = redis_client
+        self._unload_channel = unload_channel
+        self._loaded: OrderedDict[InstanceKey, Loaded] = OrderedDict()
+        self.lock = threading.RLock()
+        """Held by a run for its whole length, and by every teardown."""
+        self._pushed_out: list[tuple[InstanceKey, Loaded]] = []
+        self._listener_of = 0
+
+    def get(self, key: InstanceKey) -> Loaded | None:
+        loaded = self._loaded.get(key)
+        if loaded is not None:
+            self._loaded.move_to_end(key)
+            loaded.last_used = time.monotonic()
+        return loaded
+
+    def add(self, key: InstanceKey, loaded: Loaded) -> None:
+        """Keep a set-up plugin (under the lock); one pushed out is closed by
+        `close_pushed_out` once the job is over."""
+        self._loaded[key] = loaded
+        while len(self._loaded) > self.capacity:
+            self._pushed_out.append(self._loaded.popitem(last=False))
+        if loaded.instance is not None:
+            self._ensure_listener()
+
+    def close_pushed_out(self) -> None:
+        """After a job: the teardowns of what it pushed out of the LRU."""
+        with self.lock:
+            pushed, self._pushed_out = self._pushed_out, []
+            for key, loaded in pushed:
+                _teardown(key, loaded, "least recently used")
+
+    def retire_instance(self, instance_id: str) -> None:
+        with self.lock:
+            for key in [key for key in self._loaded if key[2] == instance_id]:
+                _teardown(key, self._loaded.pop(key), "instance unloaded")
+
+    def retire_idle(self) -> None:
+        now = time.monotonic()
+        with self.lock:
+            for key in [key for key, loaded in self._loaded.items()
+                        if now - loaded.last_used >= self.idle_s]:
+                _teardown(key, self._loaded.pop(key), "idle")
+
+    def retire_all(self, **_: Any) -> None:
+        """The pool process is shutting down: every teardown."""
+        with self.lock:
+            while self._loaded:
+                _teardown(*self._loaded.popitem(last=False), "shutdown")
+
+    # -- the pool process's listener ------------------------------------------------------
+
+    def _ensure_listener(self) -> None:
+        if self._redis is None or self._unload_channel is None:
+            return
+        if self._listener_of == os.getpid():
+            return
+        self._listener_of = os.getpid()
+        from celery.signals import worker_process_shutdown  # only where a worker runs it
+        worker_process_shutdown.connect(self.retire_all, weak=False)
+        threading.Thread(target=self._listen, name="pluginpool-in-process-instances",
+                         daemon=True).start()
+
+    def _listen(self) -> None:
+        """Unloads from the channel, idle ones every tick; each teardown waits for the
+        job in progress (the lock)."""
+        assert self._redis is not None and self._unload_channel is not None
+        pubsub: Any = None
+        while True:
+            try:
+                if pubsub is None:
+                    pubsub = self._redis.pubsub(  # type: ignore[no-untyped-call]
+                        ignore_subscribe_messages=True)
+                    pubsub.subscribe(self._unload_channel)
+                message = pubsub.get_message(timeout=TICK_S)
+                if message is not None:
+                    self.retire_instance(str(message["data"]))
+                self.retire_idle()
+            except redis.RedisError as exc:
+                logger.warning("in-process instances: unload channel unavailable: %r", exc)
+                pubsub = None
+                time.sleep(TICK_S)
+            except Exception:  # one bad teardown round must not end them for good
+                logger.exception("in-process instances: retirement failed; going on")
+
+
+def _teardown(key: InstanceKey, loaded: Loaded, reason: str) -> None:
+    try:
+        ran = loaded.close()
+    except Exception as exc:  # trusted code, but its failure is its own: logged, no more
+        logger.warning("in-process plugin %s retired (%s); teardown failed: %s: %s", key,
+                       reason, type(exc).__name__, str(exc)[:500])
+        return
+    if loaded.instance is not None:
+        logger.info("in-process plugin %s retired (%s); %s", key, reason,
+                    "teardown ran" if ran else "no teardown (the plugin defines no close)")
+
+
+__all__ = ["IN_PROCESS_INSTANCES", "InProcessInstances", "Loaded", "operation_of"]

@@ -1,0 +1,103 @@
+"""Class plugins in the pool child (`sandboxed = false`) follow a warm sandbox's lifecycle:
+setup without a job, teardown when pushed out (after the job that pushed it, never inside
+it), idle, unloaded or at shutdown; a teardown that raises harms nobody. In-process here;
+the worker-level cases are in test_warm_retirement.py."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import pytest
+
+from pluginpool.policy.errors import ErrorType, PluginExecutionError
+from pluginpool.policy.limits import Permissions, ResourceLimits
+from pluginpool.pool.in_process_instances import InProcessInstances
+from pluginpool.pool.loader import PluginLoader
+from pluginpool.pool.runner import InProcessRunner
+from pluginpool.tasks.context import PluginContext
+from pluginpool.tasks.spec import PluginSpec
+from tests.conftest import TEST_PLUGINS
+
+
+@pytest.fixture(autouse=True)
+def plugins_importable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(TEST_PLUGINS))
+    sys.modules.pop("pp_testplugins.lifecycle", None)
+
+
+def spec(plugin_id: str, entrypoint: str) -> PluginSpec:
+    return PluginSpec.model_validate({"id": plugin_id, "name": plugin_id,
+                                      "entrypoint": f"pp_testplugins.{entrypoint}",
+                                      "isolation": {"sandboxed": False}})
+
+
+def ctx(plugin: PluginSpec, instance_id: str | None = None) -> PluginContext:
+    return PluginContext(plugin_id=plugin.id, job_id="job-1", instance_id=instance_id,
+                         attempt=1, limits=ResourceLimits(), permissions=Permissions())
+
+
+def runner(capacity: int) -> InProcessRunner:
+    return InProcessRunner(PluginLoader(registered=lambda _pid: True),
+                           max_result_bytes=1 << 20,
+                           instances=InProcessInstances(idle_s=3600, capacity=capacity))
+
+
+def test_a_teardown_runs_after_the_job_that_pushed_it_out_and_cannot_fail_it(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Before, it ran inside the next job (any plugin's): its print went to that job's logs
+    and its exception failed that job, counted against the wrong plugin."""
+    run = runner(capacity=1)
+    bad = spec("closes-badly", "lifecycle:ClosesBadly")
+    echo = spec("echo", "basic:echo")
+    assert run.run(bad, ctx(bad), {}).value == {"job_in_setup": None}  # no job in setup
+    with caplog.at_level(logging.INFO, logger="pluginpool.in_process"):
+        report = run.run(echo, ctx(echo), {"x": 1})
+    assert report.value["payload"] == {"x": 1}
+    assert "closing badly" not in report.logs
+    assert any("retired (least recently used); teardown failed: RuntimeError: close "
+               "exploded" in record.getMessage() for record in caplog.records)
+
+
+def test_unload_idle_and_shutdown_tear_instances_down(caplog: pytest.LogCaptureFixture
+                                                     ) -> None:
+    instances = InProcessInstances(idle_s=3600, capacity=16)
+    run = InProcessRunner(PluginLoader(registered=lambda _pid: True), max_result_bytes=1 << 20,
+                          instances=instances)
+    stateful = spec("stateful-in", "lifecycle:ClosesBadly")
+    for iid in ("a", "b", "c"):
+        run.run(stateful, ctx(stateful, iid), {})
+    with caplog.at_level(logging.INFO, logger="pluginpool.in_process"):
+        instances.retire_instance("a")
+        instances.idle_s = 0
+        instances.retire_idle()
+        instances.retire_all()
+    said = [record.getMessage() for record in caplog.records]
+    assert sum("'a')" in line and "(instance unloaded)" in line for line in said) == 1
+    assert sum("(idle)" in line for line in said) == 2
+    assert not any("(shutdown)" in line for line in said)  # idle took the others
+
+
+def test_a_setup_that_fails_is_typed_with_its_phase() -> None:
+    run = runner(capacity=4)
+    fails = spec("fails-setup", "lifecycle:FailsSetup")
+    with pytest.raises(PluginExecutionError) as info:
+        run.run(fails, ctx(fails), {})
+    assert info.value.type is ErrorType.RUNTIME
+    assert info.value.details["phase"] == "setup"
+    assert "missing config" in info.value.message
+
+
+def test_a_listed_operation_missing_from_the_class_fails_only_that_operation() -> None:
+    run = runner(capacity=4)
+    ghost = PluginSpec.model_validate({
+        "id": "ghost-in", "name": "ghost", "entrypoint": "pp_testplugins.lifecycle:ClosesBadly",
+        "operations": ["run", "ghost"], "isolation": {"sandboxed": False}})
+    assert run.run(ghost, ctx(ghost), {}).value == {"job_in_setup": None}
+    with pytest.raises(PluginExecutionError) as info:
+        run.run(ghost, PluginContext(plugin_id="ghost-in", job_id="j", instance_id=None,
+                                     attempt=1, limits=ResourceLimits(),
+                                     permissions=Permissions(), operation="ghost"), {})
+    assert info.value.type is ErrorType.DEPENDENCY
+
+
