@@ -15,7 +15,6 @@ as they were (a round trip each).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -30,6 +29,7 @@ from redis.exceptions import NoScriptError
 
 from pluginpool.policy.breaker import CircuitBreaker
 from pluginpool.policy.errors import ErrorInfo, UnknownPluginError
+from pluginpool.tasks import instance_usage
 from pluginpool.tasks.event_encoder import Encoded, EventEncoder, same_server
 from pluginpool.tasks.outcome import error_for_failure
 from pluginpool.tasks.result_store import JobResultBackend
@@ -143,7 +143,7 @@ def keep_run(task: Task[Any, Any], services: WorkerServices, plugin_id: str, *, 
             pipe, plugin_id, job_id=job_id, ok=ok, duration_ms=duration_ms, error=error,
             logs=logs, worker=worker, instance_id=instance_id)
         if instance_id is not None:
-            pipe.hset(keys.instance_usage(instance_id), "last_logs", logs)
+            instance_usage.queue_logs(pipe, keys, instance_id, logs)
 
     backend = task.backend
     if isinstance(backend, JobResultBackend) and backend.with_result(job_id, write):
@@ -227,18 +227,12 @@ def _record_instance(services: WorkerServices, instance_id: str, error: ErrorInf
 
 def _queue_instance(pipe: Any, services: WorkerServices, instance_id: str,
                     error: ErrorInfo | None, usage: dict[str, Any]) -> None:
-    keys = services.settings.keys
     last = {"at": time.time(), "ok": error is None, "usage": usage,
             "error": error.model_dump(mode="json") if error else None}
-    usage_key = keys.instance_usage(instance_id)
-    pipe.hincrby(usage_key, "runs", 1)
-    pipe.hincrby(usage_key, "failures", 1 if error else 0)
-    for name in SUMMED_USAGE:
-        pipe.hincrbyfloat(usage_key, name, float(usage.get(name) or 0))
-    pipe.hset(usage_key, "last_run", json.dumps(last))
-    if error is not None:
-        pipe.lpush(keys.instance_errors(instance_id), json.dumps(last))
-        pipe.ltrim(keys.instance_errors(instance_id), 0, RECENT_ERRORS - 1)
+    instance_usage.queue_run(
+        pipe, services.settings.keys, instance_id, failed=error is not None, last_run=last,
+        summed={name: float(usage.get(name) or 0) for name in SUMMED_USAGE},
+        errors_kept=RECENT_ERRORS)
 
 
 def connect_outcome_signals(app: Celery, services: WorkerServices) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 import redis
 
 from pluginpool.policy.keys import RedisKeys
+from pluginpool.tasks import instance_usage
 from pluginpool.tasks.run_logs import forward
 
 logger = logging.getLogger("pluginpool.execution")
@@ -54,7 +55,7 @@ def after_run(client: redis.Redis, keys: RedisKeys, plugin_id: str, *, job_id: s
                 pipe, plugin_id, job_id=job_id, ok=ok, duration_ms=duration_ms,
                 error=error, logs=logs, worker=worker, instance_id=instance_id)
             if instance_id is not None:
-                pipe.hset(keys.instance_usage(instance_id), "last_logs", logs)
+                instance_usage.queue_logs(pipe, keys, instance_id, logs)
             pipe.execute()
     except redis.RedisError as exc:  # the run's outcome stands; only this record is lost
         logger.warning("could not record run %s of %s: %s", job_id, plugin_id, exc)

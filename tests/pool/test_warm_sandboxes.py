@@ -413,3 +413,18 @@ def test_a_teardown_that_stalls_its_channel_is_cut_at_the_teardown_bound(env: En
     ran = f"(pid {second}) retired (instance unloaded); teardown ran"
     assert wait_until(lambda: ran in worker.log_text(), timeout_s=15)
     assert_unharmed(env)
+
+
+def test_a_run_in_flight_at_unload_leaves_nothing_of_its_instance_behind(env: Env) -> None:
+    """Before, its usage totals and last logs were written after unload had deleted them,
+    re-created with no expiry, kept for ever."""
+    client = env[0]
+    iid = client.load("stateful", {})
+    job = client.submit("stateful", {"seconds": 1.5}, instance_id=iid, operation="sleep")
+    assert wait_until(lambda: job.status() == "started", timeout_s=30)
+    client.unload(iid)
+    assert job.result(timeout=60) == "slept"
+    keys = client.settings.keys
+    left = [key for key in (keys.instance(iid), keys.instance_usage(iid),
+                            keys.instance_errors(iid)) if client.redis.exists(key)]
+    assert left == []
