@@ -47,9 +47,11 @@ def parse_job(args: tuple[Any, ...], kwargs: dict[str, Any], *,
     instance_id = fields.get("instance_id")
     if instance_id is not None and not isinstance(instance_id, str):
         raise InvalidJobError("instance_id must be a string")
-    operation = fields.get("operation") or "run"
-    if not isinstance(operation, str):
-        raise InvalidJobError("operation must be a string")
+    operation = fields.get("operation")
+    if operation is None:  # left out (or null): the default operation
+        operation = "run"
+    if not isinstance(operation, str) or not operation:
+        raise InvalidJobError("operation must be a non-empty string")
     payload = fields.get("payload")
     if nesting_depth(payload, limit=max_depth) > max_depth:
         raise InvalidJobError(f"payload is nested deeper than the {max_depth}-level limit "

@@ -14,7 +14,10 @@ from pluginpool.policy.limits import IsolationConfig, Permissions, ResourceLimit
 
 PLUGIN_ID_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,62}$"
 ENTRYPOINT_PATTERN = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
-OPERATION_PATTERN = re.compile(r"^[A-Za-z]\w{0,63}$")
+OPERATION_PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}")
+"""Used with fullmatch: `$` would let a trailing newline through, `\\w` any Unicode letter."""
+RESERVED_OPERATIONS = frozenset(("close",))
+"""`close` is the teardown, never an operation a job can call."""
 
 
 class Requires(BaseModel):
@@ -108,8 +111,10 @@ class PluginSpec(BaseModel):
     @classmethod
     def _operation_names(cls, values: list[str]) -> list[str]:
         for value in values:
-            if not OPERATION_PATTERN.match(value):
+            if not OPERATION_PATTERN.fullmatch(value):
                 raise ValueError(f"{value!r} is not an operation name (a public method name)")
+            if value in RESERVED_OPERATIONS:
+                raise ValueError(f"{value!r} is the teardown, not an operation")
         if len(set(values)) != len(values):
             raise ValueError("operations are listed more than once")
         return values

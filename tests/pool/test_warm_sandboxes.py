@@ -63,6 +63,8 @@ def env(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[En
         spec("huge-setup-print", "lifecycle:PrintsHugeSetup"),
         spec("loud-teardown", "lifecycle:LoudTeardown"),
         spec("forges-pid", "protocol:ForgesRunPid"),
+        spec("ghost-op", "lifecycle:Stateful", operations=["run", "ghost"]),
+        spec("function-ops", "basic:echo", operations=["run", "other"]),
         spec("breaks-channel", "protocol:BreaksTheChannel",
              operations=["run", "mistyped", "half_frame", "storage_flood"],
              resource_limits={"timeout_ms": 1000, "setup_timeout_ms": 20_000}),
@@ -428,3 +430,16 @@ def test_a_run_in_flight_at_unload_leaves_nothing_of_its_instance_behind(env: En
     left = [key for key in (keys.instance(iid), keys.instance_usage(iid),
                             keys.instance_errors(iid)) if client.redis.exists(key)]
     assert left == []
+
+
+@pytest.mark.parametrize("plugin", ["ghost-op", "function-ops"])
+def test_a_listed_operation_the_plugin_lacks_fails_alone(env: Env, plugin: str) -> None:
+    """Before, the setup failed (`dependency`) for every operation, `run` included, and
+    opened the breaker, as in the pool child only that operation does not."""
+    client = env[0]
+    missing = "ghost" if plugin == "ghost-op" else "other"
+    assert client.submit(plugin, {"add": 1}).result(timeout=60)
+    error = failure(env, plugin, operation=missing)
+    assert error.type is ErrorType.DEPENDENCY
+    assert error.details["operation"] == missing
+    assert client.submit(plugin, {"add": 2}).result(timeout=60)

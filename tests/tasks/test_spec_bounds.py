@@ -7,6 +7,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from pluginpool.policy.errors import ManifestError
 from pluginpool.policy.limits import ResourceLimits
@@ -97,3 +98,19 @@ def test_a_restart_cooldown_reaching_the_visibility_timeout_is_refused(
             client.register(spec)
         assert [issue.field for issue in info.value.issues] == ["isolation.restart_cooldown_ms"]
         assert client.plugins() == []
+
+
+@pytest.mark.parametrize("operation", ["run\n", "r\uff55n", "close", "_secret", "__init__",
+                                       "x" * 65, "1run"])
+def test_operation_names_are_ascii_method_names_and_never_the_teardown(operation: str) -> None:
+    """Before, "run\\n" (a `$` that matches before a final newline), a full-width letter
+    and `close` (the teardown, callable by a job) registered."""
+    with pytest.raises(ValidationError):
+        PluginSpec.model_validate({"id": "ops", "name": "ops", "entrypoint": "pkg.mod:Cls",
+                                   "operations": ["run", operation]})
+
+
+def test_ordinary_operation_names_register() -> None:
+    spec = PluginSpec.model_validate({"id": "ops", "name": "ops", "entrypoint": "pkg.mod:Cls",
+                                      "operations": ["run", "summarize_2", "Keywords"]})
+    assert spec.operations == ["run", "summarize_2", "Keywords"]

@@ -49,22 +49,35 @@ class LoadedPlugin:
     def __init__(self, target: Any, operations: list[str], setup_ctx: Any) -> None:
         self.instance: Any = None
         self.operations: dict[str, Operation] = {}
+        self.missing: dict[str, RunError] = {}
+        """Listed operations the plugin does not have: each fails alone, when called (as
+        in the pool child), not every operation at the setup."""
         if isinstance(target, type):
             factory: Any = target
             self.instance = factory(setup_ctx)  # the setup; raises are setup failures
             for name in operations:
                 method = getattr(self.instance, name, None)
                 if name.startswith("_") or not callable(method):
-                    raise LoadError(RunError(
+                    self.missing[name] = RunError(
                         DEPENDENCY, f"operation {name!r} is not a method of the plugin class",
-                        {"operation": name}))
-                self.operations[name] = method
+                        {"operation": name})
+                else:
+                    self.operations[name] = method
         else:
-            if operations != ["run"]:
-                raise LoadError(RunError(
-                    DEPENDENCY, "a function entrypoint has the one operation 'run'",
-                    {"operations": operations}))
             self.operations["run"] = target
+            for name in operations:
+                if name != "run":
+                    self.missing[name] = RunError(
+                        DEPENDENCY, "a function entrypoint has the one operation 'run'",
+                        {"operation": name})
+
+    def operation(self, name: str) -> Operation:
+        """The operation called `name`; LoadError if the plugin does not have it."""
+        found = self.operations.get(name)
+        if found is None:
+            raise LoadError(self.missing.get(name) or RunError(
+                DEPENDENCY, f"no operation {name!r}", {"operation": name}))
+        return found
 
     def close(self) -> bool:
         """The teardown, when the class defines one; whether there was one."""

@@ -39,7 +39,7 @@ from .messages import (
     started_frame,
     started_prefix,
 )
-from .plugin import LoadedPlugin
+from .plugin import LoadedPlugin, LoadError
 from .records import record
 
 TYPE_CHECKING = False
@@ -388,7 +388,7 @@ def run_child(runs: Runs, body: bytes, run_fd: int, rss_bytes: int,
             prepared.seccomp.load(no_new_privs_set=True)
         channel.send_frame(CHANNEL_FD, started_frame(prepared.started, _cpu_s()))
         logs.capture()
-        operation = runs.plugin.operations[spawn.operation]
+        operation = runs.plugin.operation(spawn.operation)
         policy.enforcing = True
         op_cpu, op_started = _cpu_s(), _perf()
         try:
@@ -407,7 +407,7 @@ def run_child(runs: Runs, body: bytes, run_fd: int, rss_bytes: int,
         policy.enforcing = False
         if not channel_ready:  # fd 3 is still the zygote's: the pool child sees the exit
             os._exit(BAD_SPAWN_EXIT)
-        failed = Result(ok=False, error=error_of(
+        failed = Result(ok=False, error=exc.error if type(exc) is LoadError else error_of(
             exc, policy=policy, max_memory_mb=spawn.max_memory_mb,
             max_storage_kb=spawn.max_storage_kb, timeout_ms=int(config.limits["timeout_ms"])))
     logs.flush_all()
