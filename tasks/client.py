@@ -31,6 +31,7 @@ from pluginpool.policy.errors import (
     PayloadTooDeepError,
     PayloadTooLargeError,
     PluginDisabledError,
+    PluginUnregisteredError,
     UnknownInstanceError,
     UnknownOperationError,
 )
@@ -163,7 +164,11 @@ class PluginClient(FleetOperations, Operations):
         """The instance's status, resource usage (totals and last run) and recent errors."""
         with self._unavailable_as_error():
             instance = self.instances.get(instance_id)
-            sandboxed = self.spec(instance.plugin_id).isolation.sandboxed
+            try:
+                sandboxed = self.spec(instance.plugin_id).isolation.sandboxed
+            except PluginUnregisteredError:  # the instance is still there to be looked at:
+                history = self.registry.history(instance.plugin_id)  # its last revision's
+                sandboxed = history[0].isolation.sandboxed if history else True
             return self.instances.sandbox_info(instance_id, sandboxed=sandboxed)
 
     def unload(self, instance_id: str) -> None:

@@ -252,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("submit", help="enqueue jobs for a plugin", epilog=EXIT_CODES_HELP)
     p.add_argument("plugin", help="the plugin's id")
     p.add_argument("--payload", default=None, help="the job's payload, as JSON (default: null)")
-    p.add_argument("--instance", default=None, help="an instance id from `load`")
+    p.add_argument("--instance", default=None, help="an instance id (from PluginClient.load)")
     p.add_argument("--operation", default="run", help="one of the plugin's operations")
     p.add_argument("--wait", action="store_true",
                    help="wait for the outcome and print it as JSON")

@@ -91,3 +91,14 @@ def test_a_producer_sees_a_new_revision_at_once(client: PluginClient) -> None:
             time.sleep(0.02)
         assert other.spec("alpha").revision == 2
         assert client.settings.spec_cache_ttl_s >= 5
+
+
+def test_an_instance_of_an_unregistered_plugin_can_still_be_looked_at(
+        client: PluginClient) -> None:
+    """Before, sandbox_info raised PluginUnregisteredError although unload still worked."""
+    client.register(spec(version="1.0.0"))
+    iid = client.load("alpha", {})
+    client.unregister("alpha")
+    info = client.sandbox_info(iid)
+    assert info.plugin_id == "alpha" and info.sandboxed is True and info.runs == 0
+    client.unload(iid)
