@@ -67,22 +67,28 @@ class WorkerConsumer(LazyStrategyConsumer):  # type: ignore[misc]
             if timer is None or getattr(timer, "canceled", False):
                 self._event_flush_timer = self.hub.call_at(due, self._flush_events_due)
             return
-        self._event_window.flushed(now)
-        self._publish_buffered()
+        if self._publish_buffered():  # nothing to publish: the window does not restart
+            self._event_window.flushed(now)
 
     def _flush_events_due(self) -> None:
         self._event_flush_timer = None
         self._flush_events()
 
-    def _publish_buffered(self) -> None:
-        if self.event_dispatcher:
-            self.event_dispatcher.flush()
+    def _publish_buffered(self) -> bool:
+        """Publish the held events; whether there were any."""
+        dispatcher = self.event_dispatcher
+        if not dispatcher:
+            return False
+        held = any(dispatcher._group_buffer.values()) or bool(dispatcher._outbound_buffer)
+        dispatcher.flush()
+        return held
 
     def on_close(self) -> None:
         """Before Celery restarts the consumer (a lost broker connection): the events held
         for the window go to the dispatcher's outbound buffer, which Celery carries over to
         the next dispatcher and publishes once connected (it drops the batch buffer). No
         I/O here: the connection is gone."""
+        super().on_close()  # first: flushing its pool can still buffer events (a lost child)
         dispatcher = self.event_dispatcher
         if dispatcher is not None:
             with dispatcher.mutex:
@@ -90,7 +96,14 @@ class WorkerConsumer(LazyStrategyConsumer):  # type: ignore[misc]
                     if events:
                         dispatcher._outbound_buffer.append((list(events), f"{group}.multi"))
                         del events[:]
-        super().on_close()
+
+    def stop(self) -> None:
+        """Publish what is held before the consumer's steps stop: its heartbeat step sends
+        worker-offline, and an event after it makes Flower and celery's State show the
+        worker alive again (as Celery's own events of jobs finishing in the drain do)."""
+        with contextlib.suppress(Exception):
+            self._publish_buffered()
+        super().stop()
 
     def shutdown(self) -> None:
         """Publish what is still buffered before Celery closes the dispatcher (it does not

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 import uuid
+import weakref
 from base64 import b64encode
 from dataclasses import dataclass
 from typing import Any
@@ -27,14 +29,22 @@ from urllib.parse import urlsplit
 from celery import Celery
 from kombu.utils.json import dumps
 
+REDIS_PORT = 6379
 Encoded = tuple[str, str]
 """(channel, message) for one PUBLISH."""
 
 
 def same_server(broker_url: str, redis_url: str) -> bool:
-    """Pub/sub is not scoped by database: the same server is enough."""
+    """Pub/sub is not scoped by database: the same server is enough. Host and port
+    (Redis's default when left out) name a TCP server, credentials aside; a Unix socket's
+    path names its server. A name and its address (localhost, 127.0.0.1) count as two:
+    only the usual, slower path follows from that."""
     a, b = urlsplit(broker_url), urlsplit(redis_url)
-    return (a.scheme, a.netloc) == (b.scheme, b.netloc)
+    if a.scheme != b.scheme:
+        return False
+    if a.scheme in ("unix", "redis+socket"):
+        return a.path == b.path
+    return (a.hostname, a.port or REDIS_PORT) == (b.hostname, b.port or REDIS_PORT)
 
 
 @dataclass(frozen=True)
@@ -59,7 +69,15 @@ class Envelope:
     def fill(self, event: dict[str, Any]) -> Encoded:
         body = b64encode(dumps(event).encode("utf-8")).decode("ascii")
         properties = {**self.properties, "delivery_tag": str(uuid.uuid4())}
-        return self.topic, dumps({**self.message, "body": body, "properties": properties})
+        # Keys in kombu's order (body, then its headers, then properties): byte for byte.
+        return self.topic, dumps({"body": body, **self.message, "properties": properties})
+
+
+class EncoderUnavailable(RuntimeError):
+    """The encoder's connection failed moments ago; send the event the usual way."""
+
+
+BUILD_RETRY_S = 5.0
 
 
 class EventEncoder:
@@ -68,21 +86,38 @@ class EventEncoder:
 
     def __init__(self) -> None:
         self._dispatcher: Any = None
-        self._pid = os.getpid()
         self._captured: list[tuple[str, dict[str, Any]]] = []
         self._envelopes: dict[str, Envelope | None] = {}
         self._lock = threading.Lock()
+        self._retry_at = 0.0
+        # In a forked child, before any of its threads runs: the parent's lock (maybe held)
+        # and connection are not the child's. (Checked on each call, two threads of the
+        # child could each have swapped in a lock of their own.)
+        forget = weakref.WeakMethod(self._after_fork)
+        os.register_at_fork(after_in_child=lambda: (method := forget()) and method())
+
+    def _after_fork(self) -> None:
+        self._lock, self._dispatcher, self._retry_at = threading.Lock(), None, 0.0
 
     def encode(self, app: Celery, hostname: str, type_: str, **fields: Any) -> Encoded:
-        """The event's one PUBLISH (clock, pid, hostname and timestamp set as Celery does)."""
-        if self._pid != os.getpid():  # a fork: the parent's lock (maybe held) and connection
-            self._lock, self._dispatcher, self._pid = threading.Lock(), None, os.getpid()
+        """The event's one PUBLISH (clock, pid, hostname and timestamp set as Celery does).
+        EncoderUnavailable at once for BUILD_RETRY_S after its connection could not be made
+        (the caller sends the event the usual way): during a broker outage each thread
+        would otherwise wait a whole connect timeout in turn, holding the lock."""
         with self._lock:
             dispatcher = self._dispatcher
             if dispatcher is None or dispatcher.hostname != hostname:
+                if time.monotonic() < self._retry_at:
+                    raise EncoderUnavailable("the events connection failed moments ago")
                 if dispatcher is not None:
                     dispatcher.connection.release()  # another hostname: this one is done
-                dispatcher = self._dispatcher = self._build(app, hostname)
+                    self._dispatcher = None
+                try:
+                    dispatcher = self._build(app, hostname)
+                except Exception:
+                    self._retry_at = time.monotonic() + BUILD_RETRY_S
+                    raise
+                self._dispatcher = dispatcher
                 self._envelopes.clear()
             envelope = self._envelopes.get(type_)
             if envelope is not None:  # the event made as the dispatcher's publish makes it

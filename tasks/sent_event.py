@@ -54,7 +54,8 @@ class SentEventInPublishAMQP(AMQP):  # type: ignore[misc]
             if (sent_event is None or not isinstance(step, SubmitStep)
                     or options.get("event_dispatcher") is not None
                     or not isinstance(queue, Queue) or options.get("exchange")
-                    or options.get("routing_key") or queue.exchange.type != "direct"):
+                    or options.get("routing_key") or queue.exchange.type != "direct"
+                    or options.get("exchange_type") not in (None, "direct")):
                 return send(producer, name, message, **options)
             # What Celery adds for a queue of a direct exchange: it publishes anonymously.
             fields = {**sent_event, "queue": queue.name, "exchange": "",

@@ -74,6 +74,13 @@ def test_events_of_many_jobs_arrive_all_in_fewer_messages_after_a_reconnect_and_
         worker.stop()  # SIGTERM, warm shutdown, waited for
         assert wait_until(lambda: events.of("task-succeeded", {last.id}) == {last.id},
                           timeout_s=10)
+        # ... before the worker says it is offline: after it, every event would make
+        # Flower (celery's State) count the worker alive again.
+        # (A reconnect above restarted the heartbeat too: the last worker-offline counts.)
+        def offline_after_last_job() -> bool:
+            kinds = [(e.get("type"), e.get("uuid")) for e in list(events.seen)]
+            return ("worker-offline", None) in kinds[kinds.index(("task-succeeded", last.id)):]
+        assert wait_until(offline_after_last_job, timeout_s=10)
     finally:
         worker.stop()
         events.close()

@@ -22,7 +22,12 @@ from pluginpool.tasks.event_encoder import EventEncoder, same_server
 
 def test_same_server_ignores_the_database() -> None:
     assert same_server("redis://h:6379/0", "redis://h:6379/3")
+    assert same_server("redis://h/0", "redis://:secret@h:6379/3")  # default port, password
     assert not same_server("redis://h:6379/0", "redis://other:6379/0")
+    assert not same_server("redis://h:6379/0", "redis://h:6380/0")
+    # Unix sockets: the path names the server (their netlocs are both empty).
+    assert same_server("unix:///run/redis.sock?db=1", "unix:///run/redis.sock?db=2")
+    assert not same_server("unix:///run/a.sock", "unix:///run/b.sock")
 
 
 def test_an_encoded_event_published_by_hand_is_received_as_a_celery_event(
@@ -84,6 +89,7 @@ def test_a_kept_envelope_is_kombus_own_less_its_body_and_tag(redis_url: str) -> 
         body = json.loads(base64.b64decode(message.pop("body")))
         assert body["type"] == "task-x"
     assert kept == kombu_made == fresh
+    assert list(kept) == list(kombu_made)  # the same keys in the same order: byte for byte
     # Another hostname or another type goes through kombu again.
     other = json.loads(encoder.encode(app, "w2@host", "task-x", uuid="c")[1])
     assert json.loads(base64.b64decode(other["body"]))["hostname"] == "w2@host"
@@ -154,3 +160,25 @@ def test_a_forked_child_encodes_even_while_the_parent_held_the_lock(redis_url: s
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)  # a hung child is stopped by its pid
         os.waitpid(pid, 0)
+
+
+def test_a_connection_that_cannot_be_made_fails_fast_for_a_while() -> None:
+    """Before, every thread waited a whole connect timeout in turn, holding the lock."""
+    from pluginpool.tasks.event_encoder import EncoderUnavailable
+    app = Celery("enc", broker="redis://127.0.0.1:1/0", set_as_current=False)
+    app.conf.update(event_serializer="json", accept_content=["json"],
+                    broker_connection_timeout=1, broker_connection_retry=False,
+                    broker_connection_max_retries=0)
+    encoder = EventEncoder()
+    started = time.monotonic()
+    with contextlib.suppress(Exception):
+        encoder.encode(app, "w1@host", "task-x", uuid="a")
+    first = time.monotonic() - started
+    started = time.monotonic()
+    for _ in range(5):
+        try:
+            encoder.encode(app, "w1@host", "task-x", uuid="b")
+        except EncoderUnavailable:
+            continue
+        raise AssertionError("it tried to connect again at once")
+    assert time.monotonic() - started < max(first, 0.5)
