@@ -12,7 +12,7 @@ from pluginpool.policy.errors import ErrorInfo, ErrorType, PluginExecutionError
 from pluginpool.pool.runner import RunReport, Usage
 from pluginpool.pool.sandbox.runtime.limits import MB
 from pluginpool.pool.sandbox.runtime.messages import Result, RunError, SetupFailed
-from pluginpool.pool.sandbox.supervisor import Supervision
+from pluginpool.pool.sandbox.supervisor import MAX_WORKSPACE_ENTRIES, Supervision
 from pluginpool.pool.sandbox.warm import WarmSandbox
 from pluginpool.tasks.spec import PluginSpec
 
@@ -103,6 +103,10 @@ def run_report(spec: PluginSpec, out: Supervision, usage: Usage, *,
     if out.killed_for == "protocol":
         raise fail(ErrorType.RUNTIME, "the run broke the sandbox protocol and was killed",
                    protocol_error=True, reason=out.protocol_error)
+    if out.killed_for == "files":
+        raise fail(ErrorType.RESOURCE, "run made more files than a workspace may hold and "
+                   "was killed", limit="max_workspace_entries",
+                   limit_value=MAX_WORKSPACE_ENTRIES, observed=out.observed)
     if out.killed_for == "result_size":
         raise fail(ErrorType.RESOURCE, "result is larger than the result limit",
                    limit="max_result_bytes", limit_value=max_result_bytes,
@@ -160,6 +164,10 @@ def setup_error(spec: PluginSpec, out: Supervision) -> PluginExecutionError:
     if out.killed_for == "protocol":
         return fail(ErrorType.RUNTIME, "the setup broke the sandbox protocol and was killed",
                     protocol_error=True, reason=out.protocol_error)
+    if out.killed_for == "files":
+        return fail(ErrorType.RESOURCE, "setup made more files than a workspace may hold and "
+                    "was killed", limit="max_workspace_entries",
+                    limit_value=MAX_WORKSPACE_ENTRIES, observed=out.observed)
     if isinstance(out.result, SetupFailed):
         error = out.result.error
         return fail(ErrorType(error.type), error.message,

@@ -47,6 +47,9 @@ about slice * (100 / share - 1): 150 ms at 25 %)."""
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PROTOCOL_ERROR_CHARS = 300
+MAX_WORKSPACE_ENTRIES = 10_000
+"""Files and directories a run's (or setup's) workspace may hold: beyond it the run is
+stopped as a `resource` error (`max_workspace_entries`)."""
 MAX_TREE = 4096
 """A bound on the processes one sample walks (a fork bomb is killed by the pids it shows)."""
 
@@ -103,7 +106,8 @@ class Supervision:
     started_at: float | None = None
     finished_at: float | None = None
     killed_for: str | None = None
-    """timeout, memory, storage, result_size or protocol, when the supervisor stopped it."""
+    """timeout, memory, storage, files, result_size or protocol, when the supervisor stopped
+    it."""
     protocol_error: str | None = None
     """What was wrong with a frame it sent (killed_for protocol)."""
     observed: float | None = None
@@ -215,16 +219,17 @@ def entries_of(path: str, *, sizes: bool = True) -> list[tuple[str, bool, int]]:
         os.close(fd)
 
 
-def directory_bytes(path: str) -> int:
-    return directory_usage(path)[0]
-
-
-def directory_usage(path: str) -> tuple[int, bool]:
-    """(bytes under `path`, whether `path` itself could be listed and was empty)."""
+def directory_usage(path: str, *, max_entries: int = MAX_WORKSPACE_ENTRIES
+                    ) -> tuple[int, bool, int]:
+    """(bytes under `path`, whether `path` itself could be listed and was empty, entries
+    counted). The walk stops once it has counted more than `max_entries` entries: empty
+    files take no blocks, so a run could otherwise make the pool child walk (every sample)
+    and then delete hundreds of thousands of them within its storage quota."""
     total = 0
+    count = 0
     stack = [path]
     empty = False
-    while stack:
+    while stack and count <= max_entries:
         top = stack.pop()
         try:
             entries = entries_of(top)
@@ -232,11 +237,12 @@ def directory_usage(path: str) -> tuple[int, bool]:
             continue
         if top is path:
             empty = not entries
+        count += len(entries)
         for name, is_dir, size in entries:
             if is_dir:
                 stack.append(os.path.join(top, name))
             total += size
-    return total, empty
+    return total, empty, count
 
 
 FINAL = (Result, Ready, SetupFailed)
@@ -317,9 +323,11 @@ class Supervisor:
         if used > self.bounds.max_memory_bytes:
             self._stop("memory", used / MB)
             return
-        stored = directory_bytes(self.workspace)
+        stored, _empty, entries = directory_usage(self.workspace)
         self.out.storage_bytes = max(self.out.storage_bytes, stored)
-        if stored > self.bounds.max_storage_bytes:
+        if entries > MAX_WORKSPACE_ENTRIES:
+            self._stop("files", entries)
+        elif stored > self.bounds.max_storage_bytes:
             self._stop("storage", stored / 1024)
 
     def _stop(self, reason: str, observed: float) -> None:
@@ -396,6 +404,26 @@ class Supervisor:
                 poller.unregister(fd)  # its end: the zygote is gone
         return not channel_ready
 
+    def _final_frame_waiting(self, reader: FrameReader) -> bool:
+        """Read what is already on the channel, without waiting; whether it held the final
+        frame."""
+        poller = select.poll()
+        poller.register(self.fd, select.POLLIN)
+        try:
+            while self.out.result is None and poller.poll(0):
+                if self.pid is None:
+                    self._pid()
+                messages = reader.read()
+                if not messages:
+                    break
+                for message in messages:
+                    self._handle(message)
+                    if self.out.result is not None:
+                        break
+        except (ValueError, OSError, FrameDeadline):
+            return False
+        return self.out.result is not None
+
     def run(self) -> Supervision:
         """Supervise to the end; NotForked (nothing supervised, nothing to kill) when a
         pending run's zygote did not fork it."""
@@ -428,6 +456,10 @@ class Supervisor:
             while self.out.result is None and self.out.killed_for is None:
                 now = self.clock()
                 if now >= deadline:
+                    # A final frame already there came in time (a late sample, a loaded
+                    # host): it is the outcome, not the timeout.
+                    if channel_open and self._final_frame_waiting(reader):
+                        break
                     self._stop("timeout", (now - started) * 1000)
                     break
                 if now >= next_sample:
@@ -493,6 +525,6 @@ class Supervisor:
                 # Once nothing of the run can still write (a run is reaped, and its
                 # leftovers killed, before its zygote reports its exit): its final size, and
                 # the listing the workspace's cleaning would make again.
-                stored, self.out.workspace_empty = directory_usage(self.workspace)
+                stored, self.out.workspace_empty, _entries = directory_usage(self.workspace)
                 self.out.storage_bytes = max(self.out.storage_bytes, stored)
         return self.out

@@ -14,6 +14,9 @@ from collections import OrderedDict
 
 from pluginpool.pool.sandbox.warm import WarmKey, WarmSandbox
 
+UNLOADED_KEPT_S = 600.0
+"""How long an unload is remembered: longer than any setup (instance ids are never reused)."""
+
 
 class WarmPool:
     def __init__(self, *, capacity: int, idle_s: float) -> None:
@@ -23,6 +26,9 @@ class WarmPool:
         self._sandboxes: OrderedDict[WarmKey, WarmSandbox] = OrderedDict()
         self._retiring: list[WarmSandbox] = []
         self._doomed: set[WarmKey] = set()
+        self._unloaded: dict[str, float] = {}
+        """Instances unloaded lately (monotonic time): a sandbox of one that was being set
+        up when the unload came is retired when its run gives it back."""
 
     def take(self, key: WarmKey) -> WarmSandbox | None:
         """The live sandbox for this key, marked busy; a dead one is dropped (replaced by
@@ -61,11 +67,12 @@ class WarmPool:
                 if self._sandboxes.get(sandbox.key) is sandbox:
                     del self._sandboxes[sandbox.key]
                 self._retiring.append(sandbox)
-            elif sandbox.key in self._doomed:
+            elif sandbox.key in self._doomed or sandbox.instance_id in self._unloaded:
                 self._retire_locked(sandbox, "instance unloaded")
 
     def retire_instance(self, instance_id: str) -> None:
         with self._lock:
+            self._unloaded[instance_id] = time.monotonic()
             for key, sandbox in list(self._sandboxes.items()):
                 if key[2] == instance_id:
                     if sandbox.busy:
@@ -76,6 +83,9 @@ class WarmPool:
     def retire_idle(self, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
         with self._lock:
+            for instance_id, at in list(self._unloaded.items()):
+                if now - at > UNLOADED_KEPT_S:
+                    del self._unloaded[instance_id]
             for sandbox in list(self._sandboxes.values()):
                 if not sandbox.busy and now - sandbox.last_used >= self.idle_s:
                     self._retire_locked(sandbox, "idle")

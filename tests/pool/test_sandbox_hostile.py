@@ -96,6 +96,7 @@ def env(redis_url: str, tmp_path_factory: pytest.TempPathFactory, sink: TcpSink
         spec("fill-workspace", "fill_workspace", resource_limits={"max_storage_kb": 256}),
         spec("fill-many-files", "fill_workspace_many_files",
              resource_limits={"max_storage_kb": 256}),
+        spec("many-empty-files", "many_empty_files", resource_limits={"timeout_ms": 20_000}),
         spec("huge-result", "huge_result"),
         spec("not-json", "not_json"),
         spec("close-fds", "close_all_fds"),
@@ -234,6 +235,18 @@ def test_processes_that_try_to_outlive_the_run_are_killed(env: Any) -> None:
 
 def test_a_thread_left_running_dies_with_the_run(env: Any) -> None:
     assert env[0].submit("leave-thread", {}).result(timeout=30) == "left a thread"
+    assert_unharmed(env)
+
+
+def test_a_workspace_of_countless_empty_files_is_a_resource_error(env: Any) -> None:
+    """Before, they passed the storage quota (no blocks), and the pool child walked all of
+    them every 50 ms, then deleted them after the run (1.45 s for 200,000)."""
+    from pluginpool.pool.sandbox.supervisor import MAX_WORKSPACE_ENTRIES
+
+    error, _ = failure(env, "many-empty-files", {"files": 3 * MAX_WORKSPACE_ENTRIES})
+    assert error.type is ErrorType.RESOURCE
+    assert error.details["limit"] == "max_workspace_entries"
+    assert error.details["observed"] > MAX_WORKSPACE_ENTRIES
     assert_unharmed(env)
 
 

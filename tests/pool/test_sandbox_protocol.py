@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -23,6 +24,7 @@ from pluginpool.pool.sandbox.outcome import RESERVED_DETAILS
 from pluginpool.pool.sandbox.process_handle import ProcessHandle, UnverifiedProcess
 from pluginpool.pool.sandbox.runner import standalone_plan
 from pluginpool.pool.sandbox.runtime import channel, messages
+from pluginpool.pool.sandbox.supervisor import Bounds, Exit, Supervisor
 from pluginpool.pool.tools.processes import wait_until
 from pluginpool.tasks.spec import PluginSpec
 from tests.conftest import TEST_PLUGINS
@@ -200,3 +202,29 @@ def test_a_zygote_left_alone_bounds_a_teardown_that_hangs() -> None:
         assert wait_until(gone, timeout_s=15)
     finally:
         sandbox.kill()
+
+
+def test_a_final_frame_already_there_at_the_deadline_is_the_outcome(tmp_path: Path) -> None:
+    """Before, the wall clock was checked before the channel was read: a run whose Result
+    had arrived while a slow sample ran past its deadline was reported as a timeout."""
+    proc = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    ours, theirs = socket.socketpair()
+    try:
+        theirs.sendall(channel.frame_of(messages.Result(ok=True, value=1)))
+        ticks = iter([0.0] + [100.0] * 50)  # the first look is already past the deadline
+
+        class Reaped:
+            def reap(self, *, block: bool) -> Exit:
+                return Exit(status=0)
+
+        out = Supervisor(proc.pid, ours.fileno(), bounds=Bounds(
+            timeout_s=1.0, max_memory_bytes=1 << 30, max_storage_bytes=1 << 30,
+            cpu_percent=100), workspace=str(tmp_path), baseline_rss=0, storage=None,
+            max_frame_bytes=1 << 20, reaper=Reaped(), clock=lambda: next(ticks)).run()
+        assert out.killed_for is None
+        assert out.result == messages.Result(ok=True, value=1)
+    finally:
+        ours.close()
+        theirs.close()
+        proc.kill()
+        proc.wait()

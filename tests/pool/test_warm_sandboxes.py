@@ -58,6 +58,7 @@ def env(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[En
         spec("setup-thread-at-gc", "hostile_setup:StartsThreadAtCollection"),
         spec("setup-forbidden", "hostile_setup:Forbidden"),
         spec("setup-breaks-pipes", "hostile_setup:BreaksThePipes"),
+        spec("setup-hoards-fds", "hostile_setup:HoardsDescriptors"),
         spec("traces", "workspace:leave_traces"),
         spec("chatty", "lifecycle:Chatty"),
         spec("huge-setup-print", "lifecycle:PrintsHugeSetup"),
@@ -443,3 +444,13 @@ def test_a_listed_operation_the_plugin_lacks_fails_alone(env: Env, plugin: str) 
     assert error.type is ErrorType.DEPENDENCY
     assert error.details["operation"] == missing
     assert client.submit(plugin, {"add": 2}).result(timeout=60)
+
+
+def test_a_setup_that_leaves_no_descriptor_free_is_a_resource_error(env: Env) -> None:
+    """Before, the zygote died after the setup (it needs descriptors to serve runs) and the
+    job failed `runtime`, "the warm sandbox died during its setup", with no reason."""
+    error = failure(env, "setup-hoards-fds")
+    assert error.type is ErrorType.RESOURCE, error
+    assert error.details["limit"] == "max_open_files"
+    assert error.details["phase"] == "setup"
+    assert_unharmed(env)

@@ -344,17 +344,25 @@ def main() -> NoReturn:
     logs.prepare(CHANNEL_FD)
     program = config.run_seccomp_b64
     run_filter = seccomp.Prepared(base64.b64decode(program)) if program is not None else None
-    runs = Runs(config, plugin, policy, run_filter)
-    control = Control()
-    statm = os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC)
-    runs.refresh(_statm(statm)[1])
-    rehearse(runs)  # before the heap is frozen
-    gc.collect()
-    gc.freeze()  # runs then never dirty (copy) the set-up heap's pages in their GC
-    # After the collection: a setup's finalizers and gc callbacks run there, plugin code
-    # that could start a process or a thread after the checks above.
-    _kill_leftovers()  # whatever the setup started
-    if _threads() > 1:
+    try:  # descriptors it needs: a setup may have left none free (out of files)
+        runs = Runs(config, plugin, policy, run_filter)
+        control = Control()
+        statm = os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC)
+        runs.refresh(_statm(statm)[1])
+        rehearse(runs)  # before the heap is frozen
+        gc.collect()
+        gc.freeze()  # runs then never dirty (copy) the set-up heap's pages in their GC
+        # After the collection: a setup's finalizers and gc callbacks run there, plugin
+        # code that could start a process or a thread after the checks above.
+        _kill_leftovers()  # whatever the setup started
+        threads = _threads()
+    except OSError as exc:
+        channel.send_message(CONTROL_FD, SetupFailed(error=error_of(
+            exc, policy=None, max_memory_mb=config.max_memory_mb,
+            max_storage_kb=config.max_storage_kb,
+            timeout_ms=int(config.limits["setup_timeout_ms"]))))
+        os._exit(0)
+    if threads > 1:
         channel.send_message(CONTROL_FD, SetupFailed(error=_threads_left()))
         os._exit(0)
     channel.send_message(CONTROL_FD, Ready(

@@ -126,6 +126,14 @@ def fill_workspace_many_files(ctx: Any, payload: Any) -> Any:
     return "filled"
 
 
+def many_empty_files(ctx: Any, payload: Any) -> Any:
+    """Empty files take no blocks: the storage quota never sees them."""
+    for index in range(int(payload["files"])):
+        (ctx.workspace / f"e{index}").touch()
+    time.sleep(5)
+    return "made"
+
+
 def huge_result(ctx: Any, payload: Any) -> Any:
     return "x" * int(payload["bytes"])
 

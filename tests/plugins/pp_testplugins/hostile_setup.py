@@ -96,3 +96,19 @@ class StartsThreadAtCollection:
 
     def run(self, ctx: Any, payload: Any) -> Any:
         return "never"
+
+
+class HoardsDescriptors:
+    """Its setup keeps every descriptor it can open but one: the zygote itself needs more
+    before it can serve runs."""
+
+    def __init__(self, ctx: Any) -> None:
+        self.hoard: list[int] = []
+        try:
+            while True:
+                self.hoard.append(os.open("/dev/null", os.O_RDONLY))
+        except OSError:
+            os.close(self.hoard.pop())
+
+    def run(self, ctx: Any, payload: Any) -> Any:
+        return "never"
