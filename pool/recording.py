@@ -167,8 +167,9 @@ class UsageEvents:
     def encode(self, task: Task[Any, Any], **fields: Any) -> Encoded | None:
         """The event as the record script publishes it; None if it cannot be encoded."""
         try:
-            return self._encoder.encode(task.app, str(task.request.hostname), USAGE_EVENT,
-                                        **fields)
+            channel, message = self._encoder.encode(task.app, str(task.request.hostname),
+                                                    USAGE_EVENT, **fields)
+            return self._encoder.broker_prefix + channel, message
         except Exception as exc:  # sent the usual way then
             logger.warning("could not encode a usage event: %r", exc)
             return None

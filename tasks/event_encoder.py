@@ -90,6 +90,9 @@ class EventEncoder:
         self._envelopes: dict[str, Envelope | None] = {}
         self._lock = threading.Lock()
         self._retry_at = 0.0
+        self.broker_prefix = ""
+        """The broker transport's `global_keyprefix` (known once the first event is
+        encoded): a Lua script publishing an encoded event puts it before the channel."""
         # In a forked child, before any of its threads runs: the parent's lock (maybe held)
         # and connection are not the child's. (Checked on each call, two threads of the
         # child could each have swapped in a lock of their own.)
@@ -137,6 +140,8 @@ class EventEncoder:
         dispatcher = app.events.Dispatcher(app.connection_for_write(), hostname=hostname,
                                            enabled=True, buffer_while_offline=False)
         channel = dispatcher.producer.channel
+        # kombu's client adds it to every channel it publishes on; a script's PUBLISH must too
+        self.broker_prefix = getattr(channel, "global_keyprefix", None) or ""
 
         def keep(exchange: str, message: Any, routing_key: str, **_: Any) -> None:
             for topic in channel._get_publish_topics(exchange, routing_key):

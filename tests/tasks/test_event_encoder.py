@@ -182,3 +182,18 @@ def test_a_connection_that_cannot_be_made_fails_fast_for_a_while() -> None:
             continue
         raise AssertionError("it tried to connect again at once")
     assert time.monotonic() - started < max(first, 0.5)
+
+
+def test_the_brokers_key_prefix_is_known_for_a_scripts_publish(redis_url: str) -> None:
+    """kombu prefixes the channels it publishes on with `global_keyprefix` (its receivers
+    subscribe there): a usage event published by a script went to the bare channel."""
+    app = Celery("enc", broker=redis_url, set_as_current=False)
+    app.conf.update(event_serializer="json", accept_content=["json"],
+                    broker_transport_options={"global_keyprefix": "pfx:"})
+    encoder = EventEncoder()
+    channel, _ = encoder.encode(app, "w1@host", "task-x", uuid="a")
+    assert encoder.broker_prefix == "pfx:" and not channel.startswith("pfx:")
+    plain = Celery("enc", broker=redis_url, set_as_current=False)
+    other = EventEncoder()
+    other.encode(plain, "w1@host", "task-x", uuid="a")
+    assert other.broker_prefix == ""
