@@ -44,7 +44,12 @@ def same_server(broker_url: str, redis_url: str) -> bool:
         return False
     if a.scheme in ("unix", "redis+socket"):
         return a.path == b.path
-    return (a.hostname, a.port or REDIS_PORT) == (b.hostname, b.port or REDIS_PORT)
+    if a.scheme not in ("redis", "rediss"):  # sentinel://h1:26379;sentinel://h2:26379, ...
+        return a.netloc == b.netloc
+    try:
+        return (a.hostname, a.port or REDIS_PORT) == (b.hostname, b.port or REDIS_PORT)
+    except ValueError:  # a port that is not a number: not comparable, the usual path
+        return False
 
 
 @dataclass(frozen=True)

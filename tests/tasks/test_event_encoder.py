@@ -28,6 +28,12 @@ def test_same_server_ignores_the_database() -> None:
     # Unix sockets: the path names the server (their netlocs are both empty).
     assert same_server("unix:///run/redis.sock?db=1", "unix:///run/redis.sock?db=2")
     assert not same_server("unix:///run/a.sock", "unix:///run/b.sock")
+    # Sentinel URLs (several hosts, ';'-separated) compare as written; before, reading
+    # their "port" raised, and every job failed after its run.
+    sentinel = "sentinel://s1:26379;sentinel://s2:26379/0"
+    assert same_server(sentinel, sentinel)
+    assert not same_server(sentinel, "sentinel://s3:26379/0")
+    assert not same_server("redis://h:notaport/0", "redis://h:6379/0")
 
 
 def test_an_encoded_event_published_by_hand_is_received_as_a_celery_event(
