@@ -9,7 +9,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from pluginpool.policy.errors import ManifestError, ManifestIssue
-from pluginpool.tasks.spec import PluginSpec
+from pluginpool.tasks.spec import REGISTERING, PluginSpec
 
 
 def load_manifest(path: str | Path) -> list[PluginSpec]:
@@ -76,7 +76,7 @@ def spec_issues(spec: PluginSpec, source: str) -> list[ManifestIssue]:
     a manifest's is, so a limit the kernel or Redis cannot honour is refused at register,
     with its field named, and never reaches a worker."""
     try:
-        PluginSpec.model_validate(spec.model_dump())
+        PluginSpec.model_validate(spec.model_dump(), context={REGISTERING: True})
     except ValidationError as exc:
         return [ManifestIssue(file=source, plugin_id=spec.id,
                               field=".".join(str(part) for part in err["loc"]) or "<spec>",

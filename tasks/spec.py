@@ -6,7 +6,14 @@ import re
 from typing import Any, Literal
 
 from packaging.requirements import InvalidRequirement, Requirement
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from pluginpool.policy.breaker import BreakerConfig
 from pluginpool.policy.deadlines import Deadlines
@@ -15,9 +22,15 @@ from pluginpool.policy.limits import IsolationConfig, Permissions, ResourceLimit
 PLUGIN_ID_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,62}$"
 ENTRYPOINT_PATTERN = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 OPERATION_PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}")
-"""Used with fullmatch: `$` would let a trailing newline through, `\\w` any Unicode letter."""
+"""Used with fullmatch at register: `$` would let a trailing newline through, `\\w` any
+Unicode letter."""
+STORED_OPERATION_PATTERN = re.compile(r"^[A-Za-z]\w{0,63}$")
+"""What registered before 3 December: a stored spec is still read (and so can be
+unregistered, and workers still start) with it."""
 RESERVED_OPERATIONS = frozenset(("close",))
 """`close` is the teardown, never an operation a job can call."""
+REGISTERING = "registering"
+"""Validation context key: the spec is being registered (the stricter rules apply)."""
 
 
 class Requires(BaseModel):
@@ -109,11 +122,13 @@ class PluginSpec(BaseModel):
 
     @field_validator("operations")
     @classmethod
-    def _operation_names(cls, values: list[str]) -> list[str]:
+    def _operation_names(cls, values: list[str], info: ValidationInfo) -> list[str]:
+        registering = bool(info.context and info.context.get(REGISTERING))
         for value in values:
-            if not OPERATION_PATTERN.fullmatch(value):
+            if not (OPERATION_PATTERN.fullmatch(value) if registering
+                    else STORED_OPERATION_PATTERN.match(value)):
                 raise ValueError(f"{value!r} is not an operation name (a public method name)")
-            if value in RESERVED_OPERATIONS:
+            if registering and value in RESERVED_OPERATIONS:
                 raise ValueError(f"{value!r} is the teardown, not an operation")
         if len(set(values)) != len(values):
             raise ValueError("operations are listed more than once")
