@@ -3,10 +3,10 @@
 The pool child learns a run's pid from its zygote (Forked), and a zygote runs plugin code:
 a setup can make it name any pid, 0 (the pool child's own process group) included. So a
 pid is taken only if it is plausible (above 1, not the pool child) and, for a run, a child
-of its zygote; and every signal goes through a pidfd opened when the pid was checked, so a
-process that has ended and whose pid was reused is never hit. A process group is signalled
-(killpg) only while its leader is alive: the kernel gives no new process a pid that is a
-living process's.
+of its zygote; and every signal to the process goes through a pidfd opened when the pid
+was checked, so a process that has ended and whose pid was reused is never hit. Its process
+group is signalled by the same checked pid (killpg), also once the leader is gone: the
+kernel does not reuse a pid while a group of that id has members.
 """
 
 from __future__ import annotations
@@ -61,6 +61,10 @@ class ProcessHandle:
                 raise UnverifiedProcess(f"pid {pid} is not a child of {parent}")
         return handle
 
+    def fileno(self) -> int | None:
+        """The pidfd (readable once the process has ended), or None."""
+        return self._pidfd
+
     def alive(self) -> bool:
         """The process has not been reaped (a zombie is alive here)."""
         if self._pidfd is None:
@@ -78,9 +82,11 @@ class ProcessHandle:
                 signal.pidfd_send_signal(self._pidfd, signum)
 
     def send_group(self, signum: int) -> None:
-        """Signal the process group it leads, while it is alive (a run leads its own group
-        once it has called setsid; before, no group has its pid and nothing is sent)."""
-        if self.alive():
+        """Signal the process group it leads (a zygote, a run once it has called setsid),
+        even once the leader itself is gone: what it started lives on in the group, and
+        the kernel gives no new process a pid that is still a group's id. (With no group
+        of that id, nothing is sent.) Never the pool child's own group."""
+        if self.pid != os.getpgrp():
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.pid, signum)
 

@@ -47,6 +47,7 @@ about slice * (100 / share - 1): 150 ms at 25 %)."""
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PROTOCOL_ERROR_CHARS = 300
+STORAGE_REPLY_WAIT_S = 1.0
 MAX_WORKSPACE_ENTRIES = 10_000
 """Files and directories a run's (or setup's) workspace may hold: beyond it the run is
 stopped as a `resource` error (`max_workspace_entries`)."""
@@ -289,7 +290,6 @@ class Supervisor:
         self.output = output
         """Read with the channel while the process lives, drained once it is reaped."""
         self._stopped = False
-        self._deadline = 0.0
 
     def _pid(self) -> int:
         """The watched process (a pending run's Forked read, if it was not yet)."""
@@ -385,9 +385,10 @@ class Supervisor:
                                                  "value": message.value})
                                    if self.storage is not None else
                                    {"ok": False, "message": "no storage here"})
-            # Bounded by the wall clock: a sandbox that asks and never reads the replies
-            # fills the socket, and then it is the deadline that ends it (FrameDeadline).
-            send_by(self.fd, storage_reply(raw), self._deadline)
+            # A sandbox waits for each reply (ctx.storage is synchronous): one that asks
+            # and does not read them fills the socket, and is stopped within a second
+            # (FrameDeadline), not left unsampled until its deadline.
+            send_by(self.fd, storage_reply(raw), time.monotonic() + STORAGE_REPLY_WAIT_S)
         elif isinstance(message, FINAL):
             self.out.result = message
             self.out.finished_at = self.clock()
@@ -441,7 +442,7 @@ class Supervisor:
                 self.process.close()
 
     def _run(self, started: float, throttle: bool) -> Supervision:
-        deadline = self._deadline = started + self.bounds.timeout_s
+        deadline = started + self.bounds.timeout_s
         next_sample = started + SAMPLE_S
         next_throttle = started
         poller = select.poll()
@@ -452,6 +453,9 @@ class Supervisor:
                 poller.register(fd, select.POLLIN)
         channel_open = True
         reader = FrameReader(self.fd, max_bytes=self.max_frame_bytes)
+        watching_exit: int | None = None
+        """The watched process's pidfd once registered in the poller; -1 once its end was
+        seen."""
         try:
             while self.out.result is None and self.out.killed_for is None:
                 now = self.clock()
@@ -484,8 +488,22 @@ class Supervisor:
                         break
                     time.sleep(min(max(wake - now, 0), 0.01))
                     continue
+                exit_fd = self.process.fileno() if self.process is not None else None
+                if exit_fd is not None and watching_exit is None:
+                    # The process's end, seen even if something it started keeps the
+                    # channel open (a setup's fork below the audit hook, say).
+                    poller.register(exit_fd, select.POLLIN)
+                    watching_exit = exit_fd
                 events = poller.poll(max(wake - now, 0) * 1000)
                 if not events:
+                    continue
+                if watching_exit is not None and watching_exit >= 0 and any(
+                        fd == watching_exit for fd, _ in events):
+                    poller.unregister(watching_exit)
+                    watching_exit = -1  # seen: not watched again
+                    # What it sent before it ended is the outcome; then its exit is read.
+                    if not self._final_frame_waiting(reader):
+                        channel_open = False
                     continue
                 if output is not None and self._read_output(output, events, poller):
                     continue  # only output: the channel has nothing yet
@@ -501,7 +519,9 @@ class Supervisor:
                 except channel.FrameTooLarge as exc:
                     self._stop("result_size", exc.size)
                 except FrameDeadline:  # a storage reply the sandbox would not take
-                    self._stop("timeout", (self.clock() - started) * 1000)
+                    self.out.protocol_error = (f"a storage reply was not read within "
+                                               f"{STORAGE_REPLY_WAIT_S:g} s")
+                    self._stop("protocol", 0.0)
                 except ValueError as exc:  # not JSON, not a message, a field mistyped
                     self.out.protocol_error = str(exc)[:PROTOCOL_ERROR_CHARS]
                     self._stop("protocol", 0.0)

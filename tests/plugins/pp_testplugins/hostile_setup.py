@@ -112,3 +112,22 @@ class HoardsDescriptors:
 
     def run(self, ctx: Any, payload: Any) -> Any:
         return "never"
+
+
+class ForksThenDies:
+    """Its setup forks below the audit hook (libc's fork: the zygote may fork), prints the
+    child's pid, and ends the zygote; the child would live on."""
+
+    def __init__(self, ctx: Any) -> None:
+        import ctypes
+        import sys
+        child = ctypes.CDLL(None).fork()
+        if child == 0:
+            time.sleep(3600)
+            os._exit(0)
+        print(f"forked {child}", flush=True)
+        sys.stdout.flush()
+        os._exit(1)
+
+    def run(self, ctx: Any, payload: Any) -> Any:
+        return "never"
