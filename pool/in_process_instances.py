@@ -4,10 +4,12 @@ process, kept for the last IN_PROCESS_INSTANCES of them, and torn down (its `clo
 it is the least recently used past that, idle for `PLUGINPOOL_WARM_IDLE_S`, unloaded (heard
 on the unload channel, on every worker), or its pool process shuts down.
 
-A teardown never runs inside another job: an instance pushed out by a job is closed after
-that job's run, outside its log capture and its error handling; unloads and idle ones are
-closed by a daemon thread of the pool process, between jobs (the run holds the lock), so a
-teardown and a run of the same trusted code never overlap. A teardown that raises is logged
+A teardown never runs inside a job: an instance is taken out of use between runs (a run
+holds the lock), and its teardown runs after, in a daemon thread of the pool process (or,
+with no Redis to hear unloads, after the job, outside its logs and its error handling), so
+one that hangs holds up later teardowns, never a job; at shutdown all of them get at most
+SHUTDOWN_TEARDOWNS_S. A teardown may run beside a later job of another instance: the code
+is trusted, but two of its instances' methods may overlap. A teardown that raises is logged
 and counts for nothing.
 """
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import queue
 import threading
 import time
 from collections import OrderedDict
@@ -30,6 +33,10 @@ logger = logging.getLogger("pluginpool.in_process")
 
 IN_PROCESS_INSTANCES = 16
 TICK_S = 1.0
+UNLOADED_KEPT_S = 600.0
+"""How long an unload is remembered (an instance being set up when it came is torn down
+after its first run; instance ids are never reused)."""
+SHUTDOWN_TEARDOWNS_S = 5.0
 InstanceKey = tuple[str, int, str | None]
 """(plugin id, revision, instance id)."""
 
@@ -76,8 +83,11 @@ class InProcessInstances:
         self._unload_channel = unload_channel
         self._loaded: OrderedDict[InstanceKey, Loaded] = OrderedDict()
         self.lock = threading.RLock()
-        """Held by a run for its whole length, and by every teardown."""
-        self._pushed_out: list[tuple[InstanceKey, Loaded]] = []
+        """Held by a run for its whole length: an instance is taken out of use only
+        between runs. A teardown runs without it, after."""
+        self._to_close: queue.SimpleQueue[tuple[InstanceKey, Loaded, str]] = \
+            queue.SimpleQueue()
+        self._unloaded: dict[str, float] = {}
         self._listener_of = 0
 
     def get(self, key: InstanceKey) -> Loaded | None:
@@ -88,38 +98,62 @@ class InProcessInstances:
         return loaded
 
     def add(self, key: InstanceKey, loaded: Loaded) -> None:
-        """Keep a set-up plugin (under the lock); one pushed out is closed by
-        `close_pushed_out` once the job is over."""
+        """Keep a set-up plugin (during its first run, under the lock). What it pushes out
+        of the LRU, and itself if its instance was unloaded while it was being set up, is
+        torn down once the job is over."""
         self._loaded[key] = loaded
         while len(self._loaded) > self.capacity:
-            self._pushed_out.append(self._loaded.popitem(last=False))
+            self._to_close.put((*self._loaded.popitem(last=False), "least recently used"))
+        if key[2] is not None and key[2] in self._unloaded:
+            self._to_close.put((key, self._loaded.pop(key), "instance unloaded"))
         if loaded.instance is not None:
             self._ensure_listener()
 
-    def close_pushed_out(self) -> None:
-        """After a job: the teardowns of what it pushed out of the LRU."""
-        with self.lock:
-            pushed, self._pushed_out = self._pushed_out, []
-            for key, loaded in pushed:
-                _teardown(key, loaded, "least recently used")
+    def after_job(self) -> None:
+        """After a job, outside its logs and errors: with a listener thread the teardowns
+        it made due are that thread's (never inside a job); without one, run here."""
+        if self._listener_of != os.getpid():
+            self._close_due()
 
     def retire_instance(self, instance_id: str) -> None:
-        with self.lock:
+        with self.lock:  # between runs
+            self._unloaded[instance_id] = time.monotonic()
             for key in [key for key in self._loaded if key[2] == instance_id]:
-                _teardown(key, self._loaded.pop(key), "instance unloaded")
+                self._to_close.put((key, self._loaded.pop(key), "instance unloaded"))
+        self._close_due()
 
     def retire_idle(self) -> None:
         now = time.monotonic()
         with self.lock:
+            for instance_id, at in list(self._unloaded.items()):
+                if now - at > UNLOADED_KEPT_S:
+                    del self._unloaded[instance_id]
             for key in [key for key, loaded in self._loaded.items()
                         if now - loaded.last_used >= self.idle_s]:
-                _teardown(key, self._loaded.pop(key), "idle")
+                self._to_close.put((key, self._loaded.pop(key), "idle"))
+        self._close_due()
 
     def retire_all(self, **_: Any) -> None:
-        """The pool process is shutting down: every teardown."""
+        """The pool process is shutting down: every teardown, all of them within
+        SHUTDOWN_TEARDOWNS_S (a daemon thread: one that hangs does not hold the exit)."""
         with self.lock:
             while self._loaded:
-                _teardown(*self._loaded.popitem(last=False), "shutdown")
+                self._to_close.put((*self._loaded.popitem(last=False), "shutdown"))
+        closing = threading.Thread(target=self._close_due, daemon=True,
+                                   name="pluginpool-in-process-teardowns")
+        closing.start()
+        closing.join(SHUTDOWN_TEARDOWNS_S)
+        if closing.is_alive():
+            logger.warning("in-process teardowns still running after %.0f s at shutdown; "
+                           "the process exits without them", SHUTDOWN_TEARDOWNS_S)
+
+    def _close_due(self) -> None:
+        while True:
+            try:
+                key, loaded, reason = self._to_close.get_nowait()
+            except queue.Empty:
+                return
+            _teardown(key, loaded, reason)
 
     # -- the pool process's listener ------------------------------------------------------
 
@@ -135,8 +169,9 @@ class InProcessInstances:
                          daemon=True).start()
 
     def _listen(self) -> None:
-        """Unloads from the channel, idle ones every tick; each teardown waits for the
-        job in progress (the lock)."""
+        """Unloads from the channel, idle ones and those jobs pushed out every tick; an
+        instance is taken out of use between runs (the lock), its teardown runs here,
+        after, so one that hangs holds up only later teardowns, never a job."""
         assert self._redis is not None and self._unload_channel is not None
         pubsub: Any = None
         while True:

@@ -170,7 +170,7 @@ class InProcessRunner:
                     exc.info.details["logs"] = logs.text()
                     raise
         finally:  # what this job pushed out of the LRU, outside its logs and its errors
-            self._instances.close_pushed_out()
+            self._instances.after_job()
         return replace(report, logs=logs.text())
 
     def _run(self, spec: PluginSpec, ctx: PluginContext, payload: Any) -> RunReport:

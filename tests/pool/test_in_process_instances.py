@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 
 import pytest
 
@@ -101,3 +102,37 @@ def test_a_listed_operation_missing_from_the_class_fails_only_that_operation() -
     assert info.value.type is ErrorType.DEPENDENCY
 
 
+
+
+def test_an_unload_during_the_setup_tears_the_instance_down_after_its_first_run(
+        caplog: pytest.LogCaptureFixture) -> None:
+    instances = InProcessInstances(idle_s=3600, capacity=16)
+    run = InProcessRunner(PluginLoader(registered=lambda _pid: True), max_result_bytes=1 << 20,
+                          instances=instances)
+    stateful = spec("unloaded-early", "lifecycle:ClosesBadly")
+    instances.retire_instance("gone")  # heard while its setup runs
+    with caplog.at_level(logging.INFO, logger="pluginpool.in_process"):
+        assert run.run(stateful, ctx(stateful, "gone"), {}).value == {"job_in_setup": None}
+    assert any("'gone') retired (instance unloaded)" in record.getMessage()
+               for record in caplog.records)
+    assert instances.get(("unloaded-early", stateful.revision, "gone")) is None
+
+
+def test_a_teardown_that_hangs_holds_up_no_job(redis_url: str) -> None:
+    """Before, the listener ran close() holding the lock every job takes: one that hung
+    held every in-process job of the pool process (and Celery's soft limit with them)."""
+    import redis
+
+    instances = InProcessInstances(idle_s=3600, capacity=1,
+                                   redis_client=redis.Redis.from_url(redis_url),
+                                   unload_channel="pp-test-unused-unload-channel")
+    run = InProcessRunner(PluginLoader(registered=lambda _pid: True), max_result_bytes=1 << 20,
+                          instances=instances)
+    hangs = spec("hangs-at-close", "lifecycle:HangsAtClose")
+    echo = spec("echo", "basic:echo")
+    assert run.run(hangs, ctx(hangs, "h"), {}).value == "ran"
+    started = time.monotonic()
+    for i in range(3):  # the first pushes the hanging one out: its teardown starts
+        assert run.run(echo, ctx(echo), {"i": i}).value["payload"] == {"i": i}
+        time.sleep(1.2)  # the listener's tick: the teardown is under way
+    assert time.monotonic() - started < 3 * 1.2 + 3
