@@ -78,6 +78,21 @@ class Envelope:
         return self.topic, dumps({"body": body, **self.message, "properties": properties})
 
 
+_ENCODERS: weakref.WeakSet[EventEncoder] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    """In a forked child, before any of its threads runs: the parent's lock (maybe held)
+    and connection are not the child's. (Checked on each call instead, two threads of the
+    child could each swap in a lock of their own.) One hook for every encoder: a hook
+    each would pile up with every client a process makes, and run at every fork."""
+    for encoder in list(_ENCODERS):
+        encoder._after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class EncoderUnavailable(RuntimeError):
     """The encoder's connection failed moments ago; send the event the usual way."""
 
@@ -98,11 +113,7 @@ class EventEncoder:
         self.broker_prefix = ""
         """The broker transport's `global_keyprefix` (known once the first event is
         encoded): a Lua script publishing an encoded event puts it before the channel."""
-        # In a forked child, before any of its threads runs: the parent's lock (maybe held)
-        # and connection are not the child's. (Checked on each call, two threads of the
-        # child could each have swapped in a lock of their own.)
-        forget = weakref.WeakMethod(self._after_fork)
-        os.register_at_fork(after_in_child=lambda: (method := forget()) and method())
+        _ENCODERS.add(self)  # reset in a forked child (_after_fork_in_child)
 
     def _after_fork(self) -> None:
         self._lock, self._dispatcher, self._retry_at = threading.Lock(), None, 0.0

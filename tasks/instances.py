@@ -13,6 +13,13 @@ from pydantic import BaseModel
 from pluginpool.policy.errors import UnknownInstanceError
 from pluginpool.policy.keys import RedisKeys
 
+MARK_FAILED = """
+if redis.call('HEXISTS', KEYS[1], 'plugin_id') == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'status', 'failed', 'last_error', ARGV[1])
+return 1
+"""
+"""An instance's failure, written only while the instance exists."""
+
 
 class Instance(BaseModel):
     """One loaded instance of a plugin."""
@@ -89,9 +96,9 @@ class InstanceStore:
 
     def mark_failed(self, instance_id: str, error: dict[str, Any]) -> None:
         """An instance of a plugin without error_recovery stops taking jobs after a failure."""
-        key = self._keys.instance(instance_id)
-        if self._redis.exists(key):
-            self._redis.hset(key, mapping={"status": "failed", "last_error": json.dumps(error)})
+        # One step: an unload between a check and the write re-created the instance's key
+        # with only these two fields (then every later write took it for a live instance).
+        self._redis.eval(MARK_FAILED, 1, self._keys.instance(instance_id), json.dumps(error))
 
     def delete(self, instance_id: str) -> bool:
         """Remove the instance with everything kept for it: its storage (`ctx.storage`

@@ -171,6 +171,6 @@ def setup_error(spec: PluginSpec, out: Supervision) -> PluginExecutionError:
     if isinstance(out.result, SetupFailed):
         error = out.result.error
         return fail(ErrorType(error.type), error.message,
-                    **_run_details(error, drop=RESERVED_DETAILS | {"restartable"}))
+                    **_run_details(error, drop=RESERVED_DETAILS | {"restartable", "phase"}))
     return fail(ErrorType.RUNTIME, "the warm sandbox died during its setup",
                 sandbox_died=True)

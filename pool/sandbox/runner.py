@@ -170,8 +170,9 @@ class SandboxRunner:
         that sandbox is not used again (`run` gives it back dead)."""
         try:
             return self._run(spec, ctx, payload)
-        except (PluginExecutionError, SoftTimeLimitExceeded, RedisError):
-            raise
+        except (PluginExecutionError, SoftTimeLimitExceeded, RedisError, OSError):
+            raise  # OSError: the pool child's own I/O (a full disk, no descriptors left), not
+            # something the plugin did; as before, an untyped failure of the job
         except Exception as exc:
             logger.exception("sandboxed run of %s broke the sandbox protocol", spec.id)
             raise PluginExecutionError.of(

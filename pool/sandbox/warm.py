@@ -55,6 +55,7 @@ WarmKey = tuple[str, int, str | None]
 CONTROL_MAX_BYTES = 1 << 20
 EXIT_WAIT_S = 10.0
 CLOSE_WAIT_S = 5.0
+RETIRE_SEND_S = 0.2
 
 
 def _gone(pid: int) -> bool:
@@ -244,8 +245,11 @@ class WarmSandbox:
     def retire(self, reason: str) -> None:
         """Ask for the teardown (close()); the zygote exits after it."""
         self.retired_for = reason
-        with contextlib.suppress(OSError):
-            channel.send_message(self.control.fileno(), Close(reason=reason))
+        # Bounded: called under the warm pool's lock, and a zygote that stopped reading
+        # its control socket must not hold it (finish() kills it after CLOSE_WAIT_S).
+        with contextlib.suppress(OSError, FrameDeadline):
+            send_by(self.control.fileno(), Close(reason=reason),
+                    time.monotonic() + RETIRE_SEND_S)
 
     def finish(self, *, wait_s: float = CLOSE_WAIT_S) -> Closed | None:
         """Wait for the teardown's end (bounded; its storage calls are served), then make

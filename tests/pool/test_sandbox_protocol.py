@@ -42,6 +42,9 @@ from tests.conftest import TEST_PLUGINS
     {"op": "exited", "pid": 5, "status": 1 << 40, "cpu_s": 0.1, "maxrss_kb": 1},
     {"op": "exited", "pid": 5, "status": True, "cpu_s": 0.1, "maxrss_kb": 1},
     {"op": "forked", "pid": 0, "zygote_rss_bytes": 1},
+    {"op": "result", "ok": True, "cpu_s": float("nan")},
+    {"op": "result", "ok": True, "wall_s": float("-inf")},
+    {"op": "exited", "pid": 5, "status": 0, "cpu_s": -1.0, "maxrss_kb": 1},
     {"op": "forked", "pid": -1, "zygote_rss_bytes": 1},
     {"op": "ready", "pid": 9, "setup_ms": "x", "setup_cpu_ms": 1.0, "rss_bytes": 1,
      "layers": {}},
@@ -57,6 +60,15 @@ def test_a_field_of_the_wrong_type_is_a_protocol_error(frame: dict[str, object])
     or OverflowError wherever the pool child first used the field."""
     with pytest.raises(messages.ProtocolError):
         messages.decode(frame)
+
+
+def test_a_frame_holding_nan_or_an_infinity_is_not_json() -> None:
+    """Before, NaN passed (json's own parser takes it), became the run's CPU figure, and
+    failed the instance's usage script halfway."""
+    for text in (b'{"op": "result", "ok": true, "cpu_s": NaN}', b'{"x": [Infinity]}',
+                 b'{"x": -Infinity}'):
+        with pytest.raises(ValueError):
+            channel.loads(text)
 
 
 def test_well_typed_frames_still_decode() -> None:

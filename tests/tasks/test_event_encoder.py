@@ -203,3 +203,19 @@ def test_the_brokers_key_prefix_is_known_for_a_scripts_publish(redis_url: str) -
     other = EventEncoder()
     other.encode(plain, "w1@host", "task-x", uuid="a")
     assert other.broker_prefix == ""
+
+
+def test_encoders_share_one_fork_hook_and_are_freed() -> None:
+    """Before, each encoder (one per client that submits) registered a fork hook of its own:
+    they were never freed, and every fork ran all of them."""
+    import gc
+
+    from pluginpool.tasks import event_encoder
+
+    gc.collect()
+    before = len(event_encoder._ENCODERS)
+    encoders = [EventEncoder() for _ in range(50)]
+    assert len(event_encoder._ENCODERS) == before + 50
+    del encoders
+    gc.collect()
+    assert len(event_encoder._ENCODERS) == before

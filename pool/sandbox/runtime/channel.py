@@ -22,8 +22,13 @@ HEADER = struct.Struct(">I")
 _pack = HEADER.pack
 _encode = JSONEncoder(allow_nan=False).encode
 """json.dumps(message, allow_nan=False) without building an encoder per frame."""
-_scan = make_scanner(JSONDecoder())  # type: ignore[arg-type]  # typeshed: any decoder-like
-"""json's C scanner, without json.loads's Python layers around it."""
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"frame holds {name}, which is not JSON")
+
+
+_scan = make_scanner(JSONDecoder(parse_constant=_no_constant))  # type: ignore[arg-type]
+"""json's C scanner, without json.loads's Python layers around it; NaN and the infinities
+are refused (JSON has none, and a sandbox's figures must be numbers)."""
 
 
 def loads(data: bytes) -> Any:

@@ -311,7 +311,10 @@ def _check(item: Any) -> None:
             continue
         if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
             raise ProtocolError(f"{name} is a {type(value).__name__}")
-        if isinstance(value, int) and not isinstance(value, bool):
+        if isinstance(value, float):  # every float field is a duration or a size
+            if not (value - value == 0 and value >= 0):  # NaN, infinities, negatives
+                raise ProtocolError(f"{name} {value} is not a finite, non-negative number")
+        elif isinstance(value, int) and not isinstance(value, bool):
             low, high = _INT_RANGES.get(name, (-_WIDEST_INT, _WIDEST_INT))
             if not low <= value <= high:
                 raise ProtocolError(f"{name} {value} is out of range")
