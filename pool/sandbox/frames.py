@@ -37,6 +37,8 @@ class FrameReader:
         self.closed = False
         """The other end is gone (what it sent whole before was returned)."""
         self._buffer = bytearray()
+        self._needed = HEADER_BYTES
+        """Bytes the partial frame in the buffer needs before it can be parsed."""
 
     def read(self) -> list[Message]:
         try:
@@ -46,38 +48,53 @@ class FrameReader:
         if not chunk:
             self.closed = True
             return []
-        buffer = self._buffer
-        buffer += chunk
+        if self._buffer:  # a frame in parts: gathered until it is whole
+            self._buffer += chunk
+            if len(self._buffer) < self._needed:
+                return []
+            data, self._buffer = bytes(self._buffer), bytearray()
+        else:  # the usual case: whole frames in one read, parsed where they are
+            data = chunk
         messages: list[Message] = []
-        while len(buffer) >= HEADER_BYTES:
-            (size,) = channel.HEADER.unpack_from(buffer)
+        pos, total = 0, len(data)
+        self._needed = HEADER_BYTES
+        while total - pos >= HEADER_BYTES:
+            (size,) = channel.HEADER.unpack_from(data, pos)
             if size > self.max_bytes:
                 raise channel.FrameTooLarge(size, self.max_bytes)
-            end = HEADER_BYTES + size
-            if len(buffer) < end:
+            end = pos + HEADER_BYTES + size
+            if total < end:
+                self._needed = end - pos
                 break
-            body = bytes(buffer[HEADER_BYTES:end])
-            del buffer[:end]
-            frame = channel.loads(body)
+            frame = channel.loads(data[pos + HEADER_BYTES:end])
             if not isinstance(frame, dict):
                 raise ValueError("frame is not a JSON object")
             messages.append(decode(frame))
+            pos = end
+        if pos < total:
+            self._buffer += memoryview(data)[pos:]
         return messages
 
 
-def _wait(fd: int, events: int, deadline: float) -> None:
+def _poller(fd: int, events: int) -> select.poll:
     poller = select.poll()  # not select(): descriptor numbers may pass 1024
     poller.register(fd, events)
+    return poller
+
+
+def _wait(poller: select.poll, deadline: float) -> None:
     left = deadline - time.monotonic()
     if left <= 0 or not poller.poll(left * 1000):
-        raise FrameDeadline(f"no frame within the deadline on descriptor {fd}")
+        raise FrameDeadline("no frame within the deadline")
 
 
-def read_exactly_by(fd: int, size: int, deadline: float) -> bytes:
+def read_exactly_by(fd: int, size: int, deadline: float,
+                    poller: select.poll | None = None) -> bytes:
     """`size` bytes, waiting at most until `deadline` (monotonic) for them."""
+    poller = poller or _poller(fd, select.POLLIN | select.POLLHUP)
     chunks = []
     while size:
-        _wait(fd, select.POLLIN | select.POLLHUP, deadline)
+        _wait(poller, deadline)
         try:
             chunk = os.read(fd, min(size, 1 << 20))
         except BlockingIOError:
@@ -92,10 +109,11 @@ def read_exactly_by(fd: int, size: int, deadline: float) -> bytes:
 def receive_by(fd: int, *, max_bytes: int, deadline: float) -> Message:
     """One message, whole before `deadline` or FrameDeadline; it reads no byte past its
     frame (the next one stays for the next reader)."""
-    (size,) = channel.HEADER.unpack(read_exactly_by(fd, HEADER_BYTES, deadline))
+    poller = _poller(fd, select.POLLIN | select.POLLHUP)
+    (size,) = channel.HEADER.unpack(read_exactly_by(fd, HEADER_BYTES, deadline, poller))
     if size > max_bytes:
         raise channel.FrameTooLarge(size, max_bytes)
-    frame = channel.loads(read_exactly_by(fd, size, deadline))
+    frame = channel.loads(read_exactly_by(fd, size, deadline, poller))
     if not isinstance(frame, dict):
         raise ValueError("frame is not a JSON object")
     return decode(frame)
@@ -108,12 +126,14 @@ def send_by(fd: int, message: Message, deadline: float) -> None:
     was_blocking = os.get_blocking(fd)
     if was_blocking:
         os.set_blocking(fd, False)
+    poller: select.poll | None = None
     try:
         while view:
             try:
                 written = os.write(fd, view)
             except BlockingIOError:
-                _wait(fd, select.POLLOUT, deadline)
+                poller = poller or _poller(fd, select.POLLOUT)
+                _wait(poller, deadline)
                 continue
             view = view[written:]
     finally:

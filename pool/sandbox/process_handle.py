@@ -23,9 +23,12 @@ class UnverifiedProcess(Exception):
 
 def parent_of(pid: int) -> int | None:
     """The parent pid from /proc/<pid>/stat; None when the process is gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            return int(stat.read().rsplit(b")", 1)[1].split()[1])
+    try:  # os-level calls: a buffered file object costs several times more, every run
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            return int(os.read(fd, 4096).rsplit(b")", 1)[1].split()[1])
+        finally:
+            os.close(fd)
     except (OSError, IndexError, ValueError):
         return None
 

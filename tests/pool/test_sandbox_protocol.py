@@ -6,6 +6,7 @@ runtime where a process is needed (the worker-level cases are in test_warm_sandb
 from __future__ import annotations
 
 import os
+import select
 import signal
 import socket
 import struct
@@ -240,3 +241,22 @@ def test_a_final_frame_already_there_at_the_deadline_is_the_outcome(tmp_path: Pa
         theirs.close()
         proc.kill()
         proc.wait()
+
+
+def test_the_frame_reader_reassembles_frames_split_anywhere() -> None:
+    sent = [messages.Log(stream="stdout", text="x" * size) for size in (0, 5, 70_000, 3)]
+    sent.append(messages.Result(ok=True, value={"big": "y" * 200_000}))
+    stream = b"".join(channel.frame_of(message) for message in sent)
+    for piece in (1, 3, 4, 7, 4096, 65_537):
+        ours, theirs = socket.socketpair()
+        with ours, theirs:
+            reader = frames.FrameReader(ours.fileno(), max_bytes=1 << 20)
+            got: list[messages.Message] = []
+            for start in range(0, len(stream), piece * 97 if piece < 100 else piece):
+                theirs.sendall(stream[start:start + (piece * 97 if piece < 100 else piece)])
+                while True:
+                    ready = select.select([ours], [], [], 0)[0]
+                    if not ready:
+                        break
+                    got.extend(reader.read())
+            assert got == sent, piece
