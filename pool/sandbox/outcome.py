@@ -85,6 +85,20 @@ def _from_run_error(error: RunError, fail: Fail) -> PluginExecutionError:
     return fail(ErrorType(error.type), error.message, **_run_details(error))
 
 
+def _stopped_for_its_conduct(out: Supervision, fail: Fail,
+                             what: str) -> PluginExecutionError | None:
+    """A setup or run the supervisor stopped for what it did to the sandbox itself: broke
+    its protocol, or filled its workspace with entries."""
+    if out.killed_for == "protocol":
+        return fail(ErrorType.RUNTIME, f"the {what} broke the sandbox protocol and was killed",
+                    protocol_error=True, reason=out.protocol_error)
+    if out.killed_for == "files":
+        return fail(ErrorType.RESOURCE, f"the {what} made more files than a workspace may "
+                    "hold and was killed", limit="max_workspace_entries",
+                    limit_value=MAX_WORKSPACE_ENTRIES, observed=out.observed)
+    return None
+
+
 def run_report(spec: PluginSpec, out: Supervision, usage: Usage, *,
                max_result_bytes: int) -> RunReport:
     """The value of a run, or raise its typed error."""
@@ -100,13 +114,9 @@ def run_report(spec: PluginSpec, out: Supervision, usage: Usage, *,
         raise fail(ErrorType.RESOURCE, f"run crossed its {out.killed_for} limit and was killed",
                    limit=limit, limit_value=value, observed=round(out.observed or 0, 1),
                    restartable=True)
-    if out.killed_for == "protocol":
-        raise fail(ErrorType.RUNTIME, "the run broke the sandbox protocol and was killed",
-                   protocol_error=True, reason=out.protocol_error)
-    if out.killed_for == "files":
-        raise fail(ErrorType.RESOURCE, "run made more files than a workspace may hold and "
-                   "was killed", limit="max_workspace_entries",
-                   limit_value=MAX_WORKSPACE_ENTRIES, observed=out.observed)
+    stopped = _stopped_for_its_conduct(out, fail, "run")
+    if stopped is not None:
+        raise stopped
     if out.killed_for == "result_size":
         raise fail(ErrorType.RESOURCE, "result is larger than the result limit",
                    limit="max_result_bytes", limit_value=max_result_bytes,
@@ -161,13 +171,9 @@ def setup_error(spec: PluginSpec, out: Supervision) -> PluginExecutionError:
         return fail(ErrorType.RESOURCE, f"setup crossed its {out.killed_for} limit and was "
                     "killed", limit=limit, limit_value=value,
                     observed=round(out.observed or 0, 1))
-    if out.killed_for == "protocol":
-        return fail(ErrorType.RUNTIME, "the setup broke the sandbox protocol and was killed",
-                    protocol_error=True, reason=out.protocol_error)
-    if out.killed_for == "files":
-        return fail(ErrorType.RESOURCE, "setup made more files than a workspace may hold and "
-                    "was killed", limit="max_workspace_entries",
-                    limit_value=MAX_WORKSPACE_ENTRIES, observed=out.observed)
+    stopped = _stopped_for_its_conduct(out, fail, "setup")
+    if stopped is not None:
+        return stopped
     if isinstance(out.result, SetupFailed):
         error = out.result.error
         return fail(ErrorType(error.type), error.message,

@@ -411,13 +411,12 @@ class Supervisor:
         poller = select.poll()
         poller.register(self.fd, select.POLLIN)
         try:
-            while self.out.result is None and poller.poll(0):
+            # Until nothing more is there: a frame in parts returns nothing until it is
+            # whole (a large Result its process wrote just before it ended).
+            while self.out.result is None and not reader.closed and poller.poll(0):
                 if self.pid is None:
                     self._pid()
-                messages = reader.read()
-                if not messages:
-                    break
-                for message in messages:
+                for message in reader.read():
                     self._handle(message)
                     if self.out.result is not None:
                         break

@@ -24,9 +24,9 @@ from tests.conftest import make_settings, retire, spawn_worker
 PLUGINS = 300
 
 
-def echo(plugin_id: str) -> PluginSpec:
+def echo(plugin_id: str, function: str = "echo") -> PluginSpec:
     return PluginSpec.model_validate({
-        "id": plugin_id, "name": plugin_id, "entrypoint": "pp_testplugins.basic:echo",
+        "id": plugin_id, "name": plugin_id, "entrypoint": f"pp_testplugins.basic:{function}",
         "isolation": {"sandboxed": False}, "resource_limits": {"timeout_ms": 5000}})
 
 
@@ -36,7 +36,10 @@ def fleet(redis_url: str, tmp_path_factory: pytest.TempPathFactory
     settings = make_settings(redis_url, key_prefix=f"ppmany:{uuid.uuid4().hex[:8]}:",
                              breaker_enabled=False, usage_events=False)
     client = PluginClient(settings)
-    client.register([echo(f"many-{i:03d}") for i in range(PLUGINS)] + [echo("many-deep")])
+    # The backlog's jobs take 10 ms: on a fast host the worker ran most of a backlog of
+    # no-ops while it was still being submitted, leaving nothing to starve the others.
+    client.register([echo(f"many-{i:03d}") for i in range(PLUGINS)]
+                    + [echo("many-deep", "slow_echo")])
     worker = spawn_worker(client, tmp_path_factory.mktemp("many"), plugins="many-*",
                           concurrency=2)
     yield client, worker

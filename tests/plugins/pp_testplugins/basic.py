@@ -14,6 +14,12 @@ def echo(ctx: Any, payload: Any) -> Any:
             "pid": os.getpid()}
 
 
+def slow_echo(ctx: Any, payload: Any) -> Any:
+    """echo after 10 ms: a backlog of these cannot be run while it is still being sent."""
+    time.sleep(0.01)
+    return echo(ctx, payload)
+
+
 def raises(ctx: Any, payload: Any) -> Any:
     raise KeyError(f"missing field {payload!r}")
 
