@@ -9,8 +9,10 @@ clock, samples, CPU share) keep running while a frame is incomplete.
 
 from __future__ import annotations
 
+import array
 import os
 import select
+import socket
 import time
 
 from pluginpool.pool.sandbox.runtime import channel
@@ -139,3 +141,31 @@ def send_by(fd: int, message: Message, deadline: float) -> None:
     finally:
         if was_blocking:
             os.set_blocking(fd, True)
+
+
+def send_with_fd_by(sock: socket.socket, message: Message, passed: int,
+                    deadline: float) -> None:
+    """One message and a descriptor with it (SCM_RIGHTS, with its first bytes), written
+    whole before `deadline` or FrameDeadline: a zygote that stops reading its control
+    socket must not hold the pool child until Celery's soft limit (a Spawn carries the
+    job's payload, larger than the socket's buffer)."""
+    frame = channel.frame_of(message)
+    poller: select.poll | None = None
+    while True:
+        try:
+            # sendmsg itself: socket.send_fds drops its flags argument (CPython 3.11)
+            sent = sock.sendmsg([frame], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                           array.array("i", [passed]))], socket.MSG_DONTWAIT)
+            break
+        except BlockingIOError:
+            poller = poller or _poller(sock.fileno(), select.POLLOUT)
+            _wait(poller, deadline)
+    view = memoryview(frame)[sent:]
+    while view:
+        try:
+            sent = sock.send(view, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            poller = poller or _poller(sock.fileno(), select.POLLOUT)
+            _wait(poller, deadline)
+            continue
+        view = view[sent:]

@@ -20,7 +20,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from pluginpool.pool.sandbox.frames import FrameDeadline, receive_by, send_by
+from pluginpool.pool.sandbox.frames import (
+    FrameDeadline,
+    receive_by,
+    send_by,
+    send_with_fd_by,
+)
 from pluginpool.pool.sandbox.launcher import ZygoteLauncher, ZygoteStartError
 from pluginpool.pool.sandbox.output import OutputPipes
 from pluginpool.pool.sandbox.process_handle import ProcessHandle, UnverifiedProcess
@@ -230,13 +235,13 @@ class WarmSandbox:
 
     def spawn(self, spawn: Spawn, run_end: socket.socket) -> Forked:
         """Hand the zygote one run and its channel; it answers with the run's pid."""
-        channel.send_message_with_fd(self.control, spawn, run_end.fileno())
+        send_with_fd_by(self.control, spawn, run_end.fileno(), time.monotonic() + EXIT_WAIT_S)
         return read_forked(self.control, EXIT_WAIT_S)
 
     def start_run(self, spawn: Spawn, run_end: _socket.socket) -> PendingRun:
         """Hand the zygote one run and its channel, without waiting for its Forked: the
         Supervisor given this PendingRun (as `pending` and `reaper`) reads it."""
-        channel.send_message_with_fd(self.control, spawn, run_end.fileno())
+        send_with_fd_by(self.control, spawn, run_end.fileno(), time.monotonic() + EXIT_WAIT_S)
         return PendingRun(self.control, time.monotonic() + EXIT_WAIT_S, self.pid)
 
     def run_reaper(self, run_pid: int) -> RunExitFromZygote:

@@ -260,3 +260,47 @@ def test_the_frame_reader_reassembles_frames_split_anywhere() -> None:
                         break
                     got.extend(reader.read())
             assert got == sent, piece
+
+
+def test_a_spawn_the_zygote_does_not_read_is_cut_at_the_deadline() -> None:
+    """Before, a zygote that stopped reading its control socket held the pool child in
+    sendall (a Spawn carries the payload, more than the socket holds) until Celery's soft
+    limit."""
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        spawn = messages.Spawn(job_id="j", operation="run", payload="x" * 2_000_000,
+                               attempt=1, workspace="/w", cpu_backstop_s=1, max_memory_mb=1,
+                               max_storage_kb=1)
+        passed = os.dup(0)
+        try:
+            started = time.monotonic()
+            with pytest.raises(frames.FrameDeadline):
+                frames.send_with_fd_by(ours, spawn, passed, time.monotonic() + 0.3)
+            assert time.monotonic() - started < 2
+        finally:
+            os.close(passed)
+
+
+def test_a_spawn_arrives_whole_with_its_descriptor() -> None:
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        spawn = messages.Spawn(job_id="j", operation="run", payload="x" * 300_000,
+                               attempt=1, workspace="/w", cpu_backstop_s=1, max_memory_mb=1,
+                               max_storage_kb=1)
+        got: list[bytes] = []
+        fds: list[int] = []
+
+        def receive() -> None:
+            data, passed, _flags, _addr = socket.recv_fds(theirs, 1 << 16, 1)
+            got.append(data)
+            fds.extend(passed)
+            while sum(map(len, got)) < len(channel.frame_of(spawn)):
+                got.append(theirs.recv(1 << 16))
+
+        import threading
+        reader = threading.Thread(target=receive)
+        reader.start()
+        frames.send_with_fd_by(ours, spawn, 0, time.monotonic() + 10)
+        reader.join(10)
+        assert b"".join(got) == channel.frame_of(spawn) and len(fds) == 1
+        os.close(fds[0])

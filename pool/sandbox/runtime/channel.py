@@ -15,7 +15,6 @@ from .messages import Message, decode, encode
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    import socket
     from typing import Any
 
 HEADER = struct.Struct(">I")
@@ -109,32 +108,3 @@ def send_message(fd: int, message: Message) -> None:
 
 def receive_message(fd: int, *, max_bytes: int) -> Message:
     return decode(receive(fd, max_bytes=max_bytes))
-
-
-# The pool child's side of descriptor passing. `socket` is imported where it is used: the
-# zygote imports this module too, and socket.py (with selectors, array and math) would be
-# mapped into every fork for nothing; the zygote receives with _socket (zygote.Control).
-
-def send_message_with_fd(sock: socket.socket, message: Message, passed: int) -> None:
-    """One frame and a descriptor with it (SCM_RIGHTS), in one sendmsg: the receiver
-    gets the descriptor with the frame's first bytes."""
-    import socket
-    frame = frame_of(message)
-    sent = socket.send_fds(sock, [frame], [passed])
-    if sent < len(frame):
-        sock.sendall(frame[sent:])
-
-
-def send_fd(sock: socket.socket, passed: int) -> None:
-    """Pass a descriptor over a Unix socket (SCM_RIGHTS), with one marker byte."""
-    import socket
-    socket.send_fds(sock, [b"F"], [passed])
-
-
-def receive_fd(sock: socket.socket) -> int:
-    """The descriptor sent by send_fd."""
-    import socket
-    data, fds, _flags, _addr = socket.recv_fds(sock, 1, 1)
-    if not data or not fds:
-        raise ChannelClosed
-    return fds[0]
