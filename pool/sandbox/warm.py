@@ -326,6 +326,9 @@ class SetupPlan:
     max_result_bytes: int
     max_log_bytes: int = DEFAULT_LOG_BYTES
     """The setup's output kept (shown with its error, or with the first job's logs)."""
+    setup_s: float | None = None
+    """The setup's wall clock, when less than the spec's (what an environment install left
+    of it: both are within setup_timeout_ms, as Celery's limits count them)."""
 
 
 def _b64(program: bytes | None) -> str | None:
@@ -388,7 +391,8 @@ def _start_in(home: str, launcher: ZygoteLauncher, plan: SetupPlan, *,
         return None, Supervision()
     supervisor = Supervisor(
         hello.pid, control.fileno(),
-        bounds=Bounds(timeout_s=spec.deadlines.setup_kill_s,
+        bounds=Bounds(timeout_s=plan.setup_s if plan.setup_s is not None
+                      else spec.deadlines.setup_kill_s,
                       max_memory_bytes=limits.max_memory_mb * MB,
                       max_storage_bytes=limits.max_storage_kb * 1024,
                       cpu_percent=limits.max_cpu_percent, clock_name="setup_timeout_ms"),
