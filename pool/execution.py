@@ -140,7 +140,7 @@ def _run_plugin_job(task: PluginTask, args: tuple[Any, ...], kwargs: dict[str, A
         raise PluginExecutionError.of(
             ErrorType.DEPENDENCY, "plugin is not registered (any more)",
             plugin_id=plugin_id, job_id=job_id) from None
-    if job.operation not in spec.operations:
+    if not spec.offers(job.operation):
         raise InvalidJobError(f"plugin {plugin_id} has no operation {job.operation[:100]!r}; "
                               f"it has {', '.join(spec.operations)}")
     initial_data: dict[str, Any] = {}

@@ -4,17 +4,17 @@ process, kept for the last IN_PROCESS_INSTANCES of them, and torn down (its `clo
 it is the least recently used past that, idle for `PLUGINPOOL_WARM_IDLE_S`, unloaded (heard
 on the unload channel, on every worker), or its pool process shuts down.
 
-A teardown never runs inside a job: an instance is taken out of use between runs (a run
-holds the lock), and its teardown runs after, in a daemon thread of the pool process (or,
-with no Redis to hear unloads, after the job, outside its logs and its error handling), so
-one that hangs holds up later teardowns, never a job; at shutdown all of them get at most
-SHUTDOWN_TEARDOWNS_S. A teardown may run beside a later job of another instance: the code
-is trusted, but two of its instances' methods may overlap. A teardown that raises is logged
-and counts for nothing.
+A teardown never runs inside a job, nor beside one: an instance is taken out of use between
+runs, and its teardown runs after, in a daemon thread of the pool process (or, with no
+Redis to hear unloads, after the job, outside its logs and its error handling), holding the
+lock a job's run holds. A teardown that hangs holds up the next job for at most
+TEARDOWN_WAIT_S, then jobs run beside it (logged); at shutdown all of them get at most
+SHUTDOWN_TEARDOWNS_S. A teardown that raises is logged and counts for nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import os
@@ -22,6 +22,7 @@ import queue
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
 from typing import Any
 
 import redis
@@ -37,6 +38,7 @@ UNLOADED_KEPT_S = 600.0
 """How long an unload is remembered (an instance being set up when it came is torn down
 after its first run; instance ids are never reused)."""
 SHUTDOWN_TEARDOWNS_S = 5.0
+TEARDOWN_WAIT_S = 5.0
 InstanceKey = tuple[str, int, str | None]
 """(plugin id, revision, instance id)."""
 
@@ -83,12 +85,14 @@ class InProcessInstances:
         self._unload_channel = unload_channel
         self._loaded: OrderedDict[InstanceKey, Loaded] = OrderedDict()
         self.lock = threading.RLock()
-        """Held by a run for its whole length: an instance is taken out of use only
-        between runs. A teardown runs without it, after."""
+        """Held by a job's run, and by each teardown: neither runs during the other
+        (`job` waits for a teardown at most TEARDOWN_WAIT_S)."""
         self._to_close: queue.SimpleQueue[tuple[InstanceKey, Loaded, str]] = \
             queue.SimpleQueue()
         self._unloaded: dict[str, float] = {}
         self._listener_of = 0
+        self._closing_since: float | None = None
+        """When the teardown under way started (a job waits for it, up to a bound)."""
 
     def get(self, key: InstanceKey) -> Loaded | None:
         loaded = self._loaded.get(key)
@@ -147,13 +151,35 @@ class InProcessInstances:
             logger.warning("in-process teardowns still running after %.0f s at shutdown; "
                            "the process exits without them", SHUTDOWN_TEARDOWNS_S)
 
+    @contextlib.contextmanager
+    def job(self) -> Iterator[None]:
+        """Around a job's run: teardowns wait for it, and it waits for a teardown under
+        way (its output would go into the job's logs: stdout is the process's), but at
+        most TEARDOWN_WAIT_S: a teardown that hangs does not hold up the jobs."""
+        since = self._closing_since
+        wait = TEARDOWN_WAIT_S if since is None else TEARDOWN_WAIT_S - (time.monotonic() - since)
+        held = self.lock.acquire(timeout=max(wait, 0.0))
+        if not held:
+            logger.warning("a teardown has run for over %.0f s; jobs run beside it",
+                           TEARDOWN_WAIT_S)
+        try:
+            yield
+        finally:
+            if held:
+                self.lock.release()
+
     def _close_due(self) -> None:
         while True:
             try:
                 key, loaded, reason = self._to_close.get_nowait()
             except queue.Empty:
                 return
-            _teardown(key, loaded, reason)
+            with self.lock:  # never during a job (nor its first run, nor a new setup)
+                self._closing_since = time.monotonic()
+                try:
+                    _teardown(key, loaded, reason)
+                finally:
+                    self._closing_since = None
 
     # -- the pool process's listener ------------------------------------------------------
 
@@ -195,7 +221,8 @@ class InProcessInstances:
 def _teardown(key: InstanceKey, loaded: Loaded, reason: str) -> None:
     try:
         ran = loaded.close()
-    except Exception as exc:  # trusted code, but its failure is its own: logged, no more
+    except (Exception, SystemExit, GeneratorExit) as exc:  # its failure is its own: logged
+        # (a SystemExit would otherwise end the thread that runs every later teardown)
         logger.warning("in-process plugin %s retired (%s); teardown failed: %s: %s", key,
                        reason, type(exc).__name__, str(exc)[:500])
         return

@@ -163,7 +163,7 @@ class InProcessRunner:
     def run(self, spec: PluginSpec, ctx: PluginContext, payload: Any) -> RunReport:
         """`_run` with its stdout, stderr and ctx.logger kept (tasks/run_logs.py)."""
         try:
-            with self._instances.lock, captured(spec.id, max_bytes=self._max_log_bytes) as logs:
+            with self._instances.job(), captured(spec.id, max_bytes=self._max_log_bytes) as logs:
                 try:
                     report = self._run(spec, ctx, payload)
                 except PluginExecutionError as exc:

@@ -195,7 +195,7 @@ class PluginClient(FleetOperations, Operations):
     def _submit(self, plugin_id: str, payload: Any, *, instance_id: str | None,
                 depth: int, operation: str = "run") -> Job | FallbackJob:
         spec = self.spec(plugin_id)
-        if operation not in spec.operations:
+        if not isinstance(operation, str) or not spec.offers(operation):
             raise UnknownOperationError(plugin_id, str(operation), operations=spec.operations)
         if instance_id is not None:
             instance = self.instance(instance_id)

@@ -134,6 +134,11 @@ class PluginSpec(BaseModel):
             raise ValueError("operations are listed more than once")
         return values
 
+    def offers(self, operation: str) -> bool:
+        """Whether a job may call `operation`: listed, and not the teardown (a spec stored
+        before `close` was refused at register may still list it)."""
+        return operation in self.operations and operation not in RESERVED_OPERATIONS
+
     @property
     def deadlines(self) -> Deadlines:
         """Every clock of one job of this plugin (policy/deadlines.py)."""

@@ -5,8 +5,9 @@ a setup can make it name any pid, 0 (the pool child's own process group) include
 pid is taken only if it is plausible (above 1, not the pool child) and, for a run, a child
 of its zygote; and every signal to the process goes through a pidfd opened when the pid
 was checked, so a process that has ended and whose pid was reused is never hit. Its process
-group is signalled by the same checked pid (killpg), also once the leader is gone: the
-kernel does not reuse a pid while a group of that id has members.
+group is signalled (killpg) only through such a handle: while the leader lives, or once it
+is gone and no process has its pid (the group is then the leader's orphaned one). A pid
+that was already gone when it was named is never signalled, nor its group.
 """
 
 from __future__ import annotations
@@ -86,12 +87,17 @@ class ProcessHandle:
 
     def send_group(self, signum: int) -> None:
         """Signal the process group it leads (a zygote, a run once it has called setsid),
-        even once the leader itself is gone: what it started lives on in the group, and
-        the kernel gives no new process a pid that is still a group's id. (With no group
-        of that id, nothing is sent.) Never the pool child's own group."""
-        if self.pid != os.getpgrp():
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.pid, signum)
+        only through a checked handle: while the leader lives (its pid is then its own),
+        or once it is gone if no process has its pid (a group of that id is then the
+        leader's own, orphaned: what it started lives on there, and the kernel gives no
+        new process a pid that is a living group's id). A pid that another process has
+        taken since is not signalled; nor the pool child's own group."""
+        if self._pidfd is None or self.pid == os.getpgrp():
+            return
+        if not self.alive() and os.path.exists(f"/proc/{self.pid}"):
+            return  # its pid is someone else's now
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signum)
 
     def close(self) -> None:
         pidfd, self._pidfd = self._pidfd, None

@@ -48,6 +48,8 @@ PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PROTOCOL_ERROR_CHARS = 300
 STORAGE_REPLY_WAIT_S = 1.0
+DRAIN_S = 0.1
+"""The longest the channel is read once the process has ended or its deadline has come."""
 MAX_WORKSPACE_ENTRIES = 10_000
 """Files and directories a run's (or setup's) workspace may hold: beyond it the run is
 stopped as a `resource` error (`max_workspace_entries`)."""
@@ -388,6 +390,9 @@ class Supervisor:
             # A sandbox waits for each reply (ctx.storage is synchronous): one that asks
             # and does not read them fills the socket, and is stopped within a second
             # (FrameDeadline), not left unsampled until its deadline.
+            if self._stopped:  # throttled: a stopped process cannot read its reply
+                self._signal_group(signal.SIGCONT)
+                self._stopped = False
             send_by(self.fd, storage_reply(raw), time.monotonic() + STORAGE_REPLY_WAIT_S)
         elif isinstance(message, FINAL):
             self.out.result = message
@@ -406,23 +411,39 @@ class Supervisor:
         return not channel_ready
 
     def _final_frame_waiting(self, reader: FrameReader) -> bool:
-        """Read what is already on the channel, without waiting; whether it held the final
-        frame."""
+        """Read what is already on the channel, for at most DRAIN_S (something the process
+        started may keep writing); whether it held the final frame. A bad frame stops it
+        as in the loop (the same bytes get the same error whenever they are read)."""
         poller = select.poll()
         poller.register(self.fd, select.POLLIN)
-        try:
-            # Until nothing more is there: a frame in parts returns nothing until it is
-            # whole (a large Result its process wrote just before it ended).
-            while self.out.result is None and not reader.closed and poller.poll(0):
-                if self.pid is None:
-                    self._pid()
-                for message in reader.read():
-                    self._handle(message)
-                    if self.out.result is not None:
-                        break
-        except (ValueError, OSError, FrameDeadline):
-            return False
+        until = time.monotonic() + DRAIN_S
+        while (self.out.result is None and self.out.killed_for is None and not reader.closed
+               and time.monotonic() < until and poller.poll(0)):
+            if self.pid is None:
+                self._pid()
+            self._read_frames(reader)
         return self.out.result is not None
+
+    def _read_frames(self, reader: FrameReader) -> bool:
+        """Handle the whole frames that have arrived (a partial one waits for the rest
+        while the clocks keep running); False when the channel failed (its end)."""
+        try:
+            for message in reader.read():
+                self._handle(message)
+                if self.out.result is not None:
+                    break  # anything after the final frame is not read
+        except channel.FrameTooLarge as exc:
+            self._stop("result_size", exc.size)
+        except FrameDeadline:  # a storage reply the sandbox would not take
+            self.out.protocol_error = (f"a storage reply was not read within "
+                                       f"{STORAGE_REPLY_WAIT_S:g} s")
+            self._stop("protocol", 0.0)
+        except ValueError as exc:  # not JSON, not a message, a field mistyped
+            self.out.protocol_error = str(exc)[:PROTOCOL_ERROR_CHARS]
+            self._stop("protocol", 0.0)
+        except OSError:
+            return False
+        return True
 
     def run(self) -> Supervision:
         """Supervise to the end; NotForked (nothing supervised, nothing to kill) when a
@@ -462,6 +483,8 @@ class Supervisor:
                     # A final frame already there came in time (a late sample, a loaded
                     # host): it is the outcome, not the timeout.
                     if channel_open and self._final_frame_waiting(reader):
+                        break
+                    if self.out.killed_for is not None:
                         break
                     self._stop("timeout", (now - started) * 1000)
                     break
@@ -508,23 +531,7 @@ class Supervisor:
                     continue  # only output: the channel has nothing yet
                 if self.pid is None:  # the run wrote Forked before anything here
                     self._pid()
-                # What has arrived: whole frames are handled, a partial one waits for the
-                # rest while the clocks above keep running.
-                try:
-                    for message in reader.read():
-                        self._handle(message)
-                        if self.out.result is not None:
-                            break  # anything after the final frame is not read
-                except channel.FrameTooLarge as exc:
-                    self._stop("result_size", exc.size)
-                except FrameDeadline:  # a storage reply the sandbox would not take
-                    self.out.protocol_error = (f"a storage reply was not read within "
-                                               f"{STORAGE_REPLY_WAIT_S:g} s")
-                    self._stop("protocol", 0.0)
-                except ValueError as exc:  # not JSON, not a message, a field mistyped
-                    self.out.protocol_error = str(exc)[:PROTOCOL_ERROR_CHARS]
-                    self._stop("protocol", 0.0)
-                except OSError:
+                if not self._read_frames(reader):
                     channel_open = False
                 if reader.closed and self.out.result is None:
                     channel_open = False

@@ -13,7 +13,7 @@ import pytest
 
 from pluginpool.policy.errors import ErrorType, PluginExecutionError
 from pluginpool.policy.limits import Permissions, ResourceLimits
-from pluginpool.pool.in_process_instances import InProcessInstances
+from pluginpool.pool.in_process_instances import TEARDOWN_WAIT_S, InProcessInstances
 from pluginpool.pool.loader import PluginLoader
 from pluginpool.pool.runner import InProcessRunner
 from pluginpool.tasks.context import PluginContext
@@ -132,7 +132,26 @@ def test_a_teardown_that_hangs_holds_up_no_job(redis_url: str) -> None:
     echo = spec("echo", "basic:echo")
     assert run.run(hangs, ctx(hangs, "h"), {}).value == "ran"
     started = time.monotonic()
-    for i in range(3):  # the first pushes the hanging one out: its teardown starts
+    for i in range(4):  # the first pushes the hanging one out: its teardown starts
         assert run.run(echo, ctx(echo), {"i": i}).value["payload"] == {"i": i}
         time.sleep(1.2)  # the listener's tick: the teardown is under way
-    assert time.monotonic() - started < 3 * 1.2 + 3
+    # One job waited for it (TEARDOWN_WAIT_S), the later ones did not wait again.
+    assert time.monotonic() - started < 4 * 1.2 + TEARDOWN_WAIT_S + 3
+
+
+def test_a_teardown_never_runs_beside_a_job(redis_url: str) -> None:
+    """Before, a teardown in the listener thread could run during a later job: its prints
+    went into that job's logs (stdout is the process's), or during the instance's own
+    first run when it was unloaded while being set up."""
+    import redis
+
+    instances = InProcessInstances(idle_s=3600, capacity=1,
+                                   redis_client=redis.Redis.from_url(redis_url),
+                                   unload_channel="pp-test-unused-unload-channel")
+    run = InProcessRunner(PluginLoader(registered=lambda _pid: True), max_result_bytes=1 << 20,
+                          instances=instances)
+    loud = spec("loud-close", "lifecycle:PrintsAtClose")
+    sleepy = spec("sleepy", "basic:sleeps")
+    assert run.run(loud, ctx(loud, "l"), {}).value == "ran"
+    logs = [run.run(sleepy, ctx(sleepy), {"seconds": 0.5}).logs for _ in range(4)]
+    assert not any("closing" in text for text in logs), logs

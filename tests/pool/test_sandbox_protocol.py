@@ -5,6 +5,7 @@ runtime where a process is needed (the worker-level cases are in test_warm_sandb
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import signal
@@ -304,3 +305,73 @@ def test_a_spawn_arrives_whole_with_its_descriptor() -> None:
         reader.join(10)
         assert b"".join(got) == channel.frame_of(spawn) and len(fds) == 1
         os.close(fds[0])
+
+
+def test_a_pid_already_gone_when_named_is_never_signalled_nor_its_group() -> None:
+    """A double-forked daemon's group id is a pid that has exited: a zygote naming it got
+    a handle that killpg'd the daemon's whole group (third review)."""
+    shell = subprocess.Popen(["sh", "-c", "sleep 60 & echo $!"], stdout=subprocess.PIPE,
+                             text=True, start_new_session=True)
+    assert shell.stdout is not None
+    daemon = int(shell.stdout.readline())
+    shell.wait()  # the group's leader is gone (and reaped); its member lives on
+    try:
+        handle = ProcessHandle.open(shell.pid, parent=os.getpid())
+        handle.send_group(signal.SIGKILL)
+        handle.send(signal.SIGKILL)
+        time.sleep(0.2)
+        assert psutil.Process(daemon).status() != psutil.STATUS_ZOMBIE
+    finally:
+        os.kill(daemon, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("watched_exits", [True, False])
+def test_a_stream_of_frames_cannot_hold_the_supervisor_past_its_clock(
+        tmp_path: Path, watched_exits: bool) -> None:
+    """Something that keeps writing whole frames (a child of the run holding the channel,
+    or the run itself past its deadline) kept the final read going for ever."""
+    import threading
+
+    proc = subprocess.Popen(["sleep", "0.2" if watched_exits else "60"],
+                            start_new_session=True)
+    ours, theirs = socket.socketpair()
+    stop = threading.Event()
+
+    def stream() -> None:
+        frame = channel.frame_of(messages.Log(stream="stdout", text="x" * 1000))
+        with contextlib.suppress(OSError):
+            while not stop.is_set():
+                theirs.sendall(frame)
+
+    writer = threading.Thread(target=stream, daemon=True)
+    writer.start()
+
+    class Reaped:
+        def reap(self, *, block: bool) -> Exit:
+            return Exit(status=0)
+
+    try:
+        started = time.monotonic()
+        out = Supervisor(proc.pid, ours.fileno(), bounds=Bounds(
+            timeout_s=1.0, max_memory_bytes=1 << 30, max_storage_bytes=1 << 30,
+            cpu_percent=100), workspace=str(tmp_path), baseline_rss=0, storage=None,
+            max_frame_bytes=1 << 20, reaper=Reaped()).run()
+        assert time.monotonic() - started < 5
+        assert out.result is None
+    finally:
+        stop.set()
+        ours.close()
+        writer.join(5)
+        theirs.close()
+        proc.kill()
+        proc.wait()
+
+
+def test_float_fields_refuse_negative_ints_and_overflowing_numbers() -> None:
+    with pytest.raises(messages.ProtocolError):
+        messages.decode({"op": "result", "ok": True, "cpu_s": -5})
+    with pytest.raises(messages.ProtocolError):
+        messages.decode({"op": "result", "ok": True, "network_requests": -1})
+    with pytest.raises(ValueError):
+        channel.loads(b'{"op": "result", "ok": true, "value": 1e999}')
+    assert channel.loads(b'{"x": 1.5e300}') == {"x": 1.5e300}

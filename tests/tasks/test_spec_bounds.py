@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pluginpool.policy.errors import ManifestError
+from pluginpool.policy.errors import ManifestError, UnknownOperationError
 from pluginpool.policy.limits import ResourceLimits
 from pluginpool.tasks.client import PluginClient
 from pluginpool.tasks.spec import PluginSpec
@@ -124,6 +124,8 @@ def test_a_spec_stored_under_the_older_rules_is_still_read(client: PluginClient)
     client.redis.hset(client.settings.keys.specs, "old-ops", json.dumps(stored))
     assert client.spec("old-ops").operations == ["run", "close"]
     assert "old-ops" in {spec.id for spec in client.plugins()}
+    with pytest.raises(UnknownOperationError):  # still never callable by a job
+        client.submit("old-ops", {}, operation="close")
     client.unregister("old-ops")
 
 

@@ -25,7 +25,15 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"frame holds {name}, which is not JSON")
 
 
-_scan = make_scanner(JSONDecoder(parse_constant=_no_constant))  # type: ignore[arg-type]
+def _finite(text: str) -> float:
+    value = float(text)
+    if value - value != 0:  # 1e999 reads as an infinity
+        raise ValueError(f"frame holds {text[:32]}, which is no finite number")
+    return value
+
+
+_scan = make_scanner(JSONDecoder(  # type: ignore[arg-type]
+    parse_constant=_no_constant, parse_float=_finite))
 """json's C scanner, without json.loads's Python layers around it; NaN and the infinities
 are refused (JSON has none, and a sandbox's figures must be numbers)."""
 

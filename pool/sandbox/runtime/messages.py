@@ -260,8 +260,11 @@ def result_frame(value_json: bytes, *, network_requests: int, cpu_s: float,
 
 
 ERROR_TYPES = frozenset((RUNTIME, RESOURCE, TIMEOUT, SECURITY, DEPENDENCY))
-_INT_RANGES = {"pid": (1, (1 << 31) - 1), "status": (0, 0xFFFF)}
-"""Fields a kernel call takes: a pid, a wait status (os.WIFSIGNALED and friends)."""
+_INT_RANGES = {"pid": (1, (1 << 31) - 1), "status": (0, 0xFFFF),
+               "network_requests": (0, 1 << 62), "maxrss_kb": (0, 1 << 62),
+               "rss_bytes": (0, 1 << 62), "zygote_rss_bytes": (0, 1 << 62)}
+"""Fields a kernel call takes (a pid, a wait status: os.WIFSIGNALED and friends), and
+counts and sizes, which are never negative."""
 _WIDEST_INT = 1 << 63
 _KINDS: dict[str, tuple[type, ...]] = {
     "int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "dict": (dict,),
@@ -302,7 +305,7 @@ def _check(item: Any) -> None:
     field of the wrong type must be a ProtocolError here, not a TypeError wherever the
     pool child first uses it."""
     for kinds, nullable, name in _checks_of(type(item)):
-        value = getattr(item, name)
+        value: Any = getattr(item, name)
         if value is None:
             if nullable:
                 continue
@@ -311,8 +314,9 @@ def _check(item: Any) -> None:
             continue
         if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
             raise ProtocolError(f"{name} is a {type(value).__name__}")
-        if isinstance(value, float):  # every float field is a duration or a size
-            if not (value - value == 0 and value >= 0):  # NaN, infinities, negatives
+        if float in kinds:  # a float field (an int is one too) is a duration or a size
+            number: float = getattr(item, name)  # (isinstance above narrowed it to object)
+            if not (number - number == 0 and number >= 0):  # NaN, infinities, negatives
                 raise ProtocolError(f"{name} {value} is not a finite, non-negative number")
         elif isinstance(value, int) and not isinstance(value, bool):
             low, high = _INT_RANGES.get(name, (-_WIDEST_INT, _WIDEST_INT))

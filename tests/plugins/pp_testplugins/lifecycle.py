@@ -127,3 +127,19 @@ class FailsSetup:
 
     def run(self, ctx: Any, payload: Any) -> Any:
         return "never"
+
+
+class PrintsAtClose:
+    """Its teardown prints for a while."""
+
+    def __init__(self, ctx: Any) -> None:
+        pass
+
+    def run(self, ctx: Any, payload: Any) -> Any:
+        return "ran"
+
+    def close(self) -> None:
+        import time
+        for _ in range(20):
+            print("closing")
+            time.sleep(0.05)
