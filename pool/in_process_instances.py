@@ -5,11 +5,12 @@ it is the least recently used past that, idle for `PLUGINPOOL_WARM_IDLE_S`, unlo
 on the unload channel, on every worker), or its pool process shuts down.
 
 A teardown never runs inside a job, nor beside one: an instance is taken out of use between
-runs, and its teardown runs after, in a daemon thread of the pool process (or, with no
-Redis to hear unloads, after the job, outside its logs and its error handling), holding the
-lock a job's run holds. A teardown that hangs holds up the next job for at most
-TEARDOWN_WAIT_S, then jobs run beside it (logged); at shutdown all of them get at most
-SHUTDOWN_TEARDOWNS_S. A teardown that raises is logged and counts for nothing.
+jobs, and its teardown runs after, in a daemon thread of the pool process (or, with no
+Redis to hear unloads, after the job, outside its logs and its error handling), when no
+job runs or waits (`_turns`). A teardown that hangs holds up the next job for at most
+TEARDOWN_WAIT_S, then jobs run beside it (logged), and no instance in use is taken from
+them; at shutdown the teardowns get at most SHUTDOWN_TEARDOWNS_S, one that hangs included.
+A teardown that raises is logged and counts for nothing.
 """
 
 from __future__ import annotations
@@ -84,15 +85,18 @@ class InProcessInstances:
         self._redis = redis_client
         self._unload_channel = unload_channel
         self._loaded: OrderedDict[InstanceKey, Loaded] = OrderedDict()
-        self.lock = threading.RLock()
-        """Held by a job's run, and by each teardown: neither runs during the other
-        (`job` waits for a teardown at most TEARDOWN_WAIT_S)."""
+        self._turns = threading.Condition()
+        """Whose turn it is: a job's run, or one teardown (never both, but for a teardown
+        that hangs past TEARDOWN_WAIT_S); instances are taken out of use only between
+        jobs. Not held while either runs (a plugin's code)."""
+        self._job_running = False
+        self._jobs_waiting = 0
+        self._teardown_running = False
+        self._teardown_started = 0.0
         self._to_close: queue.SimpleQueue[tuple[InstanceKey, Loaded, str]] = \
             queue.SimpleQueue()
         self._unloaded: dict[str, float] = {}
         self._listener_of = 0
-        self._closing_since: float | None = None
-        """When the teardown under way started (a job waits for it, up to a bound)."""
 
     def get(self, key: InstanceKey) -> Loaded | None:
         loaded = self._loaded.get(key)
@@ -120,7 +124,8 @@ class InProcessInstances:
             self._close_due()
 
     def retire_instance(self, instance_id: str) -> None:
-        with self.lock:  # between runs
+        with self._turns:
+            self._turns.wait_for(lambda: not self._job_running)  # between jobs
             self._unloaded[instance_id] = time.monotonic()
             for key in [key for key in self._loaded if key[2] == instance_id]:
                 self._to_close.put((key, self._loaded.pop(key), "instance unloaded"))
@@ -128,7 +133,8 @@ class InProcessInstances:
 
     def retire_idle(self) -> None:
         now = time.monotonic()
-        with self.lock:
+        with self._turns:
+            self._turns.wait_for(lambda: not self._job_running)  # between jobs
             for instance_id, at in list(self._unloaded.items()):
                 if now - at > UNLOADED_KEPT_S:
                     del self._unloaded[instance_id]
@@ -140,7 +146,7 @@ class InProcessInstances:
     def retire_all(self, **_: Any) -> None:
         """The pool process is shutting down: every teardown, all of them within
         SHUTDOWN_TEARDOWNS_S (a daemon thread: one that hangs does not hold the exit)."""
-        with self.lock:
+        with self._turns:  # no job runs now; a teardown under way may hang: not waited for
             while self._loaded:
                 self._to_close.put((*self._loaded.popitem(last=False), "shutdown"))
         closing = threading.Thread(target=self._close_due, daemon=True,
@@ -153,33 +159,47 @@ class InProcessInstances:
 
     @contextlib.contextmanager
     def job(self) -> Iterator[None]:
-        """Around a job's run: teardowns wait for it, and it waits for a teardown under
-        way (its output would go into the job's logs: stdout is the process's), but at
-        most TEARDOWN_WAIT_S: a teardown that hangs does not hold up the jobs."""
-        since = self._closing_since
-        wait = TEARDOWN_WAIT_S if since is None else TEARDOWN_WAIT_S - (time.monotonic() - since)
-        held = self.lock.acquire(timeout=max(wait, 0.0))
-        if not held:
-            logger.warning("a teardown has run for over %.0f s; jobs run beside it",
-                           TEARDOWN_WAIT_S)
+        """Around a job's run: no teardown starts during it, and it waits for one under way
+        (its output would go into the job's logs: stdout is the process's), but at most
+        TEARDOWN_WAIT_S: a teardown that hangs does not hold up the jobs. A teardown
+        waiting its turn lets a waiting job go first."""
+        with self._turns:
+            self._jobs_waiting += 1
+            # Up to TEARDOWN_WAIT_S since the teardown under way started (a job after
+            # one that gave up waiting does not wait again).
+            wait = TEARDOWN_WAIT_S - (time.monotonic() - self._teardown_started)
+            try:
+                free = self._turns.wait_for(lambda: not self._teardown_running,
+                                            timeout=max(wait, 0.0))
+            finally:
+                self._jobs_waiting -= 1
+            if not free:
+                logger.warning("a teardown has run for over %.0f s; jobs run beside it",
+                               TEARDOWN_WAIT_S)
+            self._job_running = True
         try:
             yield
         finally:
-            if held:
-                self.lock.release()
+            with self._turns:
+                self._job_running = False
+                self._turns.notify_all()
 
     def _close_due(self) -> None:
         while True:
-            try:
-                key, loaded, reason = self._to_close.get_nowait()
-            except queue.Empty:
-                return
-            with self.lock:  # never during a job (nor its first run, nor a new setup)
-                self._closing_since = time.monotonic()
+            with self._turns:
+                self._turns.wait_for(lambda: not self._job_running and not self._jobs_waiting)
                 try:
-                    _teardown(key, loaded, reason)
-                finally:
-                    self._closing_since = None
+                    key, loaded, reason = self._to_close.get_nowait()
+                except queue.Empty:
+                    return
+                self._teardown_running = True
+                self._teardown_started = time.monotonic()
+            try:
+                _teardown(key, loaded, reason)
+            finally:
+                with self._turns:
+                    self._teardown_running = False
+                    self._turns.notify_all()
 
     # -- the pool process's listener ------------------------------------------------------
 

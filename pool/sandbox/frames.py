@@ -38,6 +38,7 @@ class FrameReader:
         self.max_bytes = max_bytes
         self.closed = False
         """The other end is gone (what it sent whole before was returned)."""
+        self.bytes_read = 0
         self._buffer = bytearray()
         self._needed = HEADER_BYTES
         """Bytes the partial frame in the buffer needs before it can be parsed."""
@@ -50,6 +51,7 @@ class FrameReader:
         if not chunk:
             self.closed = True
             return []
+        self.bytes_read += len(chunk)
         if self._buffer:  # a frame in parts: gathered until it is whole
             self._buffer += chunk
             if len(self._buffer) < self._needed:

@@ -14,9 +14,12 @@ and the kernel's accounting come through a Reaper.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import select
 import signal
+import sys
+import termios
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -164,6 +167,14 @@ def process_tree(pid: int) -> list[int]:
             except OSError:
                 continue
     return tree
+
+
+def _queued_bytes(fd: int) -> int:
+    """Bytes waiting to be read on a socket (FIONREAD); 0 if it cannot say."""
+    try:
+        return int.from_bytes(fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"), sys.byteorder)
+    except OSError:
+        return 0
 
 
 def start_time(pid: int) -> bytes | None:
@@ -390,10 +401,14 @@ class Supervisor:
             # A sandbox waits for each reply (ctx.storage is synchronous): one that asks
             # and does not read them fills the socket, and is stopped within a second
             # (FrameDeadline), not left unsampled until its deadline.
-            if self._stopped:  # throttled: a stopped process cannot read its reply
+            stopped = self._stopped  # throttled: a stopped process cannot read its reply
+            if stopped:
                 self._signal_group(signal.SIGCONT)
-                self._stopped = False
-            send_by(self.fd, storage_reply(raw), time.monotonic() + STORAGE_REPLY_WAIT_S)
+            try:
+                send_by(self.fd, storage_reply(raw), time.monotonic() + STORAGE_REPLY_WAIT_S)
+            finally:
+                if stopped:  # and stopped again: its CPU share still holds
+                    self._signal_group(signal.SIGSTOP)
         elif isinstance(message, FINAL):
             self.out.result = message
             self.out.finished_at = self.clock()
@@ -411,14 +426,17 @@ class Supervisor:
         return not channel_ready
 
     def _final_frame_waiting(self, reader: FrameReader) -> bool:
-        """Read what is already on the channel, for at most DRAIN_S (something the process
-        started may keep writing); whether it held the final frame. A bad frame stops it
-        as in the loop (the same bytes get the same error whenever they are read)."""
+        """Read what is on the channel now, all of it whatever the time, then for at most
+        DRAIN_S what more comes (something the process started may keep writing); whether
+        it held the final frame. A bad frame stops it as in the loop (the same bytes get
+        the same error whenever they are read)."""
         poller = select.poll()
         poller.register(self.fd, select.POLLIN)
+        queued = reader.bytes_read + _queued_bytes(self.fd)
         until = time.monotonic() + DRAIN_S
         while (self.out.result is None and self.out.killed_for is None and not reader.closed
-               and time.monotonic() < until and poller.poll(0)):
+               and (reader.bytes_read < queued or time.monotonic() < until)
+               and poller.poll(0)):
             if self.pid is None:
                 self._pid()
             self._read_frames(reader)

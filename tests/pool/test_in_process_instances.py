@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from typing import Any
 
 import pytest
 
@@ -155,3 +156,33 @@ def test_a_teardown_never_runs_beside_a_job(redis_url: str) -> None:
     assert run.run(loud, ctx(loud, "l"), {}).value == "ran"
     logs = [run.run(sleepy, ctx(sleepy), {"seconds": 0.5}).logs for _ in range(4)]
     assert not any("closing" in text for text in logs), logs
+
+
+def test_a_hung_teardown_holds_neither_shutdown_nor_an_instance_in_use(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Fourth review: with the teardown holding the job's lock, shutdown waited for a hung
+    one for ever; and once a job had stopped waiting for it, the next retirement could
+    tear down the instance that job was running."""
+    import threading
+
+    instances = InProcessInstances(idle_s=0.0, capacity=16)
+    run = InProcessRunner(PluginLoader(registered=lambda _pid: True), max_result_bytes=1 << 20,
+                          instances=instances)
+    hangs = spec("hangs-at-close", "lifecycle:HangsAtClose")
+    sleepy = spec("sleepy-class", "lifecycle:SleepsThenChecks")
+    assert run.run(hangs, ctx(hangs, "h"), {}).value == "ran"
+    stuck = threading.Thread(target=instances.retire_idle, daemon=True)  # idle_s 0: due
+    stuck.start()
+    time.sleep(0.5)  # its close() now hangs, as a listener's would
+    done: list[Any] = []
+    job = threading.Thread(target=lambda: done.append(
+        run.run(sleepy, ctx(sleepy, "s"), {"seconds": 2}).value))
+    job.start()
+    time.sleep(TEARDOWN_WAIT_S + 0.5)  # the job stopped waiting, its instance is set up
+    retiring = threading.Thread(target=instances.retire_idle, daemon=True)
+    retiring.start()  # must wait for the job: its instance is in use
+    job.join(20)
+    assert done == [{"closed_during_run": False}]
+    started = time.monotonic()
+    instances.retire_all()
+    assert time.monotonic() - started < 10

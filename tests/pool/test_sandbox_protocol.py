@@ -45,6 +45,7 @@ from tests.conftest import TEST_PLUGINS
     {"op": "exited", "pid": 5, "status": True, "cpu_s": 0.1, "maxrss_kb": 1},
     {"op": "forked", "pid": 0, "zygote_rss_bytes": 1},
     {"op": "result", "ok": True, "cpu_s": float("nan")},
+    {"op": "started", "layers": {}, "cpu_s": 10 ** 400},
     {"op": "result", "ok": True, "wall_s": float("-inf")},
     {"op": "exited", "pid": 5, "status": 0, "cpu_s": -1.0, "maxrss_kb": 1},
     {"op": "forked", "pid": -1, "zygote_rss_bytes": 1},
@@ -375,3 +376,37 @@ def test_float_fields_refuse_negative_ints_and_overflowing_numbers() -> None:
     with pytest.raises(ValueError):
         channel.loads(b'{"op": "result", "ok": true, "value": 1e999}')
     assert channel.loads(b'{"x": 1.5e300}') == {"x": 1.5e300}
+
+
+def test_what_an_ended_process_left_on_its_channel_is_read_whole_however_slowly(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fourth review: the final read was cut at 0.1 s; a pool child slow to read a large
+    Result its run wrote just before it ended (a loaded host) lost it."""
+    proc = subprocess.Popen(["true"])
+    while psutil.Process(proc.pid).status() != psutil.STATUS_ZOMBIE:
+        time.sleep(0.01)  # ended, not reaped: its pidfd is readable at once
+    ours, theirs = socket.socketpair()
+    slow_read = frames.FrameReader.read
+
+    def slowly(self: frames.FrameReader) -> list[messages.Message]:
+        time.sleep(0.06)
+        return slow_read(self)
+
+    monkeypatch.setattr(frames.FrameReader, "read", slowly)
+    try:
+        result = messages.Result(ok=True, value="v" * 150_000)
+        theirs.sendall(channel.frame_of(result))
+
+        class Reaped:
+            def reap(self, *, block: bool) -> Exit:
+                return Exit(status=0)
+
+        out = Supervisor(proc.pid, ours.fileno(), bounds=Bounds(
+            timeout_s=10.0, max_memory_bytes=1 << 30, max_storage_bytes=1 << 30,
+            cpu_percent=100), workspace=str(tmp_path), baseline_rss=0, storage=None,
+            max_frame_bytes=1 << 20, reaper=Reaped()).run()
+        assert out.result == result
+    finally:
+        ours.close()
+        theirs.close()
+        proc.wait()

@@ -316,7 +316,8 @@ def _check(item: Any) -> None:
             raise ProtocolError(f"{name} is a {type(value).__name__}")
         if float in kinds:  # a float field (an int is one too) is a duration or a size
             number: float = getattr(item, name)  # (isinstance above narrowed it to object)
-            if not (number - number == 0 and number >= 0):  # NaN, infinities, negatives
+            if not (number - number == 0 and 0 <= number <= _WIDEST_INT):  # NaN, infinities,
+                # negatives, and ints too large to be a float
                 raise ProtocolError(f"{name} {value} is not a finite, non-negative number")
         elif isinstance(value, int) and not isinstance(value, bool):
             low, high = _INT_RANGES.get(name, (-_WIDEST_INT, _WIDEST_INT))

@@ -143,3 +143,18 @@ class PrintsAtClose:
         for _ in range(20):
             print("closing")
             time.sleep(0.05)
+
+
+class SleepsThenChecks:
+    """Sleeps in its run, then says whether its teardown ran meanwhile."""
+
+    def __init__(self, ctx: Any) -> None:
+        self.closed = False
+
+    def run(self, ctx: Any, payload: Any) -> Any:
+        import time
+        time.sleep(float(payload["seconds"]))
+        return {"closed_during_run": self.closed}
+
+    def close(self) -> None:
+        self.closed = True
