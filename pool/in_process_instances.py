@@ -20,6 +20,7 @@ import inspect
 import logging
 import os
 import queue
+import signal
 import threading
 import time
 from collections import OrderedDict
@@ -124,23 +125,26 @@ class InProcessInstances:
             self._close_due()
 
     def retire_instance(self, instance_id: str) -> None:
+        """Its instances are torn down between jobs: now if no job runs within TICK_S,
+        else by the listener's next retire_idle (the unload is remembered)."""
         with self._turns:
-            self._turns.wait_for(lambda: not self._job_running)  # between jobs
             self._unloaded[instance_id] = time.monotonic()
-            for key in [key for key in self._loaded if key[2] == instance_id]:
-                self._to_close.put((key, self._loaded.pop(key), "instance unloaded"))
-        self._close_due()
+        self.retire_idle()
 
     def retire_idle(self) -> None:
+        """The idle and unloaded instances out of use, between jobs (waited for at most
+        TICK_S: the next tick tries again), then their teardowns."""
         now = time.monotonic()
         with self._turns:
-            self._turns.wait_for(lambda: not self._job_running)  # between jobs
-            for instance_id, at in list(self._unloaded.items()):
-                if now - at > UNLOADED_KEPT_S:
-                    del self._unloaded[instance_id]
-            for key in [key for key, loaded in self._loaded.items()
-                        if now - loaded.last_used >= self.idle_s]:
-                self._to_close.put((key, self._loaded.pop(key), "idle"))
+            if self._turns.wait_for(lambda: not self._job_running, timeout=TICK_S):
+                for instance_id, at in list(self._unloaded.items()):
+                    if now - at > UNLOADED_KEPT_S:
+                        del self._unloaded[instance_id]
+                for key, loaded in list(self._loaded.items()):
+                    if key[2] is not None and key[2] in self._unloaded:
+                        self._to_close.put((key, self._loaded.pop(key), "instance unloaded"))
+                    elif now - loaded.last_used >= self.idle_s:
+                        self._to_close.put((key, self._loaded.pop(key), "idle"))
         self._close_due()
 
     def retire_all(self, **_: Any) -> None:
@@ -162,32 +166,38 @@ class InProcessInstances:
         """Around a job's run: no teardown starts during it, and it waits for one under way
         (its output would go into the job's logs: stdout is the process's), but at most
         TEARDOWN_WAIT_S: a teardown that hangs does not hold up the jobs. A teardown
-        waiting its turn lets a waiting job go first."""
-        with self._turns:
-            self._jobs_waiting += 1
+        waiting its turn lets a waiting job go first. The bookkeeping (and that bounded
+        wait) is not interrupted by a signal (Celery's soft limit, a cancel): an exception
+        there would leave the turns stuck and the listener waiting for good."""
+        with _uninterrupted(), self._turns:
             # Up to TEARDOWN_WAIT_S since the teardown under way started (a job after
             # one that gave up waiting does not wait again).
             wait = TEARDOWN_WAIT_S - (time.monotonic() - self._teardown_started)
-            try:
-                free = self._turns.wait_for(lambda: not self._teardown_running,
-                                            timeout=max(wait, 0.0))
-            finally:
-                self._jobs_waiting -= 1
-            if not free:
-                logger.warning("a teardown has run for over %.0f s; jobs run beside it",
-                               TEARDOWN_WAIT_S)
-            self._job_running = True
+            self._jobs_waiting += 1
+            free = self._turns.wait_for(lambda: not self._teardown_running,
+                                        timeout=max(wait, 0.0))
+            self._jobs_waiting -= 1
+        if not free:
+            logger.warning("a teardown has run for over %.0f s; jobs run beside it",
+                           TEARDOWN_WAIT_S)
         try:
+            with _uninterrupted(), self._turns:
+                self._job_running = True
             yield
         finally:
-            with self._turns:
+            with _uninterrupted(), self._turns:
                 self._job_running = False
                 self._turns.notify_all()
 
     def _close_due(self) -> None:
+        """The queued teardowns, one at a time when no job runs or waits (waited for at
+        most TICK_S each time: what is left waits for the next call)."""
         while True:
-            with self._turns:
-                self._turns.wait_for(lambda: not self._job_running and not self._jobs_waiting)
+            with _uninterrupted(), self._turns:
+                if not self._turns.wait_for(
+                        lambda: not self._job_running and not self._jobs_waiting,
+                        timeout=TICK_S):
+                    return
                 try:
                     key, loaded, reason = self._to_close.get_nowait()
                 except queue.Empty:
@@ -197,7 +207,7 @@ class InProcessInstances:
             try:
                 _teardown(key, loaded, reason)
             finally:
-                with self._turns:
+                with _uninterrupted(), self._turns:
                     self._teardown_running = False
                     self._turns.notify_all()
 
@@ -236,6 +246,22 @@ class InProcessInstances:
                 time.sleep(TICK_S)
             except Exception:  # one bad teardown round must not end them for good
                 logger.exception("in-process instances: retirement failed; going on")
+
+
+_DEFERRED_SIGNALS = frozenset((signal.SIGUSR1, signal.SIGTERM, signal.SIGINT))
+"""What Celery and billiard raise exceptions from in the main thread (SIGUSR1: the soft time
+limit, also sent to cancel a job)."""
+
+
+@contextlib.contextmanager
+def _uninterrupted() -> Iterator[None]:
+    """Signals held back (delivered when it ends) in the calling thread, so their handlers'
+    exceptions cannot land between two steps of bookkeeping."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, _DEFERRED_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 def _teardown(key: InstanceKey, loaded: Loaded, reason: str) -> None:

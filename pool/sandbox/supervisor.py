@@ -425,14 +425,14 @@ class Supervisor:
                 poller.unregister(fd)  # its end: the zygote is gone
         return not channel_ready
 
-    def _final_frame_waiting(self, reader: FrameReader) -> bool:
-        """Read what is on the channel now, all of it whatever the time, then for at most
-        DRAIN_S what more comes (something the process started may keep writing); whether
-        it held the final frame. A bad frame stops it as in the loop (the same bytes get
-        the same error whenever they are read)."""
+    def _final_frame_waiting(self, reader: FrameReader, *, ended: bool) -> bool:
+        """Read what is on the channel for at most DRAIN_S (something the process started
+        may keep writing) or, once the process has `ended`, all it left there first
+        whatever the time; whether it held the final frame. A bad frame stops it as in the
+        loop (the same bytes get the same error whenever they are read)."""
         poller = select.poll()
         poller.register(self.fd, select.POLLIN)
-        queued = reader.bytes_read + _queued_bytes(self.fd)
+        queued = reader.bytes_read + (_queued_bytes(self.fd) if ended else 0)
         until = time.monotonic() + DRAIN_S
         while (self.out.result is None and self.out.killed_for is None and not reader.closed
                and (reader.bytes_read < queued or time.monotonic() < until)
@@ -500,7 +500,7 @@ class Supervisor:
                 if now >= deadline:
                     # A final frame already there came in time (a late sample, a loaded
                     # host): it is the outcome, not the timeout.
-                    if channel_open and self._final_frame_waiting(reader):
+                    if channel_open and self._final_frame_waiting(reader, ended=False):
                         break
                     if self.out.killed_for is not None:
                         break
@@ -542,7 +542,7 @@ class Supervisor:
                     poller.unregister(watching_exit)
                     watching_exit = -1  # seen: not watched again
                     # What it sent before it ended is the outcome; then its exit is read.
-                    if not self._final_frame_waiting(reader):
+                    if not self._final_frame_waiting(reader, ended=True):
                         channel_open = False
                     continue
                 if output is not None and self._read_output(output, events, poller):

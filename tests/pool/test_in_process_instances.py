@@ -172,8 +172,11 @@ def test_a_hung_teardown_holds_neither_shutdown_nor_an_instance_in_use(
     sleepy = spec("sleepy-class", "lifecycle:SleepsThenChecks")
     assert run.run(hangs, ctx(hangs, "h"), {}).value == "ran"
     stuck = threading.Thread(target=instances.retire_idle, daemon=True)  # idle_s 0: due
-    stuck.start()
-    time.sleep(0.5)  # its close() now hangs, as a listener's would
+    stuck.start()  # its close() hangs, as a listener's would
+    deadline = time.monotonic() + 30
+    while not instances._teardown_running and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert instances._teardown_running
     done: list[Any] = []
     job = threading.Thread(target=lambda: done.append(
         run.run(sleepy, ctx(sleepy, "s"), {"seconds": 2}).value))
@@ -186,3 +189,62 @@ def test_a_hung_teardown_holds_neither_shutdown_nor_an_instance_in_use(
     started = time.monotonic()
     instances.retire_all()
     assert time.monotonic() - started < 10
+
+
+SIGNAL_STORM = """
+import json, signal, threading, time
+from pluginpool.pool.in_process_instances import InProcessInstances
+
+class Interrupted(Exception):
+    pass
+
+armed = False  # raise only around a job() (anywhere else would end this script)
+
+def raise_interrupted(*_):
+    if armed:
+        raise Interrupted
+
+instances = InProcessInstances(idle_s=3600)
+stop = threading.Event()
+main = threading.main_thread().ident
+
+def pester():
+    while not stop.is_set():
+        signal.pthread_kill(main, signal.SIGUSR1)
+        time.sleep(0.0002)
+
+signal.signal(signal.SIGUSR1, raise_interrupted)
+threading.Thread(target=pester, daemon=True).start()
+interrupted = 0
+until = time.monotonic() + 2
+while time.monotonic() < until:
+    try:
+        armed = True
+        with instances.job():
+            pass
+        armed = False
+    except Interrupted:
+        armed = False
+        interrupted += 1
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+stop.set()
+free = instances._turns.acquire(blocking=False)
+print(json.dumps({"interrupted": interrupted, "job_running": instances._job_running,
+                  "jobs_waiting": instances._jobs_waiting, "lock_free": free}))
+"""
+
+
+def test_a_signal_at_the_edge_of_a_job_leaves_the_turns_consistent() -> None:
+    """Fifth review: Celery raises its soft limit (and a cancel) from a SIGUSR1 handler;
+    landing between two steps of a job's bookkeeping, it left the flags or the lock held,
+    and the listener waiting for good. Here SIGUSR1 arrives every 0.2 ms for 2 s (in a
+    process of its own: the storm would reach pytest's own code)."""
+    import json
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", SIGNAL_STORM], capture_output=True,
+                          text=True, timeout=60, check=True)
+    state = json.loads(done.stdout.strip().splitlines()[-1])
+    assert state["interrupted"] > 0
+    assert state == {**state, "job_running": False, "jobs_waiting": 0, "lock_free": True}
