@@ -119,16 +119,21 @@ def test_an_unload_during_the_setup_tears_the_instance_down_after_its_first_run(
     assert instances.get(("unloaded-early", stateful.revision, "gone")) is None
 
 
-def test_a_teardown_that_hangs_holds_up_no_job(redis_url: str) -> None:
-    """Before, the listener ran close() holding the lock every job takes: one that hung
-    held every in-process job of the pool process (and Celery's soft limit with them)."""
+def listening_runner(redis_url: str) -> InProcessRunner:
+    """One instance kept, with the pool process's listener thread (teardowns there)."""
     import redis
 
     instances = InProcessInstances(idle_s=3600, capacity=1,
                                    redis_client=redis.Redis.from_url(redis_url),
                                    unload_channel="pp-test-unused-unload-channel")
-    run = InProcessRunner(PluginLoader(registered=lambda _pid: True), max_result_bytes=1 << 20,
-                          instances=instances)
+    return InProcessRunner(PluginLoader(registered=lambda _pid: True),
+                           max_result_bytes=1 << 20, instances=instances)
+
+
+def test_a_teardown_that_hangs_holds_up_no_job(redis_url: str) -> None:
+    """Before, the listener ran close() holding the lock every job takes: one that hung
+    held every in-process job of the pool process (and Celery's soft limit with them)."""
+    run = listening_runner(redis_url)
     hangs = spec("hangs-at-close", "lifecycle:HangsAtClose")
     echo = spec("echo", "basic:echo")
     assert run.run(hangs, ctx(hangs, "h"), {}).value == "ran"
@@ -144,13 +149,7 @@ def test_a_teardown_never_runs_beside_a_job(redis_url: str) -> None:
     """Before, a teardown in the listener thread could run during a later job: its prints
     went into that job's logs (stdout is the process's), or during the instance's own
     first run when it was unloaded while being set up."""
-    import redis
-
-    instances = InProcessInstances(idle_s=3600, capacity=1,
-                                   redis_client=redis.Redis.from_url(redis_url),
-                                   unload_channel="pp-test-unused-unload-channel")
-    run = InProcessRunner(PluginLoader(registered=lambda _pid: True), max_result_bytes=1 << 20,
-                          instances=instances)
+    run = listening_runner(redis_url)
     loud = spec("loud-close", "lifecycle:PrintsAtClose")
     sleepy = spec("sleepy", "basic:sleeps")
     assert run.run(loud, ctx(loud, "l"), {}).value == "ran"

@@ -89,6 +89,13 @@ def frame_of(message: messages.Message) -> bytes:
     return channel.frame_of(message)
 
 
+class Reaped:
+    """A reaper whose process has always ended well (these tests watch no real run)."""
+
+    def reap(self, *, block: bool) -> Exit:
+        return Exit(status=0)
+
+
 def test_the_frame_reader_returns_whole_frames_only_and_keeps_the_rest() -> None:
     ours, theirs = socket.socketpair()
     with ours, theirs:
@@ -228,10 +235,6 @@ def test_a_final_frame_already_there_at_the_deadline_is_the_outcome(tmp_path: Pa
         theirs.sendall(channel.frame_of(messages.Result(ok=True, value=1)))
         ticks = iter([0.0] + [100.0] * 50)  # the first look is already past the deadline
 
-        class Reaped:
-            def reap(self, *, block: bool) -> Exit:
-                return Exit(status=0)
-
         out = Supervisor(proc.pid, ours.fileno(), bounds=Bounds(
             timeout_s=1.0, max_memory_bytes=1 << 30, max_storage_bytes=1 << 30,
             cpu_percent=100), workspace=str(tmp_path), baseline_rss=0, storage=None,
@@ -347,10 +350,6 @@ def test_a_stream_of_frames_cannot_hold_the_supervisor_past_its_clock(
     writer = threading.Thread(target=stream, daemon=True)
     writer.start()
 
-    class Reaped:
-        def reap(self, *, block: bool) -> Exit:
-            return Exit(status=0)
-
     try:
         started = time.monotonic()
         out = Supervisor(proc.pid, ours.fileno(), bounds=Bounds(
@@ -396,10 +395,6 @@ def test_what_an_ended_process_left_on_its_channel_is_read_whole_however_slowly(
     try:
         result = messages.Result(ok=True, value="v" * 150_000)
         theirs.sendall(channel.frame_of(result))
-
-        class Reaped:
-            def reap(self, *, block: bool) -> Exit:
-                return Exit(status=0)
 
         out = Supervisor(proc.pid, ours.fileno(), bounds=Bounds(
             timeout_s=10.0, max_memory_bytes=1 << 30, max_storage_bytes=1 << 30,
