@@ -10,10 +10,12 @@ clock, samples, CPU share) keep running while a frame is incomplete.
 from __future__ import annotations
 
 import array
+import functools
 import os
 import select
 import socket
 import time
+from collections.abc import Callable
 
 from pluginpool.pool.sandbox.runtime import channel
 from pluginpool.pool.sandbox.runtime.messages import Message, decode
@@ -70,10 +72,7 @@ class FrameReader:
             if total < end:
                 self._needed = end - pos
                 break
-            frame = channel.loads(data[pos + HEADER_BYTES:end])
-            if not isinstance(frame, dict):
-                raise ValueError("frame is not a JSON object")
-            messages.append(decode(frame))
+            messages.append(decode(channel.frame_dict(data[pos + HEADER_BYTES:end])))
             pos = end
         if pos < total:
             self._buffer += memoryview(data)[pos:]
@@ -117,29 +116,18 @@ def receive_by(fd: int, *, max_bytes: int, deadline: float) -> Message:
     (size,) = channel.HEADER.unpack(read_exactly_by(fd, HEADER_BYTES, deadline, poller))
     if size > max_bytes:
         raise channel.FrameTooLarge(size, max_bytes)
-    frame = channel.loads(read_exactly_by(fd, size, deadline, poller))
-    if not isinstance(frame, dict):
-        raise ValueError("frame is not a JSON object")
-    return decode(frame)
+    return decode(channel.frame_dict(read_exactly_by(fd, size, deadline, poller)))
 
 
 def send_by(fd: int, message: Message, deadline: float) -> None:
     """One message, written whole before `deadline` or FrameDeadline (a sandbox that does
     not read its replies fills the socket: the writer must not wait for it for ever)."""
-    view = memoryview(channel.frame_of(message))
     was_blocking = os.get_blocking(fd)
     if was_blocking:
         os.set_blocking(fd, False)
-    poller: select.poll | None = None
     try:
-        while view:
-            try:
-                written = os.write(fd, view)
-            except BlockingIOError:
-                poller = poller or _poller(fd, select.POLLOUT)
-                _wait(poller, deadline)
-                continue
-            view = view[written:]
+        _write_all(functools.partial(os.write, fd), fd,
+                   memoryview(channel.frame_of(message)), deadline)
     finally:
         if was_blocking:
             os.set_blocking(fd, True)
@@ -151,23 +139,30 @@ def send_with_fd_by(sock: socket.socket, message: Message, passed: int,
     whole before `deadline` or FrameDeadline: a zygote that stops reading its control
     socket must not hold the pool child until Celery's soft limit (a Spawn carries the
     job's payload, larger than the socket's buffer)."""
-    frame = channel.frame_of(message)
+    view = memoryview(channel.frame_of(message))
+    ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [passed]))]
+    # sendmsg itself: socket.send_fds drops its flags argument (CPython 3.11)
+    sent = _write_all(
+        lambda data: sock.sendmsg([data], ancillary, socket.MSG_DONTWAIT), sock.fileno(),
+        view, deadline, first_only=True)
+    _write_all(lambda data: sock.send(data, socket.MSG_DONTWAIT), sock.fileno(),
+               view[sent:], deadline)
+
+
+def _write_all(write: Callable[[memoryview], int], fd: int, view: memoryview,
+               deadline: float, *, first_only: bool = False) -> int:
+    """Write `view` with a non-blocking `write`, waiting (until `deadline`) whenever the
+    socket is full; with `first_only`, only until one write has taken some of it. How
+    many bytes went."""
     poller: select.poll | None = None
-    while True:
+    sent = 0
+    while sent < len(view):
         try:
-            # sendmsg itself: socket.send_fds drops its flags argument (CPython 3.11)
-            sent = sock.sendmsg([frame], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                           array.array("i", [passed]))], socket.MSG_DONTWAIT)
-            break
+            sent += write(view[sent:])
         except BlockingIOError:
-            poller = poller or _poller(sock.fileno(), select.POLLOUT)
-            _wait(poller, deadline)
-    view = memoryview(frame)[sent:]
-    while view:
-        try:
-            sent = sock.send(view, socket.MSG_DONTWAIT)
-        except BlockingIOError:
-            poller = poller or _poller(sock.fileno(), select.POLLOUT)
+            poller = poller or _poller(fd, select.POLLOUT)
             _wait(poller, deadline)
             continue
-        view = view[sent:]
+        if first_only:
+            break
+    return sent

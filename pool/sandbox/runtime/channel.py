@@ -21,6 +21,8 @@ HEADER = struct.Struct(">I")
 _pack = HEADER.pack
 _encode = JSONEncoder(allow_nan=False).encode
 """json.dumps(message, allow_nan=False) without building an encoder per frame."""
+
+
 def _no_constant(name: str) -> Any:
     raise ValueError(f"frame holds {name}, which is not JSON")
 
@@ -98,7 +100,12 @@ def receive(fd: int, *, max_bytes: int) -> dict[str, Any]:
     (size,) = HEADER.unpack(read_exactly(fd, HEADER.size))
     if size > max_bytes:
         raise FrameTooLarge(size, max_bytes)
-    message = loads(read_exactly(fd, size))
+    return frame_dict(read_exactly(fd, size))
+
+
+def frame_dict(body: bytes) -> dict[str, Any]:
+    """A frame's body as the JSON object every message is (messages.decode types it)."""
+    message = loads(body)
     if not isinstance(message, dict):
         raise ValueError("frame is not a JSON object")
     return message
