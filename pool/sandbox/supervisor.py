@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 from pluginpool.pool.sandbox.frames import FrameDeadline, FrameReader, send_by
 from pluginpool.pool.sandbox.output import OutputPipes
-from pluginpool.pool.sandbox.process_handle import ProcessHandle
+from pluginpool.pool.sandbox.process_handle import ProcessHandle, stat_fields
 from pluginpool.pool.sandbox.runtime import channel
 from pluginpool.pool.sandbox.runtime.limits import MB
 from pluginpool.pool.sandbox.runtime.messages import (
@@ -178,22 +178,16 @@ def _queued_bytes(fd: int) -> int:
 
 
 def start_time(pid: int) -> bytes | None:
-    """When a process started (clock ticks since boot, /proc/<pid>/stat), as it reads; None
-    when it is gone."""
-    try:
-        return _read(f"/proc/{pid}/stat").rsplit(b")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
+    """When a process started (clock ticks since boot), as it reads; None when it is gone."""
+    fields = stat_fields(pid)
+    return fields[19] if fields else None
 
 
 def cpu_seconds(pid: int) -> float:
     """CPU time one process has used, all its threads (those that ended included), user and
-    system: /proc/<pid>/stat, in clock ticks (0 when it is gone)."""
-    try:
-        fields = _read(f"/proc/{pid}/stat").rsplit(b")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-    except (OSError, IndexError, ValueError):
-        return 0.0
+    system, in clock ticks (0 when it is gone)."""
+    fields = stat_fields(pid)
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS if fields else 0.0
 
 
 def resident_bytes(pid: int) -> int:
