@@ -30,15 +30,13 @@ from typing import Any
 import redis
 
 from pluginpool.policy.errors import ErrorType, PluginExecutionError
+from pluginpool.pool.recent_unloads import RecentUnloads
 from pluginpool.tasks.spec import PluginSpec
 
 logger = logging.getLogger("pluginpool.in_process")
 
 IN_PROCESS_INSTANCES = 16
 TICK_S = 1.0
-UNLOADED_KEPT_S = 600.0
-"""How long an unload is remembered (an instance being set up when it came is torn down
-after its first run; instance ids are never reused)."""
 SHUTDOWN_TEARDOWNS_S = 5.0
 TEARDOWN_WAIT_S = 5.0
 InstanceKey = tuple[str, int, str | None]
@@ -96,7 +94,7 @@ class InProcessInstances:
         self._teardown_started = 0.0
         self._to_close: queue.SimpleQueue[tuple[InstanceKey, Loaded, str]] = \
             queue.SimpleQueue()
-        self._unloaded: dict[str, float] = {}
+        self._unloaded = RecentUnloads()
         self._listener_of = 0
 
     def get(self, key: InstanceKey) -> Loaded | None:
@@ -128,7 +126,7 @@ class InProcessInstances:
         """Its instances are torn down between jobs: now if no job runs within TICK_S,
         else by the listener's next retire_idle (the unload is remembered)."""
         with self._turns:
-            self._unloaded[instance_id] = time.monotonic()
+            self._unloaded.add(instance_id)
         self.retire_idle()
 
     def retire_idle(self) -> None:
@@ -137,9 +135,6 @@ class InProcessInstances:
         now = time.monotonic()
         with self._turns:
             if self._turns.wait_for(lambda: not self._job_running, timeout=TICK_S):
-                for instance_id, at in list(self._unloaded.items()):
-                    if now - at > UNLOADED_KEPT_S:
-                        del self._unloaded[instance_id]
                 for key, loaded in list(self._loaded.items()):
                     if key[2] is not None and key[2] in self._unloaded:
                         self._to_close.put((key, self._loaded.pop(key), "instance unloaded"))
@@ -238,8 +233,9 @@ class InProcessInstances:
                     pubsub.subscribe(self._unload_channel)
                 message = pubsub.get_message(timeout=TICK_S)
                 if message is not None:
-                    self.retire_instance(str(message["data"]))
-                self.retire_idle()
+                    self.retire_instance(str(message["data"]))  # idle ones too
+                else:
+                    self.retire_idle()
             except redis.RedisError as exc:
                 logger.warning("in-process instances: unload channel unavailable: %r", exc)
                 pubsub = None

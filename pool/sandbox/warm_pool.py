@@ -12,10 +12,8 @@ import threading
 import time
 from collections import OrderedDict
 
+from pluginpool.pool.recent_unloads import RecentUnloads
 from pluginpool.pool.sandbox.warm import WarmKey, WarmSandbox
-
-UNLOADED_KEPT_S = 600.0
-"""How long an unload is remembered: longer than any setup (instance ids are never reused)."""
 
 
 class WarmPool:
@@ -26,9 +24,9 @@ class WarmPool:
         self._sandboxes: OrderedDict[WarmKey, WarmSandbox] = OrderedDict()
         self._retiring: list[WarmSandbox] = []
         self._doomed: set[WarmKey] = set()
-        self._unloaded: dict[str, float] = {}
-        """Instances unloaded lately (monotonic time): a sandbox of one that was being set
-        up when the unload came is retired when its run gives it back."""
+        self._unloaded = RecentUnloads()
+        """A sandbox of one that was being set up when the unload came is retired when its
+        run gives it back."""
 
     def take(self, key: WarmKey) -> WarmSandbox | None:
         """The live sandbox for this key, marked busy; a dead one is dropped (replaced by
@@ -72,7 +70,7 @@ class WarmPool:
 
     def retire_instance(self, instance_id: str) -> None:
         with self._lock:
-            self._unloaded[instance_id] = time.monotonic()
+            self._unloaded.add(instance_id)
             for key, sandbox in list(self._sandboxes.items()):
                 if key[2] == instance_id:
                     if sandbox.busy:
@@ -83,9 +81,6 @@ class WarmPool:
     def retire_idle(self, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
         with self._lock:
-            for instance_id, at in list(self._unloaded.items()):
-                if now - at > UNLOADED_KEPT_S:
-                    del self._unloaded[instance_id]
             for sandbox in list(self._sandboxes.values()):
                 if not sandbox.busy and now - sandbox.last_used >= self.idle_s:
                     self._retire_locked(sandbox, "idle")

@@ -58,3 +58,14 @@ def test_idle_and_busy_sandboxes_of_an_unloaded_instance() -> None:
     assert idle.retired_for == ["instance unloaded"] and busy.retired_for == []
     pool.give_back(busy)
     assert busy.retired_for == ["instance unloaded"] and other.retired_for == []
+
+
+def test_unloads_are_remembered_by_count_not_by_time() -> None:
+    """A setup may last hours: an unload heard during one is still known when it ends (it
+    was forgotten after 600 s before); only the oldest beyond the bound go."""
+    from pluginpool.pool.recent_unloads import RecentUnloads
+
+    unloads = RecentUnloads(kept=2)
+    for instance_id in ("a", "b", "c"):
+        unloads.add(instance_id)
+    assert "a" not in unloads and "b" in unloads and "c" in unloads and None not in unloads
