@@ -5,7 +5,7 @@
 -- ARGV[1] "logs": ARGV[2] the run's logs.
 -- ARGV[1] "run": ARGV[2] 1 if it failed, ARGV[3] the last run (JSON), ARGV[4] errors kept
 --   (0: it succeeded, nothing pushed), then name, value pairs of summed usage figures.
-if redis.call('EXISTS', KEYS[1]) == 0 then
+if redis.call('HEXISTS', KEYS[1], 'plugin_id') == 0 then  -- as instances.MARK_FAILED asks
   return 0
 end
 if ARGV[1] == 'logs' then
