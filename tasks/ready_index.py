@@ -89,6 +89,8 @@ class ReadyIndexChannel:
     _slice_at = 0.0
     _slice_cursor = 0
     _keyevents: bool | None = None
+    _keyevents_conn: Any = None
+    """The LISTEN connection the keyevent subscription was made on (kombu's `_in_listen`)."""
 
     @contextmanager
     def conn_or_acquire(self, client: Any = None) -> Iterator[Any]:
@@ -375,6 +377,21 @@ class ReadyIndexChannel:
                            "only", exc)
         return self._keyevents
 
+    def _keyevents_heard(self) -> bool:
+        """Whether list-push events reach this connection now: a channel of it is listening
+        with the subscription `_subscribe` made. The server allowing them is not enough: a
+        connection without a broadcast consumer (a producer waiting on a reply queue, a
+        worker without remote control) never subscribes, and must rescan after each idle
+        wait rather than sleep through the long one."""
+        if not self._keyevents_on():
+            return False
+        for channel in getattr(self.connection, "channels", None) or (self,):
+            listening = getattr(channel, "_in_listen", None)
+            if (listening and listening is getattr(channel, "_keyevents_conn", None)
+                    and not getattr(channel, "closed", False)):
+                return True
+        return False
+
     def _keyevent_channels(self) -> list[str]:
         db = self.client.connection_pool.connection_kwargs.get("db", 0)
         return [f"__keyevent@{db}__:{event}" for event in KEYEVENT_CHANNELS]
@@ -386,6 +403,7 @@ class ReadyIndexChannel:
         super()._subscribe()  # type: ignore[misc]
         if getattr(self, "_in_listen", None) and self._keyevents_on():
             self.subclient.subscribe(*self._keyevent_channels())  # type: ignore[attr-defined]
+            self._keyevents_conn = getattr(self, "_in_listen", None)
             # Pub/sub keeps nothing while unsubscribed: what was pushed before this
             # (re)subscribe is found by a full rescan at the next claim.
             for channel in getattr(self.connection, "channels", None) or (self,):

@@ -17,8 +17,9 @@ message somewhere, so this channel splits consuming in two:
   indexes its queue for every group consuming it and rings their wake-up lists, in one
   atomic step. Messages pushed by a producer that does not index them (plain kombu or
   Celery) are found through Redis keyspace notifications (enabled by the worker where the
-  server allows it), and by a rescan of the worker's queues: in full at start, after a
-  reconnect or a resubscribe, and after every idle wait where notifications are off; as a
+  server allows it, heard on the connection's broadcast subscription), and by a rescan
+  of the worker's queues: in full at start, after a reconnect or a resubscribe, and after
+  every idle wait where notifications do not reach the connection; as a
   rolling safety net otherwise (a slice of at most `RESCAN_SLICE_MAX` lists a second, a
   full pass every `rescan_s` or longer), so an idle worker's cost does not grow with its
   plugin count.
@@ -86,11 +87,12 @@ class ReliableFetchChannel(ReadyIndexChannel):
             consumed: dict[str, str] = self.__dict__.setdefault("_consumed", {})
             dirty: set[str] = self.__dict__.setdefault("_dirty", set())
             now = monotonic()
-            if now >= self._rescan_at:
+            heard = self._keyevents_heard()
+            if now >= self._rescan_at or not heard:
                 # In full: at start, after a reconnect or a resubscribe, and at every claim
-                # where keyspace notifications are off.
+                # where keyspace notifications do not reach this connection.
                 dirty.update(consumed)
-                self._rescan_at = float("inf") if self._keyevents_on() else 0.0
+                self._rescan_at = float("inf") if heard else 0.0
                 self._slice_at = now + 1.0
             elif now >= self._slice_at:
                 dirty.update(self._rescan_slice(consumed, config.rescan_s))
@@ -111,7 +113,7 @@ class ReliableFetchChannel(ReadyIndexChannel):
             if timeout is None:
                 # With keyspace notifications a push wakes us: wait as long as kombu would.
                 # Without, wake up after the idle wait and rescan.
-                timeout = (self.brpop_timeout if self._keyevents_on()
+                timeout = (self.brpop_timeout if self._keyevents_heard()
                            else self._option(IDLE_WAIT_OPTION, self.brpop_timeout))
             command = ["BLPOP", self._wake_key(), timeout or 0]
         self._claim_in_flight = self._claim_next

@@ -7,18 +7,24 @@ killed ones held). Every published message must have been processed at least onc
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
+import socket
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
+import kombu
 import redis
 
 from bench.reliable_fetch import kill_round
 from pluginpool.tasks.delivery_record import HANDBACK, PUBLISH, RESCUE
 from pluginpool.tasks.reliable_fetch import CLAIM_SOURCE
+from pluginpool.tasks.transport import TRANSPORT_PATH
 from tests.conftest import CHAOS_SCALE
+from tests.tasks.test_consumer_connection_faults import consumer_options, drain_until
 
 
 def test_consumers_killed_at_random_instants_lose_no_message(redis_url: str,
@@ -266,3 +272,32 @@ def test_a_hand_back_returns_the_message_and_drops_its_record_in_one_step(
     h.store.hset(h.key("unacked"), "kombu-only", "[{}, \"\", \"q\"]")
     assert hand_back("me", "kombu-only", "back") == -1
     assert hand_back("me", "never-claimed", "back") == 0
+
+
+def test_a_consumer_without_a_broadcast_queue_finds_a_plain_push_after_its_idle_wait(
+        redis_url: str) -> None:
+    """Keyspace events reach a connection only through a channel listening for broadcasts
+    (kombu subscribes there). A connection without one (a producer waiting on its reply
+    queue, a worker without remote control) must not wait the long `brpop_timeout` as if
+    it would hear of a push: it rescans after each idle wait. (It used to sleep the full
+    wait and rescan a slice a second: a plain Celery worker's ping reply took seconds.)"""
+    name = f"kevwait-{uuid.uuid4().hex[:8]}"
+    options = {**consumer_options(name), "pluginpool_idle_wait_s": 0.2}
+    queue = kombu.Queue(name, kombu.Exchange(name, type="direct"), routing_key=name)
+    received: list[Any] = []
+    with kombu.Connection(redis_url, transport=TRANSPORT_PATH,
+                          transport_options=options) as conn:
+        conn.transport.brpop_timeout = 10  # the wait where notifications would be heard
+        consumer = kombu.Consumer(conn, [queue], accept=["json"], callbacks=[
+            lambda body, message: (received.append(body), message.ack())])
+        consumer.consume()
+        with contextlib.suppress(socket.timeout):
+            conn.drain_events(timeout=0.5)  # the start's full rescan is behind us
+        with kombu.Connection(redis_url) as plain:  # kombu's own transport: no index, no bell
+            kombu.Producer(plain).publish({"n": 1}, routing_key=name, serializer="json",
+                                          declare=[queue])
+        started = time.monotonic()
+        drain_until(conn, lambda: bool(received), timeout_s=20)
+        waited = time.monotonic() - started
+    assert received == [{"n": 1}]
+    assert waited < 5, f"found after {waited:.1f} s: the 10 s wait was slept through"
