@@ -115,6 +115,10 @@ def _record_with_result(task: Task[Any, Any], services: WorkerServices, spec: Pl
                 services.gate.learn(spec.id, CircuitBreaker.record_reply(reply))
         if event is not None and (notify is None or not recorded):
             services.usage_events.send(task, **event)
+        if instance_id is not None and instance_usage.reload_if_lost(services.redis,
+                                                                     replies[1:]):
+            _record_instance(services, instance_id, error, usage)
+            return
         for failed in (r for r in replies[1:] if isinstance(r, Exception)):
             logger.error("could not record the usage of instance %s: %s", instance_id, failed)
 
@@ -145,8 +149,18 @@ def keep_run(task: Task[Any, Any], services: WorkerServices, plugin_id: str, *, 
         if instance_id is not None:
             instance_usage.queue_logs(pipe, keys, instance_id, logs)
 
+    def done(replies: list[Any]) -> None:
+        if instance_id is not None and instance_usage.reload_if_lost(services.redis, replies):
+            with services.redis.pipeline(transaction=False) as pipe:
+                instance_usage.queue_logs(pipe, keys, instance_id, logs)
+                pipe.execute()
+            replies = [r for r in replies if not isinstance(r, NoScriptError)]
+        for reply in replies:
+            if isinstance(reply, Exception):
+                logger.warning("could not record the run of job %s: %s", job_id, reply)
+
     backend = task.backend
-    if isinstance(backend, JobResultBackend) and backend.with_result(job_id, write):
+    if isinstance(backend, JobResultBackend) and backend.with_result(job_id, write, done):
         forward(logs, plugin_id=plugin_id, job_id=job_id,
                 level=services.settings.run_log_level)
         return

@@ -56,7 +56,14 @@ def after_run(client: redis.Redis, keys: RedisKeys, plugin_id: str, *, job_id: s
                 error=error, logs=logs, worker=worker, instance_id=instance_id)
             if instance_id is not None:
                 instance_usage.queue_logs(pipe, keys, instance_id, logs)
-            pipe.execute()
+            replies = pipe.execute(raise_on_error=False)
+        if instance_id is not None and instance_usage.reload_if_lost(client, replies):
+            with client.pipeline(transaction=False) as pipe:
+                instance_usage.queue_logs(pipe, keys, instance_id, logs)
+                replies = pipe.execute(raise_on_error=False)
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
     except redis.RedisError as exc:  # the run's outcome stands; only this record is lost
         logger.warning("could not record run %s of %s: %s", job_id, plugin_id, exc)
     forward(logs, plugin_id=plugin_id, job_id=job_id, level=log_level)

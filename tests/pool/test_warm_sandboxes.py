@@ -484,3 +484,18 @@ def test_what_a_setup_started_dies_with_its_zygote(env: Env) -> None:
             return True
     assert wait_until(gone, timeout_s=10)
     assert_unharmed(env)
+
+
+def test_an_instances_usage_and_logs_are_kept_when_redis_lost_its_scripts(env: Env) -> None:
+    """The instance's writes go by EVALSHA; after a Redis restart (here its script cache
+    flushed) the first run's NOSCRIPT loads the script and writes again."""
+    client = env[0]
+    iid = client.load("chatty", {})
+    assert client.execute(iid, {"n": 1}, timeout=60) == 1
+    client.redis.script_flush()
+    assert client.execute(iid, {"n": 2}, timeout=60) == 2
+    key = client.settings.keys.instance_usage(iid)
+    # Written again after the result's MULTI (whose NOSCRIPT reply says so): soon after.
+    assert wait_until(lambda: client.redis.hget(key, "runs") == "2", timeout_s=10)
+    assert "run 2" in client.redis.hget(key, "last_logs")
+    client.unload(iid)
