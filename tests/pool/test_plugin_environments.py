@@ -51,6 +51,15 @@ def run(ctx, payload):
 
 def plain(ctx, payload):
     return {"ok": True}
+
+
+class HangsInSetup:
+    def __init__(self, ctx):
+        import time
+        time.sleep(3600)
+
+    def run(self, ctx, payload):
+        return "never"
 '''
 
 
@@ -336,3 +345,39 @@ def test_an_environment_no_registered_revision_uses_is_swept_once_unused(envs: E
     assert envs.client.submit("env-sweep", {}, instance_id=envs.client.load("env-sweep")
                               ).result(timeout=30)["dep"] == "2.0"
     assert [i for i in envs.installs() if i["key"] == new.name and i["installed"]] == installs
+
+
+def test_a_setup_after_a_long_install_gets_what_is_left_of_its_budget(envs: Envs) -> None:
+    """An install that took most of `setup_timeout_ms` (here: it waited 4 s of 6 on another
+    holder of its lock) leaves the setup the rest, at least 1 s: a setup that hangs is
+    stopped as a setup timeout, before Celery's soft limit (setup 6 s + run 1 s + 2 s)
+    would end the job. Given the whole 6 s after the install, it reached the soft limit."""
+    import fcntl
+
+    from pluginpool.pool.sandbox.environments import Environments, PackageSources
+
+    envs.register("env-prime", ["ppdemo_dep==1.0"])  # the worker has its envs directory
+    assert envs.client.submit("env-prime", {}).result(timeout=60)["dep"] == "1.0"
+    envs.register("env-late-setup", ["ppdemo_dep>=1.0,<2"], entry="HangsInSetup",
+                  wheel=variant(envs.plugin_wheel, envs.root / "late.whl", tag="late"),
+                  resource_limits={"setup_timeout_ms": 6000, "timeout_ms": 1000})
+    spec = envs.client.spec("env-late-setup")
+    settings = envs.client.settings
+    environments = Environments(envs.root / "unused",
+                                sources=PackageSources.from_settings(settings),
+                                interpreter=sys.executable, install_timeout_s=60)
+    lock = os.open(envs.envs_dir / f"{_key(environments, spec)}.lock", os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        started = time.monotonic()
+        job = envs.client.submit("env-late-setup", {})
+        time.sleep(4.0)
+    finally:
+        os.close(lock)
+    with pytest.raises(PluginExecutionError) as info:
+        job.result(timeout=60)
+    elapsed = time.monotonic() - started
+    assert info.value.type is ErrorType.TIMEOUT
+    assert info.value.details["phase"] == "setup"
+    assert info.value.message == "setup exceeded its time limit and was killed"
+    assert elapsed < spec.deadlines.celery_soft_s, elapsed

@@ -53,6 +53,8 @@ def env(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[En
              breaker={"minimum_calls": 2, "window_size": 2, "failure_rate_threshold": 0.5,
                       "open_ms": 60_000}),
         spec("setup-hangs", "hostile_setup:Hangs", resource_limits={"setup_timeout_ms": 1000}),
+        spec("setup-hangs-long", "hostile_setup:Hangs",
+             resource_limits={"setup_timeout_ms": 120_000}),
         spec("setup-allocates", "hostile_setup:Allocates",
              resource_limits={"max_memory_mb": 64, "setup_timeout_ms": 20_000}),
         spec("setup-thread", "hostile_setup:StartsThread"),
@@ -68,6 +70,8 @@ def env(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[En
         spec("forges-pid", "protocol:ForgesRunPid"),
         spec("ghost-op", "lifecycle:Stateful", operations=["run", "ghost"]),
         spec("function-ops", "basic:echo", operations=["run", "other"]),
+        spec("throttled-storage", "throttle:throttled_storage",
+             resource_limits={"max_cpu_percent": 10, "timeout_ms": 30_000}),
         spec("breaks-channel", "protocol:BreaksTheChannel",
              operations=["run", "mistyped", "half_frame", "storage_flood"],
              resource_limits={"timeout_ms": 1000, "setup_timeout_ms": 20_000}),
@@ -499,3 +503,42 @@ def test_an_instances_usage_and_logs_are_kept_when_redis_lost_its_scripts(env: E
     assert wait_until(lambda: client.redis.hget(key, "runs") == "2", timeout_s=10)
     assert "run 2" in client.redis.hget(key, "last_logs")
     client.unload(iid)
+
+
+def test_a_throttled_run_gets_storage_replies_larger_than_its_socket_buffer(env: Env) -> None:
+    """At 10 % of a core the run is stopped (SIGSTOP) most of the time, often with a storage
+    request waiting (pp_testplugins.throttle): it is let run (SIGCONT) to read its 600 KB
+    reply, then stopped again. Without that the write stalls past its 1 s bound and the
+    run ends as a protocol error (it did, in 3 runs of 3, with the SIGCONT taken out)."""
+    client = env[0]
+    iid = client.load("throttled-storage", {})
+    reads = client.execute(iid, {"seconds": 3}, timeout=60)
+    assert reads >= 3
+    client.unload(iid)
+
+
+def test_a_zygote_whose_pool_child_dies_during_its_setup_ends_with_it(env: Env) -> None:
+    """The pool child bounds a setup's wall time; a zygote has no parent to die with. A
+    setup that sleeps must not outlive its pool child (SIGKILLed here) by its own 2 minutes
+    or an hour: the zygote sees its control socket end and exits, leaving nothing."""
+    client, worker, warm_root = env
+
+    def zygotes() -> set[int]:
+        found = set()
+        for proc in psutil.process_iter(["cwd"]):
+            if (proc.info["cwd"] or "").startswith(str(warm_root)):
+                found.add(proc.pid)
+        return found
+
+    before = zygotes()
+    pool = [child.pid for child in psutil.Process(worker.pid).children()]
+    job = client.submit("setup-hangs-long", {})
+    assert wait_until(lambda: bool(zygotes() - before), timeout_s=30)
+    setting_up = zygotes() - before
+    for pid in pool:
+        os.kill(pid, signal.SIGKILL)
+    assert wait_until(lambda: not any(psutil.pid_exists(pid) for pid in setting_up),
+                      timeout_s=15), "the zygote outlived its pool child"
+    with pytest.raises(PluginExecutionError):
+        job.result(timeout=60)
+    assert_unharmed(env)

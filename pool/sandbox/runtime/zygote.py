@@ -100,6 +100,44 @@ def _detach(control_fd: int) -> None:
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
 
 
+class PoolChildWatch:
+    """Ends the zygote when its pool child goes while the setup runs.
+
+    The pool child is what bounds a setup's wall time (its supervisor kills the zygote at
+    `setup_timeout_ms`). If it dies first (its worker SIGKILLed, the pool child recycled),
+    a setup that sleeps or waits on the network would outlive it by as long as it likes:
+    the zygote has left the worker's tree and has no parent to die with. So during the
+    setup the control socket signals (O_ASYNC: SIGIO when it becomes readable, a storage
+    reply or its end) and the handler exits at its end. Plugin code in the same process
+    could undo it; this covers setups that only hang."""
+
+    def __init__(self, config_home: str) -> None:
+        self.home = config_home
+        self.flags = 0
+
+    def start(self) -> None:
+        import fcntl  # not at the top: imported modules cost every fork
+        with contextlib.suppress(OSError, ValueError):
+            signal.signal(signal.SIGIO, self._on_io)
+            fcntl.fcntl(CONTROL_FD, fcntl.F_SETOWN, os.getpid())
+            self.flags = fcntl.fcntl(CONTROL_FD, fcntl.F_GETFL)
+            fcntl.fcntl(CONTROL_FD, fcntl.F_SETFL, self.flags | os.O_ASYNC)
+
+    def stop(self) -> None:
+        """Before the zygote serves runs (they inherit its socket and dispositions)."""
+        import fcntl
+        with contextlib.suppress(OSError, ValueError):
+            fcntl.fcntl(CONTROL_FD, fcntl.F_SETFL, self.flags & ~os.O_ASYNC)
+            signal.signal(signal.SIGIO, signal.SIG_DFL)
+
+    def _on_io(self, _signum: int, _frame: object) -> None:
+        poller = select.poll()
+        poller.register(CONTROL_FD, select.POLLHUP)
+        if any(events & (select.POLLHUP | select.POLLERR | select.POLLNVAL)
+               for _fd, events in poller.poll(0)):
+            _teardown(None, None, "pool child gone", self.home)
+
+
 def _lock_down(config: ZygoteConfig, policy: AuditPolicy) -> dict[str, Any]:
     """The zygote's layers, before any plugin code: they bound the setup and every run."""
     os.chdir(config.setup_workspace)
@@ -148,10 +186,14 @@ TEARDOWN_ALONE_S = 5
 """The longest a teardown runs (the pool child's own bound, warm.CLOSE_WAIT_S, is the same)."""
 
 
-def _teardown(plugin: LoadedPlugin | None, policy: AuditPolicy, reason: str,
+def _teardown(plugin: LoadedPlugin | None, policy: AuditPolicy | None, reason: str,
               home: str) -> NoReturn:
     error: RunError | None = None
     teardown = False
+    # Closed goes to a socket whose reader may be gone: a failed write, not death by
+    # SIGPIPE before the leftovers are killed and the home emptied.
+    with contextlib.suppress(OSError, ValueError):
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     # Nobody reads the output pipes now (and after the pool child's end nobody can): what
     # the teardown writes to 1 and 2 must neither block it nor kill it with SIGPIPE.
     try:
@@ -164,7 +206,7 @@ def _teardown(plugin: LoadedPlugin | None, policy: AuditPolicy, reason: str,
                 os.dup2(null, fd)
             else:
                 os.close(fd)
-    if plugin is not None:
+    if plugin is not None and policy is not None:
         # Bounded here too: with the pool child gone nobody else would stop a close() that
         # hangs (SIGALRM's default action ends the process).
         with contextlib.suppress(OSError, ValueError):
@@ -293,6 +335,8 @@ def main() -> NoReturn:
                          hosts=parse_hosts(config.network_hosts),
                          max_network_requests=config.max_network_requests,
                          allow_processes=config.allow_processes)
+    watch = PoolChildWatch(config.home)
+    watch.start()
     started, cpu_started = time.perf_counter(), time.process_time()
     plugin: LoadedPlugin | None = None
     sys.dont_write_bytecode = True  # the code paths are read-only inside the sandbox
@@ -365,6 +409,7 @@ def main() -> NoReturn:
     if threads > 1:
         channel.send_message(CONTROL_FD, SetupFailed(error=_threads_left()))
         os._exit(0)
+    watch.stop()
     channel.send_message(CONTROL_FD, Ready(
         pid=os.getpid(), setup_ms=(time.perf_counter() - started) * 1000,
         setup_cpu_ms=(time.process_time() - cpu_started) * 1000, rss_bytes=_rss_bytes(),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from typing import Any
@@ -23,3 +24,27 @@ def threaded_hog(ctx: Any, payload: Any) -> Any:
     for worker in workers:
         worker.join()
     return sum(spins)
+
+
+def throttled_storage(ctx: Any, payload: Any) -> Any:
+    """Reads a stored value larger than the channel's socket buffer, over and over, while a
+    second thread writes straight to descriptor 1. The pool child then often turns from
+    that output to its throttle, stops the run (SIGSTOP, for its CPU share) and only then
+    finds a storage request waiting: it must let the run read the reply."""
+    big = "x" * int(payload.get("bytes", 600_000))
+    ctx.storage.set("big", big)
+    deadline = time.monotonic() + float(payload["seconds"])
+
+    def chatter() -> None:
+        while time.monotonic() < deadline:
+            os.write(1, b"." * 64 + b"\n")
+
+    writer = threading.Thread(target=chatter)
+    writer.start()
+    reads = 0
+    while time.monotonic() < deadline:
+        if len(ctx.storage.get("big")) != len(big):
+            raise AssertionError("a storage reply came back cut")
+        reads += 1
+    writer.join()
+    return reads
