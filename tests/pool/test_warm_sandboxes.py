@@ -520,25 +520,34 @@ def test_a_throttled_run_gets_storage_replies_larger_than_its_socket_buffer(env:
 def test_a_zygote_whose_pool_child_dies_during_its_setup_ends_with_it(env: Env) -> None:
     """The pool child bounds a setup's wall time; a zygote has no parent to die with. A
     setup that sleeps must not outlive its pool child (SIGKILLed here) by its own 2 minutes
-    or an hour: the zygote sees its control socket end and exits, leaving nothing."""
+    or an hour: the zygote sees its control socket end, empties its home and exits; so does
+    an idle set-up one. (Both used to leave their homes: the Closed they sent to the gone
+    pool child killed them by SIGPIPE first.)"""
     client, worker, warm_root = env
 
-    def zygotes() -> set[int]:
-        found = set()
+    def zygotes() -> dict[int, Path]:
+        found = {}
         for proc in psutil.process_iter(["cwd"]):
             if (proc.info["cwd"] or "").startswith(str(warm_root)):
-                found.add(proc.pid)
+                found[proc.pid] = Path(proc.info["cwd"])
         return found
 
+    iid = client.load("stateful", {})
+    idle = client.execute(iid, {"add": 1}, timeout=60)["zygote"]  # set up, then idle
     before = zygotes()
     pool = [child.pid for child in psutil.Process(worker.pid).children()]
     job = client.submit("setup-hangs-long", {})
-    assert wait_until(lambda: bool(zygotes() - before), timeout_s=30)
-    setting_up = zygotes() - before
+    assert wait_until(lambda: bool(zygotes().keys() - before.keys()), timeout_s=30)
+    setting_up = {pid: cwd for pid, cwd in zygotes().items() if pid not in before}
+    setting_up[idle] = before[idle]
     for pid in pool:
         os.kill(pid, signal.SIGKILL)
     assert wait_until(lambda: not any(psutil.pid_exists(pid) for pid in setting_up),
-                      timeout_s=15), "the zygote outlived its pool child"
+                      timeout_s=15), "a zygote outlived its pool child"
+    for workspace in setting_up.values():  # each home: emptied (the sweep removes it)
+        home = workspace.parent
+        assert not home.exists() or not any(home.iterdir()), sorted(home.iterdir())
     with pytest.raises(PluginExecutionError):
         job.result(timeout=60)
+    client.unload(iid)
     assert_unharmed(env)

@@ -111,8 +111,9 @@ class PoolChildWatch:
     reply or its end) and the handler exits at its end. Plugin code in the same process
     could undo it; this covers setups that only hang."""
 
-    def __init__(self, config_home: str) -> None:
-        self.home = config_home
+    def __init__(self, home: str, policy: AuditPolicy) -> None:
+        self.home = home
+        self.policy = policy
         self.flags = 0
 
     def start(self) -> None:
@@ -135,6 +136,7 @@ class PoolChildWatch:
         poller.register(CONTROL_FD, select.POLLHUP)
         if any(events & (select.POLLHUP | select.POLLERR | select.POLLNVAL)
                for _fd, events in poller.poll(0)):
+            self.policy.enforcing = False  # the setup's checks: not for emptying the home
             _teardown(None, None, "pool child gone", self.home)
 
 
@@ -335,7 +337,7 @@ def main() -> NoReturn:
                          hosts=parse_hosts(config.network_hosts),
                          max_network_requests=config.max_network_requests,
                          allow_processes=config.allow_processes)
-    watch = PoolChildWatch(config.home)
+    watch = PoolChildWatch(config.home, policy)
     watch.start()
     started, cpu_started = time.perf_counter(), time.process_time()
     plugin: LoadedPlugin | None = None
