@@ -233,9 +233,15 @@ def _record_outcome(services: WorkerServices, spec: PluginSpec, error: ErrorInfo
 def _record_instance(services: WorkerServices, instance_id: str, error: ErrorInfo | None,
                      usage: dict[str, Any]) -> None:
     try:
-        with services.redis.pipeline(transaction=False) as pipe:
-            _queue_instance(pipe, services, instance_id, error, usage)
-            pipe.execute()
+        for _attempt in range(2):  # again once if Redis had lost the script
+            with services.redis.pipeline(transaction=False) as pipe:
+                _queue_instance(pipe, services, instance_id, error, usage)
+                replies = pipe.execute(raise_on_error=False)
+            if not instance_usage.reload_if_lost(services.redis, replies):
+                break
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
     except redis.RedisError as exc:
         logger.error("could not record the usage of instance %s: %s", instance_id, exc)
 

@@ -353,8 +353,9 @@ class ReadyIndexChannel:
     # --- keyspace notifications: messages from producers that do not index them ---------
 
     def _keyevents_on(self) -> bool:
-        """Whether list-push keyspace events reach us; enabled on the server if it allows.
-        Probed once per channel; False means the rescans alone find unindexed messages."""
+        """Whether the server sends list-push keyspace events (enabled there if it allows;
+        whether they reach this connection is `_keyevents_heard`). Probed once per channel;
+        False means the rescans alone find unindexed messages."""
         if self._keyevents is not None:
             return self._keyevents
         self._keyevents = False
@@ -383,7 +384,7 @@ class ReadyIndexChannel:
         connection without a broadcast consumer (a producer waiting on a reply queue, a
         worker without remote control) never subscribes, and must rescan after each idle
         wait rather than sleep through the long one."""
-        if not self._keyevents_on():
+        if self.global_keyprefix or not self._keyevents_on():
             return False
         for channel in getattr(self.connection, "channels", None) or (self,):
             listening = getattr(channel, "_in_listen", None)
@@ -401,7 +402,10 @@ class ReadyIndexChannel:
         on the channel that consumes task queues: subscribe there, and hand each event to
         every channel of the connection (`_handle_message`)."""
         super()._subscribe()  # type: ignore[misc]
-        if getattr(self, "_in_listen", None) and self._keyevents_on():
+        # kombu's prefixed pub/sub client would prefix the keyevent channels too (Redis
+        # never publishes there): with a global_keyprefix the rescans alone find pushes.
+        if (getattr(self, "_in_listen", None) and not self.global_keyprefix
+                and self._keyevents_on()):
             self.subclient.subscribe(*self._keyevent_channels())  # type: ignore[attr-defined]
             self._keyevents_conn = getattr(self, "_in_listen", None)
             # Pub/sub keeps nothing while unsubscribed: what was pushed before this

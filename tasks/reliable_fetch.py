@@ -18,8 +18,8 @@ message somewhere, so this channel splits consuming in two:
   atomic step. Messages pushed by a producer that does not index them (plain kombu or
   Celery) are found through Redis keyspace notifications (enabled by the worker where the
   server allows it, heard on the connection's broadcast subscription), and by a rescan
-  of the worker's queues: in full at start, after a reconnect or a resubscribe, and after
-  every idle wait where notifications do not reach the connection; as a
+  of the worker's queues: in full at start, after a reconnect or a resubscribe, and once
+  per idle wait (busy or idle) where notifications do not reach the connection; as a
   rolling safety net otherwise (a slice of at most `RESCAN_SLICE_MAX` lists a second, a
   full pass every `rescan_s` or longer), so an idle worker's cost does not grow with its
   plugin count.
@@ -88,11 +88,13 @@ class ReliableFetchChannel(ReadyIndexChannel):
             dirty: set[str] = self.__dict__.setdefault("_dirty", set())
             now = monotonic()
             heard = self._keyevents_heard()
-            if now >= self._rescan_at or not heard:
-                # In full: at start, after a reconnect or a resubscribe, and at every claim
-                # where keyspace notifications do not reach this connection.
+            if now >= self._rescan_at or (not heard and self._rescan_at == float("inf")):
+                # In full: at start, after a reconnect or a resubscribe, and where keyspace
+                # notifications do not reach this connection, once per idle wait at most
+                # (every consumed list is a key of the claim: not at every busy claim).
                 dirty.update(consumed)
-                self._rescan_at = float("inf") if heard else 0.0
+                self._rescan_at = float("inf") if heard else now + float(
+                    self._option(IDLE_WAIT_OPTION, self.brpop_timeout) or 0)
                 self._slice_at = now + 1.0
             elif now >= self._slice_at:
                 dirty.update(self._rescan_slice(consumed, config.rescan_s))

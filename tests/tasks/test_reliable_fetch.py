@@ -301,3 +301,67 @@ def test_a_consumer_without_a_broadcast_queue_finds_a_plain_push_after_its_idle_
         waited = time.monotonic() - started
     assert received == [{"n": 1}]
     assert waited < 5, f"found after {waited:.1f} s: the 10 s wait was slept through"
+
+
+def test_a_consumer_with_a_broadcast_queue_hears_a_plain_push_at_once(redis_url: str) -> None:
+    """The other side: a connection that listens for broadcasts (as every Celery worker
+    with remote control does) is told of a plain producer's push by a keyspace event, and
+    finds it long before its 10 s waits or idle rescans would."""
+    name = f"kevheard-{uuid.uuid4().hex[:8]}"
+    options = {**consumer_options(name), "pluginpool_idle_wait_s": 10}
+    queue = kombu.Queue(name, kombu.Exchange(name, type="direct"), routing_key=name)
+    broadcast = kombu.Queue(f"{name}-bc", kombu.Exchange(f"{name}-bc", type="fanout"))
+    received: list[Any] = []
+    with kombu.Connection(redis_url, transport=TRANSPORT_PATH,
+                          transport_options=options) as conn:
+        conn.transport.brpop_timeout = 10
+        channel = conn.channel()
+        consumer = kombu.Consumer(channel, [queue, broadcast], accept=["json"], callbacks=[
+            lambda body, message: (received.append(body), message.ack())])
+        consumer.consume()
+        for _ in range(2):  # the start's rescan, then the subscription
+            with contextlib.suppress(socket.timeout):
+                conn.drain_events(timeout=0.5)
+        assert channel._keyevents_heard()
+        with kombu.Connection(redis_url) as plain:
+            kombu.Producer(plain).publish({"n": 2}, routing_key=name, serializer="json",
+                                          declare=[queue])
+        started = time.monotonic()
+        drain_until(conn, lambda: bool(received), timeout_s=30)
+        waited = time.monotonic() - started
+    assert received == [{"n": 2}]
+    assert waited < 5, f"found after {waited:.1f} s: the keyspace event was not heard"
+
+
+def test_with_a_global_keyprefix_a_plain_push_is_found_by_the_idle_rescan(
+        redis_url: str) -> None:
+    """kombu's prefixed pub/sub client prefixes the keyevent channels too, where Redis never
+    publishes: such a connection does not count on them, and finds a plain producer's push
+    after its idle wait, not after kombu's 10 s wait."""
+    name = f"kevprefix-{uuid.uuid4().hex[:8]}"
+    prefix = f"{name}-pfx:"
+    options = {**consumer_options(name), "pluginpool_idle_wait_s": 0.2,
+               "global_keyprefix": prefix}
+    queue = kombu.Queue(name, kombu.Exchange(name, type="direct"), routing_key=name)
+    broadcast = kombu.Queue(f"{name}-bc", kombu.Exchange(f"{name}-bc", type="fanout"))
+    received: list[Any] = []
+    with kombu.Connection(redis_url, transport=TRANSPORT_PATH,
+                          transport_options=options) as conn:
+        conn.transport.brpop_timeout = 10
+        channel = conn.channel()
+        consumer = kombu.Consumer(channel, [queue, broadcast], accept=["json"], callbacks=[
+            lambda body, message: (received.append(body), message.ack())])
+        consumer.consume()
+        for _ in range(2):
+            with contextlib.suppress(socket.timeout):
+                conn.drain_events(timeout=0.5)
+        assert not channel._keyevents_heard()
+        with kombu.Connection(redis_url,
+                              transport_options={"global_keyprefix": prefix}) as plain:
+            kombu.Producer(plain).publish({"n": 3}, routing_key=name, serializer="json",
+                                          declare=[queue])
+        started = time.monotonic()
+        drain_until(conn, lambda: bool(received), timeout_s=30)
+        waited = time.monotonic() - started
+    assert received == [{"n": 3}]
+    assert waited < 5, f"found after {waited:.1f} s"
