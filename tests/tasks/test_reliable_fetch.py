@@ -274,6 +274,42 @@ def test_a_hand_back_returns_the_message_and_drops_its_record_in_one_step(
     assert hand_back("me", "never-claimed", "back") == 0
 
 
+def plain_push_found(redis_url: str, *, idle_wait_s: float, broadcast: bool,
+                     prefix: str | None = None) -> tuple[bool, float]:
+    """A consumer through pluginpool's transport (kombu's wait, brpop_timeout, at 10 s; a
+    broadcast queue beside its queue if asked), then one message LPUSHed by kombu's own
+    transport, which neither indexes it nor rings a bell: whether the consumer counted on
+    keyspace events, and how long it took to find the message."""
+    name = f"kev-{uuid.uuid4().hex[:8]}"
+    options: dict[str, Any] = {**consumer_options(name), "pluginpool_idle_wait_s": idle_wait_s}
+    if prefix is not None:
+        options["global_keyprefix"] = prefix
+    queue = kombu.Queue(name, kombu.Exchange(name, type="direct"), routing_key=name)
+    queues = [queue]
+    if broadcast:
+        queues.append(kombu.Queue(f"{name}-bc", kombu.Exchange(f"{name}-bc", type="fanout")))
+    received: list[Any] = []
+    with kombu.Connection(redis_url, transport=TRANSPORT_PATH,
+                          transport_options=options) as conn:
+        conn.transport.brpop_timeout = 10
+        channel = conn.channel()
+        kombu.Consumer(channel, queues, accept=["json"], callbacks=[
+            lambda body, message: (received.append(body), message.ack())]).consume()
+        for _ in range(2):  # the start's full rescan, then the subscription if any
+            with contextlib.suppress(socket.timeout):
+                conn.drain_events(timeout=0.5)
+        heard = channel._keyevents_heard()
+        plain_options = {"global_keyprefix": prefix} if prefix is not None else {}
+        with kombu.Connection(redis_url, transport_options=plain_options) as plain:
+            kombu.Producer(plain).publish({"n": 1}, routing_key=name, serializer="json",
+                                          declare=[queue])
+        started = time.monotonic()
+        drain_until(conn, lambda: bool(received), timeout_s=30)
+        waited = time.monotonic() - started
+    assert received == [{"n": 1}]
+    return heard, waited
+
+
 def test_a_consumer_without_a_broadcast_queue_finds_a_plain_push_after_its_idle_wait(
         redis_url: str) -> None:
     """Keyspace events reach a connection only through a channel listening for broadcasts
@@ -281,25 +317,8 @@ def test_a_consumer_without_a_broadcast_queue_finds_a_plain_push_after_its_idle_
     queue, a worker without remote control) must not wait the long `brpop_timeout` as if
     it would hear of a push: it rescans after each idle wait. (It used to sleep the full
     wait and rescan a slice a second: a plain Celery worker's ping reply took seconds.)"""
-    name = f"kevwait-{uuid.uuid4().hex[:8]}"
-    options = {**consumer_options(name), "pluginpool_idle_wait_s": 0.2}
-    queue = kombu.Queue(name, kombu.Exchange(name, type="direct"), routing_key=name)
-    received: list[Any] = []
-    with kombu.Connection(redis_url, transport=TRANSPORT_PATH,
-                          transport_options=options) as conn:
-        conn.transport.brpop_timeout = 10  # the wait where notifications would be heard
-        consumer = kombu.Consumer(conn, [queue], accept=["json"], callbacks=[
-            lambda body, message: (received.append(body), message.ack())])
-        consumer.consume()
-        with contextlib.suppress(socket.timeout):
-            conn.drain_events(timeout=0.5)  # the start's full rescan is behind us
-        with kombu.Connection(redis_url) as plain:  # kombu's own transport: no index, no bell
-            kombu.Producer(plain).publish({"n": 1}, routing_key=name, serializer="json",
-                                          declare=[queue])
-        started = time.monotonic()
-        drain_until(conn, lambda: bool(received), timeout_s=20)
-        waited = time.monotonic() - started
-    assert received == [{"n": 1}]
+    heard, waited = plain_push_found(redis_url, idle_wait_s=0.2, broadcast=False)
+    assert not heard
     assert waited < 5, f"found after {waited:.1f} s: the 10 s wait was slept through"
 
 
@@ -307,29 +326,8 @@ def test_a_consumer_with_a_broadcast_queue_hears_a_plain_push_at_once(redis_url:
     """The other side: a connection that listens for broadcasts (as every Celery worker
     with remote control does) is told of a plain producer's push by a keyspace event, and
     finds it long before its 10 s waits or idle rescans would."""
-    name = f"kevheard-{uuid.uuid4().hex[:8]}"
-    options = {**consumer_options(name), "pluginpool_idle_wait_s": 10}
-    queue = kombu.Queue(name, kombu.Exchange(name, type="direct"), routing_key=name)
-    broadcast = kombu.Queue(f"{name}-bc", kombu.Exchange(f"{name}-bc", type="fanout"))
-    received: list[Any] = []
-    with kombu.Connection(redis_url, transport=TRANSPORT_PATH,
-                          transport_options=options) as conn:
-        conn.transport.brpop_timeout = 10
-        channel = conn.channel()
-        consumer = kombu.Consumer(channel, [queue, broadcast], accept=["json"], callbacks=[
-            lambda body, message: (received.append(body), message.ack())])
-        consumer.consume()
-        for _ in range(2):  # the start's rescan, then the subscription
-            with contextlib.suppress(socket.timeout):
-                conn.drain_events(timeout=0.5)
-        assert channel._keyevents_heard()
-        with kombu.Connection(redis_url) as plain:
-            kombu.Producer(plain).publish({"n": 2}, routing_key=name, serializer="json",
-                                          declare=[queue])
-        started = time.monotonic()
-        drain_until(conn, lambda: bool(received), timeout_s=30)
-        waited = time.monotonic() - started
-    assert received == [{"n": 2}]
+    heard, waited = plain_push_found(redis_url, idle_wait_s=10, broadcast=True)
+    assert heard
     assert waited < 5, f"found after {waited:.1f} s: the keyspace event was not heard"
 
 
@@ -338,30 +336,7 @@ def test_with_a_global_keyprefix_a_plain_push_is_found_by_the_idle_rescan(
     """kombu's prefixed pub/sub client prefixes the keyevent channels too, where Redis never
     publishes: such a connection does not count on them, and finds a plain producer's push
     after its idle wait, not after kombu's 10 s wait."""
-    name = f"kevprefix-{uuid.uuid4().hex[:8]}"
-    prefix = f"{name}-pfx:"
-    options = {**consumer_options(name), "pluginpool_idle_wait_s": 0.2,
-               "global_keyprefix": prefix}
-    queue = kombu.Queue(name, kombu.Exchange(name, type="direct"), routing_key=name)
-    broadcast = kombu.Queue(f"{name}-bc", kombu.Exchange(f"{name}-bc", type="fanout"))
-    received: list[Any] = []
-    with kombu.Connection(redis_url, transport=TRANSPORT_PATH,
-                          transport_options=options) as conn:
-        conn.transport.brpop_timeout = 10
-        channel = conn.channel()
-        consumer = kombu.Consumer(channel, [queue, broadcast], accept=["json"], callbacks=[
-            lambda body, message: (received.append(body), message.ack())])
-        consumer.consume()
-        for _ in range(2):
-            with contextlib.suppress(socket.timeout):
-                conn.drain_events(timeout=0.5)
-        assert not channel._keyevents_heard()
-        with kombu.Connection(redis_url,
-                              transport_options={"global_keyprefix": prefix}) as plain:
-            kombu.Producer(plain).publish({"n": 3}, routing_key=name, serializer="json",
-                                          declare=[queue])
-        started = time.monotonic()
-        drain_until(conn, lambda: bool(received), timeout_s=30)
-        waited = time.monotonic() - started
-    assert received == [{"n": 3}]
+    heard, waited = plain_push_found(redis_url, idle_wait_s=0.2, broadcast=True,
+                                     prefix=f"kevpfx-{uuid.uuid4().hex[:8]}:")
+    assert not heard
     assert waited < 5, f"found after {waited:.1f} s"
