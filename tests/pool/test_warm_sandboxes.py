@@ -55,6 +55,8 @@ def env(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[En
         spec("setup-hangs", "hostile_setup:Hangs", resource_limits={"setup_timeout_ms": 1000}),
         spec("setup-hangs-long", "hostile_setup:Hangs",
              resource_limits={"setup_timeout_ms": 120_000}),
+        spec("setup-talks-long", "hostile_setup:TalksUntilStopped",
+             resource_limits={"setup_timeout_ms": 120_000}),
         spec("setup-allocates", "hostile_setup:Allocates",
              resource_limits={"max_memory_mb": 64, "setup_timeout_ms": 20_000}),
         spec("setup-thread", "hostile_setup:StartsThread"),
@@ -480,13 +482,7 @@ def test_what_a_setup_started_dies_with_its_zygote(env: Env) -> None:
     assert error.type is ErrorType.RUNTIME and error.details["phase"] == "setup"
     assert time.monotonic() - started < 20
     [child] = [int(pid) for pid in re.findall(r"forked (\d+)", error.details["logs"])]
-
-    def gone() -> bool:
-        try:
-            return psutil.Process(child).status() == psutil.STATUS_ZOMBIE
-        except psutil.NoSuchProcess:
-            return True
-    assert wait_until(gone, timeout_s=10)
+    assert wait_until(lambda: gone(child), timeout_s=10)
     assert_unharmed(env)
 
 
@@ -517,7 +513,17 @@ def test_a_throttled_run_gets_storage_replies_larger_than_its_socket_buffer(env:
     client.unload(iid)
 
 
-def test_a_zygote_whose_pool_child_dies_during_its_setup_ends_with_it(env: Env) -> None:
+def gone(pid: int) -> bool:
+    """No such process, or only its exit status left (reaped by whoever adopted it)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+@pytest.mark.parametrize("plugin", ["setup-hangs-long", "setup-talks-long"])
+def test_a_zygote_whose_pool_child_dies_during_its_setup_ends_with_it(env: Env,
+                                                                       plugin: str) -> None:
     """The pool child bounds a setup's wall time; a zygote has no parent to die with. A
     setup that sleeps must not outlive its pool child (SIGKILLed here) by its own 2 minutes
     or an hour: the zygote sees its control socket end, empties its home and exits; so does
@@ -536,13 +542,13 @@ def test_a_zygote_whose_pool_child_dies_during_its_setup_ends_with_it(env: Env) 
     idle = client.execute(iid, {"add": 1}, timeout=60)["zygote"]  # set up, then idle
     before = zygotes()
     pool = [child.pid for child in psutil.Process(worker.pid).children()]
-    job = client.submit("setup-hangs-long", {})
+    job = client.submit(plugin, {})
     assert wait_until(lambda: bool(zygotes().keys() - before.keys()), timeout_s=30)
     setting_up = {pid: cwd for pid, cwd in zygotes().items() if pid not in before}
     setting_up[idle] = before[idle]
     for pid in pool:
         os.kill(pid, signal.SIGKILL)
-    assert wait_until(lambda: not any(psutil.pid_exists(pid) for pid in setting_up),
+    assert wait_until(lambda: all(gone(pid) for pid in setting_up),
                       timeout_s=15), "a zygote outlived its pool child"
     for workspace in setting_up.values():  # each home: emptied (the sweep removes it)
         home = workspace.parent

@@ -16,6 +16,7 @@ from .messages import RESOURCE, StorageReply, StorageRequest
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import logging
+    from collections.abc import Callable
     from typing import Any
 
 STORAGE_REPLY_MAX_BYTES = 64 << 20
@@ -34,13 +35,23 @@ class ChannelStorage:
     """`ctx.storage` in a sandbox: each call is served by the supervisor, which holds the
     Redis connection and the quota; the sandbox itself has no Redis connection at all."""
 
-    def __init__(self, fd: int, policy: AuditPolicy) -> None:
+    def __init__(self, fd: int, policy: AuditPolicy,
+                 on_closed: Callable[[], None] | None = None) -> None:
         self._fd = fd
         self._policy = policy
+        self._on_closed = on_closed
+        """Called when the channel is found gone (a setup's: ends its zygote, whatever the
+        setup would do with the error)."""
 
     def _call(self, action: str, key: str | None = None, value: Any = None) -> Any:
-        channel.send_message(self._fd, StorageRequest(action=action, key=key, value=value))
-        reply = channel.receive_message(self._fd, max_bytes=STORAGE_REPLY_MAX_BYTES)
+        try:
+            channel.send_message(self._fd, StorageRequest(action=action, key=key,
+                                                          value=value))
+            reply = channel.receive_message(self._fd, max_bytes=STORAGE_REPLY_MAX_BYTES)
+        except (channel.ChannelClosed, OSError):
+            if self._on_closed is not None:
+                self._on_closed()
+            raise
         if not isinstance(reply, StorageReply):
             raise ValueError("storage request got no storage reply")
         if reply.ok:

@@ -108,36 +108,74 @@ class PoolChildWatch:
     a setup that sleeps or waits on the network would outlive it by as long as it likes:
     the zygote has left the worker's tree and has no parent to die with. So during the
     setup the control socket signals (O_ASYNC: SIGIO when it becomes readable, a storage
-    reply or its end) and the handler exits at its end. Plugin code in the same process
-    could undo it; this covers setups that only hang."""
+    reply or its end) and the handler ends the zygote at its end; a storage call or a
+    report that finds the socket gone does the same (no SIGIO comes to a process blocked
+    reading the socket), and SIGPIPE is ignored meanwhile (a write to the gone socket
+    would otherwise kill the zygote before its leftovers are killed and its home emptied).
+    Plugin code in the same process could undo all this; it covers setups that hang."""
 
     def __init__(self, home: str, policy: AuditPolicy) -> None:
         self.home = home
         self.policy = policy
-        self.flags = 0
+        self.pid = os.getpid()
+        self.active = False
 
     def start(self) -> None:
         import fcntl  # not at the top: imported modules cost every fork
+        self.active = True
+        with contextlib.suppress(OSError, ValueError):
+            signal.signal(signal.SIGPIPE, signal.SIG_IGN)
         with contextlib.suppress(OSError, ValueError):
             signal.signal(signal.SIGIO, self._on_io)
-            fcntl.fcntl(CONTROL_FD, fcntl.F_SETOWN, os.getpid())
-            self.flags = fcntl.fcntl(CONTROL_FD, fcntl.F_GETFL)
-            fcntl.fcntl(CONTROL_FD, fcntl.F_SETFL, self.flags | os.O_ASYNC)
+            fcntl.fcntl(CONTROL_FD, fcntl.F_SETOWN, self.pid)
+            fcntl.fcntl(CONTROL_FD, fcntl.F_SETFL,
+                        fcntl.fcntl(CONTROL_FD, fcntl.F_GETFL) | os.O_ASYNC)
 
     def stop(self) -> None:
         """Before the zygote serves runs (they inherit its socket and dispositions)."""
         import fcntl
+        self.active = False
         with contextlib.suppress(OSError, ValueError):
-            fcntl.fcntl(CONTROL_FD, fcntl.F_SETFL, self.flags & ~os.O_ASYNC)
-            signal.signal(signal.SIGIO, signal.SIG_DFL)
+            fcntl.fcntl(CONTROL_FD, fcntl.F_SETFL,
+                        fcntl.fcntl(CONTROL_FD, fcntl.F_GETFL) & ~os.O_ASYNC)
+        for signum in (signal.SIGIO, signal.SIGPIPE):
+            with contextlib.suppress(OSError, ValueError):
+                signal.signal(signum, signal.SIG_DFL)
+
+    def check(self) -> None:
+        """End the zygote if its pool child is gone (in the zygote, during the setup)."""
+        if self.active and os.getpid() == self.pid and pool_child_gone():
+            self.end()
+
+    def end(self) -> NoReturn:
+        self.policy.enforcing = False  # the setup's checks: not for emptying the home
+        _teardown(None, None, "pool child gone", self.home)
+
+    def report(self, message: SetupFailed | Ready) -> None:
+        """A setup's outcome to the pool child; if it is gone, end as above."""
+        self.check()
+        try:
+            channel.send_message(CONTROL_FD, message)
+        except OSError:
+            self.end()
 
     def _on_io(self, _signum: int, _frame: object) -> None:
-        poller = select.poll()
-        poller.register(CONTROL_FD, select.POLLHUP)
-        if any(events & (select.POLLHUP | select.POLLERR | select.POLLNVAL)
-               for _fd, events in poller.poll(0)):
-            self.policy.enforcing = False  # the setup's checks: not for emptying the home
-            _teardown(None, None, "pool child gone", self.home)
+        self.check()
+
+
+def _flush_logs(watch: PoolChildWatch) -> None:
+    """What a failed setup wrote, before its error; nothing if its pool child is gone."""
+    watch.check()
+    with contextlib.suppress(OSError):
+        logs.flush_all()
+
+
+def pool_child_gone() -> bool:
+    """The control socket's other end is closed (its pool child died or let it go)."""
+    poller = select.poll()
+    poller.register(CONTROL_FD, select.POLLHUP)
+    return any(events & (select.POLLHUP | select.POLLERR | select.POLLNVAL)
+               for _fd, events in poller.poll(0))
 
 
 def _lock_down(config: ZygoteConfig, policy: AuditPolicy) -> dict[str, Any]:
@@ -223,12 +261,29 @@ def _teardown(plugin: LoadedPlugin | None, policy: AuditPolicy | None, reason: s
         policy.enforcing = False
     with contextlib.suppress(OSError):
         channel.send_message(CONTROL_FD, Closed(error=error, teardown=teardown))
-    _kill_leftovers()
-    if reason == "pool child gone":  # nobody is left to remove the home: empty it at least
-        import shutil  # not at the top: imported modules cost every fork
-        for entry in os.listdir(home):
-            shutil.rmtree(os.path.join(home, entry), ignore_errors=True)
-    os._exit(0)
+    try:
+        _kill_leftovers()
+        if reason == "pool child gone":  # nobody is left to remove the home: empty it
+            _empty(home)
+    finally:
+        os._exit(0)
+
+
+def _empty(path: str, depth: int = 0) -> None:
+    """Remove what `path` holds, as far as it can (no import: this may run in a signal
+    handler, inside a setup holding the import lock)."""
+    try:
+        entries = list(os.scandir(path))
+    except OSError:
+        return
+    for entry in entries:
+        with contextlib.suppress(OSError):
+            if entry.is_dir(follow_symlinks=False):
+                if depth < 64:  # a deeper tree is left to the housekeeper's sweep
+                    _empty(entry.path, depth + 1)
+                os.rmdir(entry.path)
+            else:
+                os.unlink(entry.path)
 
 
 class Control:
@@ -359,7 +414,7 @@ def main() -> NoReturn:
             plugin_id=config.plugin_id, job_id=None, instance_id=config.instance_id,
             attempt=0, operation=None, limits=config.limits, permissions=config.permissions,
             initial_data=config.initial_data, workspace=config.setup_workspace,
-            storage=ChannelStorage(CONTROL_FD, policy))
+            storage=ChannelStorage(CONTROL_FD, policy, on_closed=watch.check))
         policy.enforcing = True
         plugin = LoadedPlugin(import_target(config.entrypoint), config.operations, ctx)
         policy.enforcing = False
@@ -369,23 +424,23 @@ def main() -> NoReturn:
             raise LoadError(_threads_left())
     except LoadError as exc:
         policy.enforcing = False
-        logs.flush_all()
-        channel.send_message(CONTROL_FD, SetupFailed(error=exc.error))
+        _flush_logs(watch)
+        watch.report(SetupFailed(error=exc.error))
         os._exit(0)
     except BaseException as exc:  # the setup's failure is typed like a run's
         policy.enforcing = False
-        logs.flush_all()
+        _flush_logs(watch)
         error = error_of(exc, policy=policy, max_memory_mb=config.max_memory_mb,
                          max_storage_kb=config.max_storage_kb,
                          timeout_ms=int(config.limits["setup_timeout_ms"]))
-        channel.send_message(CONTROL_FD, SetupFailed(error=error))
+        watch.report(SetupFailed(error=error))
         os._exit(0)
     logs.release()
     limits.after_setup()
     # Done once here rather than in every run (each run inherits them): default signal
-    # dispositions, no privilege gain (the runs' Landlock and seccomp layers need it),
-    # the run's log streams, its workspace, ctx, Landlock layer and limits.
-    reset_signals()
+    # dispositions (below, after the last plugin code), no privilege gain (the runs'
+    # Landlock and seccomp layers need it), the run's log streams, its workspace, ctx,
+    # Landlock layer and limits.
     seccomp.set_no_new_privs()
     logs.prepare(CHANNEL_FD)
     program = config.run_seccomp_b64
@@ -401,21 +456,22 @@ def main() -> NoReturn:
         # After the collection: a setup's finalizers and gc callbacks run there, plugin
         # code that could start a process or a thread after the checks above.
         _kill_leftovers()  # whatever the setup started
+        reset_signals()  # after the last plugin code (a finalizer may install a handler)
         threads = _threads()
     except OSError as exc:
-        channel.send_message(CONTROL_FD, SetupFailed(error=error_of(
+        watch.report(SetupFailed(error=error_of(
             exc, policy=None, max_memory_mb=config.max_memory_mb,
             max_storage_kb=config.max_storage_kb,
             timeout_ms=int(config.limits["setup_timeout_ms"]))))
         os._exit(0)
     if threads > 1:
-        channel.send_message(CONTROL_FD, SetupFailed(error=_threads_left()))
+        watch.report(SetupFailed(error=_threads_left()))
         os._exit(0)
-    watch.stop()
-    channel.send_message(CONTROL_FD, Ready(
+    watch.report(Ready(
         pid=os.getpid(), setup_ms=(time.perf_counter() - started) * 1000,
         setup_cpu_ms=(time.process_time() - cpu_started) * 1000, rss_bytes=_rss_bytes(),
         layers=layers))
+    watch.stop()  # before the first Spawn can be read: runs are forked after it
     while True:
         try:
             body, run_fd = control.receive()

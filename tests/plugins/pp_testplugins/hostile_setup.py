@@ -29,6 +29,24 @@ class Hangs:
         return "never"
 
 
+class TalksUntilStopped:
+    """Its setup writes and asks for storage without end, swallowing every error: its
+    zygote must still end with its pool child (a write to the gone socket, a storage call
+    blocked reading it, get no SIGIO)."""
+
+    def __init__(self, ctx: Any) -> None:
+        while True:
+            try:
+                print("still setting up", flush=True)
+                ctx.storage.get("progress")
+            except Exception:
+                pass
+            time.sleep(0.005)
+
+    def run(self, ctx: Any, payload: Any) -> Any:
+        return "never"
+
+
 class Allocates:
     def __init__(self, ctx: Any) -> None:
         self.hoard = []
