@@ -19,6 +19,7 @@ import psutil
 import redis
 
 from pluginpool.policy.keys import RedisKeys
+from pluginpool.pool.sandbox import owners
 from pluginpool.pool.sandbox.runtime.limits import MB
 from pluginpool.pool.sandbox.runtime.messages import Closed
 from pluginpool.pool.sandbox.warm import CLOSE_WAIT_S, WarmSandbox
@@ -44,7 +45,7 @@ class Housekeeper(threading.Thread):
         self._published: dict[tuple[str, int], float] = {}
         self._last_publish = 0.0
         self.warm_root = warm_root
-        self._last_sweep = 0.0
+        self._next_sweep = 0.0  # at the first tick: what a pool process that died left
 
     def run(self) -> None:
         pubsub: redis.client.PubSub | None = None
@@ -69,8 +70,10 @@ class Housekeeper(threading.Thread):
     def tick(self) -> None:
         self.pool.retire_idle()
         self.finish_retiring()
-        if self.warm_root and time.monotonic() - self._last_sweep >= SWEEP_EVERY_S:
-            self._last_sweep = time.monotonic()
+        if self.warm_root and time.monotonic() >= self._next_sweep:
+            self._next_sweep = time.monotonic() + SWEEP_EVERY_S
+            for pid in owners.sweep(self.warm_root):
+                logger.warning("killed zygote %d: the pool process that owned it is gone", pid)
             sweep_stale_homes(self.warm_root)
         if time.monotonic() - self._last_publish >= PUBLISH_EVERY_S:
             self._last_publish = time.monotonic()
@@ -136,8 +139,8 @@ def sweep_stale_homes(warm_root: str) -> None:
     with contextlib.suppress(OSError):
         for entry in os.scandir(warm_root):
             with contextlib.suppress(OSError):
-                if entry.is_dir(follow_symlinks=False) and \
-                        now - entry.stat(follow_symlinks=False).st_mtime > STALE_HOME_S:
+                if entry.is_dir(follow_symlinks=False) and entry.name != owners.OWNERS_DIR \
+                        and now - entry.stat(follow_symlinks=False).st_mtime > STALE_HOME_S:
                     os.rmdir(entry.path)  # fails, as it should, unless it is empty
 
 

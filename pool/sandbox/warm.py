@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from pluginpool.pool.sandbox import owners
 from pluginpool.pool.sandbox.frames import (
     FrameDeadline,
     receive_by,
@@ -197,6 +198,8 @@ class WarmSandbox:
     """The pipes the zygote's descriptors 1 and 2 write to (output.py)."""
     process: ProcessHandle | None = None
     """The zygote, signalled through its pidfd (its pid may be reused once it is gone)."""
+    owner_record: str | None = None
+    """This pool process's record of owning the zygote (owners.py), dropped at its end."""
 
     @property
     def instance_id(self) -> str | None:
@@ -292,6 +295,7 @@ class WarmSandbox:
         if self.output is not None:
             self.output.close()
         shutil.rmtree(self.home, ignore_errors=True)
+        owners.forget(self.owner_record)
 
 
 def _clear(path: str) -> bool:
@@ -384,6 +388,7 @@ def _start_in(home: str, launcher: ZygoteLauncher, plan: SetupPlan, *,
         sandbox.kill()
         raise ZygoteStartError(f"the zygote (pid {hello.pid}) cannot be watched: {exc}") \
             from exc
+    sandbox.owner_record = owners.record(plan.warm_root, hello.pid, home)
     try:
         channel.send_message(control.fileno(), config)
     except OSError:

@@ -4,6 +4,7 @@ each typed, the worker alive, the next run clean. One worker serves the whole mo
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -23,6 +24,7 @@ from pluginpool.policy.errors import (
     PluginExecutionError,
     UnknownOperationError,
 )
+from pluginpool.pool.sandbox import owners
 from pluginpool.pool.tools.processes import ManagedProcess, wait_until
 from pluginpool.tasks.client import PluginClient
 from pluginpool.tasks.spec import PluginSpec
@@ -57,6 +59,8 @@ def env(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[En
              resource_limits={"setup_timeout_ms": 120_000}),
         spec("setup-talks-long", "hostile_setup:TalksUntilStopped",
              resource_limits={"setup_timeout_ms": 120_000}),
+        spec("setup-spins-throttled", "hostile_setup:Spins",
+             resource_limits={"setup_timeout_ms": 120_000, "max_cpu_percent": 10}),
         spec("setup-allocates", "hostile_setup:Allocates",
              resource_limits={"max_memory_mb": 64, "setup_timeout_ms": 20_000}),
         spec("setup-thread", "hostile_setup:StartsThread"),
@@ -344,11 +348,16 @@ def test_a_run_never_sees_what_an_earlier_run_left_in_its_workspace(env: Env) ->
 
 def test_nothing_is_left_in_the_warm_root_but_live_sandboxes(env: Env) -> None:
     warm_root = env[2]
-    homes = {path.name for path in warm_root.iterdir()}
+    homes = {path.name for path in warm_root.iterdir() if path.name != owners.OWNERS_DIR}
     zygotes = [proc for proc in psutil.process_iter(["cmdline"])
                if "pluginpool_sandbox_runtime" in " ".join(proc.info["cmdline"] or [])]
     assert len(homes) <= 4  # PLUGINPOOL_WARM_SANDBOXES, the default
+    records = [json.loads(path.read_text())
+               for path in (warm_root / owners.OWNERS_DIR).glob("*.json")]
+    assert sorted(Path(r["home"]).name for r in records) == sorted(homes)  # one per zygote
     for home in warm_root.iterdir():
+        if home.name == owners.OWNERS_DIR:
+            continue
         assert {entry.name for entry in home.iterdir()} <= {"setup", "run"}
         run_workspace = home / "run"
         assert not run_workspace.exists() or list(run_workspace.iterdir()) == [], \
@@ -557,3 +566,34 @@ def test_a_zygote_whose_pool_child_dies_during_its_setup_ends_with_it(env: Env,
         job.result(timeout=60)
     client.unload(iid)
     assert_unharmed(env)
+
+
+def test_a_stopped_zygote_whose_pool_child_died_is_killed_by_the_next_one(env: Env) -> None:
+    """A setup held at 10 % of a core is stopped (SIGSTOP) most of the time; stopped when its
+    pool child is SIGKILLed, its zygote can watch for nothing and would stay stopped for
+    good. The pool child's replacement finds it in the owners' records (its owner's pid and
+    start time are no process's now) and kills it, and removes its home."""
+    client, worker, warm_root = env
+    before = {p.pid for p in psutil.process_iter(["cwd"])
+              if (p.info["cwd"] or "").startswith(str(warm_root))}
+    pool = [child.pid for child in psutil.Process(worker.pid).children()]
+    job = client.submit("setup-spins-throttled", {})
+
+    def stopped_zygote() -> psutil.Process | None:
+        for proc in psutil.process_iter(["cwd", "status"]):
+            if (proc.pid not in before and (proc.info["cwd"] or "").startswith(str(warm_root))
+                    and proc.info["status"] == psutil.STATUS_STOPPED):
+                return proc
+        return None
+
+    assert wait_until(lambda: stopped_zygote() is not None, timeout_s=30)
+    zygote = stopped_zygote()
+    assert zygote is not None
+    home = Path(zygote.cwd()).parent
+    for pid in pool:
+        os.kill(pid, signal.SIGKILL)
+    with pytest.raises(PluginExecutionError):
+        job.result(timeout=60)
+    assert_unharmed(env)  # a sandboxed job: the new pool child's housekeeper starts
+    assert wait_until(lambda: gone(zygote.pid), timeout_s=20), "the stopped zygote lives on"
+    assert wait_until(lambda: not home.exists(), timeout_s=10)

@@ -47,6 +47,18 @@ class TalksUntilStopped:
         return "never"
 
 
+class Spins:
+    """Its setup spins for ever: under a CPU limit its zygote is stopped (SIGSTOP) most of
+    the time, and cannot watch for anything then."""
+
+    def __init__(self, ctx: Any) -> None:
+        while True:
+            pass
+
+    def run(self, ctx: Any, payload: Any) -> Any:
+        return "never"
+
+
 class Allocates:
     def __init__(self, ctx: Any) -> None:
         self.hoard = []

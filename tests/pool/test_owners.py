@@ -1,0 +1,109 @@
+"""The owners' records of zygotes (pool/sandbox/owners.py), with real processes: a zygote
+whose owner died is killed with its process group and its home removed; one whose owner
+lives, or whose pid now names another process, is left alone."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pluginpool.pool.sandbox import owners
+from pluginpool.pool.tools.processes import wait_until
+
+
+def sleeper() -> subprocess.Popen[bytes]:
+    """A stand-in zygote: its own session (as a zygote), with a child in its group."""
+    return subprocess.Popen([sys.executable, "-c", "import os, time; os.fork(); "
+                             "time.sleep(120)"], start_new_session=True)
+
+
+def write(warm_root: Path, **entry: object) -> Path:
+    directory = warm_root / owners.OWNERS_DIR
+    directory.mkdir(exist_ok=True)
+    path = directory / f"{entry['zygote_pid']}-{entry['zygote_start']}.json"
+    path.write_text(json.dumps(entry))
+    return path
+
+
+def dead_pid() -> tuple[int, int]:
+    """The pid and start time of a process that has ended (and been reaped)."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.2)"])
+    started = owners.start_time(proc.pid)
+    assert started is not None
+    proc.wait()
+    return proc.pid, started
+
+
+@pytest.fixture
+def zygote() -> Iterator[subprocess.Popen[bytes]]:
+    proc = sleeper()
+    assert wait_until(lambda: owners.start_time(proc.pid) is not None, timeout_s=10)
+    yield proc
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_zygote_whose_owner_died_is_killed_with_its_group_and_home(
+        tmp_path: Path, zygote: subprocess.Popen[bytes]) -> None:
+    home = tmp_path / "plugin-abc"
+    (home / "setup").mkdir(parents=True)
+    owner, owner_start = dead_pid()
+    group = os.getpgid(zygote.pid)
+    record = write(tmp_path, owner_pid=owner, owner_start=owner_start, zygote_pid=zygote.pid,
+                   zygote_start=owners.start_time(zygote.pid), home=str(home))
+    assert owners.sweep(str(tmp_path)) == [zygote.pid]
+    assert zygote.wait(timeout=10) == -9
+    assert wait_until(lambda: not _group_alive(group), timeout_s=10), "its group lives on"
+    assert not home.exists() and not record.exists()
+
+
+def test_a_zygote_whose_owner_lives_is_left_alone(tmp_path: Path,
+                                                  zygote: subprocess.Popen[bytes]) -> None:
+    home = tmp_path / "plugin-live"
+    home.mkdir()
+    path = owners.record(str(tmp_path), zygote.pid, str(home))  # owned by this process
+    assert path is not None
+    assert owners.sweep(str(tmp_path)) == []
+    assert zygote.poll() is None and home.exists() and Path(path).exists()
+    owners.forget(path)
+    assert not Path(path).exists()
+
+
+def test_a_pid_that_names_another_process_now_is_not_killed(
+        tmp_path: Path, zygote: subprocess.Popen[bytes]) -> None:
+    """The record's start time is not the process's: its pid was reused."""
+    owner, owner_start = dead_pid()
+    started = owners.start_time(zygote.pid)
+    assert started is not None
+    record = write(tmp_path, owner_pid=owner, owner_start=owner_start, zygote_pid=zygote.pid,
+                   zygote_start=started - 1, home=str(tmp_path / "gone"))
+    assert owners.sweep(str(tmp_path)) == []
+    assert zygote.poll() is None
+    assert not record.exists(), "the record of a zygote that is gone is dropped"
+
+
+def test_a_home_outside_the_warm_root_is_never_removed(tmp_path: Path) -> None:
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    root = tmp_path / "warm"
+    root.mkdir()
+    owner, owner_start = dead_pid()
+    write(root, owner_pid=owner, owner_start=owner_start, zygote_pid=owner,
+          zygote_start=owner_start, home=str(outside))
+    owners.sweep(str(root))
+    assert outside.exists()
+
+
+def _group_alive(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    return True
