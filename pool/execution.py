@@ -59,12 +59,27 @@ def bind_worker_app(app: Celery, services: WorkerServices) -> None:
     record what only Celery's main process sees are connected for this app (never as an
     import side effect)."""
     worker_process_init.connect(_renew_redis_pool(services), weak=False)
+    worker_process_init.connect(_sweep_orphaned_zygotes(services), weak=False)
     settings = services.settings
     bind_result_store(app.backend, settings.keys, ttl_s=settings.result_expires_s,
                       result_backend=settings.effective_result_backend,
                       redis_url=settings.redis_url)
     connect_outcome_signals(app, services)
     connect_status_signals(app, services)
+
+
+def _sweep_orphaned_zygotes(services: WorkerServices) -> Callable[..., None]:
+    """Each new pool process kills what one that died left stopped or hung (owners.py),
+    at once: its own housekeeper starts only with its first sandboxed job."""
+    def sweep(**_: Any) -> None:
+        from pluginpool.pool.sandbox import owners
+        from pluginpool.pool.sandbox.runner import warm_root_of
+        try:
+            for pid in owners.sweep(warm_root_of(services.settings)):
+                logger.warning("killed zygote %d: the pool process that owned it is gone", pid)
+        except Exception:  # never in the way of a pool process starting
+            logger.exception("sweeping orphaned zygotes failed")
+    return sweep
 
 
 def _renew_redis_pool(services: WorkerServices) -> Callable[..., None]:

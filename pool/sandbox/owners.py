@@ -8,46 +8,99 @@ was SIGKILLed stays stopped for good) or will not (plugin code in the zygote can
 watch of its own). So the pool child records each zygote it starts in
 `<warm root>/.owners/`, where no zygote may write (its Landlock layer allows its home
 only), and drops the record when it ends the zygote. A record whose owner has died names
-a zygote to kill and a home to remove. Processes are told apart by pid and start time, so
-a pid reused since is neither taken for a live owner nor killed.
+a zygote to kill and a home to remove.
+
+What the sweep trusts, and why:
+- processes are told apart by pid and start time (a pid reused since is neither taken for
+  a live owner nor killed), in one pid space: a record made in another (another host on a
+  shared volume, another container's pid namespace, before a reboot) is left alone;
+- only a process that is certainly gone counts as gone (its /proc entry absent): a read
+  that fails otherwise (out of descriptors) leaves the record for a later sweep;
+- the warm root and the records must be this user's alone: the root's default path is
+  predictable, and another user who made it first could otherwise write records naming
+  any of this user's processes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
 import shutil
 import signal
+import stat
 import tempfile
+import time
 
-from pluginpool.pool.sandbox.process_handle import ProcessHandle, stat_fields
+from pluginpool.pool.sandbox.process_handle import ProcessHandle
 
 logger = logging.getLogger("pluginpool.sandbox.owners")
 
 OWNERS_DIR = ".owners"
 START_TIME_FIELD = 19
-"""starttime, field 22 of /proc/<pid>/stat, in stat_fields' numbering (proc(5) minus 3)."""
+"""starttime, field 22 of /proc/<pid>/stat, in the numbering after the command name."""
+PID_MAX = 1 << 22
+"""The kernel's largest pid_max: a record's pid above it is not a pid."""
+JUNK_AFTER_S = 60.0
+"""A file in the records' directory that is not a record (a write cut short) this old is
+removed."""
+
+
+class Unknown(Exception):
+    """Whether the process lives could not be read (not that it is gone)."""
 
 
 def start_time(pid: int) -> int | None:
-    """When the process started (clock ticks since boot); None when it is gone."""
-    fields = stat_fields(pid)
+    """When the process started (clock ticks since boot); None when it is gone. Unknown if
+    its /proc entry could not be read for another reason."""
     try:
-        return int(fields[START_TIME_FIELD]) if fields else None
-    except (IndexError, ValueError):
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
         return None
+    except OSError as exc:
+        if exc.errno == errno.ESRCH:
+            return None
+        raise Unknown(str(exc)) from exc
+    try:
+        raw = os.read(fd, 4096)
+    except OSError as exc:
+        if exc.errno == errno.ESRCH:
+            return None
+        raise Unknown(str(exc)) from exc
+    finally:
+        os.close(fd)
+    try:
+        return int(raw.rsplit(b")", 1)[1].split()[START_TIME_FIELD])
+    except (IndexError, ValueError) as exc:
+        raise Unknown(f"unreadable stat of {pid}") from exc
+
+
+def pid_space() -> str:
+    """This boot and pid namespace: a pid and start time mean one process only within it."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as source:
+            boot = source.read().strip()
+        return f"{boot}/{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return ""
 
 
 def record(warm_root: str, zygote_pid: int, home: str) -> str | None:
     """Record that this process owns the zygote; the record's path (None if it could not
-    be written: the zygote then relies on its own watch alone)."""
-    owner, zygote = os.getpid(), start_time(zygote_pid)
-    if zygote is None:
+    be written or the processes cannot be told apart: the zygote then relies on its own
+    watch alone)."""
+    try:
+        owner, zygote = os.getpid(), start_time(zygote_pid)
+        owner_start = start_time(owner)
+    except Unknown:
         return None
-    entry = {"owner_pid": owner, "owner_start": start_time(owner), "zygote_pid": zygote_pid,
-             "zygote_start": zygote, "home": home}
+    space = pid_space()
+    if zygote is None or owner_start is None or not space:
+        return None
+    entry = {"owner_pid": owner, "owner_start": owner_start, "zygote_pid": zygote_pid,
+             "zygote_start": zygote, "home": home, "pid_space": space}
     directory = os.path.join(warm_root, OWNERS_DIR)
     try:
         os.makedirs(directory, mode=0o700, exist_ok=True)
@@ -68,56 +121,114 @@ def forget(path: str | None) -> None:
             os.unlink(path)
 
 
-def _same_process(pid: object, started: object) -> bool:
-    return (isinstance(pid, int) and pid > 1 and isinstance(started, int)
-            and start_time(pid) == started)
+def _private(path: str) -> bool:
+    """A directory (not a symlink) of this user's that no one else may write to."""
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return False
+    return (stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid()
+            and not info.st_mode & 0o022)
 
 
 def sweep(warm_root: str) -> list[int]:
     """Kill every recorded zygote whose owner has died, remove its home and its record;
     the pids killed."""
     directory = os.path.join(warm_root, OWNERS_DIR)
+    if not (_private(warm_root) and _private(directory)):
+        if os.path.lexists(directory):
+            logger.warning("not sweeping %s: it is not this user's alone", directory)
+        return []
     try:
         names = os.listdir(directory)
     except OSError:
         return []
-    killed = []
-    root = os.path.realpath(warm_root) + os.sep
+    space = pid_space()
+    killed: list[int] = []
     for name in names:
         path = os.path.join(directory, name)
-        try:
-            with open(path) as source:
-                entry = json.load(source)
-            owner_alive = _same_process(entry.get("owner_pid"), entry.get("owner_start"))
-        except (OSError, ValueError, AttributeError):
-            continue  # being written (".new-"), or not a record
-        if owner_alive:
+        entry = _read(path)
+        if entry is None:
+            _drop_if_old(path)
             continue
-        pid = entry.get("zygote_pid")
-        if isinstance(pid, int) and _kill_if_same(pid, entry.get("zygote_start")):
-            killed.append(pid)
-        home = entry.get("home")
-        if isinstance(home, str) and os.path.realpath(home).startswith(root):
-            shutil.rmtree(home, ignore_errors=True)
+        if not space or entry.get("pid_space") != space:
+            continue  # another host, namespace or boot: its processes are not ours to judge
+        try:
+            if _same_process(entry.get("owner_pid"), entry.get("owner_start")):
+                continue
+            outcome = _end_zygote(entry.get("zygote_pid"), entry.get("zygote_start"))
+        except Unknown:
+            continue  # a later sweep will know
+        if outcome is not None:
+            killed.append(outcome)
+        _remove_home(warm_root, entry.get("home"))
         forget(path)
     return killed
 
 
-def _kill_if_same(pid: int, started: object) -> bool:
-    """SIGKILL the zygote and its process group, if `pid` is still the zygote recorded
-    (checked after its pidfd is open: the pidfd then names that process for good)."""
-    if pid <= 1 or pid == os.getpid():
+def _read(path: str) -> dict[str, object] | None:
+    """A record, opened without following a link and only if it is this user's."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid():
+            return None
+        entry = json.loads(os.read(fd, 65536))
+    except (OSError, ValueError):
+        return None
+    finally:
+        os.close(fd)
+    return entry if isinstance(entry, dict) else None
+
+
+def _drop_if_old(path: str) -> None:
+    with contextlib.suppress(OSError):
+        info = os.lstat(path)
+        if stat.S_ISREG(info.st_mode) and time.time() - info.st_mtime > JUNK_AFTER_S:
+            os.unlink(path)
+
+
+def _same_process(pid: object, started: object) -> bool:
+    """The process recorded lives (Unknown if that cannot be read now)."""
+    if not (isinstance(pid, int) and 1 < pid < PID_MAX and isinstance(started, int)):
         return False
+    return start_time(pid) == started
+
+
+def _end_zygote(pid: object, started: object) -> int | None:
+    """SIGKILL the zygote and its process group if `pid` is still the zygote recorded
+    (checked after its pidfd is open: the pidfd then names that process for good); its pid
+    if killed, None if it was gone already. Unknown when that cannot be told."""
+    if not (isinstance(pid, int) and 1 < pid < PID_MAX and isinstance(started, int)) \
+            or pid == os.getpid():
+        return None
     try:
         pidfd = os.pidfd_open(pid)
-    except OSError:
-        return False
+    except ProcessLookupError:
+        return None
+    except OSError as exc:
+        raise Unknown(str(exc)) from exc
     handle = ProcessHandle(pid, pidfd)
     try:
-        if not _same_process(pid, started):
-            return False
+        if start_time(pid) != started:
+            return None  # gone, and its pid taken by another process since
         handle.send_group(signal.SIGKILL)  # its session: what its setup started
         handle.send(signal.SIGKILL)
-        return True
+        return pid
     finally:
         handle.close()
+
+
+def _remove_home(warm_root: str, home: object) -> None:
+    """A recorded home, only if it is a directory directly under the warm root (not the
+    root itself, nor the records)."""
+    if not isinstance(home, str):
+        return
+    root = os.path.realpath(warm_root)
+    if (os.path.dirname(home) != root or os.path.basename(home) in ("", OWNERS_DIR)
+            or os.path.islink(home)):
+        return
+    shutil.rmtree(home, ignore_errors=True)

@@ -44,6 +44,7 @@ from pluginpool.pool.sandbox.supervisor import Bounds, NotForked, Supervision, S
 from pluginpool.pool.sandbox.warm_pool import WarmPool
 from pluginpool.pool.worker_services import WorkerServices
 from pluginpool.tasks.context import PluginContext
+from pluginpool.tasks.settings import Settings
 from pluginpool.tasks.spec import PluginSpec
 
 SYSTEM_READ_PATHS = (
@@ -71,6 +72,12 @@ def read_paths(extra: tuple[str, ...]) -> tuple[str, ...]:
     """System files every run may read, plus `extra`; the zygote adds its own interpreter's
     paths (it may be another environment)."""
     return tuple(sorted({os.path.realpath(p) for p in (*SYSTEM_READ_PATHS, *extra)}))
+
+
+def warm_root_of(settings: Settings) -> str:
+    """Where this user's warm sandboxes keep their homes (and owners' records)."""
+    return settings.warm_root or os.path.join(tempfile.gettempdir(),
+                                              f"pluginpool-warm-{os.getuid()}")
 
 
 def standalone_plan(spec: PluginSpec, *, code_paths: tuple[str, ...], warm_root: str,
@@ -106,8 +113,7 @@ class SandboxRunner:
         self._storages: dict[tuple[str, int], InstanceStorage] = {}
         self._housekeeper_of = 0
         self._housekeeper: Housekeeper | None = None
-        self._warm_root = self._settings.warm_root or os.path.join(
-            tempfile.gettempdir(), f"pluginpool-warm-{os.getuid()}")
+        self._warm_root = warm_root_of(self._settings)
 
     def _storage(self, scope: str, *, quota_bytes: int) -> InstanceStorage:
         """`ctx.storage` of an instance (or plugin), kept between runs: building one

@@ -4,13 +4,17 @@ lives, or whose pid now names another process, is left alone."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from pluginpool.pool.sandbox import owners
@@ -18,14 +22,18 @@ from pluginpool.pool.tools.processes import wait_until
 
 
 def sleeper() -> subprocess.Popen[bytes]:
-    """A stand-in zygote: its own session (as a zygote), with a child in its group."""
-    return subprocess.Popen([sys.executable, "-c", "import os, time; os.fork(); "
-                             "time.sleep(120)"], start_new_session=True)
+    """A stand-in zygote: its own session (as a zygote), with a child in its group; it
+    prints once the child exists."""
+    return subprocess.Popen([sys.executable, "-c", "import os, time\n"
+                             "if os.fork() == 0:\n    time.sleep(120)\n"
+                             "print('forked', flush=True)\ntime.sleep(120)"],
+                            start_new_session=True, stdout=subprocess.PIPE)
 
 
 def write(warm_root: Path, **entry: object) -> Path:
     directory = warm_root / owners.OWNERS_DIR
-    directory.mkdir(exist_ok=True)
+    directory.mkdir(mode=0o700, exist_ok=True)
+    entry.setdefault("pid_space", owners.pid_space())
     path = directory / f"{entry['zygote_pid']}-{entry['zygote_start']}.json"
     path.write_text(json.dumps(entry))
     return path
@@ -43,11 +51,13 @@ def dead_pid() -> tuple[int, int]:
 @pytest.fixture
 def zygote() -> Iterator[subprocess.Popen[bytes]]:
     proc = sleeper()
-    assert wait_until(lambda: owners.start_time(proc.pid) is not None, timeout_s=10)
+    assert proc.stdout is not None and proc.stdout.readline() == b"forked\n"
+    group = os.getpgid(proc.pid)
     yield proc
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait()
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(group, signal.SIGKILL)
+    proc.wait()
+    proc.stdout.close()
 
 
 def test_a_zygote_whose_owner_died_is_killed_with_its_group_and_home(
@@ -102,8 +112,47 @@ def test_a_home_outside_the_warm_root_is_never_removed(tmp_path: Path) -> None:
 
 
 def _group_alive(group: int) -> bool:
-    try:
-        os.killpg(group, 0)
-    except ProcessLookupError:
-        return False
-    return True
+    """A process of the group that is not a zombie (its adopter may be slow to reap)."""
+    for proc in psutil.process_iter(["status"]):
+        with contextlib.suppress(psutil.Error):
+            if os.getpgid(proc.pid) == group and proc.info["status"] != psutil.STATUS_ZOMBIE:
+                return True
+    return False
+
+
+def test_a_record_made_in_another_pid_space_is_left_alone(
+        tmp_path: Path, zygote: subprocess.Popen[bytes]) -> None:
+    """Another host on a shared volume, another container, a previous boot: its pids are
+    not ours to judge."""
+    home = tmp_path / "plugin-there"
+    home.mkdir()
+    owner, owner_start = dead_pid()
+    record = write(tmp_path, owner_pid=owner, owner_start=owner_start, zygote_pid=zygote.pid,
+                   zygote_start=owners.start_time(zygote.pid), home=str(home),
+                   pid_space="another-boot/4026531836")
+    assert owners.sweep(str(tmp_path)) == []
+    assert zygote.poll() is None and home.exists() and record.exists()
+
+
+def test_records_in_a_directory_another_user_could_write_are_not_trusted(
+        tmp_path: Path, zygote: subprocess.Popen[bytes]) -> None:
+    owner, owner_start = dead_pid()
+    write(tmp_path, owner_pid=owner, owner_start=owner_start, zygote_pid=zygote.pid,
+          zygote_start=owners.start_time(zygote.pid), home=str(tmp_path / "x"))
+    (tmp_path / owners.OWNERS_DIR).chmod(0o777)
+    assert owners.sweep(str(tmp_path)) == []
+    assert zygote.poll() is None
+
+
+def test_junk_in_the_records_is_dropped_once_old(tmp_path: Path) -> None:
+    directory = tmp_path / owners.OWNERS_DIR
+    directory.mkdir(mode=0o700)
+    for name, text in ((".new-cut", ""), ("bad.json", "{"), ("huge.json", json.dumps(
+            {"owner_pid": 10**30, "owner_start": 1, "zygote_pid": 10**30, "zygote_start": 1,
+             "home": str(tmp_path / "h"), "pid_space": owners.pid_space()}))):
+        (directory / name).write_text(text)
+    old = time.time() - owners.JUNK_AFTER_S - 10
+    for path in directory.iterdir():
+        os.utime(path, (old, old))
+    assert owners.sweep(str(tmp_path)) == []
+    assert list(directory.iterdir()) == []

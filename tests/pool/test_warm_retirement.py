@@ -13,6 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from pluginpool.pool.sandbox import owners
 from pluginpool.pool.tools.processes import ManagedProcess, wait_until
 from pluginpool.tasks.client import PluginClient
 from pluginpool.tasks.spec import PluginSpec
@@ -86,14 +87,17 @@ def test_a_worker_that_stops_tears_its_sandboxes_down_and_leaves_no_home(
         try:
             zygote = client.execute(client.load("stateful-stop", {}), {"add": 1},
                                     timeout=60)["zygote"]
-            assert len(list(warm_root.iterdir())) == 1
+            homes = [path for path in warm_root.iterdir() if path.name != owners.OWNERS_DIR]
+            assert len(homes) == 1
+            assert len(list((warm_root / owners.OWNERS_DIR).iterdir())) == 1  # its record
             os.kill(worker.pid, signal.SIGTERM)
             worker.process.wait(timeout=30)
         finally:
             worker.stop()
         assert f"(pid {zygote}) retired (shutdown); teardown ran" in worker.log_text()
         assert wait_until(lambda: not psutil.pid_exists(zygote), timeout_s=10)
-        assert list(warm_root.iterdir()) == []
+        assert [p.name for p in warm_root.iterdir()] == [owners.OWNERS_DIR]
+        assert list((warm_root / owners.OWNERS_DIR).iterdir()) == [], "its record dropped"
 
 
 def test_the_sweep_removes_only_homes_left_empty_long_ago(tmp_path: Path) -> None:

@@ -119,6 +119,8 @@ class PoolChildWatch:
         self.policy = policy
         self.pid = os.getpid()
         self.active = False
+        self.plugin: LoadedPlugin | None = None
+        """Once set up: torn down (close()) if the pool child goes before the runs start."""
 
     def start(self) -> None:
         import fcntl  # not at the top: imported modules cost every fork
@@ -130,6 +132,7 @@ class PoolChildWatch:
             fcntl.fcntl(CONTROL_FD, fcntl.F_SETOWN, self.pid)
             fcntl.fcntl(CONTROL_FD, fcntl.F_SETFL,
                         fcntl.fcntl(CONTROL_FD, fcntl.F_GETFL) | os.O_ASYNC)
+        self.check()  # gone already: setting O_ASYNC raises no signal for an end seen before
 
     def stop(self) -> None:
         """Before the zygote serves runs (they inherit its socket and dispositions)."""
@@ -138,6 +141,8 @@ class PoolChildWatch:
         with contextlib.suppress(OSError, ValueError):
             fcntl.fcntl(CONTROL_FD, fcntl.F_SETFL,
                         fcntl.fcntl(CONTROL_FD, fcntl.F_GETFL) & ~os.O_ASYNC)
+        with contextlib.suppress(OSError, ValueError):
+            fcntl.fcntl(CONTROL_FD, fcntl.F_SETOWN, 0)
         for signum in (signal.SIGIO, signal.SIGPIPE):
             with contextlib.suppress(OSError, ValueError):
                 signal.signal(signum, signal.SIG_DFL)
@@ -148,8 +153,12 @@ class PoolChildWatch:
             self.end()
 
     def end(self) -> NoReturn:
-        self.policy.enforcing = False  # the setup's checks: not for emptying the home
-        _teardown(None, None, "pool child gone", self.home)
+        try:  # whatever fails on the way (memory, a deep stack): the zygote still ends
+            self.policy.enforcing = False  # the setup's checks: not for emptying the home
+            _teardown(self.plugin, self.policy if self.plugin is not None else None,
+                      "pool child gone", self.home)
+        finally:
+            os._exit(0)
 
     def report(self, message: SetupFailed | Ready) -> None:
         """A setup's outcome to the pool child; if it is gone, end as above."""
@@ -435,6 +444,7 @@ def main() -> NoReturn:
                          timeout_ms=int(config.limits["setup_timeout_ms"]))
         watch.report(SetupFailed(error=error))
         os._exit(0)
+    watch.plugin = plugin
     logs.release()
     limits.after_setup()
     # Done once here rather than in every run (each run inherits them): default signal
@@ -454,9 +464,10 @@ def main() -> NoReturn:
         gc.collect()
         gc.freeze()  # runs then never dirty (copy) the set-up heap's pages in their GC
         # After the collection: a setup's finalizers and gc callbacks run there, plugin
-        # code that could start a process or a thread after the checks above.
+        # code that could start a process or a thread, or install a signal handler (one
+        # for SIGCHLD that forks again would outlast the kill), after the checks above.
+        reset_signals()
         _kill_leftovers()  # whatever the setup started
-        reset_signals()  # after the last plugin code (a finalizer may install a handler)
         threads = _threads()
     except OSError as exc:
         watch.report(SetupFailed(error=error_of(
