@@ -10,6 +10,7 @@ failures. A pool child that dies mid-run is retried by Celery itself
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable
 from typing import Any, cast
@@ -69,17 +70,22 @@ def bind_worker_app(app: Celery, services: WorkerServices) -> None:
 
 
 def _sweep_orphaned_zygotes(services: WorkerServices) -> Callable[..., None]:
-    """Each new pool process kills what one that died left stopped or hung (owners.py),
-    at once: its own housekeeper starts only with its first sandboxed job."""
-    def sweep(**_: Any) -> None:
+    """Each new pool process sweeps what one that died left stopped or hung (owners.py)
+    at once (its own housekeeper starts only with its first sandboxed job), in a thread:
+    Celery kills a pool process not up within 4 s, and removing homes takes what it takes.
+    A pool process never forks (zygotes start through exec), so a thread is safe here."""
+    def sweep() -> None:
         from pluginpool.pool.sandbox import owners
         from pluginpool.pool.sandbox.runner import warm_root_of
         try:
             for pid in owners.sweep(warm_root_of(services.settings)):
                 logger.warning("killed zygote %d: the pool process that owned it is gone", pid)
-        except Exception:  # never in the way of a pool process starting
+        except Exception:
             logger.exception("sweeping orphaned zygotes failed")
-    return sweep
+
+    def start(**_: Any) -> None:
+        threading.Thread(target=sweep, name="pluginpool-zygote-sweep", daemon=True).start()
+    return start
 
 
 def _renew_redis_pool(services: WorkerServices) -> Callable[..., None]:

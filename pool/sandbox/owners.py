@@ -43,6 +43,9 @@ START_TIME_FIELD = 19
 """starttime, field 22 of /proc/<pid>/stat, in the numbering after the command name."""
 PID_MAX = 1 << 22
 """The kernel's largest pid_max: a record's pid above it is not a pid."""
+TEARDOWN_GRACE_S = 10.0
+"""How long a zygote whose owner died may go on (a teardown alone is cut at 5 s, zygote.py's
+TEARDOWN_ALONE_S) before a sweep kills it."""
 JUNK_AFTER_S = 60.0
 """A file in the records' directory that is not a record (a write cut short) this old is
 removed."""
@@ -78,8 +81,12 @@ def start_time(pid: int) -> int | None:
 
 
 def pid_space() -> str:
-    """This boot and pid namespace: a pid and start time mean one process only within it."""
+    """This boot and pid namespace: a pid and start time mean one process only within it.
+    "" (nothing recorded, nothing swept) where /proc is not this namespace's own (a pid
+    namespace without its /proc mounted: /proc/<pid> would name other processes)."""
     try:
+        if os.readlink("/proc/self") != str(os.getpid()):
+            return ""
         with open("/proc/sys/kernel/random/boot_id") as source:
             boot = source.read().strip()
         return f"{boot}/{os.stat('/proc/self/ns/pid').st_ino}"
@@ -131,9 +138,13 @@ def _private(path: str) -> bool:
             and not info.st_mode & 0o022)
 
 
-def sweep(warm_root: str) -> list[int]:
+def sweep(warm_root: str, *, now: float | None = None) -> list[int]:
     """Kill every recorded zygote whose owner has died, remove its home and its record;
-    the pids killed."""
+    the pids killed.
+
+    A zygote whose owner died may be running its teardown (close(), up to
+    TEARDOWN_GRACE_S alone): one that is stopped is killed at once (it can do nothing),
+    any other only once its record has been marked orphaned that long."""
     directory = os.path.join(warm_root, OWNERS_DIR)
     if not (_private(warm_root) and _private(directory)):
         if os.path.lexists(directory):
@@ -144,17 +155,28 @@ def sweep(warm_root: str) -> list[int]:
     except OSError:
         return []
     space = pid_space()
+    now = time.time() if now is None else now
     killed: list[int] = []
     for name in names:
         path = os.path.join(directory, name)
-        entry = _read(path)
+        try:
+            entry = _read(path)
+        except OSError:
+            continue  # could not be opened now (out of descriptors): a later sweep will
         if entry is None:
-            _drop_if_old(path)
+            _drop_if_old(path)  # opened, and not a record
             continue
         if not space or entry.get("pid_space") != space:
             continue  # another host, namespace or boot: its processes are not ours to judge
         try:
             if _same_process(entry.get("owner_pid"), entry.get("owner_start")):
+                continue
+            orphaned_at = entry.get("orphaned_at")
+            if not isinstance(orphaned_at, (int, float)):
+                if not _stopped(entry.get("zygote_pid"), entry.get("zygote_start")):
+                    _mark_orphaned(path, entry, now)  # maybe tearing down: next time
+                    continue
+            elif now - orphaned_at < TEARDOWN_GRACE_S:
                 continue
             outcome = _end_zygote(entry.get("zygote_pid"), entry.get("zygote_start"))
         except Unknown:
@@ -166,12 +188,42 @@ def sweep(warm_root: str) -> list[int]:
     return killed
 
 
-def _read(path: str) -> dict[str, object] | None:
-    """A record, opened without following a link and only if it is this user's."""
+def _stopped(pid: object, started: object) -> bool:
+    """The zygote recorded is stopped (SIGSTOP: it can run nothing, teardown included),
+    or gone (nothing to wait for)."""
+    if not (isinstance(pid, int) and 1 < pid < PID_MAX):
+        return True
+    if start_time(pid) != started:
+        return True
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
-        return None
+        with open(f"/proc/{pid}/stat", "rb") as source:
+            state = source.read().rsplit(b")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return True
+    except (OSError, IndexError) as exc:
+        raise Unknown(str(exc)) from exc
+    return state in (b"T", b"t")
+
+
+def _mark_orphaned(path: str, entry: dict[str, object], now: float) -> None:
+    """Note when the owner was first found gone (rewritten whole, as record() writes)."""
+    directory = os.path.dirname(path)
+    with contextlib.suppress(OSError):
+        fd, temporary = tempfile.mkstemp(dir=directory, prefix=".new-")
+        with os.fdopen(fd, "w") as out:
+            json.dump({**entry, "orphaned_at": now}, out)
+        os.replace(temporary, path)
+
+
+def _read(path: str) -> dict[str, object] | None:
+    """A record, opened without following a link and only if it is this user's; None for
+    a file that is not one. OSError if it could not be opened (it may be one)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # a symbolic link: not a record
+            return None
+        raise
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid():
@@ -210,6 +262,8 @@ def _end_zygote(pid: object, started: object) -> int | None:
     except ProcessLookupError:
         return None
     except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.EINVAL):  # the pid is a thread's now, not a
+            return None  # process's: a zygote (a thread-group leader) it is not
         raise Unknown(str(exc)) from exc
     handle = ProcessHandle(pid, pidfd)
     try:
@@ -228,7 +282,7 @@ def _remove_home(warm_root: str, home: object) -> None:
     if not isinstance(home, str):
         return
     root = os.path.realpath(warm_root)
-    if (os.path.dirname(home) != root or os.path.basename(home) in ("", OWNERS_DIR)
-            or os.path.islink(home)):
+    if (os.path.dirname(home) != root
+            or os.path.basename(home) in ("", ".", "..", OWNERS_DIR) or os.path.islink(home)):
         return
     shutil.rmtree(home, ignore_errors=True)

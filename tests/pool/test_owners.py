@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -51,7 +52,9 @@ def dead_pid() -> tuple[int, int]:
 @pytest.fixture
 def zygote() -> Iterator[subprocess.Popen[bytes]]:
     proc = sleeper()
-    assert proc.stdout is not None and proc.stdout.readline() == b"forked\n"
+    assert proc.stdout is not None
+    assert select.select([proc.stdout], [], [], 30)[0], "the stand-in zygote did not fork"
+    assert proc.stdout.readline() == b"forked\n"
     group = os.getpgid(proc.pid)
     yield proc
     with contextlib.suppress(ProcessLookupError):
@@ -68,10 +71,31 @@ def test_a_zygote_whose_owner_died_is_killed_with_its_group_and_home(
     group = os.getpgid(zygote.pid)
     record = write(tmp_path, owner_pid=owner, owner_start=owner_start, zygote_pid=zygote.pid,
                    zygote_start=owners.start_time(zygote.pid), home=str(home))
-    assert owners.sweep(str(tmp_path)) == [zygote.pid]
+    # Running: maybe tearing down. Marked the first time, killed once the grace is over.
+    assert owners.sweep(str(tmp_path)) == []
+    assert zygote.poll() is None and home.exists()
+    assert json.loads(record.read_text())["orphaned_at"] > 0
+    later = time.time() + owners.TEARDOWN_GRACE_S + 1
+    assert owners.sweep(str(tmp_path), now=later) == [zygote.pid]
     assert zygote.wait(timeout=10) == -9
     assert wait_until(lambda: not _group_alive(group), timeout_s=10), "its group lives on"
     assert not home.exists() and not record.exists()
+
+
+def test_a_stopped_zygote_whose_owner_died_is_killed_at_once(
+        tmp_path: Path, zygote: subprocess.Popen[bytes]) -> None:
+    """Stopped, it can run no teardown: nothing to wait for."""
+    home = tmp_path / "plugin-stopped"
+    home.mkdir()
+    owner, owner_start = dead_pid()
+    os.kill(zygote.pid, signal.SIGSTOP)
+    assert wait_until(lambda: psutil.Process(zygote.pid).status() == psutil.STATUS_STOPPED,
+                      timeout_s=10)
+    write(tmp_path, owner_pid=owner, owner_start=owner_start, zygote_pid=zygote.pid,
+          zygote_start=owners.start_time(zygote.pid), home=str(home))
+    assert owners.sweep(str(tmp_path)) == [zygote.pid]
+    assert zygote.wait(timeout=10) == -9
+    assert not home.exists()
 
 
 def test_a_zygote_whose_owner_lives_is_left_alone(tmp_path: Path,
@@ -103,12 +127,13 @@ def test_a_home_outside_the_warm_root_is_never_removed(tmp_path: Path) -> None:
     outside = tmp_path / "elsewhere"
     outside.mkdir()
     root = tmp_path / "warm"
-    root.mkdir()
+    root.mkdir(mode=0o700)
     owner, owner_start = dead_pid()
     write(root, owner_pid=owner, owner_start=owner_start, zygote_pid=owner,
           zygote_start=owner_start, home=str(outside))
     owners.sweep(str(root))
     assert outside.exists()
+    assert list((root / owners.OWNERS_DIR).glob("*.json")) == [], "the record was swept"
 
 
 def _group_alive(group: int) -> bool:
@@ -156,3 +181,4 @@ def test_junk_in_the_records_is_dropped_once_old(tmp_path: Path) -> None:
         os.utime(path, (old, old))
     assert owners.sweep(str(tmp_path)) == []
     assert list(directory.iterdir()) == []
+

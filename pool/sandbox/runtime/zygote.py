@@ -153,7 +153,10 @@ class PoolChildWatch:
             self.end()
 
     def end(self) -> NoReturn:
+        self.active = False  # once: a close() using storage must not come back here
         try:  # whatever fails on the way (memory, a deep stack): the zygote still ends
+            for outbox in logs._outbox:  # nobody reads the output now: it goes nowhere
+                outbox.active = False
             self.policy.enforcing = False  # the setup's checks: not for emptying the home
             _teardown(self.plugin, self.policy if self.plugin is not None else None,
                       "pool child gone", self.home)
