@@ -69,6 +69,11 @@ def bind_worker_app(app: Celery, services: WorkerServices) -> None:
     connect_status_signals(app, services)
 
 
+SWEEP_ROUNDS = 3
+"""Sweeps a new pool process makes: the first, and after the grace of orphans still
+running (the housekeeper, which sweeps each minute, starts only with sandboxed jobs)."""
+
+
 def _sweep_orphaned_zygotes(services: WorkerServices) -> Callable[..., None]:
     """Each new pool process sweeps what one that died left stopped or hung (owners.py)
     at once (its own housekeeper starts only with its first sandboxed job), in a thread:
@@ -78,8 +83,14 @@ def _sweep_orphaned_zygotes(services: WorkerServices) -> Callable[..., None]:
         from pluginpool.pool.sandbox import owners
         from pluginpool.pool.sandbox.runner import warm_root_of
         try:
-            for pid in owners.sweep(warm_root_of(services.settings)):
-                logger.warning("killed zygote %d: the pool process that owned it is gone", pid)
+            for _round in range(SWEEP_ROUNDS):  # again after the grace of running orphans
+                swept = owners.sweep(warm_root_of(services.settings))
+                for pid in swept.killed:
+                    logger.warning("killed zygote %d: the pool process that owned it is gone",
+                                   pid)
+                if not swept.waiting:
+                    break
+                time.sleep(owners.TEARDOWN_GRACE_S + 1)
         except Exception:
             logger.exception("sweeping orphaned zygotes failed")
 

@@ -33,6 +33,7 @@ import signal
 import stat
 import tempfile
 import time
+from dataclasses import dataclass, field
 
 from pluginpool.pool.sandbox.process_handle import ProcessHandle
 
@@ -138,25 +139,39 @@ def _private(path: str) -> bool:
             and not info.st_mode & 0o022)
 
 
-def sweep(warm_root: str, *, now: float | None = None) -> list[int]:
-    """Kill every recorded zygote whose owner has died, remove its home and its record;
-    the pids killed.
+@dataclass
+class Swept:
+    killed: list[int] = field(default_factory=list)
+    """The zygotes killed."""
+    waiting: int = 0
+    """Orphans left running for their teardown's grace: sweep again after it."""
+
+
+def now_s() -> float:
+    """The sweep's clock: time since boot (records are judged only within their boot),
+    which no wall-clock step moves."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
+def sweep(warm_root: str, *, now: float | None = None) -> Swept:
+    """Kill every recorded zygote whose owner has died, remove its home and its record.
 
     A zygote whose owner died may be running its teardown (close(), up to
     TEARDOWN_GRACE_S alone): one that is stopped is killed at once (it can do nothing),
-    any other only once its record has been marked orphaned that long."""
+    any other only once its record has been marked orphaned that long (or at once if the
+    mark cannot be written: a full disk must not keep it alive)."""
     directory = os.path.join(warm_root, OWNERS_DIR)
+    swept = Swept()
     if not (_private(warm_root) and _private(directory)):
         if os.path.lexists(directory):
             logger.warning("not sweeping %s: it is not this user's alone", directory)
-        return []
+        return swept
     try:
         names = os.listdir(directory)
     except OSError:
-        return []
+        return swept
     space = pid_space()
-    now = time.time() if now is None else now
-    killed: list[int] = []
+    now = now_s() if now is None else now
     for name in names:
         path = os.path.join(directory, name)
         try:
@@ -172,47 +187,61 @@ def sweep(warm_root: str, *, now: float | None = None) -> list[int]:
             if _same_process(entry.get("owner_pid"), entry.get("owner_start")):
                 continue
             orphaned_at = entry.get("orphaned_at")
-            if not isinstance(orphaned_at, (int, float)):
-                if not _stopped(entry.get("zygote_pid"), entry.get("zygote_start")):
-                    _mark_orphaned(path, entry, now)  # maybe tearing down: next time
+            if not isinstance(orphaned_at, (int, float)) or orphaned_at > now:
+                if (not _stopped(entry.get("zygote_pid"), entry.get("zygote_start"))
+                        and _mark_orphaned(path, entry, now)):
+                    swept.waiting += 1  # maybe tearing down: after the grace
                     continue
             elif now - orphaned_at < TEARDOWN_GRACE_S:
+                swept.waiting += 1
                 continue
             outcome = _end_zygote(entry.get("zygote_pid"), entry.get("zygote_start"))
         except Unknown:
             continue  # a later sweep will know
         if outcome is not None:
-            killed.append(outcome)
+            swept.killed.append(outcome)
         _remove_home(warm_root, entry.get("home"))
         forget(path)
-    return killed
+    return swept
 
 
 def _stopped(pid: object, started: object) -> bool:
     """The zygote recorded is stopped (SIGSTOP: it can run nothing, teardown included),
-    or gone (nothing to wait for)."""
+    or gone, or only its exit status is left (nothing to wait for)."""
     if not (isinstance(pid, int) and 1 < pid < PID_MAX):
         return True
-    if start_time(pid) != started:
-        return True
     try:
-        with open(f"/proc/{pid}/stat", "rb") as source:
-            state = source.read().rsplit(b")", 1)[1].split()[0]
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         return True
-    except (OSError, IndexError) as exc:
+    except OSError as exc:
         raise Unknown(str(exc)) from exc
-    return state in (b"T", b"t")
+    try:
+        fields = os.read(fd, 4096).rsplit(b")", 1)[1].split()
+        state, start = fields[0], int(fields[START_TIME_FIELD])
+    except (OSError, IndexError, ValueError) as exc:
+        raise Unknown(str(exc)) from exc
+    finally:
+        os.close(fd)
+    return start != started or state in (b"T", b"t", b"Z", b"X")
 
 
-def _mark_orphaned(path: str, entry: dict[str, object], now: float) -> None:
-    """Note when the owner was first found gone (rewritten whole, as record() writes)."""
-    directory = os.path.dirname(path)
-    with contextlib.suppress(OSError):
-        fd, temporary = tempfile.mkstemp(dir=directory, prefix=".new-")
+def _mark_orphaned(path: str, entry: dict[str, object], now: float) -> bool:
+    """Note when the owner was first found gone (rewritten whole, as record() writes);
+    False if it could not be written."""
+    try:
+        fd, temporary = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".new-")
+    except OSError:
+        return False
+    try:
         with os.fdopen(fd, "w") as out:
             json.dump({**entry, "orphaned_at": now}, out)
         os.replace(temporary, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        return False
+    return True
 
 
 def _read(path: str) -> dict[str, object] | None:
@@ -229,7 +258,7 @@ def _read(path: str) -> dict[str, object] | None:
         if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid():
             return None
         entry = json.loads(os.read(fd, 65536))
-    except (OSError, ValueError):
+    except ValueError:
         return None
     finally:
         os.close(fd)
@@ -260,6 +289,7 @@ def _end_zygote(pid: object, started: object) -> int | None:
     try:
         pidfd = os.pidfd_open(pid)
     except ProcessLookupError:
+        _kill_orphaned_group(pid)
         return None
     except OSError as exc:
         if exc.errno in (errno.ENOENT, errno.EINVAL):  # the pid is a thread's now, not a
@@ -274,6 +304,15 @@ def _end_zygote(pid: object, started: object) -> int | None:
         return pid
     finally:
         handle.close()
+
+
+def _kill_orphaned_group(pid: int) -> None:
+    """What a zygote that is gone left in its process group (a teardown cut at its bound
+    after starting processes): while such a group lives, no process is given its id, so
+    with no process of that pid the group is the zygote's own."""
+    if not os.path.exists(f"/proc/{pid}"):
+        with contextlib.suppress(OSError):
+            os.killpg(pid, signal.SIGKILL)
 
 
 def _remove_home(warm_root: str, home: object) -> None:

@@ -72,11 +72,11 @@ def test_a_zygote_whose_owner_died_is_killed_with_its_group_and_home(
     record = write(tmp_path, owner_pid=owner, owner_start=owner_start, zygote_pid=zygote.pid,
                    zygote_start=owners.start_time(zygote.pid), home=str(home))
     # Running: maybe tearing down. Marked the first time, killed once the grace is over.
-    assert owners.sweep(str(tmp_path)) == []
+    assert owners.sweep(str(tmp_path)).waiting == 1
     assert zygote.poll() is None and home.exists()
     assert json.loads(record.read_text())["orphaned_at"] > 0
-    later = time.time() + owners.TEARDOWN_GRACE_S + 1
-    assert owners.sweep(str(tmp_path), now=later) == [zygote.pid]
+    later = owners.now_s() + owners.TEARDOWN_GRACE_S + 1
+    assert owners.sweep(str(tmp_path), now=later).killed == [zygote.pid]
     assert zygote.wait(timeout=10) == -9
     assert wait_until(lambda: not _group_alive(group), timeout_s=10), "its group lives on"
     assert not home.exists() and not record.exists()
@@ -93,7 +93,7 @@ def test_a_stopped_zygote_whose_owner_died_is_killed_at_once(
                       timeout_s=10)
     write(tmp_path, owner_pid=owner, owner_start=owner_start, zygote_pid=zygote.pid,
           zygote_start=owners.start_time(zygote.pid), home=str(home))
-    assert owners.sweep(str(tmp_path)) == [zygote.pid]
+    assert owners.sweep(str(tmp_path)).killed == [zygote.pid]
     assert zygote.wait(timeout=10) == -9
     assert not home.exists()
 
@@ -104,7 +104,7 @@ def test_a_zygote_whose_owner_lives_is_left_alone(tmp_path: Path,
     home.mkdir()
     path = owners.record(str(tmp_path), zygote.pid, str(home))  # owned by this process
     assert path is not None
-    assert owners.sweep(str(tmp_path)) == []
+    assert owners.sweep(str(tmp_path)).killed == []
     assert zygote.poll() is None and home.exists() and Path(path).exists()
     owners.forget(path)
     assert not Path(path).exists()
@@ -118,7 +118,7 @@ def test_a_pid_that_names_another_process_now_is_not_killed(
     assert started is not None
     record = write(tmp_path, owner_pid=owner, owner_start=owner_start, zygote_pid=zygote.pid,
                    zygote_start=started - 1, home=str(tmp_path / "gone"))
-    assert owners.sweep(str(tmp_path)) == []
+    assert owners.sweep(str(tmp_path)).killed == []
     assert zygote.poll() is None
     assert not record.exists(), "the record of a zygote that is gone is dropped"
 
@@ -155,7 +155,7 @@ def test_a_record_made_in_another_pid_space_is_left_alone(
     record = write(tmp_path, owner_pid=owner, owner_start=owner_start, zygote_pid=zygote.pid,
                    zygote_start=owners.start_time(zygote.pid), home=str(home),
                    pid_space="another-boot/4026531836")
-    assert owners.sweep(str(tmp_path)) == []
+    assert owners.sweep(str(tmp_path)).killed == []
     assert zygote.poll() is None and home.exists() and record.exists()
 
 
@@ -165,7 +165,7 @@ def test_records_in_a_directory_another_user_could_write_are_not_trusted(
     write(tmp_path, owner_pid=owner, owner_start=owner_start, zygote_pid=zygote.pid,
           zygote_start=owners.start_time(zygote.pid), home=str(tmp_path / "x"))
     (tmp_path / owners.OWNERS_DIR).chmod(0o777)
-    assert owners.sweep(str(tmp_path)) == []
+    assert owners.sweep(str(tmp_path)).killed == []
     assert zygote.poll() is None
 
 
@@ -179,6 +179,29 @@ def test_junk_in_the_records_is_dropped_once_old(tmp_path: Path) -> None:
     old = time.time() - owners.JUNK_AFTER_S - 10
     for path in directory.iterdir():
         os.utime(path, (old, old))
-    assert owners.sweep(str(tmp_path)) == []
+    assert owners.sweep(str(tmp_path)).killed == []
     assert list(directory.iterdir()) == []
 
+
+
+SWEEP_ON_A_FULL_DISK = """
+import resource, signal, sys
+from pluginpool.pool.sandbox import owners
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))  # every write fails: a full disk
+print(owners.sweep(sys.argv[1]).killed)
+"""
+
+
+def test_an_orphan_whose_mark_cannot_be_written_is_killed_at_once(
+        tmp_path: Path, zygote: subprocess.Popen[bytes]) -> None:
+    """A full disk (an orphan filling it, with nobody left to watch its storage) must not
+    keep it alive: without the mark there is no grace."""
+    owner, owner_start = dead_pid()
+    write(tmp_path, owner_pid=owner, owner_start=owner_start, zygote_pid=zygote.pid,
+          zygote_start=owners.start_time(zygote.pid), home=str(tmp_path / "full"))
+    done = subprocess.run([sys.executable, "-c", SWEEP_ON_A_FULL_DISK, str(tmp_path)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == f"[{zygote.pid}]", done.stderr[-2000:]
+    assert zygote.wait(timeout=10) == -9
+    assert [p.name for p in (tmp_path / owners.OWNERS_DIR).iterdir()] == []

@@ -61,6 +61,8 @@ def env(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[En
              resource_limits={"setup_timeout_ms": 120_000}),
         spec("setup-talks-long", "hostile_setup:TalksUntilStopped",
              resource_limits={"setup_timeout_ms": 120_000}),
+        spec("setup-undoes-the-watch", "hostile_setup:UndoesTheWatch",
+             resource_limits={"setup_timeout_ms": 120_000}),
         spec("setup-spins-throttled", "hostile_setup:Spins",
              resource_limits={"setup_timeout_ms": 120_000, "max_cpu_percent": 10}),
         spec("setup-allocates", "hostile_setup:Allocates",
@@ -625,3 +627,35 @@ def test_a_stopped_zygote_whose_pool_child_died_is_killed_by_the_next_one(env: E
     assert wait_until(lambda: gone(zygote.pid), timeout_s=20), "the stopped zygote lives on"
     assert_unharmed(env)
     assert wait_until(lambda: not home.exists(), timeout_s=10)
+
+
+def test_a_setup_that_undoes_its_watch_is_killed_once_its_grace_is_over(env: Env) -> None:
+    """Its zygote ignores SIGIO, so it does not see its pool child (SIGKILLed here) go; the
+    new pool process's sweep finds it running (maybe tearing down), marks it, and kills it
+    after the grace (10 s), with its home."""
+    client, worker, warm_root = env
+    before = {p.pid for p in psutil.process_iter(["cwd"])
+              if (p.info["cwd"] or "").startswith(str(warm_root))}
+    pool = [child.pid for child in psutil.Process(worker.pid).children()]
+    job = client.submit("setup-undoes-the-watch", {})
+
+    def new_zygote() -> psutil.Process | None:
+        for proc in psutil.process_iter(["cwd"]):
+            if proc.pid not in before and (proc.info["cwd"] or "").startswith(str(warm_root)):
+                return proc
+        return None
+
+    found: list[psutil.Process | None] = []
+    assert wait_until(lambda: bool(found.append(new_zygote()) or found[-1]), timeout_s=30)
+    zygote = found[-1]
+    assert zygote is not None
+    time.sleep(0.5)  # its setup has ignored SIGIO by now
+    home = Path(zygote.cwd()).parent
+    for pid in pool:
+        os.kill(pid, signal.SIGKILL)
+    with pytest.raises(PluginExecutionError):
+        job.result(timeout=60)
+    assert not gone(zygote.pid), "the watch was undone: it lives until the grace is over"
+    assert wait_until(lambda: gone(zygote.pid), timeout_s=45), "the orphan lives on"
+    assert wait_until(lambda: not home.exists(), timeout_s=10)
+    assert_unharmed(env)

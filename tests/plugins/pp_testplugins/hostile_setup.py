@@ -59,6 +59,20 @@ class Spins:
         return "never"
 
 
+class UndoesTheWatch:
+    """Its setup ignores the signal its zygote's watch of the pool child rides on, then
+    sleeps for ever: only the owners' sweep can end it."""
+
+    def __init__(self, ctx: Any) -> None:
+        import signal
+        signal.signal(signal.SIGIO, signal.SIG_IGN)
+        while True:
+            time.sleep(0.05)
+
+    def run(self, ctx: Any, payload: Any) -> Any:
+        return "never"
+
+
 class Allocates:
     def __init__(self, ctx: Any) -> None:
         self.hoard = []
