@@ -526,8 +526,9 @@ def test_an_instances_usage_and_logs_are_kept_when_redis_lost_its_scripts(env: E
     assert client.execute(iid, {"n": 2}, timeout=60) == 2
     key = client.settings.keys.instance_usage(iid)
     # Written again after the result's MULTI (whose NOSCRIPT reply says so): soon after.
-    assert wait_until(lambda: client.redis.hget(key, "runs") == "2", timeout_s=10)
-    assert "run 2" in client.redis.hget(key, "last_logs")
+    assert wait_until(lambda: client.redis.hget(key, "runs") == "2"
+                      and "run 2" in (client.redis.hget(key, "last_logs") or ""),
+                      timeout_s=10), client.redis.hgetall(key)
     client.unload(iid)
 
 
