@@ -596,35 +596,52 @@ def test_a_zygote_whose_pool_child_dies_during_its_setup_ends_with_it(env: Env,
     assert_unharmed(env)
 
 
+def zygotes_in(warm_root: Path) -> dict[int, str]:
+    """Processes working under the warm root (zygotes), with their state."""
+    found = {}
+    for proc in psutil.process_iter(["cwd", "status"]):
+        if (proc.info["cwd"] or "").startswith(str(warm_root)):
+            found[proc.pid] = proc.info["status"]
+    return found
+
+
+def orphan_a_setting_up_zygote(env: Env, plugin: str, *,
+                               stopped: bool) -> tuple[psutil.Process, Path]:
+    """Start `plugin`'s setup, wait for its zygote (stopped, if asked), SIGKILL the worker's
+    pool process; the zygote and its home, once the job has failed."""
+    client, worker, warm_root = env
+    before = set(zygotes_in(warm_root))
+    pool = [child.pid for child in psutil.Process(worker.pid).children()]
+    job = client.submit(plugin, {})
+
+    def new_one() -> int | None:
+        return next((pid for pid, status in zygotes_in(warm_root).items() if pid not in before
+                     and (not stopped or status == psutil.STATUS_STOPPED)), None)
+
+    found: list[int | None] = []
+    assert wait_until(lambda: bool(found.append(new_one()) or found[-1]), timeout_s=30)
+    assert found[-1] is not None
+    zygote = psutil.Process(found[-1])
+    home = Path(zygote.cwd()).parent
+    if stopped:
+        # Stopped for sure when its pool child dies (its throttle might have let it run a
+        # slice, and then it would have ended itself through its watch).
+        os.kill(zygote.pid, signal.SIGSTOP)
+    else:
+        time.sleep(0.5)  # its setup is under way
+    for pid in pool:
+        os.kill(pid, signal.SIGKILL)
+    with pytest.raises(PluginExecutionError):
+        job.result(timeout=60)
+    return zygote, home
+
+
 def test_a_stopped_zygote_whose_pool_child_died_is_killed_by_the_next_one(env: Env) -> None:
     """A setup held at 10 % of a core is stopped (SIGSTOP) most of the time; stopped when its
     pool child is SIGKILLed, its zygote can watch for nothing and would stay stopped for
     good. The pool child's replacement finds it in the owners' records (its owner's pid and
     start time are no process's now) and kills it, and removes its home."""
-    client, worker, warm_root = env
-    before = {p.pid for p in psutil.process_iter(["cwd"])
-              if (p.info["cwd"] or "").startswith(str(warm_root))}
-    pool = [child.pid for child in psutil.Process(worker.pid).children()]
-    job = client.submit("setup-spins-throttled", {})
-
-    def stopped_zygote() -> psutil.Process | None:
-        for proc in psutil.process_iter(["cwd", "status"]):
-            if (proc.pid not in before and (proc.info["cwd"] or "").startswith(str(warm_root))
-                    and proc.info["status"] == psutil.STATUS_STOPPED):
-                return proc
-        return None
-
-    found: list[psutil.Process] = []
-    assert wait_until(lambda: bool(found.append(stopped_zygote()) or found[-1]), timeout_s=30)
-    zygote = found[-1]
-    home = Path(zygote.cwd()).parent
-    # Stopped for sure when its pool child dies (its throttle might have let it run a
-    # slice, and then it would have ended itself through its watch).
-    os.kill(zygote.pid, signal.SIGSTOP)
-    for pid in pool:
-        os.kill(pid, signal.SIGKILL)
-    with pytest.raises(PluginExecutionError):
-        job.result(timeout=60)
+    zygote, home = orphan_a_setting_up_zygote(env, "setup-spins-throttled", stopped=True)
     assert wait_until(lambda: gone(zygote.pid), timeout_s=20), "the stopped zygote lives on"
     assert_unharmed(env)
     assert wait_until(lambda: not home.exists(), timeout_s=10)
@@ -634,28 +651,7 @@ def test_a_setup_that_undoes_its_watch_is_killed_once_its_grace_is_over(env: Env
     """Its zygote ignores SIGIO, so it does not see its pool child (SIGKILLed here) go; the
     new pool process's sweep finds it running (maybe tearing down), marks it, and kills it
     after the grace (10 s), with its home."""
-    client, worker, warm_root = env
-    before = {p.pid for p in psutil.process_iter(["cwd"])
-              if (p.info["cwd"] or "").startswith(str(warm_root))}
-    pool = [child.pid for child in psutil.Process(worker.pid).children()]
-    job = client.submit("setup-undoes-the-watch", {})
-
-    def new_zygote() -> psutil.Process | None:
-        for proc in psutil.process_iter(["cwd"]):
-            if proc.pid not in before and (proc.info["cwd"] or "").startswith(str(warm_root)):
-                return proc
-        return None
-
-    found: list[psutil.Process | None] = []
-    assert wait_until(lambda: bool(found.append(new_zygote()) or found[-1]), timeout_s=30)
-    zygote = found[-1]
-    assert zygote is not None
-    time.sleep(0.5)  # its setup has ignored SIGIO by now
-    home = Path(zygote.cwd()).parent
-    for pid in pool:
-        os.kill(pid, signal.SIGKILL)
-    with pytest.raises(PluginExecutionError):
-        job.result(timeout=60)
+    zygote, home = orphan_a_setting_up_zygote(env, "setup-undoes-the-watch", stopped=False)
     assert not gone(zygote.pid), "the watch was undone: it lives until the grace is over"
     assert wait_until(lambda: gone(zygote.pid), timeout_s=45), "the orphan lives on"
     assert wait_until(lambda: not home.exists(), timeout_s=10)
