@@ -88,7 +88,7 @@ def _sweep_orphaned_zygotes(services: WorkerServices) -> Callable[..., None]:
                 for pid in swept.killed:
                     logger.warning("killed zygote %d: the pool process that owned it is gone",
                                    pid)
-                if not swept.waiting:
+                if not swept.waiting or _round == SWEEP_ROUNDS - 1:
                     break
                 time.sleep(owners.TEARDOWN_GRACE_S + 1)
         except Exception:

@@ -35,11 +35,13 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
-from pluginpool.pool.sandbox.process_handle import ProcessHandle
+from pluginpool.pool.sandbox.process_handle import ProcessHandle, stat_fields
 
 logger = logging.getLogger("pluginpool.sandbox.owners")
 
 OWNERS_DIR = ".owners"
+PGRP_FIELD = 2
+"""pgrp, field 5 of /proc/<pid>/stat, in the numbering after the command name."""
 START_TIME_FIELD = 19
 """starttime, field 22 of /proc/<pid>/stat, in the numbering after the command name."""
 PID_MAX = 1 << 22
@@ -200,6 +202,8 @@ def sweep(warm_root: str, *, now: float | None = None) -> Swept:
             continue  # a later sweep will know
         if outcome is not None:
             swept.killed.append(outcome)
+        else:
+            _kill_left_in(entry.get("home"), entry.get("zygote_pid"))
         _remove_home(warm_root, entry.get("home"))
         forget(path)
     return swept
@@ -231,7 +235,9 @@ def _mark_orphaned(path: str, entry: dict[str, object], now: float) -> bool:
     False if it could not be written."""
     try:
         fd, temporary = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".new-")
-    except OSError:
+    except OSError as exc:
+        if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):
+            raise Unknown(str(exc)) from exc  # this process's shortage: try later
         return False
     try:
         with os.fdopen(fd, "w") as out:
@@ -289,7 +295,6 @@ def _end_zygote(pid: object, started: object) -> int | None:
     try:
         pidfd = os.pidfd_open(pid)
     except ProcessLookupError:
-        _kill_orphaned_group(pid)
         return None
     except OSError as exc:
         if exc.errno in (errno.ENOENT, errno.EINVAL):  # the pid is a thread's now, not a
@@ -306,13 +311,38 @@ def _end_zygote(pid: object, started: object) -> int | None:
         handle.close()
 
 
-def _kill_orphaned_group(pid: int) -> None:
-    """What a zygote that is gone left in its process group (a teardown cut at its bound
-    after starting processes): while such a group lives, no process is given its id, so
-    with no process of that pid the group is the zygote's own."""
-    if not os.path.exists(f"/proc/{pid}"):
-        with contextlib.suppress(OSError):
-            os.killpg(pid, signal.SIGKILL)
+def _kill_left_in(home: object, group: object) -> None:
+    """What a zygote that is gone left behind (a teardown cut at its bound after starting
+    processes): processes of its group still working in its home. The group alone is not
+    enough (a pid freed since may lead, or have led, another group: a worker started with
+    --detach runs in one whose leader is gone); a home is unique (mkdtemp), and only the
+    zygote's own processes work there. Never this process's own group or session."""
+    if not (isinstance(home, str) and isinstance(group, int) and 1 < group < PID_MAX) \
+            or group in (os.getpgrp(), os.getsid(0)):
+        return
+    inside = os.path.realpath(home) + os.sep
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return
+    for name in names:
+        if not name.isdigit() or int(name) == os.getpid():
+            continue
+        pid = int(name)
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            continue
+        handle = ProcessHandle(pid, pidfd)  # checked below, then signalled through it
+        try:
+            fields = stat_fields(pid)
+            if (fields and int(fields[PGRP_FIELD]) == group
+                    and (os.readlink(f"/proc/{pid}/cwd") + os.sep).startswith(inside)):
+                handle.send(signal.SIGKILL)
+        except (OSError, ValueError):
+            continue
+        finally:
+            handle.close()
 
 
 def _remove_home(warm_root: str, home: object) -> None:

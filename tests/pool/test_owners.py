@@ -205,3 +205,56 @@ def test_an_orphan_whose_mark_cannot_be_written_is_killed_at_once(
     assert done.stdout.strip() == f"[{zygote.pid}]", done.stderr[-2000:]
     assert zygote.wait(timeout=10) == -9
     assert [p.name for p in (tmp_path / owners.OWNERS_DIR).iterdir()] == []
+
+
+LEFT_BEHIND = """
+import os, sys, time
+os.setsid()
+if os.fork() == 0:  # what a teardown started, working in the home (or elsewhere)
+    os.chdir(sys.argv[1])
+    print(os.getpid(), flush=True)
+    time.sleep(120)
+    os._exit(0)
+time.sleep(0.5)
+os._exit(0)  # the zygote is gone; its group lives on without it
+"""
+
+
+@pytest.mark.parametrize("inside", [True, False])
+def test_what_a_gone_zygote_left_in_its_home_is_killed_and_nothing_else(
+        tmp_path: Path, inside: bool) -> None:
+    """The group of a gone zygote is matched by where its members work, not by its id
+    alone: a pid freed since may lead another group (a worker started with --detach runs
+    in a group whose leader is gone)."""
+    home = tmp_path / "plugin-left"
+    home.mkdir()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    leader = subprocess.Popen([sys.executable, "-c", LEFT_BEHIND,
+                               str(home if inside else elsewhere)], stdout=subprocess.PIPE)
+    assert leader.stdout is not None
+    assert select.select([leader.stdout], [], [], 30)[0]
+    member = int(leader.stdout.readline())
+    zygote_start = owners.start_time(leader.pid)
+    leader.wait(timeout=10)
+    leader.stdout.close()
+    owner, owner_start = dead_pid()
+    write(tmp_path, owner_pid=owner, owner_start=owner_start, zygote_pid=leader.pid,
+          zygote_start=zygote_start, home=str(home))
+    try:
+        assert owners.sweep(str(tmp_path)).killed == []  # the zygote itself was gone
+        if inside:
+            assert wait_until(lambda: not _alive(member), timeout_s=10)
+        else:
+            assert _alive(member), "a process working elsewhere is not the zygote's"
+        assert not home.exists()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(member, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
