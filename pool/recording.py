@@ -115,8 +115,7 @@ def _record_with_result(task: Task[Any, Any], services: WorkerServices, spec: Pl
                 services.gate.learn(spec.id, CircuitBreaker.record_reply(reply))
         if event is not None and (notify is None or not recorded):
             services.usage_events.send(task, **event)
-        if instance_id is not None and instance_usage.reload_if_lost(services.redis,
-                                                                     replies[1:]):
+        if instance_id is not None and instance_usage.lost(replies[1:]):
             _record_instance(services, instance_id, error, usage)
             return
         for failed in (r for r in replies[1:] if isinstance(r, Exception)):
@@ -150,11 +149,10 @@ def keep_run(task: Task[Any, Any], services: WorkerServices, plugin_id: str, *, 
             instance_usage.queue_logs(pipe, keys, instance_id, logs)
 
     def done(replies: list[Any]) -> None:
-        if instance_id is not None and instance_usage.reload_if_lost(services.redis, replies):
-            with services.redis.pipeline(transaction=False) as pipe:
-                instance_usage.queue_logs(pipe, keys, instance_id, logs)
-                pipe.execute()
+        if instance_id is not None and instance_usage.lost(replies):
             replies = [r for r in replies if not isinstance(r, NoScriptError)]
+            replies += instance_usage.write_alone(services.redis, lambda pipe: instance_usage.
+                                                  queue_logs(pipe, keys, instance_id, logs))
         for reply in replies:
             if isinstance(reply, Exception):
                 logger.warning("could not record the run of job %s: %s", job_id, reply)
@@ -233,12 +231,8 @@ def _record_outcome(services: WorkerServices, spec: PluginSpec, error: ErrorInfo
 def _record_instance(services: WorkerServices, instance_id: str, error: ErrorInfo | None,
                      usage: dict[str, Any]) -> None:
     try:
-        for _attempt in range(2):  # again once if Redis had lost the script
-            with services.redis.pipeline(transaction=False) as pipe:
-                _queue_instance(pipe, services, instance_id, error, usage)
-                replies = pipe.execute(raise_on_error=False)
-            if not instance_usage.reload_if_lost(services.redis, replies):
-                break
+        replies = instance_usage.write_alone(services.redis, lambda pipe: _queue_instance(
+            pipe, services, instance_id, error, usage))
         for reply in replies:
             if isinstance(reply, Exception):
                 raise reply

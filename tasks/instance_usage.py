@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ SOURCE = Path(__file__).with_name("instance_usage.lua").read_text()
 SHA = hashlib.sha1(SOURCE.encode()).hexdigest()
 """Queued by its SHA (EVALSHA): the source (1.5 KB) is not sent, nor hashed by Redis, at
 every run of an instance. A Redis that lost its scripts answers NOSCRIPT for it alone:
-the caller loads it (`reload_if_lost`) and queues the write again."""
+the caller writes it again alone (`write_alone`), which loads it."""
 
 
 def _keys(keys: RedisKeys, instance_id: str) -> tuple[str, str, str]:
@@ -36,10 +37,20 @@ def queue_logs(pipe: Any, keys: RedisKeys, instance_id: str, logs: str) -> None:
     pipe.execute_command("EVALSHA", SHA, 3, *_keys(keys, instance_id), "logs", logs)
 
 
-def reload_if_lost(client: Any, replies: list[Any]) -> bool:
-    """True (the script loaded again) when a reply says Redis lost it: the caller queues
-    its instance write again on a pipeline of its own."""
-    if not any(isinstance(reply, NoScriptError) for reply in replies):
-        return False
-    client.script_load(SOURCE)
-    return True
+def lost(replies: list[Any]) -> bool:
+    """A reply says Redis lost the script (restarted, or its cache flushed)."""
+    return any(isinstance(reply, NoScriptError) for reply in replies)
+
+
+def write_alone(client: Any, queue: Callable[[Any], None]) -> list[Any]:
+    """Run `queue`'s instance writes on a pipeline of their own (an instance write whose
+    script Redis had lost, or one with no result's MULTI to ride on); once more after
+    loading the script if it is lost. The replies, errors among them."""
+    for attempt in range(2):
+        with client.pipeline(transaction=False) as pipe:
+            queue(pipe)
+            replies: list[Any] = pipe.execute(raise_on_error=False)
+        if attempt or not lost(replies):
+            break
+        client.script_load(SOURCE)
+    return replies

@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 import redis
+from redis.exceptions import NoScriptError
 
 from pluginpool.policy.keys import RedisKeys
 from pluginpool.tasks import instance_usage
@@ -57,10 +58,10 @@ def after_run(client: redis.Redis, keys: RedisKeys, plugin_id: str, *, job_id: s
             if instance_id is not None:
                 instance_usage.queue_logs(pipe, keys, instance_id, logs)
             replies = pipe.execute(raise_on_error=False)
-        if instance_id is not None and instance_usage.reload_if_lost(client, replies):
-            with client.pipeline(transaction=False) as pipe:
-                instance_usage.queue_logs(pipe, keys, instance_id, logs)
-                replies = pipe.execute(raise_on_error=False)
+        if instance_id is not None and instance_usage.lost(replies):
+            replies = [r for r in replies if not isinstance(r, NoScriptError)]
+            replies += instance_usage.write_alone(client, lambda again: instance_usage.
+                                                  queue_logs(again, keys, instance_id, logs))
         for reply in replies:
             if isinstance(reply, Exception):
                 raise reply
