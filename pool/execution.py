@@ -85,9 +85,6 @@ def _sweep_orphaned_zygotes(services: WorkerServices) -> Callable[..., None]:
         try:
             for _round in range(SWEEP_ROUNDS):  # again after the grace of running orphans
                 swept = owners.sweep(warm_root_of(services.settings))
-                for pid in swept.killed:
-                    logger.warning("killed zygote %d: the pool process that owned it is gone",
-                                   pid)
                 if not swept.waiting or _round == SWEEP_ROUNDS - 1:
                     break
                 time.sleep(owners.TEARDOWN_GRACE_S + 1)

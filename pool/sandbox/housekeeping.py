@@ -72,8 +72,7 @@ class Housekeeper(threading.Thread):
         self.finish_retiring()
         if self.warm_root and time.monotonic() >= self._next_sweep:
             self._next_sweep = time.monotonic() + SWEEP_EVERY_S
-            for pid in owners.sweep(self.warm_root).killed:
-                logger.warning("killed zygote %d: the pool process that owned it is gone", pid)
+            owners.sweep(self.warm_root)
             sweep_stale_homes(self.warm_root)
         if time.monotonic() - self._last_publish >= PUBLISH_EVERY_S:
             self._last_publish = time.monotonic()

@@ -58,9 +58,10 @@ class Unknown(Exception):
     """Whether the process lives could not be read (not that it is gone)."""
 
 
-def start_time(pid: int) -> int | None:
-    """When the process started (clock ticks since boot); None when it is gone. Unknown if
-    its /proc entry could not be read for another reason."""
+def _stat(pid: int) -> list[bytes] | None:
+    """The fields of /proc/<pid>/stat after the command name (process_handle.stat_fields'
+    numbering); None when the process is gone. Unknown if it could not be read for another
+    reason: unlike stat_fields, a failed read is not taken for a process gone."""
     try:
         fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -77,10 +78,17 @@ def start_time(pid: int) -> int | None:
         raise Unknown(str(exc)) from exc
     finally:
         os.close(fd)
-    try:
-        return int(raw.rsplit(b")", 1)[1].split()[START_TIME_FIELD])
-    except (IndexError, ValueError) as exc:
-        raise Unknown(f"unreadable stat of {pid}") from exc
+    fields = raw.rsplit(b")", 1)[-1].split()
+    if len(fields) <= START_TIME_FIELD or not fields[START_TIME_FIELD].isdigit():
+        raise Unknown(f"unreadable stat of {pid}")
+    return fields
+
+
+def start_time(pid: int) -> int | None:
+    """When the process started (clock ticks since boot); None when it is gone. Unknown if
+    its /proc entry could not be read for another reason."""
+    fields = _stat(pid)
+    return None if fields is None else int(fields[START_TIME_FIELD])
 
 
 def pid_space() -> str:
@@ -202,6 +210,7 @@ def sweep(warm_root: str, *, now: float | None = None) -> Swept:
             continue  # a later sweep will know
         if outcome is not None:
             swept.killed.append(outcome)
+            logger.warning("killed zygote %d: the pool process that owned it is gone", outcome)
         else:
             _kill_left_in(entry.get("home"), entry.get("zygote_pid"))
         _remove_home(warm_root, entry.get("home"))
@@ -214,20 +223,9 @@ def _stopped(pid: object, started: object) -> bool:
     or gone, or only its exit status is left (nothing to wait for)."""
     if not (isinstance(pid, int) and 1 < pid < PID_MAX):
         return True
-    try:
-        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return True
-    except OSError as exc:
-        raise Unknown(str(exc)) from exc
-    try:
-        fields = os.read(fd, 4096).rsplit(b")", 1)[1].split()
-        state, start = fields[0], int(fields[START_TIME_FIELD])
-    except (OSError, IndexError, ValueError) as exc:
-        raise Unknown(str(exc)) from exc
-    finally:
-        os.close(fd)
-    return start != started or state in (b"T", b"t", b"Z", b"X")
+    fields = _stat(pid)
+    return (fields is None or int(fields[START_TIME_FIELD]) != started
+            or fields[0] in (b"T", b"t", b"Z", b"X"))
 
 
 def _mark_orphaned(path: str, entry: dict[str, object], now: float) -> bool:
@@ -325,22 +323,25 @@ def _kill_left_in(home: object, group: object) -> None:
         names = os.listdir("/proc")
     except OSError:
         return
+    def left_behind(pid: int) -> bool:
+        fields = stat_fields(pid)
+        try:
+            return (fields is not None and int(fields[PGRP_FIELD]) == group
+                    and (os.readlink(f"/proc/{pid}/cwd") + os.sep).startswith(inside))
+        except (OSError, ValueError):
+            return False
+
     for name in names:
-        if not name.isdigit() or int(name) == os.getpid():
-            continue
+        if not name.isdigit() or int(name) == os.getpid() or not left_behind(int(name)):
+            continue  # a pidfd only for the few that match: not one per process on the host
         pid = int(name)
         try:
-            pidfd = os.pidfd_open(pid)
+            handle = ProcessHandle(pid, os.pidfd_open(pid))
         except OSError:
             continue
-        handle = ProcessHandle(pid, pidfd)  # checked below, then signalled through it
         try:
-            fields = stat_fields(pid)
-            if (fields and int(fields[PGRP_FIELD]) == group
-                    and (os.readlink(f"/proc/{pid}/cwd") + os.sep).startswith(inside)):
+            if left_behind(pid):  # still: the pidfd now names that process for good
                 handle.send(signal.SIGKILL)
-        except (OSError, ValueError):
-            continue
         finally:
             handle.close()
 
