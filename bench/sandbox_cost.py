@@ -222,7 +222,20 @@ def zygotes_under(warm_root: str) -> list[psutil.Process]:
     return found
 
 
-ROLES = ("worker_main", "pool_processes", "zygotes", "runs")
+def guardians_of(zygotes: list[psutil.Process]) -> list[psutil.Process]:
+    """The zygotes' guardians (their parents; none for a zygote started without one)."""
+    found: dict[int, psutil.Process] = {}
+    for zygote in zygotes:
+        try:
+            parent = zygote.parent()
+        except psutil.Error:
+            continue
+        if parent is not None and parent.pid != 1:
+            found[parent.pid] = parent
+    return list(found.values())
+
+
+ROLES = ("worker_main", "pool_processes", "guardians", "zygotes", "runs")
 
 
 def fleet_cpu_by_role(worker_pid: int, warm_root: str) -> dict[str, float]:
@@ -249,8 +262,15 @@ def fleet_cpu_by_role(worker_pid: int, warm_root: str) -> dict[str, float]:
     add("worker_main", main)
     for proc in pool:
         add("pool_processes", proc)
-    for proc in zygotes_under(warm_root):
+    zygotes = zygotes_under(warm_root)
+    for proc in zygotes:
         add("zygotes", proc, own=True)
+    for proc in guardians_of(zygotes):
+        try:  # its own: what it reaped is the zygotes' that ended, counted while they ran
+            times = proc.cpu_times()
+        except psutil.Error:
+            continue
+        found["guardians"] += times.user + times.system
     return found
 
 
@@ -266,19 +286,28 @@ def fleet_memory(worker_pid: int, warm_root: str) -> dict[str, Any]:
         info = proc.memory_full_info()
         return info.rss / MB, info.uss / MB
 
-    zygotes = [full(proc) for proc in zygotes_under(warm_root)]
+    zygote_processes = zygotes_under(warm_root)
+    zygotes = [full(proc) for proc in zygote_processes]
+    guardians = [full(proc) for proc in guardians_of(zygote_processes)]
     main = psutil.Process(worker_pid)
     worker = [full(proc) for proc in [main, *main.children(recursive=True)]]
     return {
         "zygotes": len(zygotes),
+        "guardians": len(guardians),
+        "per_guardian_rss_mb_median": round(statistics.median(g[0] for g in guardians), 2)
+        if guardians else None,
+        "per_guardian_uss_mb_median": round(statistics.median(g[1] for g in guardians), 2)
+        if guardians else None,
         "per_zygote_rss_mb_median": round(statistics.median(z[0] for z in zygotes), 2)
         if zygotes else None,
         "per_zygote_uss_mb_median": round(statistics.median(z[1] for z in zygotes), 2)
         if zygotes else None,
         "worker_processes_rss_mb": round(sum(w[0] for w in worker), 1),
         "worker_processes_uss_mb": round(sum(w[1] for w in worker), 1),
-        "worker_with_zygotes_rss_mb": round(sum(w[0] for w in worker + zygotes), 1),
-        "worker_with_zygotes_uss_mb": round(sum(w[1] for w in worker + zygotes), 1),
+        "worker_with_zygotes_rss_mb": round(sum(w[0] for w in worker + guardians + zygotes),
+                                            1),
+        "worker_with_zygotes_uss_mb": round(sum(w[1] for w in worker + guardians + zygotes),
+                                            1),
     }
 
 

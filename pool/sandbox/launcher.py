@@ -22,24 +22,15 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from pluginpool.pool.sandbox import guardians
+from pluginpool.pool.sandbox.guardians import RUNTIME_DIR, bootstrap, holds_socket
 from pluginpool.pool.sandbox.output import OutputPipes
 from pluginpool.pool.sandbox.runtime import channel
 from pluginpool.pool.sandbox.runtime.messages import Hello
 from pluginpool.pool.sandbox.runtime.run import CONTROL_FD
 from pluginpool.tasks.run_logs import LogTail
 
-RUNTIME_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "runtime")
-RUNTIME_MODULE = "pluginpool_sandbox_runtime"
-BOOTSTRAP = (
-    "import importlib.util as u, sys\n"
-    "d = sys.argv[1]\n"
-    f"s = u.spec_from_file_location({RUNTIME_MODULE!r}, d + '/__init__.py',"
-    " submodule_search_locations=[d])\n"
-    "m = u.module_from_spec(s); sys.modules[s.name] = m; s.loader.exec_module(m)\n"
-    f"from {RUNTIME_MODULE}.zygote import main\n"
-    "sys.argv = sys.argv[1:]\n"
-    "main()\n"
-)
+BOOTSTRAP = bootstrap("zygote")
 ZYGOTE_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "LD_BIND_NOW": "1"}
 """LD_BIND_NOW: the dynamic linker resolves every C-library call the interpreter makes once,
 when the zygote starts, instead of at first call; lazily, every run resolved again the calls
@@ -52,18 +43,19 @@ HELLO_TIMEOUT_S = 30.0
 HELLO_MAX_BYTES = 4096
 
 
-def _await_hello(proc: subprocess.Popen[bytes], ours: socket.socket, output: OutputPipes,
-                 early: LogTail) -> None:
-    """Until the zygote's Hello is readable and the intermediate process is reaped, with
-    its pipes read into `early` meanwhile (an interpreter writing more than a pipe holds at
-    start would otherwise wait for us, and we for its Hello)."""
+def _await_hello(proc: subprocess.Popen[bytes] | None, ours: socket.socket,
+                 output: OutputPipes, early: LogTail) -> None:
+    """Until the zygote's Hello is readable and the intermediate process (`proc`, when the
+    zygote was not started by a guardian) is reaped, with its pipes read into `early`
+    meanwhile (an interpreter writing more than a pipe holds at start would otherwise wait
+    for us, and we for its Hello)."""
     control = ours.fileno()
     deadline = time.monotonic() + HELLO_TIMEOUT_S
     poller = select.poll()  # not select(): descriptor numbers may pass 1024
     for fd in (control, *output.fds):
         poller.register(fd, select.POLLIN)
     hello_ready = False
-    while not hello_ready or proc.poll() is None:
+    while not hello_ready or (proc is not None and proc.poll() is None):
         left = deadline - time.monotonic()
         if left <= 0:
             raise ZygoteStartError("the zygote did not say hello in time")
@@ -73,19 +65,6 @@ def _await_hello(proc: subprocess.Popen[bytes], ours: socket.socket, output: Out
             elif output.read(fd, early):
                 continue
             poller.unregister(fd)  # Hello (or its end) is there; a pipe at its end
-
-
-def holds_socket(pid: int, fd: int, inode: int) -> bool:
-    """Whether process `pid` has socket `inode` as its descriptor `fd`: a zygote's Hello
-    names its own pid, which the pool child signals from then on, so it must be the
-    process at the other end of the control socket (checked before any plugin code runs,
-    while the zygote's /proc entries are still readable), never 0, 1 or the pool child."""
-    if pid <= 1 or pid == os.getpid():
-        return False
-    try:
-        return os.readlink(f"/proc/{pid}/fd/{fd}") == f"socket:[{inode}]"
-    except OSError:
-        return False
 
 
 class ZygoteStartError(RuntimeError):
@@ -115,12 +94,15 @@ class ZygoteLauncher:
             ours.close()
             theirs.close()
             raise ZygoteStartError(f"cannot make the zygote's pipes: {exc}") from exc
+        argv = [self.interpreter, "-I", *(() if self.site_packages else ("-S",)), "-c",
+                BOOTSTRAP, self.runtime_dir]
+        proc: subprocess.Popen[bytes] | None = None
         try:
-            proc = subprocess.Popen(
-                [self.interpreter, "-I", *(() if self.site_packages else ("-S",)), "-c",
-                 BOOTSTRAP, self.runtime_dir, str(theirs.fileno())],
-                pass_fds=[theirs.fileno()], env=ZYGOTE_ENV, stdin=subprocess.DEVNULL,
-                stdout=stdout_w, stderr=stderr_w, close_fds=True, start_new_session=True)
+            if not self._launch_guarded(argv, theirs.fileno(), stdout_w, stderr_w):
+                proc = subprocess.Popen(
+                    [*argv, str(theirs.fileno())], pass_fds=[theirs.fileno()],
+                    env=ZYGOTE_ENV, stdin=subprocess.DEVNULL, stdout=stdout_w,
+                    stderr=stderr_w, close_fds=True, start_new_session=True)
         except OSError as exc:
             ours.close()
             output.close()
@@ -131,8 +113,8 @@ class ZygoteLauncher:
             os.close(stderr_w)
         early = LogTail(4096)
         try:
-            # The first process forks the zygote and exits, so the zygote is nobody's
-            # child in the worker: reap the intermediate here.
+            # Started by the pool child itself, the first process forks the zygote and
+            # exits, so the zygote is nobody's child in the worker: reap it here.
             _await_hello(proc, ours, output, early)
             hello = channel.receive_message(ours.fileno(), max_bytes=HELLO_MAX_BYTES)
             if not isinstance(hello, Hello):
@@ -152,11 +134,32 @@ class ZygoteLauncher:
         except BaseException:  # interrupted (Celery's soft limit): nothing of it is kept; a
             ours.close()  # zygote already forked reads the end of its control and exits
             output.close()
-            with contextlib.suppress(OSError):
-                proc.kill()
+            if proc is not None:
+                with contextlib.suppress(OSError):
+                    proc.kill()
             raise
         said = early.text()
         if said:  # the interpreter's or its site's, before any plugin code: for operators
             logger.warning("zygote %d wrote at start (its interpreter, not a plugin): %s",
                            hello.pid, said)
         return hello, ours, output
+
+    def _launch_guarded(self, argv: list[str], control: int, stdout: int,
+                        stderr: int) -> bool:
+        """Start the zygote through this process's guardian (guardians.py); False where
+        none can run (the caller starts it itself), or for another copy of the runtime (a
+        benchmark's baseline, whose zygote forks away by itself). OSError: the guardian
+        could not execute the interpreter."""
+        if self.runtime_dir != RUNTIME_DIR:
+            return False
+        for attempt in range(2):  # a guardian found dead is started again, once
+            try:
+                guardian = guardians.guardian()
+                guardian.launch([*argv, str(CONTROL_FD), "guarded"], ZYGOTE_ENV, control,
+                                stdout, stderr)
+                return True
+            except guardians.GuardianUnavailable as exc:
+                guardians.forget()
+                if attempt:
+                    logger.warning("starting the zygote without a guardian: %s", exc)
+        return False

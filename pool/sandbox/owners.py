@@ -5,7 +5,9 @@ A zygote leaves the worker's tree: it has no parent to die with. It ends by itse
 its pool child goes (the end of its control socket, runtime/zygote.py's PoolChildWatch),
 unless it cannot run (a setup stopped by its CPU throttle, SIGSTOP, when its pool child
 was SIGKILLed stays stopped for good) or will not (plugin code in the zygote can undo any
-watch of its own). So the pool child records each zygote it starts in
+watch of its own); then its guardian (runtime/guardian.py) kills it. These records are
+for what is left when the guardian is gone too (killed from outside, or never started:
+no pidfds), and for the homes. So the pool child records each zygote it starts in
 `<warm root>/.owners/`, where no zygote may write (its Landlock layer allows its home
 only), and drops the record when it ends the zygote. A record whose owner has died names
 a zygote to kill and a home to remove.
@@ -36,6 +38,7 @@ import time
 from dataclasses import dataclass, field
 
 from pluginpool.pool.sandbox.process_handle import ProcessHandle, stat_fields
+from pluginpool.pool.sandbox.runtime import leftovers
 
 logger = logging.getLogger("pluginpool.sandbox.owners")
 
@@ -46,9 +49,9 @@ START_TIME_FIELD = 19
 """starttime, field 22 of /proc/<pid>/stat, in the numbering after the command name."""
 PID_MAX = 1 << 22
 """The kernel's largest pid_max: a record's pid above it is not a pid."""
-TEARDOWN_GRACE_S = 10.0
-"""How long a zygote whose owner died may go on (a teardown alone is cut at 5 s, zygote.py's
-TEARDOWN_ALONE_S) before a sweep kills it."""
+TEARDOWN_GRACE_S = leftovers.TEARDOWN_GRACE_S
+"""How long a zygote whose owner died may go on (its teardown) before a sweep kills it: the
+same grace its guardian gives it, which kills it first unless it is gone too."""
 JUNK_AFTER_S = 60.0
 """A file in the records' directory that is not a record (a write cut short) this old is
 removed."""

@@ -15,12 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from pluginpool.pool.sandbox.launcher import (
-    RUNTIME_DIR,
-    RUNTIME_MODULE,
-    ZygoteLauncher,
-    ZygoteStartError,
-)
+from pluginpool.pool.sandbox.guardians import RUNTIME_DIR, RUNTIME_MODULE
+from pluginpool.pool.sandbox.launcher import ZygoteLauncher, ZygoteStartError
 from pluginpool.pool.sandbox.output import OutputPipes
 from pluginpool.pool.sandbox.runtime import messages
 

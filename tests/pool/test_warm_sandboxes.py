@@ -73,6 +73,8 @@ def env(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[En
         spec("setup-breaks-pipes", "hostile_setup:BreaksThePipes"),
         spec("setup-hoards-fds", "hostile_setup:HoardsDescriptors"),
         spec("setup-forks-then-dies", "hostile_setup:ForksThenDies"),
+        spec("daemonizes", "hostile:daemonize_then_wait",
+             permissions={"allow_processes": True}, resource_limits={"timeout_ms": 90_000}),
         spec("traces", "workspace:leave_traces"),
         spec("chatty", "lifecycle:Chatty"),
         spec("huge-setup-print", "lifecycle:PrintsHugeSetup"),
@@ -516,6 +518,26 @@ def test_what_a_setup_started_dies_with_its_zygote(env: Env) -> None:
     assert_unharmed(env)
 
 
+def test_a_daemon_left_by_a_run_dies_with_its_zygote_killed_from_outside(env: Env) -> None:
+    """A run allowed processes leaves a daemon in a session of its own (not the run's or the
+    zygote's process group, which are what get killed); the zygote, its reaper, is then
+    SIGKILLed mid-run, so it cannot kill it after the run as it does. Its guardian, to
+    which the daemon is re-parented, kills it (without one it lived on under PID 1)."""
+    client, _worker, warm_root = env
+    iid = client.load("daemonizes", {})
+    job = client.submit("daemonizes", {}, instance_id=iid)
+    assert wait_until(lambda: storage(client, iid, "daemon") is not None, timeout_s=30)
+    daemon = psutil.Process(storage(client, iid, "daemon"))
+    zygote = psutil.Process(daemon.ppid())
+    assert zygote.cwd().startswith(str(warm_root)) and daemon.pid != zygote.pid
+    zygote.kill()
+    with pytest.raises(PluginExecutionError):
+        job.result(timeout=60)
+    assert wait_until(lambda: gone(daemon.pid), timeout_s=10), "the daemon lives on"
+    client.unload(iid)
+    assert_unharmed(env)
+
+
 def test_an_instances_usage_and_logs_are_kept_when_redis_lost_its_scripts(env: Env) -> None:
     """The instance's writes go by EVALSHA; after a Redis restart (here its script cache
     flushed) the first run's NOSCRIPT loads the script and writes again."""
@@ -636,11 +658,12 @@ def orphan_a_setting_up_zygote(env: Env, plugin: str, *,
     return zygote, home
 
 
-def test_a_stopped_zygote_whose_pool_child_died_is_killed_by_the_next_one(env: Env) -> None:
+def test_a_stopped_zygote_whose_pool_child_died_is_killed(env: Env) -> None:
     """A setup held at 10 % of a core is stopped (SIGSTOP) most of the time; stopped when its
     pool child is SIGKILLed, its zygote can watch for nothing and would stay stopped for
-    good. The pool child's replacement finds it in the owners' records (its owner's pid and
-    start time are no process's now) and kills it, and removes its home."""
+    good. Its guardian kills it at once; the pool child's replacement finds it in the
+    owners' records (its owner's pid and start time are no process's now) and removes its
+    home (and would kill it, had the guardian not)."""
     zygote, home = orphan_a_setting_up_zygote(env, "setup-spins-throttled", stopped=True)
     assert wait_until(lambda: gone(zygote.pid), timeout_s=20), "the stopped zygote lives on"
     assert_unharmed(env)
@@ -648,9 +671,9 @@ def test_a_stopped_zygote_whose_pool_child_died_is_killed_by_the_next_one(env: E
 
 
 def test_a_setup_that_undoes_its_watch_is_killed_once_its_grace_is_over(env: Env) -> None:
-    """Its zygote ignores SIGIO, so it does not see its pool child (SIGKILLed here) go; the
-    new pool process's sweep finds it running (maybe tearing down), marks it, and kills it
-    after the grace (10 s), with its home."""
+    """Its zygote ignores SIGIO, so it does not see its pool child (SIGKILLed here) go; its
+    guardian kills it after the grace (10 s) its teardown could take, and the new pool
+    process's sweep, finding it running first, marks it, then removes its home."""
     zygote, home = orphan_a_setting_up_zygote(env, "setup-undoes-the-watch", stopped=False)
     assert not gone(zygote.pid), "the watch was undone: it lives until the grace is over"
     assert wait_until(lambda: gone(zygote.pid), timeout_s=45), "the orphan lives on"

@@ -2,5 +2,5 @@
 
 Standard library only, and no import of pluginpool outside this package (relative imports
 only): a zygote is a fresh interpreter, possibly of another environment, that loads this
-package by path (launcher.BOOTSTRAP) under the name `pluginpool_sandbox_runtime`.
+package by path (guardians.bootstrap) under the name `pluginpool_sandbox_runtime`.
 """

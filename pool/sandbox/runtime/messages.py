@@ -6,7 +6,9 @@ Two channels carry them, both as length-prefixed JSON frames (channel.py):
   Hello, ZygoteConfig → (StorageRequest ↔ StorageReply)* → Ready | SetupFailed; then per run
   Spawn (+ the run's channel descriptor) → Forked → Exited; finally Close → Closed;
 - the *run* channel between the pool child's supervisor and one run's process:
-  Started → (StorageRequest ↔ StorageReply | Log)* → Result.
+  Started → (StorageRequest ↔ StorageReply | Log)* → Result;
+- the *guardian* socket between a pool child and its zygotes' guardian (guardian.py):
+  Hello, then (Launch → Launched | LaunchFailed)*.
 
 Standard library only: this module is imported inside the zygote, which holds nothing of
 the worker's. The worker side imports the same module as pluginpool.pool.sandbox.runtime.
@@ -139,6 +141,34 @@ class Exited(Message):
 
 
 @record
+class Launch(Message):
+    """Start a zygote (the pool child to its guardian, guardian.py): the zygote's end of
+    its control socket and its stdout and stderr pipes travel with it (SCM_RIGHTS), in
+    that order; the guardian gives it the control socket as fd 3."""
+
+    op: ClassVar[str] = "launch"
+    ref: int
+    """Echoed in the answer: a launch the pool child gave up on (interrupted by Celery's
+    soft limit) must not have its answer taken for the next one's."""
+    argv: list[str]
+    env: dict[str, Any]
+
+
+@record
+class Launched(Message):
+    op: ClassVar[str] = "launched"
+    ref: int
+    pid: int
+
+
+@record
+class LaunchFailed(Message):
+    op: ClassVar[str] = "launch_failed"
+    ref: int
+    reason: str
+
+
+@record
 class Close(Message):
     op: ClassVar[str] = "close"
     reason: str
@@ -204,8 +234,8 @@ class Log(Message):
 
 
 _TYPES: dict[str, type[Message]] = {cls.op: cls for cls in (
-    Hello, ZygoteConfig, Ready, SetupFailed, Spawn, Forked, Exited, Close, Closed, Started,
-    StorageRequest, StorageReply, Result, Log)}
+    Hello, ZygoteConfig, Ready, SetupFailed, Spawn, Forked, Exited, Launch, Launched,
+    LaunchFailed, Close, Closed, Started, StorageRequest, StorageReply, Result, Log)}
 _NESTED_ERRORS = ("error",)
 _FIELDS: dict[type[Message], tuple[str, ...]] = {cls: fields_of(cls) for cls in _TYPES.values()}
 _ERROR_FIELDS = fields_of(RunError)

@@ -24,6 +24,8 @@ from . import channel, landlock, limits, logs, seccomp
 from .audit import AuditPolicy, install, parse_hosts
 from .classify import error_of
 from .context import ChannelStorage, SandboxContext
+from .leftovers import PR_SET_CHILD_SUBREAPER, TEARDOWN_ALONE_S
+from .leftovers import kill_children as _kill_leftovers
 from .libc import open_libc
 from .messages import (
     RUNTIME,
@@ -57,7 +59,6 @@ if TYPE_CHECKING:
     from typing import Any, NoReturn
 
 CONFIG_MAX_BYTES = 64 << 20
-PR_SET_CHILD_SUBREAPER = 36
 
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
@@ -77,12 +78,15 @@ def _rss_bytes() -> int:
     return _sizes()[0]
 
 
-def _detach(control_fd: int) -> None:
-    """Leave the worker's process tree (the pool child reaps the intermediate process), keep
-    only the control socket, as fd 3, and become the reaper of whatever a run leaves."""
-    if os.fork() > 0:
-        os._exit(0)
-    os.setsid()
+def _detach(control_fd: int, *, guarded: bool) -> None:
+    """Out of the worker's process tree: started by a guardian (guardian.py), already in a
+    session of its own; started by the pool child itself, by forking away (the pool child
+    reaps the intermediate process). Keep only the control socket, as fd 3, and become the
+    reaper of whatever a run leaves."""
+    if not guarded:
+        if os.fork() > 0:
+            os._exit(0)
+        os.setsid()
     # The linker has read it (launcher.ZYGOTE_ENV); the plugin and its processes never see it.
     os.environ.pop("LD_BIND_NOW", None)
     if control_fd != CONTROL_FD:
@@ -112,7 +116,9 @@ class PoolChildWatch:
     report that finds the socket gone does the same (no SIGIO comes to a process blocked
     reading the socket), and SIGPIPE is ignored meanwhile (a write to the gone socket
     would otherwise kill the zygote before its leftovers are killed and its home emptied).
-    Plugin code in the same process could undo all this; it covers setups that hang."""
+    Plugin code in the same process could undo all this; it covers setups that hang. What
+    it does not cover, its guardian does (guardian.py): it kills the zygote once its grace
+    is over."""
 
     def __init__(self, home: str, policy: AuditPolicy) -> None:
         self.home = home
@@ -208,34 +214,6 @@ def _lock_down(config: ZygoteConfig, policy: AuditPolicy) -> dict[str, Any]:
         layers["seccomp"] = True
     install(policy)
     return layers
-
-
-def _kill_leftovers() -> None:
-    """Kill and reap every process left below the zygote (a run's orphans come here)."""
-    try:
-        os.waitpid(-1, os.WNOHANG)  # the common case, no child at all, costs one call
-    except ChildProcessError:
-        return
-    for _round in range(8):
-        pids: list[int] = []
-        with contextlib.suppress(OSError):
-            for task in os.listdir("/proc/self/task"):
-                with open(f"/proc/self/task/{task}/children") as listing:
-                    pids.extend(int(pid) for pid in listing.read().split())
-        if not pids:
-            return
-        for pid in pids:
-            with contextlib.suppress(OSError):
-                os.killpg(pid, signal.SIGKILL)
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
-        for pid in pids:
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, 0)
-
-
-TEARDOWN_ALONE_S = 5
-"""The longest a teardown runs (the pool child's own bound, warm.CLOSE_WAIT_S, is the same)."""
 
 
 def _teardown(plugin: LoadedPlugin | None, policy: AuditPolicy | None, reason: str,
@@ -395,7 +373,7 @@ def _threads_left() -> RunError:
 
 
 def main() -> NoReturn:
-    _detach(int(sys.argv[1]))
+    _detach(int(sys.argv[1]), guarded=sys.argv[2:] == ["guarded"])
     channel.send_message(CONTROL_FD, Hello(pid=os.getpid(), rss_bytes=_rss_bytes()))
     config = channel.receive_message(CONTROL_FD, max_bytes=CONFIG_MAX_BYTES)
     if not isinstance(config, ZygoteConfig):

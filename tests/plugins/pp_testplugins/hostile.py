@@ -195,3 +195,24 @@ def native_exec(ctx: Any, payload: Any) -> Any:
     argv = (ctypes.c_char_p * 3)(b"/bin/sh", b"-c", None)
     result = libc.execv(b"/bin/sh", argv)
     return {"result": result, "errno": ctypes.get_errno()}
+
+
+def daemonize_then_wait(ctx: Any, payload: Any) -> Any:
+    """Leaves a daemon (double fork, a session of its own: outside the run's and the
+    zygote's process groups, re-parented to the zygote), stores its pid, then waits to be
+    killed with its zygote."""
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:
+        daemon = os.fork()
+        if daemon == 0:
+            os.setsid()
+            time.sleep(600)
+            os._exit(0)
+        os.write(write_end, str(daemon).encode())
+        os._exit(0)
+    os.waitpid(child, 0)
+    os.close(write_end)
+    ctx.storage.set("daemon", int(os.read(read_end, 64)))
+    time.sleep(60)
+    return "not killed"

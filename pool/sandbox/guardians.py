@@ -1,0 +1,189 @@
+"""This pool process's zygote guardian (runtime/guardian.py): started the first time the
+process starts a zygote, again if it has died since; zygotes are launched through it, so
+that it is their parent and kills what they leave, and kills them when this process dies.
+
+Where no guardian can run (no pidfds: an old kernel, a container profile that refuses
+pidfd_open) the launcher starts zygotes itself, as before guardians existed; the owner
+records' sweep (owners.py) covers them then.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import os
+import select
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass, field
+
+from pluginpool.pool.sandbox.runtime import channel
+from pluginpool.pool.sandbox.runtime.messages import (
+    Hello,
+    Launch,
+    Launched,
+    LaunchFailed,
+    decode,
+    encode,
+)
+
+logger = logging.getLogger("pluginpool.sandbox.guardians")
+
+RUNTIME_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "runtime")
+RUNTIME_MODULE = "pluginpool_sandbox_runtime"
+START_TIMEOUT_S = 30.0
+REPLY_TIMEOUT_S = 30.0
+REPLY_MAX_BYTES = 4096
+GUARDIAN_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
+
+
+def bootstrap(module: str) -> str:
+    """`python -c` code that loads the sandbox runtime from the directory in argv[1] by path
+    (under its own name: nothing of pluginpool needs to be importable) and runs
+    `<module>.main()` with the arguments after it."""
+    return (
+        "import importlib.util as u, sys\n"
+        "d = sys.argv[1]\n"
+        f"s = u.spec_from_file_location({RUNTIME_MODULE!r}, d + '/__init__.py',"
+        " submodule_search_locations=[d])\n"
+        "m = u.module_from_spec(s); sys.modules[s.name] = m; s.loader.exec_module(m)\n"
+        f"from {RUNTIME_MODULE}.{module} import main\n"
+        "sys.argv = sys.argv[1:]\n"
+        "main()\n"
+    )
+
+
+def holds_socket(pid: int, fd: int, inode: int) -> bool:
+    """Whether process `pid` has socket `inode` as its descriptor `fd`: a zygote's or a
+    guardian's Hello names its own pid, which the pool child signals from then on, so it
+    must be the process at the other end of the socket (checked before any plugin code
+    runs, while its /proc entries are still readable), never 0, 1 or the pool child."""
+    if pid <= 1 or pid == os.getpid():
+        return False
+    try:
+        return os.readlink(f"/proc/{pid}/fd/{fd}") == f"socket:[{inode}]"
+    except OSError:
+        return False
+
+
+class GuardianUnavailable(OSError):
+    """No guardian could be started or reached: the launcher starts the zygote itself."""
+
+
+@dataclass
+class GuardianProcess:
+    """The pool child's end of its guardian's request socket."""
+
+    pid: int
+    sock: socket.socket
+    pidfd: int
+    refs: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+
+    def alive(self) -> bool:
+        poller = select.poll()
+        poller.register(self.pidfd, select.POLLIN)
+        return not poller.poll(0)
+
+    def launch(self, argv: list[str], env: dict[str, str], control: int, stdout: int,
+               stderr: int) -> int:
+        """Start a zygote (argv is executed as is; it finds its control socket as fd 3):
+        its pid. GuardianUnavailable if the guardian cannot be reached; OSError with the
+        guardian's reason if the program could not be executed."""
+        ref = next(self.refs)
+        data = channel._encode(encode(Launch(ref=ref, argv=argv, env=env))).encode()
+        try:
+            socket.send_fds(self.sock, [data], [control, stdout, stderr])
+            while True:  # answers to launches given up on before are skipped
+                reply = channel.frame_dict(self.sock.recv(REPLY_MAX_BYTES))
+                message = _decode_reply(reply)
+                if message.ref == ref:
+                    break
+        except (OSError, ValueError) as exc:
+            raise GuardianUnavailable(f"guardian {self.pid}: {exc}") from exc
+        if isinstance(message, LaunchFailed):
+            raise OSError(message.reason)
+        return message.pid
+
+    def close(self) -> None:
+        self.sock.close()
+        with contextlib.suppress(OSError):
+            os.close(self.pidfd)
+
+
+def _decode_reply(frame: dict[str, object]) -> Launched | LaunchFailed:
+    message = decode(frame)
+    if not isinstance(message, Launched | LaunchFailed):
+        raise ValueError(f"the guardian answered {message.op!r}")
+    return message
+
+
+_ours: dict[int, GuardianProcess] = {}
+"""This process's guardian, by pid (a forked copy of this process has none)."""
+
+
+def guardian() -> GuardianProcess:
+    """This process's guardian, started if it has none or it has died."""
+    found = _ours.get(os.getpid())
+    if found is not None and found.alive():
+        return found
+    if found is not None:
+        found.close()
+        del _ours[os.getpid()]
+    started = start()
+    _ours[os.getpid()] = started
+    return started
+
+
+def forget() -> None:
+    """Drop this process's guardian (it could not be reached): the next launch starts one."""
+    found = _ours.pop(os.getpid(), None)
+    if found is not None:
+        found.close()
+
+
+def start(interpreter: str = sys.executable) -> GuardianProcess:
+    """Start a guardian for this process (GuardianUnavailable if it cannot run here)."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        inode = os.fstat(theirs.fileno()).st_ino
+        try:
+            proc = subprocess.Popen(
+                [interpreter, "-I", "-S", "-c", bootstrap("guardian"), RUNTIME_DIR,
+                 str(theirs.fileno())],
+                pass_fds=[theirs.fileno()], env=GUARDIAN_ENV, stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True,
+                start_new_session=True)
+        finally:
+            theirs_fd = theirs.fileno()
+            theirs.close()
+        try:  # the first process forks the guardian and exits
+            code = proc.wait(START_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise GuardianUnavailable("the guardian did not start in time") from None
+        if code != 0:
+            raise GuardianUnavailable(f"the guardian's start exited with {code}")
+        ours.settimeout(START_TIMEOUT_S)
+        hello = channel.frame_dict(ours.recv(REPLY_MAX_BYTES))
+        message = decode(hello)
+        if not isinstance(message, Hello):
+            raise GuardianUnavailable(f"the guardian said {message.op!r} first")
+        if not holds_socket(message.pid, theirs_fd, inode):
+            raise GuardianUnavailable(f"the guardian named pid {message.pid}, a process "
+                                      "that does not hold its socket")
+        pidfd = os.pidfd_open(message.pid)
+        ours.settimeout(REPLY_TIMEOUT_S)
+    except GuardianUnavailable:
+        ours.close()
+        raise
+    except (OSError, ValueError) as exc:
+        ours.close()
+        raise GuardianUnavailable(f"the guardian did not start: {exc!r}") from exc
+    except BaseException:
+        ours.close()  # a guardian already started reads the end of its socket and exits
+        raise
+    logger.info("zygote guardian %d started for pool process %d", message.pid, os.getpid())
+    return GuardianProcess(pid=message.pid, sock=ours, pidfd=pidfd)

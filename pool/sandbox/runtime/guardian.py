@@ -1,0 +1,258 @@
+"""The zygotes' guardian: one small process per pool child, above its zygotes, that runs
+no plugin code.
+
+A zygote leaves the worker's tree (it must not be the pool child's child: it has to
+outlive nothing of the worker's and be nothing Celery reaps or counts), so it has no
+parent to die with. What it does itself when its pool child goes (zygote.PoolChildWatch)
+runs in the process that holds plugin code, which can undo it or be stopped by its
+throttle, and a process its setup starts in a session of its own is no longer in its
+process group, which is what gets killed. So a pool child starts its zygotes through a
+guardian (pool/sandbox/guardians.py starts it, the first time one is needed): a fresh
+interpreter, detached from the worker like a zygote, that
+
+- forks and executes each zygote (Launch), so it is every zygote's parent, and is a child
+  subreaper: whatever a zygote's tree orphans when that zygote dies comes to it;
+- when a zygote ends, however, kills what it left (every child of the guardian that is
+  not a zygote: a live zygote is the subreaper of its own tree) and reaps it;
+- watches its pool child by pidfd; when it is gone, leaves the zygotes
+  TEARDOWN_GRACE_S to tear down (their close() runs at most TEARDOWN_ALONE_S), kills at
+  once one that is stopped (nobody is left to continue it), then kills what is left and
+  exits.
+
+The plugin cannot signal it: a zygote's Landlock layer scopes signals (ABI 6) to its own
+domain. It holds its pool child's pidfd, its request socket and its zygotes' pidfds: not
+their control sockets (the pool child sees a zygote's end as its socket's end), not their
+output pipes. Removing a killed zygote's home is the owner records' sweep
+(pool/sandbox/owners.py), which also covers a guardian killed from outside.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import select
+import signal
+import socket
+import sys
+import time
+
+from .channel import _encode, frame_dict
+from .leftovers import (
+    KILL_ROUNDS,
+    PR_SET_CHILD_SUBREAPER,
+    TEARDOWN_GRACE_S,
+    children,
+    kill_all,
+    kill_children,
+)
+from .libc import open_libc
+from .messages import Hello, Launch, Launched, LaunchFailed, Message, ProtocolError, decode, encode
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import NoReturn
+
+STOPPED_CHECK_S = 0.2
+REQUEST_MAX_BYTES = 1 << 16
+CONTROL_FD = 3
+"""Where a zygote finds its control socket (run.CONTROL_FD)."""
+HIGH_FD = 64
+"""In a zygote's child before its exec, descriptors are moved above this first, so that
+placing them at 0-3 cannot overwrite one another."""
+
+
+def _stopped(pid: int) -> bool:
+    """Stopped (SIGSTOP, by its throttle) or traced; False when that cannot be read."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as source:
+            return source.read().rsplit(b")", 1)[1].split()[0] in (b"T", b"t")
+    except (OSError, IndexError):
+        return False
+
+
+def spawn(argv: list[str], env: dict[str, str], control: int, out: int, err: int) -> int:
+    """Fork and execute one zygote: its own session, /dev/null as 0, `out` and `err` as 1
+    and 2, `control` as 3, nothing else. Its pid; OSError if it could not be executed."""
+    read_end, write_end = os.pipe2(os.O_CLOEXEC)
+    try:
+        pid = os.fork()
+        if pid == 0:
+            _exec_child(argv, env, (control, out, err), write_end)
+        os.close(write_end)
+        write_end = -1
+        failure = os.read(read_end, 512)
+    finally:
+        os.close(read_end)
+        if write_end >= 0:
+            os.close(write_end)
+    if failure:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+        code = int(failure.split(b":", 1)[0] or 0)
+        raise OSError(code, f"{os.strerror(code)}: {argv[0]}")
+    return pid
+
+
+def _exec_child(argv: list[str], env: dict[str, str], fds: tuple[int, int, int],
+                report: int) -> NoReturn:
+    try:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # ignored in the guardian: not here
+        os.setsid()
+        high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, HIGH_FD) for fd in (*fds, report)]
+        control, out, err, report = high
+        null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+        os.dup2(null, 0)
+        os.dup2(out, 1)
+        os.dup2(err, 2)
+        os.dup2(control, CONTROL_FD)
+        os.closerange(CONTROL_FD + 1, HIGH_FD)  # the rest above are close-on-exec
+        os.execve(argv[0], argv, env)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.write(report, b"%d:" % (exc.errno or 0))
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.write(report, b"0:")
+    os._exit(127)
+
+
+class Guardian:
+    """The guardian's loop: launches, ended zygotes, its pool child's end."""
+
+    def __init__(self, requests: socket.socket, owner: int) -> None:
+        self.requests = requests
+        self.owner = owner
+        self.zygotes: dict[int, int] = {}
+        """pidfd → pid of each live zygote."""
+        self.poller = select.poll()
+        self.poller.register(owner, select.POLLIN)
+        self.poller.register(requests.fileno(), select.POLLIN)
+
+    def serve(self) -> NoReturn:
+        while True:
+            for fd, _events in self.poller.poll():
+                if fd == self.owner:
+                    self.owner_gone()
+                elif fd == self.requests.fileno():
+                    if not self.request():
+                        self.owner_gone()
+                elif fd in self.zygotes:
+                    self.ended(fd)
+
+    def request(self) -> bool:
+        """One Launch answered; False when the pool child's end is closed."""
+        try:
+            data, fds, _flags, _addr = socket.recv_fds(
+                self.requests, REQUEST_MAX_BYTES, 3, socket.MSG_CMSG_CLOEXEC)
+        except OSError:
+            return False
+        if not data:
+            for fd in fds:
+                os.close(fd)
+            return False
+        reply: Message
+        ref = 0
+        try:
+            message = decode(frame_dict(data))
+            if not isinstance(message, Launch) or len(fds) != 3:
+                raise ProtocolError("expected a launch with three descriptors")
+            ref = message.ref
+            pid = spawn(message.argv, {str(k): str(v) for k, v in message.env.items()},
+                        *fds)
+            self.watch(pid)
+            reply = Launched(ref=ref, pid=pid)
+        except (ValueError, OSError) as exc:
+            reply = LaunchFailed(ref=ref, reason=f"{type(exc).__name__}: {exc}"[:500])
+        finally:
+            for fd in fds:
+                os.close(fd)
+        try:
+            self.requests.send(_bytes(reply))
+        except OSError:
+            return False
+        return True
+
+    def watch(self, pid: int) -> None:
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:  # out of descriptors: it is killed at once rather than unwatched
+            kill_all([pid])
+            raise
+        self.zygotes[pidfd] = pid
+        self.poller.register(pidfd, select.POLLIN)
+
+    def ended(self, pidfd: int) -> None:
+        """A zygote has exited: reap it, and kill what its tree left (re-parented here)."""
+        pid = self.zygotes.pop(pidfd)
+        self.poller.unregister(pidfd)
+        os.close(pidfd)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+        live = set(self.zygotes.values())
+        for _round in range(KILL_ROUNDS):
+            strays = [child for child in children() if child not in live]
+            if not strays:
+                return
+            kill_all(strays)
+
+    def owner_gone(self) -> NoReturn:
+        """The pool child is gone: the zygotes' grace, then nothing below is left."""
+        try:
+            deadline = time.monotonic() + TEARDOWN_GRACE_S
+            while self.zygotes and time.monotonic() < deadline:
+                waiting = select.poll()
+                for pidfd in self.zygotes:
+                    waiting.register(pidfd, select.POLLIN)
+                for pidfd, _events in waiting.poll(STOPPED_CHECK_S * 1000):
+                    self.ended(pidfd)
+                stopped = [pid for pid in self.zygotes.values() if _stopped(pid)]
+                kill_all(stopped)
+            kill_all(list(self.zygotes.values()))
+        finally:
+            try:
+                kill_children()
+            finally:
+                os._exit(0)
+
+
+def _bytes(message: Message) -> bytes:
+    return _encode(encode(message)).encode()
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm", "rb") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def main() -> NoReturn:
+    """`... guardian <request fd>`, started by the pool child (guardians.py): detach (the pool
+    child reaps this first process), then serve until the pool child is gone."""
+    requests = int(sys.argv[1])
+    try:
+        owner = os.pidfd_open(os.getppid())  # now: the pool child waits for this process
+    except OSError:
+        os._exit(3)  # no pidfds here: the pool child starts its zygotes itself
+    if os.fork() > 0:
+        os._exit(0)
+    os.setsid()
+    try:
+        libc = open_libc()
+        libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+        signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # orphans that exit are reaped at once
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        for name in os.listdir("/proc/self/fd"):
+            if int(name) > 2 and int(name) not in (owner, requests):
+                with contextlib.suppress(OSError):
+                    os.close(int(name))
+        sock = socket.socket(fileno=requests)
+        sock.set_inheritable(False)
+        sock.send(_bytes(Hello(pid=os.getpid(), rss_bytes=_rss_bytes())))
+        guardian = Guardian(sock, owner)
+        libc.malloc_trim(0)  # what starting the interpreter freed: back to the system
+    except BaseException:
+        os._exit(4)
+    guardian.serve()
+
