@@ -14,9 +14,11 @@ import itertools
 import logging
 import os
 import select
+import signal
 import socket
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass, field
 
 from pluginpool.pool.sandbox.runtime import channel
@@ -34,7 +36,8 @@ logger = logging.getLogger("pluginpool.sandbox.guardians")
 RUNTIME_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "runtime")
 RUNTIME_MODULE = "pluginpool_sandbox_runtime"
 START_TIMEOUT_S = 30.0
-REPLY_TIMEOUT_S = 30.0
+REPLY_TIMEOUT_S = 10.0
+"""A guardian forks and executes at once: one that takes this long is stopped or stuck."""
 REPLY_MAX_BYTES = 4096
 GUARDIAN_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
 
@@ -69,7 +72,13 @@ def holds_socket(pid: int, fd: int, inode: int) -> bool:
 
 
 class GuardianUnavailable(OSError):
-    """No guardian could be started or reached: the launcher starts the zygote itself."""
+    """No guardian could be started or reached before the launch was sent: the launcher may
+    try another, or start the zygote itself."""
+
+
+class GuardianNoAnswer(OSError):
+    """The launch was sent and no answer came: the zygote may have been started with the
+    descriptors sent, so nothing else may be started with them."""
 
 
 @dataclass
@@ -80,6 +89,8 @@ class GuardianProcess:
     sock: socket.socket
     pidfd: int
     refs: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    """One launch at a time (a pool of threads shares this process's guardian)."""
 
     def alive(self) -> bool:
         poller = select.poll()
@@ -89,24 +100,33 @@ class GuardianProcess:
     def launch(self, argv: list[str], env: dict[str, str], control: int, stdout: int,
                stderr: int) -> int:
         """Start a zygote (argv is executed as is; it finds its control socket as fd 3):
-        its pid. GuardianUnavailable if the guardian cannot be reached; OSError with the
-        guardian's reason if the program could not be executed."""
-        ref = next(self.refs)
-        data = channel._encode(encode(Launch(ref=ref, argv=argv, env=env))).encode()
-        try:
-            socket.send_fds(self.sock, [data], [control, stdout, stderr])
-            while True:  # answers to launches given up on before are skipped
-                reply = channel.frame_dict(self.sock.recv(REPLY_MAX_BYTES))
-                message = _decode_reply(reply)
-                if message.ref == ref:
-                    break
-        except (OSError, ValueError) as exc:
-            raise GuardianUnavailable(f"guardian {self.pid}: {exc}") from exc
+        its pid. GuardianUnavailable if the request could not be sent, GuardianNoAnswer if
+        no answer came in REPLY_TIMEOUT_S; OSError with the guardian's reason if the
+        program could not be executed."""
+        with self.lock:
+            ref = next(self.refs)
+            data = channel._encode(encode(Launch(ref=ref, argv=argv, env=env))).encode()
+            try:
+                socket.send_fds(self.sock, [data], [control, stdout, stderr])
+            except OSError as exc:
+                raise GuardianUnavailable(f"guardian {self.pid}: {exc}") from exc
+            try:
+                while True:  # answers to launches given up on before are skipped
+                    message = _decode_reply(channel.frame_dict(self.sock.recv(REPLY_MAX_BYTES)))
+                    if message.ref == ref:
+                        break
+            except (OSError, ValueError) as exc:
+                raise GuardianNoAnswer(f"guardian {self.pid} did not answer: {exc}") from exc
         if isinstance(message, LaunchFailed):
             raise OSError(message.reason)
         return message.pid
 
-    def close(self) -> None:
+    def close(self, *, kill: bool = False) -> None:
+        """Let it go; `kill`: one that did not answer (stopped, stuck) is killed, not left
+        to wait for ever (its zygotes go on; the owner records' sweep covers them)."""
+        if kill:
+            with contextlib.suppress(OSError):
+                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
         self.sock.close()
         with contextlib.suppress(OSError):
             os.close(self.pidfd)
@@ -121,26 +141,44 @@ def _decode_reply(frame: dict[str, object]) -> Launched | LaunchFailed:
 
 _ours: dict[int, GuardianProcess] = {}
 """This process's guardian, by pid (a forked copy of this process has none)."""
+_impossible: set[int] = set()
+"""Processes where no guardian can run (pidfds refused): not tried again."""
 
 
 def guardian() -> GuardianProcess:
     """This process's guardian, started if it has none or it has died."""
-    found = _ours.get(os.getpid())
+    me = os.getpid()
+    if me in _impossible:
+        raise GuardianUnavailable("no guardian can run here (pidfds are refused)")
+    found = _ours.get(me)
     if found is not None and found.alive():
         return found
     if found is not None:
         found.close()
-        del _ours[os.getpid()]
-    started = start()
-    _ours[os.getpid()] = started
+        del _ours[me]
+    try:
+        started = start()
+    except NoPidfds:
+        _impossible.add(me)
+        raise
+    _ours[me] = started
     return started
 
 
-def forget() -> None:
-    """Drop this process's guardian (it could not be reached): the next launch starts one."""
+def forget(*, kill: bool = False) -> None:
+    """Drop this process's guardian (it could not be reached, or did not answer: `kill`);
+    the next launch starts another."""
     found = _ours.pop(os.getpid(), None)
     if found is not None:
-        found.close()
+        found.close(kill=kill)
+
+
+class NoPidfds(GuardianUnavailable):
+    """pidfd_open is refused here (an old kernel, a container's seccomp profile)."""
+
+
+NO_PIDFDS_EXIT = 3
+"""The guardian's first process exits with this when it cannot open a pidfd."""
 
 
 def start(interpreter: str = sys.executable) -> GuardianProcess:
@@ -160,10 +198,12 @@ def start(interpreter: str = sys.executable) -> GuardianProcess:
             theirs.close()
         try:  # the first process forks the guardian and exits
             code = proc.wait(START_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
+        except BaseException:  # too slow, or interrupted (Celery's soft limit)
             proc.kill()
             proc.wait()
-            raise GuardianUnavailable("the guardian did not start in time") from None
+            raise
+        if code == NO_PIDFDS_EXIT:
+            raise NoPidfds("pidfd_open is refused here")
         if code != 0:
             raise GuardianUnavailable(f"the guardian's start exited with {code}")
         ours.settimeout(START_TIMEOUT_S)
@@ -179,6 +219,9 @@ def start(interpreter: str = sys.executable) -> GuardianProcess:
     except GuardianUnavailable:
         ours.close()
         raise
+    except subprocess.TimeoutExpired:
+        ours.close()
+        raise GuardianUnavailable("the guardian did not start in time") from None
     except (OSError, ValueError) as exc:
         ours.close()
         raise GuardianUnavailable(f"the guardian did not start: {exc!r}") from exc

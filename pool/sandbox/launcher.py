@@ -103,10 +103,18 @@ class ZygoteLauncher:
                     [*argv, str(theirs.fileno())], pass_fds=[theirs.fileno()],
                     env=ZYGOTE_ENV, stdin=subprocess.DEVNULL, stdout=stdout_w,
                     stderr=stderr_w, close_fds=True, start_new_session=True)
+        except guardians.GuardianNoAnswer as exc:
+            ours.close()
+            output.close()
+            raise ZygoteStartError(str(exc)) from exc
         except OSError as exc:
             ours.close()
             output.close()
             raise ZygoteStartError(f"cannot start {self.interpreter}: {exc}") from exc
+        except BaseException:  # interrupted (Celery's soft limit): a zygote the guardian
+            ours.close()  # may have started reads the end of its control and exits
+            output.close()
+            raise
         finally:
             theirs.close()
             os.close(stdout_w)
@@ -149,17 +157,24 @@ class ZygoteLauncher:
         """Start the zygote through this process's guardian (guardians.py); False where
         none can run (the caller starts it itself), or for another copy of the runtime (a
         benchmark's baseline, whose zygote forks away by itself). OSError: the guardian
-        could not execute the interpreter."""
+        could not execute the interpreter; GuardianNoAnswer: it did not answer."""
         if self.runtime_dir != RUNTIME_DIR:
             return False
-        for attempt in range(2):  # a guardian found dead is started again, once
+        for attempt in range(2):  # one that cannot be reached is started again, once
             try:
                 guardian = guardians.guardian()
                 guardian.launch([*argv, str(CONTROL_FD), "guarded"], ZYGOTE_ENV, control,
                                 stdout, stderr)
                 return True
+            except guardians.NoPidfds:
+                return False
             except guardians.GuardianUnavailable as exc:
                 guardians.forget()
                 if attempt:
                     logger.warning("starting the zygote without a guardian: %s", exc)
+            except guardians.GuardianNoAnswer:
+                # Sent: it may yet start the zygote with these descriptors, so no other
+                # may be started with them (two zygotes on one control socket).
+                guardians.forget(kill=True)
+                raise
         return False

@@ -7,6 +7,7 @@ worker."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -57,6 +58,16 @@ def start(entrypoint: str, warm_root: Path, **limits: Any) -> tuple[warm.WarmSan
 def warm_root() -> Iterator[Path]:
     with tempfile.TemporaryDirectory(prefix="pp-guardian-") as root:
         yield Path(root)
+        for pid in working_under(Path(root)):  # a test that failed: its zygotes, by pid
+            with contextlib.suppress(psutil.Error):
+                psutil.Process(pid).kill()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _own_guardian_stopped() -> Iterator[None]:
+    """This test process's guardian, killed (by its pidfd) when the module is done."""
+    yield
+    guardians.forget(kill=True)
 
 
 def working_under(root: Path) -> list[int]:
@@ -109,7 +120,8 @@ def orphan(entrypoint: str, warm_root: Path, *, stopped: bool,
         assert wait_until(lambda: bool(working_under(warm_root)), timeout_s=30)
         zygote = psutil.Process(working_under(warm_root)[0])
         time.sleep(0.5)  # its setup is under way
-        if stopped:
+        if stopped:  # the owner first: its throttle must not continue the zygote again
+            os.kill(owner.pid, signal.SIGSTOP)
             os.kill(zygote.pid, signal.SIGSTOP)
     finally:
         owner.kill()
@@ -144,6 +156,10 @@ def test_the_guardian_answers_bad_requests_and_lives(warm_root: Path) -> None:
         assert b"launch_failed" in guardian.sock.recv(4096)
         socket.send_fds(guardian.sock, [b'{"op": "hello", "pid": 5, "rss_bytes": 1}'], ends)
         assert b"launch_failed" in guardian.sock.recv(4096)
+        for argv, env in (([], {}), ([""], {}), (["/bin/true", 5], {}),
+                          (["/bin/true"], {"A": 1})):
+            with pytest.raises(OSError, match=r"TypeError|ProtocolError"):
+                guardian.launch(argv, env, *ends)  # type: ignore[arg-type]
         with pytest.raises(OSError, match="No such file"):
             guardian.launch(["/nonexistent/python"], {}, *ends)
     finally:
@@ -174,3 +190,86 @@ def test_a_guardian_killed_is_replaced_and_its_zygotes_still_serve(warm_root: Pa
     finally:
         before.retire("test done")
         before.finish()
+
+
+def test_a_request_socket_closed_ends_the_launches_not_the_guarding(warm_root: Path) -> None:
+    """The pool process lets its guardian go without dying (it did not answer in time):
+    the guardian's zygotes still serve that pool process, so they are not killed, not even
+    once the grace is over; it exits when its last zygote has."""
+    sandbox, _ = start("basic:echo", warm_root)
+    assert sandbox is not None
+    try:
+        old = guardians.guardian()
+        guardian = psutil.Process(old.pid)
+        guardians.forget()  # its socket closed, the process left alone
+        time.sleep(TEARDOWN_GRACE_S + 1)
+        assert not gone(sandbox.pid) and guardian.is_running()
+    finally:
+        sandbox.retire("test done")
+        sandbox.finish()
+    assert wait_until(lambda: gone(guardian.pid), timeout_s=10), "it outlived its zygotes"
+
+
+def test_an_answer_to_a_launch_given_up_on_is_not_taken_for_the_next(warm_root: Path) -> None:
+    """A launch interrupted after it was sent (Celery's soft limit) leaves its answer on the
+    socket; the next launch skips it by its reference and gets its own."""
+    guardian = guardians.guardian()
+    read_end, write_end = os.pipe()
+    try:
+        stale = b'{"op": "launch", "ref": 999999, "argv": ["/bin/true"], "env": {}}'
+        socket.send_fds(guardian.sock, [stale], [read_end, write_end, write_end])
+        time.sleep(0.5)  # answered, unread
+        pid = guardian.launch(["/bin/true"], {}, read_end, write_end, write_end)
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+    assert wait_until(lambda: gone(pid), timeout_s=10)  # this one's pid, reaped by it
+    sandbox, _ = start("basic:echo", warm_root)
+    assert sandbox is not None
+    sandbox.retire("test done")
+    sandbox.finish()
+
+
+def test_without_a_guardian_zygotes_are_still_started(warm_root: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where none can run (no pidfds: an old kernel, a container's profile), the pool
+    process starts its zygotes itself, detached as before guardians."""
+    def refused() -> guardians.GuardianProcess:
+        raise guardians.NoPidfds("refused here")
+
+    monkeypatch.setattr(guardians, "start", refused)
+    monkeypatch.setattr(guardians, "_ours", {})
+    monkeypatch.setattr(guardians, "_impossible", set())
+    sandbox, _ = start("basic:echo", warm_root)
+    assert sandbox is not None
+    try:
+        assert psutil.Process(sandbox.pid).ppid() not in (os.getpid(), 0)
+        assert os.getpid() in guardians._impossible  # not tried at every start
+    finally:
+        sandbox.retire("test done")
+        sandbox.finish()
+
+
+def test_a_guardian_that_does_not_answer_is_killed_and_replaced(warm_root: Path) -> None:
+    """Stopped (a setup could stop its parent where Landlock cannot scope signals), it
+    takes the launch and never answers: the start fails typed after REPLY_TIMEOUT_S, is
+    not retried with the same descriptors (the guardian might yet start a zygote on them),
+    the stopped guardian is killed, and the next start gets a new one."""
+    from pluginpool.pool.sandbox.launcher import ZygoteStartError
+
+    old = guardians.guardian()
+    os.kill(old.pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        with pytest.raises(ZygoteStartError, match="did not answer"):
+            start("basic:echo", warm_root)
+        assert time.monotonic() - started < guardians.REPLY_TIMEOUT_S + 10
+        assert wait_until(lambda: gone(old.pid), timeout_s=10), "the stopped one lives on"
+    finally:
+        with contextlib.suppress(OSError):
+            os.kill(old.pid, signal.SIGKILL)
+    sandbox, _ = start("basic:echo", warm_root)
+    assert sandbox is not None
+    assert psutil.Process(sandbox.pid).ppid() == guardians.guardian().pid != old.pid
+    sandbox.retire("test done")
+    sandbox.finish()

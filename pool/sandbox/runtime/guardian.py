@@ -14,13 +14,19 @@ interpreter, detached from the worker like a zygote, that
   subreaper: whatever a zygote's tree orphans when that zygote dies comes to it;
 - when a zygote ends, however, kills what it left (every child of the guardian that is
   not a zygote: a live zygote is the subreaper of its own tree) and reaps it;
+- when the request socket ends while its pool child lives, takes no more launches but
+  guards the zygotes it has, and exits once they are gone;
 - watches its pool child by pidfd; when it is gone, leaves the zygotes
   TEARDOWN_GRACE_S to tear down (their close() runs at most TEARDOWN_ALONE_S), kills at
   once one that is stopped (nobody is left to continue it), then kills what is left and
   exits.
 
-The plugin cannot signal it: a zygote's Landlock layer scopes signals (ABI 6) to its own
-domain. It holds its pool child's pidfd, its request socket and its zygotes' pidfds: not
+The plugin cannot signal it where Landlock has ABI 6 (Linux 6.12 on): a zygote's layer
+scopes signals to its own domain. On older kernels a setup could stop it (its parent); the
+pool child then gives up on it after REPLY_TIMEOUT_S, kills it and starts another, and
+the zygotes it guarded are left to the owner records' sweep.
+
+It holds its pool child's pidfd, its request socket and its zygotes' pidfds: not
 their control sockets (the pool child sees a zygote's end as its socket's end), not their
 output pipes. Removing a killed zygote's home is the owner records' sweep
 (pool/sandbox/owners.py), which also covers a guardian killed from outside.
@@ -39,12 +45,9 @@ import time
 
 from .channel import _encode, frame_dict
 from .leftovers import (
-    KILL_ROUNDS,
     PR_SET_CHILD_SUBREAPER,
     TEARDOWN_GRACE_S,
     children,
-    kill_all,
-    kill_children,
 )
 from .libc import open_libc
 from .messages import Hello, Launch, Launched, LaunchFailed, Message, ProtocolError, decode, encode
@@ -54,6 +57,7 @@ if TYPE_CHECKING:
     from typing import NoReturn
 
 STOPPED_CHECK_S = 0.2
+STRAYS_S = 2.0
 REQUEST_MAX_BYTES = 1 << 16
 CONTROL_FD = 3
 """Where a zygote finds its control socket (run.CONTROL_FD)."""
@@ -97,7 +101,6 @@ def spawn(argv: list[str], env: dict[str, str], control: int, out: int, err: int
 def _exec_child(argv: list[str], env: dict[str, str], fds: tuple[int, int, int],
                 report: int) -> NoReturn:
     try:
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # ignored in the guardian: not here
         os.setsid()
         high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, HIGH_FD) for fd in (*fds, report)]
         control, out, err, report = high
@@ -118,13 +121,17 @@ def _exec_child(argv: list[str], env: dict[str, str], fds: tuple[int, int, int],
 
 
 class Guardian:
-    """The guardian's loop: launches, ended zygotes, its pool child's end."""
+    """The guardian's loop: launches, ended zygotes, its pool child's end.
+
+    SIGCHLD keeps its default action: a child that exits stays a zombie until reaped here,
+    so its pid names it (or nobody) whenever it is signalled; zygotes are signalled through
+    their pidfds all the same."""
 
     def __init__(self, requests: socket.socket, owner: int) -> None:
-        self.requests = requests
+        self.requests: socket.socket | None = requests
         self.owner = owner
         self.zygotes: dict[int, int] = {}
-        """pidfd → pid of each live zygote."""
+        """pid → pidfd of each zygote not yet reaped."""
         self.poller = select.poll()
         self.poller.register(owner, select.POLLIN)
         self.poller.register(requests.fileno(), select.POLLIN)
@@ -134,67 +141,108 @@ class Guardian:
             for fd, _events in self.poller.poll():
                 if fd == self.owner:
                     self.owner_gone()
-                elif fd == self.requests.fileno():
-                    if not self.request():
-                        self.owner_gone()
-                elif fd in self.zygotes:
-                    self.ended(fd)
+                if self.requests is not None and fd == self.requests.fileno():
+                    self.request()
+            self.reap()
+            if self.requests is None and not self.zygotes:
+                os._exit(0)  # no launch can come and nothing is left to guard
 
-    def request(self) -> bool:
-        """One Launch answered; False when the pool child's end is closed."""
+    def request(self) -> None:
+        """One Launch answered. The request socket's end while the pool child lives ends the
+        launches, not the guarding: its zygotes still serve their pool child, and are killed
+        only when it is gone."""
+        assert self.requests is not None
         try:
             data, fds, _flags, _addr = socket.recv_fds(
                 self.requests, REQUEST_MAX_BYTES, 3, socket.MSG_CMSG_CLOEXEC)
         except OSError:
-            return False
+            data, fds = b"", []
         if not data:
             for fd in fds:
                 os.close(fd)
-            return False
+            self.poller.unregister(self.requests.fileno())
+            self.requests.close()
+            self.requests = None
+            return
         reply: Message
         ref = 0
         try:
-            message = decode(frame_dict(data))
+            frame = frame_dict(data)
+            given = frame.get("ref")  # answered with its own reference even if refused
+            ref = given if type(given) is int else 0
+            message = decode(frame)
             if not isinstance(message, Launch) or len(fds) != 3:
                 raise ProtocolError("expected a launch with three descriptors")
             ref = message.ref
-            pid = spawn(message.argv, {str(k): str(v) for k, v in message.env.items()},
-                        *fds)
+            argv, env = _checked(message)
+            control, out, err = fds
+            pid = spawn(argv, env, control, out, err)
             self.watch(pid)
             reply = Launched(ref=ref, pid=pid)
-        except (ValueError, OSError) as exc:
+        except Exception as exc:  # a bad request is answered; the guardian goes on
             reply = LaunchFailed(ref=ref, reason=f"{type(exc).__name__}: {exc}"[:500])
         finally:
             for fd in fds:
                 os.close(fd)
-        try:
+        with contextlib.suppress(OSError):  # its end is seen at the next poll
             self.requests.send(_bytes(reply))
-        except OSError:
-            return False
-        return True
 
     def watch(self, pid: int) -> None:
         try:
-            pidfd = os.pidfd_open(pid)
-        except OSError:  # out of descriptors: it is killed at once rather than unwatched
-            kill_all([pid])
+            pidfd = os.pidfd_open(pid)  # a child not reaped yet: its pid is still its own
+        except OSError:  # out of descriptors: killed at once rather than unwatched
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
             raise
-        self.zygotes[pidfd] = pid
+        self.zygotes[pid] = pidfd
         self.poller.register(pidfd, select.POLLIN)
 
-    def ended(self, pidfd: int) -> None:
-        """A zygote has exited: reap it, and kill what its tree left (re-parented here)."""
-        pid = self.zygotes.pop(pidfd)
-        self.poller.unregister(pidfd)
-        os.close(pidfd)
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, os.WNOHANG)
-        live = set(self.zygotes.values())
-        for _round in range(KILL_ROUNDS):
-            strays = [child for child in children() if child not in live]
+    def reap(self) -> None:
+        """Reap every child that has exited; for each zygote among them, kill what its tree
+        left (re-parented here: a live zygote is the subreaper of its own)."""
+        ended = False
+        while True:
+            try:
+                pid, _status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            pidfd = self.zygotes.pop(pid, None)
+            if pidfd is not None:
+                ended = True
+                self.poller.unregister(pidfd)
+                os.close(pidfd)
+        if ended:
+            self.kill_strays()
+
+    def kill_strays(self) -> None:
+        """Kill every child that is not a live zygote, and its process group, until none is
+        left or STRAYS_S has passed (one that cannot die now is reaped later)."""
+        deadline = time.monotonic() + STRAYS_S
+        while time.monotonic() < deadline:
+            strays = [pid for pid in children() if pid not in self.zygotes]
             if not strays:
                 return
-            kill_all(strays)
+            for pid in strays:  # not reaped yet: each pid is still that child's
+                with contextlib.suppress(OSError):
+                    os.killpg(pid, signal.SIGKILL)  # its own group, or none
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.01)
+            self.reap_strays(strays)
+
+    def reap_strays(self, strays: list[int]) -> None:
+        for pid in strays:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
+
+    def signal_zygotes(self, pids: list[int]) -> None:
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                os.killpg(pid, signal.SIGKILL)  # its group (what its setup started): the
+            with contextlib.suppress(OSError):  # zygote is not reaped, its pid its own
+                signal.pidfd_send_signal(self.zygotes[pid], signal.SIGKILL)
 
     def owner_gone(self) -> NoReturn:
         """The pool child is gone: the zygotes' grace, then nothing below is left."""
@@ -202,18 +250,29 @@ class Guardian:
             deadline = time.monotonic() + TEARDOWN_GRACE_S
             while self.zygotes and time.monotonic() < deadline:
                 waiting = select.poll()
-                for pidfd in self.zygotes:
+                for pidfd in self.zygotes.values():
                     waiting.register(pidfd, select.POLLIN)
-                for pidfd, _events in waiting.poll(STOPPED_CHECK_S * 1000):
-                    self.ended(pidfd)
-                stopped = [pid for pid in self.zygotes.values() if _stopped(pid)]
-                kill_all(stopped)
-            kill_all(list(self.zygotes.values()))
+                waiting.poll(STOPPED_CHECK_S * 1000)
+                self.reap()
+                self.signal_zygotes([pid for pid in self.zygotes if _stopped(pid)])
+            self.signal_zygotes(list(self.zygotes))
+            time.sleep(0.05)
+            self.reap()
         finally:
             try:
-                kill_children()
+                self.kill_strays()
             finally:
                 os._exit(0)
+
+
+def _checked(message: Launch) -> tuple[list[str], dict[str, str]]:
+    """A launch's program and environment, or TypeError: all strings, a program named."""
+    argv, env = message.argv, message.env
+    if not argv or not all(isinstance(arg, str) and arg and "\0" not in arg for arg in argv):
+        raise TypeError("argv must be non-empty strings without NUL")
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
+        raise TypeError("env must map strings to strings")
+    return argv, env
 
 
 def _bytes(message: Message) -> bytes:
@@ -232,14 +291,14 @@ def main() -> NoReturn:
     try:
         owner = os.pidfd_open(os.getppid())  # now: the pool child waits for this process
     except OSError:
-        os._exit(3)  # no pidfds here: the pool child starts its zygotes itself
+        os._exit(3)  # no pidfds here (guardians.NO_PIDFDS_EXIT): the pool child starts
+        # its zygotes itself
     if os.fork() > 0:
         os._exit(0)
     os.setsid()
     try:
         libc = open_libc()
         libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-        signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # orphans that exit are reaped at once
         null = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):
             os.dup2(null, fd)
@@ -249,9 +308,11 @@ def main() -> NoReturn:
                     os.close(int(name))
         sock = socket.socket(fileno=requests)
         sock.set_inheritable(False)
-        sock.send(_bytes(Hello(pid=os.getpid(), rss_bytes=_rss_bytes())))
         guardian = Guardian(sock, owner)
-        libc.malloc_trim(0)  # what starting the interpreter freed: back to the system
+        trim = getattr(libc, "malloc_trim", None)  # glibc's
+        if trim is not None:
+            trim(0)  # what starting the interpreter freed: back to the system
+        sock.send(_bytes(Hello(pid=os.getpid(), rss_bytes=_rss_bytes())))
     except BaseException:
         os._exit(4)
     guardian.serve()

@@ -91,6 +91,7 @@ def _detach(control_fd: int, *, guarded: bool) -> None:
     os.environ.pop("LD_BIND_NOW", None)
     if control_fd != CONTROL_FD:
         os.dup2(control_fd, CONTROL_FD, inheritable=False)
+    os.set_inheritable(CONTROL_FD, False)  # a guardian's exec left it inheritable
     # 1 and 2 stay the pipes the pool child reads (pool/sandbox/output.py): what the setup
     # and the runs write there directly is logged too. Runs check they still are.
     os.dup2(os.open(os.devnull, os.O_RDWR), 0)
