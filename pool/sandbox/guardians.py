@@ -22,6 +22,7 @@ import threading
 from dataclasses import dataclass, field
 
 from pluginpool.pool.sandbox.runtime import channel
+from pluginpool.pool.sandbox.runtime.guardian import CANNOT_GUARD_EXIT
 from pluginpool.pool.sandbox.runtime.messages import (
     Hello,
     Launch,
@@ -93,9 +94,21 @@ class GuardianProcess:
     """One launch at a time (a pool of threads shares this process's guardian)."""
 
     def alive(self) -> bool:
+        """Running, and not stopped (a stopped one would take a launch and never answer;
+        nothing has been sent to it yet, so another may be started in its place)."""
         poller = select.poll()
         poller.register(self.pidfd, select.POLLIN)
-        return not poller.poll(0)
+        if poller.poll(0):
+            return False
+        try:
+            with open(f"/proc/{self.pid}/stat", "rb") as source:
+                state = source.read().rsplit(b")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            return True  # unreadable now: the launch's own timeout still bounds it
+        if state in (b"T", b"t"):
+            self.close(kill=True)
+            return False
+        return True
 
     def launch(self, argv: list[str], env: dict[str, str], control: int, stdout: int,
                stderr: int) -> int:
@@ -142,43 +155,42 @@ def _decode_reply(frame: dict[str, object]) -> Launched | LaunchFailed:
 _ours: dict[int, GuardianProcess] = {}
 """This process's guardian, by pid (a forked copy of this process has none)."""
 _impossible: set[int] = set()
-"""Processes where no guardian can run (pidfds refused): not tried again."""
+"""Processes where no guardian can work (CannotGuard): not tried again."""
 
 
 def guardian() -> GuardianProcess:
     """This process's guardian, started if it has none or it has died."""
     me = os.getpid()
     if me in _impossible:
-        raise GuardianUnavailable("no guardian can run here (pidfds are refused)")
+        raise CannotGuard("no guardian can work here")
     found = _ours.get(me)
     if found is not None and found.alive():
         return found
     if found is not None:
-        found.close()
+        found.close(kill=True)  # dead, or stopped: killed
         del _ours[me]
     try:
         started = start()
-    except NoPidfds:
+    except CannotGuard:
         _impossible.add(me)
         raise
     _ours[me] = started
     return started
 
 
-def forget(*, kill: bool = False) -> None:
-    """Drop this process's guardian (it could not be reached, or did not answer: `kill`);
-    the next launch starts another."""
-    found = _ours.pop(os.getpid(), None)
-    if found is not None:
-        found.close(kill=kill)
+def forget(which: GuardianProcess | None = None, *, kill: bool = False) -> None:
+    """Drop this process's guardian (`which`, if still the current one: it could not be
+    reached, or did not answer: `kill`); the next launch starts another."""
+    found = _ours.get(os.getpid())
+    if found is None or (which is not None and found is not which):
+        return
+    del _ours[os.getpid()]
+    found.close(kill=kill)
 
 
-class NoPidfds(GuardianUnavailable):
-    """pidfd_open is refused here (an old kernel, a container's seccomp profile)."""
-
-
-NO_PIDFDS_EXIT = 3
-"""The guardian's first process exits with this when it cannot open a pidfd."""
+class CannotGuard(GuardianUnavailable):
+    """No guardian can work here (runtime/guardian.py's CANNOT_GUARD_EXIT): not tried again
+    in this process."""
 
 
 def start(interpreter: str = sys.executable) -> GuardianProcess:
@@ -202,8 +214,8 @@ def start(interpreter: str = sys.executable) -> GuardianProcess:
             proc.kill()
             proc.wait()
             raise
-        if code == NO_PIDFDS_EXIT:
-            raise NoPidfds("pidfd_open is refused here")
+        if code == CANNOT_GUARD_EXIT:
+            raise CannotGuard("no pidfds, or no list of children, here")
         if code != 0:
             raise GuardianUnavailable(f"the guardian's start exited with {code}")
         ours.settimeout(START_TIMEOUT_S)

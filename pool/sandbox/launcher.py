@@ -161,20 +161,21 @@ class ZygoteLauncher:
         if self.runtime_dir != RUNTIME_DIR:
             return False
         for attempt in range(2):  # one that cannot be reached is started again, once
+            guardian: guardians.GuardianProcess | None = None
             try:
                 guardian = guardians.guardian()
                 guardian.launch([*argv, str(CONTROL_FD), "guarded"], ZYGOTE_ENV, control,
                                 stdout, stderr)
                 return True
-            except guardians.NoPidfds:
+            except guardians.CannotGuard:
                 return False
             except guardians.GuardianUnavailable as exc:
-                guardians.forget()
+                guardians.forget(guardian)
                 if attempt:
                     logger.warning("starting the zygote without a guardian: %s", exc)
             except guardians.GuardianNoAnswer:
                 # Sent: it may yet start the zygote with these descriptors, so no other
                 # may be started with them (two zygotes on one control socket).
-                guardians.forget(kill=True)
+                guardians.forget(guardian, kill=True)
                 raise
         return False

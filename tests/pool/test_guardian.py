@@ -100,6 +100,12 @@ def test_zygotes_are_children_of_this_process_s_guardian_which_holds_none_of_the
             sandbox.finish()
 
 
+def ignores_sigio(pid: int) -> bool:
+    with open(f"/proc/{pid}/status") as status:
+        ignored = next(line for line in status if line.startswith("SigIgn:"))
+    return bool(int(ignored.split()[1], 16) & (1 << (signal.SIGIO - 1)))
+
+
 OWNER = """
 import sys
 sys.path.insert(0, {tests!r})
@@ -119,6 +125,8 @@ def orphan(entrypoint: str, warm_root: Path, *, stopped: bool,
     try:
         assert wait_until(lambda: bool(working_under(warm_root)), timeout_s=30)
         zygote = psutil.Process(working_under(warm_root)[0])
+        if entrypoint.endswith("UndoesTheWatch"):  # until its setup ignores SIGIO
+            assert wait_until(lambda: ignores_sigio(zygote.pid), timeout_s=30)
         time.sleep(0.5)  # its setup is under way
         if stopped:  # the owner first: its throttle must not continue the zygote again
             os.kill(owner.pid, signal.SIGSTOP)
@@ -216,14 +224,15 @@ def test_an_answer_to_a_launch_given_up_on_is_not_taken_for_the_next(warm_root: 
     guardian = guardians.guardian()
     read_end, write_end = os.pipe()
     try:
-        stale = b'{"op": "launch", "ref": 999999, "argv": ["/bin/true"], "env": {}}'
+        # Refused (no program), so its answer is a failure the next launch must not take.
+        stale = b'{"op": "launch", "ref": 999999, "argv": [], "env": {}}'
         socket.send_fds(guardian.sock, [stale], [read_end, write_end, write_end])
-        time.sleep(0.5)  # answered, unread
         pid = guardian.launch(["/bin/true"], {}, read_end, write_end, write_end)
+        assert pid > 0
     finally:
         os.close(read_end)
         os.close(write_end)
-    assert wait_until(lambda: gone(pid), timeout_s=10)  # this one's pid, reaped by it
+    assert wait_until(lambda: not psutil.pid_exists(pid), timeout_s=10)  # reaped by it
     sandbox, _ = start("basic:echo", warm_root)
     assert sandbox is not None
     sandbox.retire("test done")
@@ -235,7 +244,7 @@ def test_without_a_guardian_zygotes_are_still_started(warm_root: Path,
     """Where none can run (no pidfds: an old kernel, a container's profile), the pool
     process starts its zygotes itself, detached as before guardians."""
     def refused() -> guardians.GuardianProcess:
-        raise guardians.NoPidfds("refused here")
+        raise guardians.CannotGuard("refused here")
 
     monkeypatch.setattr(guardians, "start", refused)
     monkeypatch.setattr(guardians, "_ours", {})
@@ -250,26 +259,108 @@ def test_without_a_guardian_zygotes_are_still_started(warm_root: Path,
         sandbox.finish()
 
 
-def test_a_guardian_that_does_not_answer_is_killed_and_replaced(warm_root: Path) -> None:
-    """Stopped (a setup could stop its parent where Landlock cannot scope signals), it
-    takes the launch and never answers: the start fails typed after REPLY_TIMEOUT_S, is
-    not retried with the same descriptors (the guardian might yet start a zygote on them),
-    the stopped guardian is killed, and the next start gets a new one."""
+def test_a_guardian_that_does_not_answer_is_killed_and_the_start_fails_typed(
+        warm_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """It takes the launch and never answers (stuck): the start fails typed after
+    REPLY_TIMEOUT_S, is not retried with the same descriptors (the guardian might yet start
+    a zygote on them: two zygotes on one control socket), the guardian is killed, and the
+    next start gets a new one."""
     from pluginpool.pool.sandbox.launcher import ZygoteStartError
 
-    old = guardians.guardian()
-    os.kill(old.pid, signal.SIGSTOP)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    stuck = subprocess.Popen(["sleep", "600"])  # stands in for it: it never answers
     try:
+        ours.settimeout(guardians.REPLY_TIMEOUT_S)
+        monkeypatch.setitem(guardians._ours, os.getpid(), guardians.GuardianProcess(
+            pid=stuck.pid, sock=ours, pidfd=os.pidfd_open(stuck.pid)))
         started = time.monotonic()
         with pytest.raises(ZygoteStartError, match="did not answer"):
             start("basic:echo", warm_root)
         assert time.monotonic() - started < guardians.REPLY_TIMEOUT_S + 10
+        assert stuck.wait(10) == -signal.SIGKILL  # killed through its pidfd
+        assert b'"launch"' in theirs.recv(65536)  # the one launch it got
+        theirs.settimeout(5)
+        assert theirs.recv(65536) == b""  # then the end of the socket: no second one
+    finally:
+        stuck.kill()
+        stuck.wait()
+        theirs.close()
+    sandbox, _ = start("basic:echo", warm_root)
+    assert sandbox is not None
+    assert psutil.Process(sandbox.pid).ppid() == guardians.guardian().pid
+    sandbox.retire("test done")
+    sandbox.finish()
+
+
+def test_a_stopped_guardian_is_replaced_before_a_launch_is_sent(warm_root: Path) -> None:
+    """Stopped (a setup could stop its parent where Landlock cannot scope signals), it
+    would take the launch and never answer: found stopped before anything is sent, it is
+    killed and another started, and the start succeeds."""
+    old = guardians.guardian()
+    os.kill(old.pid, signal.SIGSTOP)
+    try:
+        sandbox, _ = start("basic:echo", warm_root)
+        assert sandbox is not None
+        assert psutil.Process(sandbox.pid).ppid() == guardians.guardian().pid != old.pid
         assert wait_until(lambda: gone(old.pid), timeout_s=10), "the stopped one lives on"
+        sandbox.retire("test done")
+        sandbox.finish()
     finally:
         with contextlib.suppress(OSError):
             os.kill(old.pid, signal.SIGKILL)
-    sandbox, _ = start("basic:echo", warm_root)
-    assert sandbox is not None
-    assert psutil.Process(sandbox.pid).ppid() == guardians.guardian().pid != old.pid
-    sandbox.retire("test done")
-    sandbox.finish()
+
+
+CHAIN = """
+import os, sys, time
+log = sys.argv[1]
+if os.fork() == 0:  # a chain of sessions: each link forks the next and exits
+    while True:
+        with open(log, "a") as out:
+            out.write(f"{os.getpid()}\\n")
+        if os.fork() > 0:
+            os._exit(0)
+        os.setsid()
+        pass
+time.sleep(0.5)
+os._exit(0)  # its "zygote" ends; the chain, re-parented to the guardian, goes on
+"""
+
+
+def test_a_chain_of_forks_left_by_a_dead_zygote_cannot_outrun_the_guardian(
+        tmp_path: Path) -> None:
+    """Each link of the chain forks the next in a session of its own and exits at once
+    (alone, about 900 links a second, for ever). The guardian stops the whole tree before
+    it kills it, so that a chain cannot outrun it; on this machine killing one generation
+    at a time also caught this chain, so the test shows the chain ends, not which way."""
+    log = tmp_path / "links"
+    log.touch()
+    guardian = guardians.guardian()
+    read_end, write_end = os.pipe()
+    try:
+        zygote = guardian.launch([sys.executable, "-c", CHAIN, str(log)], {}, read_end,
+                                 write_end, write_end)
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+    def links() -> list[int]:
+        return [int(line) for line in log.read_text().split()]
+
+    def chain_over() -> bool:  # no new link for a second, and the last one gone
+        before = len(links())
+        time.sleep(1)
+        found = links()
+        return len(found) == before and not psutil.pid_exists(found[-1])
+
+    try:
+        assert wait_until(lambda: len(links()) > 10, timeout_s=10)
+        assert wait_until(lambda: not psutil.pid_exists(zygote), timeout_s=10)
+        assert wait_until(chain_over, timeout_s=20), "the chain outran it"
+    finally:
+        for _round in range(100):  # it failed: the chain is stopped link by link, by pid
+            last = links()[-1]
+            with contextlib.suppress(OSError):
+                os.kill(last, signal.SIGKILL)
+            if not psutil.pid_exists(last) and last == links()[-1]:
+                break
+            time.sleep(0.01)

@@ -35,6 +35,7 @@ output pipes. Removing a killed zygote's home is the owner records' sweep
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import select
@@ -58,12 +59,57 @@ if TYPE_CHECKING:
 
 STOPPED_CHECK_S = 0.2
 STRAYS_S = 2.0
+"""The longest one round of killing strays lasts; what it could not kill is tried again
+every STRAYS_RETRY_S."""
+STRAYS_RETRY_S = 1.0
+STRAY_CHECK_S = 5.0
+"""How often an idle guardian looks for strays anyway: a zygote that cleared its own
+subreaper flag hands what its runs orphan to the guardian while it lives."""
+ENDED_WAIT_S = 5.0
+"""After killing its zygotes, how long the guardian waits for each to be gone (a large
+process takes a while to free its memory, and only then are its children re-parented)."""
+EXEC_WAIT_S = 5.0
 REQUEST_MAX_BYTES = 1 << 16
 CONTROL_FD = 3
 """Where a zygote finds its control socket (run.CONTROL_FD)."""
+CANNOT_GUARD_EXIT = 3
+"""The first process's exit code where no guardian can work (no pidfds: an old kernel, a
+container profile; no list of a process's children: a kernel without CONFIG_PROC_CHILDREN)."""
 HIGH_FD = 64
 """In a zygote's child before its exec, descriptors are moved above this first, so that
 placing them at 0-3 cannot overwrite one another."""
+
+
+def _readable(fd: int) -> bool:
+    waiting = select.poll()
+    waiting.register(fd, select.POLLIN)
+    return bool(waiting.poll(0))
+
+
+def _stop_trees(roots: list[int], deadline: float) -> list[int]:
+    """SIGSTOP `roots` and every process below them, looking again below each stopped one
+    until no new process appears (or the deadline passes); every pid stopped."""
+    stopped: list[int] = []
+    seen: set[int] = set()
+    pending = list(roots)
+    while pending and time.monotonic() < deadline:
+        for pid in pending:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGSTOP)
+            seen.add(pid)
+            stopped.append(pid)
+        found = [child for pid in pending for child in _children_of(pid)]
+        pending = [pid for pid in found if pid not in seen]
+    return stopped
+
+
+def _children_of(pid: int) -> list[int]:
+    found: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{task}/children") as f:
+                found.extend(int(child) for child in f.read().split())
+    return found
 
 
 def _stopped(pid: int) -> bool:
@@ -85,6 +131,12 @@ def spawn(argv: list[str], env: dict[str, str], control: int, out: int, err: int
             _exec_child(argv, env, (control, out, err), write_end)
         os.close(write_end)
         write_end = -1
+        waiting = select.poll()
+        waiting.register(read_end, select.POLLIN)
+        if not waiting.poll(EXEC_WAIT_S * 1000):  # stopped or stuck before its exec
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise OSError(errno.ETIMEDOUT, f"{argv[0]} was not executed in time")
         failure = os.read(read_end, 512)
     finally:
         os.close(read_end)
@@ -137,14 +189,17 @@ class Guardian:
         self.poller.register(requests.fileno(), select.POLLIN)
 
     def serve(self) -> NoReturn:
+        strays_left = False
         while True:
-            for fd, _events in self.poller.poll():
+            timeout = STRAYS_RETRY_S if strays_left else STRAY_CHECK_S
+            for fd, _events in self.poller.poll(timeout * 1000):
                 if fd == self.owner:
                     self.owner_gone()
                 if self.requests is not None and fd == self.requests.fileno():
                     self.request()
             self.reap()
-            if self.requests is None and not self.zygotes:
+            strays_left = not self.kill_strays()
+            if self.requests is None and not self.zygotes and not strays_left:
                 os._exit(0)  # no launch can come and nothing is left to guard
 
     def request(self) -> None:
@@ -198,9 +253,8 @@ class Guardian:
         self.poller.register(pidfd, select.POLLIN)
 
     def reap(self) -> None:
-        """Reap every child that has exited; for each zygote among them, kill what its tree
-        left (re-parented here: a live zygote is the subreaper of its own)."""
-        ended = False
+        """Reap every child that has exited, and forget every zygote that has (reaped here,
+        or by the kernel, should SIGCHLD be ignored after all)."""
         while True:
             try:
                 pid, _status = os.waitpid(-1, os.WNOHANG)
@@ -208,34 +262,36 @@ class Guardian:
                 break
             if pid == 0:
                 break
-            pidfd = self.zygotes.pop(pid, None)
-            if pidfd is not None:
-                ended = True
-                self.poller.unregister(pidfd)
-                os.close(pidfd)
-        if ended:
-            self.kill_strays()
+            self.forget(pid)
+        for pid, pidfd in list(self.zygotes.items()):
+            if _readable(pidfd):  # exited: reaped above, or already
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, os.WNOHANG)
+                self.forget(pid)
 
-    def kill_strays(self) -> None:
-        """Kill every child that is not a live zygote, and its process group, until none is
-        left or STRAYS_S has passed (one that cannot die now is reaped later)."""
+    def forget(self, pid: int) -> None:
+        pidfd = self.zygotes.pop(pid, None)
+        if pidfd is not None:
+            self.poller.unregister(pidfd)
+            os.close(pidfd)
+
+    def kill_strays(self) -> bool:
+        """Kill every child that is not a zygote, with everything below it: stopped first,
+        generation by generation until no new process shows up (a stopped process cannot
+        fork, so a chain of forks cannot outrun this), then killed. True once none is left;
+        False if some could not be killed within STRAYS_S (tried again later)."""
         deadline = time.monotonic() + STRAYS_S
         while time.monotonic() < deadline:
             strays = [pid for pid in children() if pid not in self.zygotes]
             if not strays:
-                return
-            for pid in strays:  # not reaped yet: each pid is still that child's
-                with contextlib.suppress(OSError):
-                    os.killpg(pid, signal.SIGKILL)  # its own group, or none
+                return True
+            frozen = _stop_trees(strays, deadline)
+            for pid in frozen:  # SIGKILL ends a stopped process too
                 with contextlib.suppress(OSError):
                     os.kill(pid, signal.SIGKILL)
             time.sleep(0.01)
-            self.reap_strays(strays)
-
-    def reap_strays(self, strays: list[int]) -> None:
-        for pid in strays:
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, os.WNOHANG)
+            self.reap()
+        return not [pid for pid in children() if pid not in self.zygotes]
 
     def signal_zygotes(self, pids: list[int]) -> None:
         for pid in pids:
@@ -244,20 +300,25 @@ class Guardian:
             with contextlib.suppress(OSError):  # zygote is not reaped, its pid its own
                 signal.pidfd_send_signal(self.zygotes[pid], signal.SIGKILL)
 
+    def await_zygotes(self, seconds: float, *, kill_stopped: bool) -> None:
+        """Until every zygote has ended (and been reaped) or `seconds` have passed;
+        `kill_stopped`: one found stopped meanwhile is killed at once."""
+        deadline = time.monotonic() + seconds
+        while self.zygotes and time.monotonic() < deadline:
+            waiting = select.poll()
+            for pidfd in self.zygotes.values():
+                waiting.register(pidfd, select.POLLIN)
+            waiting.poll(STOPPED_CHECK_S * 1000)
+            self.reap()
+            if kill_stopped:
+                self.signal_zygotes([pid for pid in self.zygotes if _stopped(pid)])
+
     def owner_gone(self) -> NoReturn:
         """The pool child is gone: the zygotes' grace, then nothing below is left."""
         try:
-            deadline = time.monotonic() + TEARDOWN_GRACE_S
-            while self.zygotes and time.monotonic() < deadline:
-                waiting = select.poll()
-                for pidfd in self.zygotes.values():
-                    waiting.register(pidfd, select.POLLIN)
-                waiting.poll(STOPPED_CHECK_S * 1000)
-                self.reap()
-                self.signal_zygotes([pid for pid in self.zygotes if _stopped(pid)])
+            self.await_zygotes(TEARDOWN_GRACE_S, kill_stopped=True)
             self.signal_zygotes(list(self.zygotes))
-            time.sleep(0.05)
-            self.reap()
+            self.await_zygotes(ENDED_WAIT_S, kill_stopped=False)
         finally:
             try:
                 self.kill_strays()
@@ -279,6 +340,11 @@ def _bytes(message: Message) -> bytes:
     return _encode(encode(message)).encode()
 
 
+def children_listed() -> bool:
+    """The kernel lists a process's children (CONFIG_PROC_CHILDREN): what strays are found by."""
+    return os.path.exists(f"/proc/self/task/{os.getpid()}/children")
+
+
 def _rss_bytes() -> int:
     with open("/proc/self/statm", "rb") as statm:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -291,14 +357,20 @@ def main() -> NoReturn:
     try:
         owner = os.pidfd_open(os.getppid())  # now: the pool child waits for this process
     except OSError:
-        os._exit(3)  # no pidfds here (guardians.NO_PIDFDS_EXIT): the pool child starts
-        # its zygotes itself
+        owner = -1
+    if owner < 0 or not children_listed():
+        # No pidfds, or no list of children (strays could not be found): no guardian
+        # here; the pool child starts its zygotes itself (guardians.CANNOT_GUARD_EXIT).
+        os._exit(CANNOT_GUARD_EXIT)
     if os.fork() > 0:
         os._exit(0)
     os.setsid()
     try:
         libc = open_libc()
-        libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+        if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+            os._exit(4)  # no Hello: the pool child tries again, then goes without
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # an ignored one would reap for us
+        signal.pthread_sigmask(signal.SIG_SETMASK, [])
         null = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):
             os.dup2(null, fd)
