@@ -1,9 +1,11 @@
 # pluginpool: one image for workers, the aggregator, Flower and producers.
 FROM python:3.11-slim-bookworm
 
-# libseccomp2 lets each run install its seccomp filter; no compiler is needed.
+# libseccomp2 lets each run install its seccomp filter; no compiler is needed. tini is
+# PID 1: it reaps what is re-parented to it (each pool process's zygote guardian when it
+# ends, a zygote whose guardian is gone); Celery's main process reaps only its own children.
 RUN apt-get update \
- && apt-get install -y --no-install-recommends libseccomp2 \
+ && apt-get install -y --no-install-recommends libseccomp2 tini \
  && rm -rf /var/lib/apt/lists/*
 
 RUN groupadd --system --gid 10001 pluginpool \
@@ -26,5 +28,5 @@ ENV PLUGINPOOL_WORKSPACE_ROOT=/workspaces \
 USER 10001:10001
 
 EXPOSE 8008 5555
-ENTRYPOINT ["pluginpool"]
+ENTRYPOINT ["tini", "--", "pluginpool"]
 CMD ["worker", "--plugins", "all"]

@@ -2,9 +2,11 @@
 process starts a zygote, again if it has died since; zygotes are launched through it, so
 that it is their parent and kills what they leave, and kills them when this process dies.
 
-Where no guardian can run (no pidfds: an old kernel, a container profile that refuses
-pidfd_open) the launcher starts zygotes itself, as before guardians existed; the owner
-records' sweep (owners.py) covers them then.
+Where no guardian can work (a kernel that does not list a process's children: no
+CONFIG_PROC_CHILDREN) the launcher starts zygotes itself, as before guardians existed;
+the owner records' sweep (owners.py) covers them then. pidfds (Linux 5.3 on, pidfd_open
+allowed) are required by warm sandboxes whatever the guardian (warm.py watches each
+zygote through one).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 
 from pluginpool.pool.sandbox.runtime import channel
@@ -105,10 +108,7 @@ class GuardianProcess:
                 state = source.read().rsplit(b")", 1)[1].split()[0]
         except (OSError, IndexError):
             return True  # unreadable now: the launch's own timeout still bounds it
-        if state in (b"T", b"t"):
-            self.close(kill=True)
-            return False
-        return True
+        return state not in (b"T", b"t")
 
     def launch(self, argv: list[str], env: dict[str, str], control: int, stdout: int,
                stderr: int) -> int:
@@ -137,12 +137,15 @@ class GuardianProcess:
     def close(self, *, kill: bool = False) -> None:
         """Let it go; `kill`: one that did not answer (stopped, stuck) is killed, not left
         to wait for ever (its zygotes go on; the owner records' sweep covers them)."""
+        pidfd, self.pidfd = self.pidfd, -1  # once: a number closed may be reused
+        if pidfd < 0:
+            return
         if kill:
             with contextlib.suppress(OSError):
-                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
         self.sock.close()
         with contextlib.suppress(OSError):
-            os.close(self.pidfd)
+            os.close(pidfd)
 
 
 def _decode_reply(frame: dict[str, object]) -> Launched | LaunchFailed:
@@ -156,10 +159,16 @@ _ours: dict[int, GuardianProcess] = {}
 """This process's guardian, by pid (a forked copy of this process has none)."""
 _impossible: set[int] = set()
 """Processes where no guardian can work (CannotGuard): not tried again."""
+_failed: dict[int, tuple[int, float]] = {}
+"""Per process: guardian starts that failed in a row, and when to try again."""
+FAILURES_BEFORE_BACKOFF = 3
+BACKOFF_S = 600.0
 
 
 def guardian() -> GuardianProcess:
-    """This process's guardian, started if it has none or it has died."""
+    """This process's guardian, started if it has none or it has died. After
+    FAILURES_BEFORE_BACKOFF failed starts in a row none is tried for BACKOFF_S (each try
+    costs an interpreter's start), CannotGuard meanwhile."""
     me = os.getpid()
     if me in _impossible:
         raise CannotGuard("no guardian can work here")
@@ -169,11 +178,18 @@ def guardian() -> GuardianProcess:
     if found is not None:
         found.close(kill=True)  # dead, or stopped: killed
         del _ours[me]
+    failures, retry_at = _failed.get(me, (0, 0.0))
+    if failures >= FAILURES_BEFORE_BACKOFF and time.monotonic() < retry_at:
+        raise CannotGuard(f"{failures} guardian starts failed in a row; trying again later")
     try:
         started = start()
     except CannotGuard:
         _impossible.add(me)
         raise
+    except GuardianUnavailable:
+        _failed[me] = (failures + 1, time.monotonic() + BACKOFF_S)
+        raise
+    _failed.pop(me, None)
     _ours[me] = started
     return started
 
@@ -189,8 +205,9 @@ def forget(which: GuardianProcess | None = None, *, kill: bool = False) -> None:
 
 
 class CannotGuard(GuardianUnavailable):
-    """No guardian can work here (runtime/guardian.py's CANNOT_GUARD_EXIT): not tried again
-    in this process."""
+    """No guardian can work here (runtime/guardian.py's CANNOT_GUARD_EXIT: not tried again
+    in this process), or none is tried now (after failed starts): the launcher starts the
+    zygote itself, quietly."""
 
 
 def start(interpreter: str = sys.executable) -> GuardianProcess:

@@ -60,7 +60,10 @@ def test_dockerfile_runs_as_non_root_and_installs_the_project() -> None:
     assert {"policy", "tasks", "pool", "pyproject.toml"} <= copied
     assert any("pip install" in rest for kind, rest in instructions if kind == "RUN")
     entrypoint = [rest for kind, rest in instructions if kind == "ENTRYPOINT"][-1]
-    assert yaml.safe_load(entrypoint) == ["pluginpool"]
+    # An init as PID 1 (tini, installed by the image): it reaps the zygote guardians
+    # re-parented to it, which Celery's main process would leave as zombies.
+    assert yaml.safe_load(entrypoint) == ["tini", "--", "pluginpool"]
+    assert any("tini" in rest for kind, rest in instructions if kind == "RUN")
     cli_args(yaml.safe_load([rest for kind, rest in instructions if kind == "CMD"][-1]))
     exposed = {int(port) for kind, rest in instructions if kind == "EXPOSE"
                for port in rest.split()}

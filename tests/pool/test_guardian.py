@@ -364,3 +364,40 @@ def test_a_chain_of_forks_left_by_a_dead_zygote_cannot_outrun_the_guardian(
             if not psutil.pid_exists(last) and last == links()[-1]:
                 break
             time.sleep(0.01)
+
+
+def test_guardian_starts_that_keep_failing_are_not_tried_at_every_zygote_start(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each try costs an interpreter's start: after 3 failures in a row, none for a while
+    (the launcher then starts zygotes itself, quietly)."""
+    tries: list[int] = []
+
+    def failing() -> guardians.GuardianProcess:
+        tries.append(1)
+        raise guardians.GuardianUnavailable("it did not say hello")
+
+    monkeypatch.setattr(guardians, "start", failing)
+    monkeypatch.setattr(guardians, "_ours", {})
+    monkeypatch.setattr(guardians, "_failed", {})
+    for _ in range(guardians.FAILURES_BEFORE_BACKOFF):
+        with pytest.raises(guardians.GuardianUnavailable):
+            guardians.guardian()
+    with pytest.raises(guardians.CannotGuard, match="trying again later"):
+        guardians.guardian()
+    assert len(tries) == guardians.FAILURES_BEFORE_BACKOFF
+
+
+def test_a_guardian_let_go_twice_closes_its_descriptors_once() -> None:
+    """A number closed may be reused at once by another thread's pidfd or socket: closing
+    it again (or signalling through it) would hit that one."""
+    guardian = guardians.start()
+    pidfd = guardian.pidfd
+    guardian.close(kill=True)
+    assert guardian.pidfd == -1
+    reused = os.open(os.devnull, os.O_RDONLY)  # most likely the number just freed
+    try:
+        guardian.close(kill=True)
+        os.fstat(reused)  # still open
+    finally:
+        os.close(reused)
+    assert pidfd >= 0
