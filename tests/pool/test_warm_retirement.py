@@ -74,7 +74,8 @@ def test_a_class_set_up_in_the_pool_child_is_torn_down_on_unload_and_when_idle(
 def test_a_worker_that_stops_tears_its_sandboxes_down_and_leaves_no_home(
         redis_url: str, tmp_path: Path) -> None:
     """A warm shutdown (SIGTERM to the worker, as `docker stop` sends it): every pool process
-    retires its sandboxes, teardown included, and removes their homes."""
+    retires its sandboxes, teardown included, and removes their homes; their guardian ends
+    with its pool process."""
     warm_root = tmp_path / "warm"
     settings = make_settings(redis_url, key_prefix=f"ppstop:{uuid.uuid4().hex[:8]}:",
                              warm_root=str(warm_root))
@@ -90,12 +91,15 @@ def test_a_worker_that_stops_tears_its_sandboxes_down_and_leaves_no_home(
             homes = [path for path in warm_root.iterdir() if path.name != owners.OWNERS_DIR]
             assert len(homes) == 1
             assert len(list((warm_root / owners.OWNERS_DIR).iterdir())) == 1  # its record
+            guardian = psutil.Process(zygote).ppid()
+            assert guardian not in (1, worker.pid)
             os.kill(worker.pid, signal.SIGTERM)
             worker.process.wait(timeout=30)
         finally:
             worker.stop()
         assert f"(pid {zygote}) retired (shutdown); teardown ran" in worker.log_text()
         assert wait_until(lambda: not psutil.pid_exists(zygote), timeout_s=10)
+        assert wait_until(lambda: ended(guardian), timeout_s=10), "its guardian lingers"
         assert [p.name for p in warm_root.iterdir()] == [owners.OWNERS_DIR]
         assert list((warm_root / owners.OWNERS_DIR).iterdir()) == [], "its record dropped"
 
@@ -112,3 +116,12 @@ def test_the_sweep_removes_only_homes_left_empty_long_ago(tmp_path: Path) -> Non
         os.utime(home, (old, old))
     sweep_stale_homes(str(tmp_path))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh", "live"]
+
+
+def ended(pid: int) -> bool:
+    """No such process, or only its exit status left (re-parented to a PID 1 that may not
+    reap: not this test's to judge)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
