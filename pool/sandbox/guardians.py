@@ -181,16 +181,21 @@ def guardian() -> GuardianProcess:
     failures, retry_at = _failed.get(me, (0, 0.0))
     if failures >= FAILURES_BEFORE_BACKOFF and time.monotonic() < retry_at:
         raise CannotGuard(f"{failures} guardian starts failed in a row; trying again later")
+    started: GuardianProcess | None = None
     try:
         started = start()
+        _ours[me] = started
     except CannotGuard:
         _impossible.add(me)
         raise
     except GuardianUnavailable:
         _failed[me] = (failures + 1, time.monotonic() + BACKOFF_S)
         raise
+    except BaseException:  # interrupted before it was kept: not left running unowned
+        if started is not None and _ours.get(me) is not started:
+            started.close(kill=True)
+        raise
     _failed.pop(me, None)
-    _ours[me] = started
     return started
 
 
@@ -213,6 +218,7 @@ class CannotGuard(GuardianUnavailable):
 def start(interpreter: str = sys.executable) -> GuardianProcess:
     """Start a guardian for this process (GuardianUnavailable if it cannot run here)."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    made: GuardianProcess | None = None
     try:
         inode = os.fstat(theirs.fileno()).st_ino
         try:
@@ -243,19 +249,26 @@ def start(interpreter: str = sys.executable) -> GuardianProcess:
         if not holds_socket(message.pid, theirs_fd, inode):
             raise GuardianUnavailable(f"the guardian named pid {message.pid}, a process "
                                       "that does not hold its socket")
-        pidfd = os.pidfd_open(message.pid)
+        made = GuardianProcess(pid=message.pid, sock=ours, pidfd=os.pidfd_open(message.pid))
         ours.settimeout(REPLY_TIMEOUT_S)
+        logger.info("zygote guardian %d started for pool process %d", made.pid, os.getpid())
+        return made
     except GuardianUnavailable:
-        ours.close()
+        _drop(ours, made)
         raise
     except subprocess.TimeoutExpired:
-        ours.close()
+        _drop(ours, made)
         raise GuardianUnavailable("the guardian did not start in time") from None
     except (OSError, ValueError) as exc:
-        ours.close()
+        _drop(ours, made)
         raise GuardianUnavailable(f"the guardian did not start: {exc!r}") from exc
-    except BaseException:
-        ours.close()  # a guardian already started reads the end of its socket and exits
+    except BaseException:  # interrupted (Celery's soft limit): nothing of it is kept; a
+        _drop(ours, made)  # guardian already started reads the end of its socket and exits
         raise
-    logger.info("zygote guardian %d started for pool process %d", message.pid, os.getpid())
-    return GuardianProcess(pid=message.pid, sock=ours, pidfd=pidfd)
+
+
+def _drop(ours: socket.socket, made: GuardianProcess | None) -> None:
+    if made is not None:
+        made.close(kill=True)
+    else:
+        ours.close()
