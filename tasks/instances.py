@@ -39,6 +39,9 @@ class WarmSandboxInfo(BaseModel):
     pool_pid: int
     pid: int
     """The zygote's pid."""
+    guardian_pid: int | None = None
+    """Its parent, the pool process's zygote guardian (None: started without one, or its
+    guardian is gone, or published by a worker from before guardians)."""
     since: float
     setup_ms: float
     runs: int

@@ -20,6 +20,7 @@ import redis
 
 from pluginpool.policy.keys import RedisKeys
 from pluginpool.pool.sandbox import owners
+from pluginpool.pool.sandbox.process_handle import parent_of
 from pluginpool.pool.sandbox.runtime.limits import MB
 from pluginpool.pool.sandbox.runtime.messages import Closed
 from pluginpool.pool.sandbox.warm import CLOSE_WAIT_S, WarmSandbox
@@ -109,8 +110,9 @@ class Housekeeper(threading.Thread):
                 key = self.keys.warm_sandboxes(sandbox.instance_id)
                 pipe.hset(key, self._field(sandbox), json.dumps({
                     "worker": self.worker, "pool_pid": os.getpid(), "pid": sandbox.pid,
-                    "since": sandbox.since, "setup_ms": round(sandbox.setup_ms, 3),
-                    "runs": sandbox.runs, "rss_mb": rss, "uss_mb": uss,
+                    "guardian_pid": guardian_of(sandbox.pid), "since": sandbox.since,
+                    "setup_ms": round(sandbox.setup_ms, 3), "runs": sandbox.runs,
+                    "rss_mb": rss, "uss_mb": uss,
                     "published_at": time.time()}))
                 pipe.expire(key, PUBLISHED_TTL_S)
             pipe.execute()
@@ -141,6 +143,13 @@ def sweep_stale_homes(warm_root: str) -> None:
                 if entry.is_dir(follow_symlinks=False) and entry.name != owners.OWNERS_DIR \
                         and now - entry.stat(follow_symlinks=False).st_mtime > STALE_HOME_S:
                     os.rmdir(entry.path)  # fails, as it should, unless it is empty
+
+
+def guardian_of(zygote: int) -> int | None:
+    """A zygote's parent, its guardian; None if it has none (PID 1: started without one, or
+    its guardian is gone) or is gone."""
+    parent = parent_of(zygote)
+    return parent if parent is not None and parent > 1 else None
 
 
 def memory_of(pid: int) -> tuple[float, float | None]:

@@ -153,6 +153,8 @@ def test_unload_runs_the_teardown_and_retires_the_sandbox(env: Env) -> None:
     assert wait_until(lambda: bool(client.sandbox_info(iid).warm_sandboxes), timeout_s=10)
     info = client.sandbox_info(iid).warm_sandboxes[0]
     assert info.pid == zygote and info.runs >= 1 and info.setup_ms > 0 and info.rss_mb > 0
+    assert info.guardian_pid == psutil.Process(zygote).ppid()  # its guardian, not the
+    assert info.guardian_pid not in (None, 1, info.pool_pid)  # pool process nor PID 1
     client.unload(iid)
     retired = f"(pid {zygote}) retired (instance unloaded); teardown ran"
     assert wait_until(lambda: retired in env[1].log_text(), timeout_s=15)
