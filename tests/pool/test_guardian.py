@@ -298,7 +298,9 @@ def test_a_stopped_guardian_is_replaced_before_a_launch_is_sent(warm_root: Path)
     killed and another started, and the start succeeds."""
     old = guardians.guardian()
     os.kill(old.pid, signal.SIGSTOP)
-    try:
+    try:  # a signal is delivered when its target next runs: until then it is not stopped
+        assert wait_until(lambda: psutil.Process(old.pid).status() == psutil.STATUS_STOPPED,
+                          timeout_s=10)
         sandbox, _ = start("basic:echo", warm_root)
         assert sandbox is not None
         assert psutil.Process(sandbox.pid).ppid() == guardians.guardian().pid != old.pid
