@@ -24,6 +24,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from pluginpool.pool.sandbox.process_handle import stat_fields
 from pluginpool.pool.sandbox.runtime import channel
 from pluginpool.pool.sandbox.runtime.guardian import CANNOT_GUARD_EXIT
 from pluginpool.pool.sandbox.runtime.messages import (
@@ -32,7 +33,6 @@ from pluginpool.pool.sandbox.runtime.messages import (
     Launched,
     LaunchFailed,
     decode,
-    encode,
 )
 
 logger = logging.getLogger("pluginpool.sandbox.guardians")
@@ -103,12 +103,8 @@ class GuardianProcess:
         poller.register(self.pidfd, select.POLLIN)
         if poller.poll(0):
             return False
-        try:
-            with open(f"/proc/{self.pid}/stat", "rb") as source:
-                state = source.read().rsplit(b")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            return True  # unreadable now: the launch's own timeout still bounds it
-        return state not in (b"T", b"t")
+        fields = stat_fields(self.pid)  # unreadable now: the launch's timeout still bounds it
+        return fields is None or fields[0] not in (b"T", b"t")
 
     def launch(self, argv: list[str], env: dict[str, str], control: int, stdout: int,
                stderr: int) -> int:
@@ -118,7 +114,7 @@ class GuardianProcess:
         program could not be executed."""
         with self.lock:
             ref = next(self.refs)
-            data = channel._encode(encode(Launch(ref=ref, argv=argv, env=env))).encode()
+            data = channel.body_of(Launch(ref=ref, argv=argv, env=env))
             try:
                 socket.send_fds(self.sock, [data], [control, stdout, stderr])
             except OSError as exc:

@@ -111,9 +111,14 @@ def frame_dict(body: bytes) -> dict[str, Any]:
     return message
 
 
+def body_of(message: Message) -> bytes:
+    """A message's JSON, without the header (a SOCK_SEQPACKET datagram carries one whole)."""
+    return _encode(encode(message)).encode()
+
+
 def frame_of(message: Message) -> bytes:
     """A message's whole frame: header and JSON."""
-    data = _encode(encode(message)).encode()
+    data = body_of(message)
     return _pack(len(data)) + data
 
 

@@ -44,14 +44,14 @@ import socket
 import sys
 import time
 
-from .channel import _encode, frame_dict
+from .channel import body_of, frame_dict
 from .leftovers import (
     PR_SET_CHILD_SUBREAPER,
     TEARDOWN_GRACE_S,
     children,
 )
 from .libc import open_libc
-from .messages import Hello, Launch, Launched, LaunchFailed, Message, ProtocolError, decode, encode
+from .messages import Hello, Launch, Launched, LaunchFailed, Message, ProtocolError, decode
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -98,18 +98,9 @@ def _stop_trees(roots: list[int], deadline: float) -> list[int]:
                 os.kill(pid, signal.SIGSTOP)
             seen.add(pid)
             stopped.append(pid)
-        found = [child for pid in pending for child in _children_of(pid)]
+        found = [child for pid in pending for child in children(pid)]
         pending = [pid for pid in found if pid not in seen]
     return stopped
-
-
-def _children_of(pid: int) -> list[int]:
-    found: list[int] = []
-    with contextlib.suppress(OSError):
-        for task in os.listdir(f"/proc/{pid}/task"):
-            with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{task}/children") as f:
-                found.extend(int(child) for child in f.read().split())
-    return found
 
 
 def _stopped(pid: int) -> bool:
@@ -228,7 +219,6 @@ class Guardian:
             message = decode(frame)
             if not isinstance(message, Launch) or len(fds) != 3:
                 raise ProtocolError("expected a launch with three descriptors")
-            ref = message.ref
             argv, env = _checked(message)
             control, out, err = fds
             pid = spawn(argv, env, control, out, err)
@@ -240,7 +230,7 @@ class Guardian:
             for fd in fds:
                 os.close(fd)
         with contextlib.suppress(OSError):  # its end is seen at the next poll
-            self.requests.send(_bytes(reply))
+            self.requests.send(body_of(reply))
 
     def watch(self, pid: int) -> None:
         try:
@@ -282,7 +272,7 @@ class Guardian:
         False if some could not be killed within STRAYS_S (tried again later)."""
         deadline = time.monotonic() + STRAYS_S
         while time.monotonic() < deadline:
-            strays = [pid for pid in children() if pid not in self.zygotes]
+            strays = self.strays()
             if not strays:
                 return True
             frozen = _stop_trees(strays, deadline)
@@ -291,7 +281,11 @@ class Guardian:
                     os.kill(pid, signal.SIGKILL)
             time.sleep(0.01)
             self.reap()
-        return not [pid for pid in children() if pid not in self.zygotes]
+        return not self.strays()
+
+    def strays(self) -> list[int]:
+        """Children that are not zygotes: what a dead zygote's tree left."""
+        return [pid for pid in children() if pid not in self.zygotes]
 
     def signal_zygotes(self, pids: list[int]) -> None:
         for pid in pids:
@@ -334,10 +328,6 @@ def _checked(message: Launch) -> tuple[list[str], dict[str, str]]:
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
         raise TypeError("env must map strings to strings")
     return argv, env
-
-
-def _bytes(message: Message) -> bytes:
-    return _encode(encode(message)).encode()
 
 
 def children_listed() -> bool:
@@ -384,7 +374,7 @@ def main() -> NoReturn:
         trim = getattr(libc, "malloc_trim", None)  # glibc's
         if trim is not None:
             trim(0)  # what starting the interpreter freed: back to the system
-        sock.send(_bytes(Hello(pid=os.getpid(), rss_bytes=_rss_bytes())))
+        sock.send(body_of(Hello(pid=os.getpid(), rss_bytes=_rss_bytes())))
     except BaseException:
         os._exit(4)
     guardian.serve()

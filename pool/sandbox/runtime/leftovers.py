@@ -32,14 +32,15 @@ def kill_children() -> None:
         kill_all(pids)
 
 
-def children() -> list[int]:
-    """This process's children (every thread's)."""
-    pids: list[int] = []
+def children(pid: int | str = "self") -> list[int]:
+    """A process's children (every thread's); this process's by default. A thread or the
+    process that is gone meanwhile counts none."""
+    found: list[int] = []
     with contextlib.suppress(OSError):
-        for task in os.listdir("/proc/self/task"):
-            with open(f"/proc/self/task/{task}/children") as listing:
-                pids.extend(int(pid) for pid in listing.read().split())
-    return pids
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{task}/children") as f:
+                found.extend(int(child) for child in f.read().split())
+    return found
 
 
 def kill_all(pids: list[int]) -> None:

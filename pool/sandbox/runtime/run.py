@@ -33,7 +33,6 @@ from .messages import (
     RunError,
     Spawn,
     ZygoteConfig,
-    encode,
     forked_frame,
     result_frame,
     started_frame,
@@ -324,7 +323,7 @@ def _rehearse(runs: Runs, times: int) -> None:
                   payload={"rehearsal": [1, "a"]}, attempt=1, workspace=runs.workspace or "",
                   cpu_backstop_s=int(config.run_cpu_backstop_s or 0),
                   max_memory_mb=config.max_memory_mb, max_storage_kb=config.max_storage_kb)
-    body = channel._encode(encode(spawn)).encode()
+    body = channel.body_of(spawn)
     prepared, ctx = runs.prepared, runs.ctx
     saved = (ctx.job_id, ctx.attempt, ctx.operation) if ctx is not None else None
     try:
