@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -59,3 +60,46 @@ class SlowSetup:
 
     def run(self, ctx: Any, payload: Any) -> Any:
         return self.table
+
+
+FORKER = """
+import json, os, sys
+fd = int(sys.argv[1])
+json.dumps({"ok": True})
+while os.read(fd, 1):
+    pid = os.fork()
+    if pid == 0:
+        os.write(fd, json.dumps({"ok": True}).encode())
+        os._exit(0)
+    os.wait4(pid, 0)
+"""
+
+
+class ForkFloor:
+    """The least a fresh process per run from a zygote can cost, for bench.sandbox's
+    floor: unsandboxed, each run asks a stdlib-only interpreter started at setup to fork a
+    child that writes one JSON reply and exits; that interpreter reaps it. No lock-down,
+    no supervision, no workspace, no usage, symbols bound at start and the reply's encoder
+    warmed before the first fork (as a zygote does): what any zygote design pays at the
+    least."""
+
+    def __init__(self, ctx: Any) -> None:
+        import socket
+        import subprocess
+        import sys
+
+        ours, theirs = socket.socketpair()
+        self.sock = ours
+        self.forker = subprocess.Popen([sys.executable, "-I", "-S", "-c", FORKER,
+                                        str(theirs.fileno())],
+                                       pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
+                                       env={"LD_BIND_NOW": "1"})
+        theirs.close()
+
+    def run(self, ctx: Any, payload: Any) -> Any:
+        self.sock.sendall(b"x")
+        return json.loads(self.sock.recv(4096))
+
+    def close(self) -> None:
+        self.sock.close()
+        self.forker.wait(timeout=5)

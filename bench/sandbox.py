@@ -1,8 +1,10 @@
 """The sandbox's cost and how well its limits hold.
 
-1. Throughput of a no-op job: plain Celery, pluginpool unsandboxed, pluginpool sandboxed
-   (warm sandboxes: a fork of a set-up zygote per run), same Redis, same worker
-   concurrency, rounds alternating; the CPU every system's processes used per job.
+1. Throughput of a no-op job: plain Celery, pluginpool unsandboxed, the fork floor
+   (unsandboxed plus a bare fork of a small interpreter per run: the least any zygote
+   costs), pluginpool sandboxed (warm sandboxes: a fork of a set-up zygote per run), same
+   Redis, same worker concurrency, rounds alternating; the CPU every system's processes
+   used per job.
 2. The CPU and minor page faults one sandboxed run costs on each side of the boundary
    (bench/sandbox_cost.py), and what supervising a run costs the pool child
    (bench/supervision.py).
@@ -62,10 +64,18 @@ SPECS = [
          resource_limits={"max_memory_mb": 64, "timeout_ms": 30_000}),
     spec("wall-clock", "busy", resource_limits={"timeout_ms": 500}),
     spec("cpu-25", "busy", resource_limits={"max_cpu_percent": 25, "timeout_ms": 30_000}),
+    spec("fork-floor", "ForkFloor", isolation={"sandboxed": False},
+         resource_limits={"timeout_ms": 10_000}),
     spec("slow-setup", "SlowSetup", resource_limits={"timeout_ms": 10_000,
                                                      "setup_timeout_ms": 10_000}),
 ]
 WARMUP_JOBS = 20
+PLUGIN_OF = {"pluginpool_in_pool": "noop-in-pool", "pluginpool_fork_floor": "fork-floor",
+             "pluginpool_sandboxed": "noop-sandboxed",
+             "pluginpool_sandboxed_before": "noop-sandboxed"}
+"""The plugin each pluginpool system runs. The fork floor is the unsandboxed path plus the
+least any zygote design costs a run (bench_plugins.ForkFloor): the ratio no sandbox built
+on a fork per run can pass on this host."""
 
 
 def limits(client: PluginClient, samples: int, *, worker_pid: int,
@@ -121,7 +131,7 @@ def throughput(client: PluginClient, env: dict[str, str], run_dir: Path, plain_a
     """Jobs/s and the CPU every process used per job (the worker's by role), rounds
     alternating."""
     rates: dict[str, list[float]] = {"plain_celery": [], "pluginpool_in_pool": [],
-                                     "pluginpool_sandboxed": []}
+                                     "pluginpool_fork_floor": [], "pluginpool_sandboxed": []}
     if env.get("BENCH_BASELINE_CODE"):
         rates["pluginpool_sandboxed_before"] = []
     cpu_ms: dict[str, list[dict[str, float]]] = {system: [] for system in rates}
@@ -139,7 +149,7 @@ def throughput(client: PluginClient, env: dict[str, str], run_dir: Path, plain_a
                 before = _cpu_s(proc.pid, warm_root, client.redis)
                 elapsed = timed(lambda: plain_round(plain_app, jobs))
             else:
-                plugin = "noop-in-pool" if system.endswith("in_pool") else "noop-sandboxed"
+                plugin = PLUGIN_OF[system]
                 proc = pluginpool_worker(client, worker_env, run_dir, plugins=plugin,
                                          concurrency=2, node=node)
                 pluginpool_round(client, plugin, WARMUP_JOBS)
@@ -169,6 +179,8 @@ def throughput(client: PluginClient, env: dict[str, str], run_dir: Path, plain_a
                                           / medians["plain_celery"], 3),
         "ratio_in_pool_vs_plain": round(medians["pluginpool_in_pool"]
                                         / medians["plain_celery"], 3),
+        "ratio_fork_floor_vs_plain": round(medians["pluginpool_fork_floor"]
+                                           / medians["plain_celery"], 3),
         "worker_cpu_ms_per_job_median": cpu,
         "cpu_ms_per_job_by_process_median": by_process,
         "cpu_ms_per_job_all_processes": {system: round(sum(figures.values()), 2)
@@ -264,6 +276,8 @@ def main() -> None:
     parser.add_argument("--cost-rounds", type=int, default=3)
     parser.add_argument("--supervision-s", type=float, default=5.0)
     parser.add_argument("--cold-samples", type=int, default=5)
+    parser.add_argument("--throughput-only", action="store_true",
+                        help="measure section 1 alone and print it (nothing written)")
     args = parser.parse_args()
     run_dir = Path(tempfile.mkdtemp(prefix="pluginpool-bench-"))
     url = bench_redis_url(run_dir)
@@ -278,6 +292,10 @@ def main() -> None:
     plain_app.conf.update(task_serializer="json", accept_content=["json"])
 
     rates = throughput(client, env, run_dir, plain_app, jobs=args.jobs, rounds=args.rounds)
+    if args.throughput_only:
+        print(json.dumps(rates, indent=2))
+        client.close()
+        return
     cost = per_run_cost(env, runs=args.cost_runs, rounds=args.cost_rounds)
     supervision = supervision_cost(env, seconds=args.supervision_s)
     proc = pluginpool_worker(client, {**env, "PLUGINPOOL_WARM_ROOT": str(run_dir / "w1")},
