@@ -15,7 +15,9 @@ a zygote to kill and a home to remove.
 What the sweep trusts, and why:
 - processes are told apart by pid and start time (a pid reused since is neither taken for
   a live owner nor killed), in one pid space: a record made in another (another host on a
-  shared volume, another container's pid namespace, before a reboot) is left alone;
+  shared volume, another container's pid namespace) is left alone. One made by this host
+  (its machine id and name) in an earlier boot, before this boot began, names only
+  processes that are gone: its home and the record are removed, nothing is signalled;
 - only a process that is certainly gone counts as gone (its /proc entry absent): a read
   that fails otherwise (out of descriptors) leaves the record for a later sweep;
 - the warm root and the records must be this user's alone: the root's default path is
@@ -108,6 +110,15 @@ def pid_space() -> str:
         return ""
 
 
+def host_id() -> str:
+    """This host, as far as a shared volume can tell: its machine id and name. A record of
+    this host's from another boot is from before a reboot; another host's may be live."""
+    machine = ""
+    with contextlib.suppress(OSError), open("/etc/machine-id") as source:
+        machine = source.read().strip()
+    return f"{machine}/{os.uname().nodename}"
+
+
 def record(warm_root: str, zygote_pid: int, home: str) -> str | None:
     """Record that this process owns the zygote; the record's path (None if it could not
     be written or the processes cannot be told apart: the zygote then relies on its own
@@ -121,7 +132,7 @@ def record(warm_root: str, zygote_pid: int, home: str) -> str | None:
     if zygote is None or owner_start is None or not space:
         return None
     entry = {"owner_pid": owner, "owner_start": owner_start, "zygote_pid": zygote_pid,
-             "zygote_start": zygote, "home": home, "pid_space": space}
+             "zygote_start": zygote, "home": home, "pid_space": space, "host": host_id()}
     directory = os.path.join(warm_root, OWNERS_DIR)
     try:
         os.makedirs(directory, mode=0o700, exist_ok=True)
@@ -158,6 +169,8 @@ class Swept:
     """The zygotes killed."""
     waiting: int = 0
     """Orphans left running for their teardown's grace: sweep again after it."""
+    previous_boot: int = 0
+    """Records of this host's made before this boot (their homes removed)."""
 
 
 def now_s() -> float:
@@ -195,7 +208,11 @@ def sweep(warm_root: str, *, now: float | None = None) -> Swept:
             _drop_if_old(path)  # opened, and not a record
             continue
         if not space or entry.get("pid_space") != space:
-            continue  # another host, namespace or boot: its processes are not ours to judge
+            if space and _before_this_boot(path, entry, space):
+                _remove_home(warm_root, entry.get("home"))
+                forget(path)
+                swept.previous_boot += 1
+            continue  # another host or namespace: its processes are not ours to judge
         try:
             if _same_process(entry.get("owner_pid"), entry.get("owner_start")):
                 continue
@@ -218,7 +235,26 @@ def sweep(warm_root: str, *, now: float | None = None) -> Swept:
             _kill_left_in(entry.get("home"), entry.get("zygote_pid"))
         _remove_home(warm_root, entry.get("home"))
         forget(path)
+    if swept.previous_boot:
+        logger.info("removed %d warm sandbox homes left from before this host rebooted",
+                    swept.previous_boot)
     return swept
+
+
+def _before_this_boot(path: str, entry: dict[str, object], space: str) -> bool:
+    """The record is this host's, of another boot, and was written before this boot began:
+    every process it names is gone. A record of another host (a shared volume) or of this
+    boot's other pid namespaces (another container) may name live processes: False."""
+    recorded = entry.get("pid_space")
+    if not isinstance(recorded, str) or entry.get("host") != host_id():
+        return False
+    if recorded.split("/", 1)[0] == space.split("/", 1)[0]:
+        return False  # this boot: another pid namespace
+    try:
+        written = os.lstat(path).st_mtime
+    except OSError:
+        return False
+    return written < time.time() - now_s()
 
 
 def _stopped(pid: object, started: object) -> bool:

@@ -147,16 +147,49 @@ def _group_alive(group: int) -> bool:
 
 def test_a_record_made_in_another_pid_space_is_left_alone(
         tmp_path: Path, zygote: subprocess.Popen[bytes]) -> None:
-    """Another host on a shared volume, another container, a previous boot: its pids are
-    not ours to judge."""
-    home = tmp_path / "plugin-there"
+    """Another host on a shared volume (another boot id, another host), another container
+    of this boot (another pid namespace, this host): its pids are not ours to judge."""
+    boot, namespace = owners.pid_space().split("/")
+    before_boot = time.time() - owners.now_s() - 3600
+    for n, (space, host) in enumerate([("another-boot/4026531836", "another-machine/node"),
+                                       (f"{boot}/4026530000", owners.host_id()),
+                                       ("another-boot/4026531836", None)]):
+        home = tmp_path / f"plugin-there-{n}"
+        home.mkdir()
+        owner, owner_start = dead_pid()
+        record = write(tmp_path, owner_pid=owner, owner_start=owner_start,
+                       zygote_pid=zygote.pid, zygote_start=owners.start_time(zygote.pid),
+                       home=str(home), pid_space=space, host=host)
+        os.utime(record, (before_boot, before_boot))
+        swept = owners.sweep(str(tmp_path))
+        assert swept.killed == [] and swept.previous_boot == 0
+        assert zygote.poll() is None and home.exists() and record.exists()
+
+
+def test_a_record_this_host_made_before_it_rebooted_is_removed_with_its_home(
+        tmp_path: Path, zygote: subprocess.Popen[bytes]) -> None:
+    """Every process such a record names is gone: its home and the record go, and nothing is
+    signalled (its pids mean other processes now; here, a live one). One of another boot
+    written after this boot began is not trusted to be that."""
+    home, late_home = tmp_path / "plugin-before-reboot", tmp_path / "plugin-late"
     home.mkdir()
+    (home / "setup").mkdir()
+    (home / "setup" / "state").write_text("x")
+    late_home.mkdir()
     owner, owner_start = dead_pid()
-    record = write(tmp_path, owner_pid=owner, owner_start=owner_start, zygote_pid=zygote.pid,
-                   zygote_start=owners.start_time(zygote.pid), home=str(home),
-                   pid_space="another-boot/4026531836")
-    assert owners.sweep(str(tmp_path)).killed == []
-    assert zygote.poll() is None and home.exists() and record.exists()
+    fields = {"owner_pid": owner, "owner_start": owner_start, "zygote_pid": zygote.pid,
+              "zygote_start": owners.start_time(zygote.pid),
+              "pid_space": "a-boot-before/4026531836", "host": owners.host_id()}
+    record = write(tmp_path, **fields, home=str(home))
+    before_boot = time.time() - owners.now_s() - 60
+    os.utime(record, (before_boot, before_boot))
+    late = write(tmp_path, **{**fields, "zygote_start": fields["zygote_start"] + 1},  # type: ignore[operator]
+                 home=str(late_home))
+    swept = owners.sweep(str(tmp_path))
+    assert swept.previous_boot == 1 and swept.killed == []
+    assert not home.exists() and not record.exists()
+    assert late_home.exists() and late.exists()
+    assert zygote.poll() is None
 
 
 def test_records_in_a_directory_another_user_could_write_are_not_trusted(
