@@ -231,12 +231,13 @@ class JobResultBackend(RedisBackend):  # type: ignore[misc]
             pipe.execute_command("EVALSHA", STORE_SHA, *store)
             replies = pipe.execute(raise_on_error=False)
         end.written = True
-        if isinstance(replies[-1], NoScriptError):  # a Redis restarted since: load it
-            self.client.eval(STORE_SOURCE, *store)
-        elif isinstance(replies[-1], Exception):
+        store_lost = isinstance(replies[-1], NoScriptError)  # a Redis restarted since
+        if not store_lost and isinstance(replies[-1], Exception):
             raise replies[-1]
-        for write, start, stop in spans:
+        for write, start, stop in spans:  # a write whose script was lost is written again
             _done(write, replies[start:stop], end.job_id)
+        if store_lost:  # after those: a producer that sees the result sees them too
+            self.client.eval(STORE_SOURCE, *store)
 
     def _write_alone(self, writes: list[ResultWrite]) -> None:
         for write in writes:
