@@ -13,6 +13,11 @@ class RedisKeys:
     """Key names for one deployment, derived from its prefix."""
 
     prefix: str = "pluginpool:"
+    channel_scope: str = ""
+    """Between the prefix and a pub/sub channel's name: `db<N>:` for a deployment on
+    database N > 0 (Settings.keys). Keys live in one database, but channels are the whole
+    server's: without it, deployments on two databases of one server would hear each
+    other's registry changes, operator actions, breaker transitions and errors."""
 
     @property
     def specs(self) -> str:
@@ -116,12 +121,12 @@ class RedisKeys:
     @property
     def breaker_channel(self) -> str:
         """Pub/sub channel: every breaker transition, as JSON."""
-        return f"{self.prefix}events:breaker"
+        return f"{self.prefix}{self.channel_scope}events:breaker"
 
     @property
     def error_channel(self) -> str:
         """Pub/sub channel: every failed run, as a JSON error event."""
-        return f"{self.prefix}events:errors"
+        return f"{self.prefix}{self.channel_scope}events:errors"
 
     def storage(self, scope: str) -> str:
         """Hash: one instance's (or plugin's) persistent key-value store."""
@@ -148,7 +153,7 @@ class RedisKeys:
     def unload_channel(self) -> str:
         """Pub/sub channel: ids of unloaded instances, so every worker retires their warm
         sandboxes (running their teardown) at once."""
-        return f"{self.prefix}events:unload"
+        return f"{self.prefix}{self.channel_scope}events:unload"
 
     def health(self, plugin_id: str) -> str:
         """Hash: a plugin's durable health figures (runs, outcomes, latency, usage)."""
@@ -194,7 +199,7 @@ class RedisKeys:
     def registry_channel(self) -> str:
         """Pub/sub channel: every registry change (register, unregister, rollback), as JSON;
         workers follow it to start and stop consuming queues."""
-        return f"{self.prefix}events:registry"
+        return f"{self.prefix}{self.channel_scope}events:registry"
 
     def artifact(self, sha256: str) -> str:
         """String: a plugin's code artifact (a wheel), content-addressed by its sha256."""
@@ -209,7 +214,7 @@ class RedisKeys:
     @property
     def ops_channel(self) -> str:
         """Pub/sub channel: operator actions workers act on at once (disable, enable)."""
-        return f"{self.prefix}events:ops"
+        return f"{self.prefix}{self.channel_scope}events:ops"
 
     def cancelled(self, job_id: str) -> str:
         """String: set when an operator cancels the job (JSON: by, reason); expires with the
@@ -219,7 +224,7 @@ class RedisKeys:
     @property
     def cancel_channel(self) -> str:
         """Pub/sub channel: ids of cancelled jobs; the worker running one kills its run."""
-        return f"{self.prefix}events:cancel"
+        return f"{self.prefix}{self.channel_scope}events:cancel"
 
     @property
     def audit(self) -> str:
@@ -234,7 +239,7 @@ class RedisKeys:
 
     def job_channel(self, job_id: str) -> str:
         """Pub/sub channel: the job's status changes as they happen, one message each."""
-        return f"{self.prefix}events:job:{job_id}"
+        return f"{self.prefix}{self.channel_scope}events:job:{job_id}"
 
     def recent_runs(self, plugin_id: str) -> str:
         """List: a plugin's last runs (outcome, duration, worker, bounded logs), newest

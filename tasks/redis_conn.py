@@ -11,7 +11,7 @@ from urllib.parse import urlparse
 import redis
 from redis.sentinel import Sentinel
 
-from pluginpool.tasks.settings import Settings
+from pluginpool.tasks.settings import Settings, database_of
 
 
 def sentinel_hosts(url: str) -> list[tuple[str, int]]:
@@ -45,7 +45,7 @@ def redis_client(settings: Settings, *, decode_responses: bool = True) -> redis.
     url = settings.redis_url
     if url.startswith("sentinel://"):
         parsed = urlparse(url.split(";")[0])
-        db = int((parsed.path or "/0").lstrip("/") or 0)
+        db = database_of(url)
         sentinel = Sentinel(  # type: ignore[no-untyped-call]
             sentinel_hosts(url), socket_timeout=settings.redis_socket_timeout_s,
             sentinel_kwargs={"password": parsed.password} if parsed.password else None)

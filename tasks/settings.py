@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import os
 from typing import Any, Literal
+from urllib.parse import urlparse
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from redis.connection import parse_url
 
 from pluginpool.policy.breaker import BreakerConfig
 from pluginpool.policy.errors import SettingsError
@@ -208,6 +210,11 @@ class Settings(BaseSettings):
         if value is not None and not value.startswith(
                 ("redis://", "rediss://", "unix://", "sentinel://")):
             raise ValueError("must be a redis://, rediss://, unix:// or sentinel:// URL")
+        if value is not None:
+            try:
+                database_of(value)
+            except ValueError as exc:
+                raise ValueError(f"not a Redis URL with a database number: {exc}") from exc
         return value
 
     @field_validator("package_index_url")
@@ -257,7 +264,16 @@ class Settings(BaseSettings):
 
     @property
     def keys(self) -> RedisKeys:
-        return RedisKeys(self.key_prefix)
+        db = database_of(self.redis_url)
+        return RedisKeys(self.key_prefix, channel_scope=f"db{db}:" if db else "")
+
+
+def database_of(url: str) -> int:
+    """The database number a Redis URL selects (path `/N` or `?db=N`; 0 by default)."""
+    if url.startswith("sentinel://"):
+        path = urlparse(url.split(";")[0]).path
+        return int(path.lstrip("/") or 0)
+    return int(parse_url(url).get("db") or 0)
 
 
 def child_process_env(**extra: str) -> dict[str, str]:
