@@ -273,7 +273,7 @@ def database_of(url: str) -> int:
     if url.startswith("sentinel://"):
         path = urlparse(url.split(";")[0]).path
         return int(path.lstrip("/") or 0)
-    return int(parse_url(url).get("db") or 0)
+    return int(parse_url(url).get("db") or 0)  # type: ignore[no-untyped-call]
 
 
 def child_process_env(**extra: str) -> dict[str, str]:
