@@ -186,7 +186,7 @@ class CircuitBreaker:
                error_event: dict[str, Any] | None = None,
                figures: dict[str, Any] | None = None,
                breaker_enabled: bool = True,
-               notify: tuple[str, str] | None = None) -> Permit | None:
+               notify: tuple[str, str] | None = None, counted: bool = True) -> Permit | None:
         """One round trip: the outcome in the breaker's window, the plugin's durable health
         figures (runs, outcomes, latency, usage), the error event for `on_error`, and
         `notify` (channel, message), one more PUBLISH (the run's usage event).
@@ -196,7 +196,7 @@ class CircuitBreaker:
         keys, args = self.record_call(
             plugin_id, config, default_open_ms=default_open_ms, error_type=error_type,
             duration_ms=duration_ms, generation=generation, error_event=error_event,
-            figures=figures, breaker_enabled=breaker_enabled, notify=notify)
+            figures=figures, breaker_enabled=breaker_enabled, notify=notify, counted=counted)
         try:
             reply = self._script(keys=keys, args=args)
         except redis.RedisError as exc:
@@ -208,15 +208,19 @@ class CircuitBreaker:
                     error_type: ErrorType | None, duration_ms: float, generation: int = 0,
                     error_event: dict[str, Any] | None = None,
                     figures: dict[str, Any] | None = None, breaker_enabled: bool = True,
-                    notify: tuple[str, str] | None = None) -> tuple[list[str], list[Any]]:
+                    notify: tuple[str, str] | None = None, counted: bool = True
+                    ) -> tuple[list[str], list[Any]]:
         """The keys and arguments of `record`'s one script call, for a caller that sends it
-        (EVALSHA `script_sha`) in a transaction of its own; `record_reply` reads its reply."""
+        (EVALSHA `script_sha`) in a transaction of its own; `record_reply` reads its reply.
+        `counted=False`: an outcome that says nothing of the plugin's health (a listed
+        operation its code lacks: every other operation works) is kept in the health
+        figures and events but not in the breaker's window."""
         slow = "1" if duration_ms >= config.slow_call_ms else "0"
         event = json.dumps(error_event) if error_event is not None else ""
         health = json.dumps({**(figures or {}), "wall_ms": duration_ms,
                              "error_type": str(error_type) if error_type else None})
         return self._keys_args("record", plugin_id, config, default_open_ms, generation,
-                               config.outcome_code(error_type), slow,
+                               config.outcome_code(error_type) if counted else "i", slow,
                                self._keys.error_channel, event, health,
                                self._keys.health_minute_prefix(plugin_id),
                                "0" if breaker_enabled else "1", *(notify or ("", "")))

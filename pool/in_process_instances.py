@@ -31,6 +31,7 @@ import redis
 
 from pluginpool.policy.errors import ErrorType, PluginExecutionError
 from pluginpool.pool.recent_unloads import RecentUnloads
+from pluginpool.pool.sandbox.runtime.classify import describe
 from pluginpool.tasks.spec import PluginSpec
 
 logger = logging.getLogger("pluginpool.in_process")
@@ -49,10 +50,22 @@ class Loaded:
     def __init__(self, spec: PluginSpec, target: Any, ctx: Any) -> None:
         factory: Any = target
         self.instance: Any = factory(ctx) if inspect.isclass(target) else None
-        self.operations: dict[str, Any] = (
-            {name: getattr(self.instance, name) for name in spec.operations
-             if callable(getattr(self.instance, name, None))}
-            if self.instance is not None else {"run": target})
+        self.operations: dict[str, Any] = {}
+        self.unreadable: dict[str, PluginExecutionError] = {}
+        """Listed operations whose lookup raised (a property): each fails alone."""
+        if self.instance is None:
+            self.operations["run"] = target
+        for name in spec.operations if self.instance is not None else ():
+            try:  # a property may raise anything: that operation fails, not the setup
+                method = getattr(self.instance, name, None)
+            except Exception as exc:  # plugin code
+                self.unreadable[name] = PluginExecutionError.of(
+                    ErrorType.RUNTIME, f"reading operation {name!r} raised {describe(exc)}",
+                    plugin_id=spec.id,
+                    operation=name, exception_type=type(exc).__name__)
+                continue
+            if callable(method):
+                self.operations[name] = method
         self.last_used = time.monotonic()
 
     def close(self) -> bool:
@@ -67,9 +80,9 @@ class Loaded:
 def operation_of(loaded: Loaded, spec: PluginSpec, operation: str) -> Any:
     found = loaded.operations.get(operation)
     if found is None:
-        raise PluginExecutionError.of(
+        raise loaded.unreadable.get(operation) or PluginExecutionError.of(
             ErrorType.DEPENDENCY, f"operation {operation!r} is not a method of the plugin",
-            plugin_id=spec.id, operation=operation)
+            plugin_id=spec.id, operation=operation, operation_missing=True)
     return found
 
 

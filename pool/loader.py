@@ -14,6 +14,7 @@ from typing import Any
 from packaging.requirements import Requirement
 
 from pluginpool.policy.errors import ErrorType, PluginExecutionError
+from pluginpool.pool.sandbox.runtime.classify import describe
 from pluginpool.tasks.spec import PluginSpec
 
 PluginFunction = Callable[..., Any]
@@ -65,12 +66,10 @@ def import_entrypoint(spec: PluginSpec) -> PluginFunction:
     module_name, _, attr = spec.entrypoint.partition(":")
     try:
         module = importlib.import_module(module_name)
-    except BaseException as exc:  # a plugin module may raise anything, even SystemExit
-        if isinstance(exc, KeyboardInterrupt):
-            raise
+    except BaseException as exc:  # a plugin module may raise anything, even SystemExit or
+        # KeyboardInterrupt (a pool process ignores SIGINT: it can only be the module's)
         raise PluginExecutionError.of(
-            ErrorType.DEPENDENCY,
-            f"cannot import {module_name!r}: {type(exc).__name__}: {exc}",
+            ErrorType.DEPENDENCY, f"cannot import {module_name!r}: {describe(exc)}",
             plugin_id=spec.id,
             entrypoint=spec.entrypoint,
             exception_type=type(exc).__name__,

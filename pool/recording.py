@@ -94,7 +94,8 @@ def _record_with_result(task: Task[Any, Any], services: WorkerServices, spec: Pl
         spec.id, spec.breaker, default_open_ms=spec.default_open_ms,
         error_type=error.type if error else None, duration_ms=duration_ms,
         generation=generation, error_event=_error_event(error),
-        figures=_figures(usage), breaker_enabled=enabled, notify=notify)
+        figures=_figures(usage), breaker_enabled=enabled, notify=notify,
+        counted=counts_for_breaker(error))
 
     def queue(pipe: Any) -> None:
         pipe.execute_command("EVALSHA", breakers.script_sha, len(keys), *keys, *args)
@@ -214,6 +215,13 @@ def record_restart(services: WorkerServices, plugin_id: str) -> None:
         logger.error("could not count a restart of %s: %s", plugin_id, exc)
 
 
+def counts_for_breaker(error: ErrorInfo | None) -> bool:
+    """Whether the outcome goes into the breaker's window: not a call of a listed operation
+    the plugin's code lacks (it fails alone; opening the breaker would stop the operations
+    that work)."""
+    return error is None or error.details.get("operation_missing") is not True
+
+
 def _record_outcome(services: WorkerServices, spec: PluginSpec, error: ErrorInfo | None, *,
                     duration_ms: float, generation: int, usage: dict[str, Any],
                     notify: Encoded | None = None) -> bool:
@@ -222,7 +230,7 @@ def _record_outcome(services: WorkerServices, spec: PluginSpec, error: ErrorInfo
         spec.id, spec.breaker, default_open_ms=spec.default_open_ms,
         error_type=error.type if error else None, duration_ms=duration_ms,
         generation=generation, error_event=_error_event(error), figures=_figures(usage),
-        breaker_enabled=enabled, notify=notify)
+        breaker_enabled=enabled, notify=notify, counted=counts_for_breaker(error))
     if enabled:
         services.gate.learn(spec.id, after)
     return after is not None

@@ -20,6 +20,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from pluginpool.policy.errors import ErrorType, PluginExecutionError
 from pluginpool.pool.in_process_instances import InProcessInstances, Loaded, operation_of
 from pluginpool.pool.loader import PluginLoader
+from pluginpool.pool.sandbox.runtime.classify import describe
 from pluginpool.tasks.context import PluginContext
 from pluginpool.tasks.run_logs import captured
 from pluginpool.tasks.spec import PluginSpec
@@ -119,9 +120,12 @@ def error_from_exception(spec: PluginSpec, exc: BaseException) -> PluginExecutio
             plugin_id=spec.id, limit="max_memory_mb",
             limit_value=spec.resource_limits.max_memory_mb,
         )
-    text = "".join(traceback.format_exception(exc))[-TRACEBACK_LIMIT_CHARS:]
+    try:
+        text = "".join(traceback.format_exception(exc))[-TRACEBACK_LIMIT_CHARS:]
+    except Exception:  # a traceback of plugin objects may raise
+        text = ""
     return PluginExecutionError.of(
-        ErrorType.RUNTIME, f"{type(exc).__name__}: {exc}",
+        ErrorType.RUNTIME, describe(exc),
         plugin_id=spec.id, exception_type=type(exc).__name__, traceback=text,
     )
 
@@ -151,7 +155,9 @@ class InProcessRunner:
             except PluginExecutionError as exc:
                 exc.info.details.setdefault("phase", "setup")
                 raise
-            except (Exception, GeneratorExit) as exc:
+            except (Exception, GeneratorExit, KeyboardInterrupt, SystemExit) as exc:
+                if isinstance(exc, SystemExit) and exc.code == BILLIARD_SIGTERM_EXIT:
+                    raise  # the pool is killing this child
                 error = error_from_exception(spec, exc)
                 error.info.details["phase"] = "setup"
                 raise error from None
@@ -186,7 +192,8 @@ class InProcessRunner:
             raise self._with_usage(error_from_exception(spec, exc), usage) from None
         except PluginExecutionError as exc:
             raise self._with_usage(exc, usage) from None
-        except (Exception, GeneratorExit) as exc:
+        except (Exception, GeneratorExit, KeyboardInterrupt) as exc:  # the plugin's own: a
+            # pool process ignores SIGINT, so a KeyboardInterrupt is raised by plugin code
             raise self._with_usage(error_from_exception(spec, exc), usage) from None
         finally:
             storage_kb = _directory_kb(ctx)

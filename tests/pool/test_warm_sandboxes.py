@@ -84,6 +84,17 @@ def env(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[En
         spec("function-ops", "basic:echo", operations=["run", "other"]),
         spec("throttled-storage", "throttle:throttled_storage",
              resource_limits={"max_cpu_percent": 10, "timeout_ms": 30_000}),
+        spec("unprintable", "unruly_errors:raises_unprintable"),
+        spec("huge-message", "unruly_errors:raises_huge_message"),
+        spec("setup-unprintable", "unruly_errors:SetupUnprintable"),
+        spec("setup-huge-message", "unruly_errors:SetupHugeMessage"),
+        spec("raising-property", "unruly_errors:RaisingProperty", operations=["run", "boom"]),
+        spec("raising-property-in-pool", "unruly_errors:RaisingProperty",
+             operations=["run", "boom"], isolation={"sandboxed": False}),
+        spec("interrupts-in-pool", "unruly_errors:raises_keyboard_interrupt",
+             isolation={"sandboxed": False}),
+        spec("ghost-op-default-breaker", "lifecycle:Stateful", operations=["run", "ghost"],
+             breaker={"open_at_once_types": ["security", "dependency"]}),
         spec("breaks-channel", "protocol:BreaksTheChannel",
              operations=["run", "mistyped", "half_frame", "storage_flood"],
              resource_limits={"timeout_ms": 1000, "setup_timeout_ms": 20_000}),
@@ -683,3 +694,70 @@ def test_a_setup_that_undoes_its_watch_is_killed_once_its_grace_is_over(env: Env
     assert wait_until(lambda: gone(zygote.pid), timeout_s=45), "the orphan lives on"
     assert wait_until(lambda: not home.exists(), timeout_s=10)
     assert_unharmed(env)
+
+
+def test_an_exception_whose_str_raises_is_one_runtime_error_not_a_dead_process(
+        env: Env) -> None:
+    """Before, the run's process died describing it: `process_died`, and the job ran again
+    (4 times with the default restarts); the same in a setup: "the warm sandbox died"."""
+    client = env[0]
+    iid = client.load("unprintable", {})
+    with pytest.raises(PluginExecutionError) as info:
+        client.execute(iid, {}, timeout=60)
+    error = info.value
+    assert error.type is ErrorType.RUNTIME
+    assert error.details["exception_type"] == "Unprintable"
+    assert "str() raised" in error.message and not error.details.get("process_died")
+    assert storage(client, iid, "runs") == 1  # run once, not restarted
+    client.unload(iid)
+    error = failure(env, "setup-unprintable")
+    assert error.type is ErrorType.RUNTIME and error.details["phase"] == "setup", error
+    assert error.details["exception_type"] == "Unprintable"
+    assert_unharmed(env)
+
+
+@pytest.mark.parametrize("plugin", ["huge-message", "setup-huge-message"])
+def test_a_huge_exception_message_is_cut_not_misreported(env: Env, plugin: str) -> None:
+    """Before: a 5 MB message made the run's error frame an oversized result (`resource`,
+    max_result_bytes), and a setup's the setup report's (the sandbox "died")."""
+    error = failure(env, plugin)
+    assert error.type is ErrorType.RUNTIME, error
+    assert error.details["exception_type"] == "ValueError"
+    assert "truncated" in error.message and len(error.message) < 10_000
+    assert_unharmed(env)
+
+
+@pytest.mark.parametrize("plugin", ["raising-property", "raising-property-in-pool"])
+def test_a_listed_operation_whose_lookup_raises_fails_alone(env: Env, plugin: str) -> None:
+    """Before, reading it failed the setup: every operation, `run` included, failed."""
+    client = env[0]
+    assert client.submit(plugin, {}).result(timeout=60) is True
+    error = failure(env, plugin, operation="boom")
+    assert error.type is ErrorType.RUNTIME, error
+    assert "property boom" in error.message and error.details["operation"] == "boom"
+    assert client.submit(plugin, {}).result(timeout=60) is True
+
+
+def test_a_keyboard_interrupt_from_an_unsandboxed_plugin_does_not_kill_its_process(
+        env: Env) -> None:
+    """A pool process ignores SIGINT, so a KeyboardInterrupt is the plugin's: before, it
+    left the job (billiard's WorkerLostError) and the process with it, on every retry."""
+    worker = env[1]
+    pool = sorted(child.pid for child in psutil.Process(worker.pid).children())
+    error = failure(env, "interrupts-in-pool")
+    assert error.type is ErrorType.RUNTIME, error
+    assert error.details["exception_type"] == "KeyboardInterrupt"
+    assert sorted(child.pid for child in psutil.Process(worker.pid).children()) == pool
+    assert_unharmed(env)
+
+
+def test_a_listed_operation_the_code_lacks_does_not_open_the_breaker(env: Env) -> None:
+    """`dependency` errors open a breaker at once, but a call of one listed operation the
+    class lacks says nothing of the others: it is not counted (the other operations would
+    all be refused), and is still reported and kept in the health figures."""
+    client = env[0]
+    plugin = "ghost-op-default-breaker"
+    for _ in range(3):
+        assert failure(env, plugin, operation="ghost").details.get("operation_missing")
+    assert client.breaker(plugin).state == "closed"
+    assert client.submit(plugin, {"add": 1}).result(timeout=60)

@@ -9,7 +9,25 @@ from .audit import AuditPolicy
 from .messages import RESOURCE, RUNTIME, SECURITY, TIMEOUT, RunError
 
 TRACEBACK_LIMIT_CHARS = 8_000
+MESSAGE_LIMIT_CHARS = 4_096
+"""An exception's text kept in a message (policy.errors.MAX_ERROR_MESSAGE_CHARS): a plugin's
+5 MB message would otherwise outgrow the result frame's bound (the run is then reported as
+an oversized result) or the setup report's (the setup as a died sandbox)."""
 SOFT_TIME_LIMIT_NAMES = ("SoftTimeLimitExceeded",)
+
+
+def describe(exc: BaseException) -> str:
+    """`Type: text` of a plugin's exception, bounded; its __str__ may raise anything (a
+    failed description must not turn a typed error into a dead process, run again)."""
+    try:
+        text = str(exc)
+    except BaseException:  # plugin code: SystemExit, KeyboardInterrupt too
+        text = "<the exception's str() raised>"
+    if not isinstance(text, str):  # a str subclass whose methods misbehave
+        text = "<the exception's str() is not text>"
+    if len(text) > MESSAGE_LIMIT_CHARS:
+        text = f"{text[:MESSAGE_LIMIT_CHARS]}...[truncated {len(text) - MESSAGE_LIMIT_CHARS} chars]"
+    return f"{type(exc).__name__}: {text}"
 
 
 def error_of(exc: BaseException, *, policy: AuditPolicy | None, max_memory_mb: int,
@@ -35,8 +53,12 @@ def error_of(exc: BaseException, *, policy: AuditPolicy | None, max_memory_mb: i
                             {"limit": "max_open_files", "limit_value": MAX_OPEN_FILES,
                              "exception_type": type(exc).__name__})
         if exc.errno in (errno.EPERM, errno.EACCES):
-            return RunError(SECURITY, f"operation refused by the sandbox: {exc}",
-                            {"exception_type": type(exc).__name__, "attempted": str(exc)})
-    text = "".join(traceback.format_exception(exc))[-TRACEBACK_LIMIT_CHARS:]
-    return RunError(RUNTIME, f"{type(exc).__name__}: {exc}",
+            attempted = describe(exc).split(": ", 1)[1]
+            return RunError(SECURITY, f"operation refused by the sandbox: {attempted}",
+                            {"exception_type": type(exc).__name__, "attempted": attempted})
+    try:
+        text = "".join(traceback.format_exception(exc))[-TRACEBACK_LIMIT_CHARS:]
+    except BaseException:  # a traceback of plugin objects may raise too
+        text = ""
+    return RunError(RUNTIME, describe(exc),
                     {"exception_type": type(exc).__name__, "traceback": text})

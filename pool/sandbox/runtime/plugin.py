@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import importlib
 
-from .messages import DEPENDENCY, RunError
+from .classify import describe
+from .messages import DEPENDENCY, RUNTIME, RunError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -32,8 +33,7 @@ def import_target(entrypoint: str) -> Any:
     try:
         module = importlib.import_module(module_name)
     except BaseException as exc:  # a plugin module may raise anything, even SystemExit
-        raise LoadError(RunError(DEPENDENCY, f"cannot import {module_name!r}: "
-                                 f"{type(exc).__name__}: {exc}",
+        raise LoadError(RunError(DEPENDENCY, f"cannot import {module_name!r}: {describe(exc)}",
                                  {"entrypoint": entrypoint,
                                   "exception_type": type(exc).__name__})) from None
     target = getattr(module, attr, None)
@@ -56,27 +56,35 @@ class LoadedPlugin:
             factory: Any = target
             self.instance = factory(setup_ctx)  # the setup; raises are setup failures
             for name in operations:
-                method = getattr(self.instance, name, None)
-                if name.startswith("_") or not callable(method):
+                try:  # a property may raise anything: that operation fails, not the setup
+                    method: Any = getattr(self.instance, name, None)
+                    usable = not name.startswith("_") and callable(method)
+                except Exception as exc:  # plugin code
+                    self.missing[name] = RunError(
+                        RUNTIME, f"reading operation {name!r} raised {describe(exc)}",
+                        {"operation": name, "exception_type": type(exc).__name__})
+                    continue
+                if usable:
+                    self.operations[name] = method
+                else:
                     self.missing[name] = RunError(
                         DEPENDENCY, f"operation {name!r} is not a method of the plugin class",
-                        {"operation": name})
-                else:
-                    self.operations[name] = method
+                        {"operation": name, "operation_missing": True})
         else:
             self.operations["run"] = target
             for name in operations:
                 if name != "run":
                     self.missing[name] = RunError(
                         DEPENDENCY, "a function entrypoint has the one operation 'run'",
-                        {"operation": name})
+                        {"operation": name, "operation_missing": True})
 
     def operation(self, name: str) -> Operation:
         """The operation called `name`; LoadError if the plugin does not have it."""
         found = self.operations.get(name)
         if found is None:
             raise LoadError(self.missing.get(name) or RunError(
-                DEPENDENCY, f"no operation {name!r}", {"operation": name}))
+                DEPENDENCY, f"no operation {name!r}",
+                {"operation": name, "operation_missing": True}))
         return found
 
     def close(self) -> bool:
