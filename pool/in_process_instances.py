@@ -213,7 +213,7 @@ class InProcessInstances:
                 self._teardown_running = True
                 self._teardown_started = time.monotonic()
             try:
-                _teardown(key, loaded, reason)
+                _bounded_teardown(key, loaded, reason)
             finally:
                 with _uninterrupted(), self._turns:
                     self._teardown_running = False
@@ -234,8 +234,9 @@ class InProcessInstances:
 
     def _listen(self) -> None:
         """Unloads from the channel, idle ones and those jobs pushed out every tick; an
-        instance is taken out of use between runs (the lock), its teardown runs here,
-        after, so one that hangs holds up only later teardowns, never a job."""
+        instance is taken out of use between runs (the lock), its teardown runs after,
+        from here, so one that hangs holds up no job, and later teardowns for at most
+        TEARDOWN_WAIT_S."""
         assert self._redis is not None and self._unload_channel is not None
         pubsub: Any = None
         while True:
@@ -271,6 +272,20 @@ def _uninterrupted() -> Iterator[None]:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
+def _bounded_teardown(key: InstanceKey, loaded: Loaded, reason: str) -> None:
+    """A teardown in a thread of its own, waited for at most TEARDOWN_WAIT_S: one that never
+    returns is left running (a thread cannot be stopped; logged) and the later teardowns,
+    unloads and idle retirements go on. Run in the caller's thread, it stopped them all."""
+    thread = threading.Thread(target=_teardown, args=(key, loaded, reason), daemon=True,
+                              name="pluginpool-in-process-teardown")
+    thread.start()
+    thread.join(TEARDOWN_WAIT_S)
+    if thread.is_alive():
+        logger.warning("in-process plugin %s: its teardown (%s) still runs after %.0f s; "
+                       "left running, the next teardowns go on", key, reason,
+                       TEARDOWN_WAIT_S)
 
 
 def _teardown(key: InstanceKey, loaded: Loaded, reason: str) -> None:

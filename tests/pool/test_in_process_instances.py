@@ -17,6 +17,7 @@ from pluginpool.policy.limits import Permissions, ResourceLimits
 from pluginpool.pool.in_process_instances import TEARDOWN_WAIT_S, InProcessInstances
 from pluginpool.pool.loader import PluginLoader
 from pluginpool.pool.runner import InProcessRunner
+from pluginpool.pool.tools.processes import wait_until
 from pluginpool.tasks.context import PluginContext
 from pluginpool.tasks.spec import PluginSpec
 from tests.conftest import TEST_PLUGINS
@@ -143,6 +144,21 @@ def test_a_teardown_that_hangs_holds_up_no_job(redis_url: str) -> None:
         time.sleep(1.2)  # the listener's tick: the teardown is under way
     # One job waited for it (TEARDOWN_WAIT_S), the later ones did not wait again.
     assert time.monotonic() - started < 4 * 1.2 + TEARDOWN_WAIT_S + 3
+
+
+def test_a_teardown_that_hangs_holds_up_the_next_ones_for_a_while_only(
+        redis_url: str) -> None:
+    """Before, the listener ran each teardown itself: one whose close() never returned
+    stopped every later teardown (unloads, idle ones, those pushed out) for good."""
+    run = listening_runner(redis_url)  # one instance kept: each new one pushes one out
+    hangs = spec("hangs-at-close", "lifecycle:HangsAtClose")
+    marks = spec("records-close", "lifecycle:RecordsClose")
+    assert run.run(hangs, ctx(hangs, "h"), {}).value == "ran"
+    assert run.run(marks, ctx(marks, "m1"), {}).value == "ran"  # the hanging one out
+    assert run.run(marks, ctx(marks, "m2"), {}).value == "ran"  # m1 out, behind it
+    from pp_testplugins import lifecycle
+
+    assert wait_until(lambda: "m1" in lifecycle.CLOSED, timeout_s=3 * TEARDOWN_WAIT_S + 5)
 
 
 def test_a_teardown_never_runs_beside_a_job(redis_url: str) -> None:

@@ -93,6 +93,21 @@ class LoudTeardown:
         os.write(1, b"t" * 300_000)
 
 
+CLOSED: list[str] = []
+"""The instances RecordsClose tore down, for tests that run plugins in their own process."""
+
+
+class RecordsClose:
+    def __init__(self, ctx: Any) -> None:
+        self.instance_id = ctx.instance_id
+
+    def run(self, ctx: Any, payload: Any) -> Any:
+        return "ran"
+
+    def close(self) -> None:
+        CLOSED.append(self.instance_id)
+
+
 class HangsAtClose:
     """Its teardown never returns."""
 
