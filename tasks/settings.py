@@ -144,7 +144,8 @@ class Settings(BaseSettings):
                     "hears of, and keeps one at most max(this, 300 s).")
     plugin_paths: list[str] = Field(
         default_factory=list,
-        description="Directories added to sys.path in workers, where plugin modules live.",
+        description="Directories added to sys.path in workers, where plugin modules live; "
+                    "a relative one is taken from the working directory at start.",
     )
     redis_sentinel_master: str | None = Field(
         default=None, description="Sentinel master name, for sentinel://host:port;... URLs.")
@@ -216,6 +217,14 @@ class Settings(BaseSettings):
             except ValueError as exc:
                 raise ValueError(f"not a Redis URL with a database number: {exc}") from exc
         return value
+
+    @field_validator("plugin_paths")
+    @classmethod
+    def _absolute_paths(cls, value: list[str]) -> list[str]:
+        """Made absolute here, from the process's working directory: a zygote works in its
+        home, where a relative path would name nothing (sandboxed plugins then failed to
+        import while unsandboxed ones worked)."""
+        return [os.path.abspath(path) for path in value]
 
     @field_validator("package_index_url")
     @classmethod

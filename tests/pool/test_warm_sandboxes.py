@@ -29,8 +29,9 @@ from pluginpool.policy.errors import (
 from pluginpool.pool.sandbox import owners
 from pluginpool.pool.tools.processes import ManagedProcess, wait_until
 from pluginpool.tasks.client import PluginClient
+from pluginpool.tasks.settings import Settings
 from pluginpool.tasks.spec import PluginSpec
-from tests.conftest import make_settings, spawn_worker
+from tests.conftest import TEST_PLUGINS, make_settings, spawn_worker
 
 Env = tuple[PluginClient, ManagedProcess, Path]
 OPERATIONS = ["run", "summarize", "allocate", "open_files", "sleep", "kill_zygote"]
@@ -761,3 +762,25 @@ def test_a_listed_operation_the_code_lacks_does_not_open_the_breaker(env: Env) -
         assert failure(env, plugin, operation="ghost").details.get("operation_missing")
     assert client.breaker(plugin).state == "closed"
     assert client.submit(plugin, {"add": 1}).result(timeout=60)
+
+
+def test_a_relative_plugin_path_serves_sandboxed_plugins(
+        redis_url: str, tmp_path: Path) -> None:
+    """A zygote works in its home: before, a relative `PLUGINPOOL_PLUGIN_PATHS` entry named
+    nothing there, and every sandboxed plugin failed `dependency` (cannot import) while
+    unsandboxed ones worked. Settings now make it absolute, from the working directory."""
+    relative = os.path.relpath(TEST_PLUGINS)
+    assert not os.path.isabs(relative)
+    settings = make_settings(redis_url, key_prefix=f"pprel:{uuid.uuid4().hex[:8]}:",
+                             warm_root=str(tmp_path / "warm"))
+    assert Settings(_env_file=None, plugin_paths=[relative]).plugin_paths == [  # type: ignore[call-arg]
+        str(TEST_PLUGINS)]
+    with PluginClient(settings) as client:
+        client.register(spec("relative-good", "basic:echo"))
+        worker = spawn_worker(client, tmp_path, concurrency=1, extra_env={
+            "PLUGINPOOL_PLUGIN_PATHS": json.dumps([relative])})
+        try:
+            value = client.submit("relative-good", {"x": 1}).result(timeout=60)
+            assert value["payload"] == {"x": 1}
+        finally:
+            worker.stop()
