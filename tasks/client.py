@@ -219,7 +219,7 @@ class PluginClient(FleetOperations, Operations):
                 self._refuse_if_paused(plugin_id)  # a pause is said first, as it always was
             refusal = CircuitOpenError.of(plugin_id, state=permit.state,
                                           retry_after_ms=permit.retry_after_ms)
-            return self._fallback(spec, payload, refusal, depth=depth)
+            return self._fallback(spec, payload, refusal, depth=depth, operation=operation)
         deadlines = spec.deadlines
         headers: dict[str, Any] = {REVISION_HEADER: spec.revision}
         if permit.state is BreakerState.HALF_OPEN:
@@ -282,14 +282,19 @@ class PluginClient(FleetOperations, Operations):
             raise PluginDisabledError(plugin_id, mode=pause.mode, by=pause.by)
 
     def _fallback(self, spec: PluginSpec, payload: Any, refusal: CircuitOpenError, *,
-                  depth: int) -> Job | FallbackJob:
+                  depth: int, operation: str) -> Job | FallbackJob:
+        """The same operation of the fallback plugin; the refusal itself if that plugin does
+        not offer it (its `run` would answer another question)."""
         fallback = spec.fallback
         if fallback is None or depth >= MAX_FALLBACK_DEPTH:
             raise refusal
         if fallback.kind == "value":
             return FallbackJob(fallback.value, plugin_id=spec.id, refusal=refusal)
         assert fallback.plugin is not None
-        job = self._submit(fallback.plugin, payload, instance_id=None, depth=depth + 1)
+        if not self.spec(fallback.plugin).offers(operation):
+            raise refusal
+        job = self._submit(fallback.plugin, payload, instance_id=None, depth=depth + 1,
+                           operation=operation)
         if isinstance(job, Job):
             job.fallback_for = spec.id
             job.is_fallback = True

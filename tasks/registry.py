@@ -171,11 +171,18 @@ class Registry:
                     problem=f"{spec.fallback.plugin!r} is neither registered nor in the manifest"))
             hard_s = spec.deadlines.celery_hard_s
             if hard_s >= self._visibility_timeout_s:
+                limits = spec.resource_limits
+                sandboxed = spec.isolation.sandboxed
+                fields = ("resource_limits.timeout_ms + setup_timeout_ms" if sandboxed
+                          else "resource_limits.timeout_ms")
                 issues.append(ManifestIssue(
-                    file=source, plugin_id=spec.id, field="resource_limits.timeout_ms",
-                    problem=(f"hard time limit {hard_s:.0f} s is not below the broker visibility"
-                             f" timeout {self._visibility_timeout_s} s: the job would be"
-                             " delivered twice; raise PLUGINPOOL_VISIBILITY_TIMEOUT_S")))
+                    file=source, plugin_id=spec.id, field=fields,
+                    problem=(f"hard time limit {hard_s:.0f} s (timeout_ms {limits.timeout_ms}"
+                             + (f" + setup_timeout_ms {limits.setup_timeout_ms}"
+                                if sandboxed else "")
+                             + f", plus margins) is not below the broker visibility timeout"
+                             f" {self._visibility_timeout_s} s: the job would be delivered"
+                             " twice; lower them or raise PLUGINPOOL_VISIBILITY_TIMEOUT_S")))
             cooldown_s = spec.isolation.restart_cooldown_ms / 1000
             if spec.isolation.auto_restart and cooldown_s >= self._visibility_timeout_s:
                 issues.append(ManifestIssue(

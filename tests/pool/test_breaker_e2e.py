@@ -107,6 +107,26 @@ def test_value_and_plugin_fallbacks(env: tuple[PluginClient, ManagedProcess]) ->
     assert not real.is_fallback
 
 
+def test_a_plugin_fallback_runs_the_same_operation_or_none(
+        env: tuple[PluginClient, ManagedProcess]) -> None:
+    """Before, the fallback plugin always ran `run` (another question's answer), and one not
+    offering `run` turned the refusal into UnknownOperationError."""
+    client, _ = env
+    try:
+        client.override_breaker("brk-ops", "force_open")
+        job = client.submit("brk-ops", {}, operation="other")
+        assert isinstance(job, Job) and job.is_fallback and job.plugin_id == "brk-ops-twin"
+        assert job.result(timeout=20) == "other"
+        client.override_breaker("brk-ops-narrow", "force_open")
+        with pytest.raises(CircuitOpenError):
+            client.submit("brk-ops-narrow", {}, operation="other")
+        job = client.submit("brk-ops-narrow", {"q": 2})
+        assert job.is_fallback and job.result(timeout=20)["payload"] == {"q": 2}
+    finally:
+        for plugin in ("brk-ops", "brk-ops-narrow"):
+            client.override_breaker(plugin, "reset")
+
+
 def test_recovery_closes_and_a_failing_trial_reopens_longer(
         env: tuple[PluginClient, ManagedProcess], tmp_path: Path) -> None:
     client, _ = env

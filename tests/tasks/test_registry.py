@@ -74,3 +74,22 @@ def test_deployment_defaults_fill_what_a_spec_leaves_out(redis_url: str) -> None
     assert published.resource_limits.timeout_ms == 1234
     assert published.resource_limits.max_memory_mb == 512
     assert published.isolation.max_restarts == 7
+
+
+def test_limits_that_reach_the_visibility_timeout_are_refused_naming_them(
+        client: PluginClient) -> None:
+    """A sandboxed job's hard limit covers its setup and its run: a long setup alone can
+    reach the visibility timeout (3600 s), and the refusal names both fields (it named
+    timeout_ms alone, a field the user had set to 3 s)."""
+    with pytest.raises(ManifestError) as info:
+        client.register(spec("long-setup", resource_limits={"setup_timeout_ms": 3_580_000,
+                                                             "timeout_ms": 3000}))
+    [issue] = info.value.issues
+    assert "setup_timeout_ms" in issue.field and "setup_timeout_ms 3580000" in issue.problem
+    with pytest.raises(ManifestError) as info:
+        client.register(spec("long-run", resource_limits={"timeout_ms": 3_600_000},
+                             isolation={"sandboxed": False}))
+    [issue] = info.value.issues
+    assert issue.field == "resource_limits.timeout_ms"
+    with pytest.raises(UnknownPluginError):
+        client.spec("long-setup")

@@ -173,3 +173,16 @@ class SleepsThenChecks:
 
     def close(self) -> None:
         self.closed = True
+
+
+class TwoOps:
+    """Operations `run` and `other`, each answering its own name."""
+
+    def __init__(self, ctx: Any) -> None:
+        pass
+
+    def run(self, ctx: Any, payload: Any) -> Any:
+        return "run"
+
+    def other(self, ctx: Any, payload: Any) -> Any:
+        return "other"
