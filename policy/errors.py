@@ -516,7 +516,8 @@ class StorageQuotaExceededError(PluginPoolError):
     """A write would take an instance's storage (`ctx.storage`) over `max_storage_kb`.
 
     Raised by the worker's storage; a sandboxed plugin sees the runtime's own
-    `StorageQuotaExceeded` (pool/sandbox/runtime/context.py), which carries the same
+    `StorageQuotaExceededError` (pool/sandbox/runtime/context.py; same name, and likewise
+    its `InstanceUnloadedError`), which carries the same
     figures across the boundary: the runtime cannot import this package."""
 
     def __init__(self, *, limit_bytes: int, observed_bytes: int) -> None:

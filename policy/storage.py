@@ -100,6 +100,8 @@ class InstanceStorage:
         except StorageQuotaExceeded as exc:
             return {"ok": False, "quota": True, "limit_bytes": exc.limit_bytes,
                     "observed_bytes": exc.observed_bytes}
+        except InstanceUnloadedError as exc:
+            return {"ok": False, "quota": False, "unloaded": True, "message": str(exc)}
         except (TypeError, ValueError) as exc:
             return {"ok": False, "quota": False, "message": str(exc)}
         return {"ok": False, "quota": False, "message": f"unknown storage action {action!r}"}

@@ -178,7 +178,9 @@ def _run_plugin_job(task: PluginTask, args: tuple[Any, ...], kwargs: dict[str, A
             instance = services.instances.get(job.instance_id)
         except UnknownInstanceError:
             raise PluginExecutionError.of(
-                ErrorType.RUNTIME, "plugin instance was unloaded before the job ran",
+                ErrorType.RUNTIME, f"plugin instance {job.instance_id[:100]!r} does not exist: "
+                "unloaded before the job ran, or never loaded (a producer of ours refuses "
+                "an unknown one at submit)",
                 plugin_id=plugin_id, instance_id=job.instance_id, job_id=job_id) from None
         if instance.plugin_id != plugin_id:
             raise InvalidJobError(

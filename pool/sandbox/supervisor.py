@@ -261,7 +261,8 @@ def storage_reply(raw: dict[str, Any]) -> StorageReply:
     return StorageReply(ok=bool(raw.get("ok")), value=raw.get("value"),
                         quota=bool(raw.get("quota")), limit_bytes=int(raw.get("limit_bytes", 0)),
                         observed_bytes=int(raw.get("observed_bytes", 0)),
-                        message=str(raw.get("message", "")))
+                        message=str(raw.get("message", "")),
+                        unloaded=bool(raw.get("unloaded")))
 
 
 class Supervisor:

@@ -94,6 +94,9 @@ def env(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[En
              operations=["run", "boom"], isolation={"sandboxed": False}),
         spec("interrupts-in-pool", "unruly_errors:raises_keyboard_interrupt",
              isolation={"sandboxed": False}),
+        spec("writes-after", "unruly_errors:writes_after"),
+        spec("writes-after-in-pool", "unruly_errors:writes_after",
+             isolation={"sandboxed": False}),
         spec("ghost-op-default-breaker", "lifecycle:Stateful", operations=["run", "ghost"],
              breaker={"open_at_once_types": ["security", "dependency"]}),
         spec("breaks-channel", "protocol:BreaksTheChannel",
@@ -784,3 +787,17 @@ def test_a_relative_plugin_path_serves_sandboxed_plugins(
             assert value["payload"] == {"x": 1}
         finally:
             worker.stop()
+
+
+@pytest.mark.parametrize("plugin", ["writes-after", "writes-after-in-pool"])
+def test_a_write_after_unload_raises_the_same_error_sandboxed_or_not(
+        env: Env, plugin: str) -> None:
+    """Before, a sandboxed run got a plain ValueError where the pool child raises
+    InstanceUnloadedError (a ValueError too)."""
+    client = env[0]
+    iid = client.load(plugin, {})
+    assert client.execute(iid, {}, timeout=60) == "written"  # set up
+    job = client.submit(plugin, {"seconds": 2}, instance_id=iid)
+    assert wait_until(lambda: job.status() == "started", timeout_s=30)
+    client.unload(iid)
+    assert job.result(timeout=60) == ["InstanceUnloadedError", True]

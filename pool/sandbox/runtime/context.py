@@ -22,13 +22,23 @@ if TYPE_CHECKING:
 STORAGE_REPLY_MAX_BYTES = 64 << 20
 
 
-class StorageQuotaExceeded(Exception):
-    """A write would take the instance's storage over `max_storage_kb`."""
+class StorageQuotaExceededError(Exception):
+    """A write would take the instance's storage over `max_storage_kb` (the name the pool
+    child's own storage raises, so a plugin catches one name sandboxed or not)."""
 
     def __init__(self, *, limit_bytes: int, observed_bytes: int) -> None:
         self.limit_bytes = limit_bytes
         self.observed_bytes = observed_bytes
         super().__init__(f"storage quota of {limit_bytes} bytes exceeded ({observed_bytes})")
+
+
+StorageQuotaExceeded = StorageQuotaExceededError
+"""Its earlier name."""
+
+
+class InstanceUnloadedError(ValueError):
+    """The instance was unloaded while this run was in flight: its storage is gone, and a
+    write is refused (as in the pool child, same name)."""
 
 
 class ChannelStorage:
@@ -61,8 +71,10 @@ class ChannelStorage:
                 "type": RESOURCE, "message": "storage quota exceeded",
                 "details": {"limit": "max_storage_kb", "limit_value": reply.limit_bytes,
                             "observed": reply.observed_bytes, "store": "kv"}})
-            raise StorageQuotaExceeded(limit_bytes=reply.limit_bytes,
-                                       observed_bytes=reply.observed_bytes)
+            raise StorageQuotaExceededError(limit_bytes=reply.limit_bytes,
+                                            observed_bytes=reply.observed_bytes)
+        if reply.unloaded:
+            raise InstanceUnloadedError(reply.message)
         raise ValueError(reply.message or "storage request failed")
 
     def get(self, key: str, default: Any = None) -> Any:

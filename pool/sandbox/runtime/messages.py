@@ -208,6 +208,8 @@ class StorageReply(Message):
     limit_bytes: int = 0
     observed_bytes: int = 0
     message: str = ""
+    unloaded: bool = False
+    """The instance was unloaded: InstanceUnloadedError in the run."""
 
 
 @record

@@ -46,3 +46,15 @@ class RaisingProperty:
     @property
     def boom(self) -> Any:
         raise RuntimeError("property boom")
+
+
+def writes_after(ctx: Any, payload: Any) -> Any:
+    """Sleeps, then writes its instance's storage: the name of what the write raised."""
+    import time
+
+    time.sleep(float(payload.get("seconds", 0)))
+    try:
+        ctx.storage.set("late", True)
+    except Exception as exc:
+        return [type(exc).__name__, isinstance(exc, ValueError)]
+    return "written"
