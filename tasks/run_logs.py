@@ -105,6 +105,11 @@ def captured(plugin_id: str, *, max_bytes: int) -> Iterator[LogTail]:
     handler = logging.StreamHandler(_TailStream(tail, "log"))
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     plugin_logger = logging.getLogger(f"pluginpool.plugin.{plugin_id}")
+    # As in a sandbox: every level kept in the run's logs (the worker logs them at
+    # run_log_level), none sent to the worker's own handlers as well.
+    level, propagate = plugin_logger.level, plugin_logger.propagate
+    plugin_logger.setLevel(logging.DEBUG)
+    plugin_logger.propagate = False
     plugin_logger.addHandler(handler)
     try:
         with contextlib.redirect_stdout(_TailStream(tail, "stdout")), \
@@ -112,3 +117,5 @@ def captured(plugin_id: str, *, max_bytes: int) -> Iterator[LogTail]:
             yield tail
     finally:
         plugin_logger.removeHandler(handler)
+        plugin_logger.setLevel(level)
+        plugin_logger.propagate = propagate

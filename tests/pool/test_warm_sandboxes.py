@@ -97,6 +97,9 @@ def env(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[En
         spec("writes-after", "unruly_errors:writes_after"),
         spec("writes-after-in-pool", "unruly_errors:writes_after",
              isolation={"sandboxed": False}),
+        spec("logs-levels", "unruly_errors:logs_at_every_level"),
+        spec("logs-levels-in-pool", "unruly_errors:logs_at_every_level",
+             isolation={"sandboxed": False}),
         spec("ghost-op-default-breaker", "lifecycle:Stateful", operations=["run", "ghost"],
              breaker={"open_at_once_types": ["security", "dependency"]}),
         spec("breaks-channel", "protocol:BreaksTheChannel",
@@ -801,3 +804,15 @@ def test_a_write_after_unload_raises_the_same_error_sandboxed_or_not(
     assert wait_until(lambda: job.status() == "started", timeout_s=30)
     client.unload(iid)
     assert job.result(timeout=60) == ["InstanceUnloadedError", True]
+
+
+@pytest.mark.parametrize("plugin", ["logs-levels", "logs-levels-in-pool"])
+def test_ctx_logger_keeps_every_level_sandboxed_or_not(env: Env, plugin: str) -> None:
+    """Before, a sandboxed ctx.logger kept DEBUG lines and an unsandboxed one dropped them
+    (it took the worker's level) and also sent them to the worker's own log."""
+    client = env[0]
+    job = client.submit(plugin, {})
+    assert job.result(timeout=60) is True
+    logs = str(job.meta["logs"])
+    assert "DEBUG pluginpool.plugin." in logs and "a debug line" in logs, logs
+    assert "an info line" in logs

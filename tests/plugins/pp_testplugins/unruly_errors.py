@@ -58,3 +58,9 @@ def writes_after(ctx: Any, payload: Any) -> Any:
     except Exception as exc:
         return [type(exc).__name__, isinstance(exc, ValueError)]
     return "written"
+
+
+def logs_at_every_level(ctx: Any, payload: Any) -> Any:
+    ctx.logger.debug("a debug line")
+    ctx.logger.info("an info line")
+    return ctx.logger.isEnabledFor(10)
