@@ -5,7 +5,10 @@ No other module reads the environment: the settings object is passed around.
 
 from __future__ import annotations
 
+import difflib
+import logging
 import os
+from collections.abc import Mapping
 from typing import Any, Literal
 from urllib.parse import urlparse
 
@@ -21,6 +24,12 @@ from pluginpool.policy.limits import IsolationConfig, ResourceLimits
 from pluginpool.tasks.payload import DEFAULT_MAX_PAYLOAD_DEPTH, MAX_PAYLOAD_DEPTH_CAP
 
 ENV_PREFIX = "PLUGINPOOL_"
+NOT_SETTINGS = frozenset({"PLUGINPOOL_TEST_REDIS_DB", "PLUGINPOOL_BENCH_REDIS_DB",
+                          "PLUGINPOOL_CHAOS_SCALE", "PLUGINPOOL_SCREENSHOT_DIR"})
+"""Variables of pluginpool's own tests and benchmarks: not settings, not warned of."""
+
+logger = logging.getLogger("pluginpool.settings")
+_warned: set[str] = set()
 
 
 class Settings(BaseSettings):
@@ -239,7 +248,12 @@ class Settings(BaseSettings):
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Settings:
-        """Read the environment; an invalid value raises SettingsError naming the variable."""
+        """Read the environment; an invalid value raises SettingsError naming the variable,
+        and a PLUGINPOOL_* variable that names no setting is warned of (once a process)."""
+        for problem in unknown_variables(os.environ):
+            if problem not in _warned:
+                _warned.add(problem)
+                logger.warning("%s", problem)
         try:
             return cls(**overrides)
         except ValidationError as exc:
@@ -275,6 +289,25 @@ class Settings(BaseSettings):
     def keys(self) -> RedisKeys:
         db = database_of(self.redis_url)
         return RedisKeys(self.key_prefix, channel_scope=f"db{db}:" if db else "")
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """PLUGINPOOL_* variables that name no setting, each with the one it likely meant: a
+    misspelt name is otherwise ignored without a word, and the default used in its place
+    (PLUGINPOOL_REDIS_ULR: the deployment's data in database 0). A nested one
+    (`FIELD__KEY`) with a known FIELD is checked by the settings themselves."""
+    names = [f"{ENV_PREFIX}{name.upper()}" for name in Settings.model_fields]
+    problems = []
+    for variable in sorted(environ):
+        head = variable.split("__", 1)[0]
+        if not variable.startswith(ENV_PREFIX) or variable in NOT_SETTINGS or head in names:
+            continue
+        close = difflib.get_close_matches(  # on the part after the prefix all share
+            head[len(ENV_PREFIX):], [name[len(ENV_PREFIX):] for name in names], n=1,
+            cutoff=0.8)
+        problems.append(f"{variable} is not a pluginpool setting (ignored)"
+                        + (f"; did you mean {ENV_PREFIX}{close[0]}?" if close else ""))
+    return problems
 
 
 def database_of(url: str) -> int:

@@ -44,3 +44,22 @@ def test_the_readme_documents_every_setting() -> None:
                if f"`PLUGINPOOL_{name.upper()}`" not in readme
                and f"`PLUGINPOOL_{name.upper()}__<FIELD>`" not in readme]
     assert not missing, missing
+
+
+def test_a_misspelt_variable_is_warned_of_with_the_setting_it_meant(redis_url: str) -> None:
+    """Before, PLUGINPOOL_REDIS_ULR was ignored without a word and the default used (the
+    deployment's data went to database 0). It is a warning, not an error: the command
+    still runs with what it was given."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PLUGINPOOL_REDIS_URL": redis_url, "PLUGINPOOL_REDIS_ULR": "x",
+           "PLUGINPOOL_NO_SUCH_THING": "1"}
+    done = subprocess.run([sys.executable, "-m", "pluginpool.pool.tools.cli", "plugins",
+                           "--json"], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert ("PLUGINPOOL_REDIS_ULR is not a pluginpool setting (ignored); did you mean "
+            "PLUGINPOOL_REDIS_URL?") in done.stderr
+    assert "PLUGINPOOL_NO_SUCH_THING is not a pluginpool setting (ignored)\n" in done.stderr
+    assert "PLUGINPOOL_REDIS_URL is not" not in done.stderr
