@@ -254,11 +254,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--payload", default=None, help="the job's payload, as JSON (default: null)")
     p.add_argument("--instance", default=None, help="an instance id (from PluginClient.load)")
     p.add_argument("--operation", default="run", help="one of the plugin's operations")
-    p.add_argument("--wait", action="store_true",
-                   help="wait for the outcome and print it as JSON")
-    p.add_argument("--follow", action="store_true",
-                   help="print each status change (queued, started, retrying, succeeded, "
-                        "failed) as it happens, then the outcome")
+    waiting = p.add_mutually_exclusive_group()
+    waiting.add_argument("--wait", action="store_true",
+                         help="wait for the outcome and print it as JSON")
+    waiting.add_argument("--follow", action="store_true",
+                         help="print each status change (queued, started, retrying, "
+                              "succeeded, failed) as it happens, then the outcome")
     p.add_argument("--timeout", type=float, default=30.0, metavar="S",
                    help="with --wait or --follow: how long to wait (exit 3 after it)")
     p.add_argument("--count", type=int, default=1, metavar="N",

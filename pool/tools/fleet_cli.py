@@ -94,7 +94,8 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("plugin", help="the plugin's id")
     p.set_defaults(func=cmd_unregister)
 
-    p = sub.add_parser("revisions", help="a plugin's revisions: version, source hash, when, by")
+    p = sub.add_parser("revisions", help="a plugin's revisions: version, source hash, "
+                                          "when and by whom registered")
     p.add_argument("plugin", help="the plugin's id")
     p.add_argument("--json", action="store_true", help="as JSON")
     p.set_defaults(func=cmd_revisions)

@@ -44,3 +44,13 @@ def test_too_deep_payloads_are_refused_by_the_cli_and_nothing_is_enqueued(
         error = json.loads((done.stdout + done.stderr).strip().splitlines()[-1])
         assert error["error"] == "PayloadTooDeepError"
     assert client.redis.llen(spec.queue) == 0
+
+
+def test_wait_and_follow_together_are_refused_before_anything_is_enqueued(
+        client: PluginClient) -> None:
+    """They were both accepted (and --follow won); they are two ways of waiting."""
+    [spec] = client.register(PluginSpec(id="wait-or-follow", name="W", entrypoint="pkg.mod:run"))
+    done = cli(client, "submit", "wait-or-follow", "--wait", "--follow")
+    assert done.returncode == 2
+    assert "not allowed with argument" in done.stderr
+    assert client.redis.llen(spec.queue) == 0
