@@ -121,7 +121,13 @@ if op == 'record' then
   if ARGV[12] == '1' then return {'closed', 0} end
   local code, slow = ARGV[6], ARGV[7] == '1'
   local state = current_state()
-  if code == 'i' or get('forced', '0') == '1' then return {state, retry_after(state)} end
+  if code == 'i' or get('forced', '0') == '1' then
+    if code == 'i' and state == 'half_open' and (tonumber(ARGV[5]) or 0) == num('generation')
+        and num('permits') < cfg.half_open_calls then
+      redis.call('HINCRBY', S, 'permits', 1)  -- a trial that told nothing: another may run
+    end
+    return {state, retry_after(state)}
+  end
   local failed = code == 'f' or code == 'x'
   if state == 'closed' then
     if code == 'x' then

@@ -31,7 +31,8 @@ import redis
 
 from pluginpool.policy.errors import ErrorType, PluginExecutionError
 from pluginpool.pool.recent_unloads import RecentUnloads
-from pluginpool.pool.sandbox.runtime.classify import describe
+from pluginpool.pool.sandbox.runtime.classify import describe, type_name
+from pluginpool.pool.shutdown_exit import is_pool_shutdown
 from pluginpool.tasks.spec import PluginSpec
 
 logger = logging.getLogger("pluginpool.in_process")
@@ -40,6 +41,9 @@ IN_PROCESS_INSTANCES = 16
 TICK_S = 1.0
 SHUTDOWN_TEARDOWNS_S = 5.0
 TEARDOWN_WAIT_S = 5.0
+MAX_HUNG_TEARDOWNS = 8
+"""Teardowns left running (hung) in one pool process before no more are started."""
+_hung: list[threading.Thread] = []
 InstanceKey = tuple[str, int, str | None]
 """(plugin id, revision, instance id)."""
 
@@ -51,18 +55,22 @@ class Loaded:
         factory: Any = target
         self.instance: Any = factory(ctx) if inspect.isclass(target) else None
         self.operations: dict[str, Any] = {}
-        self.unreadable: dict[str, PluginExecutionError] = {}
-        """Listed operations whose lookup raised (a property): each fails alone."""
+        self.unreadable: dict[str, tuple[str, str]] = {}
+        """Listed operations whose lookup raised (a property): (message, exception type);
+        each fails alone, with an error made anew for every job that calls it."""
         if self.instance is None:
             self.operations["run"] = target
         for name in spec.operations if self.instance is not None else ():
+            declared = _declared(self.instance, name)
             try:  # a property may raise anything: that operation fails, not the setup
-                method = getattr(self.instance, name, None)
-            except Exception as exc:  # plugin code
-                self.unreadable[name] = PluginExecutionError.of(
-                    ErrorType.RUNTIME, f"reading operation {name!r} raised {describe(exc)}",
-                    plugin_id=spec.id,
-                    operation=name, exception_type=type(exc).__name__)
+                method = getattr(self.instance, name)
+            except BaseException as exc:  # plugin code
+                if is_pool_shutdown(exc):
+                    raise
+                if issubclass(type(exc), AttributeError) and not declared:
+                    continue  # absent (a __getattr__ that does not know it): missing
+                self.unreadable[name] = (f"reading operation {name!r} raised {describe(exc)}",
+                                         type_name(exc))
                 continue
             if callable(method):
                 self.operations[name] = method
@@ -80,10 +88,24 @@ class Loaded:
 def operation_of(loaded: Loaded, spec: PluginSpec, operation: str) -> Any:
     found = loaded.operations.get(operation)
     if found is None:
-        raise loaded.unreadable.get(operation) or PluginExecutionError.of(
+        if operation in loaded.unreadable:
+            message, exception_type = loaded.unreadable[operation]
+            raise PluginExecutionError.of(ErrorType.RUNTIME, message, plugin_id=spec.id,
+                                          operation=operation, exception_type=exception_type)
+        raise PluginExecutionError.of(
             ErrorType.DEPENDENCY, f"operation {operation!r} is not a method of the plugin",
             plugin_id=spec.id, operation=operation, operation_missing=True)
     return found
+
+
+def _declared(instance: Any, name: str) -> bool:
+    """The attribute exists without running the instance's code (a property, a method, a
+    value in its __dict__); False when that cannot be told."""
+    try:
+        inspect.getattr_static(instance, name)
+    except BaseException:  # AttributeError, or plugin code in an odd __dict__ or __mro__
+        return False
+    return True
 
 
 class InProcessInstances:
@@ -99,8 +121,9 @@ class InProcessInstances:
         self._loaded: OrderedDict[InstanceKey, Loaded] = OrderedDict()
         self._turns = threading.Condition()
         """Whose turn it is: a job's run, or one teardown (never both, but for a teardown
-        that hangs past TEARDOWN_WAIT_S); instances are taken out of use only between
-        jobs. Not held while either runs (a plugin's code)."""
+        that hangs past TEARDOWN_WAIT_S: it is left running beside later jobs and
+        teardowns); instances are taken out of use only between jobs. Not held while
+        either runs (a plugin's code)."""
         self._job_running = False
         self._jobs_waiting = 0
         self._teardown_running = False
@@ -277,12 +300,26 @@ def _uninterrupted() -> Iterator[None]:
 def _bounded_teardown(key: InstanceKey, loaded: Loaded, reason: str) -> None:
     """A teardown in a thread of its own, waited for at most TEARDOWN_WAIT_S: one that never
     returns is left running (a thread cannot be stopped; logged) and the later teardowns,
-    unloads and idle retirements go on. Run in the caller's thread, it stopped them all."""
+    unloads and idle retirements go on (run in the caller's thread, it stopped them all),
+    beside it. Past MAX_HUNG_TEARDOWNS left running in this process, no more are started:
+    each would hold its instance's memory for good."""
+    _hung[:] = [thread for thread in _hung if thread.is_alive()]
+    if len(_hung) >= MAX_HUNG_TEARDOWNS:
+        logger.error("in-process plugin %s retired (%s); teardown not run: %d earlier "
+                     "teardowns still hang in this pool process", key, reason, len(_hung))
+        return
     thread = threading.Thread(target=_teardown, args=(key, loaded, reason), daemon=True,
                               name="pluginpool-in-process-teardown")
-    thread.start()
-    thread.join(TEARDOWN_WAIT_S)
+    try:
+        thread.start()
+    except RuntimeError as exc:  # no thread to be had
+        logger.error("in-process plugin %s retired (%s); teardown not run: %s", key, reason,
+                     exc)
+        return
+    with _uninterrupted():  # a soft limit landing here would replace the job's outcome
+        thread.join(TEARDOWN_WAIT_S)
     if thread.is_alive():
+        _hung.append(thread)
         logger.warning("in-process plugin %s: its teardown (%s) still runs after %.0f s; "
                        "left running, the next teardowns go on", key, reason,
                        TEARDOWN_WAIT_S)
@@ -291,10 +328,10 @@ def _bounded_teardown(key: InstanceKey, loaded: Loaded, reason: str) -> None:
 def _teardown(key: InstanceKey, loaded: Loaded, reason: str) -> None:
     try:
         ran = loaded.close()
-    except (Exception, SystemExit, GeneratorExit) as exc:  # its failure is its own: logged
-        # (a SystemExit would otherwise end the thread that runs every later teardown)
-        logger.warning("in-process plugin %s retired (%s); teardown failed: %s: %s", key,
-                       reason, type(exc).__name__, str(exc)[:500])
+    except BaseException as exc:  # its failure is its own: logged (in a thread of its own:
+        # nothing else to end, and a pool shutdown's SystemExit lands in the main thread)
+        logger.warning("in-process plugin %s retired (%s); teardown failed: %s", key,
+                       reason, describe(exc)[:500])
         return
     if loaded.instance is not None:
         logger.info("in-process plugin %s retired (%s); %s", key, reason,

@@ -14,7 +14,8 @@ from typing import Any
 from packaging.requirements import Requirement
 
 from pluginpool.policy.errors import ErrorType, PluginExecutionError
-from pluginpool.pool.sandbox.runtime.classify import describe
+from pluginpool.pool.sandbox.runtime.classify import describe, type_name
+from pluginpool.pool.shutdown_exit import is_pool_shutdown
 from pluginpool.tasks.spec import PluginSpec
 
 PluginFunction = Callable[..., Any]
@@ -68,11 +69,13 @@ def import_entrypoint(spec: PluginSpec) -> PluginFunction:
         module = importlib.import_module(module_name)
     except BaseException as exc:  # a plugin module may raise anything, even SystemExit or
         # KeyboardInterrupt (a pool process ignores SIGINT: it can only be the module's)
+        if is_pool_shutdown(exc):
+            raise  # the pool is ending this process: not the module's failure
         raise PluginExecutionError.of(
             ErrorType.DEPENDENCY, f"cannot import {module_name!r}: {describe(exc)}",
             plugin_id=spec.id,
             entrypoint=spec.entrypoint,
-            exception_type=type(exc).__name__,
+            exception_type=type_name(exc),
         ) from None
     function = getattr(module, attr, None)
     if not callable(function):

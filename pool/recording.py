@@ -28,7 +28,7 @@ from celery.signals import task_failure, task_retry
 from redis.exceptions import NoScriptError
 
 from pluginpool.policy.breaker import CircuitBreaker
-from pluginpool.policy.errors import ErrorInfo, UnknownPluginError
+from pluginpool.policy.errors import ErrorInfo, ErrorType, UnknownPluginError
 from pluginpool.tasks import instance_usage
 from pluginpool.tasks.event_encoder import Encoded, EventEncoder, same_server
 from pluginpool.tasks.outcome import error_for_failure
@@ -219,7 +219,8 @@ def counts_for_breaker(error: ErrorInfo | None) -> bool:
     """Whether the outcome goes into the breaker's window: not a call of a listed operation
     the plugin's code lacks (it fails alone; opening the breaker would stop the operations
     that work)."""
-    return error is None or error.details.get("operation_missing") is not True
+    return (error is None or error.type is not ErrorType.DEPENDENCY
+            or error.details.get("operation_missing") is not True)
 
 
 def _record_outcome(services: WorkerServices, spec: PluginSpec, error: ErrorInfo | None, *,

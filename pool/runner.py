@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import resource
-import signal
 import time
 import traceback
 from dataclasses import dataclass, field, fields, replace
@@ -20,14 +19,13 @@ from celery.exceptions import SoftTimeLimitExceeded
 from pluginpool.policy.errors import ErrorType, PluginExecutionError
 from pluginpool.pool.in_process_instances import InProcessInstances, Loaded, operation_of
 from pluginpool.pool.loader import PluginLoader
-from pluginpool.pool.sandbox.runtime.classify import describe
+from pluginpool.pool.sandbox.runtime.classify import describe, type_name
+from pluginpool.pool.shutdown_exit import is_pool_shutdown
 from pluginpool.tasks.context import PluginContext
 from pluginpool.tasks.run_logs import captured
 from pluginpool.tasks.spec import PluginSpec
 
 TRACEBACK_LIMIT_CHARS = 8_000
-BILLIARD_SIGTERM_EXIT = -(256 - signal.SIGTERM)
-"""The SystemExit code billiard raises in a pool child it is killing (hard time limit)."""
 
 
 @dataclass
@@ -108,13 +106,25 @@ def check_result(spec: PluginSpec, value: Any, *, max_result_bytes: int) -> None
 
 
 def error_from_exception(spec: PluginSpec, exc: BaseException) -> PluginExecutionError:
-    """Classify an exception raised by plugin code."""
-    if isinstance(exc, SoftTimeLimitExceeded):
+    """Classify an exception raised by plugin code. Never raises: the exception is read past
+    its overrides (`type()`, not `__class__`), and whatever still raises gives a fixed
+    error (the plugin's own objects must not end the pool process)."""
+    try:
+        return _classified(spec, exc)
+    except BaseException:  # plugin code: anything
+        return PluginExecutionError.of(
+            ErrorType.RUNTIME, "the plugin raised an exception that could not be described",
+            plugin_id=spec.id, exception_type="<undescribable>")
+
+
+def _classified(spec: PluginSpec, exc: BaseException) -> PluginExecutionError:
+    kind = type(exc)
+    if issubclass(kind, SoftTimeLimitExceeded):
         return PluginExecutionError.of(
             ErrorType.TIMEOUT, "run exceeded its time limit",
             plugin_id=spec.id, limit="timeout_ms", limit_value=spec.resource_limits.timeout_ms,
         )
-    if isinstance(exc, MemoryError):
+    if issubclass(kind, MemoryError):
         return PluginExecutionError.of(
             ErrorType.RESOURCE, "run ran out of memory",
             plugin_id=spec.id, limit="max_memory_mb",
@@ -122,11 +132,11 @@ def error_from_exception(spec: PluginSpec, exc: BaseException) -> PluginExecutio
         )
     try:
         text = "".join(traceback.format_exception(exc))[-TRACEBACK_LIMIT_CHARS:]
-    except Exception:  # a traceback of plugin objects may raise
+    except BaseException:  # a traceback of plugin objects (__notes__, ...) may raise anything
         text = ""
     return PluginExecutionError.of(
         ErrorType.RUNTIME, describe(exc),
-        plugin_id=spec.id, exception_type=type(exc).__name__, traceback=text,
+        plugin_id=spec.id, exception_type=type_name(exc), traceback=text,
     )
 
 
@@ -156,8 +166,8 @@ class InProcessRunner:
                 exc.info.details.setdefault("phase", "setup")
                 raise
             except (Exception, GeneratorExit, KeyboardInterrupt, SystemExit) as exc:
-                if isinstance(exc, SystemExit) and exc.code == BILLIARD_SIGTERM_EXIT:
-                    raise  # the pool is killing this child
+                if is_pool_shutdown(exc):
+                    raise  # the pool is ending this child
                 error = error_from_exception(spec, exc)
                 error.info.details["phase"] = "setup"
                 raise error from None
@@ -187,8 +197,8 @@ class InProcessRunner:
             value = self._operation(spec, ctx)(ctx, payload)
             check_result(spec, value, max_result_bytes=self._max_result_bytes)
         except SystemExit as exc:
-            if exc.code == BILLIARD_SIGTERM_EXIT:
-                raise  # the pool is killing this child; Celery records the timeout
+            if is_pool_shutdown(exc):
+                raise  # the pool is ending this child; Celery records the timeout
             raise self._with_usage(error_from_exception(spec, exc), usage) from None
         except PluginExecutionError as exc:
             raise self._with_usage(exc, usage) from None

@@ -6,6 +6,7 @@ No other module reads the environment: the settings object is passed around.
 from __future__ import annotations
 
 import difflib
+import functools
 import logging
 import os
 from collections.abc import Mapping
@@ -287,8 +288,14 @@ class Settings(BaseSettings):
 
     @property
     def keys(self) -> RedisKeys:
-        db = database_of(self.redis_url)
-        return RedisKeys(self.key_prefix, channel_scope=f"db{db}:" if db else "")
+        return _keys_of(self.key_prefix, self.redis_url)
+
+
+@functools.lru_cache(maxsize=64)
+def _keys_of(prefix: str, redis_url: str) -> RedisKeys:
+    """Settings.keys, read several times a job: the URL parsed once."""
+    db = database_of(redis_url)
+    return RedisKeys(prefix, channel_scope=f"db{db}:" if db else "")
 
 
 def unknown_variables(environ: Mapping[str, str]) -> list[str]:
@@ -299,8 +306,8 @@ def unknown_variables(environ: Mapping[str, str]) -> list[str]:
     names = [f"{ENV_PREFIX}{name.upper()}" for name in Settings.model_fields]
     problems = []
     for variable in sorted(environ):
-        head = variable.split("__", 1)[0]
-        if not variable.startswith(ENV_PREFIX) or variable in NOT_SETTINGS or head in names:
+        head = variable.split("__", 1)[0].upper()  # the settings' names are not case sensitive
+        if not head.startswith(ENV_PREFIX) or head in NOT_SETTINGS or head in names:
             continue
         close = difflib.get_close_matches(  # on the part after the prefix all share
             head[len(ENV_PREFIX):], [name[len(ENV_PREFIX):] for name in names], n=1,
@@ -313,8 +320,9 @@ def unknown_variables(environ: Mapping[str, str]) -> list[str]:
 def database_of(url: str) -> int:
     """The database number a Redis URL selects (path `/N` or `?db=N`; 0 by default)."""
     if url.startswith("sentinel://"):
-        path = urlparse(url.split(";")[0]).path
-        return int(path.lstrip("/") or 0)
+        first = urlparse(url.split(";")[0])
+        query = dict(part.split("=", 1) for part in first.query.split("&") if "=" in part)
+        return int(query.get("db") or first.path.lstrip("/") or 0)
     return int(parse_url(url).get("db") or 0)  # type: ignore[no-untyped-call]
 
 

@@ -112,11 +112,13 @@ def pid_space() -> str:
 
 def host_id() -> str:
     """This host, as far as a shared volume can tell: its machine id and name. A record of
-    this host's from another boot is from before a reboot; another host's may be live."""
+    this host's from another boot is from before a reboot; another host's may be live.
+    "" without a machine id (many container images): a bare host name is not trusted to
+    tell hosts apart, and no record is then taken for one of this host's."""
     machine = ""
     with contextlib.suppress(OSError), open("/etc/machine-id") as source:
         machine = source.read().strip()
-    return f"{machine}/{os.uname().nodename}"
+    return f"{machine}/{os.uname().nodename}" if machine else ""
 
 
 def record(warm_root: str, zygote_pid: int, home: str) -> str | None:
@@ -245,8 +247,8 @@ def _before_this_boot(path: str, entry: dict[str, object], space: str) -> bool:
     """The record is this host's, of another boot, and was written before this boot began:
     every process it names is gone. A record of another host (a shared volume) or of this
     boot's other pid namespaces (another container) may name live processes: False."""
-    recorded = entry.get("pid_space")
-    if not isinstance(recorded, str) or entry.get("host") != host_id():
+    recorded, host = entry.get("pid_space"), host_id()
+    if not isinstance(recorded, str) or not host or entry.get("host") != host:
         return False
     if recorded.split("/", 1)[0] == space.split("/", 1)[0]:
         return False  # this boot: another pid namespace

@@ -118,6 +118,25 @@ def test_half_open_admits_exactly_n_trials_then_recovery_closes(breaker: Circuit
     assert status.window_total == 0 and status.history[0]["to"] == "closed"
 
 
+def test_a_trial_whose_outcome_is_not_counted_gives_its_permit_back(
+        breaker: CircuitBreaker) -> None:
+    """A trial that told nothing (a call of a listed operation the code lacks): before, its
+    permit was spent, and with all spent so every submit was refused until
+    trial_timeout_ms re-issued them."""
+    cfg = config(half_open_calls=1)
+    trip(breaker, cfg)
+    wait_half_open(breaker, cfg)
+    trial = acquire(breaker, cfg)
+    assert trial.allowed and not acquire(breaker, cfg).allowed
+    after = breaker.record("p", cfg, default_open_ms=1000, error_type=ErrorType.DEPENDENCY,
+                           duration_ms=1.0, generation=trial.generation, counted=False)
+    assert after is not None and after.state is BreakerState.HALF_OPEN
+    again = acquire(breaker, cfg)
+    assert again.allowed and again.generation == trial.generation
+    assert not acquire(breaker, cfg).allowed  # one permit back, not more
+    assert record(breaker, cfg, None, generation=trial.generation) is BreakerState.CLOSED
+
+
 def test_a_failing_trial_reopens_with_a_longer_capped_wait(breaker: CircuitBreaker) -> None:
     cfg = config()
     trip(breaker, cfg)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+import uuid
 from typing import Any
 
 import pytest
@@ -153,12 +154,13 @@ def test_a_teardown_that_hangs_holds_up_the_next_ones_for_a_while_only(
     run = listening_runner(redis_url)  # one instance kept: each new one pushes one out
     hangs = spec("hangs-at-close", "lifecycle:HangsAtClose")
     marks = spec("records-close", "lifecycle:RecordsClose")
+    first, second = f"m1-{uuid.uuid4().hex}", f"m2-{uuid.uuid4().hex}"
     assert run.run(hangs, ctx(hangs, "h"), {}).value == "ran"
-    assert run.run(marks, ctx(marks, "m1"), {}).value == "ran"  # the hanging one out
-    assert run.run(marks, ctx(marks, "m2"), {}).value == "ran"  # m1 out, behind it
+    assert run.run(marks, ctx(marks, first), {}).value == "ran"  # the hanging one out
+    assert run.run(marks, ctx(marks, second), {}).value == "ran"  # first out, behind it
     from pp_testplugins import lifecycle
 
-    assert wait_until(lambda: "m1" in lifecycle.CLOSED, timeout_s=3 * TEARDOWN_WAIT_S + 5)
+    assert wait_until(lambda: first in lifecycle.CLOSED, timeout_s=3 * TEARDOWN_WAIT_S + 5)
 
 
 def test_a_teardown_never_runs_beside_a_job(redis_url: str) -> None:

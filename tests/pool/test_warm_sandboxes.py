@@ -800,7 +800,7 @@ def test_a_write_after_unload_raises_the_same_error_sandboxed_or_not(
     client = env[0]
     iid = client.load(plugin, {})
     assert client.execute(iid, {}, timeout=60) == "written"  # set up
-    job = client.submit(plugin, {"seconds": 2}, instance_id=iid)
+    job = client.submit(plugin, {"seconds": 4}, instance_id=iid)
     assert wait_until(lambda: job.status() == "started", timeout_s=30)
     client.unload(iid)
     assert job.result(timeout=60) == ["InstanceUnloadedError", True]

@@ -7,6 +7,7 @@ import json
 import threading
 import time
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
@@ -16,14 +17,20 @@ from tests.conftest import make_settings
 
 
 def on_database(url: str, db: int) -> str:
-    return f"{url.split('?')[0].rsplit('/', 1)[0]}/{db}"
+    """The same server, database `db` (the path's number; a `db` query option dropped)."""
+    parts = urlsplit(url)
+    query = "&".join(p for p in parts.query.split("&") if p and not p.startswith("db="))
+    return urlunsplit((parts.scheme, parts.netloc, f"/{db}", query, ""))
 
 
 def test_channel_names_carry_the_database_except_database_0() -> None:
     for url, scope in [("redis://h:6379", ""), ("redis://h:6379/0", ""),
                        ("redis://h:6379/5", "db5:"), ("redis://h?db=3", "db3:"),
-                       ("unix:///run/redis.sock?db=2", "db2:")]:
-        keys = Settings(_env_file=None, redis_url=url).keys  # type: ignore[call-arg]
+                       ("unix:///run/redis.sock?db=2", "db2:"),
+                       ("sentinel://h1:26379?db=4;sentinel://h2:26379", "db4:"),
+                       ("sentinel://h1:26379/3;sentinel://h2:26379", "db3:")]:
+        keys = Settings(_env_file=None, redis_url=url,  # type: ignore[call-arg]
+                        redis_sentinel_master="m").keys
         assert keys.channel_scope == scope
         assert keys.error_channel == f"pluginpool:{scope}events:errors"
         assert keys.specs == "pluginpool:registry:specs"  # keys do not change

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 
-from .classify import describe
+from .classify import describe, type_name
 from .messages import DEPENDENCY, RUNTIME, RunError
 
 TYPE_CHECKING = False
@@ -35,7 +35,7 @@ def import_target(entrypoint: str) -> Any:
     except BaseException as exc:  # a plugin module may raise anything, even SystemExit
         raise LoadError(RunError(DEPENDENCY, f"cannot import {module_name!r}: {describe(exc)}",
                                  {"entrypoint": entrypoint,
-                                  "exception_type": type(exc).__name__})) from None
+                                  "exception_type": type_name(exc)})) from None
     target = getattr(module, attr, None)
     if not callable(target):
         raise LoadError(RunError(DEPENDENCY, f"{entrypoint!r} is not a callable in the module",
@@ -56,15 +56,17 @@ class LoadedPlugin:
             factory: Any = target
             self.instance = factory(setup_ctx)  # the setup; raises are setup failures
             for name in operations:
+                declared = _declared(self.instance, name)
                 try:  # a property may raise anything: that operation fails, not the setup
-                    method: Any = getattr(self.instance, name, None)
-                    usable = not name.startswith("_") and callable(method)
-                except Exception as exc:  # plugin code
-                    self.missing[name] = RunError(
-                        RUNTIME, f"reading operation {name!r} raised {describe(exc)}",
-                        {"operation": name, "exception_type": type(exc).__name__})
-                    continue
-                if usable:
+                    method: Any = getattr(self.instance, name)
+                except BaseException as exc:  # plugin code
+                    if not (issubclass(type(exc), AttributeError) and not declared):
+                        self.missing[name] = RunError(
+                            RUNTIME, f"reading operation {name!r} raised {describe(exc)}",
+                            {"operation": name, "exception_type": type_name(exc)})
+                        continue
+                    method = None  # absent (a __getattr__ that does not know it)
+                if not name.startswith("_") and callable(method):
                     self.operations[name] = method
                 else:
                     self.missing[name] = RunError(
@@ -94,3 +96,22 @@ class LoadedPlugin:
             close()
             return True
         return False
+
+
+def _declared(instance: Any, name: str) -> bool:
+    """The attribute is in the instance's or its class's dictionaries, read without running
+    plugin code (no `inspect` here: each module a zygote imports costs every run); False
+    when that cannot be told."""
+    try:
+        own = object.__getattribute__(instance, "__dict__")
+        if isinstance(own, dict) and name in own:
+            return True
+    except BaseException:  # no __dict__ (slots), or plugin code
+        pass
+    try:
+        for klass in type.__dict__["__mro__"].__get__(type(instance)):
+            if name in type.__dict__["__dict__"].__get__(klass):
+                return True
+    except BaseException:  # plugin code
+        return False
+    return False

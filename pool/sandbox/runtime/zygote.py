@@ -22,7 +22,7 @@ from _socket import socket as raw_socket
 
 from . import channel, landlock, limits, logs, seccomp
 from .audit import AuditPolicy, install, parse_hosts
-from .classify import error_of
+from .classify import describe, error_of
 from .context import ChannelStorage, SandboxContext
 from .leftovers import PR_SET_CHILD_SUBREAPER, TEARDOWN_ALONE_S
 from .leftovers import kill_children as _kill_leftovers
@@ -248,7 +248,7 @@ def _teardown(plugin: LoadedPlugin | None, policy: AuditPolicy | None, reason: s
             teardown = plugin.close()
         except BaseException as exc:  # the teardown's failure is reported, then we exit
             teardown = True
-            error = RunError(RUNTIME, f"teardown failed: {type(exc).__name__}: {exc}")
+            error = RunError(RUNTIME, f"teardown failed: {describe(exc)}")
         policy.enforcing = False
     with contextlib.suppress(OSError):
         channel.send_message(CONTROL_FD, Closed(error=error, teardown=teardown))
