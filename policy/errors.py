@@ -395,7 +395,7 @@ class RevisionNotFoundError(PluginPoolError, LookupError):
         self.plugin_id = plugin_id
         self.revision = revision
         self.available = available
-        wanted = "an earlier revision" if revision is None else f"revision {revision}"
+        wanted = "earlier revision" if revision is None else f"revision {revision}"
         super().__init__(f"plugin {plugin_id!r} has no {wanted} to roll back to"
                          f" (history holds {available or 'none'})")
 

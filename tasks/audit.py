@@ -73,7 +73,10 @@ class AuditLog:
         return entry
 
     def entries(self, *, limit: int = 100, target: str | None = None) -> list[AuditEntry]:
-        """Newest first; with `target`, only the actions on it (read from the last 1,000)."""
+        """Newest first; with `target`, only the actions on it (read from the last 1,000).
+        ValueError for a limit under 1 (0 read the whole log)."""
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1, not {limit}")
         raws: list[bytes] = self._redis.lrange(  # type: ignore[assignment]
             self._key, 0, (limit if target is None else 1000) - 1)
         entries = [AuditEntry.model_validate(json.loads(raw)) for raw in raws]

@@ -9,13 +9,17 @@ from __future__ import annotations
 from collections.abc import Iterable
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
+import redis
 from celery import Celery
 
+from pluginpool.tasks.audit import Actor
 from pluginpool.tasks.discovery import DiscoveredPlugin, discover, select
+from pluginpool.tasks.operations import audited
 from pluginpool.tasks.registry import Registry, RevisionRecord, SpecCache, operator_name
 from pluginpool.tasks.retire import fail_queued_jobs
+from pluginpool.tasks.settings import Settings
 from pluginpool.tasks.spec import PluginSpec
 
 
@@ -23,6 +27,8 @@ class _Client(Protocol):
     app: Celery
     registry: Registry
     _specs: SpecCache
+    redis: redis.Redis
+    settings: Settings
 
     def register(self, source: str | Path | PluginSpec | Iterable[PluginSpec], *,
                  by: str | None = None) -> list[PluginSpec]: ...
@@ -37,11 +43,14 @@ class FleetOperations:
         """Remove a plugin: new submits raise PluginUnregisteredError, workers stop
         consuming its queue, and each job still queued fails with a `dependency` error
         (jobs already running finish). Returns how many queued jobs were failed."""
-        with self._unavailable_as_error():
-            old = self.registry.unregister(plugin_id, by=by or operator_name())
+        who = Actor(who=by or operator_name(), origin="python")
+
+        def act() -> dict[str, Any]:
+            old = self.registry.unregister(plugin_id, by=who.who)
             self._specs.invalidate(plugin_id)
-            return fail_queued_jobs(self.app, plugin_id=plugin_id, queue=old.queue,
-                                    revision=old.revision)
+            return {"plugin_id": plugin_id, "queued_jobs_failed": fail_queued_jobs(
+                self.app, plugin_id=plugin_id, queue=old.queue, revision=old.revision)}
+        return int(audited(self, who, "unregister", plugin_id, act)["queued_jobs_failed"])
 
     def revisions(self: _Client, plugin_id: str) -> list[RevisionRecord]:
         """The plugin's revisions, oldest first: version, source hash, when, by whom."""
@@ -52,10 +61,15 @@ class FleetOperations:
                  by: str | None = None) -> PluginSpec:
         """Make an earlier revision's content current again (the previous one by default),
         as a new revision: history stays append-only. Returns the new current spec."""
-        with self._unavailable_as_error():
-            spec = self.registry.rollback(plugin_id, to=to, by=by or operator_name())
-        self._specs.invalidate(plugin_id)
-        return spec
+        who = Actor(who=by or operator_name(), origin="python")
+        rolled: list[PluginSpec] = []
+
+        def act() -> dict[str, Any]:
+            rolled.append(self.registry.rollback(plugin_id, to=to, by=who.who))
+            self._specs.invalidate(plugin_id)
+            return {"plugin_id": plugin_id, "to": to, "revision": rolled[0].revision}
+        audited(self, who, "rollback", plugin_id, act)
+        return rolled[0]
 
     def discover(self, paths: list[str] | None = None) -> list[DiscoveredPlugin]:
         """Plugins declared by installed distributions (entry points `pluginpool.plugins`)."""

@@ -31,6 +31,15 @@ from pluginpool.tasks.spec import PluginSpec
 DRAIN_POLL_S = 0.2
 
 
+class Audits(Protocol):
+    """What recording an action needs of the client."""
+
+    redis: redis.Redis
+    settings: Settings
+
+    def _unavailable_as_error(self) -> AbstractContextManager[None]: ...
+
+
 class _Client(Protocol):
     app: Celery
     redis: redis.Redis
@@ -46,11 +55,11 @@ class _Client(Protocol):
     def _unavailable_as_error(self) -> AbstractContextManager[None]: ...
 
 
-def _audit(client: _Client) -> AuditLog:
+def _audit(client: Audits) -> AuditLog:
     return AuditLog(client.redis, client.settings.keys, max_entries=client.settings.audit_max)
 
 
-def _audited(client: _Client, actor: Actor | None, action: str, target: str,
+def audited(client: Audits, actor: Actor | None, action: str, target: str,
              act: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """Run `act` and record it, ok or not (the error is re-raised)."""
     who = actor or Actor.local()
@@ -63,6 +72,10 @@ def _audited(client: _Client, actor: Actor | None, action: str, target: str,
         raise
     _audit(client).record(who, action, target, ok=True, result=result)
     return result
+
+
+MAX_JOB_ID_CHARS = 200
+"""Longer is no job id (Celery's are 36 characters; a producer's own stay short)."""
 
 
 class Operations:
@@ -110,7 +123,7 @@ class Operations:
             self.redis.publish(keys.ops_channel, json.dumps(
                 {"action": "enable", "plugin_id": plugin_id}))
             return {"plugin_id": plugin_id, "was": was.mode if was else None}
-        return _audited(self, actor, "enable", plugin_id, act)
+        return audited(self, actor, "enable", plugin_id, act)
 
     def drain(self, plugin_id: str, *, actor: Actor | None = None,
               wait_s: float | None = None) -> dict[str, Any]:
@@ -149,7 +162,7 @@ class Operations:
             self.redis.publish(keys.ops_channel, json.dumps(
                 {"action": action, "plugin_id": plugin_id}))
             return {"plugin_id": plugin_id, "mode": mode}
-        return _audited(self, who, action, plugin_id, act)
+        return audited(self, who, action, plugin_id, act)
 
     # -- purge and cancel -------------------------------------------------------------------
 
@@ -179,7 +192,7 @@ class Operations:
                                          reason="purged", by=who.who)
                             purged += 1
             return {"plugin_id": plugin_id, "purged": purged}
-        return _audited(self, who, "purge", plugin_id, act)
+        return audited(self, who, "purge", plugin_id, act)
 
     def cancel(self, job_id: str, *, plugin_id: str | None = None,
                actor: Actor | None = None) -> dict[str, Any]:
@@ -189,29 +202,40 @@ class Operations:
         keys = self.settings.keys
 
         def act() -> dict[str, Any]:
+            if not job_id or len(job_id) > MAX_JOB_ID_CHARS or not job_id.isprintable():
+                raise ActionRefusedError(f"not a job id: {job_id[:MAX_JOB_ID_CHARS]!r}")
+            statuses = JobStatusStore(self.redis, keys, ttl_s=self.settings.result_expires_s)
+            known = statuses.current(job_id)
             state = self.app.AsyncResult(job_id).state
+            if known in ("cancelled", "succeeded", "failed"):
+                raise ActionRefusedError(f"job {job_id} already ended ({known})")
             if state in celery_states.READY_STATES:
                 raise ActionRefusedError(f"job {job_id} already ended ({state})")
             error = JobCancelledError.of(job_id, plugin_id=plugin_id, by=who.who)
             self.redis.set(keys.cancelled(job_id), json.dumps(error.info),
                            ex=self.settings.result_expires_s)
             self.app.backend.mark_as_failure(job_id, error)
-            JobStatusStore(self.redis, keys, ttl_s=self.settings.result_expires_s).set(
-                job_id, "cancelled", plugin_id=plugin_id, by=who.who)
+            statuses.set(job_id, "cancelled", plugin_id=plugin_id, by=who.who)
             listeners = self.redis.publish(keys.cancel_channel, job_id)
-            return {"job_id": job_id, "was": state, "workers_told": int(listeners)}
-        return _audited(self, who, "cancel", job_id, act)
+            outcome: dict[str, Any] = {"job_id": job_id, "was": known or "unknown",
+                                       "workers_told": int(listeners)}
+            if known is None:  # a typo, or a plain Celery producer's job not yet started
+                outcome["note"] = ("no record of this job: never submitted by a pluginpool "
+                                   "producer, or queued by a plain Celery one; marked "
+                                   "cancelled anyway")
+            return outcome
+        return audited(self, who, "cancel", job_id, act)
 
     # -- breaker ----------------------------------------------------------------------------
 
     def reset_breaker(self, plugin_id: str, *, actor: Actor | None = None
                       ) -> dict[str, Any]:
-        return _audited(self, actor, "breaker-reset", plugin_id, lambda: {
+        return audited(self, actor, "breaker-reset", plugin_id, lambda: {
             "plugin_id": plugin_id, "state": str(self.override_breaker(plugin_id, "reset"))})
 
     def force_open_breaker(self, plugin_id: str, *, actor: Actor | None = None
                            ) -> dict[str, Any]:
-        return _audited(self, actor, "breaker-force-open", plugin_id, lambda: {
+        return audited(self, actor, "breaker-force-open", plugin_id, lambda: {
             "plugin_id": plugin_id,
             "state": str(self.override_breaker(plugin_id, "force_open"))})
 
@@ -227,7 +251,7 @@ class Operations:
     def requeue_dead_letter(self, entry_id: str, *, actor: Actor | None = None
                             ) -> dict[str, Any]:
         store = DeadLetterStore(self.redis, self.settings.keys)
-        return _audited(self, actor, "deadletter-requeue", entry_id, lambda: {
+        return audited(self, actor, "deadletter-requeue", entry_id, lambda: {
             "id": entry_id, "queue": store.requeue(entry_id).queue})
 
     def discard_dead_letter(self, entry_id: str, *, actor: Actor | None = None
@@ -237,7 +261,7 @@ class Operations:
         def act() -> dict[str, Any]:
             store.discard(entry_id)
             return {"id": entry_id}
-        return _audited(self, actor, "deadletter-discard", entry_id, act)
+        return audited(self, actor, "deadletter-discard", entry_id, act)
 
     # -- the log ----------------------------------------------------------------------------
 

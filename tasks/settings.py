@@ -9,12 +9,14 @@ import difflib
 import functools
 import logging
 import os
+import re
 from collections.abc import Mapping
 from typing import Any, Literal
 from urllib.parse import urlparse
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings.exceptions import SettingsError as PydanticSettingsError
 from redis.connection import parse_url
 
 from pluginpool.policy.breaker import BreakerConfig
@@ -257,6 +259,11 @@ class Settings(BaseSettings):
                 logger.warning("%s", problem)
         try:
             return cls(**overrides)
+        except PydanticSettingsError as exc:  # a value not even parsed (JSON fields: "")
+            match = re.search(r'field "(\w+)"', str(exc))
+            name = f"{ENV_PREFIX}{match.group(1).upper()}" if match else "a PLUGINPOOL_* variable"
+            raise SettingsError(f"invalid settings: {name}: not valid JSON for this setting "
+                                "(an empty value included: unset it instead)") from None
         except ValidationError as exc:
             problems = []
             for err in exc.errors():

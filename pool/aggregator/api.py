@@ -35,11 +35,28 @@ class NotFound(LookupError):
     """No such API path."""
 
 
-def _limit(query: dict[str, list[str]], default: int = 100) -> int:
-    try:
-        return max(1, min(int(query.get("limit", [default])[0]), MAX_LIMIT))
-    except ValueError:
+MAX_OFFSET = 1 << 31
+"""Beyond it an offset is not a position in any list here (Redis refuses it: was a 503)."""
+
+
+def query_int(query: dict[str, list[str]], name: str, default: int, *, low: int,
+              high: int) -> int:
+    """An integer query parameter within [low, high]; ValueError (a 400) naming it if it is
+    not one, or is out of range (a silent default or clamp hid a caller's mistake)."""
+    values = query.get(name)
+    if not values or values[0] == "":
         return default
+    try:
+        value = int(values[0])
+    except ValueError:
+        raise ValueError(f"{name} must be an integer, not {values[0][:40]!r}") from None
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be between {low} and {high}, not {value}")
+    return value
+
+
+def _limit(query: dict[str, list[str]], default: int = 100) -> int:
+    return query_int(query, "limit", default, low=1, high=MAX_LIMIT)
 
 
 class Api:
@@ -65,7 +82,7 @@ class Api:
             return {"entries": [e.model_dump(mode="json") for e in
                                 self.client.audit_log(limit=_limit(query), target=target)]}
         if parts == ["deadletters"]:
-            offset = int(query.get("offset", ["0"])[0] or 0)
+            offset = query_int(query, "offset", 0, low=0, high=MAX_OFFSET)
             total, entries = self.client.dead_letters(limit=_limit(query), offset=offset)
             return {"total": total, "entries": [e.summary() for e in entries]}
         if len(parts) == 2 and parts[0] == "plugins":

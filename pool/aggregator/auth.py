@@ -93,7 +93,8 @@ class Authenticator:
         if not identity.can_act:
             raise AuthError(f"role {identity.role!r} cannot act: an operator token is "
                             "required", status=403)
-        if not (headers.get("content-type") or "").startswith("application/json"):
+        media_type = (headers.get("content-type") or "").split(";", 1)[0].strip().lower()
+        if media_type != "application/json":  # not application/jsonx
             raise AuthError("actions are POSTs with Content-Type: application/json",
                             status=415)
         origin = headers.get("origin")

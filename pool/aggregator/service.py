@@ -19,10 +19,12 @@ import signal
 import threading
 import time
 import urllib.parse
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from typing import Any
 
+import redis
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import CollectorRegistry
 
@@ -34,7 +36,7 @@ from pluginpool.policy.errors import (
     UnknownPluginError,
 )
 from pluginpool.policy.health import PluginHealth
-from pluginpool.pool.aggregator.api import Api, NotFound
+from pluginpool.pool.aggregator.api import MAX_OFFSET, Api, NotFound, query_int
 from pluginpool.pool.aggregator.auth import Authenticator, Identity
 from pluginpool.pool.aggregator.metrics import DeliveryCollector, PluginCollector
 from pluginpool.pool.aggregator.monitor import EventMonitor
@@ -46,6 +48,15 @@ from pluginpool.tasks.settings import Settings
 logger = logging.getLogger("pluginpool.aggregator")
 DASHBOARD = resources.files("pluginpool.pool.aggregator").joinpath("dashboard.html")
 PUBLIC = ("/livez", "/metrics")
+MAX_BODY_BYTES = 65_536
+
+
+class BadRequest(ValueError):
+    """A request the API cannot read (a 400)."""
+
+
+class BodyTooLarge(Exception):
+    """A request body over MAX_BODY_BYTES (a 413)."""
 """Open to anyone who reaches the port: liveness, and the aggregate counters Prometheus
 scrapes (scrape annotations cannot carry a token). The page itself holds no data."""
 
@@ -72,10 +83,10 @@ class Aggregator:
         """`/health?offset=M&limit=N`: a page of plugins (by id) and the total, so a person's
         view of 10,000 plugins reads what it shows; without `limit`, every plugin."""
         params = urllib.parse.parse_qs(query)
-        offset = max(0, int((params.get("offset") or ["0"])[0]))
-        limit = params.get("limit")
-        page, total = self.client.registry.page(
-            offset=offset, limit=max(0, int(limit[0])) if limit else None)
+        offset = query_int(params, "offset", 0, low=0, high=MAX_OFFSET)
+        limit = query_int(params, "limit", -1, low=0, high=MAX_OFFSET)
+        page, total = self.client.registry.page(offset=offset,
+                                                limit=limit if limit >= 0 else None)
         items = self.client.health_reader.read_all(page)
         return {"plugins": [self._live(item).model_dump(mode="json") for item in items],
                 "total": total, "offset": offset, "aggregator": self.info()}
@@ -134,13 +145,15 @@ def make_handler(aggregator: Aggregator) -> type[BaseHTTPRequestHandler]:
             self.wfile.write(body)
 
         def _identify(self) -> Identity:
+            if len(self.headers.get_all("Authorization") or []) > 1:  # which one would count?
+                raise AuthError("one Authorization header, not several", status=400)
             return aggregator.auth.identify(self._headers(), peer=self.client_address[0])
 
         def _headers(self) -> dict[str, str]:
             return {name.lower(): value for name, value in self.headers.items()}
 
         def do_POST(self) -> None:
-            path = self.path.split("?", 1)[0].rstrip("/")
+            path = urllib.parse.unquote(self.path.split("?", 1)[0].rstrip("/"))
             actor: Actor | None = None
             try:
                 identity = self._identify()
@@ -153,10 +166,15 @@ def make_handler(aggregator: Aggregator) -> type[BaseHTTPRequestHandler]:
                                                      str(exc))
                     raise
                 length = int(self.headers.get("Content-Length") or 0)
-                if length > 65_536:
-                    raise ActionRefusedError("request body too large")
+                if length < 0:
+                    raise BadRequest("Content-Length must not be negative")
+                if length > MAX_BODY_BYTES:
+                    raise BodyTooLarge(f"the body is over {MAX_BODY_BYTES} bytes")
                 raw = self.rfile.read(length) if length else b"{}"
-                body = json.loads(raw or b"{}")
+                try:
+                    body = json.loads(raw or b"{}")
+                except (ValueError, RecursionError) as exc:
+                    raise BadRequest(f"the body is not JSON: {str(exc)[:200]}") from None
                 if not isinstance(body, dict):
                     raise ActionRefusedError("the body must be a JSON object")
                 self._json(200, aggregator.api.post(path, body, actor))
@@ -168,18 +186,51 @@ def make_handler(aggregator: Aggregator) -> type[BaseHTTPRequestHandler]:
                 self._json(exc.status, {"error": type(exc).__name__, "message": str(exc)})
             elif isinstance(exc, UnknownPluginError | DeadLetterNotFoundError | NotFound):
                 self._json(404, {"error": "not found", "message": str(exc)})
-            elif isinstance(exc, ActionRefusedError | DeadLetterNotRequeueableError
-                            | json.JSONDecodeError):
+            elif isinstance(exc, BodyTooLarge):
+                self._json(413, {"error": type(exc).__name__, "message": str(exc)})
+            elif isinstance(exc, ActionRefusedError | DeadLetterNotRequeueableError):
                 self._json(409, {"error": type(exc).__name__, "message": str(exc)})
-            elif isinstance(exc, ValueError):  # a malformed query (?limit=abc) or value
+            elif isinstance(exc, ValueError):  # a malformed query (?limit=abc), body or value
                 self._json(400, {"error": type(exc).__name__, "message": str(exc)})
+            elif isinstance(exc, redis.ConnectionError | redis.TimeoutError | ConnectionError):
+                logger.warning("Redis unavailable serving %s: %r", path, exc)
+                self._json(503, {"error": "unavailable", "message": "Redis is unavailable"})
             else:  # one bad request must not stop the server
                 logger.exception("error serving %s", path)
-                self._json(503, {"error": type(exc).__name__, "message": str(exc)})
+                self._json(500, {"error": "internal", "message": type(exc).__name__})
+
+        def send_error(self, code: int, message: str | None = None,
+                       explain: str | None = None) -> None:
+            """http.server's own refusals (a request line, URI or headers it cannot read) as
+            JSON like every other answer, not its HTML page."""
+            try:
+                phrase = HTTPStatus(code).phrase
+            except ValueError:
+                phrase = "error"
+            body = json.dumps({"error": phrase, "message": message or ""}).encode()
+            self.send_response(code, message)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Connection", "close")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if self.command != "HEAD" and code >= 200 and code not in (204, 304):
+                self.wfile.write(body)
+
+        def _not_allowed(self) -> None:
+            body = json.dumps({"error": "method not allowed",
+                               "message": f"{self.command} is not served: GET or POST"}).encode()
+            self.send_response(405)
+            self.send_header("Allow", "GET, POST")
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_HEAD = _not_allowed
 
         def do_GET(self) -> None:
             path, _, query = self.path.partition("?")
-            path = path.rstrip("/") or "/"
+            path = urllib.parse.unquote(path.rstrip("/")) or "/"
             try:
                 if path not in PUBLIC and (path != "/" or not aggregator.auth.enabled):
                     identity = self._identify()

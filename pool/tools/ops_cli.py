@@ -53,6 +53,13 @@ def cmd_purge(args: argparse.Namespace) -> int:
         return _print(client.purge(args.plugin, actor=Actor.local(CLI)))
 
 
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
 def cmd_cancel(args: argparse.Namespace) -> int:
     with _client() as client:
         return _print(client.cancel(args.job, plugin_id=args.plugin, actor=Actor.local(CLI)))
@@ -100,7 +107,8 @@ def add_parsers(sub: Any) -> None:
     p.set_defaults(func=cmd_cancel)
 
     p = sub.add_parser("audit", help="the operator actions log, newest first")
-    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--limit", type=_at_least_one, default=50,
+                   help="the newest N entries (default 50)")
     p.add_argument("--target", default=None, help="only actions on this plugin, job or id")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_audit)

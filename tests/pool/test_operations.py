@@ -20,12 +20,18 @@ from typing import Any
 
 import pytest
 
-from pluginpool.policy.errors import JobCancelledError, PluginDisabledError
+from pluginpool.policy.errors import (
+    ActionRefusedError,
+    JobCancelledError,
+    PluginDisabledError,
+    RevisionNotFoundError,
+)
 from pluginpool.pool.aggregator.auth import csrf_token
 from pluginpool.pool.tools.processes import ManagedProcess, wait_until
 from pluginpool.pool.tools.redis_bootstrap import free_port
 from pluginpool.tasks.audit import Actor
 from pluginpool.tasks.client import PluginClient
+from pluginpool.tasks.spec import PluginSpec
 from tests.conftest import TEST_PLUGINS, make_settings, retire, spawn_worker, worker_env
 
 OPERATOR, VIEWER = "op-" + uuid.uuid4().hex, "view-" + uuid.uuid4().hex
@@ -248,3 +254,98 @@ def test_cli_actions_are_audited_as_the_cli(env: tuple[PluginClient, Api]) -> No
     entries = json.loads(cli("audit", "--json", "--target", "ops-echo").stdout)
     assert [e["action"] for e in entries[:2]] == ["enable", "disable"]
     assert all(e["origin"] == "cli" for e in entries[:2])
+
+
+def raw_request(api: Api, text: str) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP request written by hand (what urllib will not send), its status, headers
+    and body."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", api.port), timeout=10) as conn:
+        conn.sendall(text.encode())
+        received = b""
+        while chunk := conn.recv(65536):
+            received += chunk
+    head, _, body = received.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines[1:] if ": " in line)
+    return int(lines[0].split()[1]), headers, body
+
+
+def test_bad_requests_get_the_right_status_as_json_at_once(
+        env: tuple[PluginClient, Api]) -> None:
+    """Before: a non-JSON body 409, a body over 64 KiB 409, deep JSON and an offset past
+    Redis's integers 503, a negative Content-Length held the request 30 s, other methods
+    an HTML 501, `?limit=abc` on the audit silently 100."""
+    _, api = env
+    auth = f"Authorization: Bearer {OPERATOR}\r\nContent-Type: application/json\r\n"
+    action = "/api/plugins/ops-echo/breaker-reset"
+    for body, status in [("notjson", 400), ("{" * 5000, 400), ("x" * 70_000, 413)]:
+        code, headers, answer = raw_request(
+            api, f"POST {action} HTTP/1.1\r\nHost: x\r\n{auth}"
+                 f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n{body}")
+        assert code == status and headers["Content-Type"] == "application/json", answer
+    started = time.monotonic()
+    code, _, _ = raw_request(api, f"POST {action} HTTP/1.1\r\nHost: x\r\n{auth}"
+                                  "Content-Length: -1\r\nConnection: close\r\n\r\n{}")
+    assert code == 400 and time.monotonic() - started < 10
+    for method in ("PUT", "DELETE", "HEAD"):
+        code, headers, _ = raw_request(api, f"{method} /health HTTP/1.1\r\nHost: x\r\n"
+                                            "Connection: close\r\n\r\n")
+        assert code == 405 and headers["Allow"] == "GET, POST"
+    code, headers, answer = raw_request(api, "BREW / HTTP/1.1\r\nHost: x\r\n"
+                                             "Connection: close\r\n\r\n")
+    assert code == 501 and headers["Content-Type"] == "application/json"
+    assert json.loads(answer)["error"] == "Not Implemented"
+    for path in ("/api/audit?limit=abc", "/api/audit?limit=0", "/health?limit=-1",
+                 "/api/deadletters?offset=99999999999999999999999999"):
+        status, body = api.call("GET", path, token=VIEWER)
+        assert status == 400, (path, status, body)
+    code, _, _ = raw_request(api, f"GET /api/whoami HTTP/1.1\r\nHost: x\r\n"
+                                  f"Authorization: Bearer {VIEWER}\r\n"
+                                  f"Authorization: Bearer {OPERATOR}\r\n"
+                                  "Connection: close\r\n\r\n")
+    assert code == 400  # which of two tokens would count?
+    status, _ = api.call("POST", action, token=OPERATOR, body={},
+                         headers={"Content-Type": "application/jsonx"})
+    assert status == 415
+
+
+def test_cancel_refuses_what_is_no_job_id_and_says_when_it_knows_no_such_job(
+        env: tuple[PluginClient, Api]) -> None:
+    """Before: `cancel ''` was a Python traceback; a typo'd id was cancelled as if it were a
+    pending job ("was": "PENDING")."""
+    client, api = env
+    with pytest.raises(ActionRefusedError):
+        client.cancel("")
+    status, body = api.call("POST", "/api/jobs/" + "x" * 300 + "/cancel", token=OPERATOR,
+                            body={})
+    assert status == 409, body
+    unknown = client.cancel(f"typo-{uuid.uuid4().hex}")
+    assert unknown["was"] == "unknown" and "no record of this job" in unknown["note"]
+    job = client.submit("ops-sleep", {"seconds": 3})
+    assert wait_until(lambda: job.status() == "started", timeout_s=20)
+    running = client.cancel(job.id, plugin_id="ops-sleep")
+    assert running["was"] == "started" and "note" not in running
+    with pytest.raises(ActionRefusedError, match="already ended \\(cancelled\\)"):
+        client.cancel(job.id)
+
+
+def test_unregister_and_rollback_are_audited(env: tuple[PluginClient, Api]) -> None:
+    """They were not: an operator's removal of a plugin or return to old code left no
+    entry, and a failed rollback no trace."""
+    client, _ = env
+    plugin = f"ops-audited-{uuid.uuid4().hex[:6]}"
+    for version in ("1.0", "2.0"):
+        client.register(PluginSpec(id=plugin, name="A", version=version,
+                                   entrypoint="pp_testplugins.basic:echo"))
+    client.rollback(plugin)
+    with pytest.raises(RevisionNotFoundError):
+        client.rollback(plugin, to=99)
+    client.unregister(plugin)
+    entries = client.audit_log(limit=10, target=plugin)
+    assert [(e.action, e.ok) for e in entries] == [
+        ("unregister", True), ("rollback", False), ("rollback", True)]
+    assert entries[2].result["revision"] == 3
+    with pytest.raises(ValueError):
+        client.audit_log(limit=0)
