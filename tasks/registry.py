@@ -81,9 +81,16 @@ class Registry:
         with self._redis.pipeline() as pipe:
             while True:
                 try:
-                    pipe.watch(self._keys.specs)  # type: ignore[no-untyped-call]
+                    pipe.watch(self._keys.specs,  # type: ignore[no-untyped-call]
+                               self._keys.unregistered)
                     current = {s.id: s for s in self._decode_all(pipe.hgetall(self._keys.specs))}
                     self._check(specs, current, source)
+                    # An id registered again after `unregister` goes on from its last revision:
+                    # numbered from 1 again, workers took the new code for the old revision
+                    # they had set up (and served the old code as it).
+                    gone = dict(zip([spec.id for spec in specs], pipe.hmget(
+                        self._keys.unregistered, [spec.id for spec in specs]) if specs else [],
+                        strict=True))
                     published = []
                     pipe.multi()
                     for spec in specs:
@@ -91,7 +98,8 @@ class Registry:
                         if old is not None and old.content_equals(spec):
                             published.append(old)
                             continue
-                        new = spec.model_copy(update={"revision": (old.revision if old else 0) + 1})
+                        last = old.revision if old else int(gone.get(spec.id) or 0)
+                        new = spec.model_copy(update={"revision": last + 1})
                         pipe.hset(self._keys.specs, spec.id, new.model_dump_json())
                         pipe.hdel(self._keys.unregistered, spec.id)
                         if old is not None:

@@ -132,6 +132,26 @@ def test_new_revision_mid_stream_fails_no_job_and_rollback_restores(fleet: Fleet
     assert records[0].source_sha256 == records[2].source_sha256 != records[1].source_sha256
 
 
+@pytest.mark.parametrize("sandboxed", [True, False])
+def test_a_plugin_registered_again_after_unregister_runs_its_new_code(
+        fleet: Fleet, sandboxed: bool) -> None:
+    """Before, its revisions started again at 1: workers had revision 1 set up (a warm
+    sandbox, an in-process instance) and served the old code as the new revision 1."""
+    client = fleet.client
+    plugin = f"acme-again-{'s' if sandboxed else 'u'}"
+    fields = {"name": "Again", "entrypoint": "fleetpkg:run",
+              "isolation": {"sandboxed": sandboxed}}
+    client.register(manifest(fleet.root / f"{plugin}-1.toml", {plugin: {
+        **fields, "source": str(fleet.wheels[1])}}))
+    assert client.submit(plugin, {"text": "a"}).result(timeout=60)["version"] == 1
+    client.unregister(plugin)
+    [spec] = client.register(manifest(fleet.root / f"{plugin}-2.toml", {plugin: {
+        **fields, "source": str(fleet.wheels[2])}}))
+    assert spec.revision == 2
+    job = client.submit(plugin, {"text": "a"})
+    assert job.result(timeout=60)["version"] == 2 and job.meta["revision"] == 2
+
+
 def test_unregistered_plugin_is_refused_and_its_queue_no_longer_consumed(fleet: Fleet) -> None:
     """Jobs running finish; queued ones fail with a typed `dependency` error (none is left
     without an outcome); submit raises; a message that still reaches the queue (a producer
