@@ -20,7 +20,9 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+import zlib
 from pathlib import Path
+from typing import Any
 
 import redis
 from packaging.version import InvalidVersion, Version
@@ -127,17 +129,43 @@ def _bare_package_project(plugin_id: str, package: str, version: str) -> str:
     )
 
 
-def check_wheel(data: bytes, *, plugin_id: str) -> None:
-    """A wheel is a zip with a .dist-info directory; anything else is refused at register."""
+UNPACKED_FACTOR = 10
+"""An artifact may unpack to at most this many times PLUGINPOOL_MAX_ARTIFACT_BYTES (the
+sizes its zip declares, checked before extracting): a zip bomb cannot fill a worker's disk."""
+
+
+def check_wheel(data: bytes, *, plugin_id: str, max_bytes: int,
+                sha256: str | None = None) -> None:
+    """What a worker will unpack, checked whole, at register and again before unpacking: a
+    zip (every member's data readable, its CRC right), with a .dist-info directory, no
+    member named outside it (absolute, `..`), and unpacking to at most UNPACKED_FACTOR x
+    `max_bytes`. ArtifactError `invalid` otherwise (before, a corrupt member registered and
+    failed each job as an untyped runtime error; a zip bomb or a `../` member registered
+    and failed, or was silently renamed, at the first job)."""
+    def invalid(problem: str, **details: Any) -> ArtifactError:
+        return ArtifactError("invalid", f"artifact of {plugin_id!r} {problem}",
+                             plugin_id=plugin_id, sha256=sha256, **details)
+
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as archive:
-            names = archive.namelist()
-    except zipfile.BadZipFile:
-        raise ArtifactError("invalid", f"artifact of {plugin_id!r} is not a wheel (not a zip)",
-                            plugin_id=plugin_id) from None
-    if not any(".dist-info/" in name for name in names):
-        raise ArtifactError("invalid", f"artifact of {plugin_id!r} has no .dist-info: not a"
-                            " wheel", plugin_id=plugin_id)
+            members = archive.infolist()
+            unpacked = sum(info.file_size for info in members)
+            if unpacked > UNPACKED_FACTOR * max_bytes:
+                raise invalid(f"unpacks to {unpacked} bytes, over {UNPACKED_FACTOR} x "
+                              "PLUGINPOOL_MAX_ARTIFACT_BYTES", unpacked_bytes=unpacked)
+            for info in members:
+                parts = info.filename.replace("\\", "/").split("/")
+                if info.filename.startswith(("/", "\\")) or ".." in parts or (
+                        parts and parts[0].endswith(":")):
+                    raise invalid(f"has a member named outside it: {info.filename[:200]!r}")
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as exc:
+        raise invalid(f"is not a readable zip ({type(exc).__name__}: {str(exc)[:200]})") \
+            from None
+    if damaged is not None:
+        raise invalid(f"has a damaged member (bad CRC): {damaged[:200]!r}")
+    if not any(".dist-info/" in info.filename for info in members):
+        raise invalid("has no .dist-info: not a wheel")
 
 
 def publish_sources(specs: list[PluginSpec], store: ArtifactStore) -> list[PluginSpec]:
@@ -161,7 +189,7 @@ def publish_sources(specs: list[PluginSpec], store: ArtifactStore) -> list[Plugi
             if len(data) > store.max_bytes:  # before parsing a possibly huge file
                 raise ArtifactTooLargeError(plugin_id=spec.id, size_bytes=len(data),
                                             limit_bytes=store.max_bytes)
-            check_wheel(data, plugin_id=spec.id)
+            check_wheel(data, plugin_id=spec.id, max_bytes=store.max_bytes)
             ref = store.publish(data, plugin_id=spec.id, filename=wheel.name)
         built[(spec.source, spec.version)] = ref
         published.append(spec.model_copy(update={"artifact": ref}))

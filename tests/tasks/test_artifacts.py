@@ -119,3 +119,55 @@ def test_a_cache_directory_others_may_write_to_is_refused(client: PluginClient,
         ArtifactCache(ArtifactStore.from_settings(settings), shared).path_for(ref,
                                                                               plugin_id="x")
     assert info.value.reason == "cache"
+
+
+def wheel_bytes(members: dict[str, bytes]) -> bytes:
+    import io
+    import zipfile
+
+    data = io.BytesIO()
+    with zipfile.ZipFile(data, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for name, content in members.items():
+            archive.writestr(name, content)
+    return data.getvalue()
+
+
+def corrupted(data: bytes, member_content: bytes) -> bytes:
+    """`data` with one byte of a member's compressed data flipped (its directory intact)."""
+    import zlib
+
+    packed = zlib.compressobj(9, zlib.DEFLATED, -15)
+    stream = packed.compress(member_content) + packed.flush()
+    at = data.index(stream[:16]) + len(stream) // 2
+    return data[:at] + bytes([data[at] ^ 0xFF]) + data[at + 1:]
+
+
+@pytest.mark.parametrize("kind", ["corrupt member", "member outside", "bomb", "no dist-info"])
+def test_a_wheel_a_worker_would_refuse_is_refused_at_register_and_at_unpack(
+        settings: Settings, tmp_path: Path, kind: str) -> None:
+    """Before, a corrupt member and a `../` member registered (then each job failed as an
+    untyped runtime error, `zlib.error`, or the member was silently renamed), and a zip
+    bomb registered and failed only at the first job."""
+    from pluginpool.tasks.artifacts import check_wheel
+
+    code = b"def run(ctx, payload):\n    return 1\n" * 200
+    members = {"pkg-1.0.dist-info/METADATA": b"Name: pkg\n", "pkg/__init__.py": code}
+    if kind == "member outside":
+        members["../../escape.txt"] = b"x"
+    if kind == "bomb":
+        members["pkg/zeros.bin"] = bytes(4 * 1024 * 1024)
+    if kind == "no dist-info":
+        del members["pkg-1.0.dist-info/METADATA"]
+    data = wheel_bytes(members)
+    if kind == "corrupt member":
+        data = corrupted(data, code)
+    with pytest.raises(ArtifactError) as info:
+        check_wheel(data, plugin_id="p", max_bytes=100_000)
+    assert info.value.reason == "invalid"
+    store = ArtifactStore.from_settings(settings)  # published past the check (an older
+    store.max_bytes = 100_000  # producer): the worker refuses it typed, unpacks nothing
+    ref = store.publish(data, plugin_id="p", filename="p.whl")
+    with pytest.raises(ArtifactError) as info:
+        ArtifactCache(store, tmp_path / "cache").path_for(ref, plugin_id="p")
+    assert info.value.reason == "invalid"
+    assert not list((tmp_path / "cache" / "artifacts").iterdir())
