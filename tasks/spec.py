@@ -43,12 +43,17 @@ class Requires(BaseModel):
 
     @field_validator("packages")
     @classmethod
-    def _pep508(cls, values: list[str]) -> list[str]:
+    def _pep508(cls, values: list[str], info: ValidationInfo) -> list[str]:
+        registering = bool(info.context and info.context.get(REGISTERING))
         for value in values:
             try:
-                Requirement(value)
+                requirement = Requirement(value)
             except InvalidRequirement as exc:
                 raise ValueError(f"{value!r} is not a PEP 508 requirement: {exc}") from None
+            if registering and requirement.url:  # workers refuse it (it would bypass the
+                raise ValueError(  # deployment's package sources): refused here, not at run
+                    f"{value!r} names a URL: packages come from the deployment's index and "
+                    "find-links only")
         return values
 
 

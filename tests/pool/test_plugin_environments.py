@@ -330,6 +330,22 @@ def test_a_requirement_naming_a_url_is_refused(tmp_path: Path) -> None:
     assert not (tmp_path / "cache" / "envs").exists()
 
 
+def test_a_requirement_naming_a_url_is_refused_at_register(client: PluginClient) -> None:
+    """Before, it registered and every job failed at the worker (above, which stays for a
+    spec registered before this check)."""
+    from pluginpool.policy.errors import ManifestError, UnknownPluginError
+    from pluginpool.tasks.spec import PluginSpec
+
+    spec = PluginSpec.model_validate({
+        "id": "url-at-register", "name": "url", "entrypoint": "m:f", "requires": {
+            "packages": ["ppdemo_dep @ file:///tmp/ppdemo_dep-1.0-py3-none-any.whl"]}})
+    with pytest.raises(ManifestError) as info:
+        client.register(spec)
+    assert "names a URL" in str(info.value)
+    with pytest.raises(UnknownPluginError):
+        client.spec("url-at-register")
+
+
 def test_an_environment_no_registered_revision_uses_is_swept_once_unused(envs: Envs) -> None:
     """A new revision with other requirements gets a new environment; the old revision's is
     removed from disk once unused for env_keep_s, the current one stays and is reused."""
