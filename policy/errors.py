@@ -403,8 +403,8 @@ class RevisionNotFoundError(PluginPoolError, LookupError):
 class ArtifactError(PluginPoolError):
     """A plugin's code artifact could not be built, published, fetched or verified.
 
-    `reason` is one of: build, too_large, missing, hash_mismatch, invalid. A worker turns
-    it into a `dependency` error (never retried) and goes on serving."""
+    `reason` is one of: build, too_large, missing, hash_mismatch, invalid, unpack, cache. A
+    worker turns it into a `dependency` error (never retried) and goes on serving."""
 
     def __init__(self, reason: str, message: str, *, plugin_id: str | None = None,
                  sha256: str | None = None, **details: Any) -> None:

@@ -18,6 +18,7 @@ for it (purelib at the root); data files and scripts of a wheel are not installe
 from __future__ import annotations
 
 import contextlib
+import errno
 import importlib
 import io
 import os
@@ -35,6 +36,10 @@ from pluginpool.tasks.artifacts import ArtifactStore, check_wheel
 from pluginpool.tasks.context import PluginContext
 from pluginpool.tasks.settings import Settings
 from pluginpool.tasks.spec import ArtifactRef, PluginSpec
+
+HOST_ERRNOS = frozenset((errno.ENOSPC, errno.EDQUOT, errno.EMFILE, errno.ENFILE, errno.EIO,
+                         errno.ENOMEM, errno.EROFS))
+"""Unpacking failures that are the host's, not the artifact's."""
 
 
 def default_cache_dir(settings: Settings) -> Path:
@@ -87,8 +92,12 @@ class ArtifactCache:
                 archive.extractall(scratch)
             os.rename(scratch, target)
         except OSError as exc:
-            if not target.is_dir():  # not "another process unpacked it first"
-                raise ArtifactError(  # a file and a directory of one name, a full disk
+            if target.is_dir():  # another process unpacked it first
+                pass
+            elif exc.errno in HOST_ERRNOS:  # this host's trouble, not the artifact's: the
+                raise  # job may run elsewhere (an untyped, restartable error)
+            else:  # the artifact's own (a file and a directory of one name, a long name)
+                raise ArtifactError(
                     "unpack", f"artifact {ref.sha256} of {plugin_id!r} could not be "
                     f"unpacked: {type(exc).__name__}: {str(exc)[:200]}", plugin_id=plugin_id,
                     sha256=ref.sha256) from None

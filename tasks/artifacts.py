@@ -129,6 +129,9 @@ def _bare_package_project(plugin_id: str, package: str, version: str) -> str:
     )
 
 
+SUPPORTED_COMPRESSION = frozenset((zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED))
+"""What a wheel's members may be (PEP 427 names stored and deflated; bz2 and lzma would
+reach decoders whose errors are their own)."""
 UNPACKED_FACTOR = 10
 """An artifact may unpack to at most this many times PLUGINPOOL_MAX_ARTIFACT_BYTES (the
 sizes its zip declares, checked before extracting): a zip bomb cannot fill a worker's disk."""
@@ -154,12 +157,19 @@ def check_wheel(data: bytes, *, plugin_id: str, max_bytes: int,
                 raise invalid(f"unpacks to {unpacked} bytes, over {UNPACKED_FACTOR} x "
                               "PLUGINPOOL_MAX_ARTIFACT_BYTES", unpacked_bytes=unpacked)
             for info in members:
+                if info.flag_bits & 0x1 or info.compress_type not in SUPPORTED_COMPRESSION:
+                    raise invalid(f"has a member encrypted or compressed in a way wheels are "
+                                  f"not: {info.filename[:200]!r}")
                 parts = info.filename.replace("\\", "/").split("/")
                 if info.filename.startswith(("/", "\\")) or ".." in parts or (
                         parts and parts[0].endswith(":")):
                     raise invalid(f"has a member named outside it: {info.filename[:200]!r}")
             damaged = archive.testzip()
-    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as exc:
+    except ArtifactError:
+        raise
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, ValueError,
+            RuntimeError, OSError, LookupError) as exc:  # what a damaged zip raises
+        # (ValueError: a negative seek in its directory; UnicodeDecodeError: its names)
         raise invalid(f"is not a readable zip ({type(exc).__name__}: {str(exc)[:200]})") \
             from None
     if damaged is not None:

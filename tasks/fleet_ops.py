@@ -39,11 +39,12 @@ class _Client(Protocol):
 class FleetOperations:
     """Registry operations of PluginClient beyond `register`."""
 
-    def unregister(self: _Client, plugin_id: str, *, by: str | None = None) -> int:
+    def unregister(self: _Client, plugin_id: str, *, by: str | None = None,
+                   actor: Actor | None = None) -> int:
         """Remove a plugin: new submits raise PluginUnregisteredError, workers stop
         consuming its queue, and each job still queued fails with a `dependency` error
         (jobs already running finish). Returns how many queued jobs were failed."""
-        who = Actor(who=by or operator_name(), origin="python")
+        who = actor or Actor(who=by or operator_name(), origin="python")
 
         def act() -> dict[str, Any]:
             old = self.registry.unregister(plugin_id, by=who.who)
@@ -58,10 +59,10 @@ class FleetOperations:
             return self.registry.revisions(plugin_id)
 
     def rollback(self: _Client, plugin_id: str, *, to: int | None = None,
-                 by: str | None = None) -> PluginSpec:
+                 by: str | None = None, actor: Actor | None = None) -> PluginSpec:
         """Make an earlier revision's content current again (the previous one by default),
         as a new revision: history stays append-only. Returns the new current spec."""
-        who = Actor(who=by or operator_name(), origin="python")
+        who = actor or Actor(who=by or operator_name(), origin="python")
         rolled: list[PluginSpec] = []
 
         def act() -> dict[str, Any]:

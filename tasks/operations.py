@@ -9,6 +9,7 @@ JSON-able dict saying what it did.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -29,6 +30,7 @@ from pluginpool.tasks.settings import Settings
 from pluginpool.tasks.spec import PluginSpec
 
 DRAIN_POLL_S = 0.2
+logger = logging.getLogger("pluginpool.operations")
 
 
 class Audits(Protocol):
@@ -67,10 +69,14 @@ def audited(client: Audits, actor: Actor | None, action: str, target: str,
         with client._unavailable_as_error():
             result = act()
     except Exception as exc:
-        _audit(client).record(who, action, target, ok=False,
-                              error=f"{type(exc).__name__}: {exc}")
+        try:  # the action's own error is what the caller gets, even with Redis gone
+            _audit(client).record(who, action, target, ok=False,
+                                  error=f"{type(exc).__name__}: {exc}")
+        except redis.RedisError as lost:
+            logger.warning("could not audit %s %s: %r", action, target[:200], lost)
         raise
-    _audit(client).record(who, action, target, ok=True, result=result)
+    with client._unavailable_as_error():
+        _audit(client).record(who, action, target, ok=True, result=result)
     return result
 
 
@@ -221,7 +227,8 @@ class Operations:
                                        "workers_told": int(listeners)}
             if known is None:  # a typo, or a plain Celery producer's job not yet started
                 outcome["note"] = ("no record of this job: never submitted by a pluginpool "
-                                   "producer, or queued by a plain Celery one; marked "
+                                   "producer, queued by a plain Celery one, or its record "
+                                   "expired (PLUGINPOOL_RESULT_EXPIRES_S); marked "
                                    "cancelled anyway")
             return outcome
         return audited(self, who, "cancel", job_id, act)

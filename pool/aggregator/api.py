@@ -19,7 +19,7 @@ import json
 import time
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, unquote
 
 from pluginpool.pool.aggregator.auth import Identity
 from pluginpool.tasks.audit import Actor
@@ -71,7 +71,7 @@ class Api:
 
     def get(self, path: str, query_string: str, identity: Identity) -> Any:
         query = parse_qs(query_string)
-        parts = path.strip("/").split("/")[1:]  # after "api"
+        parts = [unquote(part) for part in path.strip("/").split("/")[1:]]  # after "api"
         if parts == ["whoami"]:
             return {"role": identity.role, "who": identity.who, "csrf": identity.csrf,
                     "can_act": identity.can_act}
@@ -142,7 +142,7 @@ class Api:
     # -- actions ------------------------------------------------------------------------
 
     def post(self, path: str, body: dict[str, Any], actor: Actor) -> dict[str, Any]:
-        parts = path.strip("/").split("/")[1:]
+        parts = [unquote(part) for part in path.strip("/").split("/")[1:]]
         client = self.client
         if len(parts) == 3 and parts[0] == "plugins":
             plugin_id, action = parts[1], parts[2]

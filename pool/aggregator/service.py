@@ -48,7 +48,14 @@ from pluginpool.tasks.settings import Settings
 logger = logging.getLogger("pluginpool.aggregator")
 DASHBOARD = resources.files("pluginpool.pool.aggregator").joinpath("dashboard.html")
 PUBLIC = ("/livez", "/metrics")
+"""Open to anyone who reaches the port: liveness, and the aggregate counters Prometheus
+scrapes (scrape annotations cannot carry a token). The page itself holds no data."""
 MAX_BODY_BYTES = 65_536
+DRAINED_BODY_BYTES = 1 << 20
+"""Of a body refused unread, read and dropped before answering: a socket closed with
+unread data resets, and the client would see that rather than the answer."""
+UNAVAILABLE_REPLIES = ("OOM", "MASTERDOWN", "LOADING", "BUSY", "TRYAGAIN", "CLUSTERDOWN")
+"""Redis error replies that mean "not now" (a 503), not a fault of the request."""
 
 
 class BadRequest(ValueError):
@@ -57,8 +64,6 @@ class BadRequest(ValueError):
 
 class BodyTooLarge(Exception):
     """A request body over MAX_BODY_BYTES (a 413)."""
-"""Open to anyone who reaches the port: liveness, and the aggregate counters Prometheus
-scrapes (scrape annotations cannot carry a token). The page itself holds no data."""
 
 
 class Aggregator:
@@ -153,7 +158,7 @@ def make_handler(aggregator: Aggregator) -> type[BaseHTTPRequestHandler]:
             return {name.lower(): value for name, value in self.headers.items()}
 
         def do_POST(self) -> None:
-            path = urllib.parse.unquote(self.path.split("?", 1)[0].rstrip("/"))
+            path = self.path.split("?", 1)[0].rstrip("/")  # segments decoded by the API
             actor: Actor | None = None
             try:
                 identity = self._identify()
@@ -169,6 +174,7 @@ def make_handler(aggregator: Aggregator) -> type[BaseHTTPRequestHandler]:
                 if length < 0:
                     raise BadRequest("Content-Length must not be negative")
                 if length > MAX_BODY_BYTES:
+                    self.rfile.read(min(length, DRAINED_BODY_BYTES))
                     raise BodyTooLarge(f"the body is over {MAX_BODY_BYTES} bytes")
                 raw = self.rfile.read(length) if length else b"{}"
                 try:
@@ -192,11 +198,14 @@ def make_handler(aggregator: Aggregator) -> type[BaseHTTPRequestHandler]:
                 self._json(409, {"error": type(exc).__name__, "message": str(exc)})
             elif isinstance(exc, ValueError):  # a malformed query (?limit=abc), body or value
                 self._json(400, {"error": type(exc).__name__, "message": str(exc)})
-            elif isinstance(exc, redis.ConnectionError | redis.TimeoutError | ConnectionError):
-                logger.warning("Redis unavailable serving %s: %r", path, exc)
+            elif isinstance(exc, redis.ConnectionError | redis.TimeoutError | ConnectionError
+                            | redis.ReadOnlyError) or (
+                    isinstance(exc, redis.ResponseError)
+                    and str(exc).startswith(UNAVAILABLE_REPLIES)):
+                logger.warning("Redis unavailable serving %r: %r", path[:200], exc)
                 self._json(503, {"error": "unavailable", "message": "Redis is unavailable"})
             else:  # one bad request must not stop the server
-                logger.exception("error serving %s", path)
+                logger.exception("error serving %r", path[:200])
                 self._json(500, {"error": "internal", "message": type(exc).__name__})
 
         def send_error(self, code: int, message: str | None = None,
@@ -224,13 +233,14 @@ def make_handler(aggregator: Aggregator) -> type[BaseHTTPRequestHandler]:
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            self.wfile.write(body)
+            if self.command != "HEAD":  # a HEAD answer carries no body
+                self.wfile.write(body)
 
         do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_HEAD = _not_allowed
 
         def do_GET(self) -> None:
             path, _, query = self.path.partition("?")
-            path = urllib.parse.unquote(path.rstrip("/")) or "/"
+            path = path.rstrip("/") or "/"  # segments decoded where they are ids
             try:
                 if path not in PUBLIC and (path != "/" or not aggregator.auth.enabled):
                     identity = self._identify()
@@ -243,7 +253,8 @@ def make_handler(aggregator: Aggregator) -> type[BaseHTTPRequestHandler]:
                 elif path == "/health":
                     self._json(200, aggregator.health_page(query))
                 elif path.startswith("/health/"):
-                    item = aggregator.one_health(path.removeprefix("/health/"))
+                    item = aggregator.one_health(
+                        urllib.parse.unquote(path.removeprefix("/health/")))
                     self._json(200, item.model_dump(mode="json"))
                 elif path == "/metrics":
                     self._send(200, generate_latest(aggregator.registry), CONTENT_TYPE_LATEST)

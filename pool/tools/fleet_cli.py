@@ -14,6 +14,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from pluginpool.pool.tools.ops_cli import CLI
+from pluginpool.tasks.audit import Actor
 from pluginpool.tasks.client import PluginClient
 from pluginpool.tasks.settings import Settings
 
@@ -41,7 +43,7 @@ def cmd_register(args: argparse.Namespace) -> int:
 
 def cmd_unregister(args: argparse.Namespace) -> int:
     with _client() as client:
-        failed = client.unregister(args.plugin)
+        failed = client.unregister(args.plugin, actor=Actor.local(CLI))
     print(f"unregistered {args.plugin}; {failed} queued job(s) failed with a dependency error")
     return 0
 
@@ -67,7 +69,7 @@ def cmd_revisions(args: argparse.Namespace) -> int:
 
 def cmd_rollback(args: argparse.Namespace) -> int:
     with _client() as client:
-        spec = client.rollback(args.plugin, to=args.to)
+        spec = client.rollback(args.plugin, to=args.to, actor=Actor.local(CLI))
     print(f"rolled back {spec.id}: revision {spec.revision} is now current"
           f" (version {spec.version})")
     return 0

@@ -290,9 +290,10 @@ def test_bad_requests_get_the_right_status_as_json_at_once(
                                   "Content-Length: -1\r\nConnection: close\r\n\r\n{}")
     assert code == 400 and time.monotonic() - started < 10
     for method in ("PUT", "DELETE", "HEAD"):
-        code, headers, _ = raw_request(api, f"{method} /health HTTP/1.1\r\nHost: x\r\n"
-                                            "Connection: close\r\n\r\n")
+        code, headers, answer = raw_request(api, f"{method} /health HTTP/1.1\r\nHost: x\r\n"
+                                                 "Connection: close\r\n\r\n")
         assert code == 405 and headers["Allow"] == "GET, POST"
+        assert (answer == b"") == (method == "HEAD")  # a HEAD answer has no body
     code, headers, answer = raw_request(api, "BREW / HTTP/1.1\r\nHost: x\r\n"
                                              "Connection: close\r\n\r\n")
     assert code == 501 and headers["Content-Type"] == "application/json"
@@ -321,6 +322,8 @@ def test_cancel_refuses_what_is_no_job_id_and_says_when_it_knows_no_such_job(
     status, body = api.call("POST", "/api/jobs/" + "x" * 300 + "/cancel", token=OPERATOR,
                             body={})
     assert status == 409, body
+    status, _ = api.call("GET", "/health/ops%2Decho", token=VIEWER)  # segments decoded
+    assert status == 200
     unknown = client.cancel(f"typo-{uuid.uuid4().hex}")
     assert unknown["was"] == "unknown" and "no record of this job" in unknown["note"]
     job = client.submit("ops-sleep", {"seconds": 3})

@@ -103,3 +103,18 @@ def test_an_instance_of_an_unregistered_plugin_can_still_be_looked_at(
     info = client.sandbox_info(iid)
     assert info.plugin_id == "alpha" and info.sandboxed is True and info.runs == 0
     client.unload(iid)
+
+
+def test_unregister_and_rollback_with_redis_down_raise_the_typed_error() -> None:
+    """Audited since this stop: the audit entry of their failure went to the same Redis,
+    and its ConnectionError replaced the typed one (the CLI printed a traceback)."""
+    from pluginpool.policy.errors import BrokerUnavailableError
+    from pluginpool.tasks.settings import Settings
+
+    gone = Settings(_env_file=None, redis_url="redis://127.0.0.1:1/0",  # type: ignore[call-arg]
+                    redis_socket_timeout_s=0.5)
+    with PluginClient(gone) as client:
+        with pytest.raises(BrokerUnavailableError):
+            client.unregister("alpha")
+        with pytest.raises(BrokerUnavailableError):
+            client.rollback("alpha")
