@@ -8,7 +8,7 @@
 --                    10 health figures JSON, 11 per-minute health key prefix,
 --                    12 "1" when the breaker is switched off (figures only),
 --                    13 channel and 14 message of one more PUBLISH, or "" (the usage event)
---       op "override": 6 action (reset | force_open)
+--       op "override": 6 action (reset | force_open | trial: half-open now if open, not forced)
 local op, cfg, channel, plugin = ARGV[1], cjson.decode(ARGV[2]), ARGV[3], ARGV[4]
 local S, W, WF, WS, H = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local clock = redis.call('TIME')
@@ -174,6 +174,11 @@ if op == 'override' then
   elseif action == 'force_open' then
     redis.call('HSET', S, 'forced', 1)
     open('forced open by operator', cfg.max_open_ms)
+  elseif action == 'trial' then
+    -- a new revision: the code the breaker judged is gone; its trials try the new one now
+    if get('state', 'closed') == 'open' and get('forced', '0') == '0' then
+      half_open('new revision registered')
+    end
   else
     return redis.error_reply('unknown override ' .. tostring(action))
   end

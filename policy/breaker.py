@@ -233,7 +233,9 @@ class CircuitBreaker:
         return Permit(after is not BreakerState.OPEN, after, int(retry_after))
 
     def override(self, plugin_id: str, config: BreakerConfig, *, default_open_ms: int,
-                 action: Literal["reset", "force_open"]) -> BreakerState:
+                 action: Literal["reset", "force_open", "trial"]) -> BreakerState:
+        """reset and force_open: an operator's; trial: a new revision was registered, so an
+        open breaker (not forced) goes half-open at once and its trials run the new code."""
         [state] = self._call("override", plugin_id, config, default_open_ms, 0, action)
         return BreakerState(as_text(state))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 from collections.abc import Iterable
 from functools import cached_property
 from pathlib import Path
@@ -58,6 +59,7 @@ from pluginpool.tasks.submit_step import SUBMIT_HEADER, SubmitStep
 from pluginpool.tasks.subscriptions import Handler, Subscriptions
 from pluginpool.tasks.transport import SENTINEL_TRANSPORT_PATH, TRANSPORT_PATH
 
+logger = logging.getLogger("pluginpool.client")
 MAX_FALLBACK_DEPTH = 3
 FOLLOWED_SPEC_TTL_S = 60.0
 """How long a producer that follows registry events keeps a spec at most: events drop it
@@ -118,12 +120,30 @@ class PluginClient(FleetOperations, Operations):
                                     isolation=self.settings.default_isolation,
                                     breaker=self.settings.default_breaker)
                  for spec in specs]
+        changed: list[PluginSpec] = []
         with self._unavailable_as_error():
             specs = publish_sources(specs, self.artifacts)
-            published = self.registry.publish(specs, source=origin, by=by or operator_name())
+            published = self.registry.publish(specs, source=origin, by=by or operator_name(),
+                                              changed=changed)
         for spec in published:  # the others' cached specs and the snapshot stay good
             self._specs.invalidate(spec.id)
+        self._trial_new_revisions(changed)
         return published
+
+    def _trial_new_revisions(self, changed: list[PluginSpec]) -> None:
+        """An open breaker (not forced by an operator) of a plugin that got a new revision
+        goes half-open at once: what it judged was the old code, and its trials run the new
+        one (a fix waited out the old code's backoff). The registration stands if Redis
+        fails here (logged): the breaker then opens and waits as before."""
+        if not self.settings.breaker_enabled:
+            return
+        for spec in changed:
+            try:
+                self.breakers.override(spec.id, spec.breaker, default_open_ms=spec.default_open_ms,
+                                       action="trial")
+            except redis.RedisError as exc:
+                logger.warning("new revision of %s: its breaker not moved to half-open: %r",
+                               spec.id, exc)
 
     def plugins(self) -> list[PluginSpec]:
         with self._unavailable_as_error():

@@ -35,6 +35,8 @@ class _Client(Protocol):
 
     def _unavailable_as_error(self) -> AbstractContextManager[None]: ...
 
+    def _trial_new_revisions(self, changed: list[PluginSpec]) -> None: ...
+
 
 class FleetOperations:
     """Registry operations of PluginClient beyond `register`."""
@@ -65,11 +67,15 @@ class FleetOperations:
         who = actor or Actor(who=by or operator_name(), origin="python")
         rolled: list[PluginSpec] = []
 
+        changed: list[PluginSpec] = []
+
         def act() -> dict[str, Any]:
-            rolled.append(self.registry.rollback(plugin_id, to=to, by=who.who))
+            rolled.append(self.registry.rollback(plugin_id, to=to, by=who.who,
+                                                 changed=changed))
             self._specs.invalidate(plugin_id)
             return {"plugin_id": plugin_id, "to": to, "revision": rolled[0].revision}
         audited(self, who, "rollback", plugin_id, act)
+        self._trial_new_revisions(changed)
         return rolled[0]
 
     def discover(self, paths: list[str] | None = None) -> list[DiscoveredPlugin]:

@@ -75,9 +75,10 @@ class Registry:
         self._visibility_timeout_s = visibility_timeout_s
 
     def publish(self, specs: list[PluginSpec], *, source: str = "<python>", by: str | None = None,
-                action: Action = "register", restored_revision: int | None = None
-                ) -> list[PluginSpec]:
-        """Publish specs atomically; unchanged specs keep their revision."""
+                action: Action = "register", restored_revision: int | None = None,
+                changed: list[PluginSpec] | None = None) -> list[PluginSpec]:
+        """Publish specs atomically; unchanged specs keep their revision. `changed` gets the
+        specs that got a new revision."""
         with self._redis.pipeline() as pipe:
             while True:
                 try:
@@ -108,6 +109,10 @@ class Registry:
                                      restored_revision=restored_revision)
                         published.append(new)
                     pipe.execute()
+                    if changed is not None:
+                        changed.extend(spec for spec in published
+                                       if spec.id not in current
+                                       or spec.revision != current[spec.id].revision)
                     return published
                 except redis.WatchError:
                     time.sleep(0.01)
@@ -132,8 +137,8 @@ class Registry:
                 except redis.WatchError:
                     time.sleep(0.01)
 
-    def rollback(self, plugin_id: str, *, to: int | None = None,
-                 by: str | None = None) -> PluginSpec:
+    def rollback(self, plugin_id: str, *, to: int | None = None, by: str | None = None,
+                 changed: list[PluginSpec] | None = None) -> PluginSpec:
         """Make an earlier revision's content current again, as a new revision (the
         previous one by default). Returns the spec now current."""
         current = self.get(plugin_id)
@@ -146,7 +151,7 @@ class Registry:
         target = candidates[0]
         [published] = self.publish([target.model_copy(update={"revision": 0})],
                                    source=f"rollback of {plugin_id}", by=by, action="rollback",
-                                   restored_revision=target.revision)
+                                   restored_revision=target.revision, changed=changed)
         return published
 
     def _push_history(self, pipe: Any, old: PluginSpec) -> None:

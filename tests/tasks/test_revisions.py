@@ -118,3 +118,35 @@ def test_unregister_and_rollback_with_redis_down_raise_the_typed_error() -> None
             client.unregister("alpha")
         with pytest.raises(BrokerUnavailableError):
             client.rollback("alpha")
+
+
+def test_a_new_revision_moves_an_open_breaker_to_half_open(client: PluginClient) -> None:
+    """The breaker judged the old code: a fix registered waited out the old code's backoff
+    (helper probe: 236 s). A new revision (register or rollback) now lets its trials run
+    the new code at once; an unchanged re-register and an operator's force-open stay."""
+    from pluginpool.policy.breaker import BreakerState
+    from pluginpool.policy.errors import ErrorType
+
+    def trip(plugin_id: str) -> None:  # a job (a trial, when half-open) that fails
+        spec = client.spec(plugin_id)
+        permit = client.breakers.acquire(plugin_id, spec.breaker,
+                                         default_open_ms=spec.default_open_ms)
+        client.breakers.record(plugin_id, spec.breaker, default_open_ms=spec.default_open_ms,
+                               error_type=ErrorType.DEPENDENCY, duration_ms=1.0,
+                               generation=permit.generation)
+        assert client.breaker(plugin_id).state is BreakerState.OPEN
+
+    breaker = {"open_ms": 600_000}
+    client.register(spec(version="1.0.0", breaker=breaker))
+    trip("alpha")
+    client.register(spec(version="1.0.0", breaker=breaker))  # unchanged: no new revision
+    assert client.breaker("alpha").state is BreakerState.OPEN
+    client.register(spec(version="1.0.1", breaker=breaker))
+    status = client.breaker("alpha")
+    assert status.state is BreakerState.HALF_OPEN and status.reason == "new revision registered"
+    trip("alpha")  # a failing trial reopens it
+    client.rollback("alpha")
+    assert client.breaker("alpha").state is BreakerState.HALF_OPEN
+    client.force_open_breaker("alpha")
+    client.register(spec(version="1.0.2", breaker=breaker))
+    assert client.breaker("alpha").state is BreakerState.OPEN  # an operator's stays
