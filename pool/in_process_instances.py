@@ -32,6 +32,7 @@ import redis
 from pluginpool.policy.errors import ErrorType, PluginExecutionError
 from pluginpool.pool.recent_unloads import RecentUnloads
 from pluginpool.pool.sandbox.runtime.classify import describe, type_name
+from pluginpool.pool.sandbox.runtime.plugin import read_operation
 from pluginpool.pool.shutdown_exit import is_pool_shutdown
 from pluginpool.tasks.spec import PluginSpec
 
@@ -61,18 +62,13 @@ class Loaded:
         if self.instance is None:
             self.operations["run"] = target
         for name in spec.operations if self.instance is not None else ():
-            declared = _declared(self.instance, name)
-            try:  # a property may raise anything: that operation fails, not the setup
-                method = getattr(self.instance, name)
-            except BaseException as exc:  # plugin code
-                if is_pool_shutdown(exc):
-                    raise
-                if issubclass(type(exc), AttributeError) and not declared:
-                    continue  # absent (a __getattr__ that does not know it): missing
-                self.unreadable[name] = (f"reading operation {name!r} raised {describe(exc)}",
-                                         type_name(exc))
-                continue
-            if callable(method):
+            method, raised = read_operation(self.instance, name)
+            if raised is not None:
+                if is_pool_shutdown(raised):
+                    raise raised
+                self.unreadable[name] = (
+                    f"reading operation {name!r} raised {describe(raised)}", type_name(raised))
+            elif callable(method):
                 self.operations[name] = method
         self.last_used = time.monotonic()
 
@@ -96,16 +92,6 @@ def operation_of(loaded: Loaded, spec: PluginSpec, operation: str) -> Any:
             ErrorType.DEPENDENCY, f"operation {operation!r} is not a method of the plugin",
             plugin_id=spec.id, operation=operation, operation_missing=True)
     return found
-
-
-def _declared(instance: Any, name: str) -> bool:
-    """The attribute exists without running the instance's code (a property, a method, a
-    value in its __dict__); False when that cannot be told."""
-    try:
-        inspect.getattr_static(instance, name)
-    except BaseException:  # AttributeError, or plugin code in an odd __dict__ or __mro__
-        return False
-    return True
 
 
 class InProcessInstances:

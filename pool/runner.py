@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import resource
 import time
-import traceback
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Protocol
 
@@ -19,13 +18,11 @@ from celery.exceptions import SoftTimeLimitExceeded
 from pluginpool.policy.errors import ErrorType, PluginExecutionError
 from pluginpool.pool.in_process_instances import InProcessInstances, Loaded, operation_of
 from pluginpool.pool.loader import PluginLoader
-from pluginpool.pool.sandbox.runtime.classify import describe, type_name
+from pluginpool.pool.sandbox.runtime.classify import describe, traceback_text, type_name
 from pluginpool.pool.shutdown_exit import is_pool_shutdown
 from pluginpool.tasks.context import PluginContext
 from pluginpool.tasks.run_logs import captured
 from pluginpool.tasks.spec import PluginSpec
-
-TRACEBACK_LIMIT_CHARS = 8_000
 
 
 @dataclass
@@ -130,13 +127,9 @@ def _classified(spec: PluginSpec, exc: BaseException) -> PluginExecutionError:
             plugin_id=spec.id, limit="max_memory_mb",
             limit_value=spec.resource_limits.max_memory_mb,
         )
-    try:
-        text = "".join(traceback.format_exception(exc))[-TRACEBACK_LIMIT_CHARS:]
-    except BaseException:  # a traceback of plugin objects (__notes__, ...) may raise anything
-        text = ""
     return PluginExecutionError.of(
         ErrorType.RUNTIME, describe(exc),
-        plugin_id=spec.id, exception_type=type_name(exc), traceback=text,
+        plugin_id=spec.id, exception_type=type_name(exc), traceback=traceback_text(exc),
     )
 
 

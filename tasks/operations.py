@@ -23,7 +23,7 @@ from pluginpool.policy.breaker import BreakerState, BreakerStatus
 from pluginpool.policy.errors import ActionRefusedError, JobCancelledError
 from pluginpool.tasks.audit import Actor, AuditEntry, AuditLog
 from pluginpool.tasks.deadletter import DeadLetter, DeadLetterStore
-from pluginpool.tasks.job_status import JobStatusStore
+from pluginpool.tasks.job_status import TERMINAL, JobStatusStore
 from pluginpool.tasks.pause import Mode, Pause, all_pauses, pause_of
 from pluginpool.tasks.retire import BATCH, job_id_of, queue_lists
 from pluginpool.tasks.settings import Settings
@@ -213,7 +213,7 @@ class Operations:
             statuses = JobStatusStore(self.redis, keys, ttl_s=self.settings.result_expires_s)
             known = statuses.current(job_id)
             state = self.app.AsyncResult(job_id).state
-            if known in ("cancelled", "succeeded", "failed"):
+            if known in TERMINAL:
                 raise ActionRefusedError(f"job {job_id} already ended ({known})")
             if state in celery_states.READY_STATES:
                 raise ActionRefusedError(f"job {job_id} already ended ({state})")

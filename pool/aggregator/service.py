@@ -120,16 +120,23 @@ def make_handler(aggregator: Aggregator) -> type[BaseHTTPRequestHandler]:
         def log_message(self, format: str, *args: Any) -> None:
             logger.debug("%s - %s", self.address_string(), format % args)
 
-        def _send(self, status: int, body: bytes, content_type: str) -> None:
+        def _send(self, status: int, body: bytes, content_type: str, *,
+                  headers: dict[str, str] | None = None) -> None:
+            """One answer; its body left out where HTTP has none (HEAD, 1xx, 204, 304)."""
             self.send_response(status)
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
             self.send_header("Cache-Control", "no-store")
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
             self.end_headers()
-            self.wfile.write(body)
+            if self.command != "HEAD" and status >= 200 and status not in (204, 304):
+                self.wfile.write(body)
 
-        def _json(self, status: int, payload: Any) -> None:
-            self._send(status, json.dumps(payload).encode(), "application/json")
+        def _json(self, status: int, payload: Any, *,
+                  headers: dict[str, str] | None = None) -> None:
+            self._send(status, json.dumps(payload).encode(), "application/json",
+                       headers=headers)
 
         def _page(self) -> None:
             """The dashboard, with a nonce: only its own script runs (an injected
@@ -216,25 +223,13 @@ def make_handler(aggregator: Aggregator) -> type[BaseHTTPRequestHandler]:
                 phrase = HTTPStatus(code).phrase
             except ValueError:
                 phrase = "error"
-            body = json.dumps({"error": phrase, "message": message or ""}).encode()
-            self.send_response(code, message)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Connection", "close")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            if self.command != "HEAD" and code >= 200 and code not in (204, 304):
-                self.wfile.write(body)
+            self._json(code, {"error": phrase, "message": message or ""},
+                       headers={"Connection": "close"})
 
         def _not_allowed(self) -> None:
-            body = json.dumps({"error": "method not allowed",
-                               "message": f"{self.command} is not served: GET or POST"}).encode()
-            self.send_response(405)
-            self.send_header("Allow", "GET, POST")
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            if self.command != "HEAD":  # a HEAD answer carries no body
-                self.wfile.write(body)
+            self._json(405, {"error": "method not allowed",
+                             "message": f"{self.command} is not served: GET or POST"},
+                       headers={"Allow": "GET, POST"})
 
         do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_HEAD = _not_allowed
 

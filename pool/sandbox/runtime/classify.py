@@ -91,8 +91,14 @@ def _error_of(exc: BaseException, *, policy: AuditPolicy | None, max_memory_mb: 
             attempted = describe(exc)[len(name) + 2:]
             return RunError(SECURITY, f"operation refused by the sandbox: {attempted}",
                             {"exception_type": name, "attempted": attempted})
+    return RunError(RUNTIME, describe(exc),
+                    {"exception_type": name, "traceback": traceback_text(exc)})
+
+
+def traceback_text(exc: BaseException) -> str:
+    """The end of its formatted traceback, or "" if formatting it raised (plugin objects,
+    `__notes__`, may raise anything)."""
     try:
-        text = "".join(traceback.format_exception(exc))[-TRACEBACK_LIMIT_CHARS:]
-    except BaseException:  # a traceback of plugin objects may raise too
-        text = ""
-    return RunError(RUNTIME, describe(exc), {"exception_type": name, "traceback": text})
+        return "".join(traceback.format_exception(exc))[-TRACEBACK_LIMIT_CHARS:]
+    except BaseException:  # plugin code: anything
+        return ""

@@ -56,17 +56,12 @@ class LoadedPlugin:
             factory: Any = target
             self.instance = factory(setup_ctx)  # the setup; raises are setup failures
             for name in operations:
-                declared = _declared(self.instance, name)
-                try:  # a property may raise anything: that operation fails, not the setup
-                    method: Any = getattr(self.instance, name)
-                except BaseException as exc:  # plugin code
-                    if not (issubclass(type(exc), AttributeError) and not declared):
-                        self.missing[name] = RunError(
-                            RUNTIME, f"reading operation {name!r} raised {describe(exc)}",
-                            {"operation": name, "exception_type": type_name(exc)})
-                        continue
-                    method = None  # absent (a __getattr__ that does not know it)
-                if not name.startswith("_") and callable(method):
+                method, raised = read_operation(self.instance, name)
+                if raised is not None:
+                    self.missing[name] = RunError(
+                        RUNTIME, f"reading operation {name!r} raised {describe(raised)}",
+                        {"operation": name, "exception_type": type_name(raised)})
+                elif not name.startswith("_") and callable(method):
                     self.operations[name] = method
                 else:
                     self.missing[name] = RunError(
@@ -96,6 +91,21 @@ class LoadedPlugin:
             close()
             return True
         return False
+
+
+def read_operation(instance: Any, name: str) -> tuple[Any, BaseException | None]:
+    """A listed operation's attribute, read once, for both runners: (value, None); (None,
+    None) when it is absent (an AttributeError for a name neither the instance nor its
+    classes hold: a __getattr__ that does not know it); (None, exc) when reading it raised
+    (a property, an AttributeError inside one included): that operation fails alone, not
+    the setup."""
+    declared = _declared(instance, name)
+    try:
+        return getattr(instance, name), None
+    except BaseException as exc:  # plugin code: anything
+        if issubclass(type(exc), AttributeError) and not declared:
+            return None, None
+        return None, exc
 
 
 def _declared(instance: Any, name: str) -> bool:
